@@ -1,0 +1,20 @@
+"""Backends that read, decode and assemble batches: ``cpu`` and ``gpu``."""
+
+from __future__ import annotations
+
+from .base import Assembler, Backend, ChunkDecoder, ChunkReader
+
+__all__ = ["Assembler", "Backend", "ChunkDecoder", "ChunkReader", "make_backend"]
+
+
+def make_backend(device: str, group, store_name: str, num_threads: int | None = None) -> Backend:
+    """The backend for ``device`` ("cpu" or "cuda"); GPU imports happen only here."""
+    if device == "cpu":
+        from .cpu import CpuBackend
+
+        return CpuBackend(group, store_name, num_threads)
+    if device == "cuda":
+        from .gpu import GpuBackend
+
+        return GpuBackend(group, store_name, num_threads)
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

@@ -1,0 +1,73 @@
+"""Read chunks through zarr-python when the fast path does not apply.
+
+Used for codec chains the fast path does not understand and for stores that are
+not on a local filesystem. Slower (no coalescing, no batched decode), never wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import zarr
+
+from ..chunkplan import ChunkRef
+from ..store import ArrayLayout
+
+log = logging.getLogger(__name__)
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def fallback_reason(layout: ArrayLayout) -> str:
+    if layout.directory is None:
+        return "the store is not on a local filesystem"
+    return "its codec chain is not one the fast path decodes"
+
+
+def warn_fallback_once(store_name: str, layout: ArrayLayout) -> None:
+    """Warn once per (store, array) that reads go through zarr-python."""
+    with _warned_lock:
+        if (store_name, layout.name) in _warned:
+            return
+        _warned.add((store_name, layout.name))
+    warnings.warn(
+        f"zarrdali: array {layout.name!r} of {store_name!r} is read through zarr-python "
+        f"because {fallback_reason(layout)}; this is slower. `zarrdali prepare` converts "
+        f"a store to a layout the fast path reads.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+class ZarrPythonChunkSource:
+    """Decoded chunks of arrays read with zarr-python's own indexing."""
+
+    def __init__(self, group: zarr.Group, store_name: str) -> None:
+        self._group = group
+        self._store_name = store_name
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
+
+    def read_decoded(self, layout: ArrayLayout, chunk: ChunkRef) -> np.ndarray:
+        warn_fallback_once(self._store_name, layout)
+        cs = layout.chunk_shape
+        lo = [c * n for c, n in zip(chunk.coords, cs, strict=True)]
+        hi = [min(a + n, s) for a, n, s in zip(lo, cs, layout.shape, strict=True)]
+        data = self._array(layout.name)[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+        if data.shape == cs:
+            return np.asarray(data, dtype=layout.dtype)
+        # Edge chunk: pad to the full chunk shape as stored chunks are.
+        full = np.full(cs, layout.fill_value, dtype=layout.dtype)
+        full[tuple(slice(0, b - a) for a, b in zip(lo, hi, strict=True))] = data
+        return full
+
+    def read_many(self, layouts: Sequence[ArrayLayout], chunks: Sequence[ChunkRef]) -> list:
+        return [self.read_decoded(layouts[c.var], c) for c in chunks]

@@ -1,0 +1,44 @@
+"""Exceptions raised by zarrdali.
+
+Every error names what it is about (store, variable, chunk key) and, where there
+is one, how to fix it. They subclass the builtin a caller would expect
+(``FileNotFoundError``, ``KeyError``, ``ValueError``) so ordinary handlers work.
+"""
+
+from __future__ import annotations
+
+
+class ZarrDaliError(Exception):
+    """Base class of all zarrdali errors."""
+
+
+class StoreNotFoundError(ZarrDaliError, FileNotFoundError):
+    """The store path or URL does not hold a Zarr v3 group."""
+
+
+class VariableNotFoundError(ZarrDaliError, KeyError):
+    """A requested variable is not an array of the store."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(ZarrDaliError, ValueError):
+    """The loader's configuration cannot be satisfied by the store."""
+
+
+class ChunkError(ZarrDaliError, RuntimeError):
+    """A chunk could not be read or decoded.
+
+    Attributes name where it came from so the message can be acted on.
+    """
+
+    def __init__(self, message: str, *, store: str, array: str, key: str) -> None:
+        super().__init__(f"{message} (store {store!r}, array {array!r}, chunk {key!r})")
+        self.store = store
+        self.array = array
+        self.key = key
+
+
+class BackendUnavailableError(ZarrDaliError, RuntimeError):
+    """A backend (the GPU path) needs something this machine does not have."""

@@ -1,0 +1,213 @@
+"""``ZarrLoader``: the drop-in replacement for ``torch.utils.data.DataLoader``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import zarr
+
+from .backends import make_backend
+from .chunkplan import plan_batch
+from .errors import ConfigError
+from .normalize import NormalizeArg, channel_stats
+from .pipeline import BatchSource, build_pipeline
+from .plan import EpochPlan, Sampler, SampleGrid, SampleSpec
+from .prefetch import BatchPrefetcher
+from .store import load_layouts, open_group
+
+log = logging.getLogger(__name__)
+
+
+def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Rank and world size from torch.distributed when initialized, else (0, 1)."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return (dist.get_rank() if rank is None else rank,
+                    dist.get_world_size() if world_size is None else world_size)
+    except ImportError:  # torch is a dependency, but keep planning usable without it
+        pass
+    return (0 if rank is None else rank), (1 if world_size is None else world_size)
+
+
+def _resolve_device(device: str) -> str:
+    if device in ("cpu", "cuda"):
+        return device
+    if device == "auto":
+        from .backends.gpu import missing_gpu_requirements
+
+        missing = missing_gpu_requirements()
+        if missing:
+            log.info("zarrdali: using the CPU path (GPU path needs: %s)", "; ".join(missing))
+            return "cpu"
+        return "cuda"
+    raise ConfigError(f"device must be 'cuda', 'cpu' or 'auto', got {device!r}.")
+
+
+class ZarrLoader:
+    """Batches of ``(input, target, index)`` tiles from a Zarr v3 store, through DALI.
+
+    ``batch["input"][i]`` equals ``stack([ds[v][t0 : t0 + input_steps * frame_step :
+    frame_step, y0 : y0 + H, x0 : x0 + W] for v in variables], axis=1)`` (then
+    normalized) with ``(t0, y0, x0) = batch["index"][i]``; variables with a level
+    axis contribute one channel per level. Values are the stored values (no CF
+    decoding); NaNs stay NaN.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike | zarr.Group,
+        variables: Sequence[str] | str,
+        input_steps: int = 1,
+        target_steps: int = 0,
+        tile: tuple[int, int] | None = None,
+        batch_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        device: str = "auto",
+        normalize: NormalizeArg = None,
+        *,
+        frame_step: int = 1,
+        time_stride: int = 1,
+        tile_stride: tuple[int, int] | None = None,
+        tile_sampling: str = "grid",
+        cover_edges: bool = True,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_threads: int | None = None,
+        prefetch: int = 2,
+        dali_threads: int = 1,
+    ) -> None:
+        # Everything is validated here, before any chunk is read.
+        self.spec = SampleSpec(
+            input_steps=input_steps, target_steps=target_steps, frame_step=frame_step,
+            time_stride=time_stride, tile=tuple(tile) if tile is not None else None,
+            tile_stride=tuple(tile_stride) if tile_stride is not None else None,
+            tile_sampling=tile_sampling, cover_edges=cover_edges,
+        )
+        self.group, self.store_name = open_group(store)
+        self.variables = [variables] if isinstance(variables, str) else list(variables)
+        self.layouts = load_layouts(self.group, self.store_name, self.variables)
+        first = self.layouts[0]
+        self.grid = SampleGrid(self.spec, first.shape[0], first.shape[-2], first.shape[-1])
+        rank, world_size = _distributed_defaults(rank, world_size)
+        self.sampler = Sampler(batch_size=batch_size, shuffle=shuffle, seed=seed,
+                               drop_last=drop_last, rank=rank, world_size=world_size)
+        self.stats = channel_stats(normalize, self.layouts, self.store_name)
+        if prefetch < 1:
+            raise ConfigError(f"prefetch must be >= 1 batch, got {prefetch}.")
+        self.prefetch = prefetch
+        self.dali_threads = dali_threads
+        self.device = _resolve_device(device)
+        self.backend = make_backend(self.device, self.group, self.store_name, num_threads)
+        self._epoch = 0
+        self._served = 0  # batches handed to the user in the current epoch
+        self._resume_from = 0
+
+    # -- torch conventions -------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    @property
+    def num_channels(self) -> int:
+        return sum(layout.n_levels for layout in self.layouts)
+
+    def __len__(self) -> int:
+        per_rank = len(self.grid) // self.sampler.world_size
+        if self.sampler.drop_last:
+            return per_rank // self.batch_size
+        return math.ceil(per_rank / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle (and random tile offsets) to serve next."""
+        if epoch != self._epoch:
+            self._resume_from = 0
+            self._served = 0
+        self._epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader stands: the epoch and how many batches the user has had."""
+        return {
+            "epoch": self._epoch,
+            "batches_served": self._served,
+            "seed": self.sampler.seed,
+            "batch_size": self.batch_size,
+            "rank": self.sampler.rank,
+            "world_size": self.sampler.world_size,
+            "num_candidates": len(self.grid),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume exactly after the last batch served when ``state`` was taken."""
+        for key in ("seed", "batch_size", "world_size", "num_candidates"):
+            mine = self.state_dict()[key]
+            if state.get(key, mine) != mine:
+                raise ConfigError(
+                    f"state_dict was saved with {key}={state[key]!r} but this loader has "
+                    f"{key}={mine!r}; resuming would serve different samples."
+                )
+        self._epoch = int(state["epoch"])
+        self._served = self._resume_from = int(state["batches_served"])
+
+    # -- iteration ---------------------------------------------------------
+    def epoch_plan(self, epoch: int | None = None) -> EpochPlan:
+        """The samples this rank serves in ``epoch`` (default: the current one)."""
+        epoch = self._epoch if epoch is None else epoch
+        return self.sampler.epoch_plan(self.grid.samples(self.sampler.seed, epoch), epoch)
+
+    def load_batch(self, samples) -> Any:
+        """Read, decode and assemble the window ``[B, T, C, H, W]`` of ``samples``."""
+        read_plan = plan_batch(self.layouts, samples, n_frames=self.spec.n_frames,
+                               frame_step=self.spec.frame_step, tile_hw=self.grid.tile_hw)
+        return self.backend.load_batch(self.layouts, read_plan)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        plan = self.epoch_plan()
+        start = self._resume_from
+        self._resume_from = 0
+        self._served = start
+        n = len(plan) - start
+        if n <= 0:
+            return
+
+        def fetch(k: int):
+            samples = plan.batch(start + k)
+            return self.load_batch(samples), samples
+
+        prefetcher = BatchPrefetcher(fetch, n, depth=self.prefetch, workers=2)
+        with_target = self.spec.target_steps > 0
+        source = BatchSource(prefetcher.get, n, self.spec.input_steps, with_target)
+        pipe = build_pipeline(
+            source, batch_size=self.batch_size, with_target=with_target, stats=self.stats,
+            device_id=None, num_threads=self.dali_threads, device="cpu",
+        )
+        names = ["input", "target", "index"] if with_target else ["input", "index"]
+        try:
+            pipe.build()
+            dali_iter = DALIGenericIterator(pipe, names, auto_reset=False,
+                                            last_batch_policy=LastBatchPolicy.PARTIAL)
+            for outputs in dali_iter:
+                self._served += 1
+                yield outputs[0]
+        finally:
+            prefetcher.close()
+            del pipe
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __repr__(self) -> str:
+        return (f"ZarrLoader({self.store_name!r}, variables={self.variables}, "
+                f"spec={self.spec}, batch_size={self.batch_size}, device={self.device!r}, "
+                f"batches={len(self)})")

@@ -1,0 +1,192 @@
+"""Which samples form an epoch, in which order, for which rank. Pure: no I/O.
+
+A sample is ``(t0, y0, x0)``: the window of frames ``t0, t0 + frame_step, ...``
+and the tile whose top-left corner is ``(y0, x0)``. An epoch is a permutation of
+the candidate samples (a function of ``seed`` and the epoch number only), cut
+into equal shares per rank, then into batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What one sample is, independent of any store."""
+
+    input_steps: int
+    target_steps: int = 0
+    frame_step: int = 1  # store time steps between consecutive frames
+    time_stride: int = 1  # store time steps between consecutive windows' t0
+    tile: tuple[int, int] | None = None  # None: the whole field
+    tile_stride: tuple[int, int] | None = None  # None: the tile (no overlap)
+    tile_sampling: Literal["grid", "random"] = "grid"
+    cover_edges: bool = True  # add a tile flush with the far edge when the grid stops short
+
+    def __post_init__(self) -> None:
+        if self.input_steps < 1:
+            raise ConfigError(f"input_steps must be >= 1, got {self.input_steps}.")
+        if self.target_steps < 0:
+            raise ConfigError(f"target_steps must be >= 0, got {self.target_steps}.")
+        if self.frame_step < 1 or self.time_stride < 1:
+            raise ConfigError(
+                f"frame_step and time_stride must be >= 1, got {self.frame_step} and "
+                f"{self.time_stride}."
+            )
+        if self.tile is not None and (len(self.tile) != 2 or min(self.tile) < 1):
+            raise ConfigError(f"tile must be (height, width) with sizes >= 1, got {self.tile}.")
+        if self.tile_stride is not None and (
+            len(self.tile_stride) != 2 or min(self.tile_stride) < 1
+        ):
+            raise ConfigError(f"tile_stride must be (dy, dx) >= 1, got {self.tile_stride}.")
+        if self.tile_sampling not in ("grid", "random"):
+            raise ConfigError(
+                f"tile_sampling must be 'grid' or 'random', got {self.tile_sampling!r}."
+            )
+
+    @property
+    def n_frames(self) -> int:
+        return self.input_steps + self.target_steps
+
+    @property
+    def window_span(self) -> int:
+        """Store time steps one window covers, first frame to last inclusive."""
+        return (self.n_frames - 1) * self.frame_step + 1
+
+
+def tile_origins(size: int, tile: int, stride: int, cover_edges: bool) -> np.ndarray:
+    """Start offsets of a regular tiling of ``size`` cells by ``tile`` cells."""
+    starts = np.arange(0, size - tile + 1, stride, dtype=np.int64)
+    if cover_edges and starts[-1] + tile < size:
+        starts = np.append(starts, size - tile)
+    return starts
+
+
+@dataclass(frozen=True)
+class SampleGrid:
+    """The candidate samples of a store of shape ``(n_time, ny, nx)`` for a spec."""
+
+    spec: SampleSpec
+    n_time: int
+    ny: int
+    nx: int
+    t0s: np.ndarray = field(init=False, repr=False)
+    y0s: np.ndarray = field(init=False, repr=False)
+    x0s: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        spec = self.spec
+        if spec.window_span > self.n_time:
+            raise ConfigError(
+                f"A window of {spec.input_steps} input + {spec.target_steps} target frames "
+                f"every {spec.frame_step} step(s) spans {spec.window_span} time steps, but "
+                f"the store has {self.n_time}. Shorten the window or use a longer store."
+            )
+        h, w = self.tile_hw
+        if h > self.ny or w > self.nx:
+            raise ConfigError(
+                f"tile {spec.tile} is larger than the field ({self.ny}, {self.nx}). "
+                f"Use a smaller tile or tile=None for the whole field."
+            )
+        sy, sx = spec.tile_stride or (h, w)
+        t0s = np.arange(0, self.n_time - spec.window_span + 1, spec.time_stride, dtype=np.int64)
+        object.__setattr__(self, "t0s", t0s)
+        object.__setattr__(self, "y0s", tile_origins(self.ny, h, sy, spec.cover_edges))
+        object.__setattr__(self, "x0s", tile_origins(self.nx, w, sx, spec.cover_edges))
+
+    @property
+    def tile_hw(self) -> tuple[int, int]:
+        return self.spec.tile or (self.ny, self.nx)
+
+    @property
+    def tiles_per_step(self) -> int:
+        return len(self.y0s) * len(self.x0s)
+
+    def __len__(self) -> int:
+        return len(self.t0s) * self.tiles_per_step
+
+    def samples(self, seed: int, epoch: int) -> np.ndarray:
+        """All candidate samples, ``[N, 3]`` int64 of ``(t0, y0, x0)``.
+
+        Grid tiling gives the same set every epoch; random tiling draws each
+        sample's offset anew per epoch (deterministic in ``seed`` and ``epoch``).
+        """
+        t = np.repeat(self.t0s, self.tiles_per_step)
+        if self.spec.tile_sampling == "random":
+            rng = np.random.default_rng([seed, epoch, 1])
+            h, w = self.tile_hw
+            y = rng.integers(0, self.ny - h + 1, size=len(t), dtype=np.int64)
+            x = rng.integers(0, self.nx - w + 1, size=len(t), dtype=np.int64)
+        else:
+            yy, xx = np.meshgrid(self.y0s, self.x0s, indexing="ij")
+            y = np.tile(yy.ravel(), len(self.t0s))
+            x = np.tile(xx.ravel(), len(self.t0s))
+        return np.stack([t, y, x], axis=1)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The batches one rank serves in one epoch."""
+
+    epoch: int
+    samples: np.ndarray  # [n_rank_samples, 3], in serving order
+    batch_size: int
+    drop_last: bool
+
+    def __len__(self) -> int:
+        n = len(self.samples)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def batch(self, k: int) -> np.ndarray:
+        if not 0 <= k < len(self):
+            raise IndexError(f"batch {k} out of range for an epoch of {len(self)} batches")
+        return self.samples[k * self.batch_size : (k + 1) * self.batch_size]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Shuffle and partition candidate samples into per-rank epochs.
+
+    Every rank gets ``N // world_size`` samples (the remainder, different each
+    shuffled epoch, is left out) so all ranks run the same number of batches and
+    no sample is served twice in an epoch.
+    """
+
+    batch_size: int
+    shuffle: bool = False
+    seed: int = 0
+    drop_last: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ConfigError(
+                f"rank must be in [0, world_size) with world_size >= 1; got rank "
+                f"{self.rank}, world_size {self.world_size}."
+            )
+
+    def epoch_plan(self, candidates: np.ndarray, epoch: int) -> EpochPlan:
+        n = len(candidates)
+        per_rank = n // self.world_size
+        if per_rank == 0 or (self.drop_last and per_rank < self.batch_size):
+            raise ConfigError(
+                f"{n} samples cannot give every one of {self.world_size} rank(s) a batch of "
+                f"{self.batch_size}{' (drop_last)' if self.drop_last else ''}. Use a smaller "
+                f"batch, a smaller tile stride, or fewer ranks."
+            )
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        else:
+            order = np.arange(n)
+        mine = order[: per_rank * self.world_size][self.rank :: self.world_size]
+        return EpochPlan(epoch, candidates[mine], self.batch_size, self.drop_last)

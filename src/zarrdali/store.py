@@ -1,0 +1,177 @@
+"""Open a Zarr v3 store and describe its arrays for the planner and readers.
+
+Metadata comes from zarr-python. What the rest of zarrdali needs is reduced to a
+small frozen :class:`ArrayLayout` per variable, so that planning stays pure and
+backends do not depend on zarr-python's object model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ShardingCodec
+from zarr.storage import LocalStore
+
+from .codecs import ChunkCodec, ShardLayout, parse_chunk_codecs, parse_sharding
+from .errors import ConfigError, StoreNotFoundError, VariableNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """One variable of the store: shape, chunking and how its chunks are encoded.
+
+    ``chunk_shape`` is the *read* granularity: the inner chunk of a sharded
+    array, the chunk otherwise. ``shard`` is None for unsharded arrays.
+    ``codec`` is None when the fast path cannot decode this array's chunks, and
+    ``directory`` is None when the store is not on a local filesystem; either
+    means the array is read through zarr-python.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk_shape: tuple[int, ...]
+    fill_value: object
+    dims: tuple[str, ...]
+    codec: ChunkCodec | None
+    shard: ShardLayout | None
+    shard_shape: tuple[int, ...] | None
+    directory: Path | None
+    encode_key: Callable[[tuple[int, ...]], str]
+    attrs: dict
+
+    @property
+    def n_levels(self) -> int:
+        """Channels this variable contributes: 1, or the size of its level axis."""
+        return self.shape[1] if len(self.shape) == 4 else 1
+
+    @property
+    def fast_path(self) -> bool:
+        return self.codec is not None and self.directory is not None
+
+    @property
+    def chunk_nbytes(self) -> int:
+        return int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+
+    def storage_key(self, chunk: tuple[int, ...]) -> str:
+        """The store key of the object holding ``chunk`` (its shard when sharded)."""
+        if self.shard is None:
+            return self.encode_key(chunk)
+        shard = tuple(c // n for c, n in zip(chunk, self.shard.chunks_per_shard, strict=True))
+        return self.encode_key(shard)
+
+    def describe_chunk(self, chunk: tuple[int, ...]) -> str:
+        key = self.storage_key(chunk)
+        if self.shard is None:
+            return key
+        return f"{key} (inner chunk {tuple(chunk)})"
+
+
+def open_group(store: str | os.PathLike | zarr.Group) -> tuple[zarr.Group, str]:
+    """Open ``store`` read-only; returns the group and a name for messages."""
+    if isinstance(store, zarr.Group):
+        return store, str(store.store_path)
+    name = os.fspath(store)
+    is_url = "://" in name
+    if not is_url and not Path(name).exists():
+        raise StoreNotFoundError(
+            f"Zarr store {name!r} does not exist. Check the path, or create the sample "
+            f"data with `zarrdali sample-data DIR`."
+        )
+    try:
+        group = zarr.open_group(name, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as err:
+        raise StoreNotFoundError(f"{name!r} is not a Zarr group: {err}") from err
+    return group, name
+
+
+def _local_directory(array: zarr.Array) -> Path | None:
+    store = array.store_path.store
+    if isinstance(store, LocalStore):
+        return Path(store.root) / array.path
+    return None
+
+
+def describe_array(array: zarr.Array, name: str) -> ArrayLayout:
+    """Reduce a zarr-python array to the :class:`ArrayLayout` zarrdali reads."""
+    meta = array.metadata
+    if meta.zarr_format != 3:
+        raise ConfigError(
+            f"Array {name!r} is Zarr format {meta.zarr_format}; zarrdali reads Zarr v3. "
+            f"Convert it with `zarrdali prepare`."
+        )
+    shape = tuple(int(s) for s in array.shape)
+    outer = tuple(int(c) for c in meta.chunk_grid.chunk_shape)
+    codecs = tuple(meta.codecs)
+    shard: ShardLayout | None = None
+    shard_shape: tuple[int, ...] | None = None
+    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+        shard, codec = parse_sharding(codecs[0], outer)
+        chunk_shape = tuple(int(c) for c in codecs[0].chunk_shape)
+        shard_shape = outer
+        if shard is None:
+            codec = None
+    else:
+        codec = parse_chunk_codecs(codecs)
+        chunk_shape = outer
+    dims = tuple(meta.dimension_names or (f"dim_{i}" for i in range(len(shape))))
+    fill = meta.fill_value
+    return ArrayLayout(
+        name=name,
+        shape=shape,
+        dtype=np.dtype(array.dtype).newbyteorder("="),
+        chunk_shape=chunk_shape,
+        fill_value=fill.item() if hasattr(fill, "item") else fill,
+        dims=dims,
+        codec=codec,
+        shard=shard,
+        shard_shape=shard_shape,
+        directory=_local_directory(array),
+        encode_key=meta.encode_chunk_key,
+        attrs=dict(array.attrs),
+    )
+
+
+def load_layouts(group: zarr.Group, store_name: str, variables: Sequence[str]) -> list[ArrayLayout]:
+    """Describe the requested variables, checking they can be stacked as channels."""
+    if isinstance(variables, str):
+        variables = [variables]
+    if not variables:
+        raise ConfigError("`variables` is empty: name at least one array of the store.")
+    available = sorted(k for k, _ in group.arrays())
+    missing = [v for v in variables if v not in available]
+    if missing:
+        raise VariableNotFoundError(
+            f"Variable(s) {missing} not found in store {store_name!r}. "
+            f"Arrays it holds: {available}."
+        )
+    layouts = [describe_array(group[v], v) for v in variables]
+    for layout in layouts:
+        if len(layout.shape) not in (3, 4):
+            raise ConfigError(
+                f"Variable {layout.name!r} in {store_name!r} has dims {layout.dims} "
+                f"(shape {layout.shape}); expected (time, y, x) or (time, level, y, x)."
+            )
+    first = layouts[0]
+    for layout in layouts[1:]:
+        if layout.shape[0] != first.shape[0]:
+            raise ConfigError(
+                f"Variables have different time axes in {store_name!r}: "
+                f"{first.name!r} has {first.shape[0]} steps, {layout.name!r} has "
+                f"{layout.shape[0]}. Select variables that share a time axis."
+            )
+        if layout.shape[-2:] != first.shape[-2:]:
+            raise ConfigError(
+                f"Variables have different grids in {store_name!r}: {first.name!r} is "
+                f"{first.shape[-2:]}, {layout.name!r} is {layout.shape[-2:]}. "
+                f"Regrid them to one grid first."
+            )
+    return layouts
