@@ -42,6 +42,18 @@ class BatchReadPlan:
     def decoded_nbytes(self, layouts: Sequence[ArrayLayout]) -> int:
         return sum(layouts[c.var].chunk_nbytes for c in self.chunks)
 
+    def copies_by_chunk(self) -> list[list[TileCopy]]:
+        """The copies grouped by the chunk they read from (index: position in ``chunks``)."""
+        groups: list[list[TileCopy]] = [[] for _ in self.chunks]
+        for copy in self.copies:
+            groups[copy.chunk].append(copy)
+        return groups
+
+    def read_amplification(self, layouts: Sequence[ArrayLayout], itemsize: int) -> float:
+        """Bytes decoded per byte delivered (1.0: every decoded byte is used)."""
+        delivered = int(np.prod(self.out_shape)) * itemsize
+        return self.decoded_nbytes(layouts) / delivered
+
 
 def _spans(start: int, length: int, chunk: int) -> list[tuple[int, slice, slice]]:
     """Chunk indices covering ``[start, start+length)``, with in-chunk and output slices."""
@@ -69,7 +81,7 @@ def plan_batch(
     n_frames: int,
     frame_step: int,
     tile_hw: tuple[int, int],
-    ) -> BatchReadPlan:
+) -> BatchReadPlan:
     """Plan the reads and copies that assemble ``samples`` into one batch."""
     h, w = tile_hw
     offsets = channel_offsets(layouts)
@@ -88,14 +100,20 @@ def plan_batch(
                 if len(layout.shape) == 4:
                     levels = _spans(0, layout.shape[1], cs[1])
                     pieces = [
-                        ((cl, cy, cx), (sl, sy, sx), (slice(dl.start + offsets[v],
-                                                            dl.stop + offsets[v]), dy, dx))
-                        for cl, sl, dl in levels for cy, sy, dy in ys for cx, sx, dx in xs
+                        (
+                            (cl, cy, cx),
+                            (sl, sy, sx),
+                            (slice(dl.start + offsets[v], dl.stop + offsets[v]), dy, dx),
+                        )
+                        for cl, sl, dl in levels
+                        for cy, sy, dy in ys
+                        for cx, sx, dx in xs
                     ]
                 else:
                     pieces = [
                         ((cy, cx), (sy, sx), (offsets[v], dy, dx))
-                        for cy, sy, dy in ys for cx, sx, dx in xs
+                        for cy, sy, dy in ys
+                        for cx, sx, dx in xs
                     ]
                 pieces_cache[key] = pieces
             ct_size = layout.chunk_shape[0]

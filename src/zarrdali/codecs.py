@@ -101,9 +101,9 @@ def parse_chunk_codecs(codecs: tuple[object, ...]) -> ChunkCodec | None:
     return ChunkCodec(compressor=compressor, byteorder=_byteorder(codecs[0]), has_crc32c=has_crc)
 
 
-def parse_sharding(codec: ShardingCodec, shard_shape: tuple[int, ...]) -> tuple[
-    ShardLayout | None, ChunkCodec | None
-]:
+def parse_sharding(
+    codec: ShardingCodec, shard_shape: tuple[int, ...]
+) -> tuple[ShardLayout | None, ChunkCodec | None]:
     """Parse a sharding codec: the shard index layout and the inner chain."""
     inner = tuple(codec.chunk_shape)
     chunks_per_shard = tuple(s // c for s, c in zip(shard_shape, inner, strict=True))

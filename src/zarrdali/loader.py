@@ -15,7 +15,7 @@ from .chunkplan import plan_batch
 from .errors import ConfigError
 from .normalize import NormalizeArg, channel_stats
 from .pipeline import BatchSource, build_pipeline
-from .plan import EpochPlan, Sampler, SampleGrid, SampleSpec
+from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec
 from .prefetch import BatchPrefetcher
 from .store import load_layouts, open_group
 
@@ -30,8 +30,10 @@ def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            return (dist.get_rank() if rank is None else rank,
-                    dist.get_world_size() if world_size is None else world_size)
+            return (
+                dist.get_rank() if rank is None else rank,
+                dist.get_world_size() if world_size is None else world_size,
+            )
     except ImportError:  # torch is a dependency, but keep planning usable without it
         pass
     return (0 if rank is None else rank), (1 if world_size is None else world_size)
@@ -88,10 +90,14 @@ class ZarrLoader:
     ) -> None:
         # Everything is validated here, before any chunk is read.
         self.spec = SampleSpec(
-            input_steps=input_steps, target_steps=target_steps, frame_step=frame_step,
-            time_stride=time_stride, tile=tuple(tile) if tile is not None else None,
+            input_steps=input_steps,
+            target_steps=target_steps,
+            frame_step=frame_step,
+            time_stride=time_stride,
+            tile=tuple(tile) if tile is not None else None,
             tile_stride=tuple(tile_stride) if tile_stride is not None else None,
-            tile_sampling=tile_sampling, cover_edges=cover_edges,
+            tile_sampling=tile_sampling,
+            cover_edges=cover_edges,
         )
         self.group, self.store_name = open_group(store)
         self.variables = [variables] if isinstance(variables, str) else list(variables)
@@ -99,8 +105,14 @@ class ZarrLoader:
         first = self.layouts[0]
         self.grid = SampleGrid(self.spec, first.shape[0], first.shape[-2], first.shape[-1])
         rank, world_size = _distributed_defaults(rank, world_size)
-        self.sampler = Sampler(batch_size=batch_size, shuffle=shuffle, seed=seed,
-                               drop_last=drop_last, rank=rank, world_size=world_size)
+        self.sampler = Sampler(
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+        )
         self.stats = channel_stats(normalize, self.layouts, self.store_name)
         if prefetch < 1:
             raise ConfigError(f"prefetch must be >= 1 batch, got {prefetch}.")
@@ -166,8 +178,13 @@ class ZarrLoader:
 
     def load_batch(self, samples) -> Any:
         """Read, decode and assemble the window ``[B, T, C, H, W]`` of ``samples``."""
-        read_plan = plan_batch(self.layouts, samples, n_frames=self.spec.n_frames,
-                               frame_step=self.spec.frame_step, tile_hw=self.grid.tile_hw)
+        read_plan = plan_batch(
+            self.layouts,
+            samples,
+            n_frames=self.spec.n_frames,
+            frame_step=self.spec.frame_step,
+            tile_hw=self.grid.tile_hw,
+        )
         return self.backend.load_batch(self.layouts, read_plan)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -189,14 +206,20 @@ class ZarrLoader:
         with_target = self.spec.target_steps > 0
         source = BatchSource(prefetcher.get, n, self.spec.input_steps, with_target)
         pipe = build_pipeline(
-            source, batch_size=self.batch_size, with_target=with_target, stats=self.stats,
-            device_id=None, num_threads=self.dali_threads, device="cpu",
+            source,
+            batch_size=self.batch_size,
+            with_target=with_target,
+            stats=self.stats,
+            device_id=None,
+            num_threads=self.dali_threads,
+            device="cpu",
         )
         names = ["input", "target", "index"] if with_target else ["input", "index"]
         try:
             pipe.build()
-            dali_iter = DALIGenericIterator(pipe, names, auto_reset=False,
-                                            last_batch_policy=LastBatchPolicy.PARTIAL)
+            dali_iter = DALIGenericIterator(
+                pipe, names, auto_reset=False, last_batch_policy=LastBatchPolicy.PARTIAL
+            )
             for outputs in dali_iter:
                 self._served += 1
                 yield outputs[0]
@@ -208,6 +231,8 @@ class ZarrLoader:
         self.backend.close()
 
     def __repr__(self) -> str:
-        return (f"ZarrLoader({self.store_name!r}, variables={self.variables}, "
-                f"spec={self.spec}, batch_size={self.batch_size}, device={self.device!r}, "
-                f"batches={len(self)})")
+        return (
+            f"ZarrLoader({self.store_name!r}, variables={self.variables}, "
+            f"spec={self.spec}, batch_size={self.batch_size}, device={self.device!r}, "
+            f"batches={len(self)})"
+        )

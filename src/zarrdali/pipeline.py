@@ -20,8 +20,13 @@ class BatchSource:
     is split into input and target frames along T.
     """
 
-    def __init__(self, fetch: Callable[[int], tuple[Any, np.ndarray]], n_batches: int,
-                 input_steps: int, with_target: bool) -> None:
+    def __init__(
+        self,
+        fetch: Callable[[int], tuple[Any, np.ndarray]],
+        n_batches: int,
+        input_steps: int,
+        with_target: bool,
+    ) -> None:
         self._fetch = fetch
         self._n = n_batches
         self._input_steps = input_steps
@@ -41,18 +46,35 @@ class BatchSource:
         return inputs, targets, index
 
 
-def build_pipeline(source: BatchSource, *, batch_size: int, with_target: bool,
-                   stats: tuple[np.ndarray, np.ndarray] | None, device_id: int | None,
-                   num_threads: int = 1, prefetch_queue_depth: int = 2,
-                   device: str = "cpu"):
+def build_pipeline(
+    source: BatchSource,
+    *,
+    batch_size: int,
+    with_target: bool,
+    stats: tuple[np.ndarray, np.ndarray] | None,
+    device_id: int | None,
+    num_threads: int = 1,
+    prefetch_queue_depth: int = 2,
+    device: str = "cpu",
+):
     """A DALI pipeline: external source → cast to float32 → per-channel normalize."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  prefetch_queue_depth=prefetch_queue_depth, exec_dynamic=True)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch_queue_depth,
+        exec_dynamic=True,
+    )
     def zarr_pipeline():
-        outs = fn.external_source(source=source, num_outputs=3 if with_target else 2,
-                                  batch=True, batch_info=True, device=device)
+        outs = fn.external_source(
+            source=source,
+            num_outputs=3 if with_target else 2,
+            batch=True,
+            batch_info=True,
+            device=device,
+        )
         *frames, index = outs
         if stats is not None:
             mean = types.Constant(stats[0].reshape(1, -1, 1, 1), dtype=types.FLOAT)

@@ -16,8 +16,9 @@ class BatchPrefetcher:
     with its original traceback.
     """
 
-    def __init__(self, load: Callable[[int], Any], n_batches: int, depth: int = 2,
-                 workers: int = 2) -> None:
+    def __init__(
+        self, load: Callable[[int], Any], n_batches: int, depth: int = 2, workers: int = 2
+    ) -> None:
         self._load = load
         self._n = n_batches
         self._depth = max(1, depth)

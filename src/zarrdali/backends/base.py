@@ -18,9 +18,7 @@ from ..store import ArrayLayout
 
 
 class ChunkReader(Protocol):
-    def read(
-        self, layouts: Sequence[ArrayLayout], chunks: Sequence[ChunkRef]
-    ) -> list[Any | None]:
+    def read(self, layouts: Sequence[ArrayLayout], chunks: Sequence[ChunkRef]) -> list[Any | None]:
         """Encoded bytes of each chunk, or None for a chunk that does not exist."""
 
 

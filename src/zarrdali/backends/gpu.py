@@ -7,6 +7,7 @@ the GPU path needs and says what is missing and how to install it.
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 
 from ..errors import BackendUnavailableError
 
@@ -16,8 +17,11 @@ _INSTALL_HINT = "pip install 'zarrdali[cuda13]' (CUDA 13 driver) or 'zarrdali[cu
 def missing_gpu_requirements() -> list[str]:
     """What the GPU path lacks on this machine (empty: all there)."""
     missing = []
-    for module, package in (("cupy", "CuPy"), ("kvikio", "kvikIO"),
-                            ("nvidia.nvcomp", "nvCOMP Python bindings")):
+    for module, package in (
+        ("cupy", "CuPy"),
+        ("kvikio", "kvikIO"),
+        ("nvidia.nvcomp", "nvCOMP Python bindings"),
+    ):
         try:
             found = importlib.util.find_spec(module) is not None
         except ModuleNotFoundError:
@@ -48,3 +52,17 @@ class GpuBackend:
         raise BackendUnavailableError(
             "The GPU read/decode path is not part of this release yet; pass device='cpu'."
         )
+
+
+def gpu_description() -> str:
+    """A one-line description of the GPU for benchmark headers ("none" without one)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "none"
+    return out.stdout.strip().replace("\n", "; ") or "none"

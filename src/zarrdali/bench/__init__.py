@@ -1,0 +1,1 @@
+"""Benchmarks: zarrdali against the numcodecs decode ceiling and the usual loaders."""

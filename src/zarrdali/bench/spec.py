@@ -1,0 +1,39 @@
+"""What a benchmark run loads: one sample spec shared by every loader compared."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    store: str
+    variables: tuple[str, ...]
+    input_steps: int = 4
+    target_steps: int = 2
+    tile: tuple[int, int] | None = (128, 128)
+    batch_size: int = 8
+    batches: int = 40  # batches timed per epoch (after warm-up)
+    epochs: int = 3  # repeats; median and spread are reported over these
+    warmup_batches: int = 4
+    seed: int = 0
+    num_threads: int | None = None  # None: all cores
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_frames(self) -> int:
+        return self.input_steps + self.target_steps
+
+    def loader_kwargs(self) -> dict:
+        return dict(
+            variables=list(self.variables),
+            input_steps=self.input_steps,
+            target_steps=self.target_steps,
+            tile=self.tile,
+            batch_size=self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+        )
+
+    def to_json(self) -> dict:
+        return asdict(self)
