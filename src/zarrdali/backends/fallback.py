@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from ..chunkplan import ChunkRef
+from ..errors import ChunkError
 from ..store import ArrayLayout
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,13 @@ class ZarrPythonChunkSource:
         cs = layout.chunk_shape
         lo = [c * n for c, n in zip(chunk.coords, cs, strict=True)]
         hi = [min(a + n, s) for a, n, s in zip(lo, cs, layout.shape, strict=True)]
-        data = self._array(layout.name)[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+        region = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        try:
+            data = self._array(layout.name)[region]
+        except Exception as err:  # zarr-python raises the codec's own errors
+            raise ChunkError(f"zarr-python cannot read chunk: {type(err).__name__}: {err}",
+                             store=self._store_name, array=layout.name,
+                             key=layout.describe_chunk(chunk.coords)) from err
         if data.shape == cs:
             return np.asarray(data, dtype=layout.dtype)
         # Edge chunk: pad to the full chunk shape as stored chunks are.

@@ -1,0 +1,47 @@
+"""Shared fixtures: synthetic stores under ``tmp_path`` and the ``gpu`` marker."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # make `storefactory` importable
+
+from storefactory import VarSpec, write_store
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA GPU with CuPy, kvikIO and nvCOMP (skipped elsewhere)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``@pytest.mark.gpu`` tests unless the GPU path has all it needs."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    from zarrdali.backends.gpu import missing_gpu_requirements
+
+    missing = missing_gpu_requirements()
+    if not missing:
+        return
+    skip = pytest.mark.skip(reason="GPU path unavailable: needs " + "; ".join(missing))
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture
+def make_store(tmp_path: Path) -> Callable[..., Path]:
+    """``make_store(*specs, name="store.zarr")`` writes a Zarr v3 group under tmp_path."""
+    counter = {"n": 0}
+
+    def make(*specs: VarSpec, name: str | None = None) -> Path:
+        counter["n"] += 1
+        path = tmp_path / (name or f"store{counter['n']}.zarr")
+        return write_store(path, specs)
+
+    return make
