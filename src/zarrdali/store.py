@@ -88,8 +88,12 @@ def open_group(store: str | os.PathLike | zarr.Group) -> tuple[zarr.Group, str]:
         )
     try:
         group = zarr.open_group(name, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError,
-            KeyError) as err:
+    except (
+        FileNotFoundError,
+        zarr.errors.GroupNotFoundError,
+        zarr.errors.ContainsArrayError,
+        KeyError,
+    ) as err:
         raise StoreNotFoundError(f"{name!r} is not a Zarr group: {err}") from err
     return group, name
 

@@ -66,9 +66,12 @@ class ZarrPythonChunkSource:
         try:
             data = self._array(layout.name)[region]
         except Exception as err:  # zarr-python raises the codec's own errors
-            raise ChunkError(f"zarr-python cannot read chunk: {type(err).__name__}: {err}",
-                             store=self._store_name, array=layout.name,
-                             key=layout.describe_chunk(chunk.coords)) from err
+            raise ChunkError(
+                f"zarr-python cannot read chunk: {type(err).__name__}: {err}",
+                store=self._store_name,
+                array=layout.name,
+                key=layout.describe_chunk(chunk.coords),
+            ) from err
         if data.shape == cs:
             return np.asarray(data, dtype=layout.dtype)
         # Edge chunk: pad to the full chunk shape as stored chunks are.
