@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# Read in-process by default: spawning DALI worker processes costs about a
+# second per epoch. test_workers.py covers worker processes explicitly.
+os.environ.setdefault("ZARRDALI_WORKERS", "0")
 
 sys.path.insert(0, str(Path(__file__).parent))  # make `storefactory` importable
 

@@ -8,10 +8,14 @@ Anything else returns ``None`` and the array is read through zarr-python.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Literal
 
 import numcodecs
+import numcodecs.blosc
+import numcodecs.lz4
+import numcodecs.zstd
 import numpy as np
 from zarr.codecs import (
     BloscCodec,
@@ -43,6 +47,32 @@ class ChunkCodec:
             "lz4": numcodecs.LZ4(),
         }[self.compressor]
 
+    def decode_into(self, data: memoryview, out: np.ndarray) -> None:
+        """Decompress ``data`` into the uint8 array ``out``, which it must fill exactly.
+
+        Calls numcodecs' module-level decompressors directly: their codec
+        wrappers cost more than decoding a small inner chunk. Those functions
+        do not complain when a frame is shorter than ``out``, so the size the
+        frame declares is checked first; a mismatch is a corrupt chunk.
+        """
+        expected = out.nbytes
+        if self.compressor == "none":
+            _check_size(len(data), expected)
+            out[:] = np.frombuffer(data, dtype=np.uint8)
+        elif self.compressor == "zstd":
+            _check_size(zstd_content_size(data), expected)
+            numcodecs.zstd.decompress(data, out)
+        elif self.compressor == "lz4":  # numcodecs prepends the size, little-endian
+            _check_size(int.from_bytes(data[:4], "little"), expected)
+            numcodecs.lz4.decompress(data, out)
+        elif self.compressor == "blosc":  # header bytes 4..8: uncompressed size
+            _check_size(int.from_bytes(data[4:8], "little"), expected)
+            numcodecs.blosc.decompress(data, out)
+        else:  # gzip: the size is only known after decoding
+            raw = zlib.decompress(data, wbits=31)
+            _check_size(len(raw), expected)
+            out[:] = np.frombuffer(raw, dtype=np.uint8)
+
     def stored_dtype(self, dtype: np.dtype) -> np.dtype:
         """The dtype of the decoded bytes, with the on-disk byte order."""
         return dtype if dtype.itemsize == 1 else dtype.newbyteorder(self.byteorder)
@@ -61,6 +91,30 @@ class ShardLayout:
     def index_nbytes(self) -> int:
         n = int(np.prod(self.chunks_per_shard)) * 16
         return n + (4 if self.index_has_crc32c else 0)
+
+
+def _check_size(declared: int | None, expected: int) -> None:
+    if declared is not None and declared != expected:
+        raise ValueError(f"decodes to {declared} bytes, the chunk has {expected}")
+
+
+def zstd_content_size(frame: memoryview) -> int | None:
+    """Decompressed size declared in a zstd frame header (None: not declared).
+
+    Follows RFC 8878 section 3.1.1.1; raises ValueError for a non-zstd header.
+    """
+    if len(frame) < 5 or bytes(frame[:4]) != b"\x28\xb5\x2f\xfd":
+        raise ValueError("not a zstd frame (bad magic number)")
+    descriptor = frame[4]
+    fcs_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    pos = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    size_len = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    if size_len == 0:
+        return None
+    if len(frame) < pos + size_len:
+        raise ValueError("truncated zstd frame header")
+    size = int.from_bytes(frame[pos : pos + size_len], "little")
+    return size + 256 if size_len == 2 else size
 
 
 def _compressor_name(codec: object) -> Compressor | None:

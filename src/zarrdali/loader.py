@@ -11,8 +11,10 @@ from typing import Any
 import zarr
 
 from .backends import make_backend
+from .backends.base import batch_dtype
 from .chunkplan import plan_batch
-from .errors import ConfigError
+from .epoch_reader import EpochReader
+from .errors import ConfigError, ZarrDaliError
 from .normalize import NormalizeArg, channel_stats
 from .pipeline import BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec
@@ -20,6 +22,9 @@ from .prefetch import BatchPrefetcher
 from .store import load_layouts, open_group
 
 log = logging.getLogger(__name__)
+
+# How DALI's parallel external source reports an exception raised in a worker.
+_WORKER_ERROR = "Exception traceback received from worker"
 
 
 def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -86,6 +91,7 @@ class ZarrLoader:
         world_size: int | None = None,
         num_threads: int | None = None,
         prefetch: int = 2,
+        workers: int | None = None,
         dali_threads: int = 1,
     ) -> None:
         # Everything is validated here, before any chunk is read.
@@ -120,9 +126,33 @@ class ZarrLoader:
         self.dali_threads = dali_threads
         self.device = _resolve_device(device)
         self.backend = make_backend(self.device, self.group, self.store_name, num_threads)
+        self.workers = self._resolve_workers(workers, store)
         self._epoch = 0
         self._served = 0  # batches handed to the user in the current epoch
         self._resume_from = 0
+
+    def _resolve_workers(self, workers: int | None, store: object) -> int:
+        """DALI worker processes for the CPU path (0: read in this process's threads).
+
+        Per-chunk work holds the GIL for part of the time, so threads alone do not
+        scale; worker processes do. They need a store they can reopen by path.
+        """
+        reopenable = not isinstance(store, zarr.Group)
+        if workers is None and os.environ.get("ZARRDALI_WORKERS"):
+            workers = int(os.environ["ZARRDALI_WORKERS"])
+        if workers is None:
+            auto = self.device == "cpu" and reopenable
+            return min(os.cpu_count() or 1, 8) if auto else 0
+        if workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {workers}.")
+        if workers and self.device != "cpu":
+            raise ConfigError("workers > 0 is for the CPU path; the GPU path reads in-process.")
+        if workers and not reopenable:
+            raise ConfigError(
+                "workers > 0 needs the store as a path or URL (worker processes reopen it); "
+                "got a zarr.Group. Pass the path, or workers=0."
+            )
+        return workers
 
     # -- torch conventions -------------------------------------------------
     @property
@@ -198,34 +228,77 @@ class ZarrLoader:
         if n <= 0:
             return
 
-        def fetch(k: int):
-            samples = plan.batch(start + k)
-            return self.load_batch(samples), samples
-
-        prefetcher = BatchPrefetcher(fetch, n, depth=self.prefetch, workers=2)
         with_target = self.spec.target_steps > 0
-        source = BatchSource(prefetcher.get, n, self.spec.input_steps, with_target)
+        prefetcher = None
+        if self.workers:
+            fetch = EpochReader(
+                self.store_name, self.variables, self.spec, self.sampler, self._epoch, start
+            )
+        else:
+
+            def load(k: int):
+                samples = plan.batch(start + k)
+                return self.load_batch(samples), samples
+
+            prefetcher = BatchPrefetcher(load, n, depth=self.prefetch, workers=2)
+            fetch = prefetcher.get
+        source = BatchSource(fetch, n, self.spec.input_steps, with_target)
         pipe = build_pipeline(
             source,
             batch_size=self.batch_size,
             with_target=with_target,
             stats=self.stats,
+            input_dtype=batch_dtype(self.layouts),
             device_id=None,
             num_threads=self.dali_threads,
+            prefetch_queue_depth=self.prefetch,
             device="cpu",
+            workers=self.workers,
         )
         names = ["input", "target", "index"] if with_target else ["input", "index"]
         try:
-            pipe.build()
+            self._build(pipe)
             dali_iter = DALIGenericIterator(
                 pipe, names, auto_reset=False, last_batch_policy=LastBatchPolicy.PARTIAL
             )
             for outputs in dali_iter:
                 self._served += 1
                 yield outputs[0]
+        except Exception as err:
+            if self.workers and _WORKER_ERROR in str(err):
+                self._reraise_in_process(plan, self._served, err)
+            raise
         finally:
-            prefetcher.close()
+            if prefetcher is not None:
+                prefetcher.close()
             del pipe
+
+    def _build(self, pipe) -> None:
+        try:
+            pipe.build()
+        except RuntimeError as err:
+            if self.workers and "Workers initialization failed" in str(err):
+                raise ZarrDaliError(
+                    f"zarrdali could not start its {self.workers} DALI worker process(es). They "
+                    "are spawned and re-import your main module: put the training code under "
+                    "`if __name__ == '__main__':`, or pass workers=0 to read in this process."
+                ) from err
+            raise
+
+    def _reraise_in_process(self, plan: EpochPlan, first: int, err: Exception) -> None:
+        """Raise a worker's error again here, with its own type and traceback.
+
+        DALI passes a worker's exception on as a plain ``Exception`` holding its
+        traceback text, which would lose what a ``ChunkError`` says. The batches
+        that were in flight are loaded again in this process: a persistent fault
+        (a corrupt chunk) raises its real error, chained to the worker's.
+        """
+        in_flight = self.prefetch * self.workers + 1
+        for k in range(first, min(first + in_flight, len(plan))):
+            try:
+                self.load_batch(plan.batch(k))
+            except Exception as local:
+                raise local from err
 
     def close(self) -> None:
         self.backend.close()

@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -57,16 +58,19 @@ class ArrayLayout:
     def fast_path(self) -> bool:
         return self.codec is not None and self.directory is not None
 
-    @property
+    @cached_property
     def chunk_nbytes(self) -> int:
         return int(np.prod(self.chunk_shape)) * self.dtype.itemsize
 
+    def storage_coords(self, chunk: tuple[int, ...]) -> tuple[int, ...]:
+        """Grid coordinates of the object holding ``chunk`` (its shard when sharded)."""
+        if self.shard is None:
+            return chunk
+        return tuple(c // n for c, n in zip(chunk, self.shard.chunks_per_shard, strict=True))
+
     def storage_key(self, chunk: tuple[int, ...]) -> str:
         """The store key of the object holding ``chunk`` (its shard when sharded)."""
-        if self.shard is None:
-            return self.encode_key(chunk)
-        shard = tuple(c // n for c, n in zip(chunk, self.shard.chunks_per_shard, strict=True))
-        return self.encode_key(shard)
+        return self.encode_key(self.storage_coords(chunk))
 
     def describe_chunk(self, chunk: tuple[int, ...]) -> str:
         key = self.storage_key(chunk)

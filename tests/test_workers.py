@@ -1,0 +1,102 @@
+"""The CPU path with DALI worker processes (parallel external source).
+
+Workers rebuild the epoch plan from the seed, so they must serve exactly what
+the in-process path serves; their errors must reach the loop with their type.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+
+import numpy as np
+import pytest
+from storefactory import VarSpec, corrupt_chunk
+from test_loader_oracle import Oracle, check_batches, loader_for, run_epochs
+
+import zarrdali
+
+VARS = [
+    VarSpec("a", shape=(20, 21, 33), chunks=(1, 21, 33)),
+    VarSpec("b", shape=(20, 21, 33), chunks=(2, 8, 8), shards=(4, 16, 16), dtype="int16"),
+]
+
+
+@pytest.fixture
+def store(make_store):
+    return make_store(*VARS)
+
+
+def test_workers_serve_the_same_batches_as_threads(store):
+    with_workers = loader_for(store, ["a", "b"], workers=2, batch_size=16)
+    in_process = loader_for(store, ["a", "b"], workers=0, batch_size=16)
+    got = run_epochs(with_workers, [0, 3])
+    want = run_epochs(in_process, [0, 3])
+    oracle = Oracle(store, ["a", "b"])
+    for epoch in (0, 3):
+        assert len(got[epoch]) == len(want[epoch]) == len(with_workers)
+        for g, w in zip(got[epoch], want[epoch], strict=True):
+            for key in ("input", "target", "index"):
+                np.testing.assert_array_equal(g[key], w[key])
+        check_batches(got[epoch], oracle, input_steps=2, target_steps=1, tile=(8, 8))
+
+
+def test_workers_resume_mid_epoch(store):
+    full = loader_for(store, ["a", "b"], workers=2, batch_size=8)
+    full.set_epoch(2)
+    everything = [b["index"].numpy().copy() for b in full]
+
+    first = loader_for(store, ["a", "b"], workers=2, batch_size=8)
+    first.set_epoch(2)
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    state = first.state_dict()
+    it.close()
+
+    resumed = loader_for(store, ["a", "b"], workers=2, batch_size=8)
+    resumed.load_state_dict(state)
+    rest = [b["index"].numpy() for b in resumed]
+    assert len(rest) == len(everything) - 5
+    for got, want in zip(rest, everything[5:], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_worker_error_surfaces_as_chunk_error(store):
+    corrupt_chunk(store, "a", "c/3/0/0")
+    loader = loader_for(store, ["a"], workers=2, shuffle=False, batch_size=4)
+    with pytest.raises(zarrdali.ChunkError) as info:
+        for _ in loader:
+            pass
+    assert info.value.array == "a" and info.value.key == "c/3/0/0"
+    assert "c/3/0/0" in str(info.value)
+
+
+def test_in_process_error_keeps_type_and_traceback(store, monkeypatch):
+    class InjectedReadError(OSError):
+        pass
+
+    loader = loader_for(store, ["a"], workers=0, batch_size=4)
+    real = loader.backend.load_batch
+    calls = {"n": 0}
+
+    def failing(layouts, plan):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise InjectedReadError("disk went away")
+        return real(layouts, plan)
+
+    monkeypatch.setattr(loader.backend, "load_batch", failing)
+    with pytest.raises(InjectedReadError, match="disk went away") as info:
+        for _ in loader:
+            pass
+    assert any(entry.name == "failing" for entry in info.traceback)
+
+
+def test_breaking_out_leaves_no_worker_processes(store):
+    loader = loader_for(store, ["a", "b"], workers=2, batch_size=4)
+    for k, _ in enumerate(loader):
+        if k == 2:
+            break
+    gc.collect()
+    assert multiprocessing.active_children() == []
