@@ -115,7 +115,10 @@ def main() -> None:
     parser.add_argument("--layout", choices=["plain", "sharded"], default="sharded")
     parser.add_argument("--steps", type=int, default=150, help="training steps")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--tile", type=int, default=64, help="square tile size")
     args = parser.parse_args()
+    global TILE
+    TILE = (args.tile, args.tile)
 
     if not sample_data_exists(args.data_dir):
         write_sample_data(args.data_dir)

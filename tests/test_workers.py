@@ -11,10 +11,10 @@ import multiprocessing
 
 import numpy as np
 import pytest
-from storefactory import VarSpec, corrupt_chunk
-from test_loader_oracle import Oracle, check_batches, loader_for, run_epochs
 
 import zarrdali
+from storefactory import VarSpec, corrupt_chunk
+from test_loader_oracle import Oracle, check_batches, loader_for, run_epochs
 
 VARS = [
     VarSpec("a", shape=(20, 21, 33), chunks=(1, 21, 33)),

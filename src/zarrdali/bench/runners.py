@@ -182,8 +182,26 @@ class XarraySampleDataset:
         return np.concatenate(fields, axis=1), self.samples[i]
 
 
+class _EpochSampler:
+    """Indices of the current epoch's samples in a dataset holding every epoch's."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def run_torch_xarray(spec: BenchSpec, num_workers: int | None = None) -> RunResult:
-    """torch DataLoader over xarray indexing with ``num_workers`` processes."""
+    """torch DataLoader over xarray indexing with ``num_workers`` processes.
+
+    Workers are spawned (forking a process that runs threads, as zarr's event
+    loop does, can deadlock) once, and persist across epochs like a training
+    run's would; the first warm-up batches absorb their start-up.
+    """
     import torch
 
     workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
@@ -191,19 +209,23 @@ def run_torch_xarray(spec: BenchSpec, num_workers: int | None = None) -> RunResu
     loader = _loader(spec)
     tile_hw = loader.grid.tile_hw
     loader.close()
+    per_epoch = [np.concatenate(epoch_batches(spec, e)) for e in range(spec.epochs)]
+    offsets = np.cumsum([0] + [len(s) for s in per_epoch])
+    dataset = XarraySampleDataset(
+        spec.store, spec.variables, spec.n_frames, tile_hw, np.concatenate(per_epoch)
+    )
+    sampler = _EpochSampler()
+    dl = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=spec.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers else None,
+        multiprocessing_context="spawn" if workers else None,
+    )
     for epoch in range(spec.epochs):
-        batches = epoch_batches(spec, epoch)
-        samples = np.concatenate(batches)
-        dataset = XarraySampleDataset(spec.store, spec.variables, spec.n_frames, tile_hw, samples)
-        dl = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=spec.batch_size,
-            shuffle=False,
-            num_workers=workers,
-            persistent_workers=False,
-            prefetch_factor=2 if workers else None,
-            multiprocessing_context="fork" if workers else None,
-        )
+        sampler.indices = list(range(offsets[epoch], offsets[epoch + 1]))
         it = iter(dl)
         for _ in range(spec.warmup_batches):
             next(it)
@@ -213,5 +235,5 @@ def run_torch_xarray(spec: BenchSpec, num_workers: int | None = None) -> RunResu
             n += len(x)
         result.epoch_seconds.append(time.perf_counter() - t)
         result.samples_per_epoch = n
-        del it, dl
+    del dl
     return result

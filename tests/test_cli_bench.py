@@ -1,0 +1,187 @@
+"""The command line, the sample data and the benchmark, at tiny size."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from zarrdali.cli import main
+from zarrdali.sample_data import PLAIN, SHARDED, SampleDataSpec, write_sample_data
+
+TINY = ["--n-time", "30", "--n-lat", "37", "--n-lon", "72"]
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("sample")
+    assert main(["sample-data", str(directory), *TINY, "-q"]) == 0
+    return directory
+
+
+def test_sample_data_layouts(sample_dir):
+    plain = xr.open_zarr(sample_dir / PLAIN, consolidated=False)
+    sharded = xr.open_zarr(sample_dir / SHARDED, consolidated=False)
+    for ds in (plain, sharded):
+        assert set(ds.data_vars) == {"t2m", "u10", "v10", "msl"}
+        assert ds["t2m"].dims == ("time", "latitude", "longitude")
+        assert ds["t2m"].shape == (30, 37, 72)
+        assert ds["t2m"].dtype == np.float32
+        assert np.issubdtype(ds["time"].dtype, np.datetime64)
+    xr.testing.assert_identical(plain["t2m"].load(), sharded["t2m"].load())
+    t2m = plain["t2m"].values
+    assert np.isfinite(t2m).all()
+    assert 200 < t2m.mean() < 320  # a temperature in kelvin
+    # the daily cycle: the same place is warmer at local noon than at midnight
+    assert t2m[12, 18, 0] > t2m[0, 18, 0]
+    import zarr
+
+    arr_plain = zarr.open_group(sample_dir / PLAIN, mode="r")["t2m"]
+    arr_sharded = zarr.open_group(sample_dir / SHARDED, mode="r")["t2m"]
+    assert arr_plain.chunks == (1, 37, 72) and arr_plain.shards is None
+    assert arr_sharded.shards is not None and arr_sharded.chunks[0] == 1
+
+
+def test_sample_data_is_deterministic(tmp_path):
+    spec = SampleDataSpec(n_time=4, n_lat=9, n_lon=16, variables=("u10",))
+    a = write_sample_data(tmp_path / "a", spec, progress=False)[0]
+    b = write_sample_data(tmp_path / "b", spec, progress=False)[0]
+    xa, xb = (xr.open_zarr(p, consolidated=False)["u10"].values for p in (a, b))
+    np.testing.assert_array_equal(xa, xb)
+
+
+def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = [
+        "bench",
+        "--data-dir",
+        str(sample_dir),
+        "--tile",
+        "16",
+        "16",
+        "--batches",
+        "3",
+        "--epochs",
+        "2",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+        "-q",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "zarrdali[cpu]" in printed and "torch DataLoader + xarray" in printed
+    payload = json.loads((out / "bench.json").read_text())
+    assert payload["system"]["cores"] >= 1 and payload["system"]["versions"]["zarr"]
+    rows = payload["results"]
+    assert {(r["store_label"], r["loader"]) for r in rows} == {
+        (label, name)
+        for label in ("plain", "sharded")
+        for name in ("zarrdali-cpu", "numcodecs-ceiling", "torch-xarray")
+    }
+    for row in rows:
+        s = row["summary"]
+        assert s["status"] == "ok", s["error"]
+        assert len(s["epoch_seconds"]) == 2
+        assert s["samples_per_epoch"] == 3 * 4
+        assert (
+            0
+            < s["samples_per_s"]["min"]
+            <= s["samples_per_s"]["median"]
+            <= s["samples_per_s"]["max"]
+        )
+    assert payload["ratios"]  # the goal ratios are computed
+    assert (out / "bench.md").read_text().count("|") > 10
+    assert (out / "throughput.png").stat().st_size > 1000
+
+
+def test_bench_reports_a_failing_loader_and_completes(sample_dir, tmp_path, monkeypatch):
+    from zarrdali.bench import main as bench_main
+
+    def broken(spec):
+        raise RuntimeError("this loader broke")
+
+    monkeypatch.setitem(bench_main.LOADERS, "torch-xarray", broken)
+    out = tmp_path / "bench"
+    args = [
+        "bench",
+        str(sample_dir / PLAIN),
+        "--tile",
+        "16",
+        "16",
+        "--batches",
+        "2",
+        "--epochs",
+        "1",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+        "-q",
+    ]
+    assert main(args) == 0
+    rows = json.loads((out / "bench.json").read_text())["results"]
+    status = {r["loader"]: r["summary"]["status"] for r in rows}
+    assert status == {"zarrdali-cpu": "ok", "numcodecs-ceiling": "ok", "torch-xarray": "failed"}
+    failed = next(r for r in rows if r["loader"] == "torch-xarray")
+    assert "this loader broke" in failed["summary"]["error"]
+
+
+def test_bench_peer_serves_the_same_samples_as_zarrdali(sample_dir):
+    """The torch+xarray baseline does the same work: same samples, same values."""
+    from zarrdali import ZarrLoader
+    from zarrdali.bench.runners import XarraySampleDataset
+
+    store = str(sample_dir / SHARDED)
+    loader = ZarrLoader(
+        store,
+        ["t2m", "u10"],
+        input_steps=2,
+        target_steps=1,
+        tile=(16, 16),
+        batch_size=5,
+        shuffle=True,
+        device="cpu",
+        workers=0,
+    )
+    batch = next(iter(loader))
+    index = batch["index"].numpy()
+    dataset = XarraySampleDataset(store, ["t2m", "u10"], 3, (16, 16), index)
+    for i in range(len(index)):
+        window, sample = dataset[i]
+        np.testing.assert_array_equal(sample, index[i])
+        got = np.concatenate([batch["input"][i].numpy(), batch["target"][i].numpy()])
+        np.testing.assert_array_equal(window, got)
+
+
+def test_training_example_runs(sample_dir, monkeypatch, capsys):
+    example = Path(__file__).parents[1] / "examples" / "train.py"
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            str(example),
+            "--data-dir",
+            str(sample_dir),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--tile",
+            "16",
+        ],
+    )
+    monkeypatch.setenv("ZARRDALI_WORKERS", "0")
+    runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "done: 3 steps" in out and "loss" in out
