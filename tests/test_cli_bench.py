@@ -106,10 +106,11 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
 def test_bench_reports_a_failing_loader_and_completes(sample_dir, tmp_path, monkeypatch):
     from zarrdali.bench import main as bench_main
 
-    def broken(spec):
+    def broken(spec, result):
         raise RuntimeError("this loader broke")
+        yield
 
-    monkeypatch.setitem(bench_main.LOADERS, "torch-xarray", broken)
+    monkeypatch.setitem(bench_main.LOADERS, "torch-xarray", ("torch DataLoader + xarray", broken))
     out = tmp_path / "bench"
     args = [
         "bench",

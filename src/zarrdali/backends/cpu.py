@@ -369,6 +369,9 @@ class CpuBackend:
         if fast:
             groups = self.reader.groups(layouts, [plan.chunks[i] for i in fast])
             work += [partial(run_group, g) for g in groups]
+        if self.num_threads == 1:  # e.g. in a DALI worker process: no hand-offs
+            _run_all(work)
+            return out
         # A few tasks per thread, not one per chunk: small inner chunks decode in
         # tens of microseconds, comparable to the executor's own overhead.
         n_tasks = min(len(work), self.num_threads * self.tasks_per_thread)

@@ -18,25 +18,42 @@ from .report import (
     system_info,
     write_json,
 )
-from .runners import RunResult, run_decode_ceiling, run_torch_xarray, run_zarrdali
+from .runners import (
+    Runner,
+    RunResult,
+    decode_ceiling_runner,
+    torch_xarray_runner,
+    zarrdali_runner,
+)
 from .spec import BenchSpec
 
 log = logging.getLogger(__name__)
 
-LOADERS: dict[str, Callable[[BenchSpec], RunResult]] = {
-    "zarrdali-cpu": lambda spec: run_zarrdali(spec, "cpu"),
-    "numcodecs-ceiling": run_decode_ceiling,
-    "torch-xarray": run_torch_xarray,
+# name on the command line: (name in the table, runner factory)
+LOADERS: dict[str, tuple[str, Callable[[BenchSpec, RunResult], Runner]]] = {
+    "zarrdali-cpu": ("zarrdali[cpu]", lambda spec, r: zarrdali_runner(spec, r, "cpu")),
+    "numcodecs-ceiling": ("numcodecs decode ceiling", decode_ceiling_runner),
+    "torch-xarray": ("torch DataLoader + xarray", torch_xarray_runner),
 }
 
 
-def _run_one(name: str, spec: BenchSpec) -> RunResult:
-    """Run one loader; a failure becomes a row with its error, never aborts the run."""
+def _fail(result: RunResult, err: Exception, name: str) -> None:
+    log.debug("loader %s failed:\n%s", name, traceback.format_exc())
+    result.status, result.error = "failed", f"{type(err).__name__}: {err}"
+
+
+def _advance(name: str, runner: Runner | None, result: RunResult) -> Runner | None:
+    """Run one more epoch; a failure marks the row failed, never aborts the run."""
+    if runner is None:
+        return None
     try:
-        return LOADERS[name](spec)
+        next(runner)
+        return runner
+    except StopIteration:
+        return None
     except Exception as err:
-        log.debug("loader %s failed:\n%s", name, traceback.format_exc())
-        return RunResult(name, status="failed", error=f"{type(err).__name__}: {err}")
+        _fail(result, err, name)
+        return None
 
 
 def ratios(rows: list[dict]) -> dict[str, float]:
@@ -47,7 +64,7 @@ def ratios(rows: list[dict]) -> dict[str, float]:
         if r["summary"]["status"] == "ok"
     }
     out: dict[str, float] = {}
-    for label in {r["store_label"] for r in rows}:
+    for label in dict.fromkeys(r["store_label"] for r in rows):
         z = by.get((label, "zarrdali[cpu]"))
         ceiling = by.get((label, "numcodecs decode ceiling"))
         torch_x = by.get((label, "torch DataLoader + xarray"))
@@ -60,6 +77,29 @@ def ratios(rows: list[dict]) -> dict[str, float]:
                 z["samples_per_s"]["median"] / torch_x["samples_per_s"]["median"]
             )
     return out
+
+
+def _bench_store(label: str, path: str, spec: BenchSpec, loaders: Sequence[str], bar) -> list:
+    results = {name: RunResult(LOADERS[name][0]) for name in loaders}
+    runners: dict[str, Runner | None] = {}
+    for name in loaders:
+        try:
+            runners[name] = LOADERS[name][1](spec, results[name])
+        except Exception as err:
+            _fail(results[name], err, name)
+            runners[name] = None
+    # Epoch by epoch, every loader in turn: drifts of the machine hit all alike.
+    for _ in range(spec.epochs):
+        for name in loaders:
+            runners[name] = _advance(name, runners[name], results[name])
+            bar.update()
+    for runner in runners.values():
+        if runner is not None:
+            runner.close()
+    return [
+        {"store_label": label, "store": path, "loader": name, "summary": summarize(results[name])}
+        for name in loaders
+    ]
 
 
 def run_bench(
@@ -78,20 +118,15 @@ def run_bench(
     out_dir.mkdir(parents=True, exist_ok=True)
     info = system_info()
     rows = []
-    jobs = [(label, path, name) for label, path in stores for name in loaders]
-    for label, path, name in tqdm(jobs, desc="bench", disable=not progress):
-        result = _run_one(name, replace(spec, store=path))
-        rows.append(
-            {"store_label": label, "store": path, "loader": name, "summary": summarize(result)}
-        )
+    total = len(stores) * len(loaders) * spec.epochs
+    with tqdm(total=total, desc="bench", disable=not progress) as bar:
+        for label, path in stores:
+            rows += _bench_store(label, path, replace(spec, store=path), loaders, bar)
     payload = {"system": info, "spec": spec.to_json(), "results": rows, "ratios": ratios(rows)}
     write_json(out_dir / "bench.json", payload)
     table = markdown_table(rows)
     (out_dir / "bench.md").write_text(header_text(info) + "\n\n" + table + "\n")
-    payload["plot"] = (
-        str(out_dir / "throughput.png")
-        if plot_throughput(out_dir / "throughput.png", rows)
-        else None
-    )
+    plotted = plot_throughput(out_dir / "throughput.png", rows)
+    payload["plot"] = str(out_dir / "throughput.png") if plotted else None
     payload["table"] = table
     return payload

@@ -1,8 +1,11 @@
 """Loaders timed by the benchmark. Each serves the same samples for a given epoch.
 
-Every runner returns per-epoch timings of ``spec.batches`` batches after
-``spec.warmup_batches`` warm-up batches; the samples come from zarrdali's own
-epoch plan so all loaders do equal work.
+A runner is a generator: it sets its loader up, then times one epoch of
+``spec.batches`` batches (after ``spec.warmup_batches`` untimed ones) each time
+it is advanced, recording into its :class:`RunResult`. The benchmark advances
+all runners epoch by epoch, interleaved, so slow drifts of the machine's speed
+affect every loader alike and ratios come from the same minutes. Samples come
+from zarrdali's own epoch plan, so all loaders do equal work.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -39,66 +42,72 @@ class RunResult:
         return [self.decoded_bytes_per_epoch / s / 1e9 for s in self.epoch_seconds]
 
 
-def _loader(spec: BenchSpec, device: str = "cpu") -> ZarrLoader:
+Runner = Iterator[None]
+
+
+def _loader(spec: BenchSpec, device: str = "cpu", **kw) -> ZarrLoader:
     return ZarrLoader(
-        spec.store, **spec.loader_kwargs(), device=device, num_threads=spec.num_threads
+        spec.store, **spec.loader_kwargs(), device=device, num_threads=spec.num_threads, **kw
     )
 
 
 def epoch_batches(spec: BenchSpec, epoch: int) -> list[np.ndarray]:
-    """The sample batches timed in ``epoch`` (warm-up batches first)."""
-    loader = _loader(spec)
+    """The sample batches of ``epoch`` the benchmark uses (warm-up batches first)."""
+    loader = _loader(spec, workers=0)
     plan = loader.epoch_plan(epoch)
     n = min(len(plan), spec.warmup_batches + spec.batches)
     loader.close()
     return [plan.batch(k) for k in range(n)]
 
 
-def run_zarrdali(spec: BenchSpec, device: str = "cpu") -> RunResult:
+def _decoded_nbytes(loader: ZarrLoader, batches: Sequence[np.ndarray]) -> int:
+    total = 0
+    for samples in batches:
+        read_plan = plan_batch(
+            loader.layouts,
+            samples,
+            n_frames=loader.spec.n_frames,
+            frame_step=loader.spec.frame_step,
+            tile_hw=loader.grid.tile_hw,
+        )
+        total += read_plan.decoded_nbytes(loader.layouts)
+    return total
+
+
+def zarrdali_runner(spec: BenchSpec, result: RunResult, device: str = "cpu") -> Runner:
     """zarrdali end to end: plan, read, decode, assemble, DALI, torch tensors."""
     loader = _loader(spec, device)
-    result = RunResult(f"zarrdali[{device}]")
+    result.note = f"{loader.workers} worker process(es)" if loader.workers else "in-process"
     try:
         for epoch in range(spec.epochs):
             loader.set_epoch(epoch)
-            decoded = samples = 0
+            timed = epoch_batches(spec, epoch)[spec.warmup_batches :]
             it = iter(loader)
             for _ in range(spec.warmup_batches):
                 next(it)
-            plan = loader.epoch_plan(epoch)
+            samples = 0
             t = time.perf_counter()
-            for k in range(spec.batches):
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
-                samples += len(batch["index"])
-                read_plan = plan_batch(
-                    loader.layouts,
-                    plan.batch(spec.warmup_batches + k),
-                    n_frames=spec.n_frames,
-                    frame_step=1,
-                    tile_hw=loader.grid.tile_hw,
-                )
-                decoded += read_plan.decoded_nbytes(loader.layouts)
+            for _ in timed:
+                samples += len(next(it)["index"])
             result.epoch_seconds.append(time.perf_counter() - t)
             it.close()
-            result.samples_per_epoch, result.decoded_bytes_per_epoch = samples, decoded
+            result.samples_per_epoch = samples
+            result.decoded_bytes_per_epoch = _decoded_nbytes(loader, timed)
+            yield
     finally:
         loader.close()
-    return result
 
 
-def run_decode_ceiling(spec: BenchSpec) -> RunResult:
+def decode_ceiling_runner(spec: BenchSpec, result: RunResult) -> Runner:
     """numcodecs alone on the chunks the timed batches touch, all threads, no I/O.
 
     The encoded chunks are read into memory first; only decoding is timed, each
     thread decompressing into its own reused buffer (no allocation). This is
     the rate zarrdali's CPU path cannot beat.
     """
-    loader = _loader(spec)
+    loader = _loader(spec, workers=0)
     threads = spec.num_threads or os.cpu_count() or 1
-    result = RunResult("numcodecs decode ceiling", note=f"{threads} threads, in-memory chunks")
+    result.note = f"{threads} threads, in-memory chunks"
     layouts = loader.layouts
     scratch = threading.local()
 
@@ -110,7 +119,8 @@ def run_decode_ceiling(spec: BenchSpec) -> RunResult:
         layout.codec.decode_into(data, out[: layout.chunk_nbytes])
         return layout.chunk_nbytes
 
-    with ThreadPoolExecutor(threads) as pool:
+    pool = ThreadPoolExecutor(threads)
+    try:
         for epoch in range(spec.epochs):
             batches = epoch_batches(spec, epoch)[spec.warmup_batches :]
             work = []
@@ -128,18 +138,16 @@ def run_decode_ceiling(spec: BenchSpec) -> RunResult:
                     for c, e in zip(plan.chunks, encoded, strict=True)
                     if e is not None
                 ]
+            parts = [work[k::threads] for k in range(threads)]  # one task per thread
             t = time.perf_counter()
-            # Contiguous slices per thread: one task each, no per-chunk scheduling.
-            nbytes = sum(
-                pool.map(
-                    lambda part: sum(map(decode, part)), [work[k::threads] for k in range(threads)]
-                )
-            )
+            nbytes = sum(pool.map(lambda part: sum(map(decode, part)), parts))
             result.epoch_seconds.append(time.perf_counter() - t)
             result.samples_per_epoch = sum(len(b) for b in batches)
             result.decoded_bytes_per_epoch = nbytes
-    loader.close()
-    return result
+            yield
+    finally:
+        pool.shutdown()
+        loader.close()
 
 
 class XarraySampleDataset:
@@ -195,18 +203,20 @@ class _EpochSampler:
         return len(self.indices)
 
 
-def run_torch_xarray(spec: BenchSpec, num_workers: int | None = None) -> RunResult:
+def torch_xarray_runner(
+    spec: BenchSpec, result: RunResult, num_workers: int | None = None
+) -> Runner:
     """torch DataLoader over xarray indexing with ``num_workers`` processes.
 
     Workers are spawned (forking a process that runs threads, as zarr's event
     loop does, can deadlock) once, and persist across epochs like a training
-    run's would; the first warm-up batches absorb their start-up.
+    run's would; the warm-up batches absorb their start-up.
     """
     import torch
 
     workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
-    result = RunResult("torch DataLoader + xarray", note=f"{workers} workers")
-    loader = _loader(spec)
+    result.note = f"{workers} workers"
+    loader = _loader(spec, workers=0)
     tile_hw = loader.grid.tile_hw
     loader.close()
     per_epoch = [np.concatenate(epoch_batches(spec, e)) for e in range(spec.epochs)]
@@ -224,16 +234,19 @@ def run_torch_xarray(spec: BenchSpec, num_workers: int | None = None) -> RunResu
         prefetch_factor=2 if workers else None,
         multiprocessing_context="spawn" if workers else None,
     )
-    for epoch in range(spec.epochs):
-        sampler.indices = list(range(offsets[epoch], offsets[epoch + 1]))
-        it = iter(dl)
-        for _ in range(spec.warmup_batches):
-            next(it)
-        n = 0
-        t = time.perf_counter()
-        for x, _ in it:
-            n += len(x)
-        result.epoch_seconds.append(time.perf_counter() - t)
-        result.samples_per_epoch = n
-    del dl
-    return result
+    try:
+        for epoch in range(spec.epochs):
+            sampler.indices = list(range(offsets[epoch], offsets[epoch + 1]))
+            it = iter(dl)
+            for _ in range(spec.warmup_batches):
+                next(it)
+            n = 0
+            t = time.perf_counter()
+            for x, _ in it:
+                n += len(x)
+            result.epoch_seconds.append(time.perf_counter() - t)
+            result.samples_per_epoch = n
+            del it
+            yield
+    finally:
+        del dl
