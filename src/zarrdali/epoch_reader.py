@@ -1,8 +1,8 @@
 """Batches of one epoch, loadable in this process or in a DALI worker process.
 
-:class:`EpochReader` is small and picklable: it holds the store path, the spec
-and the sampler, and rebuilds the (deterministic) epoch plan and a backend the
-first time it is called. That lets DALI's parallel external source run it in
+:class:`EpochReader` is small and picklable: it holds the store path, the spec,
+the candidate samples and the sampler, and rebuilds the (deterministic) epoch
+plan and a backend the first time it is called. That lets DALI's parallel external source run it in
 worker processes, where reading and decoding do not share a GIL with training.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .chunkplan import plan_batch
-from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec
+from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
 from .store import ArrayLayout, load_layouts, open_group
 
 
@@ -24,6 +24,7 @@ class EpochReader:
     store: str
     variables: Sequence[str]
     spec: SampleSpec
+    candidates: SampleGrid | SampleTable
     sampler: Sampler
     epoch: int
     start: int  # first batch of the epoch to serve (resume)
@@ -35,27 +36,26 @@ class EpochReader:
         state["_state"] = None  # rebuilt in the worker
         return state
 
-    def _open(self) -> tuple[list[ArrayLayout], SampleGrid, EpochPlan, Any]:
+    def _open(self) -> tuple[list[ArrayLayout], EpochPlan, Any]:
         from .backends.cpu import CpuBackend
 
         group, name = open_group(self.store)
         layouts = load_layouts(group, name, self.variables)
-        first = layouts[0]
-        grid = SampleGrid(self.spec, first.shape[0], first.shape[-2], first.shape[-1])
-        plan = self.sampler.epoch_plan(grid.samples(self.sampler.seed, self.epoch), self.epoch)
-        return layouts, grid, plan, CpuBackend(group, name, self.num_threads)
+        samples = self.candidates.samples(self.sampler.seed, self.epoch)
+        plan = self.sampler.epoch_plan(samples, self.epoch)
+        return layouts, plan, CpuBackend(group, name, self.num_threads)
 
     def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Window ``[B, T, C, H, W]`` and samples ``[B, 3]`` of batch ``start + k``."""
         if self._state is None:
             self._state = self._open()
-        layouts, grid, plan, backend = self._state
+        layouts, plan, backend = self._state
         samples = plan.batch(self.start + k)
         read_plan = plan_batch(
             layouts,
             samples,
             n_frames=self.spec.n_frames,
             frame_step=self.spec.frame_step,
-            tile_hw=grid.tile_hw,
+            tile_hw=self.candidates.tile_hw,
         )
         return backend.load_batch(layouts, read_plan), samples

@@ -17,7 +17,7 @@ from .epoch_reader import EpochReader
 from .errors import ConfigError, ZarrDaliError
 from .normalize import NormalizeArg, channel_stats
 from .pipeline import BatchSource, build_pipeline
-from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec
+from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
 from .prefetch import BatchPrefetcher
 from .store import load_layouts, open_group
 
@@ -93,6 +93,7 @@ class ZarrLoader:
         prefetch: int = 2,
         workers: int | None = None,
         dali_threads: int = 1,
+        index: str | os.PathLike | SampleTable | None = None,
     ) -> None:
         # Everything is validated here, before any chunk is read.
         self.spec = SampleSpec(
@@ -109,7 +110,12 @@ class ZarrLoader:
         self.variables = [variables] if isinstance(variables, str) else list(variables)
         self.layouts = load_layouts(self.group, self.store_name, self.variables)
         first = self.layouts[0]
-        self.grid = SampleGrid(self.spec, first.shape[0], first.shape[-2], first.shape[-1])
+        n_time, ny, nx = first.shape[0], first.shape[-2], first.shape[-1]
+        self.candidates: SampleGrid | SampleTable
+        if index is None:
+            self.candidates = SampleGrid(self.spec, n_time, ny, nx)
+        else:
+            self.candidates = self._sample_table(index, n_time, ny, nx)
         rank, world_size = _distributed_defaults(rank, world_size)
         self.sampler = Sampler(
             batch_size=batch_size,
@@ -130,6 +136,20 @@ class ZarrLoader:
         self._epoch = 0
         self._served = 0  # batches handed to the user in the current epoch
         self._resume_from = 0
+
+    def _sample_table(self, index, n_time: int, ny: int, nx: int) -> SampleTable:
+        """The samples an index lists, checked against this store and window."""
+        if not isinstance(index, SampleTable):
+            from .prep.sample_index import load_sample_index
+
+            index = load_sample_index(index, self.store_name, self.layouts, self.spec)
+        if self.spec.tile is not None and tuple(index.tile_hw) != tuple(self.spec.tile):
+            raise ConfigError(
+                f"{index.source} lists tiles of {index.tile_hw} but the loader asks for "
+                f"tile={self.spec.tile}; build the index for this tile or pass its tile."
+            )
+        index.check_bounds(self.spec, n_time, ny, nx)
+        return index
 
     def _resolve_workers(self, workers: int | None, store: object) -> int:
         """DALI worker processes for the CPU path (0: read in this process's threads).
@@ -164,7 +184,7 @@ class ZarrLoader:
         return sum(layout.n_levels for layout in self.layouts)
 
     def __len__(self) -> int:
-        per_rank = len(self.grid) // self.sampler.world_size
+        per_rank = len(self.candidates) // self.sampler.world_size
         if self.sampler.drop_last:
             return per_rank // self.batch_size
         return math.ceil(per_rank / self.batch_size)
@@ -185,7 +205,7 @@ class ZarrLoader:
             "batch_size": self.batch_size,
             "rank": self.sampler.rank,
             "world_size": self.sampler.world_size,
-            "num_candidates": len(self.grid),
+            "num_candidates": len(self.candidates),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -204,7 +224,7 @@ class ZarrLoader:
     def epoch_plan(self, epoch: int | None = None) -> EpochPlan:
         """The samples this rank serves in ``epoch`` (default: the current one)."""
         epoch = self._epoch if epoch is None else epoch
-        return self.sampler.epoch_plan(self.grid.samples(self.sampler.seed, epoch), epoch)
+        return self.sampler.epoch_plan(self.candidates.samples(self.sampler.seed, epoch), epoch)
 
     def load_batch(self, samples) -> Any:
         """Read, decode and assemble the window ``[B, T, C, H, W]`` of ``samples``."""
@@ -213,7 +233,7 @@ class ZarrLoader:
             samples,
             n_frames=self.spec.n_frames,
             frame_step=self.spec.frame_step,
-            tile_hw=self.grid.tile_hw,
+            tile_hw=self.candidates.tile_hw,
         )
         return self.backend.load_batch(self.layouts, read_plan)
 
@@ -232,7 +252,13 @@ class ZarrLoader:
         prefetcher = None
         if self.workers:
             fetch = EpochReader(
-                self.store_name, self.variables, self.spec, self.sampler, self._epoch, start
+                self.store_name,
+                self.variables,
+                self.spec,
+                self.candidates,
+                self.sampler,
+                self._epoch,
+                start,
             )
         else:
 

@@ -190,3 +190,69 @@ class Sampler:
             order = np.arange(n)
         mine = order[: per_rank * self.world_size][self.rank :: self.world_size]
         return EpochPlan(epoch, candidates[mine], self.batch_size, self.drop_last)
+
+
+@dataclass(frozen=True)
+class SampleTable:
+    """Candidate samples listed by an index (``zarrdali index``), not a grid.
+
+    ``rows`` are ``(t0, y0, x0)``. Without weights every row is served once
+    per epoch. With weights, each epoch draws ``samples_per_epoch`` rows (default:
+    as many as there are) with replacement, with probability proportional to
+    the weight, deterministic in ``seed`` and ``epoch`` (torch's
+    ``WeightedRandomSampler`` semantics): a row may then repeat within an epoch.
+    """
+
+    rows: np.ndarray
+    tile_hw: tuple[int, int]
+    weights: np.ndarray | None = None
+    samples_per_epoch: int | None = None
+    source: str = "sample index"
+
+    def __post_init__(self) -> None:
+        rows = np.asarray(self.rows, dtype=np.int64)
+        if rows.ndim != 2 or rows.shape[1] != 3 or len(rows) == 0:
+            raise ConfigError(f"{self.source}: expected rows of (t0, y0, x0), got {rows.shape}.")
+        object.__setattr__(self, "rows", rows)
+        if self.weights is not None:
+            w = np.asarray(self.weights, dtype=np.float64)
+            if (
+                w.shape != (len(rows),)
+                or not np.all(np.isfinite(w))
+                or np.any(w < 0)
+                or not (w.sum() > 0)
+            ):
+                raise ConfigError(
+                    f"{self.source}: weights must be one finite value >= 0 per row, not all zero."
+                )
+            object.__setattr__(self, "weights", w / w.sum())
+
+    def check_bounds(self, spec: SampleSpec, n_time: int, ny: int, nx: int) -> None:
+        """Every row's window and tile must lie inside the store."""
+        h, w = self.tile_hw
+        t0, y0, x0 = self.rows.T
+        bad = (
+            (t0 < 0)
+            | (t0 + spec.window_span > n_time)
+            | (y0 < 0)
+            | (y0 + h > ny)
+            | (x0 < 0)
+            | (x0 + w > nx)
+        )
+        if bad.any():
+            first = tuple(int(v) for v in self.rows[np.argmax(bad)])
+            raise ConfigError(
+                f"{self.source}: {int(bad.sum())} row(s) fall outside the store "
+                f"(time {n_time}, field {ny}x{nx}) for a window of {spec.window_span} steps "
+                f"and tile {self.tile_hw}; first: {first}. Was the index built for this "
+                f"store and window?"
+            )
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch or len(self.rows)
+
+    def samples(self, seed: int, epoch: int) -> np.ndarray:
+        if self.weights is None:
+            return self.rows
+        rng = np.random.default_rng([seed, epoch, 2])
+        return self.rows[rng.choice(len(self.rows), size=len(self), p=self.weights)]

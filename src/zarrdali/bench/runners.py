@@ -68,7 +68,7 @@ def _decoded_nbytes(loader: ZarrLoader, batches: Sequence[np.ndarray]) -> int:
             samples,
             n_frames=loader.spec.n_frames,
             frame_step=loader.spec.frame_step,
-            tile_hw=loader.grid.tile_hw,
+            tile_hw=loader.candidates.tile_hw,
         )
         total += read_plan.decoded_nbytes(loader.layouts)
     return total
@@ -130,7 +130,7 @@ def decode_ceiling_runner(spec: BenchSpec, result: RunResult) -> Runner:
                     samples,
                     n_frames=spec.n_frames,
                     frame_step=1,
-                    tile_hw=loader.grid.tile_hw,
+                    tile_hw=loader.candidates.tile_hw,
                 )
                 encoded = loader.backend.reader.read(layouts, plan.chunks)
                 work += [
@@ -217,7 +217,7 @@ def torch_xarray_runner(
     workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
     result.note = f"{workers} workers"
     loader = _loader(spec, workers=0)
-    tile_hw = loader.grid.tile_hw
+    tile_hw = loader.candidates.tile_hw
     loader.close()
     per_epoch = [np.concatenate(epoch_batches(spec, e)) for e in range(spec.epochs)]
     offsets = np.cumsum([0] + [len(s) for s in per_epoch])

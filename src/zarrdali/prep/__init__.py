@@ -1,0 +1,1 @@
+"""Work done once before training, on dask: prepare, stats, index."""
