@@ -16,7 +16,7 @@ from .chunkplan import plan_batch
 from .epoch_reader import EpochReader
 from .errors import ConfigError, ZarrDaliError
 from .normalize import NormalizeArg, channel_stats
-from .pipeline import BatchSource, build_pipeline
+from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
 from .prefetch import BatchPrefetcher
 from .store import load_layouts, open_group
@@ -94,6 +94,7 @@ class ZarrLoader:
         workers: int | None = None,
         dali_threads: int = 1,
         index: str | os.PathLike | SampleTable | None = None,
+        augment: Sequence[str] = (),
     ) -> None:
         # Everything is validated here, before any chunk is read.
         self.spec = SampleSpec(
@@ -126,6 +127,7 @@ class ZarrLoader:
             world_size=world_size,
         )
         self.stats = channel_stats(normalize, self.layouts, self.store_name)
+        self.augment = self._check_augment(augment)
         if prefetch < 1:
             raise ConfigError(f"prefetch must be >= 1 batch, got {prefetch}.")
         self.prefetch = prefetch
@@ -136,6 +138,19 @@ class ZarrLoader:
         self._epoch = 0
         self._served = 0  # batches handed to the user in the current epoch
         self._resume_from = 0
+
+    def _check_augment(self, augment: Sequence[str]) -> tuple[str, ...]:
+        augment = (augment,) if isinstance(augment, str) else tuple(augment)
+        unknown = [a for a in augment if a not in AUGMENTATIONS]
+        if unknown:
+            raise ConfigError(f"unknown augmentation(s) {unknown}; choose from {AUGMENTATIONS}.")
+        h, w = self.candidates.tile_hw
+        if "rot90" in augment and h != w:
+            raise ConfigError(
+                f"augment='rot90' needs a square tile (a quarter turn swaps H and W), "
+                f"got {(h, w)}; use 'flip' or a square tile."
+            )
+        return augment
 
     def _sample_table(self, index, n_time: int, ny: int, nx: int) -> SampleTable:
         """The samples an index lists, checked against this store and window."""
@@ -268,7 +283,16 @@ class ZarrLoader:
 
             prefetcher = BatchPrefetcher(load, n, depth=self.prefetch, workers=2)
             fetch = prefetcher.get
-        source = BatchSource(fetch, n, self.spec.input_steps, with_target)
+        source = BatchSource(
+            fetch,
+            n,
+            self.spec.input_steps,
+            with_target,
+            augment=self.augment,
+            seed=self.sampler.seed,
+            epoch=self._epoch,
+            first_batch=start,
+        )
         pipe = build_pipeline(
             source,
             batch_size=self.batch_size,
@@ -280,8 +304,10 @@ class ZarrLoader:
             prefetch_queue_depth=self.prefetch,
             device="cpu",
             workers=self.workers,
+            augment=self.augment,
         )
         names = ["input", "target", "index"] if with_target else ["input", "index"]
+        names += ["augment"] if self.augment else []
         try:
             self._build(pipe)
             dali_iter = DALIGenericIterator(

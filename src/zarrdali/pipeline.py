@@ -12,12 +12,49 @@ from typing import Any
 
 import numpy as np
 
+AUGMENTATIONS = ("flip", "rot90")
+
+# rot90 by k quarter turns over (H, W), as (transpose, flip rows, flip columns)
+# applied in that order: np.rot90(x, k, axes=(-2, -1)).
+_ROT90 = np.array([[0, 0, 0], [1, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=np.int32)
+
+
+def draw_augmentations(
+    augment: tuple[str, ...], n: int, seed: int, epoch: int, batch: int
+) -> np.ndarray:
+    """Per-sample ``(transpose, flip_rows, flip_cols)`` flags, int32 ``[n, 3]``.
+
+    Drawn from ``(seed, epoch, batch)`` alone, not from DALI's generator, so a
+    resumed run and the CPU and GPU paths apply exactly the same transforms.
+    """
+    rng = np.random.default_rng([seed, epoch, batch, 3])
+    flags = np.zeros((n, 3), dtype=np.int32)
+    if "rot90" in augment:
+        flags = _ROT90[rng.integers(0, 4, size=n)]
+    if "flip" in augment:
+        flags = flags.copy()
+        flags[:, 1:] ^= rng.integers(0, 2, size=(n, 2), dtype=np.int32)
+    return flags
+
+
+def apply_augmentations(x: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """numpy reference of what the pipeline does to one sample ``[T, C, H, W]``."""
+    transpose, flip_rows, flip_cols = (int(f) for f in flags)
+    if transpose:
+        x = x.swapaxes(-1, -2)
+    if flip_rows:
+        x = x[..., ::-1, :]
+    if flip_cols:
+        x = x[..., ::-1]
+    return x
+
 
 class BatchSource:
     """DALI external source: batch ``k`` of an epoch plan, as per-sample arrays.
 
     ``fetch(k)`` returns ``(window [B, T, C, H, W], samples [B, 3])``; the window
-    is split into input and target frames along T.
+    is split into input and target frames along T. With augmentations, a fourth
+    output carries each sample's flags (see :func:`draw_augmentations`).
     """
 
     def __init__(
@@ -26,24 +63,32 @@ class BatchSource:
         n_batches: int,
         input_steps: int,
         with_target: bool,
+        augment: tuple[str, ...] = (),
+        seed: int = 0,
+        epoch: int = 0,
+        first_batch: int = 0,
     ) -> None:
         self._fetch = fetch
         self._n = n_batches
         self._input_steps = input_steps
         self._with_target = with_target
+        self._augment = augment
+        self._seed, self._epoch, self._first = seed, epoch, first_batch
 
     def __call__(self, info) -> tuple:
         k = info.iteration
         if k >= self._n:
             raise StopIteration
         window, samples = self._fetch(k)
-        n_in = self._input_steps
-        inputs = [window[b, :n_in] for b in range(len(samples))]
-        index = [samples[b] for b in range(len(samples))]
-        if not self._with_target:
-            return inputs, index
-        targets = [window[b, n_in:] for b in range(len(samples))]
-        return inputs, targets, index
+        n, n_in = len(samples), self._input_steps
+        outputs = [[window[b, :n_in] for b in range(n)]]
+        if self._with_target:
+            outputs.append([window[b, n_in:] for b in range(n)])
+        outputs.append([samples[b] for b in range(n)])
+        if self._augment:
+            flags = draw_augmentations(self._augment, n, self._seed, self._epoch, self._first + k)
+            outputs.append([flags[b] for b in range(n)])
+        return tuple(outputs)
 
 
 def build_pipeline(
@@ -58,6 +103,7 @@ def build_pipeline(
     prefetch_queue_depth: int = 2,
     device: str = "cpu",
     workers: int = 0,
+    augment: tuple[str, ...] = (),
 ):
     """A DALI pipeline: external source → float32 → per-channel ``(x - mean) / std``.
 
@@ -77,19 +123,22 @@ def build_pipeline(
         device_id=device_id,
         prefetch_queue_depth=prefetch_queue_depth,
         exec_dynamic=True,
+        enable_conditionals=bool(augment),
         py_num_workers=max(workers, 1),
         py_start_method="spawn",
     )
     def zarr_pipeline():
+        n_frames = 2 if with_target else 1
         outs = fn.external_source(
             source=source,
-            num_outputs=3 if with_target else 2,
+            num_outputs=n_frames + 1 + bool(augment),
             batch=True,
             batch_info=True,
             device=device,
+            layout=["FCHW"] * n_frames + [None] * (1 + bool(augment)),
             **({"parallel": True, "prefetch_queue_depth": prefetch_queue_depth} if workers else {}),
         )
-        *frames, index = outs
+        frames, rest = list(outs[:n_frames]), list(outs[n_frames:])
         result = []
         for x in frames:
             if needs_cast:
@@ -99,6 +148,12 @@ def build_pipeline(
                 std = types.Constant(stats[1].reshape(1, -1, 1, 1), dtype=types.FLOAT)
                 x = (x - mean) / std
             result.append(x)
-        return (*result, index)
+        if augment:
+            flags = rest[1]
+            # Input and target of a sample get the same flags, hence the same transform.
+            if fn.cast(flags[0], dtype=types.BOOL):
+                result = [fn.transpose(x, perm=[0, 1, 3, 2], output_layout="FCHW") for x in result]
+            result = [fn.flip(x, vertical=flags[1], horizontal=flags[2]) for x in result]
+        return (*result, *rest)
 
     return zarr_pipeline()
