@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.cli import register as register_bench
 
     register_bench(sub)
+    from .prep.cli import register as register_prep
+
+    register_prep(sub)
     return parser
 
 

@@ -1,0 +1,122 @@
+"""``zarrdali stats``: per-variable (and per-level) statistics, in one dask pass.
+
+Results go into each array's attributes under ``"stats"`` (what
+``ZarrLoader(normalize="store")`` reads): a scalar per statistic for
+``(time, y, x)`` arrays, one value per level for ``(time, level, y, x)`` arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from ..errors import ConfigError, StoreNotFoundError, VariableNotFoundError
+from ._dask import progress
+
+# Blocks smaller than this are merged along time: fewer, larger dask tasks.
+_TARGET_BLOCK_BYTES = 32 * 2**20
+
+
+def _open_rw(store: str | os.PathLike) -> zarr.Group:
+    name = os.fspath(store)
+    if "://" not in name and not os.path.exists(name):
+        raise StoreNotFoundError(f"Zarr store {name!r} does not exist.")
+    try:
+        return zarr.open_group(name, mode="r+")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as err:
+        raise StoreNotFoundError(f"{name!r} is not a Zarr group: {err}") from err
+
+
+def data_variables(group: zarr.Group) -> list[str]:
+    """Arrays shaped like loader inputs: (time, y, x) or (time, level, y, x)."""
+    return sorted(name for name, arr in group.arrays() if arr.ndim in (3, 4))
+
+
+def _as_dask(arr: zarr.Array) -> da.Array:
+    """The array as dask, in blocks of whole shards (or chunks), merged along time."""
+    block = list(arr.shards or arr.chunks)
+    step_bytes = int(np.prod(block[1:])) * arr.dtype.itemsize
+    while block[0] < arr.shape[0] and block[0] * step_bytes < _TARGET_BLOCK_BYTES:
+        block[0] *= 2
+    block[0] = min(block[0], arr.shape[0])
+    return da.from_zarr(arr, chunks=tuple(block))
+
+
+def _reductions(x: da.Array, quantiles: Sequence[float]) -> dict[str, Any]:
+    """Lazy statistics of ``x``, reduced over every axis but the level axis."""
+    axes = (0, 2, 3) if x.ndim == 4 else (0, 1, 2)
+    xf = x.astype(np.float64)  # float64 accumulation: float32 sums lose digits
+    out: dict[str, Any] = {
+        "mean": da.nanmean(xf, axis=axes),
+        "std": da.nanstd(xf, axis=axes),  # dask combines per-block moments (stable)
+        "min": da.nanmin(xf, axis=axes),
+        "max": da.nanmax(xf, axis=axes),
+        "nan_fraction": da.isnan(xf).mean(axis=axes),
+    }
+    if quantiles:
+        # dask merges per-block percentiles: approximate, but in the same pass.
+        levels = [xf[:, i] for i in range(x.shape[1])] if x.ndim == 4 else [xf]
+        out["quantiles"] = []
+        for level in levels:
+            flat = level.ravel()
+            flat = flat[~da.isnan(flat)]
+            out["quantiles"].append(da.percentile(flat, [100 * q for q in quantiles]))
+    return out
+
+
+def _to_attr(value: np.ndarray, per_level: bool) -> float | list[float]:
+    arr = np.asarray(value, dtype=np.float64)
+    values = [None if not np.isfinite(v) else float(v) for v in arr.ravel()]
+    return values if per_level else values[0]
+
+
+def compute_stats(
+    store: str | os.PathLike,
+    variables: Sequence[str] | None = None,
+    *,
+    quantiles: Sequence[float] = (),
+    write: bool = True,
+    show_progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Mean, std, min, max and NaN fraction (and quantiles) of ``variables``.
+
+    All statistics of all variables are computed in one ``dask.compute`` so each
+    chunk is read once. With ``write`` they are stored in ``attrs["stats"]``.
+    """
+    group = _open_rw(store)
+    available = data_variables(group)
+    variables = list(variables) if variables else available
+    missing = [v for v in variables if v not in available]
+    if missing:
+        raise VariableNotFoundError(
+            f"Variable(s) {missing} not found in {os.fspath(store)!r} (or not shaped "
+            f"(time, [level,] y, x)). Arrays it holds: {available}."
+        )
+    bad_q = [q for q in quantiles if not 0.0 <= q <= 1.0]
+    if bad_q:
+        raise ConfigError(f"quantiles must lie in [0, 1], got {bad_q}.")
+    lazy = {v: _reductions(_as_dask(group[v]), list(quantiles)) for v in variables}
+    with warnings.catch_warnings(), progress(show_progress):
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN levels give NaN
+        (computed,) = dask.compute(lazy)
+    results: dict[str, dict[str, Any]] = {}
+    for v in variables:
+        per_level = group[v].ndim == 4
+        stats = {k: _to_attr(computed[v][k], per_level) for k in computed[v] if k != "quantiles"}
+        stats["count"] = int(np.prod(group[v].shape))
+        if quantiles:
+            table = np.asarray(computed[v]["quantiles"])  # [level, q]
+            stats["quantiles"] = {
+                str(q): _to_attr(table[:, j], per_level) for j, q in enumerate(quantiles)
+            }
+        results[v] = stats
+        if write:
+            group[v].attrs["stats"] = stats
+    return results

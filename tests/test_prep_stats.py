@@ -1,0 +1,92 @@
+"""``zarrdali stats``: statistics equal numpy's on the same data and feed normalize="store"."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from storefactory import VarSpec
+from test_loader_oracle import check_loader
+from zarrdali.errors import ConfigError, StoreNotFoundError, VariableNotFoundError
+from zarrdali.prep.stats import compute_stats
+
+PRECIP = VarSpec(
+    "precip",
+    shape=(12, 21, 33),
+    chunks=(2, 8, 8),
+    shards=(4, 16, 16),
+    fill_value=float("nan"),
+    nan_box=(0, 5, 2, 12, 3, 20),
+    seed=3,
+)
+LEVELS = VarSpec("z", shape=(12, 3, 21, 33), chunks=(3, 3, 8, 8), seed=4)
+
+
+def _numpy_stats(a: np.ndarray, axes: tuple[int, ...]) -> dict[str, np.ndarray]:
+    a = a.astype(np.float64)
+    return {
+        "mean": np.nanmean(a, axis=axes),
+        "std": np.nanstd(a, axis=axes),
+        "min": np.nanmin(a, axis=axes),
+        "max": np.nanmax(a, axis=axes),
+        "nan_fraction": np.isnan(a).mean(axis=axes),
+    }
+
+
+def test_stats_equal_numpy(make_store):
+    store = make_store(PRECIP, LEVELS)
+    result = compute_stats(store, quantiles=[0.1, 0.5, 0.9])
+    group = zarr.open_group(store, mode="r")
+    precip = group["precip"][...]
+    assert np.isnan(precip).any()  # the NaN box is there
+    for name, axes in (("precip", (0, 1, 2)), ("z", (0, 2, 3))):
+        data = group[name][...]
+        want = _numpy_stats(data, axes)
+        stored = group[name].attrs["stats"]
+        assert stored == result[name]
+        for key, value in want.items():
+            np.testing.assert_allclose(stored[key], value, rtol=1e-10, err_msg=f"{name}.{key}")
+        per_level = data.ndim == 4
+        assert isinstance(stored["mean"], list) == per_level
+        # approximate (merged per block), but between min and max and close to numpy's
+        for q, got in stored["quantiles"].items():
+            exact = np.nanquantile(data.astype(np.float64), float(q), axis=axes)
+            spread = np.nanmax(data, axis=axes) - np.nanmin(data, axis=axes)
+            np.testing.assert_allclose(got, exact, atol=0.1 * np.max(spread))
+
+
+def test_stats_real_data(tmp_path):
+    from test_prep_prepare import ERA_INTERIM, require_era_interim
+
+    require_era_interim()
+    import xarray as xr
+
+    from zarrdali.prep.prepare import prepare
+
+    dst = prepare(ERA_INTERIM, tmp_path / "era.zarr", tile=(64, 64), progress=False)
+    result = compute_stats(dst, ["u", "z"])
+    src = xr.open_dataset(ERA_INTERIM, mask_and_scale=False)
+    for name in ("u", "z"):
+        want = _numpy_stats(src[name].values, (0, 2, 3))
+        np.testing.assert_allclose(result[name]["mean"], want["mean"], rtol=1e-10)
+        np.testing.assert_allclose(result[name]["std"], want["std"], rtol=1e-10)
+        assert len(result[name]["mean"]) == 3  # one per level
+
+
+def test_normalize_store_uses_stats(make_store):
+    store = make_store(PRECIP.but(nan_box=None), LEVELS)
+    compute_stats(store)
+    results = check_loader(store, ["precip", "z"], normalize="store", epochs=(0,))
+    assert results[0]
+
+
+def test_stats_errors(make_store, tmp_path):
+    store = make_store(PRECIP)
+    with pytest.raises(VariableNotFoundError, match="nope"):
+        compute_stats(store, ["nope"])
+    with pytest.raises(ConfigError, match="quantiles"):
+        compute_stats(store, quantiles=[50])
+    with pytest.raises(StoreNotFoundError):
+        compute_stats(tmp_path / "missing.zarr")
+    assert "stats" not in zarr.open_group(store)["precip"].attrs
