@@ -265,6 +265,13 @@ class ZarrLoader:
 
         with_target = self.spec.target_steps > 0
         prefetcher = None
+        cuda = self.device == "cuda"
+        feed = None
+
+        def load(k: int):
+            samples = plan.batch(start + k)
+            return self.load_batch(samples), samples
+
         if self.workers:
             fetch = EpochReader(
                 self.store_name,
@@ -275,12 +282,15 @@ class ZarrLoader:
                 self._epoch,
                 start,
             )
+        elif cuda:  # UNVERIFIED without a GPU: batches made on side streams
+            from .gpu_feed import CudaFeed
+
+            feed = CudaFeed(load, keep_alive=self.prefetch + 1)
+            prefetcher = BatchPrefetcher(feed.load, n, depth=self.prefetch, workers=2)
+
+            def fetch(k: int):
+                return feed.hand_over(prefetcher.get(k))
         else:
-
-            def load(k: int):
-                samples = plan.batch(start + k)
-                return self.load_batch(samples), samples
-
             prefetcher = BatchPrefetcher(load, n, depth=self.prefetch, workers=2)
             fetch = prefetcher.get
         source = BatchSource(
@@ -299,12 +309,14 @@ class ZarrLoader:
             with_target=with_target,
             stats=self.stats,
             input_dtype=batch_dtype(self.layouts),
-            device_id=None,
+            device_id=self._device_id(),
             num_threads=self.dali_threads,
             prefetch_queue_depth=self.prefetch,
-            device="cpu",
+            device="gpu" if cuda else "cpu",
             workers=self.workers,
             augment=self.augment,
+            samples_of=lambda k: plan.batch(start + k),
+            cuda_stream=feed.stream if feed is not None else None,
         )
         names = ["input", "target", "index"] if with_target else ["input", "index"]
         names += ["augment"] if self.augment else []
@@ -324,6 +336,14 @@ class ZarrLoader:
             if prefetcher is not None:
                 prefetcher.close()
             del pipe
+
+    def _device_id(self) -> int | None:
+        """DALI's device: None (CPU-only pipeline) or this rank's GPU."""
+        if self.device != "cuda":
+            return None
+        from .gpu_feed import cuda_device_id
+
+        return cuda_device_id()
 
     def _build(self, pipe) -> None:
         try:

@@ -76,19 +76,45 @@ class BatchSource:
         self._seed, self._epoch, self._first = seed, epoch, first_batch
 
     def __call__(self, info) -> tuple:
-        k = info.iteration
-        if k >= self._n:
-            raise StopIteration
+        """All outputs of batch ``info.iteration``: frames, index (and flags)."""
+        k = self._check(info)
         window, samples = self._fetch(k)
-        n, n_in = len(samples), self._input_steps
+        return (*self._frames(window, len(samples)), *self._meta(samples, k))
+
+    def frames_only(self, info) -> tuple:
+        """The frames alone (the GPU pipeline feeds them from a GPU external source)."""
+        k = self._check(info)
+        window, samples = self._fetch(k)
+        return tuple(self._frames(window, len(samples)))
+
+    def meta_only(self, samples_of: Callable[[int], np.ndarray]) -> Callable:
+        """A CPU source of index (and flags), computed from the plan without data."""
+
+        def meta(info) -> tuple:
+            k = self._check(info)
+            return tuple(self._meta(samples_of(k), k))
+
+        return meta
+
+    def _check(self, info) -> int:
+        if info.iteration >= self._n:
+            raise StopIteration
+        return info.iteration
+
+    def _frames(self, window, n: int) -> list:
+        n_in = self._input_steps
         outputs = [[window[b, :n_in] for b in range(n)]]
         if self._with_target:
             outputs.append([window[b, n_in:] for b in range(n)])
-        outputs.append([samples[b] for b in range(n)])
+        return outputs
+
+    def _meta(self, samples: np.ndarray, k: int) -> list:
+        n = len(samples)
+        outputs = [[samples[b] for b in range(n)]]
         if self._augment:
             flags = draw_augmentations(self._augment, n, self._seed, self._epoch, self._first + k)
             outputs.append([flags[b] for b in range(n)])
-        return tuple(outputs)
+        return outputs
 
 
 def build_pipeline(
@@ -104,6 +130,8 @@ def build_pipeline(
     device: str = "cpu",
     workers: int = 0,
     augment: tuple[str, ...] = (),
+    samples_of: Callable[[int], np.ndarray] | None = None,
+    cuda_stream: Any = None,
 ):
     """A DALI pipeline: external source → float32 → per-channel ``(x - mean) / std``.
 
@@ -112,6 +140,11 @@ def build_pipeline(
     With ``workers > 0`` the source runs in that many DALI worker processes
     (parallel external source; the source must be picklable), which read ahead
     ``prefetch_queue_depth`` batches each.
+
+    ``device="gpu"`` (UNVERIFIED without a GPU): the frames come from a GPU
+    external source (CuPy arrays, copied by DALI on ``cuda_stream``), index and
+    flags from a CPU one computed by ``samples_of(k)``; operators run on the GPU
+    and the index is moved there too.
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -129,15 +162,39 @@ def build_pipeline(
     )
     def zarr_pipeline():
         n_frames = 2 if with_target else 1
-        outs = fn.external_source(
-            source=source,
-            num_outputs=n_frames + 1 + bool(augment),
-            batch=True,
-            batch_info=True,
-            device=device,
-            layout=["FCHW"] * n_frames + [None] * (1 + bool(augment)),
-            **({"parallel": True, "prefetch_queue_depth": prefetch_queue_depth} if workers else {}),
-        )
+        n_meta = 1 + bool(augment)
+        if device == "gpu":
+            frames = fn.external_source(
+                source=source.frames_only,
+                num_outputs=n_frames,
+                batch=True,
+                batch_info=True,
+                device="gpu",
+                layout=["FCHW"] * n_frames,
+                cuda_stream=cuda_stream,
+            )
+            meta = fn.external_source(
+                source=source.meta_only(samples_of),
+                num_outputs=n_meta,
+                batch=True,
+                batch_info=True,
+                device="cpu",
+            )
+            outs = [*frames, *meta]
+        else:
+            outs = fn.external_source(
+                source=source,
+                num_outputs=n_frames + n_meta,
+                batch=True,
+                batch_info=True,
+                device=device,
+                layout=["FCHW"] * n_frames + [None] * n_meta,
+                **(
+                    {"parallel": True, "prefetch_queue_depth": prefetch_queue_depth}
+                    if workers
+                    else {}
+                ),
+            )
         frames, rest = list(outs[:n_frames]), list(outs[n_frames:])
         result = []
         for x in frames:
@@ -154,6 +211,8 @@ def build_pipeline(
             if fn.cast(flags[0], dtype=types.BOOL):
                 result = [fn.transpose(x, perm=[0, 1, 3, 2], output_layout="FCHW") for x in result]
             result = [fn.flip(x, vertical=flags[1], horizontal=flags[2]) for x in result]
+        if device == "gpu":
+            rest = [x.gpu() for x in rest]
         return (*result, *rest)
 
     return zarr_pipeline()
