@@ -115,7 +115,7 @@ class PosixChunkReader:
             else:
                 sharded.append((layout, key, members))
         # Shard indexes first (in parallel, cached), then one group per coalesced read.
-        indexes = list(self._pool.map(lambda item: self._shard_index(item[0], item[1]), sharded))
+        indexes = list(self._pool.map(lambda item: self.shard_index(item[0], item[1]), sharded))
         for (layout, key, members), index in zip(sharded, indexes, strict=True):
             local = np.array([chunks[i].coords for i in members]) % layout.shard.chunks_per_shard
             groups += self._shard_groups(layout, key, index, members, local)
@@ -188,7 +188,7 @@ class PosixChunkReader:
 
         return group
 
-    def _shard_index(self, layout: ArrayLayout, key: str) -> np.ndarray | None:
+    def shard_index(self, layout: ArrayLayout, key: str) -> np.ndarray | None:
         """The shard's ``[*chunks_per_shard, 2]`` (offset, nbytes) table; None: no shard."""
         path = self._path(layout, key)
         with self._lock:

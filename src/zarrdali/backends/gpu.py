@@ -582,7 +582,7 @@ class GpuBackend:
                 continue
             for i in members:
                 found[i] = self._device_chunk(layout, i, path, 0, size, key)
-        indexes = self._pool.map(lambda s: self.reader._shard_index(s[0], s[1]), sharded)
+        indexes = self._pool.map(lambda s: self.reader.shard_index(s[0], s[1]), sharded)
         for (layout, key, path, members), index in zip(sharded, indexes, strict=True):
             if index is None:
                 found.update(dict.fromkeys(members))
