@@ -55,12 +55,12 @@ def test_sample_data_is_deterministic(tmp_path):
     np.testing.assert_array_equal(xa, xb)
 
 
-def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
-    out = tmp_path / "bench"
-    args = [
-        "bench",
-        "--data-dir",
-        str(sample_dir),
+CPU_LOADERS = ("zarrdali-cpu", "numcodecs-ceiling", "torch-xarray", "xbatcher")
+GPU_LOADERS = ("zarrdali-cuda", "zarr-gpu")
+
+
+def _tiny(out: Path, *extra: str) -> list[str]:
+    return [
         "--tile",
         "16",
         "16",
@@ -75,20 +75,33 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
         "--out",
         str(out),
         "-q",
+        *extra,
     ]
+
+
+def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    # one worker per DataLoader: spawning workers is most of this test's time
+    tiny = _tiny(out, "--step-ms", "1", "--threads", "1")
+    args = ["bench", "--data-dir", str(sample_dir), *tiny]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "zarrdali[cpu]" in printed and "torch DataLoader + xarray" in printed
+    assert "GDS:" in printed and "wait %" in printed  # system header, consumer wait column
     payload = json.loads((out / "bench.json").read_text())
     assert payload["system"]["cores"] >= 1 and payload["system"]["versions"]["zarr"]
+    assert payload["spec"]["step_ms"] == 1.0
     rows = payload["results"]
-    assert {(r["store_label"], r["loader"]) for r in rows} == {
-        (label, name)
-        for label in ("plain", "sharded")
-        for name in ("zarrdali-cpu", "numcodecs-ceiling", "torch-xarray")
-    }
+    # one row per store and loader: none silently dropped
+    assert sorted((r["store_label"], r["loader"]) for r in rows) == sorted(
+        (label, name) for label in ("plain", "sharded") for name in CPU_LOADERS + GPU_LOADERS
+    )
     for row in rows:
         s = row["summary"]
+        if row["loader"] in GPU_LOADERS and s["status"] == "skipped":
+            assert s["error"]  # the reason, e.g. no GPU or CuPy
+            assert s["samples_per_s"]["median"] is None
+            continue
         assert s["status"] == "ok", s["error"]
         assert len(s["epoch_seconds"]) == 2
         assert s["samples_per_epoch"] == 3 * 4
@@ -98,9 +111,17 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
             <= s["samples_per_s"]["median"]
             <= s["samples_per_s"]["max"]
         )
+        assert s["peak_rss_gb"] > 0.01  # at least the interpreter with numpy and torch
+        assert s["cpu_utilization"]["median"] >= 0
+        if row["loader"] != "numcodecs-ceiling":  # a loader, not the decode-only ceiling
+            assert s["first_batch_s"]["median"] > 0
+            assert 0 <= s["wait_fraction"]["min"] <= s["wait_fraction"]["max"] <= 1
     assert payload["ratios"]  # the goal ratios are computed
+    assert any("xbatcher" in name for name in payload["ratios"])
     assert (out / "bench.md").read_text().count("|") > 10
+    assert payload["plots"] == ["throughput.png", "wait.png"]
     assert (out / "throughput.png").stat().st_size > 1000
+    assert (out / "wait.png").stat().st_size > 1000
 
 
 def test_bench_reports_a_failing_loader_and_completes(sample_dir, tmp_path, monkeypatch):
@@ -112,30 +133,24 @@ def test_bench_reports_a_failing_loader_and_completes(sample_dir, tmp_path, monk
 
     monkeypatch.setitem(bench_main.LOADERS, "torch-xarray", ("torch DataLoader + xarray", broken))
     out = tmp_path / "bench"
-    args = [
-        "bench",
-        str(sample_dir / PLAIN),
-        "--tile",
-        "16",
-        "16",
-        "--batches",
-        "2",
-        "--epochs",
-        "1",
-        "--warmup",
-        "1",
-        "--batch-size",
-        "4",
-        "--out",
-        str(out),
-        "-q",
-    ]
+    loaders = ["--loaders", "zarrdali-cpu", "nonsense", "torch-xarray", "numcodecs-ceiling"]
+    args = ["bench", str(sample_dir / PLAIN), *_tiny(out, *loaders)]
     assert main(args) == 0
     rows = json.loads((out / "bench.json").read_text())["results"]
     status = {r["loader"]: r["summary"]["status"] for r in rows}
-    assert status == {"zarrdali-cpu": "ok", "numcodecs-ceiling": "ok", "torch-xarray": "failed"}
-    failed = next(r for r in rows if r["loader"] == "torch-xarray")
-    assert "this loader broke" in failed["summary"]["error"]
+    assert status == {
+        "zarrdali-cpu": "ok",
+        "nonsense": "skipped",
+        "numcodecs-ceiling": "ok",
+        "torch-xarray": "failed",
+    }
+    summary = {r["loader"]: r["summary"] for r in rows}
+    assert "this loader broke" in summary["torch-xarray"]["error"]
+    assert "unknown loader 'nonsense'" in summary["nonsense"]["error"]
+    assert "xbatcher" in summary["nonsense"]["error"]  # lists the known names
+    table = (out / "bench.md").read_text()
+    assert "failed: RuntimeError: this loader broke" in table
+    assert "skipped: unknown loader" in table
 
 
 def test_bench_peer_serves_the_same_samples_as_zarrdali(sample_dir):

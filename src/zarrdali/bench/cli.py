@@ -1,4 +1,4 @@
-"""``zarrdali bench``: its command-line arguments."""
+"""``zarrdali bench``: its command-line arguments, optionally from a TOML file."""
 
 from __future__ import annotations
 
@@ -8,6 +8,56 @@ import sys
 from pathlib import Path
 
 DEFAULT_DATA_DIR = Path(os.environ.get("ZARRDALI_DATA", "sample-data"))
+
+# Defaults of the options a --config file may also set; flags given override both.
+DEFAULTS: dict[str, object] = {
+    "store": None,
+    "data_dir": str(DEFAULT_DATA_DIR),
+    "device": None,
+    "loaders": None,
+    "variables": None,
+    "input_steps": 4,
+    "target_steps": 2,
+    "tile": [128, 128],
+    "batch_size": 8,
+    "batches": 40,
+    "epochs": 3,
+    "warmup": 4,
+    "threads": None,
+    "seed": 0,
+    "step_ms": 0.0,
+    "cold": False,
+    "out": "bench-out",
+}
+
+
+def load_config(path: str | Path) -> dict:
+    """Options from a TOML file (keys as the flags, ``-`` or ``_``); unknown keys are errors."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    values = {key.replace("-", "_"): value for key, value in raw.items()}
+    unknown = sorted(set(values) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}"
+        )
+    if isinstance(values.get("tile"), str) and values["tile"].lower() == "none":
+        values["tile"] = None  # TOML has no null: tile = "none" asks for the whole field
+    return values
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    """Defaults, then the --config file, then the flags given on the command line."""
+    options = dict(DEFAULTS)
+    if args.config:
+        options.update(load_config(args.config))
+    options.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
+    return options
 
 
 def _ensure_sample_data(directory: Path) -> list[tuple[str, str]]:
@@ -23,16 +73,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .main import LOADERS, run_bench
     from .spec import BenchSpec
 
-    if args.store:
-        stores = [(Path(args.store).name, args.store)]
+    try:
+        o = resolve(args)
+    except (OSError, ValueError) as err:
+        print(f"zarrdali bench: {err}", file=sys.stderr)
+        return 2
+    if o["store"]:
+        stores = [(Path(o["store"]).name, str(o["store"]))]
     else:
-        stores = _ensure_sample_data(Path(args.data_dir))
-    loaders = args.loaders or list(LOADERS)
-    if args.device:
+        stores = _ensure_sample_data(Path(o["data_dir"]))
+    loaders = list(o["loaders"] or LOADERS)
+    if o["device"]:
         loaders = [
-            n for n in loaders if not n.startswith("zarrdali-") or n == f"zarrdali-{args.device}"
+            n for n in loaders if not n.startswith("zarrdali-") or n == f"zarrdali-{o['device']}"
         ]
-    variables = args.variables
+    variables = o["variables"]
     if not variables:
         import zarr
 
@@ -41,47 +96,67 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     spec = BenchSpec(
         store=stores[0][1],
         variables=tuple(variables),
-        input_steps=args.input_steps,
-        target_steps=args.target_steps,
-        tile=None if args.tile is None else tuple(args.tile),
-        batch_size=args.batch_size,
-        batches=args.batches,
-        epochs=args.epochs,
-        warmup_batches=args.warmup,
-        seed=args.seed,
-        num_threads=args.threads,
+        input_steps=o["input_steps"],
+        target_steps=o["target_steps"],
+        tile=None if o["tile"] is None else tuple(o["tile"]),
+        batch_size=o["batch_size"],
+        batches=o["batches"],
+        epochs=o["epochs"],
+        warmup_batches=o["warmup"],
+        seed=o["seed"],
+        num_threads=o["threads"],
+        step_ms=float(o["step_ms"]),
+        cold=bool(o["cold"]),
     )
-    payload = run_bench(stores, spec, loaders, args.out, progress=not args.quiet)
+    payload = run_bench(stores, spec, loaders, o["out"], progress=not args.quiet)
     print(payload["table"])
     for name, value in payload["ratios"].items():
         print(f"{name}: {value:.2f}x")
-    print(
-        f"results in {args.out}/ (bench.json, bench.md"
-        + (", throughput.png)" if payload["plot"] else ")")
-    )
+    files = ["bench.json", "bench.md", *payload["plots"]]
+    print(f"results in {o['out']}/ ({', '.join(files)})")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="compare loaders on one store (default: the sample data)")
+    p = sub.add_parser(
+        "bench",
+        help="compare loaders on one store (default: the sample data)",
+        description="Every loader on the same store and samples: a table, bench.json and "
+        "plots in the output folder. Options may come from --config FILE.toml (keys as "
+        "the flags); flags given override the file.",
+    )
     p.add_argument("store", nargs="?", help="Zarr v3 store; default: sample data, both layouts")
+    p.add_argument("--config", help="TOML file with any of the options below")
     p.add_argument(
-        "--data-dir",
-        default=str(DEFAULT_DATA_DIR),
-        help="where the sample data lives or is written (default ./sample-data)",
+        "--data-dir", help="where the sample data lives or is written (default ./sample-data)"
     )
     p.add_argument("--device", choices=["cpu", "cuda"], help="only this zarrdali path")
-    p.add_argument("--loaders", nargs="+", help="subset of loaders to run")
-    p.add_argument("--variables", nargs="+")
-    p.add_argument("--input-steps", type=int, default=4)
-    p.add_argument("--target-steps", type=int, default=2)
-    p.add_argument("--tile", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=40, help="timed batches per epoch")
-    p.add_argument("--epochs", type=int, default=3, help="repeats (median and spread)")
-    p.add_argument("--warmup", type=int, default=4, help="untimed batches per epoch")
-    p.add_argument("--threads", type=int, help="zarrdali threads (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
+    p.add_argument("--loaders", nargs="+", help="subset of loaders to run (default: all)")
+    p.add_argument("--variables", nargs="+", help="default: every array with ≥ 3 dims")
+    p.add_argument("--input-steps", type=int, help="history frames (default 4)")
+    p.add_argument("--target-steps", type=int, help="forecast frames (default 2)")
+    p.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"), help="default 128 128")
+    p.add_argument("--batch-size", type=int, help="default 8")
+    p.add_argument("--batches", type=int, help="timed batches per epoch (default 40)")
+    p.add_argument("--epochs", type=int, help="repeats: median and spread (default 3)")
+    p.add_argument("--warmup", type=int, help="untimed batches per epoch (default 4)")
+    p.add_argument(
+        "--threads", type=int, help="threads / worker processes per loader (default: all cores)"
+    )
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument(
+        "--step-ms",
+        type=float,
+        help="simulate a training step of this many ms per batch and report the "
+        "fraction of time the consumer waited for data (default 0: none)",
+    )
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        default=None,
+        help="drop the store's files from the page cache before each timed epoch "
+        "(posix_fadvise, no root needed)",
+    )
+    p.add_argument("--out", help="output folder (default ./bench-out)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench)

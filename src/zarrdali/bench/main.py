@@ -10,10 +10,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .measure import child_pids
 from .report import (
     header_text,
     markdown_table,
     plot_throughput,
+    plot_wait,
     summarize,
     system_info,
     write_json,
@@ -21,23 +23,34 @@ from .report import (
 from .runners import (
     Runner,
     RunResult,
+    Skipped,
     decode_ceiling_runner,
     torch_xarray_runner,
+    xbatcher_runner,
+    zarr_gpu_runner,
     zarrdali_runner,
 )
 from .spec import BenchSpec
 
 log = logging.getLogger(__name__)
 
-# name on the command line: (name in the table, runner factory)
+# name on the command line: (name in the table, runner factory). A runner that
+# cannot run here raises Skipped(reason) before its first epoch.
 LOADERS: dict[str, tuple[str, Callable[[BenchSpec, RunResult], Runner]]] = {
     "zarrdali-cpu": ("zarrdali[cpu]", lambda spec, r: zarrdali_runner(spec, r, "cpu")),
+    "zarrdali-cuda": ("zarrdali[cuda]", lambda spec, r: zarrdali_runner(spec, r, "cuda")),
     "numcodecs-ceiling": ("numcodecs decode ceiling", decode_ceiling_runner),
     "torch-xarray": ("torch DataLoader + xarray", torch_xarray_runner),
+    "xbatcher": ("xbatcher + torch DataLoader", xbatcher_runner),
+    "zarr-gpu": ("zarr-python enable_gpu()", zarr_gpu_runner),
 }
 
 
 def _fail(result: RunResult, err: Exception, name: str) -> None:
+    if isinstance(err, Skipped):
+        log.info("loader %s skipped: %s", name, err)
+        result.status, result.error = "skipped", str(err)
+        return
     log.debug("loader %s failed:\n%s", name, traceback.format_exc())
     result.status, result.error = "failed", f"{type(err).__name__}: {err}"
 
@@ -46,6 +59,8 @@ def _advance(name: str, runner: Runner | None, result: RunResult) -> Runner | No
     """Run one more epoch; a failure marks the row failed, never aborts the run."""
     if runner is None:
         return None
+    before = child_pids()
+    result.foreign_pids = before - result.own_pids
     try:
         next(runner)
         return runner
@@ -54,6 +69,8 @@ def _advance(name: str, runner: Runner | None, result: RunResult) -> Runner | No
     except Exception as err:
         _fail(result, err, name)
         return None
+    finally:
+        result.own_pids |= child_pids() - before  # workers it started (persistent ones)
 
 
 def ratios(rows: list[dict]) -> dict[str, float]:
@@ -76,13 +93,29 @@ def ratios(rows: list[dict]) -> dict[str, float]:
             out[f"{label}: zarrdali[cpu] / torch+xarray (samples/s)"] = (
                 z["samples_per_s"]["median"] / torch_x["samples_per_s"]["median"]
             )
+        xb = by.get((label, "xbatcher + torch DataLoader"))
+        if z and xb:
+            out[f"{label}: zarrdali[cpu] / xbatcher (samples/s)"] = (
+                z["samples_per_s"]["median"] / xb["samples_per_s"]["median"]
+            )
     return out
 
 
+def _unknown(name: str) -> RunResult:
+    """A row for a loader name nobody knows: the others still run."""
+    reason = f"unknown loader {name!r}; choose from {', '.join(LOADERS)}"
+    return RunResult(name, status="skipped", error=reason)
+
+
 def _bench_store(label: str, path: str, spec: BenchSpec, loaders: Sequence[str], bar) -> list:
-    results = {name: RunResult(LOADERS[name][0]) for name in loaders}
+    results = {
+        name: RunResult(LOADERS[name][0]) if name in LOADERS else _unknown(name) for name in loaders
+    }
     runners: dict[str, Runner | None] = {}
     for name in loaders:
+        if name not in LOADERS:
+            runners[name] = None
+            continue
         try:
             runners[name] = LOADERS[name][1](spec, results[name])
         except Exception as err:
@@ -111,9 +144,9 @@ def run_bench(
     progress: bool = True,
 ) -> dict:
     """Benchmark ``loaders`` on each ``(label, path)`` store; write JSON, table and plot."""
-    unknown = [n for n in loaders if n not in LOADERS]
-    if unknown:
-        raise ValueError(f"unknown loader(s) {unknown}; choose from {sorted(LOADERS)}")
+    for name in loaders:
+        if name not in LOADERS:
+            log.warning("%s", _unknown(name).error)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = system_info()
@@ -123,10 +156,15 @@ def run_bench(
         for label, path in stores:
             rows += _bench_store(label, path, replace(spec, store=path), loaders, bar)
     payload = {"system": info, "spec": spec.to_json(), "results": rows, "ratios": ratios(rows)}
+    made = {
+        "throughput.png": plot_throughput(out_dir / "throughput.png", rows),
+        # the wait fraction only means something when the consumer does work
+        "wait.png": spec.step_ms > 0 and plot_wait(out_dir / "wait.png", rows, spec.step_ms),
+    }
+    payload["plots"] = [name for name, ok in made.items() if ok]
     write_json(out_dir / "bench.json", payload)
-    table = markdown_table(rows)
-    (out_dir / "bench.md").write_text(header_text(info) + "\n\n" + table + "\n")
-    plotted = plot_throughput(out_dir / "throughput.png", rows)
-    payload["plot"] = str(out_dir / "throughput.png") if plotted else None
-    payload["table"] = table
+    text = header_text(info) + "\n\n" + markdown_table(rows, spec.step_ms)
+    (out_dir / "bench.md").write_text(text + "\n")
+    payload["plot"] = str(out_dir / "throughput.png") if made["throughput.png"] else None
+    payload["table"] = text
     return payload

@@ -5,23 +5,25 @@ A runner is a generator: it sets its loader up, then times one epoch of
 it is advanced, recording into its :class:`RunResult`. The benchmark advances
 all runners epoch by epoch, interleaved, so slow drifts of the machine's speed
 affect every loader alike and ratios come from the same minutes. Samples come
-from zarrdali's own epoch plan, so all loaders do equal work.
+from zarrdali's own epoch plan, so all loaders do equal work. A runner that
+cannot run here raises :class:`Skipped` with the reason before its first epoch.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
 from ..chunkplan import plan_batch
 from ..loader import ZarrLoader
 from ..store import ArrayLayout
+from .measure import PeakMemory, cpu_seconds, time_epoch
 from .spec import BenchSpec
 
 
@@ -33,7 +35,15 @@ class RunResult:
     decoded_bytes_per_epoch: int = 0  # bytes of chunks decoded (0: not applicable)
     note: str = ""
     status: str = "ok"  # "ok", "failed" or "skipped"
-    error: str = ""
+    error: str = ""  # why it failed or was skipped
+    first_batch_seconds: list[float] = field(default_factory=list)
+    wait_seconds: list[float] = field(default_factory=list)  # consumer waiting in next()
+    cpu_seconds: list[float] = field(default_factory=list)  # process + children, timed part
+    peak_rss_bytes: int = 0  # process + children, whole epochs
+    peak_gpu_bytes: int | None = None  # None: no GPU used
+    cache: str = "warm"  # "cold" when --cold could drop the store's pages
+    own_pids: set[int] = field(default_factory=set)  # worker processes this loader started
+    foreign_pids: frozenset[int] = frozenset()  # other loaders' workers, left out of figures
 
     def samples_per_s(self) -> list[float]:
         return [self.samples_per_epoch / s for s in self.epoch_seconds]
@@ -43,6 +53,60 @@ class RunResult:
 
 
 Runner = Iterator[None]
+
+
+class Skipped(Exception):
+    """A loader that cannot run here (no GPU, package missing, spec it cannot express)."""
+
+
+class StoreMismatch(ValueError):
+    """A peer loader sees the store differently from zarrdali (shape, dtype)."""
+
+
+def compare_views(
+    reference: dict[str, tuple[tuple[int, ...], np.dtype]],
+    other: dict[str, tuple[tuple[int, ...], np.dtype]],
+    who: str,
+) -> None:
+    """Raise :class:`StoreMismatch` unless ``who`` sees every variable as zarrdali does."""
+    problems = []
+    for name, (shape, dtype) in reference.items():
+        if name not in other:
+            problems.append(f"{name}: missing")
+            continue
+        o_shape, o_dtype = other[name]
+        if tuple(o_shape) != tuple(shape) or np.dtype(o_dtype) != np.dtype(dtype):
+            problems.append(
+                f"{name}: {tuple(o_shape)} {np.dtype(o_dtype)} "
+                f"(zarrdali: {tuple(shape)} {np.dtype(dtype)})"
+            )
+    if problems:
+        raise StoreMismatch(
+            f"{who} and zarrdali disagree about the store ({'; '.join(problems)}); "
+            "their timings would not be of equal work."
+        )
+
+
+def _open_xarray(store: str):
+    import xarray as xr
+
+    # Stored values, as zarrdali serves them (no CF scaling or masking).
+    return xr.open_zarr(store, consolidated=False, mask_and_scale=False)
+
+
+def _check_xarray_view(spec: BenchSpec, loader: ZarrLoader) -> None:
+    ds = _open_xarray(spec.store)
+    compare_views(
+        {layout.name: (layout.shape, layout.dtype) for layout in loader.layouts},
+        {v: (ds[v].shape, ds[v].dtype) for v in spec.variables if v in ds},
+        "xarray",
+    )
+
+
+def _pin_memory() -> bool:
+    import torch
+
+    return torch.cuda.is_available()  # pinning only helps host-to-device copies
 
 
 def _loader(spec: BenchSpec, device: str = "cpu", **kw) -> ZarrLoader:
@@ -74,24 +138,38 @@ def _decoded_nbytes(loader: ZarrLoader, batches: Sequence[np.ndarray]) -> int:
     return total
 
 
+def _zarrdali_loader(spec: BenchSpec, device: str) -> ZarrLoader:
+    if device == "cuda":
+        from ..backends.gpu import missing_gpu_requirements
+        from ..errors import BackendUnavailableError
+
+        missing = missing_gpu_requirements()
+        if missing:
+            raise Skipped("the GPU path needs " + "; ".join(missing))
+        try:
+            return _loader(spec, device)
+        except BackendUnavailableError as err:
+            raise Skipped(str(err)) from err
+    return _loader(spec, device)
+
+
 def zarrdali_runner(spec: BenchSpec, result: RunResult, device: str = "cpu") -> Runner:
     """zarrdali end to end: plan, read, decode, assemble, DALI, torch tensors."""
-    loader = _loader(spec, device)
+    loader = _zarrdali_loader(spec, device)
     result.note = f"{loader.workers} worker process(es)" if loader.workers else "in-process"
+
+    def size(batch: dict) -> int:
+        if device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()  # time the GPU work, not its launch
+        return len(batch["index"])
+
     try:
         for epoch in range(spec.epochs):
             loader.set_epoch(epoch)
             timed = epoch_batches(spec, epoch)[spec.warmup_batches :]
-            it = iter(loader)
-            for _ in range(spec.warmup_batches):
-                next(it)
-            samples = 0
-            t = time.perf_counter()
-            for _ in timed:
-                samples += len(next(it)["index"])
-            result.epoch_seconds.append(time.perf_counter() - t)
-            it.close()
-            result.samples_per_epoch = samples
+            time_epoch(spec, result, lambda: iter(loader), len(timed), size)
             result.decoded_bytes_per_epoch = _decoded_nbytes(loader, timed)
             yield
     finally:
@@ -106,8 +184,9 @@ def decode_ceiling_runner(spec: BenchSpec, result: RunResult) -> Runner:
     the rate zarrdali's CPU path cannot beat.
     """
     loader = _loader(spec, workers=0)
-    threads = spec.num_threads or os.cpu_count() or 1
-    result.note = f"{threads} threads, in-memory chunks"
+    threads = spec.budget
+    result.note = f"{threads} threads, in-memory chunks (not a loader: decode only)"
+    result.cache = "n/a"
     layouts = loader.layouts
     scratch = threading.local()
 
@@ -139,9 +218,13 @@ def decode_ceiling_runner(spec: BenchSpec, result: RunResult) -> Runner:
                     if e is not None
                 ]
             parts = [work[k::threads] for k in range(threads)]  # one task per thread
-            t = time.perf_counter()
-            nbytes = sum(pool.map(lambda part: sum(map(decode, part)), parts))
-            result.epoch_seconds.append(time.perf_counter() - t)
+            foreign = result.foreign_pids
+            with PeakMemory(exclude=foreign) as mem:
+                cpu0, t = cpu_seconds(foreign), time.perf_counter()
+                nbytes = sum(pool.map(lambda part: sum(map(decode, part)), parts))
+                result.epoch_seconds.append(time.perf_counter() - t)
+                result.cpu_seconds.append(cpu_seconds(foreign) - cpu0)
+            result.peak_rss_bytes = max(result.peak_rss_bytes, mem.peak)
             result.samples_per_epoch = sum(len(b) for b in batches)
             result.decoded_bytes_per_epoch = nbytes
             yield
@@ -203,10 +286,24 @@ class _EpochSampler:
         return len(self.indices)
 
 
-def torch_xarray_runner(
-    spec: BenchSpec, result: RunResult, num_workers: int | None = None
+def _tile_hw(spec: BenchSpec) -> tuple[tuple[int, int], ZarrLoader]:
+    loader = _loader(spec, workers=0)
+    loader.close()
+    return loader.candidates.tile_hw, loader
+
+
+def _all_epochs(spec: BenchSpec) -> list[list[np.ndarray]]:
+    return [epoch_batches(spec, e) for e in range(spec.epochs)]
+
+
+def _concat(epochs: list[list[np.ndarray]]) -> np.ndarray:
+    return np.concatenate([batch for batches in epochs for batch in batches])
+
+
+def _dataloader_epochs(
+    spec: BenchSpec, result: RunResult, dataset, epochs: list[list[np.ndarray]]
 ) -> Runner:
-    """torch DataLoader over xarray indexing with ``num_workers`` processes.
+    """Time a torch DataLoader over ``dataset``, which holds ``epochs``' samples in order.
 
     Workers are spawned (forking a process that runs threads, as zarr's event
     loop does, can deadlock) once, and persist across epochs like a training
@@ -214,16 +311,9 @@ def torch_xarray_runner(
     """
     import torch
 
-    workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
-    result.note = f"{workers} workers"
-    loader = _loader(spec, workers=0)
-    tile_hw = loader.candidates.tile_hw
-    loader.close()
-    per_epoch = [np.concatenate(epoch_batches(spec, e)) for e in range(spec.epochs)]
-    offsets = np.cumsum([0] + [len(s) for s in per_epoch])
-    dataset = XarraySampleDataset(
-        spec.store, spec.variables, spec.n_frames, tile_hw, np.concatenate(per_epoch)
-    )
+    workers = spec.budget
+    result.note = f"{workers} workers" + (", pinned memory" if _pin_memory() else "")
+    offsets = np.cumsum([0] + [sum(map(len, batches)) for batches in epochs])
     sampler = _EpochSampler()
     dl = torch.utils.data.DataLoader(
         dataset,
@@ -233,20 +323,188 @@ def torch_xarray_runner(
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers else None,
         multiprocessing_context="spawn" if workers else None,
+        pin_memory=_pin_memory(),
     )
     try:
         for epoch in range(spec.epochs):
             sampler.indices = list(range(offsets[epoch], offsets[epoch + 1]))
-            it = iter(dl)
-            for _ in range(spec.warmup_batches):
-                next(it)
-            n = 0
-            t = time.perf_counter()
-            for x, _ in it:
-                n += len(x)
-            result.epoch_seconds.append(time.perf_counter() - t)
-            result.samples_per_epoch = n
-            del it
+            n_timed = len(epochs[epoch]) - spec.warmup_batches
+            time_epoch(spec, result, partial(iter, dl), n_timed, lambda b: len(b[0]))
             yield
     finally:
         del dl
+
+
+def torch_xarray_runner(spec: BenchSpec, result: RunResult) -> Runner:
+    """torch DataLoader over xarray indexing, ``spec.budget`` worker processes."""
+    tile_hw, loader = _tile_hw(spec)
+    _check_xarray_view(spec, loader)
+    epochs = _all_epochs(spec)
+    dataset = XarraySampleDataset(
+        spec.store, spec.variables, spec.n_frames, tile_hw, _concat(epochs)
+    )
+    yield from _dataloader_epochs(spec, result, dataset, epochs)
+
+
+# BatchGenerator holds one selector dict per patch in memory, in every worker.
+MAX_XBATCHER_PATCHES = 1_000_000
+
+
+class XbatcherSampleDataset:
+    """xbatcher's ``BatchGenerator`` + torch ``MapDataset`` serving given samples.
+
+    A BatchGenerator cuts patches on a regular grid from the array's origin
+    and drops partial ones, while zarrdali's grid adds tiles flush with the far
+    edges (``cover_edges``). So samples are grouped by their offset from the
+    tile grid (y0 mod stride, x0 mod stride); each group gets one generator
+    over the dataset cut at that offset (time stride 1: every window), and
+    every sample is one patch of its group's generator, served by MapDataset
+    as xbatcher users get it. Each item is ``(tensor [T, C, H, W], sample)``.
+    """
+
+    def __init__(
+        self,
+        store: str,
+        variables: Sequence[str],
+        n_frames: int,
+        tile_hw: tuple[int, int],
+        samples: np.ndarray,
+    ) -> None:
+        self.store, self.variables, self.n_frames = store, list(variables), n_frames
+        self.tile_hw, self.samples = tile_hw, samples
+        self._ds = None  # opened lazily in each worker process
+        self._dims: tuple[str, str, str] = ("", "", "")
+        self._maps: dict[tuple[int, int], tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def dims(self, ds) -> tuple[str, str, str]:
+        """(time, y, x) names, which every variable must share for one generator."""
+        dims = {(d[0], d[-2], d[-1]) for d in (ds[v].dims for v in self.variables)}
+        if len(dims) != 1:
+            raise Skipped(
+                f"xbatcher cuts one grid for all variables, but they lie on {sorted(dims)}"
+            )
+        return dims.pop()
+
+    def check(self, ds) -> None:
+        """Raise :class:`Skipped` when xbatcher cannot express these samples here."""
+        t, y, x = self.dims(ds)
+        (h, w), n = self.tile_hw, self.n_frames
+        windows = ds.sizes[t] - n + 1
+        patches = windows * (ds.sizes[y] // h) * (ds.sizes[x] // w) * 4  # 4: edge groups
+        if patches > MAX_XBATCHER_PATCHES:
+            raise Skipped(
+                f"xbatcher's BatchGenerator would hold about {patches:,} patch selectors "
+                "in memory per worker; use a larger tile or a smaller store"
+            )
+
+    def _map(self, offset: tuple[int, int]):
+        from xbatcher import BatchGenerator
+        from xbatcher.loaders.torch import MapDataset
+
+        if offset not in self._maps:
+            if self._ds is None:
+                self._ds = _open_xarray(self.store)[self.variables]
+                self._dims = self.dims(self._ds)
+            t, y, x = self._dims
+            (h, w), n = self.tile_hw, self.n_frames
+            cut = self._ds.isel({y: slice(offset[0], None), x: slice(offset[1], None)})
+            gen = BatchGenerator(
+                cut,
+                input_dims={t: n, y: h, x: w},
+                input_overlap={t: n - 1},  # windows at every time step; tiles abut
+            )
+            self._maps[offset] = (MapDataset(gen, transform=self._to_tensor), cut.sizes)
+        return self._maps[offset]
+
+    def _to_tensor(self, patch):
+        import torch
+
+        fields = []
+        for v in self.variables:
+            values = patch[v].values.astype(np.float32)
+            fields.append(values if values.ndim == 4 else values[:, None])
+        return torch.from_numpy(np.concatenate(fields, axis=1))
+
+    def __getitem__(self, i: int):
+        t0, y0, x0 = (int(v) for v in self.samples[i])
+        h, w = self.tile_hw
+        offset = (y0 % h, x0 % w)
+        dataset, sizes = self._map(offset)
+        _, y, x = self._dims
+        ny, nx = sizes[y] // h, sizes[x] // w
+        # BatchGenerator numbers patches in itertools.product order of input_dims.
+        index = (t0 * ny + (y0 - offset[0]) // h) * nx + (x0 - offset[1]) // w
+        return dataset[index], self.samples[i]
+
+
+def xbatcher_runner(spec: BenchSpec, result: RunResult) -> Runner:
+    """xbatcher BatchGenerator + MapDataset in a torch DataLoader, ``spec.budget`` workers."""
+    try:
+        import xbatcher  # noqa: F401
+    except ImportError as err:
+        raise Skipped("xbatcher is not installed (pip install 'zarrdali[bench]')") from err
+    tile_hw, loader = _tile_hw(spec)
+    _check_xarray_view(spec, loader)
+    epochs = _all_epochs(spec)
+    dataset = XbatcherSampleDataset(
+        spec.store, spec.variables, spec.n_frames, tile_hw, _concat(epochs)
+    )
+    dataset.check(_open_xarray(spec.store))
+    yield from _dataloader_epochs(spec, result, dataset, epochs)
+
+
+def zarr_gpu_missing() -> list[str]:
+    """What reading with ``zarr.config.enable_gpu()`` lacks here (empty: all there)."""
+    try:
+        import cupy
+    except ImportError:
+        return ["CuPy (pip install cupy-cuda12x or cupy-cuda13x)"]
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return ["a CUDA GPU (none visible)"]
+    except Exception as err:  # no driver
+        return [f"a working CUDA driver ({type(err).__name__}: {err})"]
+    return []
+
+
+def zarr_gpu_runner(spec: BenchSpec, result: RunResult) -> Runner:
+    """zarr-python with ``zarr.config.enable_gpu()``: one read per sample and variable.
+
+    zarr 3.1 still decompresses on the CPU and copies to the device; this is
+    the plain way to get samples onto a GPU without a dedicated loader.
+    """
+    missing = zarr_gpu_missing()
+    if missing:
+        raise Skipped("zarr's GPU buffers need " + "; ".join(missing))
+    import cupy
+    import torch
+    import zarr
+
+    tile_hw, _ = _tile_hw(spec)
+    group = zarr.open_group(spec.store, mode="r")
+    arrays = [group[v] for v in spec.variables]
+    result.note = "main process, one read per sample and variable"
+
+    def read(sample: np.ndarray):
+        t0, y0, x0 = (int(v) for v in sample)
+        (h, w), n = tile_hw, spec.n_frames
+        fields = []
+        with zarr.config.enable_gpu():
+            for arr in arrays:
+                window = arr[t0 : t0 + n, ..., y0 : y0 + h, x0 : x0 + w].astype(cupy.float32)
+                fields.append(window if window.ndim == 4 else window[:, None])
+        return cupy.concatenate(fields, axis=1)
+
+    def batches(epoch: int):
+        for samples in epoch_batches(spec, epoch):
+            out = torch.as_tensor(cupy.stack([read(s) for s in samples]), device="cuda")
+            torch.cuda.synchronize()
+            yield out
+
+    for epoch in range(spec.epochs):
+        n_timed = len(epoch_batches(spec, epoch)) - spec.warmup_batches
+        time_epoch(spec, result, lambda e=epoch: batches(e), n_timed, len)
+        yield

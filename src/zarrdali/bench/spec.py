@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 
 
@@ -18,7 +19,14 @@ class BenchSpec:
     warmup_batches: int = 4
     seed: int = 0
     num_threads: int | None = None  # None: all cores
+    step_ms: float = 0.0  # simulated training step per batch on the consumer side
+    cold: bool = False  # drop the store from the page cache before each timed epoch
     extra: dict = field(default_factory=dict)
+
+    @property
+    def budget(self) -> int:
+        """Threads or worker processes each loader may use (the same for all)."""
+        return self.num_threads or os.cpu_count() or 1
 
     @property
     def n_frames(self) -> int:

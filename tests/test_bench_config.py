@@ -1,0 +1,95 @@
+"""``zarrdali bench`` options from a TOML file, cold caches and epoch measurements."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from zarrdali.bench.cli import DEFAULTS, load_config, resolve
+from zarrdali.bench.measure import drop_page_cache, time_epoch
+from zarrdali.bench.runners import RunResult
+from zarrdali.bench.spec import BenchSpec
+from zarrdali.cli import main
+from zarrdali.sample_data import PLAIN, SampleDataSpec, write_sample_data
+
+
+def _args(**given) -> argparse.Namespace:
+    flags = {**dict.fromkeys(DEFAULTS), "config": None, "quiet": True}
+    flags.update(given)
+    return argparse.Namespace(**flags)
+
+
+def test_flags_override_the_config_file(tmp_path):
+    config = tmp_path / "spec.toml"
+    config.write_text('variables = ["t2m"]\ntile = [32, 32]\nbatch-size = 2\nstep_ms = 5\n')
+    o = resolve(_args(config=str(config), batch_size=16))
+    assert o["variables"] == ["t2m"] and o["tile"] == [32, 32] and o["step_ms"] == 5
+    assert o["batch_size"] == 16  # the flag wins
+    assert o["epochs"] == DEFAULTS["epochs"]  # neither: the default
+    assert resolve(_args())["tile"] == [128, 128]
+
+
+def test_config_file_errors_are_clear(tmp_path):
+    config = tmp_path / "spec.toml"
+    config.write_text("tiles = [32, 32]\n")
+    with pytest.raises(ValueError, match=r"unknown option.*tiles"):
+        load_config(config)
+    config.write_text('tile = "none"\n')
+    assert load_config(config)["tile"] is None  # TOML has no null
+
+
+def test_bench_runs_from_a_config_file(tmp_path, capsys):
+    write_sample_data(tmp_path, SampleDataSpec(n_time=12, n_lat=20, n_lon=24), progress=False)
+    out = tmp_path / "out"
+    config = tmp_path / "spec.toml"
+    config.write_text(
+        f'store = "{tmp_path / PLAIN}"\nloaders = ["zarrdali-cpu"]\nvariables = ["t2m"]\n'
+        f'tile = [8, 8]\nbatches = 2\nepochs = 1\nwarmup = 1\nbatch_size = 2\nout = "{out}"\n'
+        "cold = true\n"
+    )
+    assert main(["bench", "--config", str(config), "--input-steps", "1", "-q"]) == 0
+    payload = json.loads((out / "bench.json").read_text())
+    assert payload["spec"]["input_steps"] == 1 and payload["spec"]["tile"] == [8, 8]
+    assert payload["spec"]["cold"] is True
+    (row,) = payload["results"]
+    assert row["summary"]["status"] == "ok", row["summary"]["error"]
+    assert row["summary"]["cache"] == "cold"  # posix_fadvise needs no root
+    assert "cold cache" in capsys.readouterr().out
+
+
+def test_bad_config_file_exits_with_a_message(tmp_path, capsys):
+    config = tmp_path / "spec.toml"
+    config.write_text("loaderz = 1\n")
+    assert main(["bench", "--config", str(config), "-q"]) == 2
+    assert "unknown option(s) loaderz" in capsys.readouterr().err
+
+
+def test_drop_page_cache_says_why_it_could_not(tmp_path):
+    (tmp_path / "store" / "c").mkdir(parents=True)
+    (tmp_path / "store" / "c" / "0").write_bytes(b"x" * 4096)
+    assert drop_page_cache(str(tmp_path / "store")) is None
+    assert "not a local directory" in drop_page_cache(str(tmp_path / "nowhere"))
+    assert "not a local directory" in drop_page_cache("s3://bucket/store.zarr")
+
+
+def test_time_epoch_counts_warmup_timed_batches_and_waits(tmp_path):
+    spec = BenchSpec(store=str(tmp_path), variables=("a",), warmup_batches=2, step_ms=1.0)
+    served = []
+
+    def batches():
+        for k in range(10):
+            served.append(k)
+            yield [k] * 3
+
+    result = RunResult("fake")
+    time_epoch(spec, result, batches, n_timed=5, size=len)
+    assert served == list(range(7))  # 2 warm-up + 5 timed, nothing more read
+    assert result.samples_per_epoch == 15
+    assert len(result.first_batch_seconds) == len(result.epoch_seconds) == 1
+    # the consumer slept 1 ms per batch: the epoch lasts at least that, waits are a part
+    assert result.epoch_seconds[0] >= 5e-3
+    assert 0 <= result.wait_seconds[0] <= result.epoch_seconds[0]
+    assert result.peak_rss_bytes > 0 and result.cpu_seconds[0] >= 0
+    assert result.peak_gpu_bytes is None or result.peak_gpu_bytes >= 0
