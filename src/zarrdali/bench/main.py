@@ -40,6 +40,10 @@ LOADERS: dict[str, tuple[str, Callable[[BenchSpec, RunResult], Runner]]] = {
     "zarrdali-cpu": ("zarrdali[cpu]", lambda spec, r: zarrdali_runner(spec, r, "cpu")),
     "zarrdali-cuda": ("zarrdali[cuda]", lambda spec, r: zarrdali_runner(spec, r, "cuda")),
     "numcodecs-ceiling": ("numcodecs decode ceiling", decode_ceiling_runner),
+    "numcodecs-codec-api": (
+        "numcodecs Codec.decode",
+        lambda spec, r: decode_ceiling_runner(spec, r, codec_api=True),
+    ),
     "torch-xarray": ("torch DataLoader + xarray", torch_xarray_runner),
     "xbatcher": ("xbatcher + torch DataLoader", xbatcher_runner),
     "zarr-gpu": ("zarr-python enable_gpu()", zarr_gpu_runner),
@@ -88,6 +92,11 @@ def ratios(rows: list[dict]) -> dict[str, float]:
         if z and ceiling and ceiling["decoded_gb_per_s"]:
             out[f"{label}: zarrdali[cpu] / numcodecs ceiling (GB/s)"] = (
                 z["decoded_gb_per_s"]["median"] / ceiling["decoded_gb_per_s"]["median"]
+            )
+        api = by.get((label, "numcodecs Codec.decode"))
+        if z and api and api["decoded_gb_per_s"]:
+            out[f"{label}: zarrdali[cpu] / numcodecs Codec.decode (GB/s)"] = (
+                z["decoded_gb_per_s"]["median"] / api["decoded_gb_per_s"]["median"]
             )
         if z and torch_x:
             out[f"{label}: zarrdali[cpu] / torch+xarray (samples/s)"] = (

@@ -176,22 +176,29 @@ def zarrdali_runner(spec: BenchSpec, result: RunResult, device: str = "cpu") -> 
         loader.close()
 
 
-def decode_ceiling_runner(spec: BenchSpec, result: RunResult) -> Runner:
+def decode_ceiling_runner(spec: BenchSpec, result: RunResult, codec_api: bool = False) -> Runner:
     """numcodecs alone on the chunks the timed batches touch, all threads, no I/O.
 
-    The encoded chunks are read into memory first; only decoding is timed, each
-    thread decompressing into its own reused buffer (no allocation). This is
-    the rate zarrdali's CPU path cannot beat.
+    The encoded chunks are read into memory first; only decoding is timed.
+    By default each thread decompresses into its own reused buffer (numcodecs'
+    module-level decompressors, no allocation): the strictest ceiling, which
+    zarrdali's CPU path cannot beat. ``codec_api=True`` times numcodecs' codec
+    API instead (``Codec.decode(chunk)``, a new buffer per chunk), which is what
+    code decoding with numcodecs usually does.
     """
     loader = _loader(spec, workers=0)
     threads = spec.budget
-    result.note = f"{threads} threads, in-memory chunks (not a loader: decode only)"
+    api = "Codec.decode, new buffers" if codec_api else "reused buffers"
+    result.note = f"{threads} threads, in-memory chunks, {api} (not a loader: decode only)"
     result.cache = "n/a"
     layouts = loader.layouts
     scratch = threading.local()
+    codecs = {layout.name: layout.codec.numcodecs_decoder() for layout in layouts}
 
     def decode(item: tuple[ArrayLayout, bytes]) -> int:
         layout, data = item
+        if codec_api:
+            return len(codecs[layout.name].decode(data))
         out = getattr(scratch, "out", None)
         if out is None or out.nbytes < layout.chunk_nbytes:
             out = scratch.out = np.empty(layout.chunk_nbytes, dtype=np.uint8)
