@@ -234,6 +234,7 @@ def decode_ceiling_runner(spec: BenchSpec, result: RunResult, codec_api: bool = 
             result.peak_rss_bytes = max(result.peak_rss_bytes, mem.peak)
             result.samples_per_epoch = sum(len(b) for b in batches)
             result.decoded_bytes_per_epoch = nbytes
+            del work, parts  # GBs of encoded chunks: do not hold them between epochs
             yield
     finally:
         pool.shutdown()
@@ -357,7 +358,7 @@ def torch_xarray_runner(spec: BenchSpec, result: RunResult) -> Runner:
 MAX_XBATCHER_PATCHES = 1_000_000
 
 
-class XbatcherSampleDataset:
+class XbatcherSampleDataset(XarraySampleDataset):
     """xbatcher's ``BatchGenerator`` + torch ``MapDataset`` serving given samples.
 
     A BatchGenerator cuts patches on a regular grid from the array's origin
@@ -377,14 +378,9 @@ class XbatcherSampleDataset:
         tile_hw: tuple[int, int],
         samples: np.ndarray,
     ) -> None:
-        self.store, self.variables, self.n_frames = store, list(variables), n_frames
-        self.tile_hw, self.samples = tile_hw, samples
-        self._ds = None  # opened lazily in each worker process
+        super().__init__(store, variables, n_frames, tile_hw, samples)
         self._dims: tuple[str, str, str] = ("", "", "")
         self._maps: dict[tuple[int, int], tuple] = {}
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def dims(self, ds) -> tuple[str, str, str]:
         """(time, y, x) names, which every variable must share for one generator."""
