@@ -95,6 +95,7 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
     assert "zarrdali[cpu]" in printed and "torch DataLoader + xarray" in printed
     assert "GDS:" in printed and "wait %" in printed  # system header, consumer wait column
     payload = json.loads((out / "bench.json").read_text())
+    assert payload["command"].startswith("zarrdali")
     assert payload["system"]["cores"] >= 1 and payload["system"]["versions"]["zarr"]
     assert payload["spec"]["step_ms"] == 1.0
     rows = payload["results"]

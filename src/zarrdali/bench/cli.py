@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         step_ms=float(o["step_ms"]),
         cold=bool(o["cold"]),
     )
-    payload = run_bench(stores, spec, loaders, o["out"], progress=not args.quiet)
+    command = shlex.join(["zarrdali", *sys.argv[1:]])
+    payload = run_bench(stores, spec, loaders, o["out"], progress=not args.quiet, command=command)
     print(payload["table"])
     for name, value in payload["ratios"].items():
         print(f"{name}: {value:.2f}x")

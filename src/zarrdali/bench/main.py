@@ -151,8 +151,12 @@ def run_bench(
     out_dir: str | Path,
     *,
     progress: bool = True,
+    command: str | None = None,
 ) -> dict:
-    """Benchmark ``loaders`` on each ``(label, path)`` store; write JSON, table and plot."""
+    """Benchmark ``loaders`` on each ``(label, path)`` store; write JSON, table and plot.
+
+    ``command`` (the command line that ran it) is recorded with the results.
+    """
     for name in loaders:
         if name not in LOADERS:
             log.warning("%s", _unknown(name).error)
@@ -164,7 +168,13 @@ def run_bench(
     with tqdm(total=total, desc="bench", disable=not progress) as bar:
         for label, path in stores:
             rows += _bench_store(label, path, replace(spec, store=path), loaders, bar)
-    payload = {"system": info, "spec": spec.to_json(), "results": rows, "ratios": ratios(rows)}
+    payload = {
+        "command": command,
+        "system": info,
+        "spec": spec.to_json(),
+        "results": rows,
+        "ratios": ratios(rows),
+    }
     made = {
         "throughput.png": plot_throughput(out_dir / "throughput.png", rows),
         # the wait fraction only means something when the consumer does work
