@@ -306,6 +306,7 @@ class ZarrLoader:
         pipe = build_pipeline(
             source,
             batch_size=self.batch_size,
+            input_steps=self.spec.input_steps,
             with_target=with_target,
             stats=self.stats,
             input_dtype=batch_dtype(self.layouts),

@@ -79,13 +79,14 @@ class BatchSource:
         """All outputs of batch ``info.iteration``: frames, index (and flags)."""
         k = self._check(info)
         window, samples = self._fetch(k)
-        return (*self._frames(window, len(samples)), *self._meta(samples, k))
+        # One dense [B, T, C, H, W] window; the pipeline splits input and target.
+        return (window, *self._meta(samples, k))
 
     def frames_only(self, info) -> tuple:
         """The frames alone (the GPU pipeline feeds them from a GPU external source)."""
         k = self._check(info)
-        window, samples = self._fetch(k)
-        return tuple(self._frames(window, len(samples)))
+        window, _ = self._fetch(k)
+        return (window,)
 
     def meta_only(self, samples_of: Callable[[int], np.ndarray]) -> Callable:
         """A CPU source of index (and flags), computed from the plan without data."""
@@ -101,19 +102,13 @@ class BatchSource:
             raise StopIteration
         return info.iteration
 
-    def _frames(self, window, n: int) -> list:
-        n_in = self._input_steps
-        outputs = [[window[b, :n_in] for b in range(n)]]
-        if self._with_target:
-            outputs.append([window[b, n_in:] for b in range(n)])
-        return outputs
-
     def _meta(self, samples: np.ndarray, k: int) -> list:
-        n = len(samples)
-        outputs = [[samples[b] for b in range(n)]]
+        outputs = [np.ascontiguousarray(samples)]
         if self._augment:
-            flags = draw_augmentations(self._augment, n, self._seed, self._epoch, self._first + k)
-            outputs.append([flags[b] for b in range(n)])
+            n = len(samples)
+            outputs.append(
+                draw_augmentations(self._augment, n, self._seed, self._epoch, self._first + k)
+            )
         return outputs
 
 
@@ -121,6 +116,7 @@ def build_pipeline(
     source: BatchSource,
     *,
     batch_size: int,
+    input_steps: int,
     with_target: bool,
     stats: tuple[np.ndarray, np.ndarray] | None,
     input_dtype: np.dtype,
@@ -161,16 +157,15 @@ def build_pipeline(
         py_start_method="spawn",
     )
     def zarr_pipeline():
-        n_frames = 2 if with_target else 1
         n_meta = 1 + bool(augment)
         if device == "gpu":
             frames = fn.external_source(
                 source=source.frames_only,
-                num_outputs=n_frames,
+                num_outputs=1,
                 batch=True,
                 batch_info=True,
                 device="gpu",
-                layout=["FCHW"] * n_frames,
+                layout=["FCHW"],
                 cuda_stream=cuda_stream,
             )
             meta = fn.external_source(
@@ -184,18 +179,19 @@ def build_pipeline(
         else:
             outs = fn.external_source(
                 source=source,
-                num_outputs=n_frames + n_meta,
+                num_outputs=1 + n_meta,
                 batch=True,
                 batch_info=True,
                 device=device,
-                layout=["FCHW"] * n_frames + [None] * n_meta,
+                layout=["FCHW"] + [None] * n_meta,
                 **(
                     {"parallel": True, "prefetch_queue_depth": prefetch_queue_depth}
                     if workers
                     else {}
                 ),
             )
-        frames, rest = list(outs[:n_frames]), list(outs[n_frames:])
+        window, rest = outs[0], list(outs[1:])
+        frames = [window[0:input_steps], window[input_steps:]] if with_target else [window]
         result = []
         for x in frames:
             if needs_cast:
