@@ -50,11 +50,12 @@ def apply_augmentations(x: np.ndarray, flags: np.ndarray) -> np.ndarray:
 
 
 class BatchSource:
-    """DALI external source: batch ``k`` of an epoch plan, as per-sample arrays.
+    """DALI external source: batch ``k`` of an epoch plan, as dense arrays.
 
-    ``fetch(k)`` returns ``(window [B, T, C, H, W], samples [B, 3])``; the window
-    is split into input and target frames along T. With augmentations, a fourth
-    output carries each sample's flags (see :func:`draw_augmentations`).
+    ``fetch(k)`` returns ``(window [B, T, C, H, W], samples [B, 3])``. Outputs:
+    the window (the pipeline splits it into input and target frames along T),
+    the samples, and with augmentations each sample's flags (see
+    :func:`draw_augmentations`).
     """
 
     def __init__(
