@@ -49,11 +49,6 @@ class BatchReadPlan:
             groups[copy.chunk].append(copy)
         return groups
 
-    def read_amplification(self, layouts: Sequence[ArrayLayout], itemsize: int) -> float:
-        """Bytes decoded per byte delivered (1.0: every decoded byte is used)."""
-        delivered = int(np.prod(self.out_shape)) * itemsize
-        return self.decoded_nbytes(layouts) / delivered
-
 
 def _spans(start: int, length: int, chunk: int) -> list[tuple[int, slice, slice]]:
     """Chunk indices covering ``[start, start+length)``, with in-chunk and output slices."""

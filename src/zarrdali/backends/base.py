@@ -1,9 +1,11 @@
 """The roles every backend fills: read, decode, assemble.
 
 A backend is an object passed down (like zarr-python's buffer prototypes), not a
-flag tested throughout the code. The CPU backend (numpy, numcodecs) and the GPU
-backend (CuPy, kvikIO, nvCOMP) implement the same three roles; the staged
-``load_batch`` below drives them the same way.
+flag tested throughout the code. Both satisfy :class:`Backend`. The CPU backend
+(numpy, numcodecs) fills the per-chunk roles below and runs them fused, chunk
+by chunk, in its threads; the GPU backend (CuPy, kvikIO, nvCOMP) reuses the CPU
+reader's shard indexes and coalescing, then decodes a whole batch in one nvCOMP
+call and gathers it with one kernel.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..chunkplan import BatchReadPlan, ChunkRef
+from ..chunkplan import BatchReadPlan, ChunkRef, TileCopy
 from ..store import ArrayLayout
 
 
@@ -24,17 +26,14 @@ class ChunkReader(Protocol):
 
 class ChunkDecoder(Protocol):
     def decode(
-        self,
-        layouts: Sequence[ArrayLayout],
-        chunks: Sequence[ChunkRef],
-        encoded: Sequence[Any | None],
-    ) -> list[Any]:
-        """Decoded chunk arrays (full chunk shape; missing chunks as fill value)."""
+        self, layout: ArrayLayout, chunk: ChunkRef, data: Any | None, out: Any | None = None
+    ) -> Any:
+        """One decoded chunk (full chunk shape; a missing chunk as the fill value)."""
 
 
 class Assembler(Protocol):
-    def assemble(self, plan: BatchReadPlan, decoded: Sequence[Any], dtype: np.dtype) -> Any:
-        """Gather every sample's tile into one ``[B, T, C, H, W]`` array."""
+    def scatter(self, out: Any, decoded: Any, copies: Sequence[TileCopy]) -> None:
+        """Copy one decoded chunk's tile pieces into the ``[B, T, C, H, W]`` batch."""
 
 
 class Backend(Protocol):

@@ -96,8 +96,6 @@ class PosixChunkReader:
         self._index_cache_size = index_cache_size
         self._lock = threading.Lock()
         self._scratch = _Scratch()
-        self.bytes_read = 0
-        self.read_calls = 0
 
     # -- public API --------------------------------------------------------
     def groups(self, layouts: Sequence[ArrayLayout], chunks: Sequence[ChunkRef]) -> list[ReadGroup]:
@@ -138,11 +136,6 @@ class PosixChunkReader:
     def _path(self, layout: ArrayLayout, key: str) -> str:
         return os.path.join(layout.directory, key)
 
-    def _count(self, nbytes: int) -> None:
-        with self._lock:
-            self.bytes_read += nbytes
-            self.read_calls += 1
-
     def _pread(
         self,
         fd: int,
@@ -169,7 +162,6 @@ class PosixChunkReader:
                 array=layout.name,
                 key=key,
             )
-        self._count(nbytes)
         return buf
 
     def _whole_file_group(self, layout: ArrayLayout, key: str, position: int) -> ReadGroup:
@@ -318,14 +310,6 @@ class NumpyAssembler:
     def scatter(out: np.ndarray, decoded: np.ndarray, copies: Sequence[TileCopy]) -> None:
         for copy in copies:
             out[copy.dst] = decoded[copy.src]
-
-    def assemble(
-        self, plan: BatchReadPlan, decoded: Sequence[np.ndarray], dtype: np.dtype
-    ) -> np.ndarray:
-        out = np.empty(plan.out_shape, dtype=dtype)
-        for copy in plan.copies:
-            out[copy.dst] = decoded[copy.chunk][copy.src]
-        return out
 
 
 def _run_all(work: Sequence[Callable[[], None]]) -> None:
