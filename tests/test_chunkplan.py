@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -185,3 +186,39 @@ def test_channel_offsets(sizes):
         for i, n in enumerate(sizes)
     ]
     assert channel_offsets(layouts) == [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=cases(), data=st.data())
+def test_split_plan_assembles_input_and_target_apart(case, data):
+    layouts, samples, n_frames, frame_step, tile_hw, seed = case
+    if n_frames < 2:
+        return
+    split = data.draw(st.integers(1, n_frames - 1))
+    rng = np.random.default_rng(seed)
+    arrays = [rng.integers(0, 1_000_000, size=lay.shape, dtype=np.int64) for lay in layouts]
+    kw = dict(n_frames=n_frames, frame_step=frame_step, tile_hw=tile_hw)
+    whole = plan_batch(layouts, samples, **kw)
+    plan = plan_batch(layouts, samples, **kw, frame_split=split)
+
+    assert plan.chunks == whole.chunks, "splitting the output changes no read"
+    b, t, *rest = whole.out_shape
+    assert plan.out_shapes == [(b, split, *rest), (b, t - split, *rest)]
+    decoded = [decode(layouts[c.var], arrays[c.var], c.coords) for c in plan.chunks]
+    outs = [np.full(shape, -7, dtype=np.int64) for shape in plan.out_shapes]
+    writes = [np.zeros(shape, dtype=np.int64) for shape in plan.out_shapes]
+    for copy in plan.copies:
+        outs[copy.out][copy.dst] = decoded[copy.chunk][copy.src]
+        writes[copy.out][copy.dst] += 1
+    assert all(np.all(w == 1) for w in writes), "every output element is written exactly once"
+    want = expected_batch(layouts, arrays, samples, n_frames, frame_step, tile_hw)
+    np.testing.assert_array_equal(outs[0], want[:, :split])
+    np.testing.assert_array_equal(outs[1], want[:, split:])
+
+
+@pytest.mark.parametrize("split", [0, 3, -1])
+def test_frame_split_outside_the_window_is_refused(split):
+    layouts = [make_layout("a", (10, 8, 8), (2, 4, 4))]
+    samples = np.array([[0, 0, 0]])
+    with pytest.raises(ValueError, match="frame_split"):
+        plan_batch(layouts, samples, n_frames=3, frame_step=1, tile_hw=(4, 4), frame_split=split)

@@ -2,7 +2,8 @@
 
 Each chunk is listed once however many samples of the batch touch it; a list of
 copies says which slice of which decoded chunk lands where in the
-``[B, T, C, H, W]`` batch buffer.
+``[B, T, C, H, W]`` batch buffer, or, split along T, in the input-frames and
+target-frames buffers (so nothing downstream has to slice and copy them apart).
 """
 
 from __future__ import annotations
@@ -25,19 +26,29 @@ class ChunkRef:
 
 @dataclass(frozen=True)
 class TileCopy:
-    """``out[dst] = decoded_chunks[chunk][src]``."""
+    """``outputs[out][dst] = decoded_chunks[chunk][src]``."""
 
     chunk: int
     src: tuple[int | slice, ...]
     dst: tuple[int | slice, ...]
+    out: int = 0
 
 
 @dataclass(frozen=True)
 class BatchReadPlan:
     samples: np.ndarray  # [B, 3] (t0, y0, x0)
-    out_shape: tuple[int, int, int, int, int]  # [B, T, C, H, W]
+    out_shape: tuple[int, int, int, int, int]  # the whole window [B, T, C, H, W]
     chunks: list[ChunkRef]
     copies: list[TileCopy]
+    frame_split: int | None = None  # frames [0, k) go to output 0, [k, T) to output 1
+
+    @property
+    def out_shapes(self) -> list[tuple[int, ...]]:
+        """Shape of each output: the window, or its first ``frame_split`` frames and the rest."""
+        if self.frame_split is None:
+            return [self.out_shape]
+        b, t, *rest = self.out_shape
+        return [(b, self.frame_split, *rest), (b, t - self.frame_split, *rest)]
 
     def decoded_nbytes(self, layouts: Sequence[ArrayLayout]) -> int:
         return sum(layouts[c.var].chunk_nbytes for c in self.chunks)
@@ -76,8 +87,15 @@ def plan_batch(
     n_frames: int,
     frame_step: int,
     tile_hw: tuple[int, int],
+    frame_split: int | None = None,
 ) -> BatchReadPlan:
-    """Plan the reads and copies that assemble ``samples`` into one batch."""
+    """Plan the reads and copies that assemble ``samples`` into one batch.
+
+    With ``frame_split=k`` the batch is two outputs: frames ``[0, k)`` (the
+    input) and ``[k, n_frames)`` (the target).
+    """
+    if frame_split is not None and not 0 < frame_split < n_frames:
+        raise ValueError(f"frame_split must be in 1..{n_frames - 1}, got {frame_split}")
     h, w = tile_hw
     offsets = channel_offsets(layouts)
     n_channels = offsets[-1] + layouts[-1].n_levels
@@ -115,13 +133,15 @@ def plan_batch(
             for f in range(n_frames):
                 t = t0 + f * frame_step
                 ct, tt = divmod(t, ct_size)
+                out, f_out = (1, f - frame_split) if frame_split and f >= frame_split else (0, f)
                 for coords, src, dst in pieces:
                     ref = ChunkRef(v, (ct, *coords))
                     i = chunk_index.setdefault(ref, len(chunk_index))
-                    copies.append(TileCopy(i, (tt, *src), (b, f, *dst)))
+                    copies.append(TileCopy(i, (tt, *src), (b, f_out, *dst), out))
     return BatchReadPlan(
         samples=np.ascontiguousarray(samples, dtype=np.int64),
         out_shape=(len(samples), n_frames, n_channels, h, w),
         chunks=list(chunk_index),
         copies=copies,
+        frame_split=frame_split,
     )

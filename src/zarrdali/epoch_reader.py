@@ -45,8 +45,12 @@ class EpochReader:
         plan = self.sampler.epoch_plan(samples, self.epoch)
         return layouts, plan, CpuBackend(group, name, self.num_threads)
 
-    def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Window ``[B, T, C, H, W]`` and samples ``[B, 3]`` of batch ``start + k``."""
+    def __call__(self, k: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        """Frames and samples ``[B, 3]`` of batch ``start + k``.
+
+        The frames are ``(input, target)`` (or ``(input,)`` without target
+        steps), each assembled in its own array so DALI need not slice them.
+        """
         if self._state is None:
             self._state = self._open()
         layouts, plan, backend = self._state
@@ -57,5 +61,7 @@ class EpochReader:
             n_frames=self.spec.n_frames,
             frame_step=self.spec.frame_step,
             tile_hw=self.candidates.tile_hw,
+            frame_split=self.spec.input_steps if self.spec.target_steps else None,
         )
-        return backend.load_batch(layouts, read_plan), samples
+        frames = backend.load_batch(layouts, read_plan)
+        return (frames if isinstance(frames, tuple) else (frames,)), samples

@@ -40,16 +40,16 @@ class CudaFeed:
         """In a prefetch thread: batch ``k`` on this thread's stream, and its event."""
         stream = self._thread_stream()
         with stream:
-            window, samples = self._load(k)
+            frames, samples = self._load(k)
             ready = stream.record()
-        return window, samples, ready
+        return frames, samples, ready
 
     def hand_over(self, loaded: tuple[Any, np.ndarray, Any]) -> tuple[Any, np.ndarray]:
         """In DALI's callback: order the feed stream after the batch, keep it alive."""
-        window, samples, ready = loaded
+        frames, samples, ready = loaded
         self.stream.wait_event(ready)
-        self._alive.append(window)
-        return window, samples
+        self._alive.append(frames)
+        return frames, samples
 
 
 def cuda_device_id() -> int:

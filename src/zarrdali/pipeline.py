@@ -52,15 +52,17 @@ def apply_augmentations(x: np.ndarray, flags: np.ndarray) -> np.ndarray:
 class BatchSource:
     """DALI external source: batch ``k`` of an epoch plan, as dense arrays.
 
-    ``fetch(k)`` returns ``(window [B, T, C, H, W], samples [B, 3])``. Outputs:
-    the window (the pipeline splits it into input and target frames along T),
-    the samples, and with augmentations each sample's flags (see
+    ``fetch(k)`` returns ``(frames, samples [B, 3])``, where ``frames`` is
+    ``(input, target)`` (``[B, T_in, C, H, W]`` and ``[B, T_out, C, H, W]``,
+    assembled apart so DALI need not slice them) or ``(window,)`` (the whole
+    ``[B, T, C, H, W]``; the pipeline slices it). Outputs: the frames, the
+    samples, and with augmentations each sample's flags (see
     :func:`draw_augmentations`).
     """
 
     def __init__(
         self,
-        fetch: Callable[[int], tuple[Any, np.ndarray]],
+        fetch: Callable[[int], tuple[tuple[Any, ...], np.ndarray]],
         n_batches: int,
         input_steps: int,
         with_target: bool,
@@ -79,15 +81,14 @@ class BatchSource:
     def __call__(self, info) -> tuple:
         """All outputs of batch ``info.iteration``: frames, index (and flags)."""
         k = self._check(info)
-        window, samples = self._fetch(k)
-        # One dense [B, T, C, H, W] window; the pipeline splits input and target.
-        return (window, *self._meta(samples, k))
+        frames, samples = self._fetch(k)
+        return (*frames, *self._meta(samples, k))
 
     def frames_only(self, info) -> tuple:
         """The frames alone (the GPU pipeline feeds them from a GPU external source)."""
         k = self._check(info)
-        window, _ = self._fetch(k)
-        return (window,)
+        frames, _ = self._fetch(k)
+        return tuple(frames)
 
     def meta_only(self, samples_of: Callable[[int], np.ndarray]) -> Callable:
         """A CPU source of index (and flags), computed from the plan without data."""
@@ -132,6 +133,9 @@ def build_pipeline(
 ):
     """A DALI pipeline: external source → float32 → per-channel ``(x - mean) / std``.
 
+    On the CPU the source gives ``(input, target)`` frames apart (``(input,)``
+    without target steps); on the GPU one window that the pipeline slices.
+
     The cast is skipped when the store is float32 already; DALI fuses the
     arithmetic into one operator, so normalizing costs one pass over the batch.
     With ``workers > 0`` the source runs in that many DALI worker processes
@@ -159,6 +163,9 @@ def build_pipeline(
     )
     def zarr_pipeline():
         n_meta = 1 + bool(augment)
+        # The CPU source hands input and target over as separate arrays; the GPU
+        # source hands one window, sliced on the device.
+        n_frames = 2 if with_target and device == "cpu" else 1
         if device == "gpu":
             frames = fn.external_source(
                 source=source.frames_only,
@@ -180,19 +187,22 @@ def build_pipeline(
         else:
             outs = fn.external_source(
                 source=source,
-                num_outputs=1 + n_meta,
+                num_outputs=n_frames + n_meta,
                 batch=True,
                 batch_info=True,
                 device=device,
-                layout=["FCHW"] + [None] * n_meta,
+                layout=["FCHW"] * n_frames + [None] * n_meta,
                 **(
-                    {"parallel": True, "prefetch_queue_depth": prefetch_queue_depth}
+                    # DALI's depth counts batches ahead for all workers together:
+                    # give each worker its own `prefetch_queue_depth` so none idles.
+                    {"parallel": True, "prefetch_queue_depth": prefetch_queue_depth * workers}
                     if workers
                     else {}
                 ),
             )
-        window, rest = outs[0], list(outs[1:])
-        frames = [window[0:input_steps], window[input_steps:]] if with_target else [window]
+        frames, rest = list(outs[:n_frames]), list(outs[n_frames:])
+        if with_target and n_frames == 1:  # one window: slice input and target apart
+            frames = [frames[0][0:input_steps], frames[0][input_steps:]]
         result = []
         for x in frames:
             if needs_cast:

@@ -32,15 +32,15 @@ class ChunkDecoder(Protocol):
 
 
 class Assembler(Protocol):
-    def scatter(self, out: Any, decoded: Any, copies: Sequence[TileCopy]) -> None:
-        """Copy one decoded chunk's tile pieces into the ``[B, T, C, H, W]`` batch."""
+    def scatter(self, outputs: Sequence[Any], decoded: Any, copies: Sequence[TileCopy]) -> None:
+        """Copy one decoded chunk's tile pieces into the batch's output arrays."""
 
 
 class Backend(Protocol):
     device: str
 
     def load_batch(self, layouts: Sequence[ArrayLayout], plan: BatchReadPlan) -> Any:
-        """Read, decode and assemble one batch."""
+        """Read, decode and assemble one batch: the window, or one array per output."""
 
     def close(self) -> None: ...
 

@@ -307,9 +307,11 @@ class NumpyAssembler:
     """Copies tile pieces of decoded chunks into the batch (byte-swapping on the way)."""
 
     @staticmethod
-    def scatter(out: np.ndarray, decoded: np.ndarray, copies: Sequence[TileCopy]) -> None:
+    def scatter(
+        outputs: Sequence[np.ndarray], decoded: np.ndarray, copies: Sequence[TileCopy]
+    ) -> None:
         for copy in copies:
-            out[copy.dst] = decoded[copy.src]
+            outputs[copy.out][copy.dst] = decoded[copy.src]
 
 
 def _run_all(work: Sequence[Callable[[], None]]) -> None:
@@ -331,8 +333,12 @@ class CpuBackend:
         self.assembler = NumpyAssembler()
         self.fallback = ZarrPythonChunkSource(group, store_name)
 
-    def load_batch(self, layouts: Sequence[ArrayLayout], plan: BatchReadPlan) -> np.ndarray:
-        out = np.empty(plan.out_shape, dtype=batch_dtype(layouts))
+    def load_batch(
+        self, layouts: Sequence[ArrayLayout], plan: BatchReadPlan
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The window, or (input frames, target frames) if the plan splits it."""
+        dtype = batch_dtype(layouts)
+        out = [np.empty(shape, dtype=dtype) for shape in plan.out_shapes]
         copies = plan.copies_by_chunk()
         fast = [i for i, c in enumerate(plan.chunks) if layouts[c.var].fast_path]
         slow = [i for i, c in enumerate(plan.chunks) if not layouts[c.var].fast_path]
@@ -353,16 +359,17 @@ class CpuBackend:
         if fast:
             groups = self.reader.groups(layouts, [plan.chunks[i] for i in fast])
             work += [partial(run_group, g) for g in groups]
+        result = out[0] if plan.frame_split is None else tuple(out)
         if self.num_threads == 1:  # e.g. in a DALI worker process: no hand-offs
             _run_all(work)
-            return out
+            return result
         # A few tasks per thread, not one per chunk: small inner chunks decode in
         # tens of microseconds, comparable to the executor's own overhead.
         n_tasks = min(len(work), self.num_threads * self.tasks_per_thread)
         tasks = [self._pool.submit(_run_all, work[k::n_tasks]) for k in range(n_tasks)]
         for task in tasks:
             task.result()  # re-raises the first error with its traceback
-        return out
+        return result
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

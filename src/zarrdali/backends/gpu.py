@@ -475,6 +475,8 @@ class GpuBackend:
     def load_batch(self, layouts: Sequence[ArrayLayout], plan: BatchReadPlan) -> Any:
         """The batch ``[B, T, C, H, W]`` as a CuPy array in the batch dtype (ready:
         this thread's stream is synchronized before returning)."""
+        if plan.frame_split is not None:  # the GPU pipeline slices input/target itself
+            raise ValueError("the GPU backend assembles the whole window: plan without frame_split")
         cp = self._cp
         state = self._state()
         out_dtype = batch_dtype(layouts)
