@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from zarrdali.bench.runners import (
+    ChunkArena,
     RunResult,
     Skipped,
     StoreMismatch,
@@ -100,3 +101,20 @@ def test_gpu_loaders_are_skipped_with_the_reason(stores):
     ):
         with pytest.raises(Skipped, match=says):
             next(runner(spec, RunResult("gpu")))
+
+
+def test_chunk_arena_keeps_every_chunk_intact_and_reuses_its_blocks():
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 256, size=n, dtype=np.uint8).tobytes() for n in (7, 3, 40, 1, 9)]
+    arena = ChunkArena(block_nbytes=16)  # forces new blocks, one larger than a block
+    views = [arena.add(c) for c in chunks]
+    views.append(arena.add(memoryview(chunks[2])[5:12]))
+    assert [bytes(v) for v in views] == [*chunks, chunks[2][5:12]]
+    assert arena.nbytes == sum(map(len, chunks)) + 7
+
+    blocks = list(arena._blocks)
+    arena.clear()
+    assert arena.nbytes == 0
+    again = [arena.add(c) for c in reversed(chunks)]
+    assert [bytes(v) for v in again] == chunks[::-1]
+    assert all(any(b is k for k in arena._blocks) for b in blocks), "blocks were dropped"
