@@ -74,3 +74,10 @@ def test_prepare_stats_index_commands(tmp_path, capsys):
     )
     batches = run_epochs(loader, [0])[0]
     assert sum(len(b["index"]) for b in batches) == 12
+
+    # The index shows dask's progress like prepare and stats; -q silences it.
+    assert "Completed" in printed
+    argv = ["index", str(dst), "--variables", "precip", "--window", "2", "--tile", "6x6"]
+    assert main([*argv, "--tiling-only", "--out", str(tmp_path / "quiet"), "-q"]) == 0
+    quiet = capsys.readouterr().out
+    assert "Completed" not in quiet and "tiling.parquet" in quiet

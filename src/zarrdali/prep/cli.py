@@ -94,6 +94,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         sampling=sampling,
         out_dir=args.out,
         dataset_id=args.dataset_id,
+        show_progress=not args.quiet,
     )
     for key, path in sorted(result.paths.items()):
         print(f"{key}: {path}")
@@ -149,4 +150,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="default: STORE's directory /indexes")
     p.add_argument("--dataset-id")
+    p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_index)

@@ -63,6 +63,7 @@ def build_index(
     out_dir: str | os.PathLike | None = None,
     dataset_id: str | None = None,
     sampling_name: str | None = None,
+    show_progress: bool = False,
 ) -> IndexResult:
     """Compute and write the tiling index (and the sampling index when ``sampling``)."""
     group, store_name = open_group(store)
@@ -85,7 +86,7 @@ def build_index(
     }
     tid = tiling_id_of(dataset_id, tiling)
     params["tiling_id"] = tid
-    table = tiling_table(group, variables, aggregate_variable, aggregate, tiling)
+    table = tiling_table(group, variables, aggregate_variable, aggregate, tiling, show_progress)
     paths = {f"tiling.{k}": v for k, v in write_index(table, params, out_dir, tid).items()}
     sampled, sid = None, None
     if sampling is not None:

@@ -20,6 +20,7 @@ import zarr
 
 from ..errors import ConfigError
 from ..plan import tile_origins
+from ._dask import progress
 
 AGGREGATES = ("mean", "sum", "max")
 _TARGET_BLOCK_BYTES = 64 * 2**20
@@ -100,7 +101,12 @@ def _time_blocks(arr: zarr.Array) -> da.Array:
 
 
 def tiling_table(
-    group: zarr.Group, variables: list[str], aggregate_variable: str, how: str, spec: TilingSpec
+    group: zarr.Group,
+    variables: list[str],
+    aggregate_variable: str,
+    how: str,
+    spec: TilingSpec,
+    show_progress: bool = False,
 ) -> pd.DataFrame:
     """Columns t0, y0, x0, valid_fraction, aggregate (NaN where no valid value)."""
     if how not in AGGREGATES:
@@ -121,7 +127,8 @@ def tiling_table(
     for k in range(len(arrays[0].chunks[0])):
         blocks = [a.blocks[k] for a in arrays]
         parts.append(dask.delayed(_per_step)(blocks, agg.blocks[k], ys, xs, spec.tile))
-    per_step = np.concatenate(dask.compute(*parts), axis=0)  # [n_time, nty, ntx, 4]
+    with progress(show_progress):
+        per_step = np.concatenate(dask.compute(*parts), axis=0)  # [n_time, nty, ntx, 4]
 
     frames = t0[:, None] + spec.frame_step * np.arange(spec.n_frames)[None, :]
     windows = per_step[frames]  # [n_t0, n_frames, nty, ntx, 4]
