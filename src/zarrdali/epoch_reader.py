@@ -19,6 +19,31 @@ from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
 from .store import ArrayLayout, load_layouts, open_group
 
 
+def load_frames(
+    backend: Any,
+    layouts: Sequence[ArrayLayout],
+    spec: SampleSpec,
+    tile_hw: tuple[int, int],
+    samples: np.ndarray,
+    split: bool = True,
+) -> tuple[Any, ...]:
+    """The frames of ``samples`` as the pipeline takes them.
+
+    ``(input, target)``, assembled apart so DALI need not slice them, when
+    ``split`` and the spec has target steps; else ``(window,)``.
+    """
+    read_plan = plan_batch(
+        layouts,
+        samples,
+        n_frames=spec.n_frames,
+        frame_step=spec.frame_step,
+        tile_hw=tile_hw,
+        frame_split=spec.input_steps if split and spec.target_steps else None,
+    )
+    frames = backend.load_batch(layouts, read_plan)
+    return (frames,) if read_plan.frame_split is None else frames
+
+
 @dataclass
 class EpochReader:
     store: str
@@ -55,13 +80,5 @@ class EpochReader:
             self._state = self._open()
         layouts, plan, backend = self._state
         samples = plan.batch(self.start + k)
-        read_plan = plan_batch(
-            layouts,
-            samples,
-            n_frames=self.spec.n_frames,
-            frame_step=self.spec.frame_step,
-            tile_hw=self.candidates.tile_hw,
-            frame_split=self.spec.input_steps if self.spec.target_steps else None,
-        )
-        frames = backend.load_batch(layouts, read_plan)
-        return (frames if isinstance(frames, tuple) else (frames,)), samples
+        frames = load_frames(backend, layouts, self.spec, self.candidates.tile_hw, samples)
+        return frames, samples

@@ -12,8 +12,7 @@ import zarr
 
 from .backends import make_backend
 from .backends.base import batch_dtype
-from .chunkplan import BatchReadPlan, plan_batch
-from .epoch_reader import EpochReader
+from .epoch_reader import EpochReader, load_frames
 from .errors import ConfigError, ZarrDaliError
 from .normalize import NormalizeArg, channel_stats
 from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
@@ -243,25 +242,14 @@ class ZarrLoader:
 
     def load_batch(self, samples) -> Any:
         """Read, decode and assemble the window ``[B, T, C, H, W]`` of ``samples``."""
-        return self.backend.load_batch(self.layouts, self._read_plan(samples))
+        return self._load_frames(samples, split=False)[0]
 
-    def _read_plan(self, samples, frame_split: int | None = None) -> BatchReadPlan:
-        return plan_batch(
-            self.layouts,
-            samples,
-            n_frames=self.spec.n_frames,
-            frame_step=self.spec.frame_step,
-            tile_hw=self.candidates.tile_hw,
-            frame_split=frame_split,
-        )
-
-    def _load_frames(self, samples) -> tuple[Any, ...]:
-        """The batch as the pipeline takes it: ``(input, target)`` arrays on the CPU
+    def _load_frames(self, samples, split: bool = True) -> tuple[Any, ...]:
+        """The frames as the pipeline takes them: ``(input, target)`` on the CPU
         path (assembled apart, so DALI need not slice), ``(window,)`` on the GPU."""
-        if self.device == "cuda" or not self.spec.target_steps:
-            return (self.load_batch(samples),)
-        split_plan = self._read_plan(samples, frame_split=self.spec.input_steps)
-        return self.backend.load_batch(self.layouts, split_plan)
+        split = split and self.device == "cpu"
+        tile_hw = self.candidates.tile_hw
+        return load_frames(self.backend, self.layouts, self.spec, tile_hw, samples, split)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
