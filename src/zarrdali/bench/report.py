@@ -196,8 +196,19 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def plot_throughput(path: Path, rows: list[dict]) -> bool:
-    """Bars of median samples/s per loader and store, whiskers for min–max."""
+def _whisker_bars(
+    path: Path,
+    rows: list[dict],
+    stats: list[dict],
+    *,
+    scale: float,
+    color: str,
+    ylabel: str,
+    title: str,
+    log: bool = False,
+    ylim: tuple[float, float] | None = None,
+) -> bool:
+    """One bar per row at ``scale * median``, whiskers for min–max; False without matplotlib."""
     try:
         import matplotlib
 
@@ -205,6 +216,27 @@ def plot_throughput(path: Path, rows: list[dict]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    labels = [f"{r['store_label']}\n{r['summary']['name']}" for r in rows]
+    med = [scale * s["median"] for s in stats]
+    lo = [m - scale * s["min"] for m, s in zip(med, stats, strict=True)]
+    hi = [scale * s["max"] - m for m, s in zip(med, stats, strict=True)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
+    ax.bar(range(len(rows)), med, yerr=[lo, hi], capsize=4, color=color)
+    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_throughput(path: Path, rows: list[dict]) -> bool:
+    """Bars of median samples/s per loader and store, whiskers for min–max."""
     ok = [
         r
         for r in rows
@@ -212,31 +244,20 @@ def plot_throughput(path: Path, rows: list[dict]) -> bool:
     ]
     if not ok:
         return False
-    labels = [f"{r['store_label']}\n{r['summary']['name']}" for r in ok]
-    med = [r["summary"]["samples_per_s"]["median"] for r in ok]
-    lo = [m - r["summary"]["samples_per_s"]["min"] for m, r in zip(med, ok, strict=True)]
-    hi = [r["summary"]["samples_per_s"]["max"] - m for m, r in zip(med, ok, strict=True)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(ok)), 4.5))
-    ax.bar(range(len(ok)), med, yerr=[lo, hi], capsize=4, color="#3b7dd8")
-    ax.set_xticks(range(len(ok)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("samples / s (median, min–max)")
-    ax.set_yscale("log")
-    ax.set_title("zarrdali bench: throughput per loader")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _whisker_bars(
+        path,
+        ok,
+        [r["summary"]["samples_per_s"] for r in ok],
+        scale=1.0,
+        color="#3b7dd8",
+        ylabel="samples / s (median, min–max)",
+        title="zarrdali bench: throughput per loader",
+        log=True,
+    )
 
 
 def plot_wait(path: Path, rows: list[dict], step_ms: float) -> bool:
     """Bars of the median share of time the consumer waited for data, min–max whiskers."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     ok = [
         r
         for r in rows
@@ -245,18 +266,13 @@ def plot_wait(path: Path, rows: list[dict], step_ms: float) -> bool:
     ]
     if not ok:
         return False
-    labels = [f"{r['store_label']}\n{r['summary']['name']}" for r in ok]
-    stats = [r["summary"]["wait_fraction"] for r in ok]
-    med = [100 * s["median"] for s in stats]
-    lo = [m - 100 * s["min"] for m, s in zip(med, stats, strict=True)]
-    hi = [100 * s["max"] - m for m, s in zip(med, stats, strict=True)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(ok)), 4.5))
-    ax.bar(range(len(ok)), med, yerr=[lo, hi], capsize=4, color="#d8823b")
-    ax.set_xticks(range(len(ok)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("consumer waiting for data, % of time")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"zarrdali bench: data wait with a {step_ms:g} ms training step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _whisker_bars(
+        path,
+        ok,
+        [r["summary"]["wait_fraction"] for r in ok],
+        scale=100.0,
+        color="#d8823b",
+        ylabel="consumer waiting for data, % of time",
+        title=f"zarrdali bench: data wait with a {step_ms:g} ms training step",
+        ylim=(0, 100),
+    )
