@@ -239,21 +239,22 @@ def test_descriptors_reproduce_cpu_assembler(make_store, case):
         )
 
 
-@pytest.mark.parametrize(
-    "specs",
+# Stores mixing what the backends must agree on.
+MIXED_STORES = [
+    # big-endian, with crc32c, a level axis, cast of int16 and float32 to float32/64
     [
-        # big-endian, with crc32c, a level axis, cast of int16 and float32 to float32/64
-        [
-            _spec("be", endian="big", checksum=True),
-            _spec("lv", shape=(NT, 3, NY, NX), chunks=(2, 2, 8, 8), dtype="int16", endian="big"),
-        ],
-        [_spec("f8", dtype="float64", fill_value=np.nan), _spec("i2", dtype="int16", seed=2)],
-        # an array off the fast path (transpose): zarr-python decodes it, native order
-        [_spec("tr", unsupported="transpose"), _spec("ok", shards=(4, 16, 16), endian="big")],
-        [_spec("nan", nan_box=(0, 6, 2, 12, 3, 30), written_time=(0, 8), fill_value=np.nan)],
+        _spec("be", endian="big", checksum=True),
+        _spec("lv", shape=(NT, 3, NY, NX), chunks=(2, 2, 8, 8), dtype="int16", endian="big"),
     ],
-    ids=["bigendian-levels-crc", "cast", "fallback", "nan-missing"],
-)
+    [_spec("f8", dtype="float64", fill_value=np.nan), _spec("i2", dtype="int16", seed=2)],
+    # an array off the fast path (transpose): zarr-python decodes it, native order
+    [_spec("tr", unsupported="transpose"), _spec("ok", shards=(4, 16, 16), endian="big")],
+    [_spec("nan", nan_box=(0, 6, 2, 12, 3, 30), written_time=(0, 8), fill_value=np.nan)],
+]
+MIXED_STORE_IDS = ["bigendian-levels-crc", "cast", "fallback", "nan-missing"]
+
+
+@pytest.mark.parametrize("specs", MIXED_STORES, ids=MIXED_STORE_IDS)
 def test_descriptors_reproduce_cpu_assembler_mixed(make_store, specs):
     store = make_store(*specs)
     names = [s.name for s in specs]
@@ -302,16 +303,10 @@ def test_gpu_matches_cpu(make_store, case):
 @pytest.mark.parametrize(
     "specs",
     [
-        [
-            _spec("be", endian="big", checksum=True),
-            _spec("lv", shape=(NT, 3, NY, NX), chunks=(2, 2, 8, 8), dtype="int16", endian="big"),
-        ],
-        [_spec("f8", dtype="float64", fill_value=np.nan), _spec("i2", dtype="int16", seed=2)],
-        [_spec("tr", unsupported="transpose"), _spec("ok", shards=(4, 16, 16), endian="big")],
-        [_spec("nan", nan_box=(0, 6, 2, 12, 3, 30), written_time=(0, 8), fill_value=np.nan)],
+        *MIXED_STORES,
         [_spec("z", compressor="zstd"), _spec("l", compressor="lz4", shards=(4, 16, 16))],
     ],
-    ids=["bigendian-levels-crc", "cast", "fallback", "nan-missing", "zstd+lz4"],
+    ids=[*MIXED_STORE_IDS, "zstd+lz4"],
 )
 @pytest.mark.parametrize("preconfigure", [True, False])
 def test_gpu_matches_cpu_mixed(make_store, specs, preconfigure):
