@@ -222,3 +222,46 @@ def test_frame_split_outside_the_window_is_refused(split):
     samples = np.array([[0, 0, 0]])
     with pytest.raises(ValueError, match="frame_split"):
         plan_batch(layouts, samples, n_frames=3, frame_step=1, tile_hw=(4, 4), frame_split=split)
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=cases(), split=st.booleans())
+def test_needed_prefix_ends_at_the_last_element_copied(case, split):
+    layouts, samples, n_frames, frame_step, tile_hw, seed = case
+    frame_split = n_frames // 2 if split and n_frames > 1 else None
+    plan = plan_batch(
+        layouts,
+        samples,
+        n_frames=n_frames,
+        frame_step=frame_step,
+        tile_hw=tile_hw,
+        frame_split=frame_split,
+    )
+    needed = plan.needed_nbytes(layouts)
+    assert len(needed) == len(plan.chunks)
+    read = [np.zeros(layouts[c.var].chunk_shape, dtype=bool) for c in plan.chunks]
+    for copy in plan.copies:
+        read[copy.chunk][copy.src] = True
+    for i, chunk in enumerate(plan.chunks):
+        itemsize = layouts[chunk.var].dtype.itemsize
+        assert needed[i] % itemsize == 0
+        flat = read[i].reshape(-1)
+        n = needed[i] // itemsize
+        assert 0 < n <= flat.size
+        assert flat[n - 1], "the prefix ends on an element some copy reads"
+        assert not flat[n:].any(), "a copy reads past the prefix"
+
+    # Poisoning every chunk past its prefix changes nothing in the batch.
+    rng = np.random.default_rng(seed)
+    arrays = [rng.integers(0, 1_000_000, size=lay.shape, dtype=np.int64) for lay in layouts]
+    decoded = []
+    for i, chunk in enumerate(plan.chunks):
+        d = decode(layouts[chunk.var], arrays[chunk.var], chunk.coords)
+        d.reshape(-1)[needed[i] // d.itemsize :] = -9
+        decoded.append(d)
+    outputs = [np.full(shape, -7, dtype=np.int64) for shape in plan.out_shapes]
+    for copy in plan.copies:
+        outputs[copy.out][copy.dst] = decoded[copy.chunk][copy.src]
+    want = expected_batch(layouts, arrays, samples, n_frames, frame_step, tile_hw)
+    got = outputs[0] if frame_split is None else np.concatenate(outputs, axis=1)
+    np.testing.assert_array_equal(got, want)

@@ -53,6 +53,24 @@ class BatchReadPlan:
     def decoded_nbytes(self, layouts: Sequence[ArrayLayout]) -> int:
         return sum(layouts[c.var].chunk_nbytes for c in self.chunks)
 
+    def needed_nbytes(self, layouts: Sequence[ArrayLayout]) -> list[int]:
+        """Per chunk, the length of the decoded prefix (C order) its copies read.
+
+        A chunk's bytes past its last copied element are never looked at, so a
+        streaming decoder may stop there: with field-sized chunks and small
+        tiles that skips a large part of the decoding.
+        """
+        needed = [0] * len(self.chunks)
+        for copy in self.copies:
+            layout = layouts[self.chunks[copy.chunk].var]
+            last = tuple(s.stop - 1 if isinstance(s, slice) else s for s in copy.src)
+            end = 0
+            for i, n in zip(last, layout.chunk_shape, strict=True):  # C-order flat index
+                end = end * n + i
+            end += 1
+            needed[copy.chunk] = max(needed[copy.chunk], end * layout.dtype.itemsize)
+        return needed
+
     def copies_by_chunk(self) -> list[list[TileCopy]]:
         """The copies grouped by the chunk they read from (index: position in ``chunks``)."""
         groups: list[list[TileCopy]] = [[] for _ in self.chunks]

@@ -8,6 +8,7 @@ Anything else returns ``None`` and the array is read through zarr-python.
 
 from __future__ import annotations
 
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Literal
@@ -25,6 +26,11 @@ from zarr.codecs import (
     ShardingCodec,
     ZstdCodec,
 )
+
+try:  # streaming zstd, to stop decoding after the bytes a batch needs
+    import zstandard
+except ImportError:  # then zstd chunks are decoded whole, as numcodecs does
+    zstandard = None
 
 Compressor = Literal["none", "zstd", "gzip", "blosc", "lz4"]
 
@@ -47,28 +53,48 @@ class ChunkCodec:
             "lz4": numcodecs.LZ4(),
         }[self.compressor]
 
-    def decode_into(self, data: memoryview, out: np.ndarray) -> None:
-        """Decompress ``data`` into the uint8 array ``out``, which it must fill exactly.
+    @property
+    def streams(self) -> bool:
+        """Whether :meth:`decode_into` can stop after a prefix of the chunk."""
+        if self.compressor == "zstd":
+            return zstandard is not None
+        return self.compressor in ("none", "gzip")
 
+    def decode_into(self, data: memoryview, out: np.ndarray, needed: int | None = None) -> None:
+        """Decompress ``data`` into the uint8 array ``out``, the whole decoded chunk.
+
+        With ``needed``, only ``out[:needed]`` must be filled: compressors that
+        stream (zstd, gzip, none) stop there, the others decode the whole chunk.
         Calls numcodecs' module-level decompressors directly: their codec
         wrappers cost more than decoding a small inner chunk. Those functions
         do not complain when a frame is shorter than ``out``, so the size the
         frame declares is checked first; a mismatch is a corrupt chunk.
         """
         expected = out.nbytes
+        prefix = needed is not None and needed < expected
         if self.compressor == "none":
             _check_size(len(data), expected)
-            out[:] = np.frombuffer(data, dtype=np.uint8)
+            n = needed if prefix else expected
+            out[:n] = np.frombuffer(data, dtype=np.uint8, count=n)
         elif self.compressor == "zstd":
             _check_size(zstd_content_size(data), expected)
-            numcodecs.zstd.decompress(data, out)
+            if prefix and zstandard is not None:
+                _zstd_prefix_into(data, out[:needed])
+            else:
+                numcodecs.zstd.decompress(data, out)
         elif self.compressor == "lz4":  # numcodecs prepends the size, little-endian
             _check_size(int.from_bytes(data[:4], "little"), expected)
             numcodecs.lz4.decompress(data, out)
         elif self.compressor == "blosc":  # header bytes 4..8: uncompressed size
             _check_size(int.from_bytes(data[4:8], "little"), expected)
             numcodecs.blosc.decompress(data, out)
-        else:  # gzip: the size is only known after decoding
+        # gzip: the trailer holds the size modulo 2**32; a multi-member stream
+        # may not match it, and is decoded whole so its real size is checked.
+        elif prefix and len(data) >= 18 and _gzip_isize(data) == expected % 2**32:
+            raw = zlib.decompressobj(wbits=31).decompress(data, needed)
+            _check_prefix(len(raw), needed)
+            out[:needed] = np.frombuffer(raw, dtype=np.uint8)
+        else:
             raw = zlib.decompress(data, wbits=31)
             _check_size(len(raw), expected)
             out[:] = np.frombuffer(raw, dtype=np.uint8)
@@ -96,6 +122,38 @@ class ShardLayout:
 def _check_size(declared: int | None, expected: int) -> None:
     if declared is not None and declared != expected:
         raise ValueError(f"decodes to {declared} bytes, the chunk has {expected}")
+
+
+def _check_prefix(got: int, needed: int) -> None:
+    if got < needed:
+        raise ValueError(f"the data ends after {got} decoded bytes, {needed} are needed")
+
+
+def _gzip_isize(data: memoryview) -> int:
+    """The size a gzip stream declares in its trailer (modulo 2**32)."""
+    return int.from_bytes(data[-4:], "little")
+
+
+class _ZstdDecompressors(threading.local):
+    """One streaming decompressor per thread: they keep state between calls."""
+
+    def __init__(self) -> None:
+        self.decompressor = zstandard.ZstdDecompressor()
+
+
+_zstd = _ZstdDecompressors()
+
+
+def _zstd_prefix_into(data: memoryview, out: np.ndarray) -> None:
+    """Decode the first ``out.nbytes`` bytes of zstd ``data`` into ``out``, then stop."""
+    view, filled = memoryview(out), 0
+    with _zstd.decompressor.stream_reader(data, read_across_frames=True) as reader:
+        while filled < len(view):
+            n = reader.readinto(view[filled:])
+            if not n:
+                break
+            filled += n
+    _check_prefix(filled, len(view))
 
 
 def zstd_content_size(frame: memoryview) -> int | None:

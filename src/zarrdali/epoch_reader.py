@@ -54,6 +54,7 @@ class EpochReader:
     epoch: int
     start: int  # first batch of the epoch to serve (resume)
     num_threads: int = 1
+    partial_decode: bool = True
     _state: Any = field(default=None, init=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -68,7 +69,7 @@ class EpochReader:
         layouts = load_layouts(group, name, self.variables)
         samples = self.candidates.samples(self.sampler.seed, self.epoch)
         plan = self.sampler.epoch_plan(samples, self.epoch)
-        return layouts, plan, CpuBackend(group, name, self.num_threads)
+        return layouts, plan, CpuBackend(group, name, self.num_threads, self.partial_decode)
 
     def __call__(self, k: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
         """Frames and samples ``[B, 3]`` of batch ``start + k``.

@@ -65,6 +65,10 @@ class ZarrLoader:
     normalized) with ``(t0, y0, x0) = batch["index"][i]``; variables with a level
     axis contribute one channel per level. Values are the stored values (no CF
     decoding); NaNs stay NaN.
+
+    The CPU path decodes a chunk only as far as the last byte a batch copies
+    from it (zstd, gzip, uncompressed); ``partial_decode=False`` decodes every
+    chunk whole, so every compressor checks every chunk completely.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class ZarrLoader:
         dali_threads: int = 1,
         index: str | os.PathLike | SampleTable | None = None,
         augment: Sequence[str] = (),
+        partial_decode: bool = True,
     ) -> None:
         # Everything is validated here, before any chunk is read.
         self.spec = SampleSpec(
@@ -132,7 +137,10 @@ class ZarrLoader:
         self.prefetch = prefetch
         self.dali_threads = dali_threads
         self.device = _resolve_device(device)
-        self.backend = make_backend(self.device, self.group, self.store_name, num_threads)
+        self.partial_decode = partial_decode
+        self.backend = make_backend(
+            self.device, self.group, self.store_name, num_threads, partial_decode
+        )
         self.workers = self._resolve_workers(workers, store)
         self._epoch = 0
         self._served = 0  # batches handed to the user in the current epoch
@@ -280,6 +288,7 @@ class ZarrLoader:
                 self.sampler,
                 self._epoch,
                 start,
+                partial_decode=self.partial_decode,
             )
         elif cuda:  # UNVERIFIED without a GPU: batches made on side streams
             from .gpu_feed import CudaFeed

@@ -7,12 +7,21 @@ from .base import Assembler, Backend, ChunkDecoder, ChunkReader
 __all__ = ["Assembler", "Backend", "ChunkDecoder", "ChunkReader", "make_backend"]
 
 
-def make_backend(device: str, group, store_name: str, num_threads: int | None = None) -> Backend:
-    """The backend for ``device`` ("cpu" or "cuda"); GPU imports happen only here."""
+def make_backend(
+    device: str,
+    group,
+    store_name: str,
+    num_threads: int | None = None,
+    partial_decode: bool = True,
+) -> Backend:
+    """The backend for ``device`` ("cpu" or "cuda"); GPU imports happen only here.
+
+    ``partial_decode`` is the CPU backend's; nvCOMP decodes whole chunks.
+    """
     if device == "cpu":
         from .cpu import CpuBackend
 
-        return CpuBackend(group, store_name, num_threads)
+        return CpuBackend(group, store_name, num_threads, partial_decode)
     if device == "cuda":
         from .gpu import GpuBackend
 
