@@ -57,6 +57,7 @@ def test_sample_data_is_deterministic(tmp_path):
 
 CPU_LOADERS = (
     "zarrdali-cpu",
+    "zarrdali-cpu-whole",
     "numcodecs-ceiling",
     "numcodecs-codec-api",
     "torch-xarray",
@@ -124,6 +125,11 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
             assert s["first_batch_s"]["median"] > 0
             assert 0 <= s["wait_fraction"]["min"] <= s["wait_fraction"]["max"] <= 1
     assert payload["ratios"]  # the goal ratios are computed
+    assert any("whole chunks / numcodecs ceiling" in name for name in payload["ratios"])
+    notes = {(r["store_label"], r["loader"]): r["summary"]["note"] for r in rows}
+    # field-sized chunks, 16x16 tiles: the default decodes a part of the chunk bytes
+    assert "partial decode" in notes[("plain", "zarrdali-cpu")]
+    assert "partial decode" not in notes[("plain", "zarrdali-cpu-whole")]
     assert any("xbatcher" in name for name in payload["ratios"])
     assert (out / "bench.md").read_text().count("|") > 10
     assert payload["plots"] == ["throughput.png", "wait.png"]

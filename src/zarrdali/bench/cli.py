@@ -86,7 +86,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     loaders = list(o["loaders"] or LOADERS)
     if o["device"]:
         loaders = [
-            n for n in loaders if not n.startswith("zarrdali-") or n == f"zarrdali-{o['device']}"
+            n
+            for n in loaders
+            if not n.startswith("zarrdali-") or n.startswith(f"zarrdali-{o['device']}")
         ]
     variables = o["variables"]
     if not variables:

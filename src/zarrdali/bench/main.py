@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # cannot run here raises Skipped(reason) before its first epoch.
 LOADERS: dict[str, tuple[str, Callable[[BenchSpec, RunResult], Runner]]] = {
     "zarrdali-cpu": ("zarrdali[cpu]", lambda spec, r: zarrdali_runner(spec, r, "cpu")),
+    "zarrdali-cpu-whole": (
+        "zarrdali[cpu] whole chunks",
+        lambda spec, r: zarrdali_runner(spec, r, "cpu", partial_decode=False),
+    ),
     "zarrdali-cuda": ("zarrdali[cuda]", lambda spec, r: zarrdali_runner(spec, r, "cuda")),
     "numcodecs-ceiling": ("numcodecs decode ceiling", decode_ceiling_runner),
     "numcodecs-codec-api": (
@@ -89,10 +93,12 @@ def ratios(rows: list[dict]) -> dict[str, float]:
         z = by.get((label, "zarrdali[cpu]"))
         ceiling = by.get((label, "numcodecs decode ceiling"))
         torch_x = by.get((label, "torch DataLoader + xarray"))
-        if z and ceiling and ceiling["decoded_gb_per_s"]:
-            out[f"{label}: zarrdali[cpu] / numcodecs ceiling (GB/s)"] = (
-                z["decoded_gb_per_s"]["median"] / ceiling["decoded_gb_per_s"]["median"]
-            )
+        for name in ("zarrdali[cpu]", "zarrdali[cpu] whole chunks"):
+            row = by.get((label, name))
+            if row and ceiling and ceiling["decoded_gb_per_s"]:
+                out[f"{label}: {name} / numcodecs ceiling (GB/s)"] = (
+                    row["decoded_gb_per_s"]["median"] / ceiling["decoded_gb_per_s"]["median"]
+                )
         api = by.get((label, "numcodecs Codec.decode"))
         if z and api and api["decoded_gb_per_s"]:
             out[f"{label}: zarrdali[cpu] / numcodecs Codec.decode (GB/s)"] = (
