@@ -55,7 +55,7 @@ def test_prefix_equals_the_whole_decode(compressor, needed):
     codec.decode_into(memoryview(encode(compressor, raw)), out, needed)
     n = NBYTES if needed is None else needed
     assert out[:n].tobytes() == raw[:n]
-    if not codec.streams or needed in (None, NBYTES):
+    if not codec.decodes_partially(needed, NBYTES):
         assert out.tobytes() == raw  # decoded whole
 
 
@@ -66,6 +66,17 @@ def test_streaming_compressors_stop_after_the_prefix(compressor):
     out = poisoned()
     codec.decode_into(memoryview(encode(compressor, RAW.tobytes())), out, 1000)
     assert np.all(out[1000:] == 0xAB), "decoded past the bytes asked for"
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "gzip", "none"])
+def test_a_prefix_skipping_too_little_is_decoded_whole(compressor):
+    codec = ChunkCodec(compressor=compressor, byteorder="<")
+    needed = NBYTES - codecs.MIN_PARTIAL_SKIP + 1
+    assert not codec.decodes_partially(needed, NBYTES)
+    assert codec.decodes_partially(needed - 1, NBYTES)
+    out = poisoned()
+    codec.decode_into(memoryview(encode(compressor, RAW.tobytes())), out, needed)
+    assert out.tobytes() == RAW.tobytes()
 
 
 def test_zstd_frame_without_a_declared_size():
@@ -81,10 +92,11 @@ def test_a_stream_ending_inside_the_prefix_is_an_error(compressor):
     data = encode(compressor, RAW.tobytes())
     # gzip keeps its trailer, so the size it declares still matches
     trailer = data[-8:] if compressor == "gzip" else b""
-    data = data[: len(data) // 2] + trailer
+    data = data[: len(data) // 4] + trailer
     codec = ChunkCodec(compressor=compressor, byteorder="<")
+    assert codec.decodes_partially(NBYTES // 2, NBYTES)
     with pytest.raises((ValueError, zstandard.ZstdError, zlib.error)):
-        codec.decode_into(memoryview(data), poisoned(), NBYTES - 4)
+        codec.decode_into(memoryview(data), poisoned(), NBYTES // 2)
 
 
 @pytest.mark.parametrize("compressor", ["zstd", "gzip", "none"])

@@ -34,6 +34,10 @@ except ImportError:  # then zstd chunks are decoded whole, as numcodecs does
 
 Compressor = Literal["none", "zstd", "gzip", "blosc", "lz4"]
 
+# Partial decoding pays off only when it skips at least this much: zstd decodes
+# whole blocks of up to 128 KiB, and a streaming call costs more than a plain one.
+MIN_PARTIAL_SKIP = 128 * 1024
+
 
 @dataclass(frozen=True)
 class ChunkCodec:
@@ -60,25 +64,30 @@ class ChunkCodec:
             return zstandard is not None
         return self.compressor in ("none", "gzip")
 
+    def decodes_partially(self, needed: int | None, chunk_nbytes: int) -> bool:
+        """Whether :meth:`decode_into` stops after ``needed`` of ``chunk_nbytes`` bytes."""
+        return self.streams and needed is not None and chunk_nbytes - needed >= MIN_PARTIAL_SKIP
+
     def decode_into(self, data: memoryview, out: np.ndarray, needed: int | None = None) -> None:
         """Decompress ``data`` into the uint8 array ``out``, the whole decoded chunk.
 
         With ``needed``, only ``out[:needed]`` must be filled: compressors that
-        stream (zstd, gzip, none) stop there, the others decode the whole chunk.
+        stream (zstd, gzip, none) stop there when that skips at least
+        ``MIN_PARTIAL_SKIP`` bytes; otherwise the whole chunk is decoded.
         Calls numcodecs' module-level decompressors directly: their codec
         wrappers cost more than decoding a small inner chunk. Those functions
         do not complain when a frame is shorter than ``out``, so the size the
         frame declares is checked first; a mismatch is a corrupt chunk.
         """
         expected = out.nbytes
-        prefix = needed is not None and needed < expected
+        prefix = self.decodes_partially(needed, expected)
         if self.compressor == "none":
             _check_size(len(data), expected)
             n = needed if prefix else expected
             out[:n] = np.frombuffer(data, dtype=np.uint8, count=n)
         elif self.compressor == "zstd":
             _check_size(zstd_content_size(data), expected)
-            if prefix and zstandard is not None:
+            if prefix:
                 _zstd_prefix_into(data, out[:needed])
             else:
                 numcodecs.zstd.decompress(data, out)

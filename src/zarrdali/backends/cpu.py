@@ -23,6 +23,7 @@ import crc32c
 import numpy as np
 
 from ..chunkplan import BatchReadPlan, ChunkRef, TileCopy
+from ..codecs import MIN_PARTIAL_SKIP
 from ..errors import ChunkError
 from ..store import ArrayLayout
 from .base import batch_dtype
@@ -317,6 +318,11 @@ class NumpyAssembler:
             outputs[copy.out][copy.dst] = decoded[copy.src]
 
 
+def _may_decode_partially(layout: ArrayLayout) -> bool:
+    """Whether partial decoding could skip anything in this array's chunks."""
+    return layout.fast_path and layout.codec.streams and layout.chunk_nbytes > MIN_PARTIAL_SKIP
+
+
 def _run_all(work: Sequence[Callable[[], None]]) -> None:
     for item in work:
         item()
@@ -357,7 +363,9 @@ class CpuBackend:
         dtype = batch_dtype(layouts)
         out = [np.empty(shape, dtype=dtype) for shape in plan.out_shapes]
         copies = plan.copies_by_chunk()
-        needed = plan.needed_nbytes(layouts) if self.partial_decode else [None] * len(copies)
+        needed: list[int | None] = [None] * len(copies)
+        if self.partial_decode and any(_may_decode_partially(layout) for layout in layouts):
+            needed = plan.needed_nbytes(layouts)
         fast = [i for i, c in enumerate(plan.chunks) if layouts[c.var].fast_path]
         slow = [i for i, c in enumerate(plan.chunks) if not layouts[c.var].fast_path]
 
