@@ -167,3 +167,23 @@ def test_damage_past_the_prefix_is_caught_by_whole_chunk_decoding(make_store, co
         whole.load_batch(top_left)
     whole.close()
     assert info.value.array == "a" and info.value.key == "c/1/0/0"
+
+
+def test_the_benchmark_counts_the_bytes_partial_decoding_skips(make_store):
+    from zarrdali.bench.runners import _decoded_nbytes
+
+    store = make_store(VarSpec("a", shape=FIELD, chunks=(1, 256, 256)))
+    batches = [np.array([(0, 0, 0), (1, 8, 8)]), np.array([(2, 240, 0)])]
+    counted = {}
+    for partial in (True, False):
+        ld = zarrdali.ZarrLoader(
+            store, "a", tile=(16, 16), device="cpu", workers=0, partial_decode=partial
+        )
+        counted[partial] = _decoded_nbytes(ld, batches)
+        ld.close()
+    chunk = 256 * 256 * 4
+    assert counted[False] == (3 * chunk, 3 * chunk)
+    whole, decoded = counted[True]
+    # the first batch's two chunks end after rows 16 and 24; the last one is read near its end
+    assert whole == 3 * chunk
+    assert decoded == (15 * 256 + 16) * 4 + (23 * 256 + 24) * 4 + chunk
