@@ -323,6 +323,20 @@ def _may_decode_partially(layout: ArrayLayout) -> bool:
     return layout.fast_path and layout.codec.streams and layout.chunk_nbytes > MIN_PARTIAL_SKIP
 
 
+def partial_decode_prefixes(
+    layouts: Sequence[ArrayLayout], plan: BatchReadPlan
+) -> list[int | None]:
+    """Per chunk of ``plan``, the bytes partial decoding stops after (None: the whole chunk)."""
+    if not any(_may_decode_partially(layout) for layout in layouts):
+        return [None] * len(plan.chunks)  # spares working out the prefixes
+    prefixes: list[int | None] = []
+    for chunk, n in zip(plan.chunks, plan.needed_nbytes(layouts), strict=True):
+        layout = layouts[chunk.var]
+        partial = layout.fast_path and layout.codec.decodes_partially(n, layout.chunk_nbytes)
+        prefixes.append(n if partial else None)
+    return prefixes
+
+
 def _run_all(work: Sequence[Callable[[], None]]) -> None:
     for item in work:
         item()
@@ -363,9 +377,11 @@ class CpuBackend:
         dtype = batch_dtype(layouts)
         out = [np.empty(shape, dtype=dtype) for shape in plan.out_shapes]
         copies = plan.copies_by_chunk()
-        needed: list[int | None] = [None] * len(copies)
-        if self.partial_decode and any(_may_decode_partially(layout) for layout in layouts):
-            needed = plan.needed_nbytes(layouts)
+        needed = (
+            partial_decode_prefixes(layouts, plan)
+            if self.partial_decode
+            else [None] * len(plan.chunks)
+        )
         fast = [i for i, c in enumerate(plan.chunks) if layouts[c.var].fast_path]
         slow = [i for i, c in enumerate(plan.chunks) if not layouts[c.var].fast_path]
 

@@ -20,6 +20,7 @@ from functools import partial
 
 import numpy as np
 
+from ..backends.cpu import partial_decode_prefixes
 from ..chunkplan import plan_batch
 from ..loader import ZarrLoader
 from ..store import ArrayLayout
@@ -139,15 +140,14 @@ def _decoded_nbytes(loader: ZarrLoader, batches: Sequence[np.ndarray]) -> tuple[
             frame_step=loader.spec.frame_step,
             tile_hw=loader.candidates.tile_hw,
         )
-        total += read_plan.decoded_nbytes(loader.layouts)
-        needed = read_plan.needed_nbytes(loader.layouts)
-        for chunk, n in zip(read_plan.chunks, needed, strict=True):
-            layout = loader.layouts[chunk.var]
-            partial = loader.partial_decode and loader.device == "cpu" and layout.fast_path
-            if partial and layout.codec.decodes_partially(n, layout.chunk_nbytes):
-                decoded += n
-            else:
-                decoded += layout.chunk_nbytes
+        whole = read_plan.decoded_nbytes(loader.layouts)
+        total += whole
+        if not (loader.partial_decode and loader.device == "cpu"):
+            decoded += whole
+            continue
+        prefixes = partial_decode_prefixes(loader.layouts, read_plan)
+        for chunk, n in zip(read_plan.chunks, prefixes, strict=True):
+            decoded += loader.layouts[chunk.var].chunk_nbytes if n is None else n
     return total, decoded
 
 
