@@ -41,9 +41,9 @@ def no_chunk_reads(monkeypatch):
     targets = [
         (zarrdali.ZarrLoader, ("load_batch",)),
         (cpu.CpuBackend, ("load_batch",)),
-        (cpu.PosixChunkReader, ("read", "groups")),
+        (cpu.PosixReader, ("pread", "read_chunks")),
         (cpu.NumcodecsDecoder, ("decode", "decode_one")),
-        (fallback.ZarrPythonChunkSource, ("read_many", "read_decoded")),
+        (fallback.ZarrPythonChunkSource, ("read_decoded",)),
     ]
     for cls, names in targets:
         for name in names:

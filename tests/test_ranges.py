@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zarrdali.backends.ranges import CoalescedRead, coalesce
+from zarrdali.backends.ranges import CoalescedRead, coalesce, coalesce_arrays
 
 FAST = settings(max_examples=200, deadline=None)
 
@@ -95,3 +96,33 @@ def test_examples():
     assert coalesce([(5, 4), (0, 4)], 1) == [CoalescedRead(0, 9, (1, 0))]
     # a range inside an earlier one does not shrink the read
     assert coalesce([(0, 10), (2, 3), (12, 1)], 2) == [CoalescedRead(0, 13, (0, 1, 2))]
+
+
+many_files = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(0, 2_000), st.integers(1, 200)), max_size=40
+)
+
+
+@FAST
+@given(ranges=many_files, max_gap=st.integers(0, 300))
+def test_array_coalescing_equals_per_file_coalescing(ranges, max_gap):
+    """The vectorized coalescing makes exactly the reads of :func:`coalesce`, file by file."""
+    file = np.array([r[0] for r in ranges], dtype=np.int64)
+    offset = np.array([r[1] for r in ranges], dtype=np.int64)
+    nbytes = np.array([r[2] for r in ranges], dtype=np.int64)
+    reads = coalesce_arrays(file, offset, nbytes, max_gap)
+    got = set()
+    for r in range(len(reads)):
+        members = reads.order[reads.bounds[r] : reads.bounds[r + 1]].tolist()
+        assert members, "an empty read"
+        assert all(file[m] == reads.file[r] for m in members)
+        got.add((int(reads.file[r]), int(reads.start[r]), int(reads.end[r]), frozenset(members)))
+    want = set()
+    for f in sorted(set(file.tolist())):
+        positions = np.flatnonzero(file == f)
+        per_file = [(int(offset[p]), int(nbytes[p])) for p in positions]
+        for read in coalesce(per_file, max_gap):
+            members = frozenset(int(positions[m]) for m in read.members)
+            want.add((f, read.start, read.end, members))
+    assert got == want
+    assert np.all(reads.nbytes > 0)

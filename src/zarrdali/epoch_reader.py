@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .chunkplan import plan_batch
+from .batchplan import plan_batch
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
 from .store import ArrayLayout, load_layouts, open_group
 

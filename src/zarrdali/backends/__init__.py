@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Assembler, Backend, ChunkDecoder, ChunkReader
+from .base import Backend, ChunkDecoder, Locator
 
-__all__ = ["Assembler", "Backend", "ChunkDecoder", "ChunkReader", "make_backend"]
+__all__ = ["Backend", "ChunkDecoder", "Locator", "make_backend"]
 
 
 def make_backend(

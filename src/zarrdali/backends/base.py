@@ -1,11 +1,13 @@
-"""The roles every backend fills: read, decode, assemble.
+"""The roles every backend fills: locate, read, decode, assemble.
 
 A backend is an object passed down (like zarr-python's buffer prototypes), not a
-flag tested throughout the code. Both satisfy :class:`Backend`. The CPU backend
-(numpy, numcodecs) fills the per-chunk roles below and runs them fused, chunk
-by chunk, in its threads; the GPU backend (CuPy, kvikIO, nvCOMP) reuses the CPU
-reader's shard indexes and coalescing, then decodes a whole batch in one nvCOMP
-call and gathers it with one kernel.
+flag tested throughout the code. Both satisfy :class:`Backend` and consume the
+same :class:`~zarrdali.batchplan.BatchPlan` (arrays, one per batch) and the
+same :class:`~zarrdali.backends.locate.ChunkLocations` (where each chunk's
+bytes are, also arrays). The CPU backend (numpy, numcodecs) reads, decodes and
+copies chunk by chunk in its threads; the GPU backend (CuPy, kvikIO, nvCOMP)
+reads a batch into one device buffer, decodes it in batched nvCOMP calls and
+gathers it with one kernel launch.
 """
 
 from __future__ import annotations
@@ -15,31 +17,32 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..chunkplan import BatchReadPlan, ChunkRef, TileCopy
+from ..batchplan import BatchPlan
 from ..store import ArrayLayout
+from .locate import ChunkLocations
 
 
-class ChunkReader(Protocol):
-    def read(self, layouts: Sequence[ArrayLayout], chunks: Sequence[ChunkRef]) -> list[Any | None]:
-        """Encoded bytes of each chunk, or None for a chunk that does not exist."""
+class Locator(Protocol):
+    def locate(self, plan: BatchPlan) -> ChunkLocations:
+        """File, offset and size of every chunk of ``plan`` (missing ones flagged)."""
 
 
 class ChunkDecoder(Protocol):
     def decode(
-        self, layout: ArrayLayout, chunk: ChunkRef, data: Any | None, out: Any | None = None
+        self,
+        layout: ArrayLayout,
+        coords: Sequence[int],
+        data: Any | None,
+        out: Any | None = None,
+        needed: int | None = None,
     ) -> Any:
         """One decoded chunk (full chunk shape; a missing chunk as the fill value)."""
-
-
-class Assembler(Protocol):
-    def scatter(self, outputs: Sequence[Any], decoded: Any, copies: Sequence[TileCopy]) -> None:
-        """Copy one decoded chunk's tile pieces into the batch's output arrays."""
 
 
 class Backend(Protocol):
     device: str
 
-    def load_batch(self, layouts: Sequence[ArrayLayout], plan: BatchReadPlan) -> Any:
+    def load_batch(self, layouts: Sequence[ArrayLayout], plan: BatchPlan) -> Any:
         """Read, decode and assemble one batch: the window, or one array per output."""
 
     def close(self) -> None: ...

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -22,15 +21,14 @@ from functools import partial
 import crc32c
 import numpy as np
 
-from ..chunkplan import BatchReadPlan, ChunkRef, TileCopy
+from ..batchplan import BatchPlan, chunk_shape4, natural_coords
 from ..codecs import MIN_PARTIAL_SKIP
 from ..errors import ChunkError
 from ..store import ArrayLayout
 from .base import batch_dtype
 from .fallback import ZarrPythonChunkSource
-from .ranges import coalesce
-
-_EMPTY = 2**64 - 1  # shard index entry of an inner chunk that was never written
+from .locate import ChunkLocations, ChunkLocator
+from .ranges import CoalescedReads, coalesce_arrays
 
 
 class _Scratch(threading.local):
@@ -51,214 +49,73 @@ class _Scratch(threading.local):
         return self.decoded[:nbytes].view(dtype).reshape(shape)
 
 
-def _strip_crc32c(
-    data: memoryview, what: str, layout: ArrayLayout, store: str, key: str
-) -> memoryview:
-    body, stored = data[:-4], int.from_bytes(data[-4:], "little")
-    if crc32c.crc32c(body) != stored:
-        raise ChunkError(
-            f"crc32c checksum mismatch in {what}", store=store, array=layout.name, key=key
-        )
-    return body
+class PosixReader:
+    """Reads byte ranges of a local store's files with ``os.pread``.
 
-
-# A read group performs its I/O when called and yields (position in the request
-# list, encoded bytes or None for a missing chunk). The bytes are only valid
-# until the next item is drawn: they may live in a reused buffer.
-ReadGroup = Callable[[], Iterator[tuple[int, memoryview | None]]]
-
-
-@dataclass(frozen=True)
-class _InnerRange:
-    position: int
-    offset: int
-    nbytes: int
-
-
-class PosixChunkReader:
-    """Reads encoded chunks from a local store with ``os.pread``.
-
-    Shard indexes are read once per shard file and cached; the inner chunks a
-    batch needs from one shard are read as coalesced byte ranges.
+    Each read lands in a thread-local buffer reused for the next read of the
+    same thread, so reading allocates nothing per chunk.
     """
 
-    def __init__(
-        self,
-        pool: ThreadPoolExecutor,
-        store_name: str,
-        *,
-        max_gap: int = 64 * 1024,
-        index_cache_size: int = 8192,
-    ) -> None:
-        self._pool = pool
+    def __init__(self, store_name: str, *, max_gap: int = 64 * 1024) -> None:
         self._store = store_name
         self.max_gap = max_gap
-        self._index_cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._index_cache_size = index_cache_size
-        self._lock = threading.Lock()
         self._scratch = _Scratch()
 
-    # -- public API --------------------------------------------------------
-    def groups(self, layouts: Sequence[ArrayLayout], chunks: Sequence[ChunkRef]) -> list[ReadGroup]:
-        """Independent units of I/O covering ``chunks``; run them in any thread."""
-        by_file: dict[tuple[int, tuple[int, ...]], list[int]] = defaultdict(list)
-        for i, c in enumerate(chunks):
-            by_file[(c.var, layouts[c.var].storage_coords(c.coords))].append(i)
-        groups: list[ReadGroup] = []
-        sharded = []
-        for (v, coords), members in by_file.items():
-            layout = layouts[v]
-            key = layout.encode_key(coords)
-            if layout.shard is None:
-                groups.append(self._whole_file_group(layout, key, members[0]))
-            else:
-                sharded.append((layout, key, members))
-        # Shard indexes first (in parallel, cached), then one group per coalesced read.
-        indexes = list(self._pool.map(lambda item: self.shard_index(item[0], item[1]), sharded))
-        for (layout, key, members), index in zip(sharded, indexes, strict=True):
-            local = np.array([chunks[i].coords for i in members]) % layout.shard.chunks_per_shard
-            groups += self._shard_groups(layout, key, index, members, local)
-        return groups
+    def reads(self, locations: ChunkLocations) -> tuple[CoalescedReads, np.ndarray]:
+        """The coalesced reads of every chunk stored in a file, and for each
+        position of ``reads.order`` the chunk it is."""
+        present = np.flatnonzero(locations.present)
+        reads = coalesce_arrays(
+            locations.file[present],
+            locations.offset[present],
+            locations.nbytes[present],
+            self.max_gap,
+        )
+        return reads, present[reads.order]
 
-    def read(
-        self, layouts: Sequence[ArrayLayout], chunks: Sequence[ChunkRef]
-    ) -> list[bytes | None]:
-        """Encoded bytes of every chunk (copies), or None where a chunk is missing."""
-        out: list[bytes | None] = [None] * len(chunks)
-
-        def run(group: ReadGroup) -> None:
-            for i, data in group():
-                out[i] = None if data is None else bytes(data)
-
-        list(self._pool.map(run, self.groups(layouts, chunks)))
-        return out
-
-    # -- internals ---------------------------------------------------------
-    def _path(self, layout: ArrayLayout, key: str) -> str:
-        return os.path.join(layout.directory, key)
-
-    def _pread(
-        self,
-        fd: int,
-        nbytes: int,
-        offset: int,
-        layout: ArrayLayout,
-        key: str,
-        buffer: memoryview | None = None,
-    ) -> memoryview:
-        buf = buffer if buffer is not None else memoryview(bytearray(nbytes))
+    def pread(self, path: str, start: int, nbytes: int, array: str, key: str) -> memoryview:
+        """``nbytes`` at ``start`` of ``path``, valid until this thread's next read."""
+        buf = self._scratch.encoded_buffer(nbytes)
         try:
-            got = os.preadv(fd, [buf], offset)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [buf], start)
+            finally:
+                os.close(fd)
         except OSError as err:
             raise ChunkError(
-                f"cannot read bytes {offset}..{offset + nbytes}: {err}",
+                f"cannot read bytes {start}..{start + nbytes}: {err}",
                 store=self._store,
-                array=layout.name,
+                array=array,
                 key=key,
             ) from err
         if got != nbytes:
             raise ChunkError(
-                f"file is truncated: wanted {nbytes} bytes at {offset}, got {got}",
+                f"file is truncated: wanted {nbytes} bytes at {start}, got {got}",
                 store=self._store,
-                array=layout.name,
+                array=array,
                 key=key,
             )
         return buf
 
-    def _whole_file_group(self, layout: ArrayLayout, key: str, position: int) -> ReadGroup:
-        def group() -> Iterator[tuple[int, memoryview | None]]:
-            try:
-                fd = os.open(self._path(layout, key), os.O_RDONLY)
-            except FileNotFoundError:
-                yield position, None  # missing chunk: fill value
-                return
-            try:
-                size = os.fstat(fd).st_size
-                buf = self._pread(fd, size, 0, layout, key, self._scratch.encoded_buffer(size))
-            finally:
-                os.close(fd)
-            yield position, buf
-
-        return group
-
-    def shard_index(self, layout: ArrayLayout, key: str) -> np.ndarray | None:
-        """The shard's ``[*chunks_per_shard, 2]`` (offset, nbytes) table; None: no shard."""
-        path = self._path(layout, key)
-        with self._lock:
-            if path in self._index_cache:
-                self._index_cache.move_to_end(path)
-                return self._index_cache[path]
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None  # whole shard missing: every inner chunk is fill value
-        shard = layout.shard
-        try:
-            size = os.fstat(fd).st_size
-            n = shard.index_nbytes
-            if size < n:
-                raise ChunkError(
-                    f"shard file is {size} bytes, smaller than its {n}-byte index",
-                    store=self._store,
-                    array=layout.name,
-                    key=key,
-                )
-            offset = size - n if shard.index_location == "end" else 0
-            raw = self._pread(fd, n, offset, layout, key)
-        finally:
-            os.close(fd)
-        if shard.index_has_crc32c:
-            raw = _strip_crc32c(raw, "the shard index", layout, self._store, key)
-        index = np.frombuffer(raw, dtype=np.dtype("u8").newbyteorder(shard.index_byteorder))
-        index = index.reshape((*shard.chunks_per_shard, 2)).astype(np.uint64)
-        with self._lock:
-            self._index_cache[path] = index
-            if len(self._index_cache) > self._index_cache_size:
-                self._index_cache.popitem(last=False)
-        return index
-
-    def _shard_groups(
-        self,
-        layout: ArrayLayout,
-        key: str,
-        index: np.ndarray | None,
-        positions: list[int],
-        local: np.ndarray,
-    ) -> list[ReadGroup]:
-        """Groups reading the inner chunks at ``local`` coordinates of one shard."""
-        if index is None:  # whole shard missing: every inner chunk is fill value
-            return [lambda: iter([(p, None) for p in positions])]
-        entries = index[tuple(local.T)]  # [n, 2] (offset, nbytes)
-        empty = ((entries[:, 0] == _EMPTY) & (entries[:, 1] == _EMPTY)).tolist()
-        missing = [p for p, e in zip(positions, empty, strict=True) if e]
-        ranges = [
-            _InnerRange(p, off, n)
-            for p, (off, n), e in zip(positions, entries.tolist(), empty, strict=True)
-            if not e
-        ]
-        groups: list[ReadGroup] = []
-        if missing:  # inner chunks never written: fill value
-            groups.append(lambda: iter([(p, None) for p in missing]))
-        for read in coalesce([(r.offset, r.nbytes) for r in ranges], self.max_gap):
-            parts = [ranges[m] for m in read.members]
-            groups.append(self._coalesced_group(layout, key, read.start, read.end, parts))
-        return groups
-
-    def _coalesced_group(
-        self, layout: ArrayLayout, key: str, start: int, end: int, parts: list[_InnerRange]
-    ) -> ReadGroup:
-        def group() -> Iterator[tuple[int, memoryview | None]]:
-            fd = os.open(self._path(layout, key), os.O_RDONLY)
-            try:
-                buf = self._pread(
-                    fd, end - start, start, layout, key, self._scratch.encoded_buffer(end - start)
-                )
-            finally:
-                os.close(fd)
-            for part in parts:
-                yield part.position, buf[part.offset - start : part.offset - start + part.nbytes]
-
-        return group
+    def read_chunks(
+        self, layouts: Sequence[ArrayLayout], locations: ChunkLocations
+    ) -> list[bytes | None]:
+        """Encoded bytes of every fast-path chunk (copies; None: missing or not fast)."""
+        reads, chunk_of = self.reads(locations)
+        out: list[bytes | None] = [None] * len(locations.file)
+        offsets = locations.offset.tolist()
+        sizes = locations.nbytes.tolist()
+        for r in range(len(reads)):
+            lo, hi = int(reads.bounds[r]), int(reads.bounds[r + 1])
+            f, start = int(reads.file[r]), int(reads.start[r])
+            array = layouts[locations.file_var[f]].name
+            buf = self.pread(
+                locations.paths[f], start, int(reads.nbytes[r]), array, locations.keys[f]
+            )
+            for i in chunk_of[lo:hi].tolist():
+                out[i] = bytes(buf[offsets[i] - start : offsets[i] - start + sizes[i]])
+        return out
 
 
 class NumcodecsDecoder:
@@ -271,17 +128,18 @@ class NumcodecsDecoder:
     def decode(
         self,
         layout: ArrayLayout,
-        chunk: ChunkRef,
+        coords: Sequence[int],
         data: memoryview | None,
         out: np.ndarray | None = None,
         needed: int | None = None,
     ) -> np.ndarray:
-        """The decoded chunk (full chunk shape, stored byte order).
+        """The decoded chunk at grid ``coords`` (full chunk shape, stored byte order).
 
         Decodes into ``out`` when given, else into this thread's scratch (valid
         until the thread decodes its next chunk). A missing chunk is the fill value.
         With ``needed``, only the first ``needed`` bytes are guaranteed: streaming
         compressors stop there and the rest of the array is left as it was.
+        ``coords`` (``(t, level, y, x)`` or the array's own) only name the chunk in errors.
         """
         codec = layout.codec
         if out is None:
@@ -290,10 +148,16 @@ class NumcodecsDecoder:
         if data is None:
             out[...] = layout.fill_value
             return out
+        if codec.has_crc32c:
+            data, stored = data[:-4], int.from_bytes(data[-4:], "little")
+            if crc32c.crc32c(data) != stored:
+                raise ChunkError(
+                    "crc32c checksum mismatch in the chunk",
+                    store=self._store,
+                    array=layout.name,
+                    key=describe_chunk(layout, coords),
+                )
         try:
-            if codec.has_crc32c:
-                where = layout.describe_chunk(chunk.coords)
-                data = _strip_crc32c(data, "the chunk", layout, self._store, where)
             codec.decode_into(data, out.reshape(-1).view(np.uint8), needed)
         except ChunkError:
             raise
@@ -302,20 +166,14 @@ class NumcodecsDecoder:
                 f"cannot decode {codec.compressor} chunk: {err}",
                 store=self._store,
                 array=layout.name,
-                key=layout.describe_chunk(chunk.coords),
+                key=describe_chunk(layout, coords),
             ) from err
         return out
 
 
-class NumpyAssembler:
-    """Copies tile pieces of decoded chunks into the batch (byte-swapping on the way)."""
-
-    @staticmethod
-    def scatter(
-        outputs: Sequence[np.ndarray], decoded: np.ndarray, copies: Sequence[TileCopy]
-    ) -> None:
-        for copy in copies:
-            outputs[copy.out][copy.dst] = decoded[copy.src]
+def describe_chunk(layout: ArrayLayout, coords4: Sequence[int]) -> str:
+    """The chunk's key (and inner position in its shard), from ``(t, level, y, x)``."""
+    return layout.describe_chunk(natural_coords(layout, coords4))
 
 
 def _may_decode_partially(layout: ArrayLayout) -> bool:
@@ -323,23 +181,31 @@ def _may_decode_partially(layout: ArrayLayout) -> bool:
     return layout.fast_path and layout.codec.streams and layout.chunk_nbytes > MIN_PARTIAL_SKIP
 
 
-def partial_decode_prefixes(
-    layouts: Sequence[ArrayLayout], plan: BatchReadPlan
-) -> list[int | None]:
-    """Per chunk of ``plan``, the bytes partial decoding stops after (None: the whole chunk)."""
-    if not any(_may_decode_partially(layout) for layout in layouts):
-        return [None] * len(plan.chunks)  # spares working out the prefixes
-    prefixes: list[int | None] = []
-    for chunk, n in zip(plan.chunks, plan.needed_nbytes(layouts), strict=True):
-        layout = layouts[chunk.var]
-        partial = layout.fast_path and layout.codec.decodes_partially(n, layout.chunk_nbytes)
-        prefixes.append(n if partial else None)
+def partial_decode_prefixes(layouts: Sequence[ArrayLayout], plan: BatchPlan) -> np.ndarray:
+    """Per chunk of ``plan``, the bytes partial decoding stops after (-1: the whole chunk)."""
+    prefixes = np.full(plan.n_chunks, -1, dtype=np.int64)
+    partial = [_may_decode_partially(layout) for layout in layouts]
+    if not any(partial):
+        return prefixes  # spares working out the prefixes
+    needed = plan.needed_nbytes(layouts)
+    chunk_nbytes = np.array([layout.chunk_nbytes for layout in layouts], dtype=np.int64)
+    skip = chunk_nbytes[plan.chunk_var] - needed
+    use = np.array(partial)[plan.chunk_var] & (skip >= MIN_PARTIAL_SKIP)
+    prefixes[use] = needed[use]
     return prefixes
 
 
-def _run_all(work: Sequence[Callable[[], None]]) -> None:
-    for item in work:
-        item()
+@dataclass(frozen=True)
+class _BatchWork:
+    """One batch's plan as the plain lists the copy loops index (made once per batch)."""
+
+    chunk_var: list[int]
+    chunk_coords: list[list[int]]
+    offset: list[int]
+    nbytes: list[int]
+    needed: list[int]
+    piece_bounds: list[int]  # pieces piece_bounds[i]:piece_bounds[i+1] read chunk i
+    pieces: list[list[int]]  # out, t, l, sy, sx, b, f, c, dy, dx, nl, ny, nx (by chunk)
 
 
 class CpuBackend:
@@ -350,6 +216,9 @@ class CpuBackend:
     none). Field-sized chunks read for small tiles then cost a fraction of a
     whole decode. ``partial_decode=False`` decodes every chunk whole, which also
     runs every compressor's own checks over the whole chunk.
+
+    Host work per batch is array programs (locate, coalesce, group the copies
+    by chunk); the per-chunk loop that remains reads, decodes and copies.
     """
 
     device = "cpu"
@@ -361,56 +230,126 @@ class CpuBackend:
         store_name: str,
         num_threads: int | None = None,
         partial_decode: bool = True,
+        *,
+        max_gap: int = 64 * 1024,
     ) -> None:
         self.num_threads = num_threads or os.cpu_count() or 1
         self.partial_decode = partial_decode
+        self._store = store_name
         self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="zarrdali-io")
-        self.reader = PosixChunkReader(self._pool, store_name)
+        self.reader = PosixReader(store_name, max_gap=max_gap)
         self.decoder = NumcodecsDecoder(store_name)
-        self.assembler = NumpyAssembler()
         self.fallback = ZarrPythonChunkSource(group, store_name)
+        self._locators: dict[tuple[int, ...], tuple[Sequence[ArrayLayout], ChunkLocator]] = {}
+        self._lock = threading.Lock()
 
-    def load_batch(
-        self, layouts: Sequence[ArrayLayout], plan: BatchReadPlan
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """The window, or (input frames, target frames) if the plan splits it."""
-        dtype = batch_dtype(layouts)
-        out = [np.empty(shape, dtype=dtype) for shape in plan.out_shapes]
-        copies = plan.copies_by_chunk()
+    def locator(self, layouts: Sequence[ArrayLayout]) -> ChunkLocator:
+        """The (cached) locator of these layouts' chunks."""
+        key = tuple(id(layout) for layout in layouts)
+        with self._lock:
+            if key not in self._locators:
+                locator = ChunkLocator(self._store, layouts, map_fn=self._pool.map)
+                self._locators[key] = (layouts, locator)  # layouts kept: ids stay theirs
+            return self._locators[key][1]
+
+    def _work(
+        self, layouts: Sequence[ArrayLayout], plan: BatchPlan, locations: ChunkLocations
+    ) -> _BatchWork:
+        order, bounds = plan.piece_order
+        pieces = np.concatenate(
+            [
+                plan.piece_out[:, None],
+                plan.piece_src,
+                plan.piece_dst,
+                plan.piece_extent,
+            ],
+            axis=1,
+        )[order]
         needed = (
             partial_decode_prefixes(layouts, plan)
             if self.partial_decode
-            else [None] * len(plan.chunks)
+            else np.full(plan.n_chunks, -1, dtype=np.int64)
         )
-        fast = [i for i, c in enumerate(plan.chunks) if layouts[c.var].fast_path]
-        slow = [i for i, c in enumerate(plan.chunks) if not layouts[c.var].fast_path]
+        return _BatchWork(
+            chunk_var=plan.chunk_var.tolist(),
+            chunk_coords=plan.chunk_coords.tolist(),
+            offset=locations.offset.tolist(),
+            nbytes=locations.nbytes.tolist(),
+            needed=needed.tolist(),
+            piece_bounds=bounds.tolist(),
+            pieces=pieces.tolist(),
+        )
 
-        def run_group(group: ReadGroup) -> None:
-            for j, data in group():
-                i = fast[j]
-                chunk = plan.chunks[i]
-                decoded = self.decoder.decode(layouts[chunk.var], chunk, data, needed=needed[i])
-                self.assembler.scatter(out, decoded, copies[i])
+    def load_batch(
+        self, layouts: Sequence[ArrayLayout], plan: BatchPlan
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The window, or (input frames, target frames) if the plan splits it."""
+        locations = self.locator(layouts).locate(plan)
+        dtype = batch_dtype(layouts)
+        outs = [np.empty(shape, dtype=dtype) for shape in plan.out_shapes]
+        work = self._work(layouts, plan, locations)
+        reads, chunk_of = self.reader.reads(locations)
+        shapes4 = [chunk_shape4(layout) for layout in layouts]
 
-        def run_fallback(i: int) -> None:
-            chunk = plan.chunks[i]
-            decoded = self.fallback.read_decoded(layouts[chunk.var], chunk)
-            self.assembler.scatter(out, decoded, copies[i])
+        def scatter(i: int, decoded: np.ndarray) -> None:
+            chunk = decoded.reshape(shapes4[work.chunk_var[i]])
+            for o, t, sl, sy, sx, b, f, c, dy, dx, nl, ny, nx in work.pieces[
+                work.piece_bounds[i] : work.piece_bounds[i + 1]
+            ]:
+                outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx] = chunk[
+                    t, sl : sl + nl, sy : sy + ny, sx : sx + nx
+                ]
 
-        work: list[Callable[[], None]] = [partial(run_fallback, i) for i in slow]
-        if fast:
-            groups = self.reader.groups(layouts, [plan.chunks[i] for i in fast])
-            work += [partial(run_group, g) for g in groups]
-        result = out[0] if plan.frame_split is None else tuple(out)
-        if self.num_threads == 1:  # e.g. in a DALI worker process: no hand-offs
-            _run_all(work)
-            return result
+        read_file = reads.file.tolist()
+        read_start = reads.start.tolist()
+        read_nbytes = reads.nbytes.tolist()
+        read_bounds = reads.bounds.tolist()
+        members = chunk_of.tolist()
+
+        def run_reads(rs: range) -> None:
+            for r in rs:
+                f, start = read_file[r], read_start[r]
+                array = layouts[locations.file_var[f]].name
+                buf = self.reader.pread(
+                    locations.paths[f], start, read_nbytes[r], array, locations.keys[f]
+                )
+                for i in members[read_bounds[r] : read_bounds[r + 1]]:
+                    lo = work.offset[i] - start
+                    needed = work.needed[i]
+                    decoded = self.decoder.decode(
+                        layouts[work.chunk_var[i]],
+                        work.chunk_coords[i],
+                        buf[lo : lo + work.nbytes[i]],
+                        needed=None if needed < 0 else needed,
+                    )
+                    scatter(i, decoded)
+
+        def run_unread(chunks: list[int]) -> None:
+            """Missing chunks (fill value) and chunks zarr-python reads."""
+            for i in chunks:
+                layout = layouts[work.chunk_var[i]]
+                if locations.fast[i]:
+                    decoded = self.decoder.decode(layout, work.chunk_coords[i], None)
+                else:
+                    natural = natural_coords(layout, work.chunk_coords[i])
+                    decoded = self.fallback.read_decoded(layout, natural)
+                scatter(i, decoded)
+
+        unread = np.flatnonzero(~locations.present).tolist()
         # A few tasks per thread, not one per chunk: small inner chunks decode in
         # tens of microseconds, comparable to the executor's own overhead.
-        n_tasks = min(len(work), self.num_threads * self.tasks_per_thread)
-        tasks = [self._pool.submit(_run_all, work[k::n_tasks]) for k in range(n_tasks)]
-        for task in tasks:
-            task.result()  # re-raises the first error with its traceback
+        n_tasks = max(1, min(len(reads) + len(unread), self.num_threads * self.tasks_per_thread))
+        tasks = [partial(run_reads, range(k, len(reads), n_tasks)) for k in range(n_tasks)] + [
+            partial(run_unread, unread[k::n_tasks]) for k in range(n_tasks) if unread[k::n_tasks]
+        ]
+        result = outs[0] if plan.frame_split is None else tuple(outs)
+        if self.num_threads == 1:  # e.g. in a DALI worker process: no hand-offs
+            for task in tasks:
+                task()
+            return result
+        futures = [self._pool.submit(task) for task in tasks]
+        for future in futures:
+            future.result()  # re-raises the first error with its traceback
         return result
 
     def close(self) -> None:

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import numpy as np
 import zarr
 
-from ..chunkplan import ChunkRef
 from ..errors import ChunkError
 from ..store import ArrayLayout
 
@@ -57,10 +56,11 @@ class ZarrPythonChunkSource:
             self._arrays[name] = self._group[name]
         return self._arrays[name]
 
-    def read_decoded(self, layout: ArrayLayout, chunk: ChunkRef) -> np.ndarray:
+    def read_decoded(self, layout: ArrayLayout, coords: Sequence[int]) -> np.ndarray:
+        """The chunk at grid ``coords`` (the array's own dimensions), full chunk shape."""
         warn_fallback_once(self._store_name, layout)
         cs = layout.chunk_shape
-        lo = [c * n for c, n in zip(chunk.coords, cs, strict=True)]
+        lo = [c * n for c, n in zip(coords, cs, strict=True)]
         hi = [min(a + n, s) for a, n, s in zip(lo, cs, layout.shape, strict=True)]
         region = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         try:
@@ -70,7 +70,7 @@ class ZarrPythonChunkSource:
                 f"zarr-python cannot read chunk: {type(err).__name__}: {err}",
                 store=self._store_name,
                 array=layout.name,
-                key=layout.describe_chunk(chunk.coords),
+                key=layout.describe_chunk(tuple(coords)),
             ) from err
         if data.shape == cs:
             return np.asarray(data, dtype=layout.dtype)
@@ -78,6 +78,3 @@ class ZarrPythonChunkSource:
         full = np.full(cs, layout.fill_value, dtype=layout.dtype)
         full[tuple(slice(0, b - a) for a, b in zip(lo, hi, strict=True))] = data
         return full
-
-    def read_many(self, layouts: Sequence[ArrayLayout], chunks: Sequence[ChunkRef]) -> list:
-        return [self.read_decoded(layouts[c.var], c) for c in chunks]

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from ..chunkplan import BatchReadPlan
+from ..batchplan import BatchPlan as BatchReadPlan
 from ..errors import BackendUnavailableError, ChunkError
 from ..store import ArrayLayout
 from .base import batch_dtype

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..chunkplan import BatchReadPlan
+from ..batchplan import BatchPlan as BatchReadPlan
 from ..codecs import ChunkCodec
 from .ranges import coalesce
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class CoalescedRead:
@@ -42,3 +44,53 @@ def coalesce(ranges: Sequence[tuple[int, int]], max_gap: int) -> list[CoalescedR
     if members:
         reads.append(CoalescedRead(start, end, tuple(members)))
     return reads
+
+
+@dataclass(frozen=True, eq=False)
+class CoalescedReads:
+    """Ranges of many files merged into reads, as arrays (see :func:`coalesce_arrays`).
+
+    ``order`` lists the requested ranges sorted by (file, offset); read ``r``
+    serves ``order[bounds[r]:bounds[r + 1]]`` and covers ``[start[r], end[r])``
+    of file ``file[r]``.
+    """
+
+    order: np.ndarray
+    bounds: np.ndarray
+    file: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    @property
+    def nbytes(self) -> np.ndarray:
+        return self.end - self.start
+
+
+def coalesce_arrays(
+    file: np.ndarray, offset: np.ndarray, nbytes: np.ndarray, max_gap: int
+) -> CoalescedReads:
+    """:func:`coalesce` for ranges of many files at once, with numpy: no Python per range.
+
+    Ranges of the same file whose gap is at most ``max_gap`` bytes share a read.
+    """
+    file = np.asarray(file, dtype=np.int64)
+    offset = np.asarray(offset, dtype=np.int64)
+    end = offset + np.asarray(nbytes, dtype=np.int64)
+    order = np.lexsort((offset, file))
+    f, lo, hi = file[order], offset[order], end[order]
+    # Furthest byte reached so far within the same file (ranges may overlap).
+    reach = np.empty_like(hi)
+    if len(hi):
+        span = int(hi.max()) + max_gap + 1
+        running = np.maximum.accumulate(f * span + hi)
+        reach = running - f * span
+    new = np.ones(len(order), dtype=bool)
+    if len(order) > 1:
+        new[1:] = (f[1:] != f[:-1]) | (lo[1:] - reach[:-1] > max_gap)
+    starts = np.flatnonzero(new)
+    bounds = np.append(starts, len(order))
+    read_end = np.maximum.reduceat(hi, starts) if len(starts) else hi[:0]
+    return CoalescedReads(order, bounds, f[starts], lo[starts], read_end)

@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 
 from ..backends.cpu import partial_decode_prefixes
-from ..chunkplan import plan_batch
+from ..batchplan import plan_batch
 from ..loader import ZarrLoader
 from ..store import ArrayLayout
 from .measure import PeakMemory, cpu_seconds, time_epoch
@@ -146,8 +146,8 @@ def _decoded_nbytes(loader: ZarrLoader, batches: Sequence[np.ndarray]) -> tuple[
             decoded += whole
             continue
         prefixes = partial_decode_prefixes(loader.layouts, read_plan)
-        for chunk, n in zip(read_plan.chunks, prefixes, strict=True):
-            decoded += loader.layouts[chunk.var].chunk_nbytes if n is None else n
+        sizes = np.array([layout.chunk_nbytes for layout in loader.layouts])[read_plan.chunk_var]
+        decoded += int(np.where(prefixes < 0, sizes, prefixes).sum())
     return total, decoded
 
 
@@ -285,10 +285,11 @@ def decode_ceiling_runner(
                         frame_step=1,
                         tile_hw=loader.candidates.tile_hw,
                     )
-                    for group in loader.backend.reader.groups(layouts, plan.chunks):
-                        for i, data in group():
-                            if data is not None:  # a missing chunk decodes nothing
-                                work.append((layouts[plan.chunks[i].var], arena.add(data)))
+                    locations = loader.backend.locator(layouts).locate(plan)
+                    encoded = loader.backend.reader.read_chunks(layouts, locations)
+                    for v, data in zip(plan.chunk_var.tolist(), encoded, strict=True):
+                        if data is not None:  # a missing chunk decodes nothing
+                            work.append((layouts[v], arena.add(data)))
                     if arena.nbytes < round_nbytes and j < len(batches) - 1:
                         continue
                     # Decode this round's chunks in small tasks that idle threads take

@@ -1,4 +1,5 @@
-"""Which chunks a batch needs and where each piece of them goes. Pure: no I/O.
+"""The object plan zarrdali used before its array plan: the reference the array
+plan is tested against (one Python object per chunk and per tile copy).
 
 Each chunk is listed once however many samples of the batch touch it; a list of
 copies says which slice of which decoded chunk lands where in the
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .store import ArrayLayout
+from zarrdali.store import ArrayLayout
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Property tests for ``zarrdali.chunkplan.plan_batch``: simulate the plan with numpy."""
+"""Property tests for ``zarrdali.batchplan.plan_batch``: simulate the array plan
+with numpy, and check it against the object plan it replaced (tests/reference_plan.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zarrdali.chunkplan import BatchReadPlan, channel_offsets, plan_batch
+import reference_plan
+from zarrdali.batchplan import BatchPlan, channel_offsets, chunk_shape4, plan_batch
 from zarrdali.store import ArrayLayout
 
 FILL = -1  # arrays hold values >= 0, so padding that leaks into the output shows
@@ -121,18 +123,87 @@ def needed_chunks(layouts, samples, n_frames, frame_step, tile_hw) -> set:
     return need
 
 
-def simulate(plan: BatchReadPlan, layouts, arrays, dtype=np.int64):
-    decoded = [decode(layouts[c.var], arrays[c.var], c.coords) for c in plan.chunks]
-    out = np.full(plan.out_shape, -7, dtype=dtype)
-    writes = np.zeros(plan.out_shape, dtype=np.int64)
-    for copy in plan.copies:
-        assert 0 <= copy.chunk < len(decoded)
-        piece = decoded[copy.chunk][copy.src]
-        assert piece.size > 0, copy  # no empty copies
-        assert out[copy.dst].shape == piece.shape, copy
-        out[copy.dst] = piece
-        writes[copy.dst] += 1
-    return out, writes
+def chunks_of(plan: BatchPlan, layouts) -> list[tuple[int, tuple[int, ...]]]:
+    """The plan's chunks as (variable, coordinates in the array's own dimensions)."""
+    return [
+        (int(plan.chunk_var[i]), plan.chunk_coords_of(layouts, i)) for i in range(plan.n_chunks)
+    ]
+
+
+def copies_of(plan: BatchPlan) -> list[tuple[int, tuple, tuple, int]]:
+    """The plan's pieces as (chunk row, source index into the 4-D chunk, destination
+    index into its output, output)."""
+    out = []
+    for k in range(plan.n_pieces):
+        t, sl, sy, sx = plan.piece_src[k].tolist()
+        b, f, c, dy, dx = plan.piece_dst[k].tolist()
+        el, ey, ex = plan.piece_extent[k].tolist()
+        src = (t, slice(sl, sl + el), slice(sy, sy + ey), slice(sx, sx + ex))
+        dst = (b, f, slice(c, c + el), slice(dy, dy + ey), slice(dx, dx + ex))
+        out.append((int(plan.piece_chunk[k]), src, dst, int(plan.piece_out[k])))
+    return out
+
+
+def decoded_chunks(plan: BatchPlan, layouts, arrays) -> list[np.ndarray]:
+    """Every chunk of the plan decoded, as ``(t, level, y, x)`` arrays."""
+    return [
+        decode(layouts[v], arrays[v], coords).reshape(chunk_shape4(layouts[v]))
+        for v, coords in chunks_of(plan, layouts)
+    ]
+
+
+def simulate(plan: BatchPlan, layouts, arrays, dtype=np.int64):
+    decoded = decoded_chunks(plan, layouts, arrays)
+    outs = [np.full(shape, -7, dtype=dtype) for shape in plan.out_shapes]
+    writes = [np.zeros(shape, dtype=np.int64) for shape in plan.out_shapes]
+    for chunk, src, dst, o in copies_of(plan):
+        assert 0 <= chunk < len(decoded)
+        piece = decoded[chunk][src]
+        assert piece.size > 0, (chunk, src, dst)  # no empty copies
+        assert outs[o][dst].shape == piece.shape, (chunk, src, dst)
+        outs[o][dst] = piece
+        writes[o][dst] += 1
+    return outs, writes
+
+
+def canonical(chunks, copies) -> tuple[list, list]:
+    """A plan as sorted (chunk, src, dst, out) tuples keyed by chunk identity, so
+    plans that list chunks in different orders compare equal."""
+
+    def norm(index) -> tuple:
+        return tuple((i.start, i.stop) if isinstance(i, slice) else i for i in index)
+
+    return sorted(chunks), sorted((chunks[c], norm(s), norm(d), o) for c, s, d, o in copies)
+
+
+def reference_canonical(ref, layouts) -> tuple[list, list]:
+    """The object plan in the array plan's terms: 4-D sources (a level axis of one)."""
+    chunks = [(c.var, c.coords) for c in ref.chunks]
+    copies = []
+    for copy in ref.copies:
+        src, dst = copy.src, copy.dst
+        if len(layouts[ref.chunks[copy.chunk].var].shape) == 3:
+            src = (src[0], slice(0, 1), *src[1:])
+            dst = (*dst[:2], slice(dst[2], dst[2] + 1), *dst[3:])
+        copies.append((copy.chunk, src, dst, copy.out))
+    return canonical(chunks, copies)
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=cases(), data=st.data())
+def test_array_plan_equals_the_object_plan(case, data):
+    layouts, samples, n_frames, frame_step, tile_hw, _ = case
+    split = data.draw(st.one_of(st.none(), st.integers(1, max(1, n_frames - 1))))
+    if split is not None and n_frames < 2:
+        split = None
+    kw = dict(n_frames=n_frames, frame_step=frame_step, tile_hw=tile_hw, frame_split=split)
+    plan = plan_batch(layouts, samples, **kw)
+    ref = reference_plan.plan_batch(layouts, samples, **kw)
+    assert plan.out_shape == ref.out_shape and plan.out_shapes == ref.out_shapes
+    assert canonical(chunks_of(plan, layouts), copies_of(plan)) == reference_canonical(ref, layouts)
+    ref_needed = dict(zip([(c.var, c.coords) for c in ref.chunks], ref.needed_nbytes(layouts)))
+    needed = plan.needed_nbytes(layouts).tolist()
+    assert dict(zip(chunks_of(plan, layouts), needed, strict=True)) == ref_needed
 
 
 @settings(max_examples=300, deadline=None)
@@ -148,16 +219,50 @@ def test_plan_assembles_the_batch(case):
     np.testing.assert_array_equal(plan.samples, samples)
     assert plan.samples.dtype == np.int64
 
-    out, writes = simulate(plan, layouts, arrays)
+    (out,), (writes,) = simulate(plan, layouts, arrays)
     assert np.all(writes == 1), "every output element is written exactly once"
     want = expected_batch(layouts, arrays, samples, n_frames, frame_step, tile_hw)
     np.testing.assert_array_equal(out, want)
 
-    keys = [(c.var, c.coords) for c in plan.chunks]
+    keys = chunks_of(plan, layouts)
     assert len(set(keys)) == len(keys), "a chunk is listed twice"
-    assert {c.chunk for c in plan.copies} == set(range(len(plan.chunks))), "unused chunk"
+    assert set(plan.piece_chunk.tolist()) == set(range(plan.n_chunks)), "unused chunk"
     assert set(keys) == needed_chunks(layouts, samples, n_frames, frame_step, tile_hw)
-    assert plan.decoded_nbytes(layouts) == sum(layouts[c.var].chunk_nbytes for c in plan.chunks)
+    assert plan.decoded_nbytes(layouts) == sum(layouts[v].chunk_nbytes for v, _ in keys)
+    order, bounds = plan.piece_order
+    for i in range(plan.n_chunks):
+        assert set(plan.piece_chunk[order[bounds[i] : bounds[i + 1]]].tolist()) == {i}
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=cases())
+def test_tiles_locate_every_element(case):
+    """The tile table alone (what the GPU gather reads) finds every element's chunk."""
+    layouts, samples, n_frames, frame_step, tile_hw, seed = case
+    rng = np.random.default_rng(seed)
+    arrays = [rng.integers(0, 1_000_000, size=lay.shape, dtype=np.int64) for lay in layouts]
+    plan = plan_batch(layouts, samples, n_frames=n_frames, frame_step=frame_step, tile_hw=tile_hw)
+    decoded = decoded_chunks(plan, layouts, arrays)
+    offsets = channel_offsets(layouts)
+    h, w = tile_hw
+    out = np.full(plan.out_shape, -7, dtype=np.int64)
+    assert len(plan.tile_var) == len(layouts) * len(samples) * n_frames
+    for j in range(len(plan.tile_var)):
+        v, b = int(plan.tile_var[j]), int(plan.tile_b[j])
+        _, cl, cy, cx = chunk_shape4(layouts[v])
+        y0, x0 = samples[b, 1], samples[b, 2]
+        for level in range(layouts[v].n_levels):
+            for y in range(h):
+                for x in range(w):
+                    li = level // cl
+                    yi = (y0 + y) // cy - y0 // cy
+                    xi = (x0 + x) // cx - x0 // cx
+                    chunk = plan.tile_chunks[j, li, yi, xi]
+                    assert chunk >= 0
+                    value = decoded[chunk][plan.tile_t[j], level % cl, (y0 + y) % cy, (x0 + x) % cx]
+                    out[b, plan.tile_frame[j], offsets[v] + level, y, x] = value
+    want = expected_batch(layouts, arrays, samples, n_frames, frame_step, tile_hw)
+    np.testing.assert_array_equal(out, want)
 
 
 @settings(max_examples=30, deadline=None)
@@ -172,8 +277,8 @@ def test_duplicate_samples_share_chunks(case):
         frame_step=frame_step,
         tile_hw=tile_hw,
     )
-    assert twice.chunks == once.chunks
-    assert len(twice.copies) == 2 * len(once.copies)
+    assert chunks_of(twice, layouts) == chunks_of(once, layouts)
+    assert twice.n_pieces == 2 * once.n_pieces
 
 
 @settings(max_examples=30, deadline=None)
@@ -201,15 +306,10 @@ def test_split_plan_assembles_input_and_target_apart(case, data):
     whole = plan_batch(layouts, samples, **kw)
     plan = plan_batch(layouts, samples, **kw, frame_split=split)
 
-    assert plan.chunks == whole.chunks, "splitting the output changes no read"
+    assert chunks_of(plan, layouts) == chunks_of(whole, layouts), "splitting changes no read"
     b, t, *rest = whole.out_shape
     assert plan.out_shapes == [(b, split, *rest), (b, t - split, *rest)]
-    decoded = [decode(layouts[c.var], arrays[c.var], c.coords) for c in plan.chunks]
-    outs = [np.full(shape, -7, dtype=np.int64) for shape in plan.out_shapes]
-    writes = [np.zeros(shape, dtype=np.int64) for shape in plan.out_shapes]
-    for copy in plan.copies:
-        outs[copy.out][copy.dst] = decoded[copy.chunk][copy.src]
-        writes[copy.out][copy.dst] += 1
+    outs, writes = simulate(plan, layouts, arrays)
     assert all(np.all(w == 1) for w in writes), "every output element is written exactly once"
     want = expected_batch(layouts, arrays, samples, n_frames, frame_step, tile_hw)
     np.testing.assert_array_equal(outs[0], want[:, :split])
@@ -238,12 +338,13 @@ def test_needed_prefix_ends_at_the_last_element_copied(case, split):
         frame_split=frame_split,
     )
     needed = plan.needed_nbytes(layouts)
-    assert len(needed) == len(plan.chunks)
-    read = [np.zeros(layouts[c.var].chunk_shape, dtype=bool) for c in plan.chunks]
-    for copy in plan.copies:
-        read[copy.chunk][copy.src] = True
-    for i, chunk in enumerate(plan.chunks):
-        itemsize = layouts[chunk.var].dtype.itemsize
+    assert len(needed) == plan.n_chunks
+    chunk_vars = plan.chunk_var.tolist()
+    read = [np.zeros(chunk_shape4(layouts[v]), dtype=bool) for v in chunk_vars]
+    for chunk, src, _, _ in copies_of(plan):
+        read[chunk][src] = True
+    for i, v in enumerate(chunk_vars):
+        itemsize = layouts[v].dtype.itemsize
         assert needed[i] % itemsize == 0
         flat = read[i].reshape(-1)
         n = needed[i] // itemsize
@@ -254,14 +355,12 @@ def test_needed_prefix_ends_at_the_last_element_copied(case, split):
     # Poisoning every chunk past its prefix changes nothing in the batch.
     rng = np.random.default_rng(seed)
     arrays = [rng.integers(0, 1_000_000, size=lay.shape, dtype=np.int64) for lay in layouts]
-    decoded = []
-    for i, chunk in enumerate(plan.chunks):
-        d = decode(layouts[chunk.var], arrays[chunk.var], chunk.coords)
+    decoded = decoded_chunks(plan, layouts, arrays)
+    for i, d in enumerate(decoded):
         d.reshape(-1)[needed[i] // d.itemsize :] = -9
-        decoded.append(d)
     outputs = [np.full(shape, -7, dtype=np.int64) for shape in plan.out_shapes]
-    for copy in plan.copies:
-        outputs[copy.out][copy.dst] = decoded[copy.chunk][copy.src]
+    for chunk, src, dst, o in copies_of(plan):
+        outputs[o][dst] = decoded[chunk][src]
     want = expected_batch(layouts, arrays, samples, n_frames, frame_step, tile_hw)
     got = outputs[0] if frame_split is None else np.concatenate(outputs, axis=1)
     np.testing.assert_array_equal(got, want)

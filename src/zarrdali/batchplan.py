@@ -1,0 +1,307 @@
+"""One batch as arrays: which chunks it needs and where each piece of them goes.
+
+Pure numpy, no I/O, and no Python loop whose length grows with the batch: the
+only loop is over variables. A batch of ``B`` samples, ``T`` frames and ``V``
+variables is ``B * T * V`` *tiles*; a tile covers the levels, rows and columns
+of one variable at one frame, and crosses a few chunks. Each (tile, chunk)
+intersection is one *piece*: copy ``extent`` elements from ``src`` of a decoded
+chunk to ``dst`` of an output. The chunk set is ``np.unique`` over integer
+chunk keys, with its inverse mapping pieces to chunks.
+
+Arrays without a level axis are handled as if they had one level in chunks of
+one level, so every chunk is addressed as ``(t, level, y, x)`` and every piece
+has a level extent. Both backends consume the same :class:`BatchPlan`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from .store import ArrayLayout
+
+
+def chunk_shape4(layout: ArrayLayout) -> tuple[int, int, int, int]:
+    """The chunk shape as ``(t, level, y, x)``; one level for arrays without levels."""
+    cs = layout.chunk_shape
+    return (cs[0], cs[1], cs[2], cs[3]) if len(cs) == 4 else (cs[0], 1, cs[1], cs[2])
+
+
+def chunk_grid4(layout: ArrayLayout) -> tuple[int, int, int, int]:
+    """Chunks along ``(t, level, y, x)``."""
+    shape = layout.shape if len(layout.shape) == 4 else (layout.shape[0], 1, *layout.shape[1:])
+    return tuple(-(-n // c) for n, c in zip(shape, chunk_shape4(layout), strict=True))
+
+
+def natural_coords(layout: ArrayLayout, coords4: Sequence[int]) -> tuple[int, ...]:
+    """Chunk grid coordinates in the array's own dimensions, from ``(t, level, y, x)``."""
+    t, level, y, x = (int(c) for c in coords4)
+    return (t, level, y, x) if len(layout.shape) == 4 else (t, y, x)
+
+
+def channel_offsets(layouts: Sequence[ArrayLayout]) -> list[int]:
+    """First channel of each variable; levels add one channel each."""
+    offsets, c = [], 0
+    for layout in layouts:
+        offsets.append(c)
+        c += layout.n_levels
+    return offsets
+
+
+def key_bases(layouts: Sequence[ArrayLayout]) -> np.ndarray:
+    """First integer chunk key of each variable (keys of variable ``v`` are
+    ``bases[v] .. bases[v + 1] - 1``), and the total as the last entry."""
+    sizes = [int(np.prod(chunk_grid4(layout), dtype=np.int64)) for layout in layouts]
+    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+
+
+@dataclass(frozen=True, eq=False)
+class BatchPlan:
+    """The reads and copies that assemble one batch, as arrays.
+
+    Chunks (``N`` rows, sorted by key): ``chunk_var``, ``chunk_coords``
+    (``(t, level, y, x)`` chunk indices) and ``chunk_key`` (unique integers).
+    Pieces (``P`` rows): ``piece_chunk`` (row of the chunk table),
+    ``piece_out`` (0: input or whole window, 1: target frames),
+    ``piece_src`` (first ``(t, level, y, x)`` element inside the chunk),
+    ``piece_dst`` (first ``(b, frame, channel, y, x)`` element of its output)
+    and ``piece_extent`` (``(levels, rows, columns)``).
+    Tiles (``J = V * B * T`` rows, variable-major): ``tile_var``, ``tile_b``,
+    ``tile_out``, ``tile_frame`` (frame in its output), ``tile_t`` (time
+    index in its chunk), and ``tile_chunks`` ``[J, L, Y, X]``: the chunk row
+    of each chunk the tile crosses, ``-1`` past its last one. The GPU gather
+    derives every element's source from the tiles alone.
+    """
+
+    samples: np.ndarray
+    out_shape: tuple[int, int, int, int, int]
+    frame_split: int | None
+    chunk_var: np.ndarray
+    chunk_coords: np.ndarray
+    chunk_key: np.ndarray
+    piece_chunk: np.ndarray
+    piece_out: np.ndarray
+    piece_src: np.ndarray
+    piece_dst: np.ndarray
+    piece_extent: np.ndarray
+    tile_var: np.ndarray
+    tile_b: np.ndarray
+    tile_out: np.ndarray
+    tile_frame: np.ndarray
+    tile_t: np.ndarray
+    tile_chunks: np.ndarray
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunk_key)
+
+    @property
+    def n_pieces(self) -> int:
+        return len(self.piece_chunk)
+
+    @property
+    def out_shapes(self) -> list[tuple[int, ...]]:
+        """Shape of each output: the window, or its first ``frame_split`` frames and the rest."""
+        if self.frame_split is None:
+            return [self.out_shape]
+        b, t, *rest = self.out_shape
+        return [(b, self.frame_split, *rest), (b, t - self.frame_split, *rest)]
+
+    def chunk_coords_of(self, layouts: Sequence[ArrayLayout], i: int) -> tuple[int, ...]:
+        """Chunk ``i``'s grid coordinates in its array's own dimensions (for keys, messages)."""
+        return natural_coords(layouts[self.chunk_var[i]], self.chunk_coords[i])
+
+    def decoded_nbytes(self, layouts: Sequence[ArrayLayout]) -> int:
+        nbytes = np.array([layout.chunk_nbytes for layout in layouts], dtype=np.int64)
+        return int(nbytes[self.chunk_var].sum())
+
+    @cached_property
+    def piece_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(order, bounds)``: pieces ``order[bounds[i]:bounds[i + 1]]`` read chunk ``i``."""
+        order = np.argsort(self.piece_chunk, kind="stable")
+        bounds = np.searchsorted(self.piece_chunk[order], np.arange(self.n_chunks + 1))
+        return order, bounds
+
+    def needed_nbytes(self, layouts: Sequence[ArrayLayout]) -> np.ndarray:
+        """Per chunk, the length of the decoded prefix (C order) its pieces read.
+
+        A chunk's bytes past its last copied element are never looked at, so a
+        streaming decoder may stop there: with field-sized chunks and small
+        tiles that skips a large part of the decoding.
+        """
+        shapes = np.array([chunk_shape4(layout) for layout in layouts], dtype=np.int64)
+        items = np.array([layout.dtype.itemsize for layout in layouts], dtype=np.int64)
+        var = self.chunk_var[self.piece_chunk]
+        cs = shapes[var]
+        last = self.piece_src.copy()
+        last[:, 1:] += self.piece_extent - 1
+        end = ((last[:, 0] * cs[:, 1] + last[:, 1]) * cs[:, 2] + last[:, 2]) * cs[:, 3]
+        end += last[:, 3] + 1
+        needed = np.zeros(self.n_chunks, dtype=np.int64)
+        np.maximum.at(needed, self.piece_chunk, end * items[var])
+        return needed
+
+
+def _masked_columns(columns: list, valid: np.ndarray) -> np.ndarray:
+    """``[n_valid, len(columns)]``: each column broadcast to ``valid``'s shape, masked."""
+    out = np.empty((int(np.count_nonzero(valid)), len(columns)), dtype=np.int64)
+    for k, column in enumerate(columns):
+        out[:, k] = np.broadcast_to(column, valid.shape)[valid]
+    return out
+
+
+def unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` for int64 keys, with a stable sort
+    (radix/merge: about twice as fast as unique's default sort on these sizes)."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    first = np.empty(len(keys), dtype=bool)
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    inverse = np.empty(len(keys), dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return ordered[first], inverse
+
+
+def plan_batch(
+    layouts: Sequence[ArrayLayout],
+    samples: np.ndarray,
+    *,
+    n_frames: int,
+    frame_step: int,
+    tile_hw: tuple[int, int],
+    frame_split: int | None = None,
+) -> BatchPlan:
+    """Plan the reads and copies that assemble ``samples`` (``[B, 3]`` of
+    ``(t0, y0, x0)``) into one batch of ``n_frames`` frames of ``tile_hw``.
+
+    With ``frame_split=k`` the batch is two outputs: frames ``[0, k)`` (the
+    input) and ``[k, n_frames)`` (the target).
+    """
+    if frame_split is not None and not 0 < frame_split < n_frames:
+        raise ValueError(f"frame_split must be in 1..{n_frames - 1}, got {frame_split}")
+    samples = np.ascontiguousarray(samples, dtype=np.int64).reshape(-1, 3)
+    n_b = len(samples)
+    h, w = tile_hw
+    offsets_arr = np.array(channel_offsets(layouts), dtype=np.int64)
+    bases = key_bases(layouts)
+    frames = np.arange(n_frames, dtype=np.int64)
+    t = samples[:, :1] + frames * frame_step  # [B, T]
+    split = n_frames if frame_split is None else frame_split
+    out_of_frame = (frames >= split).astype(np.int64)
+    frame_in_out = frames - split * out_of_frame
+
+    # Spatial spans depend on the chunk width only: shared by variables alike.
+    spans: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+
+    def axis_spans(axis: int, length: int, chunk: int) -> tuple[np.ndarray, ...]:
+        """Per sample and k-th chunk crossed along ``axis`` (1: y, 2: x): chunk
+        index, in-chunk start, output start, extent, valid; each ``[B, K]``."""
+        key = (axis, chunk)
+        start = samples[:, axis]
+        if key not in spans:
+            first = start // chunk
+            n = (start + length - 1) // chunk - first + 1
+            k = np.arange(int(n.max()) if len(n) else 1, dtype=np.int64)
+            c = first[:, None] + k
+            lo = np.maximum(start[:, None], c * chunk)
+            hi = np.minimum(start[:, None] + length, (c + 1) * chunk)
+            spans[key] = (c, lo - c * chunk, lo - start[:, None], hi - lo, k < n[:, None])
+        return spans[key]
+
+    # Variables with the same chunking are planned together, with a leading
+    # variable axis: the loop runs once per chunking, not once per variable.
+    groups: dict[tuple, list[int]] = {}
+    for v, layout in enumerate(layouts):
+        chunking = (chunk_shape4(layout), chunk_grid4(layout), layout.n_levels)
+        groups.setdefault(chunking, []).append(v)
+    arange_b = np.arange(n_b, dtype=np.int64)
+    keys, tiles_of, pieces = [], [], []
+    max_lyx = [1, 1, 1]
+    for (cs4, grid, n_levels), members in groups.items():
+        ct_size, cl, cy, cx = cs4
+        vs = np.array(members, dtype=np.int64)
+        yc, ys, yd, ye, yv = axis_spans(1, h, cy)
+        xc, xs, xd, xe, xv = axis_spans(2, w, cx)
+        lc = np.arange(grid[1], dtype=np.int64)
+        ld = lc * cl
+        le = np.minimum(cl, n_levels - ld)
+        n_l, n_y, n_x = len(lc), yc.shape[1], xc.shape[1]
+        max_lyx = [max(a, b) for a, b in zip(max_lyx, (n_l, n_y, n_x), strict=True)]
+        ct, tt = np.divmod(t, ct_size)  # [B, T]
+        # Broadcast to [G, B, T, L, Y, X] (G: the variables of this chunking).
+        shape = (len(vs), n_b, n_frames, n_l, n_y, n_x)
+        g_ = (slice(None), None, None, None, None, None)
+        bt = (None, slice(None), slice(None), None, None, None)
+        b_ = (None, slice(None), None, None, None, None)
+        f_ = (None, None, slice(None), None, None, None)
+        l_ = (None, None, None, slice(None), None, None)
+        y_ = (None, slice(None), None, None, slice(None), None)
+        x_ = (None, slice(None), None, None, None, slice(None))
+        key = ((ct[bt] * grid[1] + lc[l_]) * grid[2] + yc[y_]) * grid[3] + xc[x_]
+        key = np.broadcast_to(key + bases[vs][g_], shape)
+        first_channel = offsets_arr[vs][g_]
+        valid = np.broadcast_to(yv[y_] & xv[x_], shape)
+        tiles_of.append((vs, n_l, n_y, n_x, np.where(valid, key, -1)))
+
+        def take(columns: list) -> np.ndarray:
+            return _masked_columns(columns, valid)  # noqa: B023 (used at once)
+
+        pieces.append(
+            (
+                take([out_of_frame[f_]])[:, 0],
+                take([tt[bt], 0, ys[y_], xs[x_]]),
+                take([arange_b[b_], frame_in_out[f_], ld[l_] + first_channel, yd[y_], xd[x_]]),
+                take([le[l_], ye[y_], xe[x_]]),
+            )
+        )
+        keys.append(key[valid])
+
+    chunk_key, inverse = unique_inverse(np.concatenate(keys))
+    chunk_var = np.searchsorted(bases, chunk_key, side="right") - 1
+    grids = np.array([chunk_grid4(layout) for layout in layouts], dtype=np.int64)[chunk_var]
+    chunk_coords = np.empty((len(chunk_key), 4), dtype=np.int64)
+    rest = chunk_key - bases[chunk_var]
+    for axis in (3, 2, 1):
+        rest, chunk_coords[:, axis] = np.divmod(rest, grids[:, axis])
+    chunk_coords[:, 0] = rest
+
+    # Tiles: [V, B, T] rows, each with a padded [L, Y, X] table of chunk rows.
+    n_tiles = len(layouts) * n_b * n_frames
+    tile_chunks = np.full((n_tiles, *max_lyx), -1, dtype=np.int64)
+    per_var = n_b * n_frames
+    for vs, n_l, n_y, n_x, tile_keys in tiles_of:
+        found = np.searchsorted(chunk_key, tile_keys)
+        found = np.where(tile_keys >= 0, found, -1).reshape(len(vs), per_var, n_l, n_y, n_x)
+        table = tile_chunks.reshape(len(layouts), per_var, *max_lyx)
+        table[vs, :, :n_l, :n_y, :n_x] = found
+    tile_var = np.repeat(np.arange(len(layouts), dtype=np.int64), per_var)
+    tile_b = np.tile(np.repeat(np.arange(n_b, dtype=np.int64), n_frames), len(layouts))
+    tile_f = np.tile(frames, n_b * len(layouts))
+    tile_t = np.concatenate([t.reshape(-1) % chunk_shape4(layout)[0] for layout in layouts])
+
+    def cat(k: int) -> np.ndarray:
+        return np.concatenate([p[k] for p in pieces])
+
+    return BatchPlan(
+        samples=samples,
+        out_shape=(n_b, n_frames, sum(lay.n_levels for lay in layouts), h, w),
+        frame_split=frame_split,
+        chunk_var=chunk_var,
+        chunk_coords=chunk_coords,
+        chunk_key=chunk_key,
+        piece_chunk=inverse,
+        piece_out=cat(0),
+        piece_src=cat(1),
+        piece_dst=cat(2),
+        piece_extent=cat(3),
+        tile_var=tile_var,
+        tile_b=tile_b,
+        tile_out=out_of_frame[tile_f],
+        tile_frame=frame_in_out[tile_f],
+        tile_t=tile_t,
+        tile_chunks=tile_chunks,
+    )
