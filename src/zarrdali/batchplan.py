@@ -15,8 +15,8 @@ has a level extent. Both backends consume the same :class:`BatchPlan`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -51,11 +51,55 @@ def channel_offsets(layouts: Sequence[ArrayLayout]) -> list[int]:
     return offsets
 
 
+@dataclass(frozen=True)
+class LayoutTables:
+    """What planning needs of the variables, as arrays (computed once per layouts)."""
+
+    chunk_shapes: np.ndarray  # [V, 4] (t, level, y, x)
+    chunk_grids: np.ndarray  # [V, 4]
+    key_bases: np.ndarray  # [V + 1]
+    channel_offsets: np.ndarray  # [V]
+    groups: tuple  # ((chunk shape, grid, n_levels), variables) of each distinct chunking
+
+
+_TABLES: dict[tuple[int, ...], tuple[Sequence[ArrayLayout], LayoutTables]] = {}
+
+
+def layout_tables(layouts: Sequence[ArrayLayout]) -> LayoutTables:
+    """:class:`LayoutTables` of ``layouts``, cached (a few layouts lists live per process)."""
+    key = tuple(id(layout) for layout in layouts)
+    hit = _TABLES.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], layouts, strict=True)):
+        return hit[1]
+    groups: dict[tuple, list[int]] = {}
+    for v, layout in enumerate(layouts):
+        chunking = (chunk_shape4(layout), chunk_grid4(layout), layout.n_levels)
+        groups.setdefault(chunking, []).append(v)
+    tables = LayoutTables(
+        chunk_shapes=np.array([chunk_shape4(lay) for lay in layouts], dtype=np.int64),
+        chunk_grids=np.array([chunk_grid4(lay) for lay in layouts], dtype=np.int64),
+        key_bases=key_bases(layouts),
+        channel_offsets=np.array(channel_offsets(layouts), dtype=np.int64),
+        groups=tuple((k, np.array(v, dtype=np.int64)) for k, v in groups.items()),
+    )
+    if len(_TABLES) >= 64:
+        _TABLES.pop(next(iter(_TABLES)))
+    _TABLES[key] = (list(layouts), tables)  # the layouts kept alive: their ids stay theirs
+    return tables
+
+
 def key_bases(layouts: Sequence[ArrayLayout]) -> np.ndarray:
     """First integer chunk key of each variable (keys of variable ``v`` are
     ``bases[v] .. bases[v + 1] - 1``), and the total as the last entry."""
     sizes = [int(np.prod(chunk_grid4(layout), dtype=np.int64)) for layout in layouts]
     return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+
+
+# Columns of BatchPlan.pieces.
+PIECE_OUT = 0
+PIECE_SRC = slice(1, 5)
+PIECE_DST = slice(5, 10)
+PIECE_EXTENT = slice(10, 13)
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,16 +127,18 @@ class BatchPlan:
     chunk_coords: np.ndarray
     chunk_key: np.ndarray
     piece_chunk: np.ndarray
-    piece_out: np.ndarray
-    piece_src: np.ndarray
-    piece_dst: np.ndarray
-    piece_extent: np.ndarray
     tile_var: np.ndarray
     tile_b: np.ndarray
     tile_out: np.ndarray
     tile_frame: np.ndarray
     tile_t: np.ndarray
     tile_chunks: np.ndarray
+    piece_blocks: list[Callable[[], np.ndarray]] = field(repr=False, default_factory=list)
+
+    @cached_property
+    def pieces(self) -> np.ndarray:
+        """``[P, 13]``: out, src (4), dst (5), extent (3); the ``piece_*`` views."""
+        return np.concatenate([block() for block in self.piece_blocks])
 
     @property
     def n_chunks(self) -> int:
@@ -101,6 +147,22 @@ class BatchPlan:
     @property
     def n_pieces(self) -> int:
         return len(self.piece_chunk)
+
+    @property
+    def piece_out(self) -> np.ndarray:
+        return self.pieces[:, PIECE_OUT]
+
+    @property
+    def piece_src(self) -> np.ndarray:
+        return self.pieces[:, PIECE_SRC]
+
+    @property
+    def piece_dst(self) -> np.ndarray:
+        return self.pieces[:, PIECE_DST]
+
+    @property
+    def piece_extent(self) -> np.ndarray:
+        return self.pieces[:, PIECE_EXTENT]
 
     @property
     def out_shapes(self) -> list[tuple[int, ...]]:
@@ -132,7 +194,7 @@ class BatchPlan:
         streaming decoder may stop there: with field-sized chunks and small
         tiles that skips a large part of the decoding.
         """
-        shapes = np.array([chunk_shape4(layout) for layout in layouts], dtype=np.int64)
+        shapes = layout_tables(layouts).chunk_shapes
         items = np.array([layout.dtype.itemsize for layout in layouts], dtype=np.int64)
         var = self.chunk_var[self.piece_chunk]
         cs = shapes[var]
@@ -145,12 +207,27 @@ class BatchPlan:
         return needed
 
 
-def _masked_columns(columns: list, valid: np.ndarray) -> np.ndarray:
-    """``[n_valid, len(columns)]``: each column broadcast to ``valid``'s shape, masked."""
-    out = np.empty((int(np.count_nonzero(valid)), len(columns)), dtype=np.int64)
-    for k, column in enumerate(columns):
-        out[:, k] = np.broadcast_to(column, valid.shape)[valid]
-    return out
+@dataclass(frozen=True)
+class _PieceGroup:
+    """The pieces of one chunking group: the grid cells they are and the small
+    per-axis arrays their fields are looked up in."""
+
+    cells: tuple  # b, f, level, (b, y), (b, x) indices of each piece
+    time: tuple  # out_of_frame [T], frame_in_out [T], tt [B, T]
+    first_channel: np.ndarray  # per piece
+    spans: tuple  # ys, xs, yd, xd ([B, K]), le [L], ye, xe ([B, K])
+
+    def __call__(self) -> np.ndarray:
+        b, f, lev, by, bx = self.cells
+        out_of_frame, frame_in_out, tt = self.time
+        ys, xs, yd, xd, le, ye, xe = self.spans
+        columns = [out_of_frame[f], tt[b, f], 0, ys[by], xs[bx]]
+        columns += [b, frame_in_out[f], self.first_channel, yd[by], xd[bx]]
+        columns += [le[lev], ye[by], xe[bx]]
+        block = np.empty((len(b), len(columns)), dtype=np.int64)
+        for k, column in enumerate(columns):
+            block[:, k] = column
+        return block
 
 
 def unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -186,8 +263,8 @@ def plan_batch(
     samples = np.ascontiguousarray(samples, dtype=np.int64).reshape(-1, 3)
     n_b = len(samples)
     h, w = tile_hw
-    offsets_arr = np.array(channel_offsets(layouts), dtype=np.int64)
-    bases = key_bases(layouts)
+    tables = layout_tables(layouts)
+    offsets_arr, bases = tables.channel_offsets, tables.key_bases
     frames = np.arange(n_frames, dtype=np.int64)
     t = samples[:, :1] + frames * frame_step  # [B, T]
     split = n_frames if frame_split is None else frame_split
@@ -214,16 +291,10 @@ def plan_batch(
 
     # Variables with the same chunking are planned together, with a leading
     # variable axis: the loop runs once per chunking, not once per variable.
-    groups: dict[tuple, list[int]] = {}
-    for v, layout in enumerate(layouts):
-        chunking = (chunk_shape4(layout), chunk_grid4(layout), layout.n_levels)
-        groups.setdefault(chunking, []).append(v)
-    arange_b = np.arange(n_b, dtype=np.int64)
     keys, tiles_of, pieces = [], [], []
     max_lyx = [1, 1, 1]
-    for (cs4, grid, n_levels), members in groups.items():
+    for (cs4, grid, n_levels), vs in tables.groups:
         ct_size, cl, cy, cx = cs4
-        vs = np.array(members, dtype=np.int64)
         yc, ys, yd, ye, yv = axis_spans(1, h, cy)
         xc, xs, xd, xe, xv = axis_spans(2, w, cx)
         lc = np.arange(grid[1], dtype=np.int64)
@@ -232,37 +303,31 @@ def plan_batch(
         n_l, n_y, n_x = len(lc), yc.shape[1], xc.shape[1]
         max_lyx = [max(a, b) for a, b in zip(max_lyx, (n_l, n_y, n_x), strict=True)]
         ct, tt = np.divmod(t, ct_size)  # [B, T]
-        # Broadcast to [G, B, T, L, Y, X] (G: the variables of this chunking).
+        # The pieces are the valid cells of a [G, B, T, L, Y, X] grid (G: the
+        # variables of this chunking); index the small per-axis arrays with the
+        # cells' coordinates (cheaper than masking broadcast arrays).
         shape = (len(vs), n_b, n_frames, n_l, n_y, n_x)
-        g_ = (slice(None), None, None, None, None, None)
-        bt = (None, slice(None), slice(None), None, None, None)
-        b_ = (None, slice(None), None, None, None, None)
-        f_ = (None, None, slice(None), None, None, None)
-        l_ = (None, None, None, slice(None), None, None)
-        y_ = (None, slice(None), None, None, slice(None), None)
-        x_ = (None, slice(None), None, None, None, slice(None))
-        key = ((ct[bt] * grid[1] + lc[l_]) * grid[2] + yc[y_]) * grid[3] + xc[x_]
-        key = np.broadcast_to(key + bases[vs][g_], shape)
-        first_channel = offsets_arr[vs][g_]
-        valid = np.broadcast_to(yv[y_] & xv[x_], shape)
-        tiles_of.append((vs, n_l, n_y, n_x, np.where(valid, key, -1)))
-
-        def take(columns: list) -> np.ndarray:
-            return _masked_columns(columns, valid)  # noqa: B023 (used at once)
-
+        valid = np.empty(shape, dtype=bool)
+        valid[...] = (yv[:, None, None, :, None] & xv[:, None, None, None, :])[None]
+        tiles_of.append((vs, n_l, n_y, n_x, valid))
+        g, b, f, lev, y, x = np.nonzero(valid)
+        by, bx = (b, y), (b, x)
+        # Made when a backend asks for them (the GPU path needs only the tiles).
         pieces.append(
-            (
-                take([out_of_frame[f_]])[:, 0],
-                take([tt[bt], 0, ys[y_], xs[x_]]),
-                take([arange_b[b_], frame_in_out[f_], ld[l_] + first_channel, yd[y_], xd[x_]]),
-                take([le[l_], ye[y_], xe[x_]]),
+            _PieceGroup(
+                cells=(b, f, lev, by, bx),
+                time=(out_of_frame, frame_in_out, tt),
+                first_channel=ld[lev] + offsets_arr[vs][g],
+                spans=(ys, xs, yd, xd, le, ye, xe),
             )
         )
-        keys.append(key[valid])
+        keys.append(
+            ((ct[b, f] * grid[1] + lev) * grid[2] + yc[by]) * grid[3] + xc[bx] + bases[vs][g]
+        )
 
     chunk_key, inverse = unique_inverse(np.concatenate(keys))
     chunk_var = np.searchsorted(bases, chunk_key, side="right") - 1
-    grids = np.array([chunk_grid4(layout) for layout in layouts], dtype=np.int64)[chunk_var]
+    grids = tables.chunk_grids[chunk_var]
     chunk_coords = np.empty((len(chunk_key), 4), dtype=np.int64)
     rest = chunk_key - bases[chunk_var]
     for axis in (3, 2, 1):
@@ -270,21 +335,20 @@ def plan_batch(
     chunk_coords[:, 0] = rest
 
     # Tiles: [V, B, T] rows, each with a padded [L, Y, X] table of chunk rows.
-    n_tiles = len(layouts) * n_b * n_frames
-    tile_chunks = np.full((n_tiles, *max_lyx), -1, dtype=np.int64)
     per_var = n_b * n_frames
-    for vs, n_l, n_y, n_x, tile_keys in tiles_of:
-        found = np.searchsorted(chunk_key, tile_keys)
-        found = np.where(tile_keys >= 0, found, -1).reshape(len(vs), per_var, n_l, n_y, n_x)
-        table = tile_chunks.reshape(len(layouts), per_var, *max_lyx)
-        table[vs, :, :n_l, :n_y, :n_x] = found
+    tile_chunks = np.full((len(layouts), per_var, *max_lyx), -1, dtype=np.int64)
+    start = 0
+    for vs, n_l, n_y, n_x, valid in tiles_of:
+        block = np.full(valid.shape, -1, dtype=np.int64)
+        n = int(np.count_nonzero(valid))
+        block[valid] = inverse[start : start + n]
+        start += n
+        tile_chunks[vs, :, :n_l, :n_y, :n_x] = block.reshape(len(vs), per_var, n_l, n_y, n_x)
+    tile_chunks = tile_chunks.reshape(-1, *max_lyx)
     tile_var = np.repeat(np.arange(len(layouts), dtype=np.int64), per_var)
     tile_b = np.tile(np.repeat(np.arange(n_b, dtype=np.int64), n_frames), len(layouts))
     tile_f = np.tile(frames, n_b * len(layouts))
-    tile_t = np.concatenate([t.reshape(-1) % chunk_shape4(layout)[0] for layout in layouts])
-
-    def cat(k: int) -> np.ndarray:
-        return np.concatenate([p[k] for p in pieces])
+    tile_t = (t.reshape(1, -1) % tables.chunk_shapes[:, :1]).reshape(-1)
 
     return BatchPlan(
         samples=samples,
@@ -294,10 +358,7 @@ def plan_batch(
         chunk_coords=chunk_coords,
         chunk_key=chunk_key,
         piece_chunk=inverse,
-        piece_out=cat(0),
-        piece_src=cat(1),
-        piece_dst=cat(2),
-        piece_extent=cat(3),
+        piece_blocks=pieces,
         tile_var=tile_var,
         tile_b=tile_b,
         tile_out=out_of_frame[tile_f],

@@ -196,9 +196,17 @@ def partial_decode_prefixes(layouts: Sequence[ArrayLayout], plan: BatchPlan) -> 
 
 
 @dataclass(frozen=True)
-class _BatchWork:
-    """One batch's plan as the plain lists the copy loops index (made once per batch)."""
+class BatchWork:
+    """One batch's plan and locations as the plain lists the read/copy loops index
+    (made once per batch with a few ``tolist`` calls)."""
 
+    locations: ChunkLocations
+    read_file: list[int]
+    read_start: list[int]
+    read_nbytes: list[int]
+    read_bounds: list[int]  # chunks read_members[read_bounds[r]:read_bounds[r + 1]] of read r
+    read_members: list[int]
+    unread: list[int]  # missing chunks (fill value) and chunks zarr-python reads
     chunk_var: list[int]
     chunk_coords: list[list[int]]
     offset: list[int]
@@ -252,9 +260,11 @@ class CpuBackend:
                 self._locators[key] = (layouts, locator)  # layouts kept: ids stay theirs
             return self._locators[key][1]
 
-    def _work(
+    def describe(
         self, layouts: Sequence[ArrayLayout], plan: BatchPlan, locations: ChunkLocations
-    ) -> _BatchWork:
+    ) -> BatchWork:
+        """Everything the batch's read/decode/copy loops need, without I/O."""
+        reads, chunk_of = self.reader.reads(locations)
         order, bounds = plan.piece_order
         pieces = np.concatenate(
             [
@@ -270,7 +280,14 @@ class CpuBackend:
             if self.partial_decode
             else np.full(plan.n_chunks, -1, dtype=np.int64)
         )
-        return _BatchWork(
+        return BatchWork(
+            locations=locations,
+            read_file=reads.file.tolist(),
+            read_start=reads.start.tolist(),
+            read_nbytes=reads.nbytes.tolist(),
+            read_bounds=reads.bounds.tolist(),
+            read_members=chunk_of.tolist(),
+            unread=np.flatnonzero(~locations.present).tolist(),
             chunk_var=plan.chunk_var.tolist(),
             chunk_coords=plan.chunk_coords.tolist(),
             offset=locations.offset.tolist(),
@@ -287,8 +304,7 @@ class CpuBackend:
         locations = self.locator(layouts).locate(plan)
         dtype = batch_dtype(layouts)
         outs = [np.empty(shape, dtype=dtype) for shape in plan.out_shapes]
-        work = self._work(layouts, plan, locations)
-        reads, chunk_of = self.reader.reads(locations)
+        work = self.describe(layouts, plan, locations)
         shapes4 = [chunk_shape4(layout) for layout in layouts]
 
         def scatter(i: int, decoded: np.ndarray) -> None:
@@ -300,20 +316,14 @@ class CpuBackend:
                     t, sl : sl + nl, sy : sy + ny, sx : sx + nx
                 ]
 
-        read_file = reads.file.tolist()
-        read_start = reads.start.tolist()
-        read_nbytes = reads.nbytes.tolist()
-        read_bounds = reads.bounds.tolist()
-        members = chunk_of.tolist()
-
         def run_reads(rs: range) -> None:
             for r in rs:
-                f, start = read_file[r], read_start[r]
+                f, start = work.read_file[r], work.read_start[r]
                 array = layouts[locations.file_var[f]].name
                 buf = self.reader.pread(
-                    locations.paths[f], start, read_nbytes[r], array, locations.keys[f]
+                    locations.paths[f], start, work.read_nbytes[r], array, locations.keys[f]
                 )
-                for i in members[read_bounds[r] : read_bounds[r + 1]]:
+                for i in work.read_members[work.read_bounds[r] : work.read_bounds[r + 1]]:
                     lo = work.offset[i] - start
                     needed = work.needed[i]
                     decoded = self.decoder.decode(
@@ -335,11 +345,11 @@ class CpuBackend:
                     decoded = self.fallback.read_decoded(layout, natural)
                 scatter(i, decoded)
 
-        unread = np.flatnonzero(~locations.present).tolist()
+        unread, n_reads = work.unread, len(work.read_file)
         # A few tasks per thread, not one per chunk: small inner chunks decode in
         # tens of microseconds, comparable to the executor's own overhead.
-        n_tasks = max(1, min(len(reads) + len(unread), self.num_threads * self.tasks_per_thread))
-        tasks = [partial(run_reads, range(k, len(reads), n_tasks)) for k in range(n_tasks)] + [
+        n_tasks = max(1, min(n_reads + len(unread), self.num_threads * self.tasks_per_thread))
+        tasks = [partial(run_reads, range(k, n_reads, n_tasks)) for k in range(n_tasks)] + [
             partial(run_unread, unread[k::n_tasks]) for k in range(n_tasks) if unread[k::n_tasks]
         ]
         result = outs[0] if plan.frame_split is None else tuple(outs)

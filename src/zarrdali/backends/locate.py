@@ -62,23 +62,21 @@ class ChunkLocations:
         return self.fast & ~self.missing
 
 
-class _VariableTable:
-    """Cached storage-object rows of one variable."""
+class _ObjectTable:
+    """Cached storage-object rows of all variables: slots of ``(offset, nbytes)``
+    per inner chunk, found through a dense object-id → slot array."""
 
-    def __init__(self, layout: ArrayLayout, capacity: int) -> None:
-        self.layout = layout
-        self.per_object = storage_shape4(layout)
-        self.entries_per_object = int(np.prod(self.per_object))
-        grid = chunk_grid4(layout)
-        self.object_grid = tuple(-(-g // n) for g, n in zip(grid, self.per_object, strict=True))
-        self.slot_of = np.full(int(np.prod(self.object_grid)), -1, dtype=np.int64)
+    def __init__(self, n_objects: int, entries_per_object: int, max_capacity: int) -> None:
+        self.entries_per_object = entries_per_object
+        self.slot_of = np.full(n_objects, -1, dtype=np.int64)
         self.capacity = 0
-        self.entries = np.empty((0, self.entries_per_object, 2), dtype=np.int64)
+        self.entries = np.empty((0, entries_per_object, 2), dtype=np.int64)
         self.paths = np.empty(0, dtype=object)
         self.keys = np.empty(0, dtype=object)
         self.object_of = np.empty(0, dtype=np.int64)  # slot -> object id (-1: free)
-        self.stamp = np.empty(0, dtype=np.int64)
-        self._grow(capacity)
+        self.stamp = np.empty(0, dtype=np.int64)  # slot -> last batch that used it
+        self.max_capacity = max_capacity
+        self._grow(min(64, max_capacity))
 
     @property
     def nbytes(self) -> int:
@@ -103,9 +101,12 @@ class _VariableTable:
         usable = self.stamp < now
         usable[keep] = False
         candidates = np.flatnonzero(usable)
-        if len(candidates) < n:
+        free = int((self.object_of < 0).sum())
+        if (free < n and self.capacity < self.max_capacity) or len(candidates) < n:
+            # Grow (doubling, up to the budget; past it only as far as this batch needs).
             old = self.capacity
-            self._grow(old + n - len(candidates))
+            want = max(min(2 * old, self.max_capacity), old + n - free)
+            self._grow(max(want, old + n - len(candidates)))
             candidates = np.concatenate([candidates, np.arange(old, self.capacity)])
         chosen = candidates[np.argsort(self.stamp[candidates], kind="stable")[:n]]
         evicted = self.object_of[chosen]
@@ -117,7 +118,7 @@ class ChunkLocator:
     """Locates the chunks of :class:`BatchPlan` s of one store (thread-safe).
 
     ``map_fn`` runs the reads of new shard indexes (e.g. a thread pool's
-    ``map``); ``budget_bytes`` bounds the cached tables of all variables.
+    ``map``); ``budget_bytes`` bounds the cached rows of all variables.
     """
 
     def __init__(
@@ -135,91 +136,90 @@ class ChunkLocator:
         self._now = 0
         self.objects_loaded = 0
         self.objects_evicted = 0
-        fast = [layout for layout in self.layouts if layout.fast_path]
-        share = budget_bytes // max(len(fast), 1)
-        self._tables: list[_VariableTable | None] = []
-        for layout in self.layouts:
-            if not layout.fast_path:
-                self._tables.append(None)
-                continue
-            row = int(np.prod(storage_shape4(layout))) * 16 + 40
-            self._tables.append(_VariableTable(layout, max(1, share // row)))
+        self.fast = np.array([layout.fast_path for layout in self.layouts], dtype=bool)
+        # Per variable: inner chunks per object and objects along (t, level, y, x).
+        self._per_object = np.array([storage_shape4(lay) for lay in self.layouts], dtype=np.int64)
+        grids = np.array([chunk_grid4(lay) for lay in self.layouts], dtype=np.int64)
+        self._object_grid = -(-grids // self._per_object)
+        sizes = np.where(self.fast, self._object_grid.prod(axis=1), 0)
+        self._object_base = np.concatenate([[0], np.cumsum(sizes)])
+        per = int(self._per_object.prod(axis=1).max()) if len(self.layouts) else 1
+        self._table = _ObjectTable(
+            int(self._object_base[-1]), per, max(1, budget_bytes // (per * 16 + 40))
+        )
 
     def stats(self) -> dict[str, int]:
         """Cached rows, their memory, and how many objects were loaded and evicted."""
-        tables = [t for t in self._tables if t is not None]
         return {
-            "objects_cached": int(sum((t.object_of >= 0).sum() for t in tables)),
-            "table_bytes": int(sum(t.nbytes for t in tables)),
+            "objects_cached": int((self._table.object_of >= 0).sum()),
+            "table_bytes": int(self._table.nbytes),
             "objects_loaded": self.objects_loaded,
             "objects_evicted": self.objects_evicted,
         }
 
     def locate(self, plan: BatchPlan) -> ChunkLocations:
         n = plan.n_chunks
+        var = plan.chunk_var
+        fast = self.fast[var]
+        chunks = np.flatnonzero(fast)
+        var, coords = var[chunks], plan.chunk_coords[chunks]
+        per = self._per_object[var]
+        grid = self._object_grid[var]
+        obj, inner = np.zeros(len(chunks), dtype=np.int64), np.zeros(len(chunks), dtype=np.int64)
+        for axis in range(4):  # C-order flat indices, per chunk with its variable's shapes
+            obj = obj * grid[:, axis] + coords[:, axis] // per[:, axis]
+            inner = inner * per[:, axis] + coords[:, axis] % per[:, axis]
+        obj += self._object_base[var]
+        table = self._table
+        with self._lock:
+            self._now += 1
+            self._load_missing_rows(obj)
+            slots = table.slot_of[obj]
+            table.stamp[slots] = self._now
+            entries = table.entries[slots, inner]
+            gone = entries[:, 1] == MISSING
+            used, local = unique_inverse(slots[~gone])
+            paths, keys = table.paths[used], table.keys[used]
+            file_var = self._var_of_object(table.object_of[used])
         file = np.full(n, -1, dtype=np.int64)
+        file[chunks[~gone]] = local
         offset = np.zeros(n, dtype=np.int64)
         nbytes = np.zeros(n, dtype=np.int64)
         missing = np.zeros(n, dtype=bool)
-        fast = np.zeros(n, dtype=bool)
-        paths, keys, file_var = [], [], []
-        n_files = 0
-        with self._lock:
-            self._now += 1
-            for v, table in enumerate(self._tables):
-                if table is None:
-                    continue
-                mine = np.flatnonzero(plan.chunk_var == v)
-                if not len(mine):
-                    continue
-                fast[mine] = True
-                coords = plan.chunk_coords[mine]
-                per = np.array(table.per_object, dtype=np.int64)
-                objects = np.ravel_multi_index((coords // per).T, table.object_grid)
-                inner = np.ravel_multi_index((coords % per).T, table.per_object)
-                self._load_missing_rows(table, objects)
-                slots = table.slot_of[objects]
-                table.stamp[slots] = self._now
-                entries = table.entries[slots, inner]
-                offset[mine], nbytes[mine] = entries[:, 0], entries[:, 1]
-                gone = entries[:, 1] == MISSING
-                missing[mine] = gone
-                used, local = unique_inverse(slots[~gone])
-                file[mine[~gone]] = local + n_files
-                n_files += len(used)
-                paths.append(table.paths[used])
-                keys.append(table.keys[used])
-                file_var.append(np.full(len(used), v, dtype=np.int64))
-        return ChunkLocations(
-            file=file,
-            offset=offset,
-            nbytes=nbytes,
-            missing=missing,
-            fast=fast,
-            paths=np.concatenate(paths) if paths else np.empty(0, dtype=object),
-            keys=np.concatenate(keys) if keys else np.empty(0, dtype=object),
-            file_var=np.concatenate(file_var) if file_var else np.empty(0, dtype=np.int64),
-        )
+        offset[chunks], nbytes[chunks], missing[chunks] = entries[:, 0], entries[:, 1], gone
+        return ChunkLocations(file, offset, nbytes, missing, fast, paths, keys, file_var)
 
-    def _load_missing_rows(self, table: _VariableTable, objects: np.ndarray) -> None:
+    def _var_of_object(self, objects: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self._object_base, objects, side="right") - 1
+
+    def _load_missing_rows(self, objects: np.ndarray) -> None:
+        """Read the rows of the objects not cached yet (shard indexes, file sizes)."""
+        table = self._table
         new = np.unique(objects[table.slot_of[objects] < 0])
         if not len(new):
             return
         keep = table.slot_of[objects]
         slots = table.free_slots(len(new), keep[keep >= 0], self._now)
         self.objects_evicted += int((table.object_of[slots] >= 0).sum())
-        layout = table.layout
-        coords = np.stack(np.unravel_index(new, table.object_grid), axis=1)
-        keys = [layout.encode_key(natural_coords(layout, c)) for c in coords.tolist()]
-        paths = [os.path.join(layout.directory, key) for key in keys]
-        read = self._read_index if layout.shard is not None else self._stat_chunk
-        rows = list(self._map(lambda kp: read(layout, kp[0], kp[1]), zip(keys, paths, strict=True)))
-        table.entries[slots] = np.stack(rows)
-        table.paths[slots] = paths
-        table.keys[slots] = keys
+        work = []
+        for obj, v in zip(new.tolist(), self._var_of_object(new).tolist(), strict=True):
+            layout = self.layouts[v]
+            coords = np.unravel_index(obj - self._object_base[v], self._object_grid[v])
+            key = layout.encode_key(natural_coords(layout, coords))
+            work.append((layout, key, os.path.join(layout.directory, key)))
+        rows = list(self._map(lambda item: self._read_row(*item), work))
+        for slot, row in zip(slots.tolist(), rows, strict=True):
+            table.entries[slot, : len(row)] = row
+        table.paths[slots] = [path for _, _, path in work]
+        table.keys[slots] = [key for _, key, _ in work]
         table.object_of[slots] = new
         table.slot_of[new] = slots
         self.objects_loaded += len(new)
+
+    def _read_row(self, layout: ArrayLayout, key: str, path: str) -> np.ndarray:
+        if layout.shard is not None:
+            return self._read_index(layout, key, path)
+        return self._stat_chunk(layout, key, path)
 
     def _stat_chunk(self, layout: ArrayLayout, key: str, path: str) -> np.ndarray:
         try:

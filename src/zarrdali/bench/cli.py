@@ -121,7 +121,54 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_host(args: argparse.Namespace) -> int:
+    from .host import run_host_bench
+
+    if args.store:
+        stores = [(Path(args.store).name, args.store)]
+    else:
+        stores = _ensure_sample_data(Path(args.data_dir or DEFAULT_DATA_DIR))
+    variables = args.variables
+    if not variables:
+        import zarr
+
+        group = zarr.open_group(stores[0][1], mode="r")
+        variables = [name for name, arr in group.arrays() if arr.ndim >= 3]
+    payload = run_host_bench(
+        stores,
+        variables,
+        args.out,
+        input_steps=args.input_steps,
+        target_steps=args.target_steps,
+        tile=tuple(args.tile),
+        batch_size=args.batch_size,
+        batches=args.batches,
+        rounds=args.rounds,
+    )
+    print(payload["table"])
+    print(f"results in {args.out}/ (host.json, host.md)")
+    return 0
+
+
 def register(sub) -> None:
+    p = sub.add_parser(
+        "bench-host",
+        help="host time per batch to plan, locate and describe (no reading; no GPU needed)",
+        description="Times the per-batch host work of both paths (plan, locate, describe), "
+        "everything but reading, decoding and gathering, on each store.",
+    )
+    p.add_argument("store", nargs="?", help="Zarr v3 store; default: sample data, both layouts")
+    p.add_argument("--data-dir", help="where the sample data lives (default ./sample-data)")
+    p.add_argument("--variables", nargs="+", help="default: every array with ≥ 3 dims")
+    p.add_argument("--input-steps", type=int, default=4)
+    p.add_argument("--target-steps", type=int, default=2)
+    p.add_argument("--tile", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=50, help="batches per round (default 50)")
+    p.add_argument("--rounds", type=int, default=3, help="timed passes (default 3)")
+    p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
+    p.set_defaults(func=_cmd_bench_host)
+
     p = sub.add_parser(
         "bench",
         help="compare loaders on one store (default: the sample data)",
