@@ -131,3 +131,30 @@ def test_reader_returns_each_chunks_bytes(store):
             continue
         path, off, n = want
         assert data == Path(path).read_bytes()[off : off + n]
+
+
+def test_reader_keeps_files_open_per_thread_and_closes_them(store):
+    """Each thread keeps its files open between reads; threads that ended leave none
+    behind once another thread reads; close() closes the rest."""
+    import threading
+
+    group, name = open_group(store)
+    layouts = load_layouts(group, name, ["sharded"])
+    locator = ChunkLocator(name, layouts)
+    plan = plan_batch(layouts, batches(1, seed=5)[0], n_frames=3, frame_step=2, tile_hw=(8, 8))
+    loc = locator.locate(plan)
+    reader = PosixReader(name, max_open_files=2)
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    base = open_fds()
+    for _ in range(3):  # threads that read and end
+        thread = threading.Thread(target=reader.read_chunks, args=(layouts, loc))
+        thread.start()
+        thread.join()
+        assert open_fds() - base <= 2 * 2, "dead threads' files are closed"
+    reader.read_chunks(layouts, loc)
+    assert 0 < open_fds() - base <= 2 * 2, "at most max_open_files per live thread"
+    reader.close()
+    assert open_fds() == base

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,17 +50,65 @@ class _Scratch(threading.local):
         return self.decoded[:nbytes].view(dtype).reshape(shape)
 
 
+class _OpenFiles(threading.local):
+    """One thread's open file descriptors, least recently used closed past a limit.
+
+    Per thread, so no descriptor is ever closed while another thread reads it.
+    """
+
+    def __init__(self, owner: PosixReader) -> None:
+        self.fds: OrderedDict[str, int] = OrderedDict()
+        with owner._lock:
+            # Threads come and go (a prefetch pool per epoch): close what dead ones left.
+            for thread, fds in owner._all_open:
+                if not thread.is_alive():
+                    _close_all(fds)
+            owner._all_open = [(t, f) for t, f in owner._all_open if t.is_alive()]
+            owner._all_open.append((threading.current_thread(), self.fds))
+
+
+def _close_all(fds: OrderedDict[str, int]) -> None:
+    while fds:
+        os.close(fds.popitem()[1])
+
+
 class PosixReader:
     """Reads byte ranges of a local store's files with ``os.pread``.
 
     Each read lands in a thread-local buffer reused for the next read of the
-    same thread, so reading allocates nothing per chunk.
+    same thread, so reading allocates nothing per chunk; each thread keeps up to
+    ``max_open_files`` files open (a shard is read many times an epoch).
+    :meth:`close` closes them all.
     """
 
-    def __init__(self, store_name: str, *, max_gap: int = 64 * 1024) -> None:
+    def __init__(
+        self, store_name: str, *, max_gap: int = 64 * 1024, max_open_files: int = 64
+    ) -> None:
         self._store = store_name
         self.max_gap = max_gap
+        self.max_open_files = max_open_files
         self._scratch = _Scratch()
+        self._lock = threading.Lock()
+        self._all_open: list[tuple[threading.Thread, OrderedDict[str, int]]] = []
+        self._open = _OpenFiles(self)
+
+    def _fd(self, path: str) -> int:
+        fds = self._open.fds
+        fd = fds.get(path)
+        if fd is None:
+            fd = fds[path] = os.open(path, os.O_RDONLY)
+            if len(fds) > self.max_open_files:
+                os.close(fds.popitem(last=False)[1])
+        else:
+            fds.move_to_end(path)
+        return fd
+
+    def close(self) -> None:
+        """Close every thread's files (call once the threads are done reading)."""
+        with self._lock:
+            for _, fds in self._all_open:
+                _close_all(fds)
+            self._all_open = []
 
     def reads(self, locations: ChunkLocations) -> tuple[CoalescedReads, np.ndarray]:
         """The coalesced reads of every chunk stored in a file, and for each
@@ -77,11 +126,7 @@ class PosixReader:
         """``nbytes`` at ``start`` of ``path``, valid until this thread's next read."""
         buf = self._scratch.encoded_buffer(nbytes)
         try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                got = os.preadv(fd, [buf], start)
-            finally:
-                os.close(fd)
+            got = os.preadv(self._fd(path), [buf], start)
         except OSError as err:
             raise ChunkError(
                 f"cannot read bytes {start}..{start + nbytes}: {err}",
@@ -364,3 +409,4 @@ class CpuBackend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.reader.close()
