@@ -1,20 +1,25 @@
 """Host-side planning for the GPU backend. Pure numpy: no GPU, no I/O.
 
-Everything the device work of one batch needs is computed here on the host, as
-plain integers the CUDA kernels and nvCOMP consume:
+:func:`describe_batch` turns a batch's :class:`~zarrdali.batchplan.BatchPlan`
+and its :class:`~zarrdali.backends.locate.ChunkLocations` into everything the
+device work needs, as arrays (loops run over variables and algorithms only):
 
-* where each chunk's encoded bytes land in the batch's device staging buffer
-  (coalesced reads, each read at an 8-byte-aligned offset) and where its
-  *payload* (the bytes the decompressor sees: numcodecs' LZ4 size prefix and a
-  trailing crc32c stripped) is then packed, each payload 8-byte aligned;
-* where each decoded chunk lives in the batch's decoded buffer (8-byte aligned
-  slots);
-* one int64 descriptor row per :class:`~zarrdali.chunkplan.TileCopy`, which the
-  gather kernel in :mod:`zarrdali.backends.gpu` executes.
+* **staging**: the coalesced reads of the chunks decoded on the device, each at
+  an 8-byte-aligned offset of one staging buffer, and where each chunk's
+  *payload* (what the decompressor sees: numcodecs' LZ4 size prefix and a
+  trailing crc32c stripped) lies in it; when a payload is misaligned there,
+  every payload also gets an aligned slot in a packed area after the reads;
+* **decoded slots**: where each decoded chunk lives in the batch's decoded
+  buffer (8-byte aligned): the device-decoded region first, then the region
+  the host fills (Blosc chunks, zarr-python's fallback), one copy to the device;
+* **the gather tables** (:class:`GatherTables`) the gather kernel of
+  :mod:`zarrdali.backends.kernels` reads: one row per tile (variable, sample,
+  frame), the plan's ``tile_chunks``, one slot per chunk and one row per
+  variable. What crosses to the device grows with tiles, not with copies.
 
-:func:`gather_reference` executes the descriptors with numpy exactly as the
-kernel does; the CPU test suite checks it against the CPU assembler, which
-validates the encoding the kernel consumes on a machine without a GPU.
+:func:`gather_reference` executes the gather tables with numpy exactly as the
+kernel does; the CPU test suite checks it against the CPU backend, which
+validates what the kernel consumes on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -24,9 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..batchplan import BatchPlan as BatchReadPlan
+from ..batchplan import BatchPlan, channel_offsets, chunk_shape4
 from ..codecs import ChunkCodec
-from .ranges import coalesce
+from ..errors import ChunkError
+from ..store import ArrayLayout
+from .base import batch_dtype
+from .locate import ChunkLocations
+from .ranges import coalesce_arrays
 
 ALIGN = 8  # nvCOMP zstd needs 8-byte-aligned input and output buffers
 
@@ -36,21 +45,31 @@ ALIGN = 8  # nvCOMP zstd needs 8-byte-aligned input and output buffers
 NVCOMP_ALGORITHMS = {"zstd": "Zstd", "lz4": "LZ4", "gzip": "Gzip", "deflate": "Deflate"}
 DEVICE_DECODABLE = frozenset({"none", *NVCOMP_ALGORITHMS})
 
-# -- descriptor layout (one int64 row per copy) -------------------------------
-D_SLOT = 0  # byte offset of the source chunk in the decoded buffer
-D_SRC0 = 1  # first source element, in elements from the slot start
-D_SRC_STRIDES = slice(2, 5)  # source strides (level, y, x), elements
-D_DST0 = 5  # first destination element in the flat [B, T, C, H, W] output
-D_DST_STRIDES = slice(6, 9)  # destination strides (channel/level, y, x), elements
-D_EXTENT = slice(9, 12)  # extents (level, y, x)
-D_CODE = 12  # source dtype code (DTYPE_CODES)
-D_FLAGS = 13  # FLAG_SWAP | FLAG_MISSING
-D_FILL = 14  # fill value bit pattern in the output dtype (little-endian, zero-padded)
-D_ITEMSIZE = 15  # source itemsize in bytes
-N_FIELDS = 16
+# How the chunks of a variable are decoded.
+ON_DEVICE = 0  # nvCOMP, or a device copy when uncompressed
+ON_HOST = 1  # numcodecs on the host (Blosc), then one copy per batch
+BY_ZARR_PYTHON = 2  # off the fast path: zarr-python reads it on the host
 
-FLAG_SWAP = 1  # the source bytes are big-endian: swap them while loading
-FLAG_MISSING = 2  # the chunk does not exist: write the fill value
+# -- gather tables: column indices (the kernel source uses the same numbers) ---
+TILE_VAR = 0  # variable of the tile (row of the variable table)
+TILE_T = 1  # time index inside its chunks
+TILE_Y0 = 2  # first row of the tile in the array
+TILE_X0 = 3  # first column of the tile in the array
+TILE_OUT0 = 4  # flat output offset of element (b, frame, channel 0, 0, 0)
+N_TILE_FIELDS = 5
+
+VAR_CL = 0  # chunk shape along level, y, x
+VAR_CY = 1
+VAR_CX = 2
+VAR_LEVELS = 3  # levels (channels) of the variable
+VAR_CHANNEL0 = 4  # its first channel in the output
+VAR_CODE = 5  # dtype code of its decoded bytes (DTYPE_CODES)
+VAR_SWAP = 6  # 1: decoded bytes are big-endian, swap them while loading
+VAR_ITEMSIZE = 7  # bytes per decoded element
+VAR_FILL = 8  # fill value bits in the output dtype (little-endian, zero-padded)
+N_VAR_FIELDS = 9
+
+MISSING_SLOT = -1  # chunk slot of a chunk that does not exist: the kernel writes the fill
 
 # Source dtypes the gather kernel loads (keyed by kind + itemsize).
 DTYPE_CODES = {
@@ -96,22 +115,8 @@ def dtype_code(dtype: np.dtype) -> int:
     return DTYPE_CODES[key]
 
 
-def align_up(n: int, align: int = ALIGN) -> int:
+def align_up(n: int | np.ndarray, align: int = ALIGN) -> int | np.ndarray:
     return (n + align - 1) // align * align
-
-
-def payload_bounds(codec: ChunkCodec, nbytes: int) -> tuple[int, int]:
-    """``(skip, length)``: the decompressor's input inside a chunk's stored bytes.
-
-    numcodecs' LZ4 prepends the decoded size (4 bytes, little-endian) to a raw
-    LZ4 block; a crc32c codec appends 4 bytes. nvCOMP sees neither.
-    """
-    skip = 4 if codec.compressor == "lz4" else 0
-    tail = 4 if codec.has_crc32c else 0
-    length = nbytes - skip - tail
-    if length < 0:
-        raise ValueError(f"a {nbytes}-byte chunk is too short for its codec {codec}")
-    return skip, length
 
 
 def fill_bits(fill_value: object, source: np.dtype, out: np.dtype) -> int:
@@ -122,210 +127,465 @@ def fill_bits(fill_value: object, source: np.dtype, out: np.dtype) -> int:
     return int(np.frombuffer(raw, dtype="<i8")[0])
 
 
-# -- staging: where encoded bytes and payloads go -----------------------------
-@dataclass(frozen=True)
-class EncodedChunk:
-    """One stored chunk to read: ``nbytes`` at ``offset`` of ``path``."""
-
-    position: int  # caller's index (e.g. position in the batch's chunk list)
-    path: str
-    offset: int
-    nbytes: int
-    skip: int  # payload starts this many bytes into the stored chunk
-    length: int  # payload length
+def decoding_of(layout: ArrayLayout) -> int:
+    """Where the chunks of ``layout`` are decoded: ON_DEVICE, ON_HOST or BY_ZARR_PYTHON."""
+    if not layout.fast_path:
+        return BY_ZARR_PYTHON
+    return ON_DEVICE if layout.codec.compressor in DEVICE_DECODABLE else ON_HOST
 
 
-@dataclass(frozen=True)
-class StagedRead:
-    """One ``pread`` of ``[file_offset, file_offset + nbytes)`` into ``staging[dst:]``."""
+# -- payloads ----------------------------------------------------------------------
+def payload_trims(codecs: Sequence[ChunkCodec | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Per variable, the bytes before a chunk's payload (numcodecs' 4-byte LZ4
+    size prefix) and after it (a 4-byte crc32c)."""
+    skip = [4 if c is not None and c.compressor == "lz4" else 0 for c in codecs]
+    tail = [4 if c is not None and c.has_crc32c else 0 for c in codecs]
+    return np.array(skip, dtype=np.int64), np.array(tail, dtype=np.int64)
 
-    path: str
-    file_offset: int
-    nbytes: int
-    dst: int
+
+def payload_bounds(
+    trims: tuple[np.ndarray, np.ndarray], chunk_var: np.ndarray, nbytes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(skip, length)`` per chunk of ``nbytes`` stored bytes: where the
+    decompressor's input starts in them and how long it is (negative: the chunk
+    is too short). ``trims``: :func:`payload_trims` of the variables."""
+    skip_v, tail_v = trims
+    skip = skip_v[chunk_var]
+    return skip, nbytes - skip - tail_v[chunk_var]
 
 
-@dataclass(frozen=True)
-class StagingPlan:
-    reads: list[StagedRead]
-    raw_nbytes: int  # bytes of the read area (aligned)
-    payload_raw: dict[int, int]  # position -> payload offset in the read area
-    payload_packed: dict[int, int]  # position -> payload offset once packed (aligned)
-    packed_nbytes: int  # bytes of the packed area (0 when no packing is needed)
-    needs_packing: bool  # some payload is not aligned where it was read
+# -- staging: where encoded bytes and payloads go ------------------------------------
+@dataclass(frozen=True, eq=False)
+class StagingLayout:
+    """The reads of ``K`` chunks into one staging buffer, and where their payloads are.
 
-    def payload_offset(self, position: int) -> int:
-        """Where nvCOMP reads chunk ``position``'s payload, relative to the staging start."""
-        if self.needs_packing:
-            return self.raw_nbytes + self.payload_packed[position]
-        return self.payload_raw[position]
+    Read ``r`` copies ``read_nbytes[r]`` bytes at ``read_start[r]`` of file
+    ``read_file[r]`` to ``staging[read_dst[r]:]``. ``payload_raw[k]`` is where
+    chunk ``k``'s payload landed; ``payload_offset[k]`` is where the decoder
+    reads it: its packed slot (after ``raw_nbytes``) when ``needs_packing``.
+    """
+
+    read_file: np.ndarray  # [R]
+    read_start: np.ndarray  # [R]
+    read_nbytes: np.ndarray  # [R]
+    read_dst: np.ndarray  # [R]
+    payload_raw: np.ndarray  # [K]
+    payload_offset: np.ndarray  # [K]
+    raw_nbytes: int
+    total_nbytes: int
+    needs_packing: bool
 
     @property
-    def total_nbytes(self) -> int:
-        return self.raw_nbytes + (self.packed_nbytes if self.needs_packing else 0)
+    def n_reads(self) -> int:
+        return len(self.read_file)
+
+
+def aligned_offsets(nbytes: np.ndarray, align: int = ALIGN) -> tuple[np.ndarray, int]:
+    """Offsets of consecutive slots of ``nbytes`` each, every slot ``align``-ed,
+    and the total size."""
+    sizes = align_up(np.asarray(nbytes, dtype=np.int64), align)
+    ends = np.cumsum(sizes)
+    return ends - sizes, int(ends[-1]) if len(ends) else 0
 
 
 def plan_staging(
-    chunks: Sequence[EncodedChunk], max_gap: int = 64 * 1024, align: int = ALIGN
-) -> StagingPlan:
+    file: np.ndarray,
+    offset: np.ndarray,
+    nbytes: np.ndarray,
+    skip: np.ndarray,
+    length: np.ndarray,
+    aligned: np.ndarray,
+    *,
+    max_gap: int = 64 * 1024,
+    align: int = ALIGN,
+) -> StagingLayout:
     """Coalesce the reads per file and lay them out in one staging buffer.
 
-    Each coalesced read starts at an ``align``-ed offset. A read spanning several
+    Chunk ``k`` is ``nbytes[k]`` at ``offset[k]`` of file ``file[k]``; its
+    payload starts ``skip[k]`` bytes in and is ``length[k]`` long. Each
+    coalesced read starts at an ``align``-ed offset. A read spanning several
     inner chunks keeps their file layout, so payloads inside it may be
-    misaligned; then every payload also gets an aligned slot in a packed area
-    after the read area, filled by one device-side copy kernel.
+    misaligned; if one of those whose decoder needs alignment (``aligned[k]``)
+    is, each of them gets an aligned slot in a packed area after the reads.
     """
-    by_file: dict[str, list[int]] = {}
-    for i, c in enumerate(chunks):
-        by_file.setdefault(c.path, []).append(i)
-    reads: list[StagedRead] = []
-    payload_raw: dict[int, int] = {}
-    pos = 0
-    for path, members in by_file.items():
-        ranges = [(chunks[i].offset, chunks[i].nbytes) for i in members]
-        for read in coalesce(ranges, max_gap):
-            reads.append(StagedRead(path, read.start, read.nbytes, pos))
-            for m in read.members:
-                c = chunks[members[m]]
-                payload_raw[c.position] = pos + (c.offset - read.start) + c.skip
-            pos = align_up(pos + read.nbytes, align)
-    payload_packed: dict[int, int] = {}
-    packed = 0
-    for c in chunks:
-        payload_packed[c.position] = packed
-        packed = align_up(packed + max(c.length, 1), align)
-    needs = any(off % align for off in payload_raw.values())
-    return StagingPlan(reads, pos, payload_raw, payload_packed, packed, needs)
+    reads = coalesce_arrays(file, offset, nbytes, max_gap)
+    read_nbytes = reads.nbytes
+    read_dst, raw_nbytes = aligned_offsets(read_nbytes, align)
+    # The read serving each chunk: reads.order lists chunks read by read.
+    read_of = np.empty(len(file), dtype=np.int64)
+    read_of[reads.order] = np.repeat(np.arange(len(reads)), np.diff(reads.bounds))
+    payload_raw = read_dst[read_of] + (offset - reads.start[read_of]) + skip
+    needs_packing = bool(np.any(payload_raw[aligned] % align))
+    payload_offset = payload_raw
+    total = raw_nbytes
+    if needs_packing:
+        packed, packed_nbytes = aligned_offsets(np.where(aligned, np.maximum(length, 1), 0), align)
+        payload_offset = np.where(aligned, raw_nbytes + packed, payload_raw)
+        total += packed_nbytes
+    return StagingLayout(
+        read_file=reads.file,
+        read_start=reads.start,
+        read_nbytes=read_nbytes,
+        read_dst=read_dst,
+        payload_raw=payload_raw,
+        payload_offset=payload_offset,
+        raw_nbytes=raw_nbytes,
+        total_nbytes=total,
+        needs_packing=needs_packing,
+    )
 
 
-def decoded_slots(nbytes: Sequence[int], align: int = ALIGN) -> tuple[list[int], int]:
-    """Aligned offsets of consecutive slots of ``nbytes`` each, and the total size."""
-    offsets, pos = [], 0
-    for n in nbytes:
-        offsets.append(pos)
-        pos = align_up(pos + n, align)
-    return offsets, pos
+# -- the batch ---------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class DecodeGroup:
+    """The device-decoded chunks of one nvCOMP algorithm: payloads in staging,
+    outputs in the decoded buffer."""
+
+    algorithm: str
+    chunks: np.ndarray  # plan chunk rows
+    in_offset: np.ndarray
+    in_nbytes: np.ndarray
+    out_offset: np.ndarray
+    out_nbytes: np.ndarray
 
 
-# -- gather descriptors -------------------------------------------------------
-def _c_strides(shape: Sequence[int]) -> list[int]:
-    strides, s = [], 1
-    for n in reversed(shape):
-        strides.append(s)
-        s *= n
-    return strides[::-1]
+@dataclass(frozen=True, eq=False)
+class GatherTables:
+    """What the gather kernel reads: ``tiles`` ``[J, N_TILE_FIELDS]`` int64,
+    ``tile_chunks`` ``[J, L, Y, X]`` int32 (chunk rows, -1 past a tile's last),
+    ``chunk_slots`` ``[N]`` int64 (byte offset in the decoded buffer,
+    ``MISSING_SLOT``: write the fill value) and ``variables``
+    ``[V, N_VAR_FIELDS]`` int64."""
+
+    tiles: np.ndarray
+    tile_chunks: np.ndarray
+    chunk_slots: np.ndarray
+    variables: np.ndarray
+    out_shape: tuple[int, int, int, int, int]
+    out_dtype: np.dtype
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.tiles)
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The arrays uploaded to the device, in the kernel's argument order."""
+        return (self.tiles, self.tile_chunks, self.chunk_slots, self.variables)
+
+    @property
+    def max_tile_elements(self) -> int:
+        """Elements of the largest tile (its variable's levels times H times W)."""
+        h, w = self.out_shape[-2:]
+        return int(self.variables[:, VAR_LEVELS].max(initial=0)) * h * w
 
 
-def _box(index: tuple, shape: Sequence[int]) -> tuple[int, list[tuple[int, int]]]:
-    """Start element and ``(extent, stride)`` of each sliced axis of ``array[index]``."""
-    strides = _c_strides(shape)
-    start, axes = 0, []
-    for i, stride, n in zip(index, strides, shape, strict=True):
-        if isinstance(i, slice):
-            lo, hi, step = i.indices(n)
-            if step != 1:
-                raise ValueError(f"strided slice {i} in a tile copy")
-            start += lo * stride
-            axes.append((max(hi - lo, 0), stride))
-        else:
-            start += int(i) * stride
-    return start, axes
+@dataclass(frozen=True, eq=False)
+class BatchDescription:
+    """One batch's device work, as arrays (see the module docstring).
 
-
-def build_descriptors(
-    plan: BatchReadPlan,
-    chunk_shapes: Sequence[tuple[int, ...]],
-    source_dtypes: Sequence[np.dtype],
-    swap: Sequence[bool],
-    missing: Sequence[bool],
-    slots: Sequence[int],
-    fills: Sequence[int],
-) -> np.ndarray:
-    """``[n_copies, N_FIELDS]`` int64: the gather kernel's work list for ``plan``.
-
-    Per chunk ``i`` of ``plan.chunks``: its (full) shape, the dtype its decoded
-    bytes hold, whether they are big-endian (swap), whether it is missing, its
-    byte offset in the decoded buffer and its fill bits (:func:`fill_bits`).
+    Chunk rows are the plan's. ``device_chunks`` are read into staging (in the
+    order of ``staging``'s per-chunk arrays) and decoded on the device;
+    ``host_chunks`` are read and decoded by numcodecs on the host,
+    ``fallback_chunks`` by zarr-python; missing chunks are in none of them.
+    ``slots`` locates every decoded chunk (``MISSING_SLOT`` for missing ones):
+    the device region ``[0, device_nbytes)``, then the host region of
+    ``host_nbytes``. ``pack_jobs`` (copies inside staging that align payloads)
+    and ``copy_jobs`` (uncompressed chunks, staging to decoded buffer) are
+    ``[K, 3]`` rows of (source offset, destination offset, bytes).
     """
-    desc = np.zeros((len(plan.copies), N_FIELDS), dtype=np.int64)
-    codes = [dtype_code(d) for d in source_dtypes]
-    for k, copy in enumerate(plan.copies):
-        i = copy.chunk
-        src0, src_axes = _box(copy.src, chunk_shapes[i])
-        dst0, dst_axes = _box(copy.dst, plan.out_shape)
-        if len(src_axes) != len(dst_axes) or len(src_axes) > 3:
-            raise ValueError(f"copy {copy} has mismatched sliced axes")
-        if [e for e, _ in src_axes] != [e for e, _ in dst_axes]:
-            raise ValueError(f"copy {copy} has mismatched extents")
-        pad = [(1, 0)] * (3 - len(src_axes))
-        src_axes, dst_axes = pad + src_axes, pad + dst_axes
-        row = desc[k]
-        row[D_SLOT] = slots[i]
-        row[D_SRC0] = src0
-        row[D_SRC_STRIDES] = [s for _, s in src_axes]
-        row[D_DST0] = dst0
-        row[D_DST_STRIDES] = [s for _, s in dst_axes]
-        row[D_EXTENT] = [e for e, _ in src_axes]
-        row[D_CODE] = codes[i]
-        row[D_FLAGS] = (FLAG_SWAP if swap[i] else 0) | (FLAG_MISSING if missing[i] else 0)
-        row[D_FILL] = fills[i]
-        row[D_ITEMSIZE] = np.dtype(source_dtypes[i]).itemsize
-    return desc
+
+    device_chunks: np.ndarray
+    host_chunks: np.ndarray
+    fallback_chunks: np.ndarray
+    slots: np.ndarray
+    device_nbytes: int
+    host_nbytes: int
+    staging: StagingLayout
+    pack_jobs: np.ndarray
+    copy_jobs: np.ndarray
+    decode_groups: list[DecodeGroup]
+    gather: GatherTables
+
+    @property
+    def decoded_nbytes(self) -> int:
+        return self.device_nbytes + self.host_nbytes
 
 
+@dataclass(frozen=True, eq=False)
+class VariableColumns:
+    """What :func:`describe_batch` needs per variable, as ``[V]`` arrays (or a
+    ``[V, N_VAR_FIELDS]`` table): the same for every batch of these layouts."""
+
+    decoding: np.ndarray  # ON_DEVICE, ON_HOST or BY_ZARR_PYTHON
+    algorithm: list[str | None]  # nvCOMP's name of the compressor (None: not nvCOMP's)
+    uncompressed: np.ndarray  # bool: the chunks are stored raw
+    chunk_nbytes: np.ndarray
+    skip: np.ndarray
+    tail: np.ndarray
+    table: np.ndarray  # the gather kernel's variable table
+    out_dtype: np.dtype
+
+
+_COLUMNS: dict[tuple[int, ...], tuple[list[ArrayLayout], VariableColumns]] = {}
+
+
+def variable_columns(layouts: Sequence[ArrayLayout]) -> VariableColumns:
+    """:func:`describe_variables` of ``layouts``, cached (a few layouts lists live
+    per process; they are kept alive so their ids stay theirs)."""
+    key = tuple(id(layout) for layout in layouts)
+    hit = _COLUMNS.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], layouts, strict=True)):
+        return hit[1]
+    columns = describe_variables(layouts)
+    if len(_COLUMNS) >= 64:
+        _COLUMNS.pop(next(iter(_COLUMNS)))
+    _COLUMNS[key] = (list(layouts), columns)
+    return columns
+
+
+def describe_variables(layouts: Sequence[ArrayLayout]) -> VariableColumns:
+    """The per-variable columns of :func:`describe_batch`.
+
+    Decoded bytes hold the stored byte order (the ``bytes`` codec's), except
+    zarr-python's fallback, which hands back native order.
+    """
+    out_dtype = batch_dtype(layouts)
+    table = np.zeros((len(layouts), N_VAR_FIELDS), dtype=np.int64)
+    for v, (layout, channel0) in enumerate(zip(layouts, channel_offsets(layouts), strict=True)):
+        fallback = not layout.fast_path
+        stored = layout.dtype if fallback else layout.codec.stored_dtype(layout.dtype)
+        row = table[v]
+        row[[VAR_CL, VAR_CY, VAR_CX]] = chunk_shape4(layout)[1:]
+        row[VAR_LEVELS] = layout.n_levels
+        row[VAR_CHANNEL0] = channel0
+        row[VAR_CODE] = dtype_code(stored)
+        row[VAR_SWAP] = stored.itemsize > 1 and stored.byteorder == ">"
+        row[VAR_ITEMSIZE] = stored.itemsize
+        row[VAR_FILL] = fill_bits(layout.fill_value, layout.dtype, out_dtype)
+    skip, tail = payload_trims([layout.codec for layout in layouts])
+    compressors = [lay.codec.compressor if lay.codec is not None else None for lay in layouts]
+    return VariableColumns(
+        decoding=np.array([decoding_of(layout) for layout in layouts], dtype=np.int64),
+        algorithm=[NVCOMP_ALGORITHMS.get(compressor) for compressor in compressors],
+        uncompressed=np.array([c == "none" for c in compressors], dtype=bool),
+        chunk_nbytes=np.array([layout.chunk_nbytes for layout in layouts], dtype=np.int64),
+        skip=skip,
+        tail=tail,
+        table=table,
+        out_dtype=out_dtype,
+    )
+
+
+def _chunk_error(
+    message: str, layouts: Sequence[ArrayLayout], plan: BatchPlan, i: int, store_name: str
+) -> ChunkError:
+    layout = layouts[int(plan.chunk_var[i])]
+    key = layout.describe_chunk(plan.chunk_coords_of(layouts, i))
+    return ChunkError(message, store=store_name, array=layout.name, key=key)
+
+
+def _check_payloads(
+    layouts: Sequence[ArrayLayout],
+    plan: BatchPlan,
+    chunks: np.ndarray,
+    nbytes: np.ndarray,
+    length: np.ndarray,
+    uncompressed: np.ndarray,
+    expected: np.ndarray,
+    store_name: str,
+) -> None:
+    """Raise :class:`ChunkError` for the first chunk too short for its codec, or
+    an uncompressed chunk whose size is not the chunk's."""
+    short = np.flatnonzero(length < 0)
+    if len(short):
+        k = int(short[0])
+        raise _chunk_error(
+            f"a {int(nbytes[k])}-byte chunk is too short for its codec",
+            layouts,
+            plan,
+            int(chunks[k]),
+            store_name,
+        )
+    wrong = np.flatnonzero(uncompressed & (length != expected))
+    if len(wrong):
+        k = int(wrong[0])
+        raise _chunk_error(
+            f"uncompressed chunk holds {int(length[k])} bytes, the chunk has {int(expected[k])}",
+            layouts,
+            plan,
+            int(chunks[k]),
+            store_name,
+        )
+
+
+def gather_tables(plan: BatchPlan, columns: VariableColumns, slots: np.ndarray) -> GatherTables:
+    """The gather kernel's tables for ``plan`` (one output: the whole window)."""
+    if plan.frame_split is not None:
+        raise ValueError("the GPU gather assembles the whole window: plan without frame_split")
+    _, n_frames, n_channels, h, w = plan.out_shape
+    tiles = np.empty((len(plan.tile_var), N_TILE_FIELDS), dtype=np.int64)
+    tiles[:, TILE_VAR] = plan.tile_var
+    tiles[:, TILE_T] = plan.tile_t
+    tiles[:, TILE_Y0] = plan.samples[plan.tile_b, 1]
+    tiles[:, TILE_X0] = plan.samples[plan.tile_b, 2]
+    tiles[:, TILE_OUT0] = (plan.tile_b * n_frames + plan.tile_frame) * (n_channels * h * w)
+    return GatherTables(
+        tiles=tiles,
+        tile_chunks=plan.tile_chunks.astype(np.int32),
+        chunk_slots=slots,
+        variables=columns.table,
+        out_shape=plan.out_shape,
+        out_dtype=columns.out_dtype,
+    )
+
+
+def describe_batch(
+    layouts: Sequence[ArrayLayout],
+    plan: BatchPlan,
+    locations: ChunkLocations,
+    *,
+    store_name: str,
+    max_gap: int = 64 * 1024,
+) -> BatchDescription:
+    """Everything the GPU backend does for ``plan`` besides I/O and device calls.
+
+    Raises :class:`ChunkError` (naming array and key) for a chunk too short for
+    its codec, or an uncompressed chunk of the wrong size.
+    """
+    cols = variable_columns(layouts)
+    var = plan.chunk_var
+    decoding = cols.decoding[var]
+    present = locations.present
+    device = np.flatnonzero(present & (decoding == ON_DEVICE))
+    host = np.flatnonzero(present & (decoding == ON_HOST))
+    fallback = np.flatnonzero(decoding == BY_ZARR_PYTHON)
+
+    # Decoded slots: the device region, then the host region (one upload).
+    chunk_nbytes = cols.chunk_nbytes[var]
+    slots = np.full(plan.n_chunks, MISSING_SLOT, dtype=np.int64)
+    slots[device], device_nbytes = aligned_offsets(chunk_nbytes[device])
+    host_like = np.concatenate([host, fallback])
+    host_slots, host_nbytes = aligned_offsets(chunk_nbytes[host_like])
+    slots[host_like] = device_nbytes + host_slots
+
+    # Payloads of the device-decoded chunks, and where they are staged.
+    dvar = var[device]
+    nbytes = locations.nbytes[device]
+    skip, length = payload_bounds((cols.skip, cols.tail), dvar, nbytes)
+    uncompressed = cols.uncompressed[dvar]
+    _check_payloads(
+        layouts, plan, device, nbytes, length, uncompressed, chunk_nbytes[device], store_name
+    )
+    staging = plan_staging(
+        locations.file[device],
+        locations.offset[device],
+        nbytes,
+        skip,
+        length,
+        ~uncompressed,
+        max_gap=max_gap,
+    )
+    # Copy jobs (source, destination, bytes): payloads to their aligned slots
+    # in staging when some are misaligned, uncompressed chunks to their slots.
+    raw = staging.payload_raw
+    pack = ~uncompressed if staging.needs_packing else np.zeros_like(uncompressed)
+    pack_jobs = np.stack([raw[pack], staging.payload_offset[pack], length[pack]], axis=1)
+    copy_jobs = np.stack([raw, slots[device], length], axis=1)[uncompressed]
+
+    groups = []
+    for algorithm in sorted({a for a in cols.algorithm if a is not None}):
+        vs = [v for v, a in enumerate(cols.algorithm) if a == algorithm]
+        mine = np.flatnonzero(np.isin(dvar, vs))
+        if not len(mine):
+            continue
+        rows = device[mine]
+        groups.append(
+            DecodeGroup(
+                algorithm=algorithm,
+                chunks=rows,
+                in_offset=staging.payload_offset[mine],
+                in_nbytes=length[mine],
+                out_offset=slots[rows],
+                out_nbytes=chunk_nbytes[rows],
+            )
+        )
+    return BatchDescription(
+        device_chunks=device,
+        host_chunks=host,
+        fallback_chunks=fallback,
+        slots=slots,
+        device_nbytes=device_nbytes,
+        host_nbytes=host_nbytes,
+        staging=staging,
+        pack_jobs=pack_jobs,
+        copy_jobs=copy_jobs,
+        decode_groups=groups,
+        gather=gather_tables(plan, cols, slots),
+    )
+
+
+# -- the gather kernel, in numpy -------------------------------------------------
 _CODE_DTYPES = {v: np.dtype(k) for k, v in DTYPE_CODES.items() if k != "b1"}
 
 
-def gather_reference(
-    decoded: np.ndarray, desc: np.ndarray, out_shape: tuple[int, ...], out_dtype: np.dtype
-) -> np.ndarray:
-    """What the gather kernel computes, in numpy (the CPU oracle of the encoding).
+def _fill_value(bits: int, out_dtype: np.dtype) -> np.ndarray:
+    raw = int(bits).to_bytes(8, "little", signed=True)[: np.dtype(out_dtype).itemsize]
+    return np.frombuffer(raw, dtype=np.dtype(out_dtype).newbyteorder("<"))[0]
 
-    ``decoded`` is the uint8 decoded buffer; each descriptor row is executed
-    element by element the way the kernel does (load with optional byte swap,
-    C cast to the output dtype, or the fill bits for a missing chunk).
+
+def gather_reference(decoded: np.ndarray, gather: GatherTables) -> np.ndarray:
+    """What the gather kernel computes, in numpy (the CPU oracle of the tables).
+
+    ``decoded`` is the uint8 decoded buffer. Every element of every tile takes
+    the kernel's arithmetic, vectorized: element ``i`` of tile ``j`` is
+    ``(level, y, x)``; its chunk comes from ``tile_chunks``, its source from
+    the chunk's slot, and it is loaded with the kernel's byte swap and C cast,
+    or set to the fill bits when the chunk is missing. Checks that every output
+    element is written exactly once.
     """
-    out = np.empty(int(np.prod(out_shape)), dtype=out_dtype)
-    for row in desc.tolist():
-        nl, ny, nx = row[D_EXTENT]
-        idx = np.indices((nl, ny, nx)).reshape(3, -1)
-        dst = row[D_DST0] + sum(a * s for a, s in zip(idx, row[D_DST_STRIDES], strict=True))
-        if row[D_FLAGS] & FLAG_MISSING:
-            raw = int(row[D_FILL]).to_bytes(8, "little", signed=True)
-            fill = np.frombuffer(raw[: out.itemsize], dtype=np.dtype(out_dtype).newbyteorder("<"))
-            out[dst] = fill[0]
-            continue
-        src = row[D_SRC0] + sum(a * s for a, s in zip(idx, row[D_SRC_STRIDES], strict=True))
-        dtype = _CODE_DTYPES[row[D_CODE]]
-        if row[D_FLAGS] & FLAG_SWAP:
+    tiles, var_table = gather.tiles, gather.variables
+    n_tiles, n_l, n_y, n_x = gather.tile_chunks.shape
+    h, w = gather.out_shape[-2:]
+    hw = h * w
+    out = np.zeros(int(np.prod(gather.out_shape)), dtype=gather.out_dtype)
+    var = var_table[tiles[:, TILE_VAR]]
+    # Element i of tile j, for i < levels * H * W of its variable.
+    totals = var[:, VAR_LEVELS] * hw
+    j = np.repeat(np.arange(n_tiles), totals)
+    i = np.arange(len(j)) - np.repeat(np.cumsum(totals) - totals, totals)
+    cl, cy, cx = var[j, VAR_CL], var[j, VAR_CY], var[j, VAR_CX]
+    t, y0, x0 = tiles[j, TILE_T], tiles[j, TILE_Y0], tiles[j, TILE_X0]
+
+    level = i // hw
+    r = i - level * hw
+    y = r // w
+    x = r - y * w
+    yy, xx = y0 + y, x0 + x
+    cell = ((level // cl) * n_y + (yy // cy - y0 // cy)) * n_x + (xx // cx - x0 // cx)
+    chunk = gather.tile_chunks.reshape(n_tiles, n_l * n_y * n_x)[j, cell]
+    if np.any(chunk < 0):
+        raise ValueError("an element's tile_chunks entry is -1")
+    slot = gather.chunk_slots[chunk]
+    o = tiles[j, TILE_OUT0] + (var[j, VAR_CHANNEL0] + level) * hw + r
+    src = ((t * cl + level % cl) * cy + yy % cy) * cx + xx % cx
+
+    for v in np.unique(tiles[:, TILE_VAR]).tolist():
+        row = var_table[v]
+        mine = tiles[j, TILE_VAR] == v
+        missing = mine & (slot == MISSING_SLOT)
+        out[o[missing]] = _fill_value(row[VAR_FILL], gather.out_dtype)
+        load = np.flatnonzero(mine & (slot != MISSING_SLOT))
+        item = int(row[VAR_ITEMSIZE])
+        dtype = _CODE_DTYPES[int(row[VAR_CODE])]
+        if row[VAR_SWAP]:
             dtype = dtype.newbyteorder(">")
-        item = row[D_ITEMSIZE]
-        base = row[D_SLOT]
-        starts = base + src * item
-        raw = decoded[starts[:, None] + np.arange(item)[None, :]].reshape(-1)
-        out[dst] = np.frombuffer(raw.tobytes(), dtype=dtype).astype(out_dtype)
-    return out.reshape(out_shape)
-
-
-def chunk_sources(
-    layouts: Sequence,
-    plan: BatchReadPlan,
-    native: set[int],
-    out_dtype: np.dtype,
-) -> tuple[list[tuple[int, ...]], list[np.dtype], list[bool], list[int]]:
-    """Per chunk of ``plan``: shape, dtype its decoded bytes hold (native order),
-    whether they are big-endian, and its fill bits in ``out_dtype``.
-
-    Chunks at positions in ``native`` were decoded by zarr-python (native byte
-    order); the others hold the bytes the codec chain stores (``bytes`` codec's
-    endianness).
-    """
-    shapes, dtypes, swap, fills = [], [], [], []
-    for i, c in enumerate(plan.chunks):
-        layout = layouts[c.var]
-        stored = layout.dtype if i in native else layout.codec.stored_dtype(layout.dtype)
-        shapes.append(tuple(layout.chunk_shape))
-        dtypes.append(stored.newbyteorder("="))
-        swap.append(stored.itemsize > 1 and stored.byteorder == ">")
-        fills.append(fill_bits(layout.fill_value, layout.dtype, out_dtype))
-    return shapes, dtypes, swap, fills
+        if dtype.itemsize != item:
+            raise ValueError(f"variable {v}: itemsize {item} is not that of code {row[VAR_CODE]}")
+        addr = slot[load] + src[load] * item
+        raw = decoded[addr[:, None] + np.arange(item)].reshape(-1)
+        out[o[load]] = np.frombuffer(raw.tobytes(), dtype=dtype).astype(gather.out_dtype)
+    writes = np.bincount(o, minlength=out.size)
+    if len(writes) != out.size or np.any(writes != 1):
+        raise ValueError("the gather tables do not write every output element exactly once")
+    return out.reshape(gather.out_shape)
