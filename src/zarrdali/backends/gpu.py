@@ -4,12 +4,15 @@ Importing this module never touches a GPU (CuPy, kvikIO and nvCOMP are imported
 inside functions); asking for the backend checks what the GPU path needs and
 says what is missing and how to install it.
 
-One batch, with no host round-trip for GPU-decodable codecs:
+One batch consumes the same array plan as the CPU backend
+(:class:`~zarrdali.batchplan.BatchPlan`), with no host round-trip for
+GPU-decodable codecs:
 
-1. **locate** (host, small): shard indexes are read with ``os.pread`` and cached
-   (:class:`~zarrdali.backends.cpu.PosixChunkReader`), chunk files are stat'ed;
-   :mod:`zarrdali.backends.gpu_plan` coalesces the byte ranges per file and lays
-   them out in one device staging buffer (each read 8-byte aligned).
+1. **locate** (host, arrays): a cached :class:`~zarrdali.backends.locate.ChunkLocator`
+   finds each chunk's file, offset and size (shard indexes read once);
+   :func:`~zarrdali.backends.gpu_plan.describe_batch` lays out the staging
+   buffer (coalesced reads, each 8-byte aligned), the decoded slots and the
+   gather tables, with numpy and no Python per chunk.
 2. **read**: ``kvikio.CuFile.pread`` of every coalesced range into the staging
    buffer, in kvikIO's thread pool (GDS, or its POSIX compatibility mode:
    :attr:`GpuBackend.io_mode` says which). When payloads (chunk bytes minus
@@ -20,23 +23,29 @@ One batch, with no host round-trip for GPU-decodable codecs:
    device buffer of 8-byte-aligned decoded slots. The decompressed sizes are
    known (the chunk shape) and handed over as a ``DecompressConfig`` built from
    them, so nvCOMP need not parse headers and synchronize. Uncompressed chunks
-   are copied by the same copy kernel.
+   are copied by the same copy kernel. nvCOMP's Python API still takes one
+   array view per chunk (built in one comprehension from the arrays).
    Chunks nvCOMP cannot decode (Blosc) and arrays the fast path cannot read are
-   decoded on the CPU into one host buffer and copied to the device once per
-   batch, with a one-time warning.
-4. **assemble**: one launch of a gather kernel executes one int64 descriptor per
-   tile copy (:func:`~zarrdali.backends.gpu_plan.build_descriptors`): it
-   byte-swaps big-endian chunks, casts to the batch dtype and writes the fill
-   value for missing chunks.
+   decoded on the CPU into one pinned host buffer and copied to the device once
+   per batch, with a one-time warning. Missing chunks are neither read nor
+   decoded: the gather writes their fill value.
+4. **assemble**: four small tables are uploaded (per tile, per chunk, per
+   variable, and the plan's ``tile_chunks``) and one launch of the gather
+   kernel (:mod:`zarrdali.backends.kernels`) derives every element's source
+   from them: it byte-swaps big-endian chunks, casts to the batch dtype and
+   writes the fill value for missing chunks. What is uploaded grows with
+   samples × frames × variables, not with copies.
 
 :attr:`GpuBackend.transfers` counts host↔device copies: data copies (the CPU
-fallback's one per batch) separately from the small control uploads (copy jobs,
-descriptors). The zstd/LZ4 path makes no data copy besides the read.
+fallback's one per batch) separately from the small control uploads (copy
+jobs, gather tables). The zstd/LZ4 path makes no data copy besides the read.
 
-VERIFICATION STATUS: written on a machine without a GPU. The host-side planning
-(``gpu_plan``) is unit-tested on the CPU, including a numpy execution of the
-descriptors against the CPU assembler. Everything that calls CuPy, kvikIO or
-nvCOMP below is unverified until ``tests/test_gpu_backend.py`` runs on a GPU.
+VERIFICATION STATUS: ported to the array plan on a machine without a GPU. The
+previous (object-plan) version ran correctly on an H200; since the port, the
+host side (``gpu_plan``, including a numpy execution of the gather tables
+against the CPU backend) is unit-tested on the CPU and the kernel sources
+compile with nvcc, but everything that calls CuPy, kvikIO or nvCOMP below is
+unverified until ``tests/test_gpu_backend.py`` runs on a GPU again.
 """
 
 from __future__ import annotations
@@ -47,38 +56,31 @@ import os
 import subprocess
 import threading
 import warnings
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from ..batchplan import BatchPlan as BatchReadPlan
+from ..batchplan import BatchPlan, natural_coords
 from ..errors import BackendUnavailableError, ChunkError
 from ..store import ArrayLayout
-from .base import batch_dtype
 from .gpu_plan import (
-    CTYPES,
-    D_EXTENT,
-    DEVICE_DECODABLE,
-    NVCOMP_ALGORITHMS,
-    EncodedChunk,
-    StagingPlan,
+    BatchDescription,
+    DecodeGroup,
+    StagingLayout,
     align_up,
-    build_descriptors,
-    chunk_sources,
-    decoded_slots,
-    dtype_key,
-    payload_bounds,
-    plan_staging,
+    describe_batch,
 )
+from .kernels import PACK_SOURCE, THREADS, gather_source, grid_y
+from .locate import ChunkLocations, ChunkLocator
 
 log = logging.getLogger(__name__)
 
 _INSTALL_HINT = "pip install 'zarrdali[cuda13]' (CUDA 13 driver) or 'zarrdali[cuda12]' (CUDA 12)"
-_EMPTY = 2**64 - 1  # shard index entry of an inner chunk that was never written
 
 
 def missing_gpu_requirements() -> list[str]:
@@ -126,7 +128,8 @@ class TransferCounter:
 
     ``host_to_device``/``device_to_host``: copies of array data (the CPU-decoded
     fallback chunks). ``control_to_device``: small uploads of work lists (copy
-    jobs, gather descriptors), about 128 bytes per tile copy. File reads by
+    jobs, and four gather tables per batch: about 72 bytes per tile plus 8 per
+    chunk and 4 per entry of ``tile_chunks``). File reads by
     kvikIO go storage→device and are counted as ``file_reads`` (in kvikIO's
     compatibility mode kvikIO itself bounces them through host memory).
     """
@@ -224,118 +227,6 @@ def kvikio_io_mode() -> str:
     return "posix" if name in ("ON", "TRUE", "1") else "gds"
 
 
-# -- CUDA kernels (compiled by NVRTC on first use) ----------------------------
-_PACK_SOURCE = r"""
-extern "C" __global__ void zarrdali_pack(const unsigned char* __restrict__ src,
-                                         unsigned char* __restrict__ dst,
-                                         const long long* __restrict__ jobs,
-                                         const int n_jobs) {
-    // jobs: [n_jobs, 3] (source offset, destination offset, bytes)
-    const int j = blockIdx.x;
-    if (j >= n_jobs) return;
-    const long long s = jobs[3 * j], d = jobs[3 * j + 1], n = jobs[3 * j + 2];
-    for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.y * blockDim.x) {
-        dst[d + i] = src[s + i];
-    }
-}
-"""
-
-_GATHER_SOURCE = r"""
-typedef OUT_CTYPE out_t;
-
-__device__ __forceinline__ unsigned short zd_bswap16(unsigned short v) {
-    return (unsigned short)((v >> 8) | (v << 8));
-}
-__device__ __forceinline__ unsigned int zd_bswap32(unsigned int v) {
-    return __byte_perm(v, 0, 0x0123);
-}
-__device__ __forceinline__ unsigned long long zd_bswap64(unsigned long long v) {
-    return ((unsigned long long)zd_bswap32((unsigned int)(v & 0xffffffffULL)) << 32)
-           | (unsigned long long)zd_bswap32((unsigned int)(v >> 32));
-}
-
-// Load one element of dtype `code` (gpu_plan.DTYPE_CODES), swapping its bytes
-// when the chunk is big-endian, and convert it to the output type (a C cast,
-// as numpy's astype does).
-__device__ __forceinline__ out_t zd_load(const unsigned char* p, const int code,
-                                         const bool swap) {
-    switch (code) {
-    case 0: return (out_t)(*(const signed char*)p);
-    case 1: return (out_t)(*p);
-    case 2: { unsigned short u = *(const unsigned short*)p; if (swap) u = zd_bswap16(u);
-              return (out_t)(short)u; }
-    case 3: { unsigned short u = *(const unsigned short*)p; if (swap) u = zd_bswap16(u);
-              return (out_t)u; }
-    case 4: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
-              return (out_t)(int)u; }
-    case 5: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
-              return (out_t)u; }
-    case 6: { unsigned long long u = *(const unsigned long long*)p;
-              if (swap) u = zd_bswap64(u); return (out_t)(long long)u; }
-    case 7: { unsigned long long u = *(const unsigned long long*)p;
-              if (swap) u = zd_bswap64(u); return (out_t)u; }
-    case 8: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
-              return (out_t)__uint_as_float(u); }
-    case 9: { unsigned long long u = *(const unsigned long long*)p;
-              if (swap) u = zd_bswap64(u); return (out_t)__longlong_as_double((long long)u); }
-    }
-    return (out_t)0;
-}
-
-// One block row (blockIdx.x) per tile copy; see gpu_plan for the descriptor fields.
-extern "C" __global__ void zarrdali_gather(const unsigned char* __restrict__ decoded,
-                                           const long long* __restrict__ desc,
-                                           const int n_copies,
-                                           out_t* __restrict__ out) {
-    const int k = blockIdx.x;
-    if (k >= n_copies) return;
-    const long long* d = desc + (long long)k * 16;
-    const long long slot = d[0], src0 = d[1], sl = d[2], sy = d[3], sx = d[4];
-    const long long dst0 = d[5], dl = d[6], dy = d[7], dx = d[8];
-    const long long nl = d[9], ny = d[10], nx = d[11];
-    const int code = (int)d[12];
-    const bool swap = (d[13] & 1) != 0;
-    const bool missing = (d[13] & 2) != 0;
-    union { long long bits; out_t value; } fill;
-    fill.bits = d[14];
-    const long long item = d[15];
-    const long long total = nl * ny * nx;
-    for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.y * blockDim.x) {
-        const long long x = i % nx;
-        const long long r = i / nx;
-        const long long y = r % ny;
-        const long long l = r / ny;
-        const long long o = dst0 + l * dl + y * dy + x * dx;
-        if (missing) {
-            out[o] = fill.value;
-        } else {
-            out[o] = zd_load(decoded + slot + (src0 + l * sl + y * sy + x * sx) * item,
-                             code, swap);
-        }
-    }
-}
-"""
-
-_THREADS = 256
-
-
-def gather_source(out_dtype: np.dtype) -> str:
-    """CUDA source of the gather kernel writing ``out_dtype``."""
-    key = dtype_key(out_dtype)
-    if key not in CTYPES:
-        raise NotImplementedError(
-            f"the GPU path assembles batches of dtype {np.dtype(out_dtype)} not yet; "
-            f"use device='cpu'"
-        )
-    return _GATHER_SOURCE.replace("OUT_CTYPE", CTYPES[key])
-
-
-def _grid_y(max_items: int) -> int:
-    return int(min(max(1, -(-max_items // (_THREADS * 4))), 65535))
-
-
 # -- the backend --------------------------------------------------------------
 @dataclass
 class _ThreadState:
@@ -345,13 +236,6 @@ class _ThreadState:
     codecs: dict[str, Any] = field(default_factory=dict)
     configs: OrderedDict = field(default_factory=OrderedDict)
     pinned: Any = None
-
-
-@dataclass
-class _DeviceChunk:
-    position: int  # in plan.chunks
-    layout: ArrayLayout
-    encoded: EncodedChunk
 
 
 class GpuBackend:
@@ -386,7 +270,7 @@ class GpuBackend:
             )
         import cupy
 
-        from .cpu import NumcodecsDecoder, PosixChunkReader
+        from .cpu import NumcodecsDecoder, PosixReader
         from .fallback import ZarrPythonChunkSource
 
         self._cp = cupy
@@ -396,7 +280,7 @@ class GpuBackend:
         self.preconfigure = preconfigure
         self._config_cache_size = config_cache_size
         self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="zarrdali-gpu-host")
-        self.reader = PosixChunkReader(self._pool, store_name, max_gap=max_gap)
+        self.reader = PosixReader(store_name, max_gap=max_gap)
         self.decoder = NumcodecsDecoder(store_name)
         self.fallback = ZarrPythonChunkSource(group, store_name)
         self.transfers = TransferCounter()
@@ -407,6 +291,8 @@ class GpuBackend:
         self._kernels: dict[str, Any] = {}
         self._kernel_lock = threading.Lock()
         self._states: list[_ThreadState] = []
+        self._locators: dict[tuple[int, ...], tuple[Sequence[ArrayLayout], ChunkLocator]] = {}
+        self._locators_lock = threading.Lock()
 
     # -- per-thread resources ------------------------------------------------
     def _state(self) -> _ThreadState:
@@ -472,189 +358,81 @@ class GpuBackend:
         return self._cp.asarray(array)
 
     # -- public API ------------------------------------------------------------
-    def load_batch(self, layouts: Sequence[ArrayLayout], plan: BatchReadPlan) -> Any:
+    def locator(self, layouts: Sequence[ArrayLayout]) -> ChunkLocator:
+        """The (cached) locator of these layouts' chunks."""
+        key = tuple(id(layout) for layout in layouts)
+        with self._locators_lock:
+            if key not in self._locators:
+                locator = ChunkLocator(self._store, layouts, map_fn=self._pool.map)
+                self._locators[key] = (layouts, locator)  # layouts kept: ids stay theirs
+            return self._locators[key][1]
+
+    def describe(
+        self, layouts: Sequence[ArrayLayout], plan: BatchPlan, locations: ChunkLocations
+    ) -> BatchDescription:
+        """The batch's device work, described on the host (numpy; no GPU call)."""
+        return describe_batch(
+            layouts, plan, locations, store_name=self._store, max_gap=self.max_gap
+        )
+
+    def load_batch(self, layouts: Sequence[ArrayLayout], plan: BatchPlan) -> Any:
         """The batch ``[B, T, C, H, W]`` as a CuPy array in the batch dtype (ready:
         this thread's stream is synchronized before returning)."""
         if plan.frame_split is not None:  # the GPU pipeline slices input/target itself
             raise ValueError("the GPU backend assembles the whole window: plan without frame_split")
+        locations = self.locator(layouts).locate(plan)
+        desc = self.describe(layouts, plan, locations)
+        for v in np.unique(plan.chunk_var[desc.host_chunks]).tolist():
+            warn_host_decode_once(self._store, layouts[v])  # zarr-python warns itself
         cp = self._cp
         state = self._state()
-        out_dtype = batch_dtype(layouts)
-        device_pos, host_pos, fallback_pos = [], [], []
-        for i, c in enumerate(plan.chunks):
-            layout = layouts[c.var]
-            if not layout.fast_path:
-                fallback_pos.append(i)  # ZarrPythonChunkSource warns once itself
-            elif layout.codec.compressor in DEVICE_DECODABLE:
-                device_pos.append(i)
-            else:
-                warn_host_decode_once(self._store, layout)
-                host_pos.append(i)
-
-        located = self._locate(layouts, plan, device_pos)
-        present = [d for d in located if d is not None]
-        missing = [False] * len(plan.chunks)
-        for i, d in zip(device_pos, located, strict=True):
-            missing[i] = d is None
-
-        # Decoded buffer: device-decoded slots first, then the host-decoded
-        # region (contiguous, so it is one host-to-device copy).
-        n = len(plan.chunks)
-        slots = [0] * n
-        dev_offsets, dev_total = decoded_slots([d.layout.chunk_nbytes for d in present])
-        for d, off in zip(present, dev_offsets, strict=True):
-            slots[d.position] = off
-        host_like = host_pos + fallback_pos
-        host_offsets, host_total = decoded_slots(
-            [layouts[plan.chunks[i].var].chunk_nbytes for i in host_like]
-        )
-        for i, off in zip(host_like, host_offsets, strict=True):
-            slots[i] = dev_total + off
-
-        # zarr-python hands back native byte order; the fast path the stored one.
-        shapes, source_dtypes, swap, fills = chunk_sources(
-            layouts, plan, set(fallback_pos), out_dtype
-        )
-
         with state.stream:
-            decoded = cp.empty(max(dev_total + host_total, 8), dtype=cp.uint8)
-            out = cp.empty(plan.out_shape, dtype=out_dtype)
+            decoded = cp.empty(max(desc.decoded_nbytes, 8), dtype=cp.uint8)
+            out = cp.empty(plan.out_shape, dtype=desc.gather.out_dtype)
             # Buffers the stream still uses stay referenced until it is synchronized
             # (kvikIO writes outside stream order, so no reuse before that).
             keep: list[Any] = []
-            if present:
-                keep += self._read_and_decode(state, present, decoded, slots)
-            if host_like:
-                self._decode_on_host(
-                    state,
-                    layouts,
-                    plan,
-                    host_pos,
-                    fallback_pos,
-                    slots,
-                    dev_total,
-                    host_total,
-                    decoded,
-                )
-            if plan.copies:
-                desc = build_descriptors(plan, shapes, source_dtypes, swap, missing, slots, fills)
-                desc_dev = self._upload(desc)
-                keep.append(desc_dev)
-                kernel = self._kernel("zarrdali_gather", gather_source(out_dtype))
-                max_items = int(desc[:, D_EXTENT].prod(axis=1).max())
-                kernel(
-                    (len(desc), _grid_y(max_items)),
-                    (_THREADS,),
-                    (decoded, desc_dev, np.int32(len(desc)), out),
-                )
+            if len(desc.device_chunks):
+                keep += self._read_and_decode(state, layouts, plan, locations, desc, decoded)
+            if desc.host_nbytes:
+                self._decode_on_host(state, layouts, plan, locations, desc, decoded)
+            if desc.gather.n_tiles:
+                keep += self._gather(desc, decoded, out)
         state.stream.synchronize()
         del keep
         return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.reader.close()
         for state in self._states:
             state.stream.synchronize()
             state.codecs.clear()
             state.configs.clear()
 
     # -- stages ----------------------------------------------------------------
-    def _locate(
-        self, layouts: Sequence[ArrayLayout], plan: BatchReadPlan, positions: Sequence[int]
-    ) -> list[_DeviceChunk | None]:
-        """Where each chunk's stored bytes are (None: missing), from file sizes and
-        shard indexes read on the host."""
-        found: dict[int, _DeviceChunk | None] = {}
-        by_file: dict[tuple[int, tuple[int, ...]], list[int]] = defaultdict(list)
-        for i in positions:
-            c = plan.chunks[i]
-            by_file[(c.var, layouts[c.var].storage_coords(c.coords))].append(i)
-        sharded = []
-        for (v, coords), members in by_file.items():
-            layout = layouts[v]
-            key = layout.encode_key(coords)
-            path = os.path.join(layout.directory, key)
-            if layout.shard is not None:
-                sharded.append((layout, key, path, members))
-                continue
-            try:
-                size = os.stat(path).st_size
-            except FileNotFoundError:
-                found.update(dict.fromkeys(members))
-                continue
-            for i in members:
-                found[i] = self._device_chunk(layout, i, path, 0, size, key)
-        indexes = self._pool.map(lambda s: self.reader.shard_index(s[0], s[1]), sharded)
-        for (layout, key, path, members), index in zip(sharded, indexes, strict=True):
-            if index is None:
-                found.update(dict.fromkeys(members))
-                continue
-            local = np.array([plan.chunks[i].coords for i in members])
-            local %= np.array(layout.shard.chunks_per_shard)
-            entries = index[tuple(local.T)].tolist()
-            for i, (off, nbytes) in zip(members, entries, strict=True):
-                if off == _EMPTY and nbytes == _EMPTY:
-                    found[i] = None
-                else:
-                    found[i] = self._device_chunk(layout, i, path, off, nbytes, key)
-        return [found[i] for i in positions]
-
-    def _device_chunk(
-        self, layout: ArrayLayout, i: int, path: str, offset: int, nbytes: int, key: str
-    ) -> _DeviceChunk:
-        try:
-            skip, length = payload_bounds(layout.codec, nbytes)
-        except ValueError as err:
-            raise ChunkError(str(err), store=self._store, array=layout.name, key=key) from err
-        if layout.codec.compressor == "none" and length != layout.chunk_nbytes:
-            raise ChunkError(
-                f"uncompressed chunk holds {length} bytes, the chunk has {layout.chunk_nbytes}",
-                store=self._store,
-                array=layout.name,
-                key=key,
-            )
-        return _DeviceChunk(i, layout, EncodedChunk(i, path, offset, nbytes, skip, length))
-
     def _read_and_decode(
-        self, state: _ThreadState, chunks: list[_DeviceChunk], decoded: Any, slots: list[int]
+        self,
+        state: _ThreadState,
+        layouts: Sequence[ArrayLayout],
+        plan: BatchPlan,
+        locations: ChunkLocations,
+        desc: BatchDescription,
+        decoded: Any,
     ) -> list[Any]:
-        """Read, align and decode ``chunks``; returns the device buffers in use."""
+        """Read, align and decode the device-decoded chunks; returns the device
+        buffers in use."""
         cp = self._cp
-        splan = plan_staging([d.encoded for d in chunks], self.max_gap)
-        staging = cp.empty(max(splan.total_nbytes, 8), dtype=cp.uint8)
-        self._kvikio_read(splan, staging, chunks)
+        staging = cp.empty(max(desc.staging.total_nbytes, 8), dtype=cp.uint8)
+        self._kvikio_read(layouts, locations, desc.staging, staging)
         keep: list[Any] = [staging]
-        pack_kernel = self._kernel("zarrdali_pack", _PACK_SOURCE)
-        if splan.needs_packing:  # align every payload for nvCOMP (device to device)
-            jobs = np.array(
-                [
-                    (
-                        splan.payload_raw[d.position],
-                        splan.payload_offset(d.position),
-                        d.encoded.length,
-                    )
-                    for d in chunks
-                    if d.layout.codec.compressor != "none"
-                ],
-                dtype=np.int64,
-            ).reshape(-1, 3)
-            keep.append(self._launch_pack(pack_kernel, staging, staging, jobs))
-        plain = [d for d in chunks if d.layout.codec.compressor == "none"]
-        if plain:  # uncompressed: straight from where it was read to its slot
-            jobs = np.array(
-                [
-                    (splan.payload_raw[d.position], slots[d.position], d.encoded.length)
-                    for d in plain
-                ],
-                dtype=np.int64,
-            )
-            keep.append(self._launch_pack(pack_kernel, staging, decoded, jobs))
-        by_algorithm: dict[str, list[_DeviceChunk]] = defaultdict(list)
-        for d in chunks:
-            if d.layout.codec.compressor != "none":
-                by_algorithm[NVCOMP_ALGORITHMS[d.layout.codec.compressor]].append(d)
-        for algorithm, members in by_algorithm.items():
-            self._nvcomp_decode(state, algorithm, members, splan, staging, decoded, slots)
+        pack_kernel = self._kernel("zarrdali_pack", PACK_SOURCE)
+        # Align every payload for nvCOMP (device to device), and copy the
+        # uncompressed chunks straight from where they were read to their slots.
+        keep.append(self._launch_pack(pack_kernel, staging, staging, desc.pack_jobs))
+        keep.append(self._launch_pack(pack_kernel, staging, decoded, desc.copy_jobs))
+        for group in desc.decode_groups:
+            self._nvcomp_decode(state, layouts, plan, group, staging, decoded)
         return keep
 
     def _launch_pack(self, kernel: Any, src: Any, dst: Any, jobs: np.ndarray) -> Any:
@@ -662,134 +440,175 @@ class GpuBackend:
             return None
         jobs_dev = self._upload(np.ascontiguousarray(jobs, dtype=np.int64))
         kernel(
-            (len(jobs), _grid_y(int(jobs[:, 2].max()))),
-            (_THREADS,),
+            (len(jobs), grid_y(int(jobs[:, 2].max()))),
+            (THREADS,),
             (src, dst, jobs_dev, np.int32(len(jobs))),
         )
         return jobs_dev
 
-    def _kvikio_read(self, splan: StagingPlan, staging: Any, chunks: list[_DeviceChunk]) -> None:
+    def _kvikio_read(
+        self,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        staging_layout: StagingLayout,
+        staging: Any,
+    ) -> None:
         import kvikio
 
-        layout_of = {d.encoded.path: d.layout for d in chunks}
-        files: dict[str, Any] = {}
+        s = staging_layout
+        reads = zip(
+            s.read_file.tolist(),
+            s.read_start.tolist(),
+            s.read_nbytes.tolist(),
+            s.read_dst.tolist(),
+            strict=True,
+        )
+        files: dict[int, Any] = {}
         pending = []
         error: BaseException | None = None
         try:
-            for r in splan.reads:
-                handle = files.get(r.path)
+            for f, start, nbytes, dst in reads:
+                handle = files.get(f)
                 if handle is None:
-                    handle = files[r.path] = kvikio.CuFile(r.path, "r")
-                view = staging[r.dst : r.dst + r.nbytes]
-                pending.append((r, handle.pread(view, r.nbytes, r.file_offset)))
+                    handle = files[f] = kvikio.CuFile(locations.paths[f], "r")
+                view = staging[dst : dst + nbytes]
+                pending.append((f, start, nbytes, handle.pread(view, nbytes, start)))
         except Exception as err:  # raised below, after every issued read has finished
             error = err
-        for r, future in pending:  # wait for all reads before closing files
+        for f, start, nbytes, future in pending:  # wait for all reads before closing files
             try:
                 got = future.get()
             except Exception as err:
                 error = error or err
                 continue
-            if got != r.nbytes and error is None:
-                layout = layout_of[r.path]
+            if got != nbytes and error is None:
                 error = ChunkError(
-                    f"file is truncated: wanted {r.nbytes} bytes at {r.file_offset}, got {got}",
+                    f"file is truncated: wanted {nbytes} bytes at {start}, got {got}",
                     store=self._store,
-                    array=layout.name,
-                    key=os.path.relpath(r.path, layout.directory),
+                    array=layouts[locations.file_var[f]].name,
+                    key=locations.keys[f],
                 )
-            self.transfers.file_read(r.nbytes)
+            self.transfers.file_read(nbytes)
         for handle in files.values():
             handle.close()
         if isinstance(error, ChunkError):
             raise error
         if error is not None:
+            first = int(s.read_file[0])
             raise ChunkError(
                 f"kvikIO read failed: {type(error).__name__}: {error}",
                 store=self._store,
-                array=chunks[0].layout.name,
+                array=layouts[locations.file_var[first]].name,
                 key="(one of the batch's chunk files)",
             ) from error
 
     def _nvcomp_decode(
         self,
         state: _ThreadState,
-        algorithm: str,
-        members: list[_DeviceChunk],
-        splan: StagingPlan,
+        layouts: Sequence[ArrayLayout],
+        plan: BatchPlan,
+        group: DecodeGroup,
         staging: Any,
         decoded: Any,
-        slots: list[int],
     ) -> None:
         from nvidia import nvcomp
 
-        codec = self._codec(state, algorithm)
-        inputs, outputs, sizes = [], [], []
-        for d in members:
-            start = splan.payload_offset(d.position)
-            inputs.append(staging[start : start + d.encoded.length])
-            nbytes = d.layout.chunk_nbytes
-            outputs.append(decoded[slots[d.position] : slots[d.position] + nbytes])
-            sizes.append(nbytes)
+        codec = self._codec(state, group.algorithm)
+        ins = zip(group.in_offset.tolist(), group.in_nbytes.tolist(), strict=True)
+        outs = zip(group.out_offset.tolist(), group.out_nbytes.tolist(), strict=True)
+        inputs = [staging[start : start + n] for start, n in ins]
+        outputs = [decoded[start : start + n] for start, n in outs]
         kwargs = {}
-        config = self._decompress_config(state, algorithm, codec, tuple(sizes))
+        config = self._decompress_config(
+            state, group.algorithm, codec, tuple(group.out_nbytes.tolist())
+        )
         if config is not None:
             kwargs["decompression_config"] = config
         try:
             codec.decode(nvcomp.as_arrays(inputs, state.stream.ptr), out=outputs, **kwargs)
         except Exception as err:  # nvCOMP raises RuntimeError/ValueError of its own
-            first = members[0]
+            first = int(group.chunks[0])
+            layout = layouts[int(plan.chunk_var[first])]
             raise ChunkError(
-                f"nvCOMP {algorithm} could not decode a batch of {len(members)} chunks: {err}",
+                f"nvCOMP {group.algorithm} could not decode a batch of {len(inputs)} chunks "
+                f"(the first named here): {err}",
                 store=self._store,
-                array=first.layout.name,
-                key=os.path.relpath(first.encoded.path, first.layout.directory),
+                array=layout.name,
+                key=layout.describe_chunk(plan.chunk_coords_of(layouts, first)),
             ) from err
 
     def _decode_on_host(
         self,
         state: _ThreadState,
         layouts: Sequence[ArrayLayout],
-        plan: BatchReadPlan,
-        host_pos: list[int],
-        fallback_pos: list[int],
-        slots: list[int],
-        region_start: int,
-        region_nbytes: int,
+        plan: BatchPlan,
+        locations: ChunkLocations,
+        desc: BatchDescription,
         decoded: Any,
     ) -> None:
-        """Decode on the CPU into one pinned host buffer, then one copy to the device."""
+        """Decode the host region (numcodecs' and zarr-python's chunks) into one
+        pinned host buffer, then one copy to the device."""
         import cupyx
 
+        region_start, region_nbytes = desc.device_nbytes, desc.host_nbytes
         if state.pinned is None or state.pinned.nbytes < region_nbytes:
             state.pinned = cupyx.empty_pinned(align_up(region_nbytes, 1 << 20), dtype=np.uint8)
         host = state.pinned
+        chunk_var = plan.chunk_var
+        coords4 = plan.chunk_coords
 
-        def view(i: int, dtype: np.dtype) -> np.ndarray:
-            layout = layouts[plan.chunks[i].var]
-            start = slots[i] - region_start
+        def view(i: int, decoded_dtype: np.dtype) -> np.ndarray:
+            layout = layouts[chunk_var[i]]
+            start = int(desc.slots[i]) - region_start
             raw = host[start : start + layout.chunk_nbytes]
-            return raw.view(dtype).reshape(layout.chunk_shape)
+            return raw.view(decoded_dtype).reshape(layout.chunk_shape)
 
-        def run_group(group, positions: list[int]) -> None:
-            for j, data in group():
-                i = positions[j]
-                chunk = plan.chunks[i]
-                layout = layouts[chunk.var]
-                out = view(i, layout.codec.stored_dtype(layout.dtype))
-                self.decoder.decode(layout, chunk, data, out=out)
+        # Numcodecs' chunks: coalesced preads, each member decoded into its slot.
+        only_host = np.zeros_like(locations.fast)
+        only_host[desc.host_chunks] = True
+        reads, chunk_of = self.reader.reads(replace(locations, fast=only_host))
+
+        def run_reads(rs: range) -> None:
+            for r in rs:
+                f, start = int(reads.file[r]), int(reads.start[r])
+                array = layouts[locations.file_var[f]].name
+                buf = self.reader.pread(
+                    locations.paths[f], start, int(reads.nbytes[r]), array, locations.keys[f]
+                )
+                for i in chunk_of[reads.bounds[r] : reads.bounds[r + 1]].tolist():
+                    layout = layouts[chunk_var[i]]
+                    lo = int(locations.offset[i]) - start
+                    data = buf[lo : lo + int(locations.nbytes[i])]
+                    out = view(i, layout.codec.stored_dtype(layout.dtype))
+                    self.decoder.decode(layout, coords4[i], data, out=out)
 
         def run_fallback(i: int) -> None:
-            chunk = plan.chunks[i]
-            layout = layouts[chunk.var]
-            view(i, layout.dtype)[...] = self.fallback.read_decoded(layout, chunk)
+            layout = layouts[chunk_var[i]]
+            chunk = self.fallback.read_decoded(layout, natural_coords(layout, coords4[i]))
+            view(i, layout.dtype)[...] = chunk
 
-        futures = [self._pool.submit(run_fallback, i) for i in fallback_pos]
-        if host_pos:
-            groups = self.reader.groups(layouts, [plan.chunks[i] for i in host_pos])
-            futures += [self._pool.submit(run_group, g, host_pos) for g in groups]
-        for f in futures:
-            f.result()
+        n_tasks = max(1, min(len(reads), self.num_threads * 4))
+        tasks = [partial(run_reads, range(k, len(reads), n_tasks)) for k in range(n_tasks)]
+        tasks += [partial(run_fallback, i) for i in desc.fallback_chunks.tolist()]
+        futures = [self._pool.submit(task) for task in tasks]
+        for future in futures:
+            future.result()  # re-raises the first error with its traceback
         target = decoded[region_start : region_start + region_nbytes]
         target.set(host[:region_nbytes], stream=state.stream)
         self.transfers.host_to_device_copy(region_nbytes)
+
+    def _gather(self, desc: BatchDescription, decoded: Any, out: Any) -> list[Any]:
+        """Upload the gather tables and launch the gather kernel once; returns the
+        uploaded tables (in use until the stream is synchronized)."""
+        gather = desc.gather
+        tables = [self._upload(np.ascontiguousarray(a)) for a in gather.arrays]
+        _, n_l, n_y, n_x = gather.tile_chunks.shape
+        h, w = gather.out_shape[-2:]
+        kernel = self._kernel("zarrdali_gather", gather_source(gather.out_dtype))
+        sizes = (gather.n_tiles, n_l, n_y, n_x, h, w)
+        kernel(
+            (gather.n_tiles, grid_y(gather.max_tile_elements)),
+            (THREADS,),
+            (decoded, *tables, *(np.int32(n) for n in sizes), out),
+        )
+        return tables
