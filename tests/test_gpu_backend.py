@@ -1,9 +1,14 @@
 """The GPU backend.
 
 Without a GPU: importing it needs nothing, asking for it says what is missing,
-and its host-side planning (staging layout, LZ4/crc32c payload bounds, gather
-descriptors) is checked; the descriptors are executed by a numpy model of the
-gather kernel and compared with the CPU assembler, bit for bit.
+and its host-side planning is checked: payload bounds (LZ4 prefix, crc32c),
+the staging layout (aligned, disjoint, payloads where their bytes land), the
+decoded slots and fill bits. The device path is then emulated on the CPU from
+:func:`~zarrdali.backends.gpu_plan.describe_batch` alone (staging reads, the
+pack and copy jobs, each decode group's payloads decoded as nvCOMP would) and
+the gather tables are executed twice: by the numpy model of the kernel, and by
+the kernel's own CUDA source compiled as host C++; both equal the CPU backend
+bit for bit. The kernel sources also compile with nvcc, when it is installed.
 
 With a GPU (``@pytest.mark.gpu``, skipped elsewhere): the GPU backend's batches
 equal the CPU backend's bit for bit for every codec, plain and sharded stores,
@@ -14,35 +19,47 @@ counter shows no host↔device data copy on the zstd/LZ4 path.
 from __future__ import annotations
 
 import itertools
+import os
+import re
+import shutil
 import subprocess
 import sys
 import warnings
+import zlib
+from pathlib import Path
 
 import numcodecs
 import numpy as np
 import pytest
 
 from storefactory import COMPRESSORS, VarSpec, chunk_files, chunk_key, delete_chunks
-from zarrdali.backends.base import batch_dtype
+from zarrdali.backends.cpu import NumcodecsDecoder, PosixReader
+from zarrdali.backends.fallback import ZarrPythonChunkSource
 from zarrdali.backends.gpu_plan import (
     ALIGN,
-    EncodedChunk,
-    build_descriptors,
-    chunk_sources,
-    decoded_slots,
+    CTYPES,
+    MISSING_SLOT,
+    BatchDescription,
+    GatherTables,
+    aligned_offsets,
+    describe_batch,
     fill_bits,
     gather_reference,
     payload_bounds,
+    payload_trims,
     plan_staging,
 )
-from zarrdali.chunkplan import plan_batch
+from zarrdali.backends.kernels import PACK_SOURCE, THREADS, gather_source, grid_y
+from zarrdali.backends.locate import ChunkLocations, ChunkLocator
+from zarrdali.batchplan import natural_coords, plan_batch
 from zarrdali.codecs import ChunkCodec
-from zarrdali.errors import BackendUnavailableError
+from zarrdali.errors import BackendUnavailableError, ChunkError
 from zarrdali.store import load_layouts, open_group
 
 NT, NY, NX = 12, 21, 33
+# (t0, y0, x0); windows of 3 frames 2 steps apart end inside NT (t0 <= 7).
 SAMPLES = np.array(
-    [[0, 0, 0], [3, 13, 25], [5, 7, 5], [8, 13, 0], [1, 0, 25], [9, 5, 17]], dtype=np.int64
+    [[0, 0, 0], [3, 13, 25], [5, 7, 5], [6, 13, 0], [1, 0, 25], [7, 5, 17]], dtype=np.int64
 )
 
 
@@ -79,6 +96,7 @@ def _delete_some(store, array: str, n: int = 2) -> None:
 def test_import_touches_no_gpu_library():
     code = (
         "import sys, zarrdali, zarrdali.backends.gpu, zarrdali.backends.gpu_plan\n"
+        "import zarrdali.backends.kernels\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('cupy', 'cupyx', 'kvikio')"
         " or m.startswith('nvidia.nvcomp')]\n"
         "assert not bad, bad\n"
@@ -103,62 +121,114 @@ def test_gpu_backend_says_what_is_missing(make_store):
     assert "pip install" in message and "device='cpu'" in message
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "lz4", "gzip", "blosc", "none"])
 @pytest.mark.parametrize("crc", [False, True])
-def test_payload_bounds(compressor, crc):
-    codec = ChunkCodec(compressor=compressor, byteorder="<", has_crc32c=crc)
-    skip, length = payload_bounds(codec, 100)
-    assert skip == (4 if compressor == "lz4" else 0)
-    assert skip + length + (4 if crc else 0) == 100
+def test_payload_bounds(crc):
+    compressors = ["zstd", "lz4", "gzip", "blosc", "none"]
+    codecs = [ChunkCodec(compressor=c, byteorder="<", has_crc32c=crc) for c in compressors]
+    chunk_var = np.array([0, 1, 2, 3, 4, 1], dtype=np.int64)
+    nbytes = np.array([100, 100, 100, 100, 100, 7], dtype=np.int64)
+    skip, length = payload_bounds(payload_trims(codecs), chunk_var, nbytes)
+    tail = 4 if crc else 0
+    assert skip.tolist() == [0, 4, 0, 0, 0, 4]
+    assert (skip + length + tail).tolist() == nbytes.tolist()
+    assert (length[-1] < 0) == crc  # 7 bytes cannot hold an LZ4 prefix and a crc32c
 
 
 def test_lz4_payload_is_the_raw_block():
     data = np.arange(5000, dtype=np.float32)
     encoded = numcodecs.LZ4().encode(data)
-    codec = ChunkCodec(compressor="lz4", byteorder="<")
-    skip, length = payload_bounds(codec, len(encoded))
+    trims = payload_trims([ChunkCodec(compressor="lz4", byteorder="<")])
+    (skip,), (length,) = payload_bounds(trims, np.zeros(1, np.int64), np.array([len(encoded)]))
     assert int.from_bytes(encoded[:4], "little") == data.nbytes  # the prefix nvCOMP must not see
-    # a raw LZ4 block: numcodecs decodes it again once the prefix is put back
     payload = bytes(encoded[skip : skip + length])
-    again = numcodecs.lz4.decompress(data.nbytes.to_bytes(4, "little") + payload)
-    assert np.frombuffer(again, np.float32).tolist() == data.tolist()
+    assert np.frombuffer(_decode_payload("LZ4", payload, data.nbytes), np.float32).tolist() == (
+        data.tolist()
+    )
 
 
-def test_staging_layout_is_aligned_and_disjoint():
-    rng = np.random.default_rng(0)
-    chunks, pos = [], 0
-    for f in range(4):  # shard-like files: inner chunks back to back, some gaps
+@pytest.mark.parametrize(
+    ("compressor", "size", "message"),
+    [("lz4", 3, "too short"), ("none", 10, "uncompressed chunk holds 6 bytes")],
+)
+def test_bad_chunk_sizes_name_array_and_key(make_store, compressor, size, message):
+    store = make_store(_spec("ok"), _spec("bad", compressor=compressor, checksum=True))
+    _, name, layouts, plan = _plan(store, ["ok", "bad"])
+    path = chunk_files(store, "bad")[0]
+    path.write_bytes(path.read_bytes()[:size])
+    locations = ChunkLocator(name, layouts).locate(plan)
+    with pytest.raises(ChunkError, match=message) as info:
+        describe_batch(layouts, plan, locations, store_name=name)
+    assert info.value.array == "bad"
+    assert info.value.key.startswith(chunk_key(store, "bad", path))
+
+
+def _random_chunks(rng, n_files=4):
+    """Shard-like files: inner chunks back to back, with some gaps."""
+    rows = []
+    for f in range(n_files):
         offset = int(rng.integers(0, 50))
         for _ in range(int(rng.integers(1, 9))):
             nbytes = int(rng.integers(5, 300))
             skip = int(rng.choice([0, 4]))
-            chunks.append(EncodedChunk(pos, f"file{f}", offset, nbytes, skip, nbytes - skip))
-            pos += 1
+            rows.append((f, offset, nbytes, skip, nbytes - skip, bool(rng.random() < 0.8)))
             offset += nbytes + int(rng.choice([0, 0, 17, 100_000]))
-    plan = plan_staging(chunks, max_gap=64)
-    spans = sorted((r.dst, r.dst + r.nbytes) for r in plan.reads)
+    order = rng.permutation(len(rows))  # chunk order is not file order
+    return [np.array(col)[order] for col in zip(*rows, strict=True)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_staging_layout_is_aligned_and_disjoint(seed):
+    rng = np.random.default_rng(seed)
+    file, offset, nbytes, skip, length, aligned = _random_chunks(rng)
+    s = plan_staging(file, offset, nbytes, skip, length, aligned, max_gap=64)
+    spans = sorted(zip(s.read_dst.tolist(), (s.read_dst + s.read_nbytes).tolist(), strict=True))
     assert all(a % ALIGN == 0 for a, _ in spans)
     assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(spans))
-    assert spans[-1][1] <= plan.raw_nbytes
-    for c in chunks:  # each payload sits where its file bytes were read
-        (read,) = [
-            r
-            for r in plan.reads
-            if r.path == c.path and r.file_offset <= c.offset < r.file_offset + r.nbytes
-        ]
-        assert plan.payload_raw[c.position] == read.dst + c.offset - read.file_offset + c.skip
-        assert c.offset + c.nbytes <= read.file_offset + read.nbytes
-    assert plan.needs_packing  # random sizes: some payloads are misaligned
-    offsets = [plan.payload_offset(c.position) for c in chunks]
-    assert all(o % ALIGN == 0 and o >= plan.raw_nbytes for o in offsets)
-    ends = sorted((plan.payload_offset(c.position), c.length) for c in chunks)
+    assert spans[-1][1] <= s.raw_nbytes
+    # Fill the staging buffer as the reads do, from fake file contents.
+    files = [rng.integers(0, 256, 1 << 20, dtype=np.uint8) for _ in range(int(file.max()) + 1)]
+    staging = np.zeros(s.total_nbytes, dtype=np.uint8)
+    for f, start, n, dst in zip(s.read_file, s.read_start, s.read_nbytes, s.read_dst, strict=True):
+        staging[dst : dst + n] = files[f][start : start + n]
+    want = [
+        files[f][o + k : o + k + n] for f, o, k, n in zip(file, offset, skip, length, strict=True)
+    ]
+    for k, payload in enumerate(want):  # each payload sits where its file bytes were read
+        assert staging[s.payload_raw[k] : s.payload_raw[k] + length[k]].tobytes() == (
+            payload.tobytes()
+        )
+    assert s.needs_packing == bool(np.any(s.payload_raw[aligned] % ALIGN))
+    if not s.needs_packing:
+        assert s.payload_offset.tolist() == s.payload_raw.tolist()
+        return
+    jobs = zip(s.payload_raw[aligned], s.payload_offset[aligned], length[aligned], strict=True)
+    for raw, dst, n in jobs:
+        staging[dst : dst + n] = staging[raw : raw + n]  # the pack jobs
+    packed = np.flatnonzero(aligned)
+    assert all(s.payload_offset[k] % ALIGN == 0 for k in packed)
+    assert all(s.payload_offset[k] >= s.raw_nbytes for k in packed)
+    ends = sorted((int(s.payload_offset[k]), int(length[k])) for k in packed)
     assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(ends))
-    assert plan.total_nbytes >= max(a + n for a, n in ends)
+    assert s.total_nbytes >= max(a + n for a, n in ends)
+    for k in range(len(want)):
+        got = staging[s.payload_offset[k] : s.payload_offset[k] + length[k]]
+        assert got.tobytes() == want[k].tobytes()
+
+
+def test_staging_packs_when_a_payload_is_misaligned():
+    # Two chunks back to back in one file: the second payload starts at byte 13.
+    args = [np.array(a) for a in ([0, 0], [0, 13], [13, 20], [0, 0], [13, 20], [True, True])]
+    s = plan_staging(*args, max_gap=0)
+    assert s.read_dst.tolist() == [0] and s.read_nbytes.tolist() == [33]
+    assert s.payload_raw.tolist() == [0, 13] and s.needs_packing
+    assert s.payload_offset.tolist() == [40, 56] and s.total_nbytes == 80
 
 
 def test_decoded_slots_are_aligned():
-    offsets, total = decoded_slots([6, 8, 3, 16])
-    assert offsets == [0, 8, 16, 24] and total == 40
+    offsets, total = aligned_offsets(np.array([6, 8, 3, 16]))
+    assert offsets.tolist() == [0, 8, 16, 24] and total == 40
+    offsets, total = aligned_offsets(np.array([], dtype=np.int64))
+    assert offsets.tolist() == [] and total == 0
 
 
 @pytest.mark.parametrize(
@@ -173,42 +243,88 @@ def test_fill_bits(value, src, out):
     assert got.tobytes() == want.astype(np.dtype(out).newbyteorder("<")).tobytes()
 
 
-def _reference_batch(group, name, layouts, plan) -> np.ndarray:
-    """What the GPU backend computes, with the device steps replaced by host ones:
-    chunks decoded by the CPU decoder into aligned slots of one buffer (stored
-    byte order), zarr-python's for arrays off the fast path, then the gather
-    descriptors executed by the numpy model of the kernel."""
-    from concurrent.futures import ThreadPoolExecutor
+# -- the device path, emulated on the CPU ------------------------------------------
+def _decode_payload(algorithm: str, payload: bytes, nbytes: int) -> bytes:
+    """What nvCOMP's RAW decoder makes of a payload (numcodecs and zlib)."""
+    if algorithm == "Zstd":
+        out = numcodecs.zstd.decompress(payload)
+    elif algorithm == "LZ4":  # numcodecs wants its size prefix back
+        out = numcodecs.lz4.decompress(nbytes.to_bytes(4, "little") + payload)
+    elif algorithm == "Gzip":
+        out = zlib.decompress(payload, wbits=31)
+    else:
+        raise AssertionError(f"no emulation of nvCOMP {algorithm}")
+    assert len(out) == nbytes
+    return bytes(out)
 
-    from zarrdali.backends.cpu import NumcodecsDecoder, PosixChunkReader
-    from zarrdali.backends.fallback import ZarrPythonChunkSource
 
-    out_dtype = batch_dtype(layouts)
-    native = {i for i, c in enumerate(plan.chunks) if not layouts[c.var].fast_path}
-    shapes, dtypes, swap, fills = chunk_sources(layouts, plan, native, out_dtype)
-    slots, total = decoded_slots([layouts[c.var].chunk_nbytes for c in plan.chunks])
-    buffer = np.zeros(total, dtype=np.uint8)
-    missing = [False] * len(plan.chunks)
-    with ThreadPoolExecutor(1) as pool:
-        reader = PosixChunkReader(pool, name)
-        fast = [i for i in range(len(plan.chunks)) if i not in native]
-        encoded = reader.read(layouts, [plan.chunks[i] for i in fast])
+def _emulate_device_decode(locations: ChunkLocations, desc: BatchDescription) -> np.ndarray:
+    """The decoded buffer's device region as the GPU backend fills it, from the
+    description alone: reads into staging, pack jobs, copy jobs, decode groups."""
+    s = desc.staging
+    staging = np.full(s.total_nbytes, 0xEE, dtype=np.uint8)  # poison: a wrong offset shows
+    for f, start, n, dst in zip(s.read_file, s.read_start, s.read_nbytes, s.read_dst, strict=True):
+        with open(locations.paths[f], "rb") as fh:
+            fh.seek(start)
+            staging[dst : dst + n] = np.frombuffer(fh.read(n), dtype=np.uint8)
+    decoded = np.full(max(desc.decoded_nbytes, 8), 0xEE, dtype=np.uint8)
+    assert np.all(s.read_dst % ALIGN == 0)
+    for src, dst, n in desc.pack_jobs.tolist():
+        staging[dst : dst + n] = staging[src : src + n]
+    for src, dst, n in desc.copy_jobs.tolist():
+        decoded[dst : dst + n] = staging[src : src + n]
+    for group in desc.decode_groups:
+        ins = zip(group.in_offset.tolist(), group.in_nbytes.tolist(), strict=True)
+        outs = zip(group.out_offset.tolist(), group.out_nbytes.tolist(), strict=True)
+        for (a, n), (b, m) in zip(ins, outs, strict=True):
+            assert a % ALIGN == 0 and b % ALIGN == 0  # nvCOMP zstd's requirement
+            raw = _decode_payload(group.algorithm, staging[a : a + n].tobytes(), m)
+            decoded[b : b + m] = np.frombuffer(raw, dtype=np.uint8)
+    return decoded
+
+
+def _fill_host_region(group, name, layouts, plan, locations, desc, decoded) -> None:
+    """The host region as the GPU backend fills it: numcodecs' chunks and zarr-python's."""
+    host_only = np.zeros_like(locations.fast)
+    host_only[desc.host_chunks] = True
+    host_locations = ChunkLocations(
+        locations.file,
+        locations.offset,
+        locations.nbytes,
+        locations.missing,
+        host_only,
+        locations.paths,
+        locations.keys,
+        locations.file_var,
+    )
+    encoded = PosixReader(name).read_chunks(layouts, host_locations)
     decoder = NumcodecsDecoder(name)
     fallback = ZarrPythonChunkSource(group, name)
-    for i, data in zip(fast, encoded, strict=True):
-        if data is None:
-            missing[i] = True  # the kernel writes the fill value
-            continue
-        layout = layouts[plan.chunks[i].var]
-        stored = layout.codec.stored_dtype(layout.dtype)
-        view = buffer[slots[i] : slots[i] + layout.chunk_nbytes].view(stored)
-        decoder.decode(layout, plan.chunks[i], memoryview(data), out=view.reshape(shapes[i]))
-    for i in native:
-        layout = layouts[plan.chunks[i].var]
-        view = buffer[slots[i] : slots[i] + layout.chunk_nbytes].view(layout.dtype)
-        view.reshape(shapes[i])[...] = fallback.read_decoded(layout, plan.chunks[i])
-    desc = build_descriptors(plan, shapes, dtypes, swap, missing, slots, fills)
-    return gather_reference(buffer, desc, plan.out_shape, out_dtype)
+    for i in [*desc.host_chunks.tolist(), *desc.fallback_chunks.tolist()]:
+        layout = layouts[plan.chunk_var[i]]
+        slot = int(desc.slots[i])
+        assert slot >= desc.device_nbytes and slot % ALIGN == 0
+        raw = decoded[slot : slot + layout.chunk_nbytes]
+        coords = plan.chunk_coords[i]
+        if encoded[i] is None:  # zarr-python's: native byte order
+            assert not layout.fast_path
+            chunk = fallback.read_decoded(layout, natural_coords(layout, coords))
+            raw.view(layout.dtype).reshape(layout.chunk_shape)[...] = chunk
+        else:
+            out = raw.view(layout.codec.stored_dtype(layout.dtype)).reshape(layout.chunk_shape)
+            decoder.decode(layout, coords, memoryview(encoded[i]), out=out)
+
+
+def _described_batch(group, name, layouts, plan) -> tuple[np.ndarray, GatherTables]:
+    """The decoded buffer and gather tables the GPU backend would build for ``plan``."""
+    locations = ChunkLocator(name, layouts).locate(plan)
+    desc = describe_batch(layouts, plan, locations, store_name=name)
+    decoded = _emulate_device_decode(locations, desc)
+    _fill_host_region(group, name, layouts, plan, locations, desc, decoded)
+    missing = np.flatnonzero(locations.missing)
+    assert np.all(desc.slots[missing] == MISSING_SLOT)
+    assert np.all(desc.slots[locations.present | ~locations.fast] >= 0)
+    return decoded, desc.gather
 
 
 def _cpu_batch(group, name, layouts, plan) -> np.ndarray:
@@ -226,17 +342,137 @@ def _assert_bitwise(got: np.ndarray, want: np.ndarray) -> None:
     assert got.tobytes() == want.tobytes()
 
 
+# -- the kernel's own source, run on the host ---------------------------------------
+_HOST_SHIM = r"""
+// Just enough of CUDA to run a kernel without barriers on the host, one thread
+// after another.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+struct zd_dim3 { unsigned int x, y, z; };
+static zd_dim3 blockIdx, threadIdx, blockDim, gridDim;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+static inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) {
+    unsigned char b[8];
+    std::memcpy(b, &x, 4);
+    std::memcpy(b + 4, &y, 4);
+    unsigned int r = 0;
+    for (int i = 0; i < 4; ++i) r |= (unsigned int)b[(s >> (4 * i)) & 7] << (8 * i);
+    return r;
+}
+static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline double __longlong_as_double(long long u) {
+    double d; std::memcpy(&d, &u, 8); return d;
+}
+"""
+
+_HOST_MAIN = r"""
+template <typename T> static std::vector<T> load(const char* path) {
+    FILE* f = std::fopen(path, "rb");
+    if (!f) { std::perror(path); std::exit(2); }
+    std::fseek(f, 0, SEEK_END);
+    long n = std::ftell(f);
+    std::fseek(f, 0, SEEK_SET);
+    std::vector<T> v(n / sizeof(T) + 1);
+    if (n && std::fread(v.data(), 1, n, f) != (size_t)n) std::exit(3);
+    std::fclose(f);
+    return v;
+}
+
+// argv: directory, n_tiles, n_l, n_y, n_x, h, w, out_size, grid_y, threads
+int main(int argc, char** argv) {
+    if (argc != 11) return 1;
+    std::string dir = argv[1];
+    int n_tiles = std::atoi(argv[2]), n_l = std::atoi(argv[3]), n_y = std::atoi(argv[4]);
+    int n_x = std::atoi(argv[5]), h = std::atoi(argv[6]), w = std::atoi(argv[7]);
+    long out_size = std::atol(argv[8]);
+    unsigned int gy = std::atoi(argv[9]), threads = std::atoi(argv[10]);
+    auto decoded = load<unsigned char>((dir + "/decoded").c_str());
+    auto tiles = load<long long>((dir + "/tiles").c_str());
+    auto tile_chunks = load<int>((dir + "/tile_chunks").c_str());
+    auto slots = load<long long>((dir + "/chunk_slots").c_str());
+    auto variables = load<long long>((dir + "/variables").c_str());
+    std::vector<out_t> out(out_size);
+    gridDim = {(unsigned int)n_tiles, gy, 1};
+    blockDim = {threads, 1, 1};
+    for (unsigned int bx = 0; bx < gridDim.x; ++bx)
+        for (unsigned int by = 0; by < gridDim.y; ++by)
+            for (unsigned int tx = 0; tx < blockDim.x; ++tx) {
+                blockIdx = {bx, by, 0};
+                threadIdx = {tx, 0, 0};
+                zarrdali_gather(decoded.data(), tiles.data(), tile_chunks.data(), slots.data(),
+                                variables.data(), n_tiles, n_l, n_y, n_x, h, w, out.data());
+            }
+    FILE* f = std::fopen((dir + "/out").c_str(), "wb");
+    std::fwrite(out.data(), sizeof(out_t), out.size(), f);
+    std::fclose(f);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def host_kernel(tmp_path_factory):
+    """``run(decoded, gather) -> batch``: the gather kernel's CUDA source compiled
+    as host C++ and run block by block, thread by thread (None without g++)."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        return None
+    root = tmp_path_factory.mktemp("host_kernel")
+    binaries: dict[str, Path] = {}
+
+    def run(decoded: np.ndarray, gather: GatherTables) -> np.ndarray:
+        key = np.dtype(gather.out_dtype).str
+        if key not in binaries:
+            source = root / f"gather{len(binaries)}.cpp"
+            source.write_text(
+                _HOST_SHIM + "#include <string>\n" + gather_source(gather.out_dtype) + _HOST_MAIN
+            )
+            binary = root / f"gather{len(binaries)}"
+            subprocess.run(
+                [compiler, "-O1", "-fno-strict-aliasing", "-o", str(binary), str(source)],
+                check=True,
+            )
+            binaries[key] = binary
+        work = root / "run"
+        work.mkdir(exist_ok=True)
+        decoded.tofile(work / "decoded")
+        for field_name, array in zip(
+            ("tiles", "tile_chunks", "chunk_slots", "variables"), gather.arrays, strict=True
+        ):
+            np.ascontiguousarray(array).tofile(work / field_name)
+        _, n_l, n_y, n_x = gather.tile_chunks.shape
+        h, w = gather.out_shape[-2:]
+        size = int(np.prod(gather.out_shape))
+        gy = grid_y(gather.max_tile_elements)
+        args = [gather.n_tiles, n_l, n_y, n_x, h, w, size, gy, THREADS]
+        subprocess.run([str(binaries[key]), str(work), *map(str, args)], check=True)
+        out = np.fromfile(work / "out", dtype=gather.out_dtype)
+        return out.reshape(gather.out_shape)
+
+    return run
+
+
+def _check_against_cpu(group, name, layouts, plan, host_kernel) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = _cpu_batch(group, name, layouts, plan)
+        decoded, gather = _described_batch(group, name, layouts, plan)
+    _assert_bitwise(gather_reference(decoded, gather), want)
+    if host_kernel is not None:
+        _assert_bitwise(host_kernel(decoded, gather), want)
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_descriptors_reproduce_cpu_assembler(make_store, case):
+def test_gather_reproduces_cpu_backend(make_store, case, host_kernel):
     kw = CASES[case]
     store = make_store(_spec("a", **kw), _spec("b", **kw, seed=3, fill_value=7))
     _delete_some(store, "b")  # missing chunks (or shards): fill value
-    group, name, layouts, plan = _plan(store, ["a", "b"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _assert_bitwise(
-            _reference_batch(group, name, layouts, plan), _cpu_batch(group, name, layouts, plan)
-        )
+    _check_against_cpu(*_plan(store, ["a", "b"]), host_kernel)
 
 
 # Stores mixing what the backends must agree on.
@@ -250,19 +486,68 @@ MIXED_STORES = [
     # an array off the fast path (transpose): zarr-python decodes it, native order
     [_spec("tr", unsupported="transpose"), _spec("ok", shards=(4, 16, 16), endian="big")],
     [_spec("nan", nan_box=(0, 6, 2, 12, 3, 30), written_time=(0, 8), fill_value=np.nan)],
+    # LZ4 inner chunks of a shard with crc32c: payloads misaligned where read (packing)
+    [
+        _spec("l4", compressor="lz4", shards=(4, 16, 16), checksum=True),
+        _spec("bl", compressor="blosc", shape=(NT, 2, NY, NX), chunks=(2, 1, 8, 8)),
+    ],
 ]
-MIXED_STORE_IDS = ["bigendian-levels-crc", "cast", "fallback", "nan-missing"]
+MIXED_STORE_IDS = ["bigendian-levels-crc", "cast", "fallback", "nan-missing", "lz4-crc+blosc"]
 
 
 @pytest.mark.parametrize("specs", MIXED_STORES, ids=MIXED_STORE_IDS)
-def test_descriptors_reproduce_cpu_assembler_mixed(make_store, specs):
+def test_gather_reproduces_cpu_backend_mixed(make_store, specs, host_kernel):
     store = make_store(*specs)
-    names = [s.name for s in specs]
-    group, name, layouts, plan = _plan(store, names)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _assert_bitwise(
-            _reference_batch(group, name, layouts, plan), _cpu_batch(group, name, layouts, plan)
+    _check_against_cpu(*_plan(store, [s.name for s in specs]), host_kernel)
+
+
+def test_staging_of_a_sharded_lz4_store_needs_packing(make_store):
+    """The mixed store above does exercise the pack jobs."""
+    store = make_store(*MIXED_STORES[4])
+    _, name, layouts, plan = _plan(store, ["l4", "bl"])
+    locations = ChunkLocator(name, layouts).locate(plan)
+    desc = describe_batch(layouts, plan, locations, store_name=name)
+    assert desc.staging.needs_packing and len(desc.pack_jobs)
+    assert len(desc.host_chunks) and desc.host_nbytes
+    assert desc.staging.n_reads < len(desc.device_chunks)  # inner chunks coalesced
+
+
+def test_gather_tables_grow_with_tiles_not_copies(make_store):
+    store = make_store(_spec("a"), _spec("b", shape=(NT, 3, NY, NX), chunks=(2, 2, 8, 8)))
+    _, name, layouts, plan = _plan(store, ["a", "b"])
+    gather = describe_batch(
+        layouts, plan, ChunkLocator(name, layouts).locate(plan), store_name=name
+    ).gather
+    n_tiles = 2 * len(SAMPLES) * 3
+    assert gather.tiles.shape == (n_tiles, 5)
+    assert gather.tile_chunks.shape == (n_tiles, 2, 2, 2)  # levels, y, x chunks per tile
+    assert gather.chunk_slots.shape == (plan.n_chunks,)
+    assert gather.variables.shape == (2, 9)
+    assert plan.n_pieces > n_tiles  # what the old descriptors had one row each for
+
+
+def test_gather_reference_refuses_a_split_plan(make_store):
+    store = make_store(_spec("a"))
+    group, name = open_group(store)
+    layouts = load_layouts(group, name, ["a"])
+    plan = plan_batch(layouts, SAMPLES, n_frames=3, frame_step=1, tile_hw=(8, 8), frame_split=1)
+    with pytest.raises(ValueError, match="whole window"):
+        describe_batch(layouts, plan, ChunkLocator(name, layouts).locate(plan), store_name=name)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("out", ["f4", "f8", "i2", "u1"])
+def test_kernel_sources_compile_with_nvcc(tmp_path, out):
+    source = gather_source(np.dtype(out))
+    assert "#include" not in source and "#include" not in PACK_SOURCE  # NVRTC: no headers
+    assert not re.search(r"\{[A-Z_0-9]+\}", source), "a column placeholder is left"
+    assert CTYPES[f"{np.dtype(out).kind}{np.dtype(out).itemsize}"] in source
+    for name, text in (("gather", source), ("pack", PACK_SOURCE)):
+        path = tmp_path / f"{name}.cu"
+        path.write_text(text)
+        subprocess.run(
+            ["nvcc", "-c", "-arch=sm_90", "-Werror", "all-warnings", "-o", os.devnull, str(path)],
+            check=True,
         )
 
 
