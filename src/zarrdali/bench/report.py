@@ -50,14 +50,12 @@ def _gds_status(gpu: str) -> str:
     if gpu == "none":
         return "off (no GPU)"
     try:
-        import kvikio
-        import kvikio.defaults
+        from ..backends.gpu import kvikio_io_mode
 
-        available = kvikio.DriverProperties().is_gds_available
-        compat = kvikio.defaults.compat_mode()
+        mode = kvikio_io_mode()
     except Exception as err:  # not installed, or no cuFile driver
         return f"off ({type(err).__name__}: {err})"
-    return "on" if available and not compat else f"off (compat mode {compat})"
+    return "on" if mode == "gds" else "off (kvikIO POSIX compatibility mode)"
 
 
 def system_info() -> dict:
@@ -235,25 +233,95 @@ def _whisker_bars(
     return True
 
 
+BASELINE = "torch DataLoader + xarray"
+# Bar colours by kind of row: zarrdali's own, the loaders it replaces, decode ceilings.
+KIND_COLORS = {"zarrdali": "#2f6fd0", "peer": "#e08a2c", "ceiling": "#9a9a9a"}
+
+
+def row_kind(name: str) -> str:
+    """``zarrdali``, ``ceiling`` (decode-only rates, not loaders) or ``peer``."""
+    if name.startswith("zarrdali"):
+        return "zarrdali"
+    if name.startswith("numcodecs"):
+        return "ceiling"
+    return "peer"
+
+
 def plot_throughput(path: Path, rows: list[dict]) -> bool:
-    """Bars of median samples/s per loader and store, whiskers for min–max."""
-    ok = [
-        r
-        for r in rows
-        if r["summary"]["status"] == "ok" and r["summary"]["samples_per_s"]["median"]
-    ]
-    if not ok:
+    """Median samples/s per loader, one panel per store, min–max whiskers.
+
+    Bars are coloured by kind (zarrdali, peers, ceilings) and labelled with
+    their ratio to the torch DataLoader over xarray on the same store; loaders
+    that were skipped or failed are listed in their panel with the reason.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
         return False
-    return _whisker_bars(
-        path,
-        ok,
-        [r["summary"]["samples_per_s"] for r in ok],
-        scale=1.0,
-        color="#3b7dd8",
-        ylabel="samples / s (median, min–max)",
-        title="zarrdali bench: throughput per loader",
-        log=True,
+    stores = list(dict.fromkeys(r["store_label"] for r in rows))
+    if not any(_ok(r) for r in rows):
+        return False
+    heights = [max(1, len([r for r in rows if r["store_label"] == s])) for s in stores]
+    fig, axes = plt.subplots(
+        len(stores),
+        1,
+        figsize=(9, 1.0 + 0.42 * sum(heights) + 0.6 * len(stores)),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
     )
+    top = max(r["summary"]["samples_per_s"]["max"] for r in rows if _ok(r))
+    for ax, store in zip(axes[:, 0], stores, strict=True):
+        mine = [r for r in rows if r["store_label"] == store]
+        base = next((r for r in mine if _ok(r) and r["summary"]["name"] == BASELINE), None)
+        base_rate = base["summary"]["samples_per_s"]["median"] if base else None
+        names, notes = [], []
+        for y, r in enumerate(mine):
+            s = r["summary"]
+            names.append(s["name"])
+            if not _ok(r):
+                reason = (s.get("error") or s["status"]).splitlines()[0][:90]
+                ax.text(1.0, y, f"  {s['status']}: {reason}", va="center", fontsize=7, color="#a33")
+                continue
+            rate = s["samples_per_s"]
+            ax.barh(
+                y,
+                rate["median"],
+                xerr=[[rate["median"] - rate["min"]], [rate["max"] - rate["median"]]],
+                color=KIND_COLORS[row_kind(s["name"])],
+                capsize=3,
+                height=0.7,
+            )
+            label = f"  {rate['median']:,.0f}/s"
+            if s["name"] == BASELINE:
+                label += "  (baseline)"
+            elif base_rate:
+                label += f"  ·  {rate['median'] / base_rate:.1f}× torch"
+            notes.append((y, rate["max"], label))
+        for y, x, label in notes:
+            ax.text(x, y, label, va="center", fontsize=8)
+        ax.set_yticks(range(len(mine)), names, fontsize=8)
+        ax.set_ylim(len(mine) - 0.4, -0.6)  # first row on top
+        ax.set_xscale("log")
+        ax.set_xlim(1.0, top * 15)
+        ax.set_title(store, loc="left", fontsize=9, fontweight="bold")
+        ax.grid(axis="x", which="major", alpha=0.3)
+    axes[-1, 0].set_xlabel("samples / s (median, whiskers min–max; log scale)")
+    handles = [Patch(color=c, label=k) for k, c in KIND_COLORS.items()]
+    fig.legend(handles=handles, loc="upper right", fontsize=8, ncols=3, frameon=False)
+    fig.suptitle("zarrdali bench: throughput per loader", x=0.01, ha="left", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _ok(row: dict) -> bool:
+    s = row["summary"]
+    return s["status"] == "ok" and bool(s["samples_per_s"]["median"])
 
 
 def plot_wait(path: Path, rows: list[dict], step_ms: float) -> bool:
