@@ -201,7 +201,8 @@ def test_array_plan_equals_the_object_plan(case, data):
     ref = reference_plan.plan_batch(layouts, samples, **kw)
     assert plan.out_shape == ref.out_shape and plan.out_shapes == ref.out_shapes
     assert canonical(chunks_of(plan, layouts), copies_of(plan)) == reference_canonical(ref, layouts)
-    ref_needed = dict(zip([(c.var, c.coords) for c in ref.chunks], ref.needed_nbytes(layouts)))
+    ref_chunks = [(c.var, c.coords) for c in ref.chunks]
+    ref_needed = dict(zip(ref_chunks, ref.needed_nbytes(layouts), strict=True))
     needed = plan.needed_nbytes(layouts).tolist()
     assert dict(zip(chunks_of(plan, layouts), needed, strict=True)) == ref_needed
 

@@ -48,7 +48,8 @@ class HostTimes:
         for path in ("cpu", "gpu"):
             parts = ["plan", "locate", f"describe-{path}"]
             if all(p in series for p in parts):
-                series[f"total-{path}"] = [sum(x) for x in zip(*(series[p] for p in parts), strict=True)]
+                per_batch = zip(*(series[p] for p in parts), strict=True)
+                series[f"total-{path}"] = [sum(x) for x in per_batch]
         for name, values in series.items():
             ms = np.array(values) * 1e3
             rows[name] = {
