@@ -1,17 +1,31 @@
-"""``device="cuda"`` end to end (skipped without a GPU): same batches as the CPU path."""
+"""``device="cuda"`` end to end (skipped without a GPU): same batches as the CPU path,
+and no crash with the garbage collector on.
+
+The GPU path once ran right only with ``gc.disable()``: a finalizer of a
+GPU-owning object, run by the collector after what it depended on was gone,
+crashed the process (issue 11). Here the collector runs at random points: in
+the prefetch threads (around every batch load), between batches and between
+tests, and ``faulthandler`` prints every thread's stack if the process dies.
+"""
 
 from __future__ import annotations
 
+import faulthandler
+import gc
+import random
 import threading
+import warnings
 
 import numpy as np
 import pytest
 
 import zarrdali
 from storefactory import VarSpec
-from test_loader_oracle import loader_for, run_epochs
+from test_loader_oracle import Oracle, check_batches, loader_for, to_numpy
 
 pytestmark = pytest.mark.gpu
+
+faulthandler.enable()
 
 VARS = [
     VarSpec("a", shape=(20, 21, 33), chunks=(1, 21, 33)),
@@ -27,81 +41,211 @@ VARS = [
 ]
 STATS = {"a": (0.5, 0.25), "b": ([1.0, -2.0], [3.0, 4.0]), "c": (0.1, 2.0)}
 
+# Stores every batch of which is checked against zarr-python, collector on.
+ORACLE_STORES = {
+    "zstd-field-chunks": [VarSpec("a", shape=(20, 21, 33), chunks=(1, 21, 33))],
+    "sharded-bigendian-levels": [VARS[1]],
+    "lz4-missing-chunks": [VARS[2]],
+    "gzip-crc32c": [VarSpec("g", shape=(20, 21, 33), compressor="gzip", checksum=True)],
+    "blosc-on-host": [VarSpec("z", shape=(20, 21, 33), compressor="blosc", dtype="float64")],
+    "mixed": [VARS[0], VarSpec("n", shape=(20, 21, 33), shards=(4, 16, 16), seed=5)],
+}
+
+
+class RandomCollector:
+    """``maybe()`` runs ``gc.collect()`` with probability ``p``, in whichever
+    thread calls it (seeded: a failure replays the same collections)."""
+
+    def __init__(self, p: float = 0.3, seed: int = 11) -> None:
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self.p = p
+        self.collections = 0
+
+    def maybe(self) -> None:
+        with self._lock:
+            hit = self._rng.random() < self.p
+            self.collections += hit
+        if hit:
+            gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def collect_between_tests():
+    gc.collect()
+    yield
+    gc.collect()
+
+
+@pytest.fixture
+def collector(monkeypatch) -> RandomCollector:
+    """Collections in the prefetch threads, before and after every batch load
+    (patched on the class: an instance attribute would make a reference cycle)."""
+    from zarrdali.backends.gpu import GpuBackend
+
+    collector = RandomCollector()
+    load_batch = GpuBackend.load_batch
+
+    def collecting(self, layouts, plan):
+        collector.maybe()
+        out = load_batch(self, layouts, plan)
+        collector.maybe()
+        return out
+
+    monkeypatch.setattr(GpuBackend, "load_batch", collecting)
+    return collector
+
 
 @pytest.fixture
 def store(make_store):
     return make_store(*VARS)
 
 
-def _numpy(batches):
-    return [{k: v.cpu().numpy() for k, v in b.items()} for b in batches]
+def cuda_loader(store, variables, **kw) -> zarrdali.ZarrLoader:
+    return loader_for(store, variables, device="cuda", **kw)
 
 
-def test_cuda_batches_equal_cpu_batches(store):
+def epoch(loader, collector: RandomCollector | None = None) -> list[dict]:
+    """One epoch as numpy, the collector maybe running between batches."""
+    out = []
+    for batch in loader:
+        out.append(to_numpy(batch))
+        if collector is not None:
+            collector.maybe()
+    return out
+
+
+def test_cuda_batches_equal_cpu_batches(store, collector):
     kw = dict(normalize=STATS, augment=("flip", "rot90"), batch_size=6)
-    cpu = loader_for(store, ["a", "b", "c"], device="cpu", **kw)
-    cuda = loader_for(store, ["a", "b", "c"], device="cuda", **kw)
-    got = run_epochs(cuda, [0, 1, 5])
-    want = run_epochs(cpu, [0, 1, 5])
-    first = next(iter(cuda))
-    assert first["input"].is_cuda and first["index"].is_cuda
-    for epoch in want:
-        assert len(got[epoch]) == len(want[epoch])
-        for g, w in zip(got[epoch], want[epoch], strict=True):
-            for key in w:
-                # DALI's GPU arithmetic may differ from its CPU arithmetic in the last bit
-                np.testing.assert_allclose(g[key], w[key], rtol=1e-6, atol=1e-6)
+    with cuda_loader(store, ["a", "b", "c"], **kw) as cuda:
+        with loader_for(store, ["a", "b", "c"], device="cpu", **kw) as cpu:
+            for e in (0, 1, 5):
+                cpu.set_epoch(e)
+                cuda.set_epoch(e)
+                want = epoch(cpu)
+                got = epoch(cuda, collector)
+                assert len(got) == len(want)
+                for g, w in zip(got, want, strict=True):
+                    for key in w:
+                        # DALI's GPU arithmetic may differ from its CPU arithmetic in the last bit
+                        np.testing.assert_allclose(g[key], w[key], rtol=1e-6, atol=1e-6)
+        first = next(iter(cuda))
+        assert first["input"].is_cuda and first["index"].is_cuda
+    assert collector.collections > 0
 
 
-def test_cuda_resume_mid_epoch(store):
-    full = run_epochs(loader_for(store, ["a", "b"], device="cuda", batch_size=5), [3])[3]
-    first = loader_for(store, ["a", "b"], device="cuda", batch_size=5)
-    first.set_epoch(3)
-    it = iter(first)
-    for _ in range(4):
-        next(it)
-    state = first.state_dict()
-    it.close()
-    resumed = loader_for(store, ["a", "b"], device="cuda", batch_size=5)
-    resumed.load_state_dict(state)
-    rest = _numpy(resumed)
-    for g, w in zip(
-        rest, [{k: v.cpu().numpy() for k, v in b.items()} for b in full[4:]], strict=True
-    ):
+@pytest.mark.parametrize("case", list(ORACLE_STORES))
+def test_every_batch_equals_zarr_python_with_the_collector_on(make_store, collector, case):
+    specs = ORACLE_STORES[case]
+    store = make_store(*specs)
+    names = [s.name for s in specs]
+    oracle = Oracle(store, names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # blosc: decoded on the host, warned once
+        with cuda_loader(store, names, batch_size=7) as loader:
+            for e in (0, 1):
+                loader.set_epoch(e)
+                batches = epoch(loader, collector)
+                assert len(batches) == len(loader)
+                check_batches(batches, oracle, input_steps=2, target_steps=1, tile=(8, 8))
+
+
+def test_cuda_resume_mid_epoch(store, collector):
+    with cuda_loader(store, ["a", "b"], batch_size=5) as full:
+        full.set_epoch(3)
+        everything = epoch(full, collector)
+    with cuda_loader(store, ["a", "b"], batch_size=5) as first:
+        first.set_epoch(3)
+        it = iter(first)
+        for _ in range(4):
+            next(it)
+            collector.maybe()
+        state = first.state_dict()
+        it.close()
+    with cuda_loader(store, ["a", "b"], batch_size=5) as resumed:
+        resumed.load_state_dict(state)
+        rest = epoch(resumed, collector)
+    assert len(rest) == len(everything) - 4
+    for g, w in zip(rest, everything[4:], strict=True):
         np.testing.assert_array_equal(g["index"], w["index"])
         np.testing.assert_array_equal(g["input"], w["input"])
 
 
-def test_no_leaked_threads_or_memory_over_20_epochs(store):
+def _flat(values: list[int], warm: int = 3) -> bool:
+    """No growth after the first ``warm`` measurements (10% slack for the pool)."""
+    return max(values[warm:]) <= max(values[:warm]) * 1.1 + 1024
+
+
+def test_no_leaked_threads_or_memory_over_20_epochs(store, collector):
     import cupy
 
-    loader = loader_for(store, ["a", "b"], device="cuda", batch_size=8)
     pool = cupy.get_default_memory_pool()
-    used = []
-    threads = []
-    for epoch in range(20):
-        loader.set_epoch(epoch)
-        for _ in loader:
-            pass
+    used, threads = [], []
+    with cuda_loader(store, ["a", "b"], batch_size=8) as loader:
+        for e in range(20):
+            loader.set_epoch(e)
+            for k, _ in enumerate(loader):
+                collector.maybe()
+                if e % 3 == 1 and k == 2:
+                    break  # some epochs broken off
+            gc.collect()
+            cupy.cuda.Device().synchronize()
+            used.append(pool.used_bytes())
+            threads.append(threading.active_count())
+    assert _flat(used), used
+    assert max(threads[3:]) <= max(threads[:3]), threads
+
+
+def test_50_loaders_created_and_dropped(store, collector):
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    used, threads = [], []
+    for i in range(50):
+        loader = cuda_loader(store, ["a", "c"], batch_size=8, seed=i)
+        loader.set_epoch(i)
+        for k, _ in enumerate(loader):
+            collector.maybe()
+            if k == i % 4:
+                break
+        if i % 2:
+            loader.close()  # half closed explicitly; the others only dropped
+        del loader
+        gc.collect()
         cupy.cuda.Device().synchronize()
         used.append(pool.used_bytes())
         threads.append(threading.active_count())
-    assert max(used[5:]) <= max(used[:5]) * 1.1 + 1024  # no growth after warm-up
-    assert threads[-1] <= threads[1]
+    assert _flat(used, warm=5), used
+    assert max(threads[5:]) <= max(threads[:5]), threads
 
 
-def test_read_error_surfaces_in_the_loop(store, monkeypatch):
-    loader = loader_for(store, ["a"], device="cuda", batch_size=4)
-    real = loader.backend.load_batch
+def test_read_error_surfaces_in_the_loop(store, collector, monkeypatch):
+    from zarrdali.backends.gpu import GpuBackend
+
     calls = {"n": 0}
+    load_batch = GpuBackend.load_batch
 
-    def failing(layouts, plan):
+    def failing(self, layouts, plan):
         calls["n"] += 1
         if calls["n"] == 3:
             raise zarrdali.ChunkError("injected", store="s", array="a", key="c/0/0/0")
-        return real(layouts, plan)
+        return load_batch(self, layouts, plan)
 
-    monkeypatch.setattr(loader.backend, "load_batch", failing)
-    with pytest.raises(zarrdali.ChunkError, match="injected"):
-        for _ in loader:
-            pass
+    monkeypatch.setattr(GpuBackend, "load_batch", failing)
+    with cuda_loader(store, ["a"], batch_size=4) as loader:
+        with pytest.raises(zarrdali.ChunkError, match="injected"):
+            epoch(loader, collector)
+        gc.collect()
+        assert len(epoch(loader, collector)) == len(loader)  # the next epoch runs
+
+
+def test_closed_cuda_loader_refuses_to_iterate(store):
+    loader = cuda_loader(store, ["a"], batch_size=4)
+    it = iter(loader)
+    next(it)
+    loader.close()
+    loader.close()
+    with pytest.raises(zarrdali.LoaderClosedError, match="was closed"):
+        next(it)
+    with pytest.raises(zarrdali.LoaderClosedError, match=r"ZarrLoader\(.*\) is closed"):
+        iter(loader)

@@ -42,3 +42,7 @@ class ChunkError(ZarrDaliError, RuntimeError):
 
 class BackendUnavailableError(ZarrDaliError, RuntimeError):
     """A backend (the GPU path) needs something this machine does not have."""
+
+
+class LoaderClosedError(ZarrDaliError, RuntimeError):
+    """A closed loader (or an epoch it closed) was iterated, or its backend used."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -12,8 +14,9 @@ import zarr
 
 from .backends import make_backend
 from .backends.base import batch_dtype
+from .epoch import EpochRun, SourceHandle, release_frames
 from .epoch_reader import EpochReader, load_frames
-from .errors import ConfigError, ZarrDaliError
+from .errors import ConfigError, LoaderClosedError, ZarrDaliError
 from .normalize import NormalizeArg, channel_stats
 from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
@@ -24,6 +27,37 @@ log = logging.getLogger(__name__)
 
 # How DALI's parallel external source reports an exception raised in a worker.
 _WORKER_ERROR = "Exception traceback received from worker"
+
+# Loaders not closed yet, closed by one exit hook (weak: they are not kept alive).
+_open_loaders: weakref.WeakSet[ZarrLoader] = weakref.WeakSet()
+
+
+def _close_open_loaders() -> None:
+    """At interpreter exit: close every loader still open, while CUDA, DALI and
+    the thread pools are all still there. The first error is raised at the end."""
+    errors = []
+    for loader in list(_open_loaders):
+        try:
+            loader.close()
+        except Exception as err:  # the others are still closed; atexit reports it
+            errors.append(err)
+    if errors:
+        raise errors[0]
+
+
+def _track_open(loader: ZarrLoader) -> None:
+    """Remember ``loader`` for the exit hook, and make the hook run first.
+
+    atexit runs hooks last-registered first. The hook is registered once, and
+    moved to the end of the list as loaders are created, after the libraries a
+    loader uses (DALI, torch; CuPy, kvikIO, nvCOMP on the GPU path) have been
+    imported and registered their own hooks, so it runs before theirs.
+    """
+    import nvidia.dali.plugin.pytorch  # noqa: F401  (its exit hooks first)
+
+    atexit.unregister(_close_open_loaders)
+    atexit.register(_close_open_loaders)
+    _open_loaders.add(loader)
 
 
 def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -138,10 +172,16 @@ class ZarrLoader:
         self.dali_threads = dali_threads
         self.device = _resolve_device(device)
         self.partial_decode = partial_decode
+        self.workers = self._resolve_workers(workers, store)
+        # The backend's threads (and CUDA resources) are released by close().
         self.backend = make_backend(
             self.device, self.group, self.store_name, num_threads, partial_decode
         )
-        self.workers = self._resolve_workers(workers, store)
+        self._closed = False
+        # Weak: the epoch's generator owns the run; this reference lets the
+        # loader close it (next epoch, close(), exit) without a reference cycle.
+        self._live_epoch: weakref.ref[EpochRun] | None = None
+        _track_open(self)
         self._epoch = 0
         self._served = 0  # batches handed to the user in the current epoch
         self._resume_from = 0
@@ -260,8 +300,22 @@ class ZarrLoader:
         return load_frames(self.backend, self.layouts, self.spec, tile_hw, samples, split)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        """The batches of the current epoch.
 
+        The epoch's threads, pipeline (and worker processes or CUDA streams)
+        are created at the first ``next()`` and released when the epoch ends:
+        when it is exhausted, when the iterator is closed or dropped (``break``,
+        an exception in the loop), when loading fails, when the next epoch of
+        this loader starts, or by :meth:`close`.
+        """
+        if self._closed:
+            raise LoaderClosedError(
+                f"{self!r} is closed: it released its threads, pipeline and buffers; "
+                "create a new ZarrLoader to iterate again."
+            )
+        return self._serve()
+
+    def _serve(self) -> Iterator[dict[str, Any]]:
         plan = self.epoch_plan()
         start = self._resume_from
         self._resume_from = 0
@@ -269,11 +323,42 @@ class ZarrLoader:
         n = len(plan) - start
         if n <= 0:
             return
+        self._close_live_epoch("a new epoch of the same loader started")
+        run: EpochRun | None = EpochRun(f"epoch {self._epoch} of {self!r}")
+        self._live_epoch = weakref.ref(run)
+        try:
+            self._open_epoch(run, plan, start, n)
+            for batch in run:
+                self._served += 1
+                yield batch
+        except GeneratorExit:  # closed or dropped by the user: released below
+            raise
+        except BaseException as err:
+            # The worker processes are stopped before this process reloads.
+            run.close(f"loading failed ({type(err).__name__})")
+            run = None
+            local = self._worker_error_in_process(plan, self._served, err)
+            release_frames(err)
+            if local is None:
+                raise
+            release_frames(local)
+            try:
+                raise local from err
+            finally:
+                local = None  # its traceback holds this frame: no reference cycle
+        finally:
+            # Reached by exhaustion, and by close() of this generator when it is
+            # broken off: reference counting closes a dropped generator at once.
+            if run is not None:
+                run.close("the epoch ended")
+            run = None
+
+    def _open_epoch(self, run: EpochRun, plan: EpochPlan, start: int, n: int) -> None:
+        """Build the epoch's pieces into ``run``, each as soon as it exists."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         with_target = self.spec.target_steps > 0
-        prefetcher = None
         cuda = self.device == "cuda"
-        feed = None
 
         def load(k: int):
             samples = plan.batch(start + k)
@@ -293,15 +378,17 @@ class ZarrLoader:
         elif cuda:  # UNVERIFIED without a GPU: batches made on side streams
             from .gpu_feed import CudaFeed
 
-            feed = CudaFeed(load, keep_alive=self.prefetch + 1)
-            prefetcher = BatchPrefetcher(feed.load, n, depth=self.prefetch, workers=2)
+            feed = run.feed = CudaFeed(load, keep_alive=self.prefetch + 1)
+            prefetcher = run.prefetcher = BatchPrefetcher(
+                feed.load, n, depth=self.prefetch, workers=2
+            )
 
             def fetch(k: int):
                 return feed.hand_over(prefetcher.get(k))
         else:
-            prefetcher = BatchPrefetcher(load, n, depth=self.prefetch, workers=2)
+            prefetcher = run.prefetcher = BatchPrefetcher(load, n, depth=self.prefetch, workers=2)
             fetch = prefetcher.get
-        source = BatchSource(
+        run.source = BatchSource(
             fetch,
             n,
             self.spec.input_steps,
@@ -311,8 +398,9 @@ class ZarrLoader:
             epoch=self._epoch,
             first_batch=start,
         )
-        pipe = build_pipeline(
-            source,
+        run.source_handle = SourceHandle(run.source)
+        run.pipeline = build_pipeline(
+            run.source_handle,
             batch_size=self.batch_size,
             input_steps=self.spec.input_steps,
             with_target=with_target,
@@ -325,26 +413,20 @@ class ZarrLoader:
             workers=self.workers,
             augment=self.augment,
             samples_of=lambda k: plan.batch(start + k),
-            cuda_stream=feed.stream if feed is not None else None,
+            cuda_stream=run.feed.dali_stream if run.feed is not None else None,
         )
         names = ["input", "target", "index"] if with_target else ["input", "index"]
         names += ["augment"] if self.augment else []
-        try:
-            self._build(pipe)
-            dali_iter = DALIGenericIterator(
-                pipe, names, auto_reset=False, last_batch_policy=LastBatchPolicy.PARTIAL
-            )
-            for outputs in dali_iter:
-                self._served += 1
-                yield outputs[0]
-        except Exception as err:
-            if self.workers and _WORKER_ERROR in str(err):
-                self._reraise_in_process(plan, self._served, err)
-            raise
-        finally:
-            if prefetcher is not None:
-                prefetcher.close()
-            del pipe
+        self._build(run.pipeline)
+        run.batches = DALIGenericIterator(
+            run.pipeline, names, auto_reset=False, last_batch_policy=LastBatchPolicy.PARTIAL
+        )
+
+    def _close_live_epoch(self, because: str) -> None:
+        run = self._live_epoch() if self._live_epoch is not None else None
+        self._live_epoch = None
+        if run is not None:
+            run.close(because)
 
     def _device_id(self) -> int | None:
         """DALI's device: None (CPU-only pipeline) or this rank's GPU."""
@@ -366,23 +448,46 @@ class ZarrLoader:
                 ) from err
             raise
 
-    def _reraise_in_process(self, plan: EpochPlan, first: int, err: Exception) -> None:
-        """Raise a worker's error again here, with its own type and traceback.
+    def _worker_error_in_process(
+        self, plan: EpochPlan, first: int, err: BaseException
+    ) -> Exception | None:
+        """A worker's error as this process raises it, with its own type and traceback.
 
         DALI passes a worker's exception on as a plain ``Exception`` holding its
         traceback text, which would lose what a ``ChunkError`` says. The batches
         that were in flight are loaded again in this process: a persistent fault
-        (a corrupt chunk) raises its real error, chained to the worker's.
+        (a corrupt chunk) gives its real error, to be raised chained to the
+        worker's. None when ``err`` is not a worker's or the fault did not recur.
         """
+        if not (self.workers and isinstance(err, Exception) and _WORKER_ERROR in str(err)):
+            return None
         in_flight = self.prefetch * self.workers + 1
         for k in range(first, min(first + in_flight, len(plan))):
             try:
                 self.load_batch(plan.batch(k))
             except Exception as local:
-                raise local from err
+                return local
+        return None
 
+    # -- lifetime ----------------------------------------------------------
     def close(self) -> None:
-        self.backend.close()
+        """Release the live epoch (pipeline, threads, worker processes, CUDA
+        streams and buffers), then the backend. Idempotent; a closed loader
+        cannot be iterated. Also called by ``with`` and at interpreter exit."""
+        if self._closed:
+            return
+        self._closed = True
+        _open_loaders.discard(self)
+        try:
+            self._close_live_epoch(f"{self!r} was closed")
+        finally:
+            self.backend.close()
+
+    def __enter__(self) -> ZarrLoader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return (

@@ -42,12 +42,22 @@ class BatchPrefetcher:
                 self._next = max(self._next, k + 1)
             self._submit_until(k + 1 + self._depth)
             future = self._futures.pop(k)
-        return future.result()
+        try:
+            return future.result()
+        finally:
+            # A load's error holds this frame in its traceback and the future
+            # holds the error: without this, the two form a reference cycle
+            # (keeping this prefetcher alive) that only the collector breaks.
+            future = None
 
     def close(self) -> None:
+        """Cancel the loads not started, wait for the running ones, join the
+        threads and drop the loaded batches not asked for. Idempotent."""
         with self._lock:
             self._closed = True
-            for f in self._futures.values():
-                f.cancel()
-            self._futures.clear()
+            futures, self._futures = self._futures, {}
+        for f in futures.values():
+            f.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        futures.clear()  # batches loaded ahead, released once no thread runs
+        self._load = None

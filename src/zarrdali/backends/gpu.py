@@ -56,6 +56,7 @@ import os
 import subprocess
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +67,7 @@ from typing import Any
 import numpy as np
 
 from ..batchplan import BatchPlan, natural_coords
-from ..errors import BackendUnavailableError, ChunkError
+from ..errors import BackendUnavailableError, ChunkError, LoaderClosedError
 from ..store import ArrayLayout
 from .gpu_plan import (
     BatchDescription,
@@ -230,12 +231,35 @@ def kvikio_io_mode() -> str:
 # -- the backend --------------------------------------------------------------
 @dataclass
 class _ThreadState:
-    """Per calling thread: its CUDA stream, nvCOMP codecs bound to it, a pinned buffer."""
+    """A CUDA stream and what is bound to it: nvCOMP codecs (created with the
+    stream's handle), their decompression configs, a pinned host buffer.
 
-    stream: Any
-    codecs: dict[str, Any] = field(default_factory=dict)
+    Owned by the backend's list of states; used by one thread at a time
+    (``thread``, a weak reference); :meth:`release` frees it all, the stream last.
+    (The stream is also the last field, so a state dropped without
+    :meth:`release` still frees what is bound to the stream first.)
+    """
+
     configs: OrderedDict = field(default_factory=OrderedDict)
+    codecs: dict[str, Any] = field(default_factory=dict)
     pinned: Any = None
+    thread: weakref.ref | None = None
+    stream: Any = None
+
+    def release(self) -> None:
+        """Wait for the stream's work, then drop the configs, the codecs bound
+        to the stream and the pinned buffer, then the stream. Idempotent."""
+        stream = self.stream
+        if stream is None:
+            return
+        try:
+            stream.synchronize()
+        finally:
+            self.configs.clear()
+            self.codecs.clear()
+            self.pinned = None
+            self.thread = None
+            self.stream = None
 
 
 class GpuBackend:
@@ -287,22 +311,41 @@ class GpuBackend:
         configure_kvikio(io_threads or max(8, self.num_threads))
         self.io_mode = kvikio_io_mode()
         log.info("zarrdali GPU backend: kvikIO reads in %s mode", self.io_mode)
-        self._local = threading.local()
+        # nvCOMP is used from the first batch on; importing it now puts its
+        # import-time set-up before the loader's exit hook is registered.
+        importlib.import_module("nvidia.nvcomp")
         self._kernels: dict[str, Any] = {}
         self._kernel_lock = threading.Lock()
+        # Every stream, codec and pinned buffer is owned by this list (not by
+        # thread-locals, which are freed whenever a thread ends, stream first).
         self._states: list[_ThreadState] = []
         self._locators: dict[tuple[int, ...], tuple[Sequence[ArrayLayout], ChunkLocator]] = {}
         self._locators_lock = threading.Lock()
+        self._states_lock = threading.Lock()
+        self._closed = False
 
     # -- per-thread resources ------------------------------------------------
     def _state(self) -> _ThreadState:
-        state = getattr(self._local, "state", None)
-        if state is None:
-            state = _ThreadState(stream=self._cp.cuda.Stream(non_blocking=True))
-            self._local.state = state
-            with self._kernel_lock:
-                self._states.append(state)
-        return state
+        """The calling thread's state: its own, else one whose thread has ended
+        (the loader's prefetch threads live one epoch), else a new one."""
+        me = threading.current_thread()
+        with self._states_lock:
+            if self._closed:
+                raise LoaderClosedError(f"the GPU backend of {self._store!r} is closed")
+            free = None
+            for state in self._states:
+                owner = state.thread() if state.thread is not None else None
+                if owner is me:
+                    return state
+                if free is None and (owner is None or not owner.is_alive()):
+                    free = state
+            if free is None:
+                free = _ThreadState(stream=self._cp.cuda.Stream(non_blocking=True))
+                self._states.append(free)
+            else:  # a thread that ended in an error may have left work queued
+                free.stream.synchronize()
+            free.thread = weakref.ref(me)
+            return free
 
     def _codec(self, state: _ThreadState, algorithm: str) -> Any:
         codec = state.codecs.get(algorithm)
@@ -403,12 +446,36 @@ class GpuBackend:
         return out
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self.reader.close()
-        for state in self._states:
-            state.stream.synchronize()
-            state.codecs.clear()
-            state.configs.clear()
+        """Release the backend's GPU resources, in dependency order; idempotent.
+
+        The host thread pool is joined first (its threads fill pinned buffers),
+        then every state is released (its stream synchronized; configs, codecs
+        bound to the stream and pinned buffer dropped; the stream last), then
+        the compiled kernels. Call it when no thread is in :meth:`load_batch`:
+        ``ZarrLoader.close()`` closes its epoch (joining the prefetch threads)
+        before its backend.
+        """
+        with self._states_lock:
+            if self._closed:
+                return
+            self._closed = True
+            states, self._states = self._states, []
+        errors: list[BaseException] = []
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self.reader.close()
+        except BaseException as err:  # raised below, once everything is released
+            errors.append(err)
+        for state in states:
+            try:
+                state.release()
+            except BaseException as err:
+                errors.append(err)
+        states.clear()
+        with self._kernel_lock:
+            self._kernels.clear()
+        if errors:
+            raise errors[0]
 
     # -- stages ----------------------------------------------------------------
     def _read_and_decode(

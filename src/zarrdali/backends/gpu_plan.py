@@ -69,6 +69,7 @@ VAR_ITEMSIZE = 7  # bytes per decoded element
 VAR_FILL = 8  # fill value bits in the output dtype (little-endian, zero-padded)
 N_VAR_FIELDS = 9
 
+_NO_ROWS = np.empty(0, dtype=np.int64)
 MISSING_SLOT = -1  # chunk slot of a chunk that does not exist: the kernel writes the fill
 
 # Source dtypes the gather kernel loads (keyed by kind + itemsize).
@@ -116,7 +117,8 @@ def dtype_code(dtype: np.dtype) -> int:
 
 
 def align_up(n: int | np.ndarray, align: int = ALIGN) -> int | np.ndarray:
-    return (n + align - 1) // align * align
+    """``n`` rounded up to a multiple of ``align`` (a power of two)."""
+    return (n + (align - 1)) & -align
 
 
 def fill_bits(fill_value: object, source: np.dtype, out: np.dtype) -> int:
@@ -318,7 +320,8 @@ class VariableColumns:
     ``[V, N_VAR_FIELDS]`` table): the same for every batch of these layouts."""
 
     decoding: np.ndarray  # ON_DEVICE, ON_HOST or BY_ZARR_PYTHON
-    algorithm: list[str | None]  # nvCOMP's name of the compressor (None: not nvCOMP's)
+    algorithms: list[str]  # the nvCOMP algorithms the variables need
+    algorithm: np.ndarray  # index into ``algorithms`` (-1: not nvCOMP's)
     uncompressed: np.ndarray  # bool: the chunks are stored raw
     chunk_nbytes: np.ndarray
     skip: np.ndarray
@@ -365,9 +368,12 @@ def describe_variables(layouts: Sequence[ArrayLayout]) -> VariableColumns:
         row[VAR_FILL] = fill_bits(layout.fill_value, layout.dtype, out_dtype)
     skip, tail = payload_trims([layout.codec for layout in layouts])
     compressors = [lay.codec.compressor if lay.codec is not None else None for lay in layouts]
+    names = [NVCOMP_ALGORITHMS.get(c) if c else None for c in compressors]
+    algorithms = sorted({name for name in names if name is not None})
     return VariableColumns(
         decoding=np.array([decoding_of(layout) for layout in layouts], dtype=np.int64),
-        algorithm=[NVCOMP_ALGORITHMS.get(compressor) for compressor in compressors],
+        algorithms=algorithms,
+        algorithm=np.array([algorithms.index(n) if n else -1 for n in names], dtype=np.int64),
         uncompressed=np.array([c == "none" for c in compressors], dtype=bool),
         chunk_nbytes=np.array([layout.chunk_nbytes for layout in layouts], dtype=np.int64),
         skip=skip,
@@ -455,61 +461,46 @@ def describe_batch(
     """
     cols = variable_columns(layouts)
     var = plan.chunk_var
-    decoding = cols.decoding[var]
     present = locations.present
-    device = np.flatnonzero(present & (decoding == ON_DEVICE))
-    host = np.flatnonzero(present & (decoding == ON_HOST))
-    fallback = np.flatnonzero(decoding == BY_ZARR_PYTHON)
+    if np.all(cols.decoding == ON_DEVICE):  # the usual case spares a few scans
+        device, host, fallback = np.flatnonzero(present), _NO_ROWS, _NO_ROWS
+    else:
+        decoding = cols.decoding[var]
+        device = np.flatnonzero(present & (decoding == ON_DEVICE))
+        host = np.flatnonzero(present & (decoding == ON_HOST))
+        fallback = np.flatnonzero(decoding == BY_ZARR_PYTHON)
 
     # Decoded slots: the device region, then the host region (one upload).
-    chunk_nbytes = cols.chunk_nbytes[var]
+    dvar = var[device]
+    device_sizes = cols.chunk_nbytes[dvar]
     slots = np.full(plan.n_chunks, MISSING_SLOT, dtype=np.int64)
-    slots[device], device_nbytes = aligned_offsets(chunk_nbytes[device])
+    device_slots, device_nbytes = aligned_offsets(device_sizes)
+    slots[device] = device_slots
     host_like = np.concatenate([host, fallback])
-    host_slots, host_nbytes = aligned_offsets(chunk_nbytes[host_like])
+    host_slots, host_nbytes = aligned_offsets(cols.chunk_nbytes[var[host_like]])
     slots[host_like] = device_nbytes + host_slots
 
     # Payloads of the device-decoded chunks, and where they are staged.
-    dvar = var[device]
     nbytes = locations.nbytes[device]
     skip, length = payload_bounds((cols.skip, cols.tail), dvar, nbytes)
     uncompressed = cols.uncompressed[dvar]
-    _check_payloads(
-        layouts, plan, device, nbytes, length, uncompressed, chunk_nbytes[device], store_name
-    )
+    _check_payloads(layouts, plan, device, nbytes, length, uncompressed, device_sizes, store_name)
+    compressed = ~uncompressed
     staging = plan_staging(
         locations.file[device],
         locations.offset[device],
         nbytes,
         skip,
         length,
-        ~uncompressed,
+        compressed,
         max_gap=max_gap,
     )
-    # Copy jobs (source, destination, bytes): payloads to their aligned slots
-    # in staging when some are misaligned, uncompressed chunks to their slots.
+    # Device copies (source, destination, bytes): payloads to their aligned
+    # slots when some are misaligned; uncompressed chunks to their decoded slots.
     raw = staging.payload_raw
-    pack = ~uncompressed if staging.needs_packing else np.zeros_like(uncompressed)
-    pack_jobs = np.stack([raw[pack], staging.payload_offset[pack], length[pack]], axis=1)
-    copy_jobs = np.stack([raw, slots[device], length], axis=1)[uncompressed]
-
-    groups = []
-    for algorithm in sorted({a for a in cols.algorithm if a is not None}):
-        vs = [v for v, a in enumerate(cols.algorithm) if a == algorithm]
-        mine = np.flatnonzero(np.isin(dvar, vs))
-        if not len(mine):
-            continue
-        rows = device[mine]
-        groups.append(
-            DecodeGroup(
-                algorithm=algorithm,
-                chunks=rows,
-                in_offset=staging.payload_offset[mine],
-                in_nbytes=length[mine],
-                out_offset=slots[rows],
-                out_nbytes=chunk_nbytes[rows],
-            )
-        )
+    pack_jobs = _NO_JOBS
+    if staging.needs_packing:
+        pack_jobs = _copy_jobs(raw, staging.payload_offset, length, compressed)
     return BatchDescription(
         device_chunks=device,
         host_chunks=host,
@@ -519,10 +510,50 @@ def describe_batch(
         host_nbytes=host_nbytes,
         staging=staging,
         pack_jobs=pack_jobs,
-        copy_jobs=copy_jobs,
-        decode_groups=groups,
+        copy_jobs=_copy_jobs(raw, device_slots, length, uncompressed),
+        decode_groups=_decode_groups(cols, device, dvar, staging, length, device_slots),
         gather=gather_tables(plan, cols, slots),
     )
+
+
+_NO_JOBS = np.empty((0, 3), dtype=np.int64)
+
+
+def _copy_jobs(
+    src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, which: np.ndarray
+) -> np.ndarray:
+    """``[K, 3]`` (source offset, destination offset, bytes) of the chunks in ``which``."""
+    if not which.any():
+        return _NO_JOBS
+    return np.stack([src[which], dst[which], nbytes[which]], axis=1)
+
+
+def _decode_groups(
+    cols: VariableColumns,
+    device: np.ndarray,
+    dvar: np.ndarray,
+    staging: StagingLayout,
+    length: np.ndarray,
+    device_slots: np.ndarray,
+) -> list[DecodeGroup]:
+    """One :class:`DecodeGroup` per nvCOMP algorithm of the device-decoded chunks."""
+    algorithm = cols.algorithm[dvar]
+    groups = []
+    for k, name in enumerate(cols.algorithms):
+        mine = np.flatnonzero(algorithm == k)
+        if not len(mine):
+            continue
+        groups.append(
+            DecodeGroup(
+                algorithm=name,
+                chunks=device[mine],
+                in_offset=staging.payload_offset[mine],
+                in_nbytes=length[mine],
+                out_offset=device_slots[mine],
+                out_nbytes=cols.chunk_nbytes[dvar[mine]],
+            )
+        )
+    return groups
 
 
 # -- the gather kernel, in numpy -------------------------------------------------
