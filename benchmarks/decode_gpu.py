@@ -6,12 +6,14 @@
 * ``zarrdali-gpu`` zarrdali's GPU backend: read (kvikIO) + decode (nvCOMP) +
                   assemble (gather kernel), ``load_batch`` per batch
 * ``zarrdali-cpu`` zarrdali's CPU backend on the same batches, for reference
+* ``gpu-host``    the GPU backend's host work per batch (locate + describe_batch:
+                  staging, slots, gather tables), numpy only: runs without a GPU
 
 Rates are decoded GB/s (bytes of decoded chunks per second) and samples/s.
 Each is warmed up, repeated, and reported as median (min–max); GPU work is
 synchronized before a clock is read. Without a GPU the GPU rows say why they
-are missing. Prints a system header and writes JSON (system, GPU, driver,
-versions, commit, kvikIO mode, the command) to ``--out``.
+are missing (``gpu-host`` still runs). Prints a system header and writes JSON
+(system, GPU, driver, versions, commit, kvikIO mode, the command) to ``--out``.
 
     python benchmarks/decode_gpu.py --out bench-out/decode_gpu.json
     python benchmarks/decode_gpu.py --store sample-data/era5.zarr --variables t2m u10 \
@@ -104,6 +106,17 @@ def _row(name: str, seconds: list[float], nbytes: int, samples: int, note: str =
     }
 
 
+def _host_row(name: str, seconds: list[float], batches: int, note: str) -> dict:
+    """A row of host work: milliseconds per batch, no throughput."""
+    return {
+        "name": name,
+        "status": "ok",
+        "note": note,
+        "seconds": seconds,
+        "ms_per_batch": _stats([s / batches * 1e3 for s in seconds]),
+    }
+
+
 def _skipped(name: str, why: str) -> dict:
     return {"name": name, "status": "skipped", "note": why}
 
@@ -125,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from zarrdali.backends.cpu import CpuBackend, PosixChunkReader
+    from zarrdali.backends.cpu import CpuBackend, PosixReader
     from zarrdali.backends.gpu import missing_gpu_requirements
+    from zarrdali.backends.gpu_plan import describe_batch
+    from zarrdali.backends.locate import ChunkLocator
+    from zarrdali.batchplan import plan_batch
     from zarrdali.bench.report import header_text, system_info
-    from zarrdali.chunkplan import plan_batch
     from zarrdali.store import load_layouts, open_group
 
     tmp = None
@@ -176,15 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
 
     # Encoded bytes of every chunk of every batch, in memory.
+    locator = ChunkLocator(store_name, layouts)
+    locations = [locator.locate(pl) for pl in plans]
+    reader = PosixReader(store_name)
+    encoded = [reader.read_chunks(layouts, loc) for loc in locations]
+    reader.close()
     with ThreadPoolExecutor(args.threads) as pool:
-        reader = PosixChunkReader(pool, store_name)
-        encoded = [reader.read(layouts, pl.chunks) for pl in plans]
-
         # numcodecs on all cores: decode only.
         jobs = []
         for pl, enc in zip(plans, encoded, strict=True):
-            for c, data in zip(pl.chunks, enc, strict=True):
-                layout = layouts[c.var]
+            for v, data in zip(pl.chunk_var.tolist(), enc, strict=True):
+                layout = layouts[v]
                 if data is not None and layout.codec is not None:
                     out = np.empty(layout.chunk_nbytes, dtype=np.uint8)
                     jobs.append((layout.codec, memoryview(data), out))
@@ -205,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         cpu.close()
     rows.append(_row("zarrdali-cpu", secs, decoded_bytes, n_samples, "read+decode+assemble"))
 
+    def gpu_host_pass() -> None:
+        for pl in plans:
+            describe_batch(layouts, pl, locator.locate(pl), store_name=store_name)
+
+    secs = _time(gpu_host_pass, args.warmup, args.repeats)
+    rows.append(_host_row("gpu-host", secs, len(plans), "locate + describe_batch, numpy only"))
+
     if missing:
         why = "no GPU stack: " + "; ".join(missing)
         rows += [_skipped("nvcomp-raw", why), _skipped("zarrdali-gpu", why)]
@@ -214,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if row["status"] != "ok":
             print(f"{row['name']:>14}: {row['status']} ({row['note']})")
+            continue
+        if "ms_per_batch" in row:
+            m = row["ms_per_batch"]
+            print(
+                f"{row['name']:>14}: {m['median']:.3f} ms/batch ({m['min']:.3f}–{m['max']:.3f})"
+                f"  [{row['note']}]"
+            )
             continue
         g, s = row["decoded_gb_per_s"], row["samples_per_s"]
         line = f"{row['name']:>14}: {g['median']:.2f} GB/s ({g['min']:.2f}–{g['max']:.2f})"
@@ -244,7 +275,7 @@ def _gpu_rows(args, layouts, plans, encoded, group, store_name, decoded_bytes, i
     from nvidia import nvcomp
 
     from zarrdali.backends.gpu import GpuBackend
-    from zarrdali.backends.gpu_plan import NVCOMP_ALGORITHMS, payload_bounds
+    from zarrdali.backends.gpu_plan import NVCOMP_ALGORITHMS, payload_bounds, payload_trims
 
     rows = []
     stream = cp.cuda.Stream(non_blocking=True)
@@ -253,14 +284,16 @@ def _gpu_rows(args, layouts, plans, encoded, group, store_name, decoded_bytes, i
     nbytes_raw = 0
     for pl, enc in zip(plans, encoded, strict=True):
         by_alg: dict[str, tuple[list, list, list]] = {}
-        for c, data in zip(pl.chunks, enc, strict=True):
-            layout = layouts[c.var]
+        for v, data in zip(pl.chunk_var.tolist(), enc, strict=True):
+            layout = layouts[v]
             if data is None or layout.codec is None:
                 continue
             alg = NVCOMP_ALGORITHMS.get(layout.codec.compressor)
             if alg is None:
                 continue
-            skip, length = payload_bounds(layout.codec, len(data))
+            (skip,), (length,) = payload_bounds(
+                payload_trims([layout.codec]), np.zeros(1, np.int64), np.array([len(data)])
+            )
             ins, outs, sizes = by_alg.setdefault(alg, ([], [], []))
             ins.append(cp.asarray(np.frombuffer(data, np.uint8)[skip : skip + length].copy()))
             outs.append(cp.empty(layout.chunk_nbytes, dtype=cp.uint8))
