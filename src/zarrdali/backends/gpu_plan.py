@@ -213,11 +213,14 @@ def plan_staging(
     reads = coalesce_arrays(file, offset, nbytes, max_gap)
     read_nbytes = reads.nbytes
     read_dst, raw_nbytes = aligned_offsets(read_nbytes, align)
-    # The read serving each chunk: reads.order lists chunks read by read.
-    read_of = np.empty(len(file), dtype=np.int64)
-    read_of[reads.order] = np.repeat(np.arange(len(reads)), np.diff(reads.bounds))
-    payload_raw = read_dst[read_of] + (offset - reads.start[read_of]) + skip
-    needs_packing = bool(np.any(payload_raw[aligned] % align))
+    # A chunk's bytes land at read_dst + (offset - read_start) of the read serving
+    # it; reads.order lists the chunks read by read.
+    shift = np.repeat(read_dst - reads.start, np.diff(reads.bounds))
+    payload_raw = np.empty(len(file), dtype=np.int64)
+    payload_raw[reads.order] = shift
+    payload_raw += offset + skip
+    misaligned = (payload_raw & (align - 1)) != 0
+    needs_packing = bool(np.any(misaligned if aligned.all() else misaligned[aligned]))
     payload_offset = payload_raw
     total = raw_nbytes
     if needs_packing:
@@ -540,9 +543,11 @@ def _decode_groups(
     algorithm = cols.algorithm[dvar]
     groups = []
     for k, name in enumerate(cols.algorithms):
-        mine = np.flatnonzero(algorithm == k)
+        mine: np.ndarray | slice = np.flatnonzero(algorithm == k)
         if not len(mine):
             continue
+        if len(mine) == len(dvar):  # one algorithm for all: views, no copies
+            mine = slice(None)
         groups.append(
             DecodeGroup(
                 algorithm=name,
