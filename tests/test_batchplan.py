@@ -365,3 +365,14 @@ def test_needed_prefix_ends_at_the_last_element_copied(case, split):
     want = expected_batch(layouts, arrays, samples, n_frames, frame_step, tile_hw)
     got = outputs[0] if frame_split is None else np.concatenate(outputs, axis=1)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "sample", [(8, 0, 0), (-1, 0, 0), (0, 5, 0), (0, 0, 5), (0, -1, 0), (0, 0, -2)]
+)
+def test_samples_outside_the_store_are_refused(sample):
+    """A key past an axis would silently name another chunk (or another variable's)."""
+    layouts = [make_layout("a", (10, 8, 8), (2, 4, 4)), make_layout("b", (10, 8, 8), (2, 4, 4))]
+    with pytest.raises(ValueError, match=r"does not fit"):
+        plan_batch(layouts, np.array([sample]), n_frames=2, frame_step=2, tile_hw=(4, 4))
+    plan_batch(layouts, np.array([[6, 4, 4]]), n_frames=2, frame_step=2, tile_hw=(4, 4))

