@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from zarrdali.backends.cpu import CpuBackend, PosixReader
     from zarrdali.backends.gpu import missing_gpu_requirements
-    from zarrdali.backends.gpu_plan import describe_batch
+    from zarrdali.backends.gpu.plan import describe_batch
     from zarrdali.backends.locate import ChunkLocator
     from zarrdali.batchplan import plan_batch
     from zarrdali.bench.report import header_text, system_info
@@ -275,7 +275,7 @@ def _gpu_rows(args, layouts, plans, encoded, group, store_name, decoded_bytes, i
     from nvidia import nvcomp
 
     from zarrdali.backends.gpu import GpuBackend
-    from zarrdali.backends.gpu_plan import NVCOMP_ALGORITHMS, payload_bounds, payload_trims
+    from zarrdali.backends.gpu.plan import NVCOMP_ALGORITHMS, payload_bounds, payload_trims
 
     rows = []
     stream = cp.cuda.Stream(non_blocking=True)

@@ -4,7 +4,7 @@ Without a GPU: importing it needs nothing, asking for it says what is missing,
 and its host-side planning is checked: payload bounds (LZ4 prefix, crc32c),
 the staging layout (aligned, disjoint, payloads where their bytes land), the
 decoded slots and fill bits. The device path is then emulated on the CPU from
-:func:`~zarrdali.backends.gpu_plan.describe_batch` alone (staging reads, the
+:func:`~zarrdali.backends.gpu.plan.describe_batch` alone (staging reads, the
 pack and copy jobs, each decode group's payloads decoded as nvCOMP would) and
 the gather tables are executed twice: by the numpy model of the kernel, and by
 the kernel's own CUDA source compiled as host C++; both equal the CPU backend
@@ -35,7 +35,8 @@ import pytest
 from storefactory import COMPRESSORS, VarSpec, chunk_files, chunk_key, delete_chunks
 from zarrdali.backends.cpu import NumcodecsDecoder, PosixReader
 from zarrdali.backends.fallback import ZarrPythonChunkSource
-from zarrdali.backends.gpu_plan import (
+from zarrdali.backends.gpu.kernels import PACK_SOURCE, THREADS, gather_source, grid_y
+from zarrdali.backends.gpu.plan import (
     ALIGN,
     CTYPES,
     MISSING_SLOT,
@@ -49,7 +50,6 @@ from zarrdali.backends.gpu_plan import (
     payload_trims,
     plan_staging,
 )
-from zarrdali.backends.kernels import PACK_SOURCE, THREADS, gather_source, grid_y
 from zarrdali.backends.locate import ChunkLocations, ChunkLocator
 from zarrdali.batchplan import natural_coords, plan_batch
 from zarrdali.codecs import ChunkCodec
@@ -95,8 +95,8 @@ def _delete_some(store, array: str, n: int = 2) -> None:
 # -- no GPU needed ----------------------------------------------------------------
 def test_import_touches_no_gpu_library():
     code = (
-        "import sys, zarrdali, zarrdali.backends.gpu, zarrdali.backends.gpu_plan\n"
-        "import zarrdali.backends.kernels\n"
+        "import sys, zarrdali, zarrdali.backends.gpu, zarrdali.backends.gpu.plan\n"
+        "import zarrdali.backends.gpu.kernels\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('cupy', 'cupyx', 'kvikio')"
         " or m.startswith('nvidia.nvcomp')]\n"
         "assert not bad, bad\n"

@@ -1,7 +1,7 @@
 """One epoch of a :class:`~zarrdali.ZarrLoader`: everything it runs, owned by one object.
 
 An epoch builds a prefetcher (threads), on the GPU path a
-:class:`~zarrdali.gpu_feed.CudaFeed` (CUDA streams, events, the device buffers
+:class:`~zarrdali.backends.gpu.feed.CudaFeed` (CUDA streams, events, the device buffers
 DALI may still read), the DALI external source, pipeline (executor threads; on
 the CPU path, worker processes) and the DALI iterator. :class:`EpochRun` holds
 them and :meth:`EpochRun.close` releases them explicitly, in dependency order,

@@ -376,7 +376,7 @@ class ZarrLoader:
                 partial_decode=self.partial_decode,
             )
         elif cuda:  # UNVERIFIED without a GPU: batches made on side streams
-            from .gpu_feed import CudaFeed
+            from .backends.gpu.feed import CudaFeed
 
             feed = run.feed = CudaFeed(load, keep_alive=self.prefetch + 1)
             prefetcher = run.prefetcher = BatchPrefetcher(
@@ -432,7 +432,7 @@ class ZarrLoader:
         """DALI's device: None (CPU-only pipeline) or this rank's GPU."""
         if self.device != "cuda":
             return None
-        from .gpu_feed import cuda_device_id
+        from .backends.gpu.feed import cuda_device_id
 
         return cuda_device_id()
 

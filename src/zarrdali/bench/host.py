@@ -63,7 +63,7 @@ class HostTimes:
 def _gpu_describer(loader: ZarrLoader) -> Callable | None:
     """The GPU path's host description of a batch, if it can be computed here (numpy only)."""
     try:
-        from ..backends.gpu_plan import describe_batch
+        from ..backends.gpu.plan import describe_batch
     except ImportError:
         return None
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LoaderClosedError
+from ...errors import LoaderClosedError
 
 
 class StreamHandle:

@@ -8,18 +8,18 @@ Header-free C++: NVRTC compiles them without the CUDA runtime headers.
 * ``zarrdali_gather``: assembles the batch ``[B, T, C, H, W]`` from the decoded
   chunks, one block row per tile (variable, sample, frame); each thread derives
   its element's source chunk and offset from the gather tables of
-  :func:`zarrdali.backends.gpu_plan.gather_tables` (column numbers as there),
+  :func:`zarrdali.backends.gpu.plan.gather_tables` (column numbers as there),
   loads it with a byte swap for big-endian chunks, casts it to the batch dtype,
   or writes the fill value where the chunk is missing.
-  :func:`zarrdali.backends.gpu_plan.gather_reference` is its numpy twin.
+  :func:`zarrdali.backends.gpu.plan.gather_reference` is its numpy twin.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import gpu_plan
-from .gpu_plan import CTYPES, dtype_key
+from . import plan as gpu_plan
+from .plan import CTYPES, dtype_key
 
 THREADS = 256  # threads per block of both kernels
 

@@ -13,7 +13,7 @@ device work needs, as arrays (loops run over variables and algorithms only):
   buffer (8-byte aligned): the device-decoded region first, then the region
   the host fills (Blosc chunks, zarr-python's fallback), one copy to the device;
 * **the gather tables** (:class:`GatherTables`) the gather kernel of
-  :mod:`zarrdali.backends.kernels` reads: one row per tile (variable, sample,
+  :mod:`zarrdali.backends.gpu.kernels` reads: one row per tile (variable, sample,
   frame), the plan's ``tile_chunks``, one slot per chunk and one row per
   variable. What crosses to the device grows with tiles, not with copies.
 
@@ -29,13 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..batchplan import BatchPlan, channel_offsets, chunk_shape4
-from ..codecs import ChunkCodec
-from ..errors import ChunkError
-from ..store import ArrayLayout
-from .base import batch_dtype
-from .locate import ChunkLocations
-from .ranges import coalesce_arrays
+from ...batchplan import BatchPlan, channel_offsets, chunk_shape4
+from ...codecs import ChunkCodec
+from ...errors import ChunkError
+from ...store import ArrayLayout
+from ..base import batch_dtype
+from ..locate import ChunkLocations
+from ..ranges import coalesce_arrays
 
 ALIGN = 8  # nvCOMP zstd needs 8-byte-aligned input and output buffers
 
