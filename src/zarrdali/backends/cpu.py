@@ -22,7 +22,14 @@ from functools import partial
 import crc32c
 import numpy as np
 
-from ..batchplan import BatchPlan, chunk_shape4, natural_coords
+from ..batchplan import (
+    PIECE_DST,
+    PIECE_EXTENT,
+    BatchPlan,
+    chunk_shape4,
+    layout_tables,
+    natural_coords,
+)
 from ..codecs import MIN_PARTIAL_SKIP
 from ..errors import ChunkError
 from ..store import ArrayLayout
@@ -221,6 +228,34 @@ def describe_chunk(layout: ArrayLayout, coords4: Sequence[int]) -> str:
     return layout.describe_chunk(natural_coords(layout, coords4))
 
 
+def decodes_in_place(
+    layouts: Sequence[ArrayLayout], plan: BatchPlan, pieces: np.ndarray, bounds: np.ndarray
+) -> np.ndarray:
+    """Per chunk: whether it can be decoded straight into the batch.
+
+    That is when the chunk is exactly one piece (one time step, all of its
+    levels, rows and columns), lands in a contiguous region of its output and
+    holds its values as the batch stores them (same dtype, native byte order):
+    with tiles aligned to inner chunks, most chunks of a sharded store.
+    ``pieces`` are ``plan.pieces`` grouped by chunk (``plan.piece_order``).
+    """
+    dtype = batch_dtype(layouts)
+    same = np.array(
+        [lay.fast_path and lay.codec.stored_dtype(lay.dtype) == dtype for lay in layouts]
+    )
+    shapes = layout_tables(layouts).chunk_shapes[plan.chunk_var]  # [N, 4]
+    one = (np.diff(bounds) == 1) & same[plan.chunk_var] & (shapes[:, 0] == 1)
+    first = pieces[np.minimum(bounds[:-1], max(len(pieces) - 1, 0))]
+    extent, dst = first[:, PIECE_EXTENT], first[:, PIECE_DST]
+    whole = np.all(extent == shapes[:, 1:], axis=1)
+    _, _, _, h, w = plan.out_shape
+    # [.., c:c+nl, dy:dy+ny, dx:dx+nx] of a [B, T, C, H, W] array is contiguous
+    # when it spans whole rows, and whole fields unless it is one level.
+    contiguous = (dst[:, 4] == 0) & (extent[:, 2] == w)
+    contiguous &= (extent[:, 0] == 1) | ((dst[:, 3] == 0) & (extent[:, 1] == h))
+    return one & whole & contiguous
+
+
 def _may_decode_partially(layout: ArrayLayout) -> bool:
     """Whether partial decoding could skip anything in this array's chunks."""
     return layout.fast_path and layout.codec.streams and layout.chunk_nbytes > MIN_PARTIAL_SKIP
@@ -259,6 +294,7 @@ class BatchWork:
     needed: list[int]
     piece_bounds: list[int]  # pieces piece_bounds[i]:piece_bounds[i+1] read chunk i
     pieces: list[list[int]]  # out, t, l, sy, sx, b, f, c, dy, dx, nl, ny, nx (by chunk)
+    direct: list[bool]  # decode straight into the output (the chunk is one whole piece)
 
 
 class CpuBackend:
@@ -311,20 +347,13 @@ class CpuBackend:
         """Everything the batch's read/decode/copy loops need, without I/O."""
         reads, chunk_of = self.reader.reads(locations)
         order, bounds = plan.piece_order
-        pieces = np.concatenate(
-            [
-                plan.piece_out[:, None],
-                plan.piece_src,
-                plan.piece_dst,
-                plan.piece_extent,
-            ],
-            axis=1,
-        )[order]
+        pieces = plan.pieces[order]
         needed = (
             partial_decode_prefixes(layouts, plan)
             if self.partial_decode
             else np.full(plan.n_chunks, -1, dtype=np.int64)
         )
+        direct = decodes_in_place(layouts, plan, pieces, bounds) & (needed < 0)
         return BatchWork(
             locations=locations,
             read_file=reads.file.tolist(),
@@ -340,6 +369,7 @@ class CpuBackend:
             needed=needed.tolist(),
             piece_bounds=bounds.tolist(),
             pieces=pieces.tolist(),
+            direct=direct.tolist(),
         )
 
     def load_batch(
@@ -370,12 +400,18 @@ class CpuBackend:
                 )
                 for i in work.read_members[work.read_bounds[r] : work.read_bounds[r + 1]]:
                     lo = work.offset[i] - start
+                    data = buf[lo : lo + work.nbytes[i]]
+                    layout, coords = layouts[work.chunk_var[i]], work.chunk_coords[i]
+                    if work.direct[i]:  # no scratch, no copy: decode into the batch
+                        o, _, _, _, _, b, f, c, dy, dx, nl, ny, nx = work.pieces[
+                            work.piece_bounds[i]
+                        ]
+                        target = outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx]
+                        self.decoder.decode(layout, coords, data, out=target)
+                        continue
                     needed = work.needed[i]
                     decoded = self.decoder.decode(
-                        layouts[work.chunk_var[i]],
-                        work.chunk_coords[i],
-                        buf[lo : lo + work.nbytes[i]],
-                        needed=None if needed < 0 else needed,
+                        layout, coords, data, needed=None if needed < 0 else needed
                     )
                     scatter(i, decoded)
 
