@@ -130,11 +130,13 @@ def build_pipeline(
     augment: tuple[str, ...] = (),
     samples_of: Callable[[int], np.ndarray] | None = None,
     cuda_stream: Any = None,
+    whole_window: bool | None = None,
 ):
     """A DALI pipeline: external source → float32 → per-channel ``(x - mean) / std``.
 
-    On the CPU the source gives ``(input, target)`` frames apart (``(input,)``
-    without target steps); on the GPU one window that the pipeline slices.
+    The source gives ``(input, target)`` frames apart (``(input,)`` without
+    target steps), or with ``whole_window`` (default: on the GPU) one window
+    that the pipeline slices.
 
     The cast is skipped when the store is float32 already; DALI fuses the
     arithmetic into one operator, so normalizing costs one pass over the batch.
@@ -150,6 +152,8 @@ def build_pipeline(
     from nvidia.dali import fn, pipeline_def, types
 
     needs_cast = np.dtype(input_dtype) != np.float32
+    if whole_window is None:
+        whole_window = device == "gpu"
 
     @pipeline_def(
         batch_size=batch_size,
@@ -163,9 +167,9 @@ def build_pipeline(
     )
     def zarr_pipeline():
         n_meta = 1 + bool(augment)
-        # The CPU source hands input and target over as separate arrays; the GPU
-        # source hands one window, sliced on the device.
-        n_frames = 2 if with_target and device == "cpu" else 1
+        # Input and target come as separate arrays, or as one window sliced here
+        # (on the device, for the GPU source).
+        n_frames = 2 if with_target and not whole_window else 1
         if device == "gpu":
             frames = fn.external_source(
                 source=source.frames_only,

@@ -1,0 +1,132 @@
+"""The loader asks its backend for each epoch's batch source and uses it as is.
+
+``ZarrLoader`` does not test the device: the backend says where DALI runs,
+whether a batch is one window, and builds the epoch's source. Here a fake
+backend (a CPU backend underneath) brings its own, recording source.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+
+from storefactory import VarSpec
+from test_loader_oracle import loader_for, to_numpy
+from zarrdali.prefetch import PrefetchSource
+
+VARS = [
+    VarSpec("a", shape=(20, 21, 33), chunks=(1, 21, 33)),
+    VarSpec("b", shape=(20, 21, 33), chunks=(2, 8, 8), shards=(4, 16, 16), dtype="int16"),
+]
+KW = dict(batch_size=5, augment=("flip", "rot90"), normalize={"a": (0.5, 2.0), "b": (1.0, 3.0)})
+
+
+class RecordingSource:
+    """A batch source of a backend's own: every call recorded."""
+
+    cuda_stream = None
+
+    def __init__(self, load, n_batches: int, depth: int, log: list) -> None:
+        self._inner = PrefetchSource(load, n_batches, depth=depth)
+        self.log = log
+        log.append(("created", n_batches, depth))
+
+    def get(self, k: int):
+        self.log.append(("get", k))
+        return self._inner.get(k)
+
+    def close(self) -> None:
+        self.log.append(("close",))
+        self._inner.close()
+
+
+class OwnSourceBackend:
+    """A CPU backend that builds its epochs' sources itself."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.device, self.dali_device, self.whole_window = "cpu", "cpu", False
+        self.log: list = []
+        self.sources: list[weakref.ref] = []
+
+    def dali_device_id(self):
+        return None
+
+    def load_batch(self, layouts, plan, **device_args):
+        assert not device_args  # a host source passes no buffer, no stream
+        return self.inner.load_batch(layouts, plan)
+
+    def batch_source(self, load, n_batches, *, depth, batch_size):
+        source = RecordingSource(load, n_batches, depth, self.log)
+        self.sources.append(weakref.ref(source))
+        return source
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def store(make_store):
+    return make_store(*VARS)
+
+
+def epochs_of(loader, epochs=(0, 1)) -> list[list[dict]]:
+    out = []
+    for e in epochs:
+        loader.set_epoch(e)
+        out.append([to_numpy(b) for b in loader])
+    return out
+
+
+def assert_same(got: list[list[dict]], want: list[list[dict]]) -> None:
+    assert len(got) == len(want)
+    for g_epoch, w_epoch in zip(got, want, strict=True):
+        assert len(g_epoch) == len(w_epoch)
+        for g, w in zip(g_epoch, w_epoch, strict=True):
+            assert g.keys() == w.keys()
+            for key in w:
+                np.testing.assert_array_equal(g[key], w[key])
+
+
+def test_the_loader_uses_the_source_its_backend_builds(store):
+    with loader_for(store, ["a", "b"], workers=0, **KW) as plain:
+        want = epochs_of(plain)
+    loader = loader_for(store, ["a", "b"], workers=0, **KW)
+    backend = loader.backend = OwnSourceBackend(loader.backend)
+    try:
+        got = epochs_of(loader)
+        n = len(loader)
+        assert_same(got, want)
+        log = backend.log
+        # one source per epoch, built with the epoch's size and the loader's depth,
+        # asked in order, closed when its epoch ended
+        assert log.count(("close",)) == 2
+        first = log[: log.index(("close",)) + 1]
+        gets = [("get", k) for k in range(n)]
+        assert first == [("created", n, loader.prefetch), *gets, ("close",)]
+        gc.collect()
+        assert all(ref() is None for ref in backend.sources)
+    finally:
+        loader.close()
+
+
+def test_a_resumed_epoch_asks_its_source_for_the_rest(store):
+    loader = loader_for(store, ["a", "b"], workers=0, **KW)
+    backend = loader.backend = OwnSourceBackend(loader.backend)
+    try:
+        it = iter(loader)
+        for _ in range(3):
+            next(it)
+        state = loader.state_dict()
+        it.close()
+        backend.log.clear()
+        loader.load_state_dict(state)
+        rest = sum(1 for _ in loader)
+        assert rest == len(loader) - 3
+        assert backend.log[0] == ("created", len(loader) - 3, loader.prefetch)
+        assert [e for e in backend.log if e[0] == "get"] == [("get", k) for k in range(rest)]
+    finally:
+        loader.close()
