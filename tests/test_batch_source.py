@@ -1,20 +1,29 @@
 """The loader asks its backend for each epoch's batch source and uses it as is.
 
 ``ZarrLoader`` does not test the device: the backend says where DALI runs,
-whether a batch is one window, and builds the epoch's source. Here a fake
-backend (a CPU backend underneath) brings its own, recording source.
+whether a batch is one window, and builds the epoch's source. Here fake
+backends (a CPU backend underneath) bring their own sources: a recording one,
+and the GPU path's :class:`CudaFeed` over fake CUDA streams, run through a real
+(CPU) DALI pipeline whose feeding is recorded as the copy DALI would enqueue on
+the feed stream. That checks, with DALI's own call order, that a ring buffer
+is written again only after DALI's copy of the batch it held.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import numpy as np
 import pytest
+from nvidia.dali.pipeline import Pipeline
 
+import zarrdali
+from fakecuda import FakeDevice, check_reuse_order
 from storefactory import VarSpec
 from test_loader_oracle import loader_for, to_numpy
+from zarrdali.backends.gpu.feed import CudaFeed, ring_size
 from zarrdali.prefetch import PrefetchSource
 
 VARS = [
@@ -63,6 +72,36 @@ class OwnSourceBackend:
         source = RecordingSource(load, n_batches, depth, self.log)
         self.sources.append(weakref.ref(source))
         return source
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class FakeCudaBackend:
+    """The GPU path's shape on the CPU: one window per batch, assembled into the
+    feed's ring buffer, its "gather" enqueued on the stream it is given."""
+
+    device, dali_device, whole_window = "cpu", "cpu", True
+
+    def __init__(self, inner, cuda: FakeDevice) -> None:
+        self.inner, self.cuda = inner, cuda
+        self.feeds: list[CudaFeed] = []
+
+    def dali_device_id(self):
+        return None
+
+    def load_batch(self, layouts, plan, *, out=None, stream=None):
+        window = self.inner.load_batch(layouts, plan)
+        assert plan.frame_split is None and out is not None and stream is not None
+        assert out.shape == window.shape and out.dtype == window.dtype
+        out[...] = window
+        stream.enqueue("write", self.cuda.buffer_id(out))
+        return out
+
+    def batch_source(self, load, n_batches, *, depth, batch_size):
+        feed = CudaFeed(load, n_batches, depth=depth, batch_size=batch_size, cuda=self.cuda)
+        self.feeds.append(feed)
+        return feed
 
     def close(self) -> None:
         self.inner.close()
@@ -128,5 +167,63 @@ def test_a_resumed_epoch_asks_its_source_for_the_rest(store):
         assert rest == len(loader) - 3
         assert backend.log[0] == ("created", len(loader) - 3, loader.prefetch)
         assert [e for e in backend.log if e[0] == "get"] == [("get", k) for k in range(rest)]
+    finally:
+        loader.close()
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_cuda_feed_through_a_dali_pipeline_orders_reuse_after_dali_copies(
+    store, monkeypatch, prefetch
+):
+    """The feed under DALI's real calls: a batch is fed (DALI's copy, recorded on
+    the feed stream) before DALI asks for the next one, so each buffer's next
+    write is ordered after the copy of its last batch; the batches are the CPU
+    path's, bit for bit (the pipeline slices the window into input and target)."""
+    with loader_for(store, ["a", "b"], workers=0, prefetch=prefetch, **KW) as plain:
+        want = epochs_of(plain)
+    device = FakeDevice()
+    loader = loader_for(store, ["a", "b"], workers=0, prefetch=prefetch, **KW)
+    backend = loader.backend = FakeCudaBackend(loader.backend, device)
+    feed_input = Pipeline._feed_input
+    fed: list[int] = []
+
+    def feeding(pipe, name, data, *args, **kwargs):
+        if isinstance(data, np.ndarray) and data.ndim == 5:  # the window of the batch
+            feed = backend.feeds[-1]
+            feed.stream.enqueue("copy", device.buffer_id(data))
+            fed.append(device.buffer_id(data))
+        return feed_input(pipe, name, data, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "_feed_input", feeding)
+    try:
+        got = epochs_of(loader)
+    finally:
+        loader.close()
+    assert_same(got, want)
+    assert len(fed) == sum(len(e) for e in want)
+    assert check_reuse_order(device) == len(fed)
+    for feed in backend.feeds:
+        assert feed.ring.allocations <= ring_size(prefetch)
+    # every epoch's feed closed: streams synchronized, buffers released
+    assert all(feed.stream is None for feed in backend.feeds)
+    assert all(s.buffer is None for feed in backend.feeds for s in feed.ring.slots)
+    assert not [t for t in threading.enumerate() if t.name.startswith("zarrdali-prefetch")]
+
+
+def test_an_epoch_broken_off_closes_the_cuda_feed(store):
+    device = FakeDevice()
+    loader = loader_for(store, ["a", "b"], workers=0, **KW)
+    backend = loader.backend = FakeCudaBackend(loader.backend, device)
+    try:
+        for k, _ in enumerate(loader):
+            if k == 1:
+                break
+        (feed,) = backend.feeds
+        assert feed.stream is None
+        synced = {i for kind, i in device.log if kind == "stream synchronized"}
+        created = {i for kind, i in device.log if kind == "stream created"}
+        assert synced == created
+        with pytest.raises(zarrdali.LoaderClosedError):
+            feed.get(2)
     finally:
         loader.close()

@@ -145,7 +145,8 @@ def build_pipeline(
     ``prefetch_queue_depth`` batches each.
 
     ``device="gpu"`` (UNVERIFIED without a GPU): the frames come from a GPU
-    external source (CuPy arrays, copied by DALI on ``cuda_stream``), index and
+    external source (CuPy arrays, copied by DALI on ``cuda_stream`` when fed:
+    ``no_copy=False``), index and
     flags from a CPU one computed by ``samples_of(k)``; operators run on the GPU
     and the index is moved there too.
     """
@@ -179,6 +180,9 @@ def build_pipeline(
                 device="gpu",
                 layout=["FCHW"],
                 cuda_stream=cuda_stream,
+                # DALI copies the batch into its own buffer on `cuda_stream` as it is
+                # fed, so the feed may reuse ours once that copy has run (feed.py).
+                no_copy=False,
             )
             meta = fn.external_source(
                 source=source.meta_only(samples_of),
