@@ -227,3 +227,20 @@ def test_an_epoch_broken_off_closes_the_cuda_feed(store):
             feed.get(2)
     finally:
         loader.close()
+
+
+@pytest.mark.xfail(
+    reason="integration with issue13-engine: GpuBackend takes CudaSourceRole as a base and "
+    "load_batch(layouts, plan, *, out=None, stream=None)",
+    strict=False,
+)
+def test_the_gpu_backend_fills_the_source_role():
+    import inspect
+
+    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.backends.gpu.feed import CudaSourceRole
+
+    assert issubclass(GpuBackend, CudaSourceRole)
+    params = inspect.signature(GpuBackend.load_batch).parameters
+    assert params["out"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params["stream"].kind is inspect.Parameter.KEYWORD_ONLY
