@@ -29,6 +29,9 @@ def verify():
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = Path(args[args.index("--out") + 1])
+    if "--scratch" not in args:  # not a new folder under /tmp per run
+        args = (*args, "--scratch", str(out.parent / f"{out.name}-scratch"))
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         capture_output=True,
