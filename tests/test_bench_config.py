@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
+import types
 
 import pytest
 
 from zarrdali.bench.cli import DEFAULTS, load_config, resolve
 from zarrdali.bench.measure import drop_page_cache, time_epoch
+from zarrdali.bench.report import markdown_table, summarize
 from zarrdali.bench.runners import RunResult
 from zarrdali.bench.spec import BenchSpec
 from zarrdali.cli import main
@@ -93,3 +97,41 @@ def test_time_epoch_counts_warmup_timed_batches_and_waits(tmp_path):
     assert 0 <= result.wait_seconds[0] <= result.epoch_seconds[0]
     assert result.peak_rss_bytes > 0 and result.cpu_seconds[0] >= 0
     assert result.peak_gpu_bytes is None or result.peak_gpu_bytes >= 0
+
+
+def test_waiting_for_a_batch_to_be_ready_counts_as_waiting(tmp_path):
+    """A GPU row's batch is the consumer's once its device work is done."""
+    spec = BenchSpec(store=str(tmp_path), variables=("a",), warmup_batches=1)
+
+    def batches():
+        for k in range(10):
+            yield [k]
+
+    readied = []
+
+    def ready(batch):
+        readied.append(batch[0])
+        time.sleep(0.004)
+
+    result = RunResult("fake")
+    time_epoch(spec, result, batches, n_timed=5, size=len, ready=ready)
+    assert readied == list(range(6))  # the first (warm-up) batch too
+    assert result.wait_seconds[0] >= 5 * 0.004
+    assert result.first_batch_seconds[0] >= 0.004
+
+
+def test_gpu_rows_sample_the_device_memory_in_use(tmp_path, monkeypatch):
+    used = iter(range(1, 10_000))
+    runtime = types.SimpleNamespace(memGetInfo=lambda: (100 - next(used) % 7, 100))
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    spec = BenchSpec(store=str(tmp_path), variables=("a",), warmup_batches=1)
+    gpu_row, cpu_row = RunResult("gpu"), RunResult("cpu")
+    gpu_row.uses_gpu = True
+    for result in (gpu_row, cpu_row):
+        time_epoch(spec, result, lambda: iter([[1]] * 4), n_timed=3, size=len)
+    assert 1 <= gpu_row.peak_gpu_used_bytes <= 6
+    assert cpu_row.peak_gpu_used_bytes is None  # never asked for a CPU row
+    rows = [{"store_label": "s", "summary": summarize(r)} for r in (gpu_row, cpu_row)]
+    table = markdown_table(rows)
+    assert "GPU in use GB" in table.splitlines()[0]

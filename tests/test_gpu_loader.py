@@ -86,9 +86,9 @@ def collector(monkeypatch) -> RandomCollector:
     collector = RandomCollector()
     load_batch = GpuBackend.load_batch
 
-    def collecting(self, layouts, plan):
+    def collecting(self, layouts, plan, **device_args):  # out=, stream= from the feed
         collector.maybe()
-        out = load_batch(self, layouts, plan)
+        out = load_batch(self, layouts, plan, **device_args)
         collector.maybe()
         return out
 
@@ -225,11 +225,11 @@ def test_read_error_surfaces_in_the_loop(store, collector, monkeypatch):
     calls = {"n": 0}
     load_batch = GpuBackend.load_batch
 
-    def failing(self, layouts, plan):
+    def failing(self, layouts, plan, **device_args):
         calls["n"] += 1
         if calls["n"] == 3:
             raise zarrdali.ChunkError("injected", store="s", array="a", key="c/0/0/0")
-        return load_batch(self, layouts, plan)
+        return load_batch(self, layouts, plan, **device_args)
 
     monkeypatch.setattr(GpuBackend, "load_batch", failing)
     with cuda_loader(store, ["a"], batch_size=4) as loader:

@@ -1,7 +1,7 @@
 """Every epoch's resources are released explicitly, never by the garbage collector.
 
 With the collector disabled, nothing of an epoch (DALI pipeline and iterator,
-prefetcher, source, their threads, worker processes) may be alive once it has
+feed, source, their threads, worker processes) may be alive once it has
 ended: exhausted, broken off, failed while loading, or interrupted by an error
 in the loop body. A finalizer left for the collector is what crashed the GPU
 path (issue 11): the collector runs it at a random point, in a random thread.
@@ -33,7 +33,7 @@ VARS = [
     VarSpec("a", shape=(20, 21, 33), chunks=(1, 21, 33)),
     VarSpec("b", shape=(20, 21, 33), chunks=(2, 8, 8), shards=(4, 16, 16), dtype="int16"),
 ]
-PARTS = ("batches", "pipeline", "prefetcher", "feed", "source", "source_handle")
+PARTS = ("batches", "pipeline", "feed", "source", "source_handle")
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def _assert_dead(refs: dict[str, weakref.ref], *, but=()) -> None:
 def _assert_released(epochs: list, baseline: tuple[set[int], int], *, expect=("pipeline",)):
     assert epochs, "no epoch was closed"
     refs = epochs[-1]
-    for name in ("prefetcher", "source", "source_handle", *expect):
+    for name in ("feed", "source", "source_handle", *expect):
         assert name in refs, f"the epoch had no {name} to check"
     _assert_dead(refs)
     threads, tasks = baseline

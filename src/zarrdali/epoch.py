@@ -1,9 +1,10 @@
 """One epoch of a :class:`~zarrdali.ZarrLoader`: everything it runs, owned by one object.
 
-An epoch builds a prefetcher (threads), on the GPU path a
-:class:`~zarrdali.backends.gpu.feed.CudaFeed` (CUDA streams, events, the device buffers
-DALI may still read), the DALI external source, pipeline (executor threads; on
-the CPU path, worker processes) and the DALI iterator. :class:`EpochRun` holds
+An epoch builds its backend's batch source (an
+:class:`~zarrdali.backends.base.EpochSource`: prefetch threads, and on the GPU
+path CUDA streams, events and the ring of device buffers DALI copies from), the
+DALI external source, pipeline (executor threads; on the CPU path with
+``workers``, worker processes) and the DALI iterator. :class:`EpochRun` holds
 them and :meth:`EpochRun.close` releases them explicitly, in dependency order,
 whichever way the epoch ends. Nothing here waits for ``__del__`` or the garbage
 collector: a finalizer run by the collector may run at any point, in any thread,
@@ -61,10 +62,11 @@ class SourceHandle:
     DALI's graph objects (operators, data nodes, external source groups) refer
     to each other in reference cycles, so they outlive the pipeline until the
     collector runs, and so would whatever they hold: the source, and through it
-    the prefetcher and the CUDA feed. Given this handle instead, they hold
-    nothing of the epoch once :meth:`close` has detached it. It forwards the
-    calls the pipeline makes (``__call__``, ``frames_only``, ``meta_only``) and
-    is pickled, for DALI's worker processes, as a new handle on the source.
+    the backend's batch source (threads, CUDA streams and buffers). Given this
+    handle instead, they hold nothing of the epoch once :meth:`close` has
+    detached it. It forwards the calls the pipeline makes (``__call__``,
+    ``frames_only``, ``meta_only``) and is pickled, for DALI's worker
+    processes, as a new handle on the source.
     """
 
     def __init__(self, source: Any) -> None:
@@ -107,15 +109,16 @@ class EpochRun:
     saying why the epoch was closed.
 
     Nothing here refers back to the run: the pipeline holds the source, the
-    source the prefetcher and feed, and the loader only a weak reference to the
-    run, so dropping the run frees it by reference counting.
+    source the feed, and the loader only a weak reference to the run, so
+    dropping the run frees it by reference counting.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.prefetcher: Any = None  # BatchPrefetcher: threads loading ahead
-        self.feed: Any = None  # CudaFeed: streams, events, buffers DALI reads (GPU)
-        self.source: Any = None  # BatchSource, fetching from the prefetcher or workers
+        # The backend's EpochSource: threads loading ahead (GPU: and streams,
+        # events, the buffers DALI copies from); None with DALI worker processes.
+        self.feed: Any = None
+        self.source: Any = None  # BatchSource, fetching from the feed or the workers
         self.source_handle: SourceHandle | None = None  # what the pipeline holds of it
         self.pipeline: Any = None  # DALI pipeline: executor threads, worker processes
         self.batches: Any = None  # DALIGenericIterator over the pipeline
@@ -139,11 +142,11 @@ class EpochRun:
         1. the DALI iterator (it holds the pipeline and its last outputs);
         2. the pipeline: executor stopped, then its worker processes; it was
            built with the feed's stream, so it goes before the feed;
-        3. the prefetcher: loads not started are cancelled, running ones
-           finish, its threads are joined (nothing calls the feed after this);
-        4. the feed: its streams synchronized (no work in flight), then the
-           buffers and events DALI may have read, then the streams;
-        5. the source, detached from the handle DALI's graph still holds.
+        3. the feed (the backend's batch source): loads not started are
+           cancelled, running ones finish, its threads are joined; on the GPU
+           then its streams are synchronized (no work in flight) and the
+           events, the buffers DALI copied from and the streams released;
+        4. the source, detached from the handle DALI's graph still holds.
 
         Every step runs even if an earlier one raised; the first error is
         raised at the end.
@@ -157,10 +160,6 @@ class EpochRun:
         if pipeline is not None:
             _run(errors, shutdown_pipeline, pipeline)
         del pipeline
-        prefetcher, self.prefetcher = self.prefetcher, None
-        if prefetcher is not None:
-            _run(errors, prefetcher.close)
-        del prefetcher
         feed, self.feed = self.feed, None
         if feed is not None:
             _run(errors, feed.close)

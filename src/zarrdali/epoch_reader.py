@@ -8,15 +8,17 @@ worker processes, where reading and decoding do not share a GIL with training.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .backends.base import batch_dtype
 from .batchplan import plan_batch
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
 from .store import ArrayLayout, load_layouts, open_group
+from .trace import annotate
 
 
 def load_frames(
@@ -26,21 +28,36 @@ def load_frames(
     tile_hw: tuple[int, int],
     samples: np.ndarray,
     split: bool = True,
+    *,
+    out_for: Callable[[tuple[int, ...], np.dtype], Any] | None = None,
+    stream: Any = None,
 ) -> tuple[Any, ...]:
     """The frames of ``samples`` as the pipeline takes them.
 
     ``(input, target)``, assembled apart so DALI need not slice them, when
     ``split`` and the spec has target steps; else ``(window,)``.
+
+    A device source (the GPU feed) passes ``out_for(shape, dtype)``, called
+    once the batch is planned, for the buffer to assemble the window in, and
+    ``stream``, on which the backend enqueues all the batch's device work
+    without synchronizing.
     """
-    read_plan = plan_batch(
-        layouts,
-        samples,
-        n_frames=spec.n_frames,
-        frame_step=spec.frame_step,
-        tile_hw=tile_hw,
-        frame_split=spec.input_steps if split and spec.target_steps else None,
-    )
-    frames = backend.load_batch(layouts, read_plan)
+    with annotate("zarrdali.plan"):
+        read_plan = plan_batch(
+            layouts,
+            samples,
+            n_frames=spec.n_frames,
+            frame_step=spec.frame_step,
+            tile_hw=tile_hw,
+            frame_split=spec.input_steps if split and spec.target_steps else None,
+        )
+    device_args: dict[str, Any] = {}
+    if out_for is not None:
+        device_args["out"] = out_for(read_plan.out_shape, batch_dtype(layouts))
+    if stream is not None:
+        device_args["stream"] = stream
+    with annotate("zarrdali.load"):
+        frames = backend.load_batch(layouts, read_plan, **device_args)
     return (frames,) if read_plan.frame_split is None else frames
 
 

@@ -20,7 +20,6 @@ from .errors import ConfigError, LoaderClosedError, ZarrDaliError
 from .normalize import NormalizeArg, channel_stats
 from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
-from .prefetch import BatchPrefetcher
 from .store import load_layouts, open_group
 
 log = logging.getLogger(__name__)
@@ -292,12 +291,15 @@ class ZarrLoader:
         """Read, decode and assemble the window ``[B, T, C, H, W]`` of ``samples``."""
         return self._load_frames(samples, split=False)[0]
 
-    def _load_frames(self, samples, split: bool = True) -> tuple[Any, ...]:
-        """The frames as the pipeline takes them: ``(input, target)`` on the CPU
-        path (assembled apart, so DALI need not slice), ``(window,)`` on the GPU."""
-        split = split and self.device == "cpu"
+    def _load_frames(self, samples, split: bool = True, **device_args) -> tuple[Any, ...]:
+        """The frames as the pipeline takes them: ``(input, target)`` when the
+        backend assembles them apart (so DALI need not slice), else ``(window,)``.
+        ``device_args`` (``out_for``, ``stream``) come from a device batch source."""
+        split = split and not self.backend.whole_window
         tile_hw = self.candidates.tile_hw
-        return load_frames(self.backend, self.layouts, self.spec, tile_hw, samples, split)
+        return load_frames(
+            self.backend, self.layouts, self.spec, tile_hw, samples, split, **device_args
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The batches of the current epoch.
@@ -358,13 +360,13 @@ class ZarrLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         with_target = self.spec.target_steps > 0
-        cuda = self.device == "cuda"
+        backend = self.backend
 
-        def load(k: int):
+        def load(k: int, **device_args):
             samples = plan.batch(start + k)
-            return self._load_frames(samples), samples
+            return self._load_frames(samples, **device_args), samples
 
-        if self.workers:
+        if self.workers:  # DALI worker processes read (CPU path): no feed in this process
             fetch = EpochReader(
                 self.store_name,
                 self.variables,
@@ -375,19 +377,11 @@ class ZarrLoader:
                 start,
                 partial_decode=self.partial_decode,
             )
-        elif cuda:  # UNVERIFIED without a GPU: batches made on side streams
-            from .backends.gpu.feed import CudaFeed
-
-            feed = run.feed = CudaFeed(load, keep_alive=self.prefetch + 1)
-            prefetcher = run.prefetcher = BatchPrefetcher(
-                feed.load, n, depth=self.prefetch, workers=2
+        else:  # the backend's own source: prefetch threads (GPU: streams, events, buffers)
+            feed = run.feed = backend.batch_source(
+                load, n, depth=self.prefetch, batch_size=self.batch_size
             )
-
-            def fetch(k: int):
-                return feed.hand_over(prefetcher.get(k))
-        else:
-            prefetcher = run.prefetcher = BatchPrefetcher(load, n, depth=self.prefetch, workers=2)
-            fetch = prefetcher.get
+            fetch = feed.get
         run.source = BatchSource(
             fetch,
             n,
@@ -406,14 +400,15 @@ class ZarrLoader:
             with_target=with_target,
             stats=self.stats,
             input_dtype=batch_dtype(self.layouts),
-            device_id=self._device_id(),
+            device_id=backend.dali_device_id(),
             num_threads=self.dali_threads,
             prefetch_queue_depth=self.prefetch,
-            device="gpu" if cuda else "cpu",
+            device=backend.dali_device,
             workers=self.workers,
             augment=self.augment,
             samples_of=lambda k: plan.batch(start + k),
-            cuda_stream=run.feed.dali_stream if run.feed is not None else None,
+            cuda_stream=getattr(run.feed, "cuda_stream", None),
+            whole_window=backend.whole_window,
         )
         names = ["input", "target", "index"] if with_target else ["input", "index"]
         names += ["augment"] if self.augment else []
@@ -427,14 +422,6 @@ class ZarrLoader:
         self._live_epoch = None
         if run is not None:
             run.close(because)
-
-    def _device_id(self) -> int | None:
-        """DALI's device: None (CPU-only pipeline) or this rank's GPU."""
-        if self.device != "cuda":
-            return None
-        from .backends.gpu.feed import cuda_device_id
-
-        return cuda_device_id()
 
     def _build(self, pipe) -> None:
         try:

@@ -130,11 +130,13 @@ def build_pipeline(
     augment: tuple[str, ...] = (),
     samples_of: Callable[[int], np.ndarray] | None = None,
     cuda_stream: Any = None,
+    whole_window: bool | None = None,
 ):
     """A DALI pipeline: external source → float32 → per-channel ``(x - mean) / std``.
 
-    On the CPU the source gives ``(input, target)`` frames apart (``(input,)``
-    without target steps); on the GPU one window that the pipeline slices.
+    The source gives ``(input, target)`` frames apart (``(input,)`` without
+    target steps), or with ``whole_window`` (default: on the GPU) one window
+    that the pipeline slices.
 
     The cast is skipped when the store is float32 already; DALI fuses the
     arithmetic into one operator, so normalizing costs one pass over the batch.
@@ -143,13 +145,16 @@ def build_pipeline(
     ``prefetch_queue_depth`` batches each.
 
     ``device="gpu"`` (UNVERIFIED without a GPU): the frames come from a GPU
-    external source (CuPy arrays, copied by DALI on ``cuda_stream``), index and
+    external source (CuPy arrays, copied by DALI on ``cuda_stream`` when fed:
+    ``no_copy=False``), index and
     flags from a CPU one computed by ``samples_of(k)``; operators run on the GPU
     and the index is moved there too.
     """
     from nvidia.dali import fn, pipeline_def, types
 
     needs_cast = np.dtype(input_dtype) != np.float32
+    if whole_window is None:
+        whole_window = device == "gpu"
 
     @pipeline_def(
         batch_size=batch_size,
@@ -163,9 +168,9 @@ def build_pipeline(
     )
     def zarr_pipeline():
         n_meta = 1 + bool(augment)
-        # The CPU source hands input and target over as separate arrays; the GPU
-        # source hands one window, sliced on the device.
-        n_frames = 2 if with_target and device == "cpu" else 1
+        # Input and target come as separate arrays, or as one window sliced here
+        # (on the device, for the GPU source).
+        n_frames = 2 if with_target and not whole_window else 1
         if device == "gpu":
             frames = fn.external_source(
                 source=source.frames_only,
@@ -175,6 +180,9 @@ def build_pipeline(
                 device="gpu",
                 layout=["FCHW"],
                 cuda_stream=cuda_stream,
+                # DALI copies the batch into its own buffer on `cuda_stream` as it is
+                # fed, so the feed may reuse ours once that copy has run (feed.py).
+                no_copy=False,
             )
             meta = fn.external_source(
                 source=source.meta_only(samples_of),

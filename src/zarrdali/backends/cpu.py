@@ -32,8 +32,9 @@ from ..batchplan import (
 )
 from ..codecs import MIN_PARTIAL_SKIP
 from ..errors import ChunkError
+from ..prefetch import PrefetchSource
 from ..store import ArrayLayout
-from .base import batch_dtype
+from .base import LoadFn, batch_dtype
 from .fallback import ZarrPythonChunkSource
 from .locate import ChunkLocations, ChunkLocator
 from .ranges import CoalescedReads, coalesce_arrays
@@ -311,6 +312,8 @@ class CpuBackend:
     """
 
     device = "cpu"
+    dali_device = "cpu"  # a CPU-only DALI pipeline
+    whole_window = False  # input and target frames assembled apart: DALI need not slice
     tasks_per_thread = 4
 
     def __init__(
@@ -442,6 +445,15 @@ class CpuBackend:
         for future in futures:
             future.result()  # re-raises the first error with its traceback
         return result
+
+    def dali_device_id(self) -> None:
+        return None
+
+    def batch_source(
+        self, load: LoadFn, n_batches: int, *, depth: int, batch_size: int
+    ) -> PrefetchSource:
+        """Batches loaded ``depth`` ahead in two threads (each uses this backend's pool)."""
+        return PrefetchSource(load, n_batches, depth=depth, workers=2)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

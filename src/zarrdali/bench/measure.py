@@ -68,21 +68,29 @@ def cpu_seconds(exclude: frozenset[int] = frozenset()) -> float:
 
 
 class PeakMemory:
-    """Samples :func:`tree_rss` in a background thread; ``peak`` once exited.
+    """Samples :func:`tree_rss` (and with ``gpu``, :func:`gpu_used_bytes`) in a
+    background thread; ``peak`` (and ``gpu_peak``) once exited.
 
     One sample scans /proc (about 1 ms here): every 20 ms that took 5% of a
     core from the loader being measured, so it samples every 100 ms.
     """
 
-    def __init__(self, interval_s: float = 0.1, exclude: frozenset[int] = frozenset()) -> None:
-        self.interval_s, self.exclude = interval_s, exclude
+    def __init__(
+        self, interval_s: float = 0.1, exclude: frozenset[int] = frozenset(), gpu: bool = False
+    ) -> None:
+        self.interval_s, self.exclude, self.gpu = interval_s, exclude, gpu
         self.peak = 0
+        self.gpu_peak: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while True:
             self.peak = max(self.peak, tree_rss(self.exclude))
+            if self.gpu:
+                used = gpu_used_bytes()
+                if used is not None:
+                    self.gpu_peak = max(self.gpu_peak or 0, used)
             if self._stop.wait(self.interval_s):
                 return
 
@@ -94,6 +102,10 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, tree_rss(self.exclude))
+        if self.gpu:
+            used = gpu_used_bytes()
+            if used is not None:
+                self.gpu_peak = max(self.gpu_peak or 0, used)
 
 
 def reset_gpu_peak() -> None:
@@ -119,6 +131,20 @@ def gpu_peak_bytes() -> int | None:
         except Exception:  # CuPy imported but no usable device
             pass
     return total if seen else None
+
+
+def gpu_used_bytes() -> int | None:
+    """Memory in use on the current GPU, whatever holds it (CUDA contexts, DALI's,
+    CuPy's and torch's pools), from ``cudaMemGetInfo``; None without CuPy or a GPU.
+    Only asked for rows that use the GPU, so it never initializes CUDA elsewhere."""
+    cupy = sys.modules.get("cupy")
+    if cupy is None:
+        return None
+    try:
+        free, total = cupy.cuda.runtime.memGetInfo()
+    except Exception:  # CuPy imported but no usable device
+        return None
+    return int(total - free)
 
 
 def drop_page_cache(store: str) -> str | None:
@@ -151,21 +177,26 @@ def time_epoch(
     batches: Callable[[], Iterator[T]],
     n_timed: int,
     size: Callable[[T], int],
+    ready: Callable[[T], None] | None = None,
 ) -> None:
     """One epoch: ``spec.warmup_batches`` untimed batches, then ``n_timed`` timed ones.
 
     Records the time to the first batch (from creating the iterator), the
-    timed epoch's wall time, the time the consumer spent waiting in ``next``
-    while it simulated a training step of ``spec.step_ms`` per batch, CPU
-    time, and peak host and GPU memory over the whole epoch.
+    timed epoch's wall time, the time the consumer spent waiting for a batch
+    (in ``next``, and in ``ready(batch)``: for a batch on the GPU, until its
+    device work is done) while it simulated a training step of ``spec.step_ms``
+    per batch, CPU time, and peak host and GPU memory over the whole epoch
+    (with ``result.uses_gpu``, also the device's memory in use, sampled).
     """
     step_s = spec.step_ms / 1e3
     foreign = result.foreign_pids  # other loaders' (idle) workers
     reset_gpu_peak()
-    with PeakMemory(exclude=foreign) as mem:
+    with PeakMemory(exclude=foreign, gpu=result.uses_gpu) as mem:
         start = time.perf_counter()
         it = batches()
         first = next(it)
+        if ready is not None:
+            ready(first)
         result.first_batch_seconds.append(time.perf_counter() - start)
         pending = [] if spec.warmup_batches else [first]  # no warm-up: the first is timed
         for _ in range(spec.warmup_batches - 1):
@@ -178,6 +209,8 @@ def time_epoch(
         for _ in range(n_timed):
             w = time.perf_counter()
             batch = pending.pop() if pending else next(it)
+            if ready is not None:
+                ready(batch)
             waited += time.perf_counter() - w
             samples += size(batch)
             if step_s:
@@ -194,3 +227,5 @@ def time_epoch(
     gpu = gpu_peak_bytes()
     if gpu is not None:
         result.peak_gpu_bytes = max(result.peak_gpu_bytes or 0, gpu)
+    if mem.gpu_peak is not None:
+        result.peak_gpu_used_bytes = max(result.peak_gpu_used_bytes or 0, mem.gpu_peak)

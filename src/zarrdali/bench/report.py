@@ -127,6 +127,9 @@ def summarize(result: RunResult) -> dict:
         ),
         "peak_rss_gb": result.peak_rss_bytes / 1e9 if result.peak_rss_bytes else None,
         "peak_gpu_gb": None if result.peak_gpu_bytes is None else result.peak_gpu_bytes / 1e9,
+        "peak_gpu_used_gb": None
+        if result.peak_gpu_used_bytes is None
+        else result.peak_gpu_used_bytes / 1e9,
         "cache": result.cache,
     }
 
@@ -145,6 +148,7 @@ def _gb(value: float | None) -> str:
 def markdown_table(rows: list[dict], step_ms: float = 0.0) -> str:
     """One row per store and loader; failed and skipped ones say why in the note."""
     gpu = any(r["summary"].get("peak_gpu_gb") is not None for r in rows)
+    gpu_used = any(r["summary"].get("peak_gpu_used_gb") is not None for r in rows)
     columns = [
         ("store", lambda r, s: r["store_label"]),
         ("loader", lambda r, s: s["name"]),
@@ -156,6 +160,8 @@ def markdown_table(rows: list[dict], step_ms: float = 0.0) -> str:
     ]
     if gpu:
         columns.append(("peak GPU GB", lambda r, s: _gb(s.get("peak_gpu_gb"))))
+    if gpu_used:
+        columns.append(("GPU in use GB", lambda r, s: _gb(s.get("peak_gpu_used_gb"))))
     if step_ms:
         columns.append((f"wait % ({step_ms:g} ms step)", lambda r, s: _wait(s)))
     columns.append(("note", lambda r, s: _note(s)))

@@ -41,7 +41,9 @@ class RunResult:
     wait_seconds: list[float] = field(default_factory=list)  # consumer waiting in next()
     cpu_seconds: list[float] = field(default_factory=list)  # process + children, timed part
     peak_rss_bytes: int = 0  # process + children, whole epochs
-    peak_gpu_bytes: int | None = None  # None: no GPU used
+    peak_gpu_bytes: int | None = None  # torch's + CuPy's pools; None: no GPU used
+    uses_gpu: bool = False  # sample the device's memory in use while it runs
+    peak_gpu_used_bytes: int | None = None  # device memory in use (all holders), sampled
     cache: str = "warm"  # "cold" when --cold could drop the store's pages
     own_pids: set[int] = field(default_factory=set)  # worker processes this loader started
     foreign_pids: frozenset[int] = frozenset()  # other loaders' workers, left out of figures
@@ -175,19 +177,25 @@ def zarrdali_runner(
     """
     loader = _zarrdali_loader(spec, device, partial_decode=partial_decode)
     note = f"{loader.workers} worker process(es)" if loader.workers else "in-process"
+    ready = None
+    if device == "cuda":
+        import torch
+
+        result.uses_gpu = True
+
+        def ready(batch: dict) -> None:
+            # The batch is the consumer's once its device work is done: waiting
+            # for that is waiting for data (and times the GPU work, not its launch).
+            torch.cuda.synchronize()
 
     def size(batch: dict) -> int:
-        if device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()  # time the GPU work, not its launch
         return len(batch["index"])
 
     try:
         for epoch in range(spec.epochs):
             loader.set_epoch(epoch)
             timed = epoch_batches(spec, epoch)[spec.warmup_batches :]
-            time_epoch(spec, result, lambda: iter(loader), len(timed), size)
+            time_epoch(spec, result, lambda: iter(loader), len(timed), size, ready)
             whole, decoded = _decoded_nbytes(loader, timed)
             result.decoded_bytes_per_epoch = whole
             result.note = note
@@ -562,6 +570,7 @@ def zarr_gpu_runner(spec: BenchSpec, result: RunResult) -> Runner:
     group = zarr.open_group(spec.store, mode="r")
     arrays = [group[v] for v in spec.variables]
     result.note = "main process, one read per sample and variable"
+    result.uses_gpu = True
 
     def read(sample: np.ndarray):
         t0, y0, x0 = (int(v) for v in sample)
