@@ -373,3 +373,17 @@ def test_python_api_fallback_matches_cpu(make_store, compressor):
     finally:
         backend.close()
     _assert_bitwise(got, _cpu_batch(group, name, layouts, plan))
+
+
+def test_make_backend_passes_gpu_options(engine, make_store):
+    from zarrdali.backends import make_backend
+    from zarrdali.errors import ConfigError
+
+    store = make_store(_spec("z"))
+    group, name = open_group(store)
+    backend = make_backend("cuda", group, name, 2, cache="gpu", cache_budget=1 << 22, read=None)
+    engine.backends.append(backend)
+    assert backend.cache is not None and backend.cache.book.capacity == 1 << 22
+    make_backend("cpu", group, name, 1, cache=None).close()  # None: the default, any device
+    with pytest.raises(ConfigError, match="cache='gpu' is for device='cuda' only"):
+        make_backend("cpu", group, name, 1, cache="gpu")
