@@ -387,3 +387,12 @@ def test_make_backend_passes_gpu_options(engine, make_store):
     make_backend("cpu", group, name, 1, cache=None).close()  # None: the default, any device
     with pytest.raises(ConfigError, match="cache='gpu' is for device='cuda' only"):
         make_backend("cpu", group, name, 1, cache="gpu")
+
+
+def test_loader_cache_option_needs_cuda(make_store):
+    import zarrdali
+    from zarrdali.errors import ConfigError
+
+    store = make_store(_spec("z"))
+    with pytest.raises(ConfigError, match="cache='gpu'"):
+        zarrdali.ZarrLoader(store, ["z"], tile=(8, 8), device="cpu", cache="gpu")
