@@ -44,10 +44,16 @@ is unit-tested on the CPU (``tests/test_gpu_backend.py``,
 ``tests/test_gpu_read.py``): the plan and gather tables against the CPU
 backend (the gather kernel's source compiled as host C++), the C API's
 prototypes against the nvCOMP 5.3 headers, the pointer/status arithmetic,
-the cache bookkeeping and the cached path emulated with a numpy arena, the
-lifetimes with fake events, the pinned reader's preads. Everything below that
-calls CuPy, kvikIO or nvCOMP is unverified until the ``gpu``-marked tests run
-on a GPU (the object-plan predecessor of this code ran correctly on an H200).
+the cache bookkeeping, the lifetimes with fake events, the pinned reader's
+preads. :meth:`GpuBackend.load_batch` itself runs on a CPU stand-in of CuPy,
+kvikIO and the C API (``tests/fakecuda.py``, ``tests/test_gpu_engine.py``):
+bit for bit against the CPU backend for every codec, plain and sharded,
+every dtype, missing chunks; corrupted zstd; the cache across epochs; the
+stream/out contract; in-flight buffers held until their event. What that
+stand-in cannot show (real CuPy, kvikIO and nvCOMP calls, stream ordering on
+a device, speed) is unverified until the ``gpu``-marked tests and
+``benchmarks/decode_gpu.py`` run on a GPU (the object-plan predecessor of
+this code ran correctly on an H200).
 """
 
 from __future__ import annotations

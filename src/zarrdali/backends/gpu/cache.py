@@ -44,10 +44,11 @@ write is evicted; an admitted payload is served to other batches only after
 VERIFIED WITHOUT A GPU: :class:`ChunkCache` exhaustively
 (``tests/test_gpu_cache.py``, hypothesis: LRU order, the budget, no two
 entries overlapping, pins, hit/byte counts, every invariant after every
-operation) and the whole cached device path emulated with a numpy arena
-against the CPU backend across epochs. NOT VERIFIED until a GPU runs the
-``gpu``-marked tests: :class:`GpuChunkCache`'s arena and the device copies
-into it.
+operation, the payload bytes kept in a bytearray arena) and the whole cached
+path of the backend on the CPU stand-in (``tests/test_gpu_engine.py``: batches
+equal the CPU backend's across epochs, no file bytes read once warm, small
+budgets churn). NOT VERIFIED until a GPU runs the ``gpu``-marked tests:
+:class:`GpuChunkCache`'s arena and the device copies into it.
 """
 
 from __future__ import annotations

@@ -37,11 +37,16 @@ when the C API cannot be loaded): nvCOMP's Python ``Codec.decode``, one
 
 VERIFIED WITHOUT A GPU (``tests/test_gpu_decode.py``): the prototypes and
 struct layouts against the 5.3 headers (parsed, and compiled with g++:
-``sizeof``/``offsetof``/enum values), the temp-size and alignment queries
-through the real library (they run without a device), the table, pointer
-and status arithmetic with numpy. NOT VERIFIED until a GPU runs the
-``gpu``-marked tests: the decompression calls themselves, the CuPy side of the
-pointer and status arithmetic, and the Python-API fallback after the move.
+function types, ``sizeof``/``offsetof``, enum values, default opts = zeros),
+the temp-size and alignment queries through the real library (they run
+without a device), the table, pointer and status arithmetic with numpy. The
+whole decode path as the backend drives it runs on a CPU stand-in
+(``tests/fakecuda.py``: numpy arrays at real host addresses, the batched
+call emulated on those addresses with numcodecs; ``tests/test_gpu_engine.py``):
+it checks which pointers, sizes and counts reach the call, the status check
+and the error naming the chunk. NOT VERIFIED until a GPU runs the
+``gpu``-marked tests: nvCOMP's decompression itself, the same arithmetic in
+CuPy, and the Python-API fallback after the move.
 """
 
 from __future__ import annotations

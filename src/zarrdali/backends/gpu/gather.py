@@ -17,7 +17,9 @@ until the stream has passed the launch.
 
 VERIFIED WITHOUT A GPU: the kernel sources compile with nvcc and the gather
 kernel's own source, compiled as host C++, reproduces the CPU backend
-(``tests/test_gpu_backend.py``). NOT VERIFIED here: the launches themselves.
+(``tests/test_gpu_backend.py``); the launch arguments reach numpy twins of the
+kernels on the CPU stand-in (``tests/test_gpu_engine.py``). NOT VERIFIED
+without a GPU: the launches themselves (NVRTC, grid sizes on a device).
 """
 
 from __future__ import annotations

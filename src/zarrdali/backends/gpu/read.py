@@ -30,11 +30,13 @@ releases them. The host waits for the reads themselves (inherent: the bytes
 must have arrived before the stream uses them) but never for the stream.
 
 VERIFIED WITHOUT A GPU: the pinned reader's host side (the preads into a host
-buffer, per-thread descriptors, truncation errors) with a numpy stand-in for
-pinned memory; :func:`io_mode` and :func:`configure_kvikio` against a fake
-``kvikio`` module of the 26.x API. NOT VERIFIED until a GPU runs the
-``gpu``-marked tests: kvikIO reads, the host-to-device copy, and the modes
-reported on a real machine.
+buffer, per-thread descriptors, truncation errors, one copy per batch) with
+numpy standing in for pinned and device memory; both readers inside the
+backend on the CPU stand-in of ``tests/fakecuda.py`` (a fake ``CuFile``);
+:func:`io_mode` and :func:`configure_kvikio` against a fake ``kvikio`` module
+of the 26.x API (``tests/test_gpu_read.py``). NOT VERIFIED until a GPU runs
+the ``gpu``-marked tests: kvikIO's reads, the host-to-device copy, the modes
+reported on a real machine, and which reader is faster (the benchmark).
 """
 
 from __future__ import annotations
