@@ -30,7 +30,8 @@ Output (``--out``; at most 8 files, as a device run returns at most 8):
     pytest-gpu.xml   junit XML of the GPU tests
     bench.json       the three bench runs' JSON, by run
     bench.md         the three bench runs' tables, with the system header
-    decode_gpu.json  the decode benchmark
+    decode_gpu.json  the decode benchmark (zstd, 64 KB and 1 MB chunks)
+    decode_gpu_lz4.json  the same for LZ4 (64 KB), with DALI's inflate beside nvCOMP
 
 The other files of a bench run (plots) stay in a scratch folder under /tmp.
 Needs no network; run it from the repository root.
@@ -302,6 +303,12 @@ def plan_steps(args: argparse.Namespace, out: Path, scratch: Path) -> list[Step]
         cmd = [*bench, *extra, "--out", str(scratch / name)]
         steps.append(Step(name, cmd, timeout, needs_gpu=True, rehearsable=True))
     steps.append(Step("decode", decode, 100, needs_gpu=True))
+    # LZ4 stores: nvCOMP's C API against DALI's fn.decoders.inflate (64 KB chunks)
+    lz4 = [py, "benchmarks/decode_gpu.py", "--codec", "lz4", "--chunks", "64k"]
+    lz4 += ["--out", str(out / "decode_gpu_lz4.json")]
+    if tiny:
+        lz4 += ["--time-steps", "4", "--batches", "2", "--repeats", "1", "--batch-size", "4"]
+    steps.append(Step("decode-lz4", lz4, 60, needs_gpu=True))
     if args.steps:
         wanted = args.steps.split(",")
         unknown = sorted(set(wanted) - {s.name for s in steps})

@@ -229,11 +229,6 @@ def test_an_epoch_broken_off_closes_the_cuda_feed(store):
         loader.close()
 
 
-@pytest.mark.xfail(
-    reason="integration with issue13-engine: GpuBackend takes CudaSourceRole as a base and "
-    "load_batch(layouts, plan, *, out=None, stream=None)",
-    strict=False,
-)
 def test_the_gpu_backend_fills_the_source_role():
     import inspect
 

@@ -57,7 +57,8 @@ def test_without_a_gpu_the_gpu_steps_are_skipped_with_the_reason(tmp_path, verif
     assert done.returncode == 0, done.stdout + done.stderr
     steps = steps_of(out)
     assert steps["sample-data"]["status"] == "passed"
-    for name in ("pytest-gpu", "small-batch", "bench-b64", "bench-b8", "bench-wait", "decode"):
+    gpu_steps = ("pytest-gpu", "small-batch", "bench-b64", "bench-b8", "bench-wait", "decode")
+    for name in (*gpu_steps, "decode-lz4"):
         assert steps[name]["status"] == "skipped"
         assert steps[name]["why"].startswith("no GPU here: the GPU path needs")
     assert "skipped no GPU here" in done.stdout
@@ -92,12 +93,15 @@ def test_dry_run_plans_every_step_and_runs_none(tmp_path):
         "bench-b8",
         "bench-wait",
         "decode",
+        "decode-lz4",
     ]
     assert all(s["status"] == "planned" for s in steps.values())
     assert "--batch-size 64 --step-ms 20" in steps["bench-wait"]["command"]
     assert "zarrdali-cuda torch-xarray" in steps["bench-b8"]["command"]
     assert "-m gpu" in steps["pytest-gpu"]["command"]
     assert "tests/test_gpu_loader.py" in steps["pytest-gpu"]["command"]
+    assert "tests/test_gpu_engine.py" in steps["pytest-gpu"]["command"]
+    assert "--codec lz4" in steps["decode-lz4"]["command"]
     assert not (tmp_path / "data").exists()
     assert sum(s["timeout_s"] for s in steps.values()) >= 540  # the budget is what binds
 

@@ -132,6 +132,8 @@ class ZarrLoader:
         index: str | os.PathLike | SampleTable | None = None,
         augment: Sequence[str] = (),
         partial_decode: bool = True,
+        cache: str | None = None,
+        cache_budget: int | None = None,
     ) -> None:
         # Everything is validated here, before any chunk is read.
         self.spec = SampleSpec(
@@ -174,7 +176,13 @@ class ZarrLoader:
         self.workers = self._resolve_workers(workers, store)
         # The backend's threads (and CUDA resources) are released by close().
         self.backend = make_backend(
-            self.device, self.group, self.store_name, num_threads, partial_decode
+            self.device,
+            self.group,
+            self.store_name,
+            num_threads,
+            partial_decode,
+            cache=cache,
+            cache_budget=cache_budget,
         )
         self._closed = False
         # Weak: the epoch's generator owns the run; this reference lets the

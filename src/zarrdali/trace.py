@@ -3,8 +3,9 @@
 ``with annotate("zarrdali.plan"):`` marks one stage of one batch, in the thread
 that runs it: ``zarrdali.plan`` (the batch's read plan, host), ``zarrdali.slot``
 (waiting for a free device buffer of the GPU feed's ring), ``zarrdali.load``
-(read, decode and assemble; the GPU backend nests ``zarrdali.read``,
-``zarrdali.decode`` and ``zarrdali.gather`` inside), ``zarrdali.hand_over``
+(read, decode and assemble; the GPU backend nests ``zarrdali.describe``, ``zarrdali.read``,
+``zarrdali.decode``, ``zarrdali.gather`` and ``zarrdali.check`` (the one status
+read-back per batch) inside), ``zarrdali.hand_over``
 (DALI's callback ordering its copy after the batch). Under
 ``nsys profile --trace=cuda,nvtx`` the prefetch threads' ranges and their
 streams' kernels line up against DALI's and the training loop's.
@@ -25,9 +26,11 @@ _COLORS = {
     "zarrdali.plan": 0xFF4C72B0,
     "zarrdali.slot": 0xFF8C8C8C,
     "zarrdali.load": 0xFF55A868,
+    "zarrdali.describe": 0xFF64B5CD,
     "zarrdali.read": 0xFFDD8452,
     "zarrdali.decode": 0xFFC44E52,
     "zarrdali.gather": 0xFF8172B3,
+    "zarrdali.check": 0xFF937860,
     "zarrdali.hand_over": 0xFFCCB974,
 }
 

@@ -13,17 +13,30 @@ def make_backend(
     store_name: str,
     num_threads: int | None = None,
     partial_decode: bool = True,
+    **gpu_options,
 ) -> Backend:
     """The backend for ``device`` ("cpu" or "cuda"); GPU imports happen only here.
 
     ``partial_decode`` is the CPU backend's; nvCOMP decodes whole chunks.
+    ``gpu_options`` go to :class:`~zarrdali.backends.gpu.GpuBackend` (``read``,
+    ``decode``, ``cache``, ``cache_budget``, ...); ``None`` values are its
+    defaults. Given for ``device="cpu"``, they are an error.
     """
+    options = {k: v for k, v in gpu_options.items() if v is not None}
     if device == "cpu":
+        if options:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"{', '.join(f'{k}={v!r}' for k, v in options.items())} "
+                f"{'is' if len(options) == 1 else 'are'} for device='cuda' only; "
+                f"drop {'it' if len(options) == 1 else 'them'} or pass device='cuda'."
+            )
         from .cpu import CpuBackend
 
         return CpuBackend(group, store_name, num_threads, partial_decode)
     if device == "cuda":
         from .gpu import GpuBackend
 
-        return GpuBackend(group, store_name, num_threads)
+        return GpuBackend(group, store_name, num_threads, **options)
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

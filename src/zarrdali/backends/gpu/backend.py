@@ -1,51 +1,59 @@
-"""GPU backend: kvikIO reads, nvCOMP batched decode, CuPy assembly.
+"""GPU backend: the engine's stages, orchestrated per batch.
 
 Importing this module never touches a GPU (CuPy, kvikIO and nvCOMP are imported
 inside functions); asking for the backend checks what the GPU path needs and
 says what is missing and how to install it.
 
 One batch consumes the same array plan as the CPU backend
-(:class:`~zarrdali.batchplan.BatchPlan`), with no host round-trip for
-GPU-decodable codecs:
+(:class:`~zarrdali.batchplan.BatchPlan`); each stage is a module of its own:
 
-1. **locate** (host, arrays): a cached :class:`~zarrdali.backends.locate.ChunkLocator`
-   finds each chunk's file, offset and size (shard indexes read once);
-   :func:`~zarrdali.backends.gpu.plan.describe_batch` lays out the staging
-   buffer (coalesced reads, each 8-byte aligned), the decoded slots and the
-   gather tables, with numpy and no Python per chunk.
-2. **read**: ``kvikio.CuFile.pread`` of every coalesced range into the staging
-   buffer, in kvikIO's thread pool (GDS, or its POSIX compatibility mode:
-   :attr:`GpuBackend.io_mode` says which). When payloads (chunk bytes minus
-   numcodecs' LZ4 size prefix and a crc32c) are not 8-byte aligned where they
-   were read, one copy kernel packs them into aligned slots.
-3. **decode**: one nvCOMP batched ``decode`` per algorithm (zstd, LZ4, gzip,
-   deflate; RAW bitstreams) on this thread's dedicated CUDA stream, into one
-   device buffer of 8-byte-aligned decoded slots. The decompressed sizes are
-   known (the chunk shape) and handed over as a ``DecompressConfig`` built from
-   them, so nvCOMP need not parse headers and synchronize. Uncompressed chunks
-   are copied by the same copy kernel. nvCOMP's Python API still takes one
-   array view per chunk (built in one comprehension from the arrays).
-   Chunks nvCOMP cannot decode (Blosc) and arrays the fast path cannot read are
-   decoded on the CPU into one pinned host buffer and copied to the device once
-   per batch, with a one-time warning. Missing chunks are neither read nor
-   decoded: the gather writes their fill value.
-4. **assemble**: four small tables are uploaded (per tile, per chunk, per
-   variable, and the plan's ``tile_chunks``) and one launch of the gather
-   kernel (:mod:`zarrdali.backends.gpu.kernels`) derives every element's source
-   from them: it byte-swaps big-endian chunks, casts to the batch dtype and
-   writes the fill value for missing chunks. What is uploaded grows with
-   samples × frames × variables, not with copies.
+1. **plan** (host, numpy; :mod:`.plan`): a cached
+   :class:`~zarrdali.backends.locate.ChunkLocator` finds each chunk's file,
+   offset and size; with ``cache="gpu"`` the chunk cache (:mod:`.cache`) says
+   which payloads it holds; :func:`~zarrdali.backends.gpu.plan.describe_batch`
+   lays out the staging buffer (coalesced reads of the other chunks), the
+   decoded slots, the decode groups and the gather tables.
+2. **read** (:mod:`.read`): the compressed bytes into one device staging
+   buffer: kvikIO (``read="kvikio"``, the default with GDS) or preads into
+   pinned memory and one host-to-device copy (``read="pinned"``, the default
+   in kvikIO's compatibility mode).
+3. **decode** (:mod:`.decode`): payloads packed to 8-byte alignment and
+   uncompressed chunks copied by one copy kernel each; admitted payloads copied
+   into the cache arena; then one nvCOMP batched C API call per algorithm
+   (``decode="capi"``; ``"python"``: nvCOMP's Python API) and one status check
+   per batch: a bad chunk raises :class:`~zarrdali.errors.ChunkError` naming
+   its array and key, and no batch holding it is returned. Chunks nvCOMP
+   cannot decode (Blosc) and arrays the fast path cannot read are decoded on
+   the CPU into pinned memory and copied once per batch, with a one-time warning.
+4. **gather** (:mod:`.gather`, sources in :mod:`.kernels`): one launch
+   assembles ``[B, T, C, H, W]`` (byte swap, cast, fill values for missing chunks).
 
-:attr:`GpuBackend.transfers` counts host↔device copies: data copies (the CPU
-fallback's one per batch) separately from the small control uploads (copy
-jobs, gather tables). The zstd/LZ4 path makes no data copy besides the read.
+Streams and lifetimes: each thread has its own state (a stream, a reader,
+the decoder's device arrays, pinned buffers) owned by the backend and released
+by :meth:`GpuBackend.close`. ``load_batch(..., stream=s)`` enqueues every
+device operation of the batch on ``s`` and returns without synchronizing it;
+the batch's temporary buffers are held in the state's in-flight ring
+(:mod:`.lifetimes`) until an event recorded after the batch has completed.
+The host waits only where it must: for its reads, and for the 16-byte status
+word of the decode (the gather is already enqueued then), so that a corrupt
+chunk raises here instead of reaching the caller.
 
-VERIFICATION STATUS: ported to the array plan on a machine without a GPU. The
-previous (object-plan) version ran correctly on an H200; since the port, the
-host side (``gpu.plan``, including a numpy execution of the gather tables
-against the CPU backend) is unit-tested on the CPU and the kernel sources
-compile with nvcc, but everything that calls CuPy, kvikIO or nvCOMP below is
-unverified until ``tests/test_gpu_backend.py`` runs on a GPU again.
+VERIFICATION STATUS: restructured on a machine without a GPU. The host side
+is unit-tested on the CPU (``tests/test_gpu_backend.py``,
+``tests/test_gpu_decode.py``, ``tests/test_gpu_cache.py``,
+``tests/test_gpu_read.py``): the plan and gather tables against the CPU
+backend (the gather kernel's source compiled as host C++), the C API's
+prototypes against the nvCOMP 5.3 headers, the pointer/status arithmetic,
+the cache bookkeeping, the lifetimes with fake events, the pinned reader's
+preads. :meth:`GpuBackend.load_batch` itself runs on a CPU stand-in of CuPy,
+kvikIO and the C API (``tests/fakecuda.py``, ``tests/test_gpu_engine.py``):
+bit for bit against the CPU backend for every codec, plain and sharded,
+every dtype, missing chunks; corrupted zstd; the cache across epochs; the
+stream/out contract; in-flight buffers held until their event. What that
+stand-in cannot show (real CuPy, kvikIO and nvCOMP calls, stream ordering on
+a device, speed) is unverified until the ``gpu``-marked tests and
+``benchmarks/decode_gpu.py`` run on a GPU (the object-plan predecessor of
+this code ran correctly on an H200).
 """
 
 from __future__ import annotations
@@ -57,9 +65,8 @@ import subprocess
 import threading
 import warnings
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -67,16 +74,34 @@ from typing import Any
 import numpy as np
 
 from ...batchplan import BatchPlan, natural_coords
-from ...errors import BackendUnavailableError, ChunkError, LoaderClosedError
+from ...errors import BackendUnavailableError, LoaderClosedError
 from ...store import ArrayLayout
+from ...trace import annotate
 from ..locate import ChunkLocations, ChunkLocator
-from .kernels import PACK_SOURCE, THREADS, gather_source, grid_y
-from .plan import (
-    BatchDescription,
-    DecodeGroup,
-    StagingLayout,
-    align_up,
-    describe_batch,
+from .cache import DEFAULT_PAGE_SIZE, GpuChunkCache, chunk_keys, insert_jobs
+from .decode import (
+    BatchedDecoder,
+    CApiUnavailableError,
+    DecodeCheck,
+    PythonApiDecoder,
+    bad_chunk_error,
+    decode_table,
+    nvcomp_capi,
+)
+from .feed import CudaSourceRole
+from .gather import Kernels, launch_copies, launch_gather
+from .lifetimes import GuardedBuffers, InFlight
+from .plan import BatchDescription, align_up, cacheable_payloads, describe_batch
+from .read import (
+    DEFAULT_GDS_THRESHOLD,
+    DEFAULT_TASK_SIZE,
+    KvikioReader,
+    OpenFiles,
+    PinnedReader,
+    configure_kvikio,
+    io_details,
+    io_mode,
+    resolve_read_mode,
 )
 
 log = logging.getLogger(__name__)
@@ -84,20 +109,25 @@ log = logging.getLogger(__name__)
 _INSTALL_HINT = "pip install 'zarrdali[cuda13]' (CUDA 13 driver) or 'zarrdali[cuda12]' (CUDA 12)"
 
 
+def _has_module(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def missing_gpu_requirements() -> list[str]:
     """What the GPU path lacks on this machine (empty: all there)."""
     missing = []
-    for module, package in (
-        ("cupy", "CuPy"),
-        ("kvikio", "kvikIO"),
-        ("nvidia.nvcomp", "nvCOMP Python bindings"),
+    for modules, package in (
+        (("cupy",), "CuPy"),
+        (("kvikio",), "kvikIO"),
+        # the C API (libnvcomp, DALI's dependency) or the Python bindings (fallback)
+        (("nvidia.libnvcomp", "nvidia.nvcomp"), "nvCOMP"),
     ):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            missing.append(f"{package} (module {module!r})")
+        if not any(_has_module(m) for m in modules):
+            names = " or ".join(repr(m) for m in modules)
+            missing.append(f"{package} (module {names})")
     if not missing:
         try:
             import cupy
@@ -127,12 +157,14 @@ def gpu_description() -> str:
 class TransferCounter:
     """Host↔device copies made by the GPU backend (thread-safe; read at any time).
 
-    ``host_to_device``/``device_to_host``: copies of array data (the CPU-decoded
-    fallback chunks). ``control_to_device``: small uploads of work lists (copy
-    jobs, and four gather tables per batch: about 72 bytes per tile plus 8 per
-    chunk and 4 per entry of ``tile_chunks``). File reads by
-    kvikIO go storage→device and are counted as ``file_reads`` (in kvikIO's
-    compatibility mode kvikIO itself bounces them through host memory).
+    ``host_to_device``/``device_to_host``: copies of array data: the pinned
+    reader's one staging copy per batch, the CPU-decoded fallback chunks' one
+    copy per batch. ``control_to_device``: small uploads of work lists (copy
+    jobs, the decode table: 40 bytes per chunk, and four gather tables per
+    batch: about 72 bytes per tile plus 8 per chunk and 4 per entry of
+    ``tile_chunks``). File reads are counted as ``file_reads`` (coalesced
+    reads; kvikIO's go storage→device, through its own bounce buffers in its
+    compatibility mode).
     """
 
     _FIELDS = (
@@ -170,8 +202,11 @@ class TransferCounter:
         self._add("control_to_device", nbytes)
 
     def file_read(self, nbytes: int) -> None:
+        self.file_reads_done(1, nbytes)
+
+    def file_reads_done(self, count: int, nbytes: int) -> None:
         with self._lock:
-            self.file_reads += 1
+            self.file_reads += int(count)
             self.file_read_bytes += int(nbytes)
 
     def snapshot(self) -> dict[str, int]:
@@ -203,74 +238,83 @@ def warn_host_decode_once(store_name: str, layout: ArrayLayout) -> None:
     )
 
 
-# -- kvikIO -------------------------------------------------------------------
-def configure_kvikio(num_threads: int) -> None:
-    """Size kvikIO's thread pool (it defaults to 1) unless KVIKIO_NTHREADS says otherwise."""
-    if os.environ.get("KVIKIO_NTHREADS"):
-        return
-    import kvikio.defaults as d
-
-    if hasattr(d, "set"):  # kvikIO >= 25.x: defaults.set(name, value)
-        d.set("num_threads", int(num_threads))
-    elif hasattr(d, "num_threads_reset"):  # older releases
-        d.num_threads_reset(int(num_threads))
-
-
 def kvikio_io_mode() -> str:
-    """``"gds"`` or ``"posix"`` (kvikIO's compatibility mode), as kvikIO resolves it."""
-    import kvikio.defaults as d
+    """``"gds"`` or ``"posix"``: :func:`zarrdali.backends.gpu.read.io_mode`."""
+    return io_mode()
 
-    preferred = getattr(d, "is_compat_mode_preferred", None)
-    if preferred is not None:
-        return "posix" if preferred() else "gds"
-    mode = d.get("compat_mode") if hasattr(d, "get") else d.compat_mode()
-    name = getattr(mode, "name", str(mode)).upper()
-    return "posix" if name in ("ON", "TRUE", "1") else "gds"
+
+DECODE_MODES = ("auto", "capi", "python")
+_capi_warned = False
 
 
 # -- the backend --------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)
 class _ThreadState:
-    """A CUDA stream and what is bound to it: nvCOMP codecs (created with the
-    stream's handle), their decompression configs, a pinned host buffer.
+    """What one thread's batches use: its stream and what is bound to it.
 
     Owned by the backend's list of states; used by one thread at a time
-    (``thread``, a weak reference); :meth:`release` frees it all, the stream last.
-    (The stream is also the last field, so a state dropped without
-    :meth:`release` still frees what is bound to the stream first.)
+    (``thread``, a weak reference); :meth:`release` frees it all, the stream
+    last. ``last_event``/``last_stream``: the end of this state's latest batch
+    (a batch on another stream first waits for it: the decoder's arrays are
+    shared by the state's batches).
     """
 
-    configs: OrderedDict = field(default_factory=OrderedDict)
-    codecs: dict[str, Any] = field(default_factory=dict)
-    pinned: Any = None
+    reader: Any = None
+    staging: GuardedBuffers | None = None  # kvikIO: device staging written off-stream
+    host_pinned: GuardedBuffers | None = None  # the CPU-decoded region's pinned buffers
+    decoder: BatchedDecoder | None = None
+    py_decoder: PythonApiDecoder | None = None
+    inflight: InFlight = field(default_factory=InFlight)
+    last_event: Any = None
+    last_stream: Any = None
     thread: weakref.ref | None = None
     stream: Any = None
 
     def release(self) -> None:
-        """Wait for the stream's work, then drop the configs, the codecs bound
-        to the stream and the pinned buffer, then the stream. Idempotent."""
+        """Wait for every batch in flight (their cache tickets finish), then drop
+        the buffers, the reader, the decoders' device arrays, then the stream.
+        Idempotent."""
         stream = self.stream
         if stream is None:
             return
-        try:
-            stream.synchronize()
-        finally:
-            self.configs.clear()
-            self.codecs.clear()
-            self.pinned = None
-            self.thread = None
-            self.stream = None
+        errors: list[BaseException] = []
+        for step in (
+            self.inflight.drain,
+            stream.synchronize,
+            *(x.close for x in (self.staging, self.host_pinned, self.reader) if x is not None),
+            *(x.close for x in (self.decoder, self.py_decoder) if x is not None),
+        ):
+            try:
+                step()
+            except BaseException as err:  # raised below, once everything is released
+                errors.append(err)
+        self.staging = self.host_pinned = self.reader = None
+        self.decoder = self.py_decoder = None
+        self.last_event = self.last_stream = None
+        self.thread = None
+        self.stream = None
+        if errors:
+            raise errors[0]
 
 
-class GpuBackend:
-    """Read → decode → assemble on the device; ``load_batch`` returns a CuPy array.
+class GpuBackend(CudaSourceRole):
+    """Read → decode → gather on the device; ``load_batch`` returns a CuPy array.
 
-    ``num_threads``: host threads for shard indexes and CPU-decoded chunks.
-    ``io_threads``: kvikIO's thread pool (default: max(8, num_threads); the
-    ``KVIKIO_NTHREADS`` environment variable wins). ``preconfigure``: hand
-    nvCOMP the known decompressed sizes so decode does not synchronize (False:
-    let nvCOMP parse headers, one stream synchronization per decode call).
-    Safe to call from several threads: each has its own stream and codecs.
+    ``num_threads``: host threads (shard indexes, pinned reads, CPU-decoded
+    chunks). ``read``: ``"auto"`` (kvikIO with GDS, else ``"pinned"``),
+    ``"kvikio"`` or ``"pinned"`` (see :mod:`.read`). ``io_threads``,
+    ``task_size``, ``gds_threshold``: kvikIO's settings (process-wide; the
+    ``KVIKIO_*`` environment variables win; ``io_threads`` defaults to
+    max(8, num_threads)). ``decode``: ``"capi"`` (nvCOMP's batched C API;
+    ``"auto"``/None: it when its symbols load, else the Python API with a
+    warning) or ``"python"``. ``preconfigure`` (Python API only): hand nvCOMP
+    the known sizes so decode does not synchronize. ``cache``: ``"gpu"`` keeps
+    compressed chunk bytes on the device across batches and epochs, in at most
+    ``cache_budget`` bytes (default: a quarter of the free device memory),
+    in pages of ``cache_page_size`` bytes (payloads above it are not cached).
+    ``max_in_flight``: batches per thread whose buffers may be held while
+    their stream runs (past it, the host waits for the oldest).
+    Safe to call from several threads: each has its own stream and buffers.
     """
 
     device = "cuda"
@@ -281,11 +325,25 @@ class GpuBackend:
         store_name: str,
         num_threads: int | None = None,
         *,
+        read: str = "auto",
+        decode: str | None = None,
+        cache: str | None = None,
+        cache_budget: int | None = None,
+        cache_page_size: int = DEFAULT_PAGE_SIZE,
         io_threads: int | None = None,
+        task_size: int | None = DEFAULT_TASK_SIZE,
+        gds_threshold: int | None = DEFAULT_GDS_THRESHOLD,
         max_gap: int = 64 * 1024,
         preconfigure: bool = True,
         config_cache_size: int = 64,
+        max_in_flight: int = 4,
     ) -> None:
+        decode = "auto" if decode is None else decode
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if cache not in (None, "gpu"):
+            raise ValueError(f"cache must be None or 'gpu', got {cache!r}")
+        resolve_read_mode(read, "posix")  # validates the name before any GPU work
         missing = missing_gpu_requirements()
         if missing:
             raise BackendUnavailableError(
@@ -301,28 +359,61 @@ class GpuBackend:
         self._store = store_name
         self.num_threads = num_threads or os.cpu_count() or 1
         self.max_gap = max_gap
-        self.preconfigure = preconfigure
-        self._config_cache_size = config_cache_size
+        self.max_in_flight = max_in_flight
         self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="zarrdali-gpu-host")
-        self.reader = PosixReader(store_name, max_gap=max_gap)
-        self.decoder = NumcodecsDecoder(store_name)
+        self._files = OpenFiles()
+        self.host_reader = PosixReader(store_name, max_gap=max_gap)
+        self.host_decoder = NumcodecsDecoder(store_name)
         self.fallback = ZarrPythonChunkSource(group, store_name)
         self.transfers = TransferCounter()
-        configure_kvikio(io_threads or max(8, self.num_threads))
-        self.io_mode = kvikio_io_mode()
-        log.info("zarrdali GPU backend: kvikIO reads in %s mode", self.io_mode)
-        # nvCOMP is used from the first batch on; importing it now puts its
-        # import-time set-up before the loader's exit hook is registered.
-        importlib.import_module("nvidia.nvcomp")
-        self._kernels: dict[str, Any] = {}
-        self._kernel_lock = threading.Lock()
-        # Every stream, codec and pinned buffer is owned by this list (not by
+        configure_kvikio(io_threads or max(8, self.num_threads), task_size, gds_threshold)
+        self.io = io_details()
+        self.io_mode = self.io["mode"]
+        self.read_mode = resolve_read_mode(read, self.io_mode)
+        log.info("zarrdali GPU backend: %s reads, kvikIO %s", self.read_mode, self.io)
+        self.decode_mode = self._decode_mode(decode)
+        self._preconfigure = preconfigure
+        self._config_cache_size = config_cache_size
+        self._kernels = Kernels(cupy)
+        # Every stream, buffer and decoder is owned by this list (not by
         # thread-locals, which are freed whenever a thread ends, stream first).
         self._states: list[_ThreadState] = []
         self._locators: dict[tuple[int, ...], tuple[Sequence[ArrayLayout], ChunkLocator]] = {}
         self._locators_lock = threading.Lock()
         self._states_lock = threading.Lock()
         self._closed = False
+        self.cache: GpuChunkCache | None = None
+        if cache == "gpu":
+            if cache_budget is None:
+                free, _ = cupy.cuda.runtime.memGetInfo()
+                cache_budget = max(free // 4, cache_page_size)
+            self.cache = GpuChunkCache(cupy, int(cache_budget), page_size=cache_page_size)
+        self.peak_device_bytes = 0
+
+    def _decode_mode(self, decode: str) -> str:
+        global _capi_warned
+        if decode == "python":
+            importlib.import_module("nvidia.nvcomp")  # its import-time set-up happens now
+            return "python"
+        try:
+            nvcomp_capi()
+            return "capi"
+        except CApiUnavailableError as err:
+            if decode == "capi":
+                raise BackendUnavailableError(
+                    f"decode='capi' needs nvCOMP's batched C API: {err}. Install "
+                    f"nvidia-libnvcomp-cu13 (or -cu12) 5.x, or pass decode='python'."
+                ) from err
+            if not _capi_warned:
+                _capi_warned = True
+                warnings.warn(
+                    f"zarrdali: nvCOMP's batched C API is unavailable ({err}); decoding "
+                    f"through its Python API, one object per chunk.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            importlib.import_module("nvidia.nvcomp")
+            return "python"
 
     # -- per-thread resources ------------------------------------------------
     def _state(self) -> _ThreadState:
@@ -340,61 +431,54 @@ class GpuBackend:
                 if free is None and (owner is None or not owner.is_alive()):
                     free = state
             if free is None:
-                free = _ThreadState(stream=self._cp.cuda.Stream(non_blocking=True))
+                free = self._new_state()
                 self._states.append(free)
             else:  # a thread that ended in an error may have left work queued
+                free.inflight.drain()
                 free.stream.synchronize()
             free.thread = weakref.ref(me)
             return free
 
-    def _codec(self, state: _ThreadState, algorithm: str) -> Any:
-        codec = state.codecs.get(algorithm)
-        if codec is None:
-            from nvidia import nvcomp
+    def _new_state(self) -> _ThreadState:
+        import cupyx
 
-            codec = nvcomp.Codec(
-                algorithm=algorithm,
-                bitstream_kind=nvcomp.BitstreamKind.RAW,
-                device_id=self._cp.cuda.Device().id,
-                cuda_stream=state.stream.ptr,
-            )
-            state.codecs[algorithm] = codec
-        return codec
+        cp = self._cp
+        state = _ThreadState(stream=cp.cuda.Stream(non_blocking=True))
+        state.inflight.max_entries = self.max_in_flight
 
-    def _decompress_config(
-        self, state: _ThreadState, algorithm: str, codec: Any, sizes: tuple[int, ...]
-    ) -> Any:
-        """A DecompressConfig from the known sizes (no header parse, no sync); cached."""
-        if not self.preconfigure:
-            return None
-        key = (algorithm, sizes)
-        config = state.configs.get(key)
-        if config is None:
-            try:
-                config = codec.decompression_config(codec.compression_config(list(sizes)))
-            except Exception as err:  # not offered for this algorithm/bitstream: say so
-                warnings.warn(
-                    f"zarrdali: nvCOMP {algorithm} cannot be preconfigured with the chunk "
-                    f"sizes ({type(err).__name__}: {err}); decoding with header parsing, "
-                    f"which synchronizes the stream once per batch.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                self.preconfigure = False
-                return None
-            state.configs[key] = config
-            if len(state.configs) > self._config_cache_size:
-                state.configs.popitem(last=False)
+        def pinned(n: int) -> np.ndarray:
+            return cupyx.empty_pinned(align_up(n, 1 << 20), dtype=np.uint8)
+
+        state.host_pinned = GuardedBuffers(pinned, n=2)
+        if self.read_mode == "kvikio":
+            state.reader = KvikioReader(self._store, on_read=self.transfers.file_reads_done)
+            state.staging = GuardedBuffers(lambda n: cp.empty(n, dtype=cp.uint8), n=2)
         else:
-            state.configs.move_to_end(key)
-        return config
+            state.reader = PinnedReader(
+                self._store,
+                self._files,
+                self._pool,
+                self.num_threads * 4,
+                alloc_pinned=pinned,
+                on_read=self.transfers.file_reads_done,
+                on_copy=self.transfers.host_to_device_copy,
+            )
 
-    def _kernel(self, name: str, source: str) -> Any:
-        with self._kernel_lock:
-            kernel = self._kernels.get(source)
-            if kernel is None:
-                kernel = self._kernels[source] = self._cp.RawKernel(source, name)
-        return kernel
+        def retire(buffers: list[Any]) -> None:
+            # Replaced while in use: held until the current stream (which waited
+            # for the state's previous batches) passes this point.
+            state.inflight.push(cp.cuda.get_current_stream().record(), buffers)
+
+        if self.decode_mode == "capi":
+            state.decoder = BatchedDecoder(cp, nvcomp_capi(), retire)
+        else:
+            state.py_decoder = PythonApiDecoder(
+                cp,
+                self._store,
+                preconfigure=self._preconfigure,
+                config_cache_size=self._config_cache_size,
+            )
+        return state
 
     def _upload(self, array: np.ndarray) -> Any:
         self.transfers.control_upload(array.nbytes)
@@ -411,47 +495,121 @@ class GpuBackend:
             return self._locators[key][1]
 
     def describe(
-        self, layouts: Sequence[ArrayLayout], plan: BatchPlan, locations: ChunkLocations
+        self,
+        layouts: Sequence[ArrayLayout],
+        plan: BatchPlan,
+        locations: ChunkLocations,
+        cached: np.ndarray | None = None,
     ) -> BatchDescription:
         """The batch's device work, described on the host (numpy; no GPU call)."""
         return describe_batch(
-            layouts, plan, locations, store_name=self._store, max_gap=self.max_gap
+            layouts, plan, locations, store_name=self._store, max_gap=self.max_gap, cached=cached
         )
 
-    def load_batch(self, layouts: Sequence[ArrayLayout], plan: BatchPlan) -> Any:
-        """The batch ``[B, T, C, H, W]`` as a CuPy array in the batch dtype (ready:
-        this thread's stream is synchronized before returning)."""
+    def cache_stats(self) -> dict[str, int] | None:
+        """The GPU chunk cache's counters and occupancy (None without a cache)."""
+        return None if self.cache is None else self.cache.stats()
+
+    def memory_stats(self) -> dict[str, int]:
+        """Device memory of CuPy's pool now and at its peak after any batch so
+        far (the cache arena included), and the cache's capacity."""
+        now = int(self._cp.get_default_memory_pool().total_bytes())
+        return {
+            "pool_bytes": now,
+            "peak_pool_bytes": max(self.peak_device_bytes, now),
+            "cache_capacity": 0 if self.cache is None else self.cache.book.capacity,
+        }
+
+    def load_batch(
+        self,
+        layouts: Sequence[ArrayLayout],
+        plan: BatchPlan,
+        *,
+        out: Any = None,
+        stream: Any = None,
+    ) -> Any:
+        """The batch ``[B, T, C, H, W]`` as a CuPy array in the batch dtype.
+
+        ``stream`` (a CuPy stream): every device operation of the batch is
+        enqueued on it and the method returns without synchronizing it (the
+        result is ready once ``stream`` has passed it). Without it, this
+        thread's own stream is used and synchronized before returning.
+        ``out``: a CuPy array of ``plan.out_shape`` and the batch dtype to
+        gather into (returned). Raises :class:`ChunkError` for a chunk that
+        cannot be read or decoded.
+        """
         if plan.frame_split is not None:  # the GPU pipeline slices input/target itself
             raise ValueError("the GPU backend assembles the whole window: plan without frame_split")
-        locations = self.locator(layouts).locate(plan)
-        desc = self.describe(layouts, plan, locations)
-        for v in np.unique(plan.chunk_var[desc.host_chunks]).tolist():
-            warn_host_decode_once(self._store, layouts[v])  # zarr-python warns itself
         cp = self._cp
         state = self._state()
-        with state.stream:
-            decoded = cp.empty(max(desc.decoded_nbytes, 8), dtype=cp.uint8)
-            out = cp.empty(plan.out_shape, dtype=desc.gather.out_dtype)
-            # Buffers the stream still uses stay referenced until it is synchronized
-            # (kvikIO writes outside stream order, so no reuse before that).
-            keep: list[Any] = []
-            if len(desc.device_chunks):
-                keep += self._read_and_decode(state, layouts, plan, locations, desc, decoded)
-            if desc.host_nbytes:
-                self._decode_on_host(state, layouts, plan, locations, desc, decoded)
-            if desc.gather.n_tiles:
-                keep += self._gather(desc, decoded, out)
-        state.stream.synchronize()
-        del keep
+        own = stream is None
+        if own:
+            stream = state.stream
+        with annotate("zarrdali.describe"):
+            locations = self.locator(layouts).locate(plan)
+            ticket, rows, lengths, cached = None, None, None, None
+            if self.cache is not None:
+                book = self.cache.book
+                rows, lengths = cacheable_payloads(layouts, plan, locations)
+                ticket = book.begin(chunk_keys(book, layouts, plan, rows), lengths)
+                cached = np.full(plan.n_chunks, -1, dtype=np.int64)
+                cached[rows] = ticket.hit_offset
+            try:
+                desc = self.describe(layouts, plan, locations, cached)
+            except BaseException:
+                if ticket is not None:  # nothing enqueued: its slots are free at once
+                    self.cache.book.finish(ticket, ok=False)
+                raise
+        keep: list[Any] = []
+        staged: int | None = None  # the kvikIO staging ring's buffer this batch holds
+        ok = False
+        with stream:
+            try:
+                for v in np.unique(plan.chunk_var[desc.host_chunks]).tolist():
+                    warn_host_decode_once(self._store, layouts[v])  # zarr-python warns itself
+                state.inflight.retire()
+                if state.last_event is not None and state.last_stream is not stream:
+                    stream.wait_event(state.last_event)  # the decoder's arrays are shared
+                decoded = cp.empty(max(desc.decoded_nbytes, 8), dtype=cp.uint8)
+                keep.append(decoded)
+                out = self._output(plan, desc, out)
+                check = None
+                if len(desc.device_chunks):
+                    cached_rows = None if ticket is None else (ticket, rows, lengths)
+                    staged, check = self._read_and_decode(
+                        state, layouts, plan, locations, desc, decoded, stream, keep, cached_rows
+                    )
+                if desc.host_nbytes:
+                    self._decode_on_host(state, layouts, plan, locations, desc, decoded, stream)
+                with annotate("zarrdali.gather"):
+                    keep += launch_gather(self._kernels, desc.gather, decoded, out, self._upload)
+                if check is not None:  # the one host wait on the device: 16 bytes
+                    with annotate("zarrdali.check"):
+                        check.raise_if_bad()
+                ok = True
+            finally:
+                event = stream.record()
+                state.last_event, state.last_stream = event, stream
+                if staged is not None:
+                    state.staging.release(staged, event)
+                done = None if ticket is None else partial(self.cache.book.finish, ticket, ok)
+                state.inflight.push(event, keep, done)
+        if own:
+            stream.synchronize()
+            state.inflight.retire()
+        self.peak_device_bytes = max(
+            self.peak_device_bytes, int(cp.get_default_memory_pool().total_bytes())
+        )
         return out
 
     def close(self) -> None:
         """Release the backend's GPU resources, in dependency order; idempotent.
 
         The host thread pool is joined first (its threads fill pinned buffers),
-        then every state is released (its stream synchronized; configs, codecs
-        bound to the stream and pinned buffer dropped; the stream last), then
-        the compiled kernels. Call it when no thread is in :meth:`load_batch`:
+        then every state is released (the batches in flight waited for, their
+        cache tickets finished; buffers, reader and decoder arrays dropped; the
+        stream last), then the cache arena, the compiled kernels and the open
+        files. Call it when no thread is in :meth:`load_batch`:
         ``ZarrLoader.close()`` closes its epoch (joining the prefetch threads)
         before its backend.
         """
@@ -463,7 +621,7 @@ class GpuBackend:
         errors: list[BaseException] = []
         try:
             self._pool.shutdown(wait=True, cancel_futures=True)
-            self.reader.close()
+            self.host_reader.close()
         except BaseException as err:  # raised below, once everything is released
             errors.append(err)
         for state in states:
@@ -472,12 +630,30 @@ class GpuBackend:
             except BaseException as err:
                 errors.append(err)
         states.clear()
-        with self._kernel_lock:
-            self._kernels.clear()
+        if self.cache is not None:
+            self.cache.close()
+        self._kernels.clear()
+        try:
+            self._files.close()
+        except BaseException as err:
+            errors.append(err)
         if errors:
             raise errors[0]
 
     # -- stages ----------------------------------------------------------------
+    def _output(self, plan: BatchPlan, desc: BatchDescription, out: Any) -> Any:
+        dtype = np.dtype(desc.gather.out_dtype)
+        if out is None:
+            return self._cp.empty(plan.out_shape, dtype=dtype)
+        if tuple(out.shape) != tuple(plan.out_shape) or np.dtype(out.dtype) != dtype:
+            raise ValueError(
+                f"out must be a CuPy array of shape {plan.out_shape} and dtype {dtype}, "
+                f"got {tuple(out.shape)} {out.dtype}"
+            )
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+        return out
+
     def _read_and_decode(
         self,
         state: _ThreadState,
@@ -486,123 +662,55 @@ class GpuBackend:
         locations: ChunkLocations,
         desc: BatchDescription,
         decoded: Any,
-    ) -> list[Any]:
-        """Read, align and decode the device-decoded chunks; returns the device
-        buffers in use."""
+        stream: Any,
+        keep: list[Any],
+        cached_rows: tuple[Any, np.ndarray, np.ndarray] | None,
+    ) -> tuple[int | None, DecodeCheck | None]:
+        """Read the batch's payloads into staging, pack them, copy admitted ones
+        into the cache, decode every group; ``(staging ring slot, check)``."""
         cp = self._cp
-        staging = cp.empty(max(desc.staging.total_nbytes, 8), dtype=cp.uint8)
-        self._kvikio_read(layouts, locations, desc.staging, staging)
-        keep: list[Any] = [staging]
-        pack_kernel = self._kernel("zarrdali_pack", PACK_SOURCE)
-        # Align every payload for nvCOMP (device to device), and copy the
-        # uncompressed chunks straight from where they were read to their slots.
-        keep.append(self._launch_pack(pack_kernel, staging, staging, desc.pack_jobs))
-        keep.append(self._launch_pack(pack_kernel, staging, decoded, desc.copy_jobs))
-        for group in desc.decode_groups:
-            self._nvcomp_decode(state, layouts, plan, group, staging, decoded)
-        return keep
-
-    def _launch_pack(self, kernel: Any, src: Any, dst: Any, jobs: np.ndarray) -> Any:
-        if not len(jobs):
-            return None
-        jobs_dev = self._upload(np.ascontiguousarray(jobs, dtype=np.int64))
-        kernel(
-            (len(jobs), grid_y(int(jobs[:, 2].max()))),
-            (THREADS,),
-            (src, dst, jobs_dev, np.int32(len(jobs))),
-        )
-        return jobs_dev
-
-    def _kvikio_read(
-        self,
-        layouts: Sequence[ArrayLayout],
-        locations: ChunkLocations,
-        staging_layout: StagingLayout,
-        staging: Any,
-    ) -> None:
-        import kvikio
-
-        s = staging_layout
-        reads = zip(
-            s.read_file.tolist(),
-            s.read_start.tolist(),
-            s.read_nbytes.tolist(),
-            s.read_dst.tolist(),
-            strict=True,
-        )
-        files: dict[int, Any] = {}
-        pending = []
-        error: BaseException | None = None
-        try:
-            for f, start, nbytes, dst in reads:
-                handle = files.get(f)
-                if handle is None:
-                    handle = files[f] = kvikio.CuFile(locations.paths[f], "r")
-                view = staging[dst : dst + nbytes]
-                pending.append((f, start, nbytes, handle.pread(view, nbytes, start)))
-        except Exception as err:  # raised below, after every issued read has finished
-            error = err
-        for f, start, nbytes, future in pending:  # wait for all reads before closing files
-            try:
-                got = future.get()
-            except Exception as err:
-                error = error or err
-                continue
-            if got != nbytes and error is None:
-                error = ChunkError(
-                    f"file is truncated: wanted {nbytes} bytes at {start}, got {got}",
-                    store=self._store,
-                    array=layouts[locations.file_var[f]].name,
-                    key=locations.keys[f],
-                )
-            self.transfers.file_read(nbytes)
-        for handle in files.values():
-            handle.close()
-        if isinstance(error, ChunkError):
-            raise error
-        if error is not None:
-            first = int(s.read_file[0])
-            raise ChunkError(
-                f"kvikIO read failed: {type(error).__name__}: {error}",
-                store=self._store,
-                array=layouts[locations.file_var[first]].name,
-                key="(one of the batch's chunk files)",
-            ) from error
-
-    def _nvcomp_decode(
-        self,
-        state: _ThreadState,
-        layouts: Sequence[ArrayLayout],
-        plan: BatchPlan,
-        group: DecodeGroup,
-        staging: Any,
-        decoded: Any,
-    ) -> None:
-        from nvidia import nvcomp
-
-        codec = self._codec(state, group.algorithm)
-        ins = zip(group.in_offset.tolist(), group.in_nbytes.tolist(), strict=True)
-        outs = zip(group.out_offset.tolist(), group.out_nbytes.tolist(), strict=True)
-        inputs = [staging[start : start + n] for start, n in ins]
-        outputs = [decoded[start : start + n] for start, n in outs]
-        kwargs = {}
-        config = self._decompress_config(
-            state, group.algorithm, codec, tuple(group.out_nbytes.tolist())
-        )
-        if config is not None:
-            kwargs["decompression_config"] = config
-        try:
-            codec.decode(nvcomp.as_arrays(inputs, state.stream.ptr), out=outputs, **kwargs)
-        except Exception as err:  # nvCOMP raises RuntimeError/ValueError of its own
-            first = int(group.chunks[0])
-            layout = layouts[int(plan.chunk_var[first])]
-            raise ChunkError(
-                f"nvCOMP {group.algorithm} could not decode a batch of {len(inputs)} chunks "
-                f"(the first named here): {err}",
-                store=self._store,
-                array=layout.name,
-                key=layout.describe_chunk(plan.chunk_coords_of(layouts, first)),
-            ) from err
+        s = desc.staging
+        staged = None
+        staging = None
+        with annotate("zarrdali.read"):
+            if s.n_reads:
+                if state.staging is not None:  # kvikIO writes outside stream order
+                    staged, staging = state.staging.acquire(s.total_nbytes)
+                else:  # the pinned reader copies in stream order
+                    staging = cp.empty(s.total_nbytes, dtype=cp.uint8)
+                    keep.append(staging)
+                try:
+                    state.reader.read(layouts, locations, s, staging, stream)
+                except BaseException:
+                    if staged is not None:
+                        state.staging.release(staged, None)
+                    raise
+        arena = None if self.cache is None else self.cache.arena
+        with annotate("zarrdali.decode"):
+            up, kernels = self._upload, self._kernels
+            keep.append(launch_copies(kernels, staging, staging, desc.pack_jobs, up))
+            keep.append(launch_copies(kernels, staging, decoded, desc.copy_jobs, up))
+            if cached_rows is not None:  # (ticket, rows, payload lengths) of the cache
+                ticket, rows, lengths = cached_rows
+                n = plan.n_chunks
+                offsets = ticket.insert_offset
+                jobs = insert_jobs(n, desc.read_chunks, s.payload_offset, rows, offsets, lengths)
+                keep.append(launch_copies(kernels, staging, arena, jobs, up))
+            groups = desc.decode_groups
+            if not groups:
+                return staged, None
+            if state.decoder is None:
+                state.py_decoder.decode(layouts, plan, groups, (staging, arena), decoded, stream)
+                return staged, None
+            table, bounds = decode_table(groups)
+            table_dev = self._upload(table)
+            bases = tuple(0 if b is None else b.data.ptr for b in (staging, arena))
+            explain = partial(bad_chunk_error, self._store, layouts, plan, groups, bounds)
+            check, buffers = state.decoder.decode(
+                groups, table_dev, bounds, bases, decoded.data.ptr, stream, explain
+            )
+            keep += [table_dev, *buffers]
+            return staged, check
 
     def _decode_on_host(
         self,
@@ -612,15 +720,12 @@ class GpuBackend:
         locations: ChunkLocations,
         desc: BatchDescription,
         decoded: Any,
+        stream: Any,
     ) -> None:
         """Decode the host region (numcodecs' and zarr-python's chunks) into one
         pinned host buffer, then one copy to the device."""
-        import cupyx
-
         region_start, region_nbytes = desc.device_nbytes, desc.host_nbytes
-        if state.pinned is None or state.pinned.nbytes < region_nbytes:
-            state.pinned = cupyx.empty_pinned(align_up(region_nbytes, 1 << 20), dtype=np.uint8)
-        host = state.pinned
+        k, host = state.host_pinned.acquire(region_nbytes)
         chunk_var = plan.chunk_var
         coords4 = plan.chunk_coords
 
@@ -633,13 +738,14 @@ class GpuBackend:
         # Numcodecs' chunks: coalesced preads, each member decoded into its slot.
         only_host = np.zeros_like(locations.fast)
         only_host[desc.host_chunks] = True
-        reads, chunk_of = self.reader.reads(replace(locations, fast=only_host))
+        reads, chunk_of = self.host_reader.reads(replace(locations, fast=only_host))
+        reader, decoder = self.host_reader, self.host_decoder
 
         def run_reads(rs: range) -> None:
             for r in rs:
                 f, start = int(reads.file[r]), int(reads.start[r])
                 array = layouts[locations.file_var[f]].name
-                buf = self.reader.pread(
+                buf = reader.pread(
                     locations.paths[f], start, int(reads.nbytes[r]), array, locations.keys[f]
                 )
                 for i in chunk_of[reads.bounds[r] : reads.bounds[r + 1]].tolist():
@@ -647,7 +753,7 @@ class GpuBackend:
                     lo = int(locations.offset[i]) - start
                     data = buf[lo : lo + int(locations.nbytes[i])]
                     out = view(i, layout.codec.stored_dtype(layout.dtype))
-                    self.decoder.decode(layout, coords4[i], data, out=out)
+                    decoder.decode(layout, coords4[i], data, out=out)
 
         def run_fallback(i: int) -> None:
             layout = layouts[chunk_var[i]]
@@ -655,27 +761,19 @@ class GpuBackend:
             view(i, layout.dtype)[...] = chunk
 
         n_tasks = max(1, min(len(reads), self.num_threads * 4))
-        tasks = [partial(run_reads, range(k, len(reads), n_tasks)) for k in range(n_tasks)]
+        tasks = [partial(run_reads, range(j, len(reads), n_tasks)) for j in range(n_tasks)]
         tasks += [partial(run_fallback, i) for i in desc.fallback_chunks.tolist()]
         futures = [self._pool.submit(task) for task in tasks]
-        for future in futures:
-            future.result()  # re-raises the first error with its traceback
+        try:
+            for future in futures:
+                future.result()  # re-raises the first error with its traceback
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            wait(futures)  # the buffer is reused: no task may still write it
+            state.host_pinned.release(k, None)
+            raise
         target = decoded[region_start : region_start + region_nbytes]
-        target.set(host[:region_nbytes], stream=state.stream)
+        target.set(host[:region_nbytes], stream=stream)
+        state.host_pinned.release(k, stream.record())
         self.transfers.host_to_device_copy(region_nbytes)
-
-    def _gather(self, desc: BatchDescription, decoded: Any, out: Any) -> list[Any]:
-        """Upload the gather tables and launch the gather kernel once; returns the
-        uploaded tables (in use until the stream is synchronized)."""
-        gather = desc.gather
-        tables = [self._upload(np.ascontiguousarray(a)) for a in gather.arrays]
-        _, n_l, n_y, n_x = gather.tile_chunks.shape
-        h, w = gather.out_shape[-2:]
-        kernel = self._kernel("zarrdali_gather", gather_source(gather.out_dtype))
-        sizes = (gather.n_tiles, n_l, n_y, n_x, h, w)
-        kernel(
-            (gather.n_tiles, grid_y(gather.max_tile_elements)),
-            (THREADS,),
-            (decoded, *tables, *(np.int32(n) for n in sizes), out),
-        )
-        return tables

@@ -4,11 +4,14 @@
 and its :class:`~zarrdali.backends.locate.ChunkLocations` into everything the
 device work needs, as arrays (loops run over variables and algorithms only):
 
-* **staging**: the coalesced reads of the chunks decoded on the device, each at
+* **staging**: the coalesced reads of the chunks decoded on the device (but
+  those the GPU chunk cache holds: ``cached``), each at
   an 8-byte-aligned offset of one staging buffer, and where each chunk's
   *payload* (what the decompressor sees: numcodecs' LZ4 size prefix and a
   trailing crc32c stripped) lies in it; when a payload is misaligned there,
   every payload also gets an aligned slot in a packed area after the reads;
+* **decode groups**: per nvCOMP algorithm, each chunk's payload (in staging or
+  in the cache's arena), its decoded slot and both sizes;
 * **decoded slots**: where each decoded chunk lives in the batch's decoded
   buffer (8-byte aligned): the device-decoded region first, then the region
   the host fills (Blosc chunks, zarr-python's fallback), one copy to the device;
@@ -241,14 +244,20 @@ def plan_staging(
 
 
 # -- the batch ---------------------------------------------------------------------
+IN_STAGING = 0  # a payload read into the batch's staging buffer
+IN_CACHE = 1  # a payload held by the GPU chunk cache's arena (read by an earlier batch)
+
+
 @dataclass(frozen=True, eq=False)
 class DecodeGroup:
-    """The device-decoded chunks of one nvCOMP algorithm: payloads in staging,
+    """The device-decoded chunks of one nvCOMP algorithm: payloads in staging
+    (or in the chunk cache's arena, where ``in_source`` is ``IN_CACHE``),
     outputs in the decoded buffer."""
 
     algorithm: str
     chunks: np.ndarray  # plan chunk rows
-    in_offset: np.ndarray
+    in_source: np.ndarray  # int8: IN_STAGING or IN_CACHE
+    in_offset: np.ndarray  # byte offset in the buffer ``in_source`` names
     in_nbytes: np.ndarray
     out_offset: np.ndarray
     out_nbytes: np.ndarray
@@ -289,8 +298,9 @@ class GatherTables:
 class BatchDescription:
     """One batch's device work, as arrays (see the module docstring).
 
-    Chunk rows are the plan's. ``device_chunks`` are read into staging (in the
-    order of ``staging``'s per-chunk arrays) and decoded on the device;
+    Chunk rows are the plan's. ``device_chunks`` are decoded on the device;
+    ``read_chunks`` (all of them unless the chunk cache holds some) are read
+    into staging, in the order of ``staging``'s per-chunk arrays;
     ``host_chunks`` are read and decoded by numcodecs on the host,
     ``fallback_chunks`` by zarr-python; missing chunks are in none of them.
     ``slots`` locates every decoded chunk (``MISSING_SLOT`` for missing ones):
@@ -301,6 +311,7 @@ class BatchDescription:
     """
 
     device_chunks: np.ndarray
+    read_chunks: np.ndarray
     host_chunks: np.ndarray
     fallback_chunks: np.ndarray
     slots: np.ndarray
@@ -456,8 +467,14 @@ def describe_batch(
     *,
     store_name: str,
     max_gap: int = 64 * 1024,
+    cached: np.ndarray | None = None,
 ) -> BatchDescription:
     """Everything the GPU backend does for ``plan`` besides I/O and device calls.
+
+    ``cached`` (optional, ``[N]`` int64): for each plan chunk, the offset of its
+    payload in the GPU chunk cache's arena, or -1. Cached chunks are decoded
+    from there and not read (only compressed, device-decoded chunks can be
+    cached: see :func:`cacheable_payloads`).
 
     Raises :class:`ChunkError` (naming array and key) for a chunk too short for
     its codec, or an uncompressed chunk of the wrong size.
@@ -489,23 +506,42 @@ def describe_batch(
     uncompressed = cols.uncompressed[dvar]
     _check_payloads(layouts, plan, device, nbytes, length, uncompressed, device_sizes, store_name)
     compressed = ~uncompressed
+    hit = None if cached is None else cached[device] >= 0
+    if hit is not None and not hit.any():
+        hit = None
+    if hit is not None and np.any(hit & uncompressed):
+        raise ValueError("the chunk cache holds compressed payloads only")
+    # The chunks read into staging (all device chunks but the cached ones).
+    read: np.ndarray | slice = slice(None) if hit is None else ~hit
     staging = plan_staging(
-        locations.file[device],
-        locations.offset[device],
-        nbytes,
-        skip,
-        length,
-        compressed,
+        locations.file[device[read]],
+        locations.offset[device[read]],
+        nbytes[read],
+        skip[read],
+        length[read],
+        compressed[read],
         max_gap=max_gap,
     )
     # Device copies (source, destination, bytes): payloads to their aligned
     # slots when some are misaligned; uncompressed chunks to their decoded slots.
     raw = staging.payload_raw
+    read_length, read_compressed = length[read], compressed[read]
     pack_jobs = _NO_JOBS
     if staging.needs_packing:
-        pack_jobs = _copy_jobs(raw, staging.payload_offset, length, compressed)
+        pack_jobs = _copy_jobs(raw, staging.payload_offset, read_length, read_compressed)
+    copy_jobs = _copy_jobs(raw, device_slots[read], read_length, uncompressed[read])
+    # Where each device chunk's payload is for its decoder.
+    if hit is None:
+        in_source = np.zeros(len(device), dtype=np.int8)
+        in_offset = staging.payload_offset
+    else:
+        in_source = hit.astype(np.int8)
+        in_offset = np.empty(len(device), dtype=np.int64)
+        in_offset[read] = staging.payload_offset
+        in_offset[hit] = cached[device[hit]]
     return BatchDescription(
         device_chunks=device,
+        read_chunks=device[read],
         host_chunks=host,
         fallback_chunks=fallback,
         slots=slots,
@@ -513,10 +549,27 @@ def describe_batch(
         host_nbytes=host_nbytes,
         staging=staging,
         pack_jobs=pack_jobs,
-        copy_jobs=_copy_jobs(raw, device_slots, length, uncompressed),
-        decode_groups=_decode_groups(cols, device, dvar, staging, length, device_slots),
+        copy_jobs=copy_jobs,
+        decode_groups=_decode_groups(
+            cols, device, dvar, in_source, in_offset, length, device_slots
+        ),
         gather=gather_tables(plan, cols, slots),
     )
+
+
+def cacheable_payloads(
+    layouts: Sequence[ArrayLayout], plan: BatchPlan, locations: ChunkLocations
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, length)``: the plan chunks the GPU chunk cache may hold (stored
+    in a file, decoded by nvCOMP: compressed and on the device path) and the
+    length of each one's payload (what the decoder reads)."""
+    cols = variable_columns(layouts)
+    var = plan.chunk_var
+    eligible = (cols.decoding == ON_DEVICE) & (cols.algorithm >= 0)
+    rows = np.flatnonzero(locations.present & eligible[var])
+    _, length = payload_bounds((cols.skip, cols.tail), var[rows], locations.nbytes[rows])
+    ok = length > 0  # too short: describe_batch raises for it
+    return rows[ok], length[ok]
 
 
 _NO_JOBS = np.empty((0, 3), dtype=np.int64)
@@ -535,7 +588,8 @@ def _decode_groups(
     cols: VariableColumns,
     device: np.ndarray,
     dvar: np.ndarray,
-    staging: StagingLayout,
+    in_source: np.ndarray,
+    in_offset: np.ndarray,
     length: np.ndarray,
     device_slots: np.ndarray,
 ) -> list[DecodeGroup]:
@@ -552,7 +606,8 @@ def _decode_groups(
             DecodeGroup(
                 algorithm=name,
                 chunks=device[mine],
-                in_offset=staging.payload_offset[mine],
+                in_source=in_source[mine],
+                in_offset=in_offset[mine],
                 in_nbytes=length[mine],
                 out_offset=device_slots[mine],
                 out_nbytes=cols.chunk_nbytes[dvar[mine]],

@@ -1,0 +1,435 @@
+"""Read stage of the GPU engine: a batch's compressed bytes into one device staging buffer.
+
+Two readers fill the staging layout of :func:`~zarrdali.backends.gpu.plan.plan_staging`
+(coalesced reads, each at an 8-byte-aligned offset):
+
+* :class:`KvikioReader`: ``kvikio.CuFile.pread`` of every coalesced read,
+  all issued before any is awaited, in kvikIO's C++ thread pool. With GDS the
+  bytes go storage→GPU; in kvikIO's POSIX compatibility mode each task reads
+  into a pinned bounce buffer and copies it to the device (one
+  ``cudaMemcpy`` per task). :func:`configure_kvikio` sizes the pool
+  (``num_threads``; kvikIO's default is 1), the task size and ``gds_threshold``
+  (kvikIO runs reads under it synchronously in the *caller's* thread, one
+  after another: we default it to 0 so small chunk reads run in the pool too).
+* :class:`PinnedReader`: ``os.preadv`` of every coalesced read straight into one
+  pinned host buffer, in a thread pool, then **one** host-to-device copy of
+  the whole staging area per batch, on the batch's stream.
+
+``read="auto"`` picks kvikIO when GDS is in use (:func:`io_mode` is
+``"gds"``: the bytes never touch host memory) and the pinned reader
+otherwise. In compatibility mode the pinned reader is expected to win: both
+read from the page cache with the same ``pread``, but kvikIO then issues one
+bounce-buffer copy and one stream synchronization per task, while the pinned
+reader makes one large copy per batch at full PCIe/C2C bandwidth; for small
+chunks kvikIO's per-task overhead dominates. ``benchmarks/decode_gpu.py``
+measures both (rows ``zarrdali-gpu[kvikio]`` and ``zarrdali-gpu[pinned]``).
+
+Readers belong to one thread state of the backend (kvikIO file handles are
+kept open per reader, least recently used closed past a limit); ``close()``
+releases them. The host waits for the reads themselves (inherent: the bytes
+must have arrived before the stream uses them) but never for the stream.
+
+VERIFIED WITHOUT A GPU: the pinned reader's host side (the preads into a host
+buffer, per-thread descriptors, truncation errors, one copy per batch) with
+numpy standing in for pinned and device memory; both readers inside the
+backend on the CPU stand-in of ``tests/fakecuda.py`` (a fake ``CuFile``);
+:func:`io_mode` and :func:`configure_kvikio` against a fake ``kvikio`` module
+of the 26.x API (``tests/test_gpu_read.py``). NOT VERIFIED until a GPU runs
+the ``gpu``-marked tests: kvikIO's reads, the host-to-device copy, the modes
+reported on a real machine, and which reader is faster (the benchmark).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from ...errors import ChunkError
+from ...store import ArrayLayout
+from ..locate import ChunkLocations
+from .lifetimes import GuardedBuffers
+from .plan import StagingLayout
+
+READ_MODES = ("auto", "kvikio", "pinned")
+_H2D = 1  # cudaMemcpyHostToDevice
+
+# Our defaults for kvikIO's global settings (the KVIKIO_* environment variables win).
+DEFAULT_TASK_SIZE = 1 << 20
+DEFAULT_GDS_THRESHOLD = 0
+_ENV = {
+    "num_threads": "KVIKIO_NTHREADS",
+    "task_size": "KVIKIO_TASK_SIZE",
+    "gds_threshold": "KVIKIO_GDS_THRESHOLD",
+}
+
+
+# -- kvikIO settings and mode ---------------------------------------------------------
+def configure_kvikio(
+    num_threads: int | None = None,
+    task_size: int | None = DEFAULT_TASK_SIZE,
+    gds_threshold: int | None = DEFAULT_GDS_THRESHOLD,
+) -> dict[str, Any]:
+    """Set kvikIO's thread pool size, task size and GDS threshold (process-wide;
+    ``None`` leaves one as it is, and a ``KVIKIO_*`` environment variable wins
+    over the argument). Returns the settings now in force."""
+    import kvikio.defaults as d
+
+    wanted = {
+        name: int(value)
+        for name, value in (
+            ("num_threads", num_threads),
+            ("task_size", task_size),
+            ("gds_threshold", gds_threshold),
+        )
+        if value is not None and not os.environ.get(_ENV[name])
+    }
+    if wanted:
+        if hasattr(d, "set"):  # kvikIO >= 25.x: defaults.set({name: value})
+            d.set(wanted)
+        else:  # older releases
+            for name, value in wanted.items():
+                reset = "num_threads_reset" if name == "num_threads" else f"{name}_reset"
+                getattr(d, reset)(value)
+    return kvikio_settings()
+
+
+def kvikio_settings() -> dict[str, Any]:
+    """kvikIO's thread pool size, task size and GDS threshold."""
+    import kvikio.defaults as d
+
+    out: dict[str, Any] = {}
+    for name in ("num_threads", "task_size", "gds_threshold"):
+        try:
+            if hasattr(d, "get"):
+                out[name] = d.get(name)
+            else:
+                out[name] = getattr(d, "get_num_threads" if name == "num_threads" else name)()
+        except Exception as err:  # reported, not fatal: an older or newer kvikIO
+            out[name] = f"unknown ({type(err).__name__})"
+    return out
+
+
+def gds_available() -> bool:
+    """Whether the cuFile driver reports GPUDirect Storage (False when kvikIO
+    cannot tell: no libcufile, no driver)."""
+    try:
+        import kvikio.cufile_driver as driver
+    except ImportError:
+        return False
+    try:
+        if hasattr(driver, "get"):  # kvikIO >= 25.x
+            return bool(driver.get("is_gds_available"))
+        return bool(driver.DriverProperties().is_gds_available)  # older releases
+    except Exception:  # no libcufile / no driver: cuFile cannot be used
+        return False
+
+
+def compat_mode_preferred() -> bool:
+    """Whether kvikIO resolves its compatibility mode (POSIX reads) to ON."""
+    import kvikio.defaults as d
+
+    preferred = getattr(d, "is_compat_mode_preferred", None)
+    if preferred is not None:
+        return bool(preferred())
+    mode = d.get("compat_mode") if hasattr(d, "get") else d.compat_mode()
+    name = getattr(mode, "name", str(mode)).upper()
+    return name in ("ON", "TRUE", "1")
+
+
+def io_mode() -> str:
+    """``"gds"`` when kvikIO reads through cuFile with GPUDirect Storage,
+    ``"posix"`` otherwise (kvikIO's compatibility mode, or cuFile without GDS)."""
+    return "gds" if not compat_mode_preferred() and gds_available() else "posix"
+
+
+def io_details() -> dict[str, Any]:
+    """:func:`io_mode` with what it was derived from and kvikIO's settings."""
+    compat = compat_mode_preferred()
+    gds = gds_available()
+    return {
+        "mode": "gds" if not compat and gds else "posix",
+        "compat_mode_preferred": compat,
+        "gds_available": gds,
+        **kvikio_settings(),
+    }
+
+
+def resolve_read_mode(read: str, mode: str) -> str:
+    """The reader ``read`` ("auto", "kvikio", "pinned") names in I/O mode ``mode``."""
+    if read not in READ_MODES:
+        raise ValueError(f"read must be one of {READ_MODES}, got {read!r}")
+    if read != "auto":
+        return read
+    return "kvikio" if mode == "gds" else "pinned"
+
+
+# -- errors ---------------------------------------------------------------------------
+def _read_error(
+    message: str,
+    store: str,
+    layouts: Sequence[ArrayLayout],
+    locations: ChunkLocations,
+    f: int,
+) -> ChunkError:
+    return ChunkError(
+        message,
+        store=store,
+        array=layouts[int(locations.file_var[f])].name,
+        key=str(locations.keys[f]),
+    )
+
+
+# -- kvikIO -----------------------------------------------------------------------------
+class KvikioReader:
+    """Coalesced reads with ``kvikio.CuFile.pread`` into device staging."""
+
+    name = "kvikio"
+
+    def __init__(self, store: str, *, max_open_files: int = 64, on_read=None) -> None:
+        self._store = store
+        self.max_open_files = max_open_files
+        self._files: OrderedDict[str, Any] = OrderedDict()
+        self._on_read = on_read  # (reads, bytes) once per batch, for the transfer counter
+
+    def _handle(self, path: str) -> Any:
+        handle = self._files.get(path)
+        if handle is None:
+            import kvikio
+
+            handle = self._files[path] = kvikio.CuFile(path, "r")
+        else:
+            self._files.move_to_end(path)
+        return handle
+
+    def read(
+        self,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        s: StagingLayout,
+        staging: Any,
+        stream: Any,
+    ) -> None:
+        """Every read of ``s`` into ``staging`` (a device buffer nothing else
+        uses now); returns when all bytes have arrived. ``stream`` is unused:
+        kvikIO copies on its own streams and has finished when a read returns."""
+        reads = zip(
+            s.read_file.tolist(),
+            s.read_start.tolist(),
+            s.read_nbytes.tolist(),
+            s.read_dst.tolist(),
+            strict=True,
+        )
+        pending = []
+        error: BaseException | None = None
+        done_bytes = 0
+        try:
+            for f, start, nbytes, dst in reads:
+                handle = self._handle(str(locations.paths[f]))
+                view = staging[dst : dst + nbytes]
+                pending.append((f, start, nbytes, handle.pread(view, nbytes, start)))
+        except Exception as err:  # raised below, after every issued read has finished
+            error = _read_error(
+                f"kvikIO read failed: {type(err).__name__}: {err}",
+                self._store,
+                layouts,
+                locations,
+                int(s.read_file[len(pending)]),
+            )
+            error.__cause__ = err
+        for f, start, nbytes, future in pending:  # wait for all before any handle closes
+            try:
+                got = future.get()
+            except Exception as err:
+                if error is None:
+                    error = _read_error(
+                        f"kvikIO read failed: {type(err).__name__}: {err}",
+                        self._store,
+                        layouts,
+                        locations,
+                        f,
+                    )
+                    error.__cause__ = err
+                continue
+            if got != nbytes and error is None:
+                error = _read_error(
+                    f"file is truncated: wanted {nbytes} bytes at {start}, got {got}",
+                    self._store,
+                    layouts,
+                    locations,
+                    f,
+                )
+            done_bytes += nbytes
+        if self._on_read is not None:
+            self._on_read(len(pending), done_bytes)
+        while len(self._files) > self.max_open_files:
+            self._files.popitem(last=False)[1].close()
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Close the open files (call when no read is in progress)."""
+        while self._files:
+            self._files.popitem()[1].close()
+
+
+# -- pinned host memory -----------------------------------------------------------------
+class OpenFiles:
+    """File descriptors per thread (a pool thread reads many files), least
+    recently used closed past ``max_open`` per thread; :meth:`close` closes all."""
+
+    def __init__(self, max_open: int = 64) -> None:
+        self.max_open = max_open
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[tuple[threading.Thread, OrderedDict[str, int]]] = []
+
+    def fd(self, path: str) -> int:
+        fds = getattr(self._local, "fds", None)
+        if fds is None:
+            fds = self._local.fds = OrderedDict()
+            with self._lock:
+                # Threads come and go: close what ended ones left open.
+                alive = []
+                for thread, theirs in self._all:
+                    if thread.is_alive():
+                        alive.append((thread, theirs))
+                    else:
+                        _close_all(theirs)
+                self._all = [*alive, (threading.current_thread(), fds)]
+        fd = fds.get(path)
+        if fd is None:
+            fd = fds[path] = os.open(path, os.O_RDONLY)
+            if len(fds) > self.max_open:
+                os.close(fds.popitem(last=False)[1])
+        else:
+            fds.move_to_end(path)
+        return fd
+
+    def close(self) -> None:
+        """Close every thread's descriptors (call once no thread reads)."""
+        with self._lock:
+            for _, fds in self._all:
+                _close_all(fds)
+            self._all = []
+
+
+def _close_all(fds: OrderedDict[str, int]) -> None:
+    while fds:
+        os.close(fds.popitem()[1])
+
+
+def pread_into(
+    host: np.ndarray,
+    s: StagingLayout,
+    paths: Sequence[str],
+    files: OpenFiles,
+    map_tasks: Callable[[list[Callable[[], None]]], None],
+    n_tasks: int,
+    error: Callable[[str, int], ChunkError],
+) -> None:
+    """Every read of ``s`` into ``host[read_dst:]`` (``os.preadv``, no copy), as
+    ``n_tasks`` tasks of interleaved reads run by ``map_tasks``.
+
+    ``error(message, file)`` makes the exception of a failed or short read.
+    """
+    view = memoryview(host).cast("B")
+    file, start = s.read_file, s.read_start
+    nbytes, dst = s.read_nbytes, s.read_dst
+
+    def run(rs: range) -> None:
+        for r in rs:
+            f, n, at = int(file[r]), int(nbytes[r]), int(start[r])
+            d = int(dst[r])
+            try:
+                got = os.preadv(files.fd(str(paths[f])), [view[d : d + n]], at)
+            except OSError as err:
+                raise error(f"cannot read bytes {at}..{at + n}: {err}", f) from err
+            if got != n:
+                raise error(f"file is truncated: wanted {n} bytes at {at}, got {got}", f)
+
+    r = s.n_reads
+    n_tasks = max(1, min(r, n_tasks))
+    map_tasks([partial(run, range(k, r, n_tasks)) for k in range(n_tasks)])
+
+
+class PinnedReader:
+    """Coalesced ``os.preadv`` into pinned host memory, then one host-to-device
+    copy of the batch's staging area on the batch's stream.
+
+    The pinned buffers are a ring of :class:`GuardedBuffers` (2): a batch's
+    preads wait only for the copy out of the buffer the batch before last used.
+    """
+
+    name = "pinned"
+
+    def __init__(
+        self,
+        store: str,
+        files: OpenFiles,
+        executor: Executor,
+        n_tasks: int,
+        *,
+        alloc_pinned: Callable[[int], np.ndarray],
+        on_read=None,
+        on_copy=None,
+    ) -> None:
+        self._store = store
+        self._files = files
+        self._executor = executor
+        self.n_tasks = n_tasks
+        self._ring = GuardedBuffers(alloc_pinned, n=2)
+        self._on_read = on_read
+        self._on_copy = on_copy
+
+    def _map(self, tasks: list[Callable[[], None]]) -> None:
+        futures = [self._executor.submit(task) for task in tasks]
+        error: BaseException | None = None
+        for future in futures:  # every task finishes before the buffer is used
+            try:
+                future.result()
+            except BaseException as err:
+                error = error or err
+        if error is not None:
+            raise error
+
+    def read(
+        self,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        s: StagingLayout,
+        staging: Any,
+        stream: Any,
+    ) -> None:
+        """Every read of ``s`` into pinned memory, then one copy of
+        ``staging[:s.raw_nbytes]`` enqueued on ``stream`` (not awaited)."""
+        import cupy
+
+        k, host = self._ring.acquire(s.raw_nbytes)
+
+        def error(message: str, f: int) -> ChunkError:
+            return _read_error(message, self._store, layouts, locations, f)
+
+        try:
+            pread_into(host, s, locations.paths, self._files, self._map, self.n_tasks, error)
+        except BaseException:
+            self._ring.release(k, None)
+            raise
+        if self._on_read is not None:
+            self._on_read(s.n_reads, int(s.read_nbytes.sum()))
+        cupy.cuda.runtime.memcpyAsync(
+            staging.data.ptr, host.ctypes.data, s.raw_nbytes, _H2D, stream.ptr
+        )
+        self._ring.release(k, stream.record())
+        if self._on_copy is not None:
+            self._on_copy(s.raw_nbytes)
+
+    def close(self) -> None:
+        """Wait for the copies out of the pinned buffers, then drop them."""
+        self._ring.close()
