@@ -13,15 +13,19 @@ def make_backend(
     store_name: str,
     num_threads: int | None = None,
     partial_decode: bool = True,
+    source=None,
 ) -> Backend:
     """The backend for ``device`` ("cpu" or "cuda"); GPU imports happen only here.
 
     ``partial_decode`` is the CPU backend's; nvCOMP decodes whole chunks.
+    ``source`` (a :class:`~zarrdali.backends.sources.ByteSource`) is where the
+    CPU backend reads bytes from (default: derived from the group's store); the
+    GPU backend reads local files itself.
     """
     if device == "cpu":
         from .cpu import CpuBackend
 
-        return CpuBackend(group, store_name, num_threads, partial_decode)
+        return CpuBackend(group, store_name, num_threads, partial_decode, source=source)
     if device == "cuda":
         from .gpu import GpuBackend
 

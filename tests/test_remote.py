@@ -1,0 +1,398 @@
+"""Remote stores against real servers on 127.0.0.1: moto's S3 server (with a
+middleware that logs requests, delays them, answers 503 SlowDown / 429 and
+refuses unknown access keys), ``http.server`` with range requests, and an
+Icechunk repository on local storage. No client library is mocked.
+
+The oracle is zarr-python reading the same URL (through fsspec/s3fs) at
+``batch["index"]``; request counts are the server's own log.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import zarrdali
+from storefactory import VarSpec, chunk_files, chunk_key, delete_chunks, write_store
+from zarrdali.backends.locate import ChunkLocator
+from zarrdali.backends.ranges import coalesce_arrays
+from zarrdali.backends.sources import ObstoreSource, ZarrStoreSource
+from zarrdali.batchplan import plan_batch
+from zarrdali.store import load_layouts, open_group
+
+pytest.importorskip("obstore")
+pytest.importorskip("moto")
+from zarrdali.bench.objectserver import RangeHTTPServer, S3Server, upload
+
+NT, NY, NX = 12, 21, 33
+SPECS = [
+    VarSpec("sharded", shape=(NT, NY, NX), chunks=(1, 8, 8), shards=(4, 16, 16), seed=1),
+    VarSpec("plain", shape=(NT, NY, NX), chunks=(2, 8, 8), seed=2),
+    VarSpec("levels", shape=(NT, 2, NY, NX), chunks=(1, 1, 8, 8), shards=(2, 2, 16, 16), seed=3),
+]
+BUCKET, PREFIX = "zarrdali", "tests/store.zarr"
+URL = f"s3://{BUCKET}/{PREFIX}"
+KW = dict(input_steps=2, target_steps=1, tile=(8, 8), batch_size=4, device="cpu", workers=0)
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory) -> Path:
+    return write_store(tmp_path_factory.mktemp("remote") / "store.zarr", SPECS)
+
+
+@pytest.fixture(scope="module")
+def server(local_store):
+    with S3Server() as s3:
+        upload(s3.endpoint, BUCKET, local_store, PREFIX)
+        yield s3
+
+
+@pytest.fixture
+def s3(server):
+    """The module's server, reset: no delay, no failures, log cleared."""
+    server.configure(delay_s=0, fail={}, keys=["zarrdali-test-key"], clear_log=True)
+    return server
+
+
+def oracle_group(s3) -> zarr.Group:
+    """zarr-python reading the same URL, through fsspec (s3fs)."""
+    pytest.importorskip("s3fs")
+    return zarr.open_group(URL, mode="r", storage_options=s3.storage_options())
+
+
+def expected_window(arrays, variables, t0, y0, x0, steps, hw=(8, 8)) -> np.ndarray:
+    parts = []
+    for v in variables:
+        a = np.asarray(arrays[v][t0 : t0 + steps, ..., y0 : y0 + hw[0], x0 : x0 + hw[1]])
+        parts.append(a if a.ndim == 4 else a[:, None])
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def check_epoch(loader, group, variables) -> int:
+    """Every batch equals zarr-python at its index; each sample served once. Returns batches.
+
+    zarr-python reads each variable of ``group`` whole once; windows are cut from that.
+    """
+    arrays = {v: group[v][...] for v in variables}
+    seen = Counter()
+    n = 0
+    for batch in loader:
+        n += 1
+        index = batch["index"].numpy()
+        frames = np.concatenate([batch["input"].numpy(), batch["target"].numpy()], axis=1)
+        for i, (t0, y0, x0) in enumerate(index.tolist()):
+            want = expected_window(arrays, variables, t0, y0, x0, 3)
+            np.testing.assert_array_equal(frames[i], want, err_msg=f"sample {(t0, y0, x0)}")
+            seen[(t0, y0, x0)] += 1
+    assert n == len(loader)
+    assert set(seen.values()) == {1}, "a sample was served twice"
+    assert len(seen) == len(loader.candidates)
+    return n
+
+
+def data_gets(s3, var: str) -> list[tuple[str, str | None]]:
+    """(key, Range) of the GETs of chunk objects of ``var`` that the server answered."""
+    return [
+        (r.path, r.range)
+        for r in s3.requests()
+        if r.method == "GET" and f"/{var}/c/" in r.path and r.status < 300
+    ]
+
+
+# -- correctness -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variables", [["sharded"], ["plain"], ["sharded", "plain", "levels"]])
+def test_batches_equal_zarr_python_reading_the_url(s3, variables):
+    loader = zarrdali.ZarrLoader(
+        URL, variables, shuffle=True, storage_options=s3.storage_options(), **KW
+    )
+    assert isinstance(loader.backend.source, ObstoreSource)
+    assert all(layout.fast_path for layout in loader.layouts)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*read through zarr-python.*")
+        check_epoch(loader, oracle_group(s3), variables)
+    stats = loader.backend.stats()
+    assert stats["requests"] > 0 and stats["bytes"] > 0 and stats["peak_in_flight"] >= 1
+
+
+def test_fsspec_when_obstore_is_missing(s3, local_store, monkeypatch):
+    """Without obstore, a URL is opened with fsspec (s3fs) and read through its async
+    range requests."""
+    pytest.importorskip("s3fs")
+    monkeypatch.setattr("zarrdali.remote.obstore_available", lambda: False)
+    loader = zarrdali.ZarrLoader(URL, ["sharded"], storage_options=s3.storage_options(), **KW)
+    assert isinstance(loader.backend.source, ZarrStoreSource)
+    assert type(loader.group.store).__name__ == "FsspecStore"
+    check_epoch(loader, zarr.open_group(str(local_store), mode="r"), ["sharded"])
+    assert all(rng for _, rng in data_gets(s3, "sharded")), "no whole-shard GET"
+
+
+# -- requests --------------------------------------------------------------------
+
+
+def expected_reads(local_store: Path, layouts_local, plans, max_gap: int):
+    """Multiset of (key, Range header) of the coalesced reads, from the local copy."""
+    locator = ChunkLocator("local", layouts_local)
+    want = Counter()
+    for plan in plans:
+        loc = locator.locate(plan)
+        present = np.flatnonzero(loc.present)
+        reads = coalesce_arrays(
+            loc.file[present], loc.offset[present], loc.nbytes[present], max_gap
+        )
+        for f, start, end in zip(reads.file, reads.start, reads.end, strict=True):
+            key = os.path.relpath(loc.paths[f], local_store).replace(os.sep, "/")
+            want[(f"/{BUCKET}/{PREFIX}/{key}", f"bytes={start}-{end - 1}")] += 1
+    return want
+
+
+def test_get_requests_are_the_coalesced_ranges(s3, local_store):
+    """One GET per coalesced range (no whole-shard fetch), each shard index once."""
+    loader = zarrdali.ZarrLoader(
+        URL, ["sharded", "levels"], shuffle=True, storage_options=s3.storage_options(), **KW
+    )
+    # After the constructor: metadata, and the probe that fetched the index of the
+    # first shard of each variable (cached, so not fetched again below).
+    s3.configure(clear_log=True)
+    group, name = open_group(local_store)
+    layouts_local = load_layouts(group, name, ["sharded", "levels"])
+    plans = []
+    for k in range(len(loader)):
+        samples = loader.epoch_plan().batch(k)
+        loader.load_batch(samples)
+        plans.append(plan_batch(layouts_local, samples, n_frames=3, frame_step=1, tile_hw=(8, 8)))
+    got = Counter()
+    index_gets = Counter()
+    for var in ("sharded", "levels"):
+        for path, rng in data_gets(s3, var):
+            assert rng is not None, f"whole-shard GET of {path}"
+            if rng.startswith("bytes=-"):
+                index_gets[path] += 1
+            else:
+                got[(path, rng)] += 1
+    assert got == expected_reads(local_store, layouts_local, plans, max_gap=64 * 1024)
+    assert set(index_gets.values()) == {1}, "each shard index is fetched once"
+    shards = chunk_files(local_store, "sharded") + chunk_files(local_store, "levels")
+    assert len(index_gets) + 2 == len(shards), "every other shard's index, once"
+
+
+def test_in_flight_requests_are_bounded(s3):
+    s3.configure(delay_s=0.02)
+    loader = zarrdali.ZarrLoader(
+        URL, ["plain"], storage_options=s3.storage_options(), max_in_flight=3, **KW
+    )
+    s3.configure(clear_log=True)
+    loader.load_batch(loader.epoch_plan().batch(0))
+    assert 1 < s3.peak_in_flight() <= 3
+    assert loader.backend.stats()["peak_in_flight"] <= 3
+
+
+# -- retries and errors ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["503 Slow Down", "429 Too Many Requests"])
+def test_throttling_is_retried_nothing_lost_nothing_duplicated(s3, local_store, status):
+    local = zarr.open_group(str(local_store), mode="r")
+    runs = []
+    for fail in ({}, {"/sharded/c/": [4, status]}):  # the same epoch, then with failures
+        loader = zarrdali.ZarrLoader(URL, ["sharded"], storage_options=s3.storage_options(), **KW)
+        s3.configure(clear_log=True, fail=fail)
+        check_epoch(loader, local, ["sharded"])
+        runs.append(s3.requests())
+    refused = [r for r in runs[1] if r.status == int(status.split()[0])]
+    assert len(refused) == 4, "the server refused the first requests"
+    assert not any(r.status >= 300 for r in runs[0])
+
+    def answered(log) -> Counter:
+        return Counter((r.path, r.range) for r in log if "/c/" in r.path and r.status < 300)
+
+    # The same requests answered, as often as without failures: nothing lost or repeated.
+    assert answered(runs[1]) == answered(runs[0])
+
+
+def test_http_server_errors_retried_through_fsspec(tmp_path, local_store):
+    """A plain HTTP server answering 503: fsspec does not retry, zarrdali does."""
+    pytest.importorskip("aiohttp")
+    with RangeHTTPServer(local_store.parent) as http:
+        url = f"{http.url}/{local_store.name}"
+        store = zarr.storage.FsspecStore.from_url(url, read_only=True)
+        loader = zarrdali.ZarrLoader(store, ["sharded"], **KW)
+        assert isinstance(loader.backend.source, ZarrStoreSource)
+        http.fail["/sharded/c/"] = 3
+        check_epoch(loader, zarr.open_group(str(local_store), mode="r"), ["sharded"])
+        assert http.fail["/sharded/c/"] == 0
+        assert loader.backend.stats()["retries"] == 3
+
+
+def test_missing_store_is_named_before_training(s3):
+    with pytest.raises(zarrdali.StoreNotFoundError, match=r"nothing-here\.zarr"):
+        zarrdali.ZarrLoader(
+            f"s3://{BUCKET}/nothing-here.zarr", ["a"], storage_options=s3.storage_options(), **KW
+        )
+    with pytest.raises(zarrdali.StoreNotFoundError, match="bucket does not exist"):
+        zarrdali.ZarrLoader(
+            "s3://no-such-bucket/x.zarr", ["a"], storage_options=s3.storage_options(), **KW
+        )
+
+
+def test_missing_variable_lists_the_arrays(s3):
+    with pytest.raises(zarrdali.VariableNotFoundError, match=r"'nope'.*sharded"):
+        zarrdali.ZarrLoader(URL, ["nope"], storage_options=s3.storage_options(), **KW)
+
+
+def test_wrong_credentials_name_the_store_before_training(s3):
+    bad = s3.storage_options(key="wrong-key")
+    with pytest.raises(zarrdali.StoreAccessError, match="refused") as info:
+        zarrdali.ZarrLoader(URL, ["sharded"], storage_options=bad, **KW)
+    assert URL in str(info.value) and "credentials" in str(info.value)
+
+
+def test_credentials_revoked_mid_training_name_the_store(s3):
+    loader = zarrdali.ZarrLoader(URL, ["sharded"], storage_options=s3.storage_options(), **KW)
+    s3.configure(keys=["someone-else"])
+    with pytest.raises(zarrdali.StoreAccessError, match="refused") as info:
+        loader.load_batch(loader.epoch_plan().batch(len(loader) - 1))
+    assert URL in str(info.value)
+
+
+def test_missing_chunks_read_as_fill_value(s3, tmp_path):
+    """A chunk object (or a whole shard) never written is the fill value, as locally."""
+    path = write_store(tmp_path / "holes.zarr", SPECS[:2])
+    for var in ("sharded", "plain"):
+        files = chunk_files(path, var)
+        delete_chunks(path, var, [chunk_key(path, var, f) for f in files[:2]])
+    upload(s3.endpoint, BUCKET, path, "tests/holes.zarr")
+    url = f"s3://{BUCKET}/tests/holes.zarr"
+    loader = zarrdali.ZarrLoader(
+        url, ["sharded", "plain"], storage_options=s3.storage_options(), **KW
+    )
+    check_epoch(loader, zarr.open_group(str(path), mode="r"), ["sharded", "plain"])
+
+
+# -- other kinds of stores -------------------------------------------------------
+
+
+@pytest.mark.parametrize("client", ["obstore", "fsspec"])
+def test_https_style_store_with_range_requests(local_store, client, monkeypatch):
+    if client == "fsspec":
+        pytest.importorskip("aiohttp")
+        monkeypatch.setattr("zarrdali.remote.obstore_available", lambda: False)
+    with RangeHTTPServer(local_store.parent) as http:
+        url = f"{http.url}/{local_store.name}"
+        loader = zarrdali.ZarrLoader(url, ["sharded", "plain"], **KW)
+        check_epoch(loader, zarr.open_group(str(local_store), mode="r"), ["sharded", "plain"])
+        shard_gets = [(p, r) for p, r in http.requests if "/sharded/c/" in p]
+        assert shard_gets and all(r for _, r in shard_gets), "no whole-shard GET"
+
+
+def test_icechunk_repository(tmp_path):
+    icechunk = pytest.importorskip("icechunk")
+    repo = icechunk.Repository.create(icechunk.local_filesystem_storage(str(tmp_path / "repo")))
+    session = repo.writable_session("main")
+    local = write_store(tmp_path / "src.zarr", SPECS[:2])
+    source = zarr.open_group(str(local), mode="r")
+    target = zarr.open_group(session.store, mode="w")
+    for name in ("sharded", "plain"):
+        arr = source[name]
+        out = target.create_array(
+            name,
+            shape=arr.shape,
+            dtype=arr.dtype,
+            chunks=arr.chunks,
+            shards=arr.shards,
+            compressors=arr.compressors,
+            fill_value=arr.fill_value,
+            dimension_names=arr.metadata.dimension_names,
+        )
+        out[...] = arr[...]
+    session.commit("sample")
+    store = repo.readonly_session("main").store
+    loader = zarrdali.ZarrLoader(store, ["sharded", "plain"], **KW)
+    assert isinstance(loader.backend.source, ZarrStoreSource)
+    assert all(layout.fast_path for layout in loader.layouts)
+    check_epoch(loader, zarr.open_group(store, mode="r"), ["sharded", "plain"])
+
+
+# -- read-through cache ------------------------------------------------------------
+
+
+def test_cache_reads_the_network_once(s3, tmp_path, local_store):
+    cache = tmp_path / "cache"
+    local = zarr.open_group(str(local_store), mode="r")
+    opts = dict(storage_options=s3.storage_options(), cache_dir=cache, **KW)
+    first = zarrdali.ZarrLoader(URL, ["sharded", "plain"], shuffle=True, **opts)
+    check_epoch(first, local, ["sharded", "plain"])
+    assert data_gets(s3, "sharded") and data_gets(s3, "plain")
+    s3.configure(clear_log=True)
+    # A new loader (as another process or a later run would be) with another shuffle.
+    again = zarrdali.ZarrLoader(URL, ["sharded", "plain"], shuffle=True, seed=7, **opts)
+    check_epoch(again, local, ["sharded", "plain"])
+    assert data_gets(s3, "sharded") == [] and data_gets(s3, "plain") == []
+    assert again.backend.stats()["cache_hits"] > 0
+
+
+def test_cache_stays_within_its_budget(s3, tmp_path, local_store):
+    cache = tmp_path / "cache"
+    budget = 20_000
+    loader = zarrdali.ZarrLoader(
+        URL,
+        ["sharded", "plain"],
+        storage_options=s3.storage_options(),
+        cache_dir=cache,
+        cache_bytes=budget,
+        **KW,
+    )
+    check_epoch(loader, zarr.open_group(str(local_store), mode="r"), ["sharded", "plain"])
+    stats = loader.backend.stats()
+    assert stats["cache_bytes_written"] > budget and stats["cache_evicted"] > 0
+    total = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    assert total <= budget + budget // 16 + 4096  # evicted past the budget as it goes
+
+
+def _epoch_in_worker(url: str, options: dict, cache_dir: str) -> list[tuple]:
+    loader = zarrdali.ZarrLoader(
+        url, ["sharded", "plain"], storage_options=options, cache_dir=cache_dir, **KW
+    )
+    out = []
+    for k in range(len(loader)):
+        samples = loader.epoch_plan().batch(k)
+        out.append((samples, loader.load_batch(samples)))
+    return out
+
+
+def test_cache_shared_by_processes(s3, tmp_path, local_store):
+    """Two processes fill and read one cache directory at once: both get exact data."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    cache = str(tmp_path / "cache")
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        runs = list(pool.map(_epoch_in_worker, [URL] * 3, [s3.storage_options()] * 3, [cache] * 3))
+    group = zarr.open_group(str(local_store), mode="r")
+    arrays = {v: group[v][...] for v in ("sharded", "plain")}
+    for run in runs:
+        for samples, window in run:
+            for i, (t0, y0, x0) in enumerate(samples.tolist()):
+                want = expected_window(arrays, ["sharded", "plain"], t0, y0, x0, 3)
+                np.testing.assert_array_equal(window[i].astype(np.float32), want)
+    leftovers = [p for p in Path(cache).rglob(".tmp-*")]
+    assert leftovers == []
+
+
+# -- worker processes --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_dali_worker_processes_reopen_the_url(s3):
+    loader = zarrdali.ZarrLoader(
+        URL, ["sharded"], storage_options=s3.storage_options(), **{**KW, "workers": 1}
+    )
+    assert loader.workers == 1
+    check_epoch(loader, oracle_group(s3), ["sharded"])
