@@ -101,8 +101,10 @@ def open_obstore(url: str, storage_options: Mapping[str, Any] | None):
         ) from err
 
 
-def zarr_store_for(store: Any, storage_options: Mapping[str, Any] | None = None):
-    """A read-only zarr ``Store`` for a URL or a store object (obstore or zarr)."""
+def zarr_store_for(
+    store: Any, storage_options: Mapping[str, Any] | None = None, *, read_only: bool = True
+):
+    """A zarr ``Store`` for a URL or a store object (obstore or zarr); read-only by default."""
     from zarr.abc.store import Store
     from zarr.storage import FsspecStore, ObjectStore
 
@@ -110,16 +112,16 @@ def zarr_store_for(store: Any, storage_options: Mapping[str, Any] | None = None)
         return store
     if is_url(store):
         if scheme(store) in OBSTORE_SCHEMES and obstore_available():
-            return ObjectStore(open_obstore(store, storage_options), read_only=True)
+            return ObjectStore(open_obstore(store, storage_options), read_only=read_only)
         try:
-            return FsspecStore.from_url(store, storage_options=storage_options, read_only=True)
+            return FsspecStore.from_url(store, storage_options=storage_options, read_only=read_only)
         except ImportError as err:
             raise ConfigError(
                 f"cannot open {store!r}: {err}. Install obstore (`pip install obstore`, "
                 f"or zarrdali[remote]) or the fsspec implementation for this scheme."
             ) from err
     if type(store).__module__.startswith("obstore"):
-        return ObjectStore(store, read_only=True)
+        return ObjectStore(store, read_only=read_only)
     raise ConfigError(
         f"cannot open a store from {type(store).__name__}: pass a path, a URL, a zarr.Group, "
         f"a zarr Store (e.g. an Icechunk session's store) or an obstore store."
