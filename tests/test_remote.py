@@ -462,3 +462,34 @@ def test_a_few_inner_chunks_never_fetch_the_shard(s3, tmp_path):
     s3.configure(clear_log=True)
     one.load_batch(np.array([[5, 0, 64]]))
     assert fetched() == 16384, "one inner chunk: exactly its bytes"
+
+
+# -- zarrdali bench ----------------------------------------------------------------
+
+
+def test_bench_on_a_url_reports_requests(s3, tmp_path, capsys):
+    import json
+
+    from zarrdali.cli import main
+    from zarrdali.sample_data import SHARDED, SampleDataSpec, write_sample_data
+
+    data = tmp_path / "sample"
+    write_sample_data(data, SampleDataSpec(n_time=30, n_lat=37, n_lon=72), progress=False)
+    upload(s3.endpoint, BUCKET, data / SHARDED, f"bench/{SHARDED}")
+    out = tmp_path / "bench"
+    loaders = ["zarrdali-cpu", "torch-xarray", "numcodecs-ceiling"]
+    args = ["bench", f"s3://{BUCKET}/bench/{SHARDED}", "--storage-options"]
+    args += [json.dumps(s3.storage_options()), "--loaders", *loaders, "--threads", "1"]
+    args += ["--tile", "16", "16", "--batches", "3", "--epochs", "1", "--warmup", "1"]
+    args += ["--batch-size", "4", "--out", str(out), "-q"]
+    assert main(args) == 0
+    rows = {
+        r["loader"]: r["summary"] for r in json.loads((out / "bench.json").read_text())["results"]
+    }
+    assert rows["zarrdali-cpu"]["status"] == "ok", rows["zarrdali-cpu"]["error"]
+    assert rows["torch-xarray"]["status"] == "ok", rows["torch-xarray"]["error"]
+    assert rows["numcodecs-ceiling"]["status"] == "skipped"
+    note = rows["zarrdali-cpu"]["note"]
+    requests = int(note.split(" requests")[0].rsplit(" ", 1)[-1])
+    assert requests > 0 and " MB" in note and "in flight" in note
+    assert "zarrdali[cpu]" in capsys.readouterr().out
