@@ -15,13 +15,16 @@ cached per snapshot, so a new commit does not see old bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 
 DEFAULT_CACHE_BYTES = 8 << 30
 _TMP = ".tmp-"
+_STALE_TMP_S = 3600.0
 
 
 def _digest(text: str) -> str:
@@ -90,6 +93,12 @@ class DiskCache:
                 except FileNotFoundError:
                     continue
                 entries.append((st.st_mtime, st.st_size, path, name.startswith(_TMP)))
+        stale = time.time() - _STALE_TMP_S
+        for mtime, _, path, tmp in entries:
+            if tmp and mtime < stale:  # left by a writer that died before its rename
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        entries = [e for e in entries if not (e[3] and e[0] < stale)]
         total = sum(size for _, size, _, _ in entries)
         if total <= self.budget:
             return
