@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-out/remote"))
     args = p.parse_args(argv)
+    commit = _commit()  # at the start: the code that runs
 
     if args.workers:
         raise SystemExit("--workers > 0: the source's byte counts live in the workers; use 0")
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
     payload = {
         "command": " ".join([sys.executable, *sys.argv]),
-        "commit": _commit(),
+        "commit": commit,
         "versions": versions(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -30,7 +30,7 @@ from .base import batch_dtype
 from .fallback import ZarrPythonChunkSource
 from .locate import ChunkLocations, ChunkLocator
 from .ranges import CoalescedReads, coalesce_arrays
-from .sources import ByteSource, ObjectReadError, make_source
+from .sources import ByteSource, ObjectReadError, OnReady, make_source
 
 
 class _Scratch(threading.local):
@@ -402,11 +402,9 @@ class CpuBackend:
                     lo = work.offset[i] - start
                     decode(i, buf[lo : lo + work.nbytes[i]])
 
-        fetched: list = []
-
-        def run_fetched(ks: range) -> None:
-            for k in ks:  # chunk read_members[k] came as fetched[k] (None: never written)
-                decode(work.read_members[k], fetched[k])
+        def run_fetched(ks: list[int], buffers: list) -> None:
+            for k, data in zip(ks, buffers, strict=True):  # None: a chunk never written
+                decode(work.read_members[k], data)
 
         def run_unread(chunks: list[int]) -> None:
             """Missing chunks (fill value) and chunks zarr-python reads."""
@@ -420,17 +418,25 @@ class CpuBackend:
                 scatter(i, decoded)
 
         unread, n_reads = work.unread, len(work.read_file)
-        run = run_reads
-        if self.remote:  # all of the batch's bytes in one concurrent fetch, then decode
-            fetched = self.fetch(layouts, locations, work.read_members)
-            run = run_fetched
+        result = outs[0] if plan.frame_split is None else tuple(outs)
+        if self.remote:  # one concurrent fetch; each response decoded as soon as it is in
+            futures: list = [self._pool.submit(run_unread, unread)]
+
+            def ready(ks: list[int], buffers: list) -> None:  # on the fetching thread
+                futures.append(self._pool.submit(run_fetched, ks, buffers))
+
+            try:
+                self.fetch(layouts, locations, work.read_members, on_ready=ready)
+            finally:
+                for future in futures:
+                    future.result()  # waits for every decode; re-raises the first error
+            return result
         # A few tasks per thread, not one per chunk: small inner chunks decode in
         # tens of microseconds, comparable to the executor's own overhead.
         n_tasks = max(1, min(n_reads + len(unread), self.num_threads * self.tasks_per_thread))
-        tasks = [partial(run, range(k, n_reads, n_tasks)) for k in range(n_tasks)] + [
+        tasks = [partial(run_reads, range(k, n_reads, n_tasks)) for k in range(n_tasks)] + [
             partial(run_unread, unread[k::n_tasks]) for k in range(n_tasks) if unread[k::n_tasks]
         ]
-        result = outs[0] if plan.frame_split is None else tuple(outs)
         if self.num_threads == 1:  # e.g. in a DALI worker process: no hand-offs
             for task in tasks:
                 task()
@@ -441,9 +447,14 @@ class CpuBackend:
         return result
 
     def fetch(
-        self, layouts: Sequence[ArrayLayout], locations: ChunkLocations, chunks: list[int]
+        self,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        chunks: list[int],
+        on_ready: OnReady | None = None,
     ) -> list:
-        """The stored bytes of ``chunks`` from the remote source, fetched concurrently."""
+        """The stored bytes of ``chunks`` from the remote source, fetched concurrently
+        (``on_ready(positions in chunks, buffers)`` as responses come in)."""
         pick = np.asarray(chunks, dtype=np.int64)
         try:
             return self.source.read_chunks(
@@ -451,6 +462,7 @@ class CpuBackend:
                 locations.file[pick],
                 locations.offset[pick],
                 locations.nbytes[pick],
+                on_ready=on_ready,
             )
         except ObjectReadError as err:
             f = int(np.flatnonzero(locations.paths == err.path)[0])

@@ -40,6 +40,7 @@ REMOTE_MAX_GAP = 1 << 20
 WHOLE = -2  # size not known (remote unsharded chunk): read the whole object
 
 Buffer = Any  # bytes-like: memoryview, bytes, obstore.Bytes
+OnReady = Callable[[list[int], list[Any]], None]  # (chunk positions, their buffers)
 
 
 class ObjectReadError(ZarrDaliError, OSError):
@@ -67,11 +68,18 @@ class ByteSource(Protocol):
         """Per shard: ``(index bytes, object size or -1 if unknown)``; None: no such object."""
 
     def read_chunks(
-        self, paths: np.ndarray, file: np.ndarray, offset: np.ndarray, nbytes: np.ndarray
+        self,
+        paths: np.ndarray,
+        file: np.ndarray,
+        offset: np.ndarray,
+        nbytes: np.ndarray,
+        on_ready: OnReady | None = None,
     ) -> list[Buffer | None]:
         """Bytes of chunk ``i`` at ``offset[i]`` of object ``paths[file[i]]`` (all in one go).
 
         ``nbytes[i] == WHOLE`` reads the whole object, None when it does not exist.
+        ``on_ready(chunks, buffers)`` is called as soon as those chunks' bytes are in
+        (on the fetching thread: keep it short, e.g. hand the decoding to a pool).
         """
 
     def stats(self) -> dict[str, int]: ...
@@ -128,7 +136,12 @@ class LocalSource:
         return list(self._map(read, paths))
 
     def read_chunks(
-        self, paths: np.ndarray, file: np.ndarray, offset: np.ndarray, nbytes: np.ndarray
+        self,
+        paths: np.ndarray,
+        file: np.ndarray,
+        offset: np.ndarray,
+        nbytes: np.ndarray,
+        on_ready: OnReady | None = None,
     ) -> list[Buffer | None]:
         out: list[Buffer | None] = []
         for f, start, n in zip(file.tolist(), offset.tolist(), nbytes.tolist(), strict=True):
@@ -140,6 +153,8 @@ class LocalSource:
                 if n != WHOLE:
                     raise ObjectReadError(paths[f], "file not found") from None
                 out.append(None)
+        if on_ready is not None:
+            on_ready(list(range(len(out))), out)
         return out
 
     def stats(self) -> dict[str, int]:
@@ -210,30 +225,46 @@ class RemoteSource:
         return self._run([(self._index_or_none, (path, nbytes, at_end)) for path in paths])
 
     def read_chunks(
-        self, paths: np.ndarray, file: np.ndarray, offset: np.ndarray, nbytes: np.ndarray
+        self,
+        paths: np.ndarray,
+        file: np.ndarray,
+        offset: np.ndarray,
+        nbytes: np.ndarray,
+        on_ready: OnReady | None = None,
     ) -> list[Buffer | None]:
         out: list[Buffer | None] = [None] * len(file)
         whole = np.flatnonzero(nbytes == WHOLE)
         ranged = np.flatnonzero(nbytes != WHOLE)
         reads = coalesce_arrays(file[ranged], offset[ranged], nbytes[ranged], self.max_gap)
-        calls = [
-            (self._get_range_checked, (paths[f], start, end - start))
-            for f, start, end in zip(
-                reads.file.tolist(), reads.start.tolist(), reads.end.tolist(), strict=True
-            )
-        ]
-        calls += [(self._whole_or_none, (paths[f],)) for f in file[whole].tolist()]
-        results = self._run(calls)
         members = ranged[reads.order]
         starts, offsets, sizes = reads.start.tolist(), offset.tolist(), nbytes.tolist()
         bounds = reads.bounds.tolist()
-        for r in range(len(reads)):
-            buf = memoryview(results[r])
-            for i in members[bounds[r] : bounds[r + 1]].tolist():
+
+        def cut(r: int, data: Buffer) -> None:
+            """Read ``r`` is in: its chunks' views, handed on at once."""
+            buf, chunks = memoryview(data), members[bounds[r] : bounds[r + 1]].tolist()
+            for i in chunks:
                 lo = offsets[i] - starts[r]
                 out[i] = buf[lo : lo + sizes[i]]
-        for i, data in zip(whole.tolist(), results[len(reads) :], strict=True):
+            if on_ready is not None:
+                on_ready(chunks, [out[i] for i in chunks])
+
+        def whole_in(i: int, data: Buffer | None) -> None:
             out[i] = None if data is None else memoryview(data)
+            if on_ready is not None:
+                on_ready([i], [out[i]])
+
+        calls = [
+            (self._then, (self._get_range_checked, (paths[f], start, end - start), cut, r))
+            for r, (f, start, end) in enumerate(
+                zip(reads.file.tolist(), starts, reads.end.tolist(), strict=True)
+            )
+        ]
+        calls += [
+            (self._then, (self._whole_or_none, (paths[f],), whole_in, i))
+            for i, f in zip(whole.tolist(), file[whole].tolist(), strict=True)
+        ]
+        self._run(calls)
         return out
 
     def stats(self) -> dict[str, int]:
@@ -270,6 +301,10 @@ class RemoteSource:
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.max_in_flight)
         return await asyncio.gather(*(fn(*args) for fn, args in calls), return_exceptions=True)
+
+    @staticmethod
+    async def _then(fn: Callable, args: tuple, callback: Callable, key: int) -> None:
+        callback(key, await fn(*args))
 
     async def _request(self, path: str, make: Callable[[], Any]) -> Any:
         """One request under the in-flight bound, retried when transient."""
@@ -432,24 +467,39 @@ class CachedSource:
         return out
 
     def read_chunks(
-        self, paths: np.ndarray, file: np.ndarray, offset: np.ndarray, nbytes: np.ndarray
+        self,
+        paths: np.ndarray,
+        file: np.ndarray,
+        offset: np.ndarray,
+        nbytes: np.ndarray,
+        on_ready: OnReady | None = None,
     ) -> list[Buffer | None]:
         out: list[Buffer | None] = [None] * len(file)
         files, offsets, sizes = file.tolist(), offset.tolist(), nbytes.tolist()
-        todo = []
+        todo, hits = [], []
         for i in range(len(files)):
             hit = self.cache.get(paths[files[i]], offsets[i], sizes[i])
             if hit is None:
                 todo.append(i)
             else:
                 out[i] = hit
-        if todo:
-            pick = np.array(todo, dtype=np.int64)
-            fetched = self.inner.read_chunks(paths, file[pick], offset[pick], nbytes[pick])
-            for i, data in zip(todo, fetched, strict=True):
+                hits.append(i)
+        if on_ready is not None and hits:
+            on_ready(hits, [out[i] for i in hits])
+        if not todo:
+            return out
+
+        def fetched(positions: list[int], buffers: list[Buffer | None]) -> None:
+            chunks = [todo[k] for k in positions]
+            for i, data in zip(chunks, buffers, strict=True):
                 out[i] = data
                 if data is not None:  # missing chunks are not cached: one may be written later
                     self.cache.put(paths[files[i]], offsets[i], sizes[i], data)
+            if on_ready is not None:
+                on_ready(chunks, buffers)
+
+        pick = np.array(todo, dtype=np.int64)
+        self.inner.read_chunks(paths, file[pick], offset[pick], nbytes[pick], on_ready=fetched)
         return out
 
     def stats(self) -> dict[str, int]:
