@@ -319,6 +319,18 @@ def test_icechunk_repository(tmp_path):
     assert isinstance(loader.backend.source, ZarrStoreSource)
     assert all(layout.fast_path for layout in loader.layouts)
     check_epoch(loader, zarr.open_group(store, mode="r"), ["sharded", "plain"])
+    # What a DALI worker process gets: the pickled reader reopens the session's store.
+    import pickle
+
+    from zarrdali.epoch_reader import EpochReader
+
+    reader = EpochReader(
+        loader.store_ref, loader.variables, loader.spec, loader.candidates, loader.sampler, 0, 0
+    )
+    (inputs, targets), samples = pickle.loads(pickle.dumps(reader))(1)
+    expected = loader._load_frames(samples)
+    np.testing.assert_array_equal(inputs, expected[0])
+    np.testing.assert_array_equal(targets, expected[1])
 
 
 # -- read-through cache ------------------------------------------------------------
