@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 "$PY" -m pip install --quiet --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
-"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test,bench,remote]"

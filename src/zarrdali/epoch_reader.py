@@ -1,6 +1,7 @@
 """Batches of one epoch, loadable in this process or in a DALI worker process.
 
-:class:`EpochReader` is small and picklable: it holds the store path, the spec,
+:class:`EpochReader` is small and picklable: it holds how to reopen the store
+(path or URL, storage options, cache settings: a :class:`StoreRef`), the spec,
 the candidate samples and the sampler, and rebuilds the (deterministic) epoch
 plan and a backend the first time it is called. That lets DALI's parallel external source run it in
 worker processes, where reading and decoding do not share a GIL with training.
@@ -17,7 +18,8 @@ import numpy as np
 from .backends.base import batch_dtype
 from .batchplan import plan_batch
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
-from .store import ArrayLayout, load_layouts, open_group
+from .remote import StoreRef
+from .store import ArrayLayout, load_layouts
 from .trace import annotate
 
 
@@ -63,7 +65,7 @@ def load_frames(
 
 @dataclass
 class EpochReader:
-    store: str
+    store: StoreRef | str  # how to reopen the store (a path or URL alone, or with options)
     variables: Sequence[str]
     spec: SampleSpec
     candidates: SampleGrid | SampleTable
@@ -82,11 +84,13 @@ class EpochReader:
     def _open(self) -> tuple[list[ArrayLayout], EpochPlan, Any]:
         from .backends.cpu import CpuBackend
 
-        group, name = open_group(self.store)
+        ref = self.store if isinstance(self.store, StoreRef) else StoreRef(self.store)
+        group, name, source = ref.open()
         layouts = load_layouts(group, name, self.variables)
         samples = self.candidates.samples(self.sampler.seed, self.epoch)
         plan = self.sampler.epoch_plan(samples, self.epoch)
-        return layouts, plan, CpuBackend(group, name, self.num_threads, self.partial_decode)
+        backend = CpuBackend(group, name, self.num_threads, self.partial_decode, source=source)
+        return layouts, plan, backend
 
     def __call__(self, k: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
         """Frames and samples ``[B, 3]`` of batch ``start + k``.

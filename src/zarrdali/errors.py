@@ -16,6 +16,10 @@ class StoreNotFoundError(ZarrDaliError, FileNotFoundError):
     """The store path or URL does not hold a Zarr v3 group."""
 
 
+class StoreAccessError(ZarrDaliError, PermissionError):
+    """The store refused access: denied, or the credentials are missing or wrong."""
+
+
 class VariableNotFoundError(ZarrDaliError, KeyError):
     """A requested variable is not an array of the store."""
 

@@ -8,18 +8,21 @@ import math
 import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import zarr
 
 from .backends import make_backend
 from .backends.base import batch_dtype
+from .backends.sources import make_source
 from .epoch import EpochRun, SourceHandle, release_frames
 from .epoch_reader import EpochReader, load_frames
 from .errors import ConfigError, LoaderClosedError, ZarrDaliError
 from .normalize import NormalizeArg, channel_stats
 from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
+from .remote import StoreRef, is_picklable
 from .store import load_layouts, open_group
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,11 @@ def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int
     return (0 if rank is None else rank), (1 if world_size is None else world_size)
 
 
+def _path_or_object(store: Any) -> Any:
+    """A path as a string (picklable, reopenable); store objects as they are."""
+    return os.fspath(store) if isinstance(store, os.PathLike) else store
+
+
 def _resolve_device(device: str) -> str:
     if device in ("cpu", "cuda"):
         return device
@@ -102,11 +110,20 @@ class ZarrLoader:
     The CPU path decodes a chunk only as far as the last byte a batch copies
     from it (zstd, gzip, uncompressed); ``partial_decode=False`` decodes every
     chunk whole, so every compressor checks every chunk completely.
+
+    ``store`` may be a path, a URL (``s3://``, ``gs://``, ``az://``, ``https://``;
+    credentials and endpoint in ``storage_options``, obstore's or fsspec's
+    names), a ``zarr.Group``, a zarr ``Store`` (an Icechunk session's store, an
+    ``FsspecStore``) or an obstore store. The CPU path reads remote chunks
+    itself: the byte ranges of a batch coalesced and fetched concurrently, at
+    most ``max_in_flight`` requests at a time (per process), retried on
+    throttling; ``cache_dir`` keeps what was read in local files (at most
+    ``cache_bytes``, least recently used evicted), shared by processes and ranks.
     """
 
     def __init__(
         self,
-        store: str | os.PathLike | zarr.Group,
+        store: str | os.PathLike | zarr.Group | Any,
         variables: Sequence[str] | str,
         input_steps: int = 1,
         target_steps: int = 0,
@@ -132,6 +149,10 @@ class ZarrLoader:
         index: str | os.PathLike | SampleTable | None = None,
         augment: Sequence[str] = (),
         partial_decode: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_bytes: int | None = None,
+        max_in_flight: int = 64,
         cache: str | None = None,
         cache_budget: int | None = None,
     ) -> None:
@@ -146,7 +167,17 @@ class ZarrLoader:
             tile_sampling=tile_sampling,
             cover_edges=cover_edges,
         )
-        self.group, self.store_name = open_group(store)
+        if max_in_flight < 1:
+            raise ConfigError(f"max_in_flight must be >= 1 request, got {max_in_flight}.")
+        # How this process and DALI's worker processes open the store.
+        self.store_ref = StoreRef(
+            _path_or_object(store),
+            storage_options=dict(storage_options) if storage_options else None,
+            cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
+            cache_bytes=cache_bytes,
+            max_in_flight=max_in_flight,
+        )
+        self.group, self.store_name = open_group(store, storage_options)
         self.variables = [variables] if isinstance(variables, str) else list(variables)
         self.layouts = load_layouts(self.group, self.store_name, self.variables)
         first = self.layouts[0]
@@ -173,6 +204,19 @@ class ZarrLoader:
         self.dali_threads = dali_threads
         self.device = _resolve_device(device)
         self.partial_decode = partial_decode
+        source = None
+        if self.device == "cpu":
+            source = make_source(
+                self.group,
+                self.store_name,
+                max_in_flight=max_in_flight,
+                cache_dir=cache_dir,
+                cache_bytes=cache_bytes,
+            )
+        elif not all(layout.local for layout in self.layouts):
+            # The GPU backend reads local files; remote stores go through zarr-python
+            # there (with its one-time warning) until it takes remote bytes.
+            self.layouts = [replace(layout, key_prefix=None) for layout in self.layouts]
         self.workers = self._resolve_workers(workers, store)
         # The backend's threads (and CUDA resources) are released by close().
         self.backend = make_backend(
@@ -181,9 +225,16 @@ class ZarrLoader:
             self.store_name,
             num_threads,
             partial_decode,
+            source=source,
             cache=cache,
             cache_budget=cache_budget,
         )
+        if source is not None and source.remote:
+            try:
+                self.backend.probe(self.layouts)  # access errors now, not mid-epoch
+            except BaseException:
+                self.backend.close()
+                raise
         self._closed = False
         # Weak: the epoch's generator owns the run; this reference lets the
         # loader close it (next epoch, close(), exit) without a reference cycle.
@@ -224,9 +275,12 @@ class ZarrLoader:
         """DALI worker processes for the CPU path (0: read in this process's threads).
 
         Per-chunk work holds the GIL for part of the time, so threads alone do not
-        scale; worker processes do. They need a store they can reopen by path.
+        scale; worker processes do. They need a store they can reopen: a path, a
+        URL, or a store object that pickles (obstore and Icechunk stores do).
         """
-        reopenable = not isinstance(store, zarr.Group)
+        reopenable = not isinstance(store, zarr.Group) and (
+            isinstance(store, (str, os.PathLike)) or is_picklable(store)
+        )
         if workers is None and os.environ.get("ZARRDALI_WORKERS"):
             workers = int(os.environ["ZARRDALI_WORKERS"])
         if workers is None:
@@ -237,9 +291,12 @@ class ZarrLoader:
         if workers and self.device != "cpu":
             raise ConfigError("workers > 0 is for the CPU path; the GPU path reads in-process.")
         if workers and not reopenable:
+            what = "a zarr.Group"
+            if not isinstance(store, zarr.Group):
+                what = "a store that cannot be pickled"
             raise ConfigError(
-                "workers > 0 needs the store as a path or URL (worker processes reopen it); "
-                "got a zarr.Group. Pass the path, or workers=0."
+                "workers > 0 needs the store as a path, a URL or a picklable store object "
+                f"(worker processes reopen it); got {what}. Pass the path or URL, or workers=0."
             )
         return workers
 
@@ -376,7 +433,7 @@ class ZarrLoader:
 
         if self.workers:  # DALI worker processes read (CPU path): no feed in this process
             fetch = EpochReader(
-                self.store_name,
+                self.store_ref,
                 self.variables,
                 self.spec,
                 self.candidates,

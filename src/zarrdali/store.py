@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import ShardingCodec
 from zarr.storage import LocalStore
 
+from . import remote
 from .codecs import ChunkCodec, ShardLayout, parse_chunk_codecs, parse_sharding
-from .errors import ConfigError, StoreNotFoundError, VariableNotFoundError
+from .errors import ConfigError, StoreAccessError, StoreNotFoundError, VariableNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,11 @@ class ArrayLayout:
 
     ``chunk_shape`` is the *read* granularity: the inner chunk of a sharded
     array, the chunk otherwise. ``shard`` is None for unsharded arrays.
-    ``codec`` is None when the fast path cannot decode this array's chunks, and
-    ``directory`` is None when the store is not on a local filesystem; either
-    means the array is read through zarr-python.
+    ``codec`` is None when the fast path cannot decode this array's chunks: then
+    the array is read through zarr-python. ``directory`` is the array's folder
+    when the store is on a local filesystem; ``key_prefix`` its path inside the
+    store (remote stores are read by key; None: zarrdali does not read the
+    store's bytes itself, as on the GPU path for remote stores today).
     """
 
     name: str
@@ -48,6 +52,7 @@ class ArrayLayout:
     directory: Path | None
     encode_key: Callable[[tuple[int, ...]], str]
     attrs: dict
+    key_prefix: str | None = None
 
     @property
     def n_levels(self) -> int:
@@ -56,7 +61,13 @@ class ArrayLayout:
 
     @property
     def fast_path(self) -> bool:
-        return self.codec is not None and self.directory is not None
+        return self.codec is not None and (
+            self.directory is not None or self.key_prefix is not None
+        )
+
+    @property
+    def local(self) -> bool:
+        return self.directory is not None
 
     @cached_property
     def chunk_nbytes(self) -> int:
@@ -79,26 +90,50 @@ class ArrayLayout:
         return f"{key} (inner chunk {tuple(chunk)})"
 
 
-def open_group(store: str | os.PathLike | zarr.Group) -> tuple[zarr.Group, str]:
-    """Open ``store`` read-only; returns the group and a name for messages."""
+def open_group(
+    store: str | os.PathLike | zarr.Group | Any,
+    storage_options: Mapping[str, Any] | None = None,
+) -> tuple[zarr.Group, str]:
+    """Open ``store`` read-only; returns the group and a name for messages.
+
+    ``store`` is a local path, a URL (``s3://``, ``gs://``, ``https://``, ...;
+    ``storage_options`` go to obstore or fsspec), a ``zarr.Group``, a zarr
+    ``Store`` (an Icechunk session's store, an ``FsspecStore``, ...) or an
+    obstore store.
+    """
     if isinstance(store, zarr.Group):
         return store, str(store.store_path)
-    name = os.fspath(store)
-    is_url = "://" in name
-    if not is_url and not Path(name).exists():
-        raise StoreNotFoundError(
-            f"Zarr store {name!r} does not exist. Check the path, or create the sample "
-            f"data with `zarrdali sample-data DIR`."
-        )
+    if isinstance(store, (str, os.PathLike)) and not remote.is_url(os.fspath(store)):
+        name = os.fspath(store)
+        if not Path(name.removeprefix("file://")).exists():
+            raise StoreNotFoundError(
+                f"Zarr store {name!r} does not exist. Check the path, or create the sample "
+                f"data with `zarrdali sample-data DIR`."
+            )
+        target: Any = name
+    else:
+        target = remote.zarr_store_for(store, storage_options)
+        name = store if isinstance(store, str) else remote.store_label(target)
     try:
-        group = zarr.open_group(name, mode="r")
+        group = zarr.open_group(target, mode="r")
     except (
         FileNotFoundError,
         zarr.errors.GroupNotFoundError,
         zarr.errors.ContainsArrayError,
         KeyError,
     ) as err:
-        raise StoreNotFoundError(f"{name!r} is not a Zarr group: {err}") from err
+        missing_bucket = "NoSuchBucket" in str(err) or remote.bucket_missing(target)
+        hint = " (the bucket does not exist)" if missing_bucket else ""
+        raise StoreNotFoundError(
+            f"{name!r} is not a Zarr group{hint}: {remote.short_message(err)}"
+        ) from err
+    except Exception as err:
+        if remote.is_access_error(err):
+            raise StoreAccessError(
+                f"access to store {name!r} was refused: {remote.short_message(err)}. Check "
+                f"the credentials (storage_options or the environment) and the permissions."
+            ) from err
+        raise
     return group, name
 
 
@@ -146,6 +181,7 @@ def describe_array(array: zarr.Array, name: str) -> ArrayLayout:
         directory=_local_directory(array),
         encode_key=meta.encode_chunk_key,
         attrs=dict(array.attrs),
+        key_prefix=array.path,
     )
 
 
@@ -155,14 +191,26 @@ def load_layouts(group: zarr.Group, store_name: str, variables: Sequence[str]) -
         variables = [variables]
     if not variables:
         raise ConfigError("`variables` is empty: name at least one array of the store.")
-    available = sorted(k for k, _ in group.arrays())
-    missing = [v for v in variables if v not in available]
+    arrays, missing = {}, []
+    for v in variables:  # by key: stores served over plain HTTP cannot list
+        try:
+            node = group[v]
+        except KeyError:
+            node = None
+        if isinstance(node, zarr.Array):
+            arrays[v] = node
+        else:
+            missing.append(v)
     if missing:
+        try:
+            available = str(sorted(k for k, _ in group.arrays()))
+        except Exception:  # listing unsupported (HTTP): say so rather than fail again
+            available = "unknown (the store cannot be listed)"
         raise VariableNotFoundError(
             f"Variable(s) {missing} not found in store {store_name!r}. "
             f"Arrays it holds: {available}."
         )
-    layouts = [describe_array(group[v], v) for v in variables]
+    layouts = [describe_array(arrays[v], v) for v in variables]
     for layout in layouts:
         if len(layout.shape) not in (3, 4):
             raise ConfigError(

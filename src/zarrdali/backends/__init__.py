@@ -13,6 +13,7 @@ def make_backend(
     store_name: str,
     num_threads: int | None = None,
     partial_decode: bool = True,
+    source=None,
     **gpu_options,
 ) -> Backend:
     """The backend for ``device`` ("cpu" or "cuda"); GPU imports happen only here.
@@ -21,6 +22,10 @@ def make_backend(
     ``gpu_options`` go to :class:`~zarrdali.backends.gpu.GpuBackend` (``read``,
     ``decode``, ``cache``, ``cache_budget``, ...); ``None`` values are its
     defaults. Given for ``device="cpu"``, they are an error.
+
+    ``source`` (a :class:`~zarrdali.backends.sources.ByteSource`) is where the
+    CPU backend reads bytes from (default: derived from the group's store); the
+    GPU backend reads local files itself.
     """
     options = {k: v for k, v in gpu_options.items() if v is not None}
     if device == "cpu":
@@ -34,7 +39,7 @@ def make_backend(
             )
         from .cpu import CpuBackend
 
-        return CpuBackend(group, store_name, num_threads, partial_decode)
+        return CpuBackend(group, store_name, num_threads, partial_decode, source=source)
     if device == "cuda":
         from .gpu import GpuBackend
 

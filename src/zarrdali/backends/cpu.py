@@ -38,6 +38,7 @@ from .base import LoadFn, batch_dtype
 from .fallback import ZarrPythonChunkSource
 from .locate import ChunkLocations, ChunkLocator
 from .ranges import CoalescedReads, coalesce_arrays
+from .sources import ByteSource, ObjectReadError, OnReady, make_source
 
 
 class _Scratch(threading.local):
@@ -324,11 +325,17 @@ class CpuBackend:
         partial_decode: bool = True,
         *,
         max_gap: int = 64 * 1024,
+        source: ByteSource | None = None,
     ) -> None:
         self.num_threads = num_threads or os.cpu_count() or 1
         self.partial_decode = partial_decode
         self._store = store_name
         self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="zarrdali-io")
+        if source is None:
+            source = make_source(group, store_name, map_fn=self._pool.map)
+        # Local stores: pread in the decode threads. Remote: one concurrent fetch per batch.
+        self.source = source
+        self.remote = source.remote
         self.reader = PosixReader(store_name, max_gap=max_gap)
         self.decoder = NumcodecsDecoder(store_name)
         self.fallback = ZarrPythonChunkSource(group, store_name)
@@ -340,7 +347,9 @@ class CpuBackend:
         key = tuple(id(layout) for layout in layouts)
         with self._lock:
             if key not in self._locators:
-                locator = ChunkLocator(self._store, layouts, map_fn=self._pool.map)
+                locator = ChunkLocator(
+                    self._store, layouts, map_fn=self._pool.map, source=self.source
+                )
                 self._locators[key] = (layouts, locator)  # layouts kept: ids stay theirs
             return self._locators[key][1]
 
@@ -348,7 +357,18 @@ class CpuBackend:
         self, layouts: Sequence[ArrayLayout], plan: BatchPlan, locations: ChunkLocations
     ) -> BatchWork:
         """Everything the batch's read/decode/copy loops need, without I/O."""
-        reads, chunk_of = self.reader.reads(locations)
+        if self.remote:  # one "read" per chunk here: the source coalesces them itself
+            chunk_of = np.flatnonzero(locations.present)
+            start = locations.offset[chunk_of]
+            reads = CoalescedReads(
+                order=np.arange(len(chunk_of)),
+                bounds=np.arange(len(chunk_of) + 1),
+                file=locations.file[chunk_of],
+                start=start,
+                end=start + locations.nbytes[chunk_of],
+            )
+        else:
+            reads, chunk_of = self.reader.reads(locations)
         order, bounds = plan.piece_order
         pieces = plan.pieces[order]
         needed = (
@@ -394,6 +414,19 @@ class CpuBackend:
                     t, sl : sl + nl, sy : sy + ny, sx : sx + nx
                 ]
 
+        def decode(i: int, data) -> None:
+            layout, coords = layouts[work.chunk_var[i]], work.chunk_coords[i]
+            if work.direct[i]:  # no scratch, no copy: decode into the batch
+                o, _, _, _, _, b, f, c, dy, dx, nl, ny, nx = work.pieces[work.piece_bounds[i]]
+                target = outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx]
+                self.decoder.decode(layout, coords, data, out=target)
+                return
+            needed = work.needed[i]
+            decoded = self.decoder.decode(
+                layout, coords, data, needed=None if needed < 0 else needed
+            )
+            scatter(i, decoded)
+
         def run_reads(rs: range) -> None:
             for r in rs:
                 f, start = work.read_file[r], work.read_start[r]
@@ -403,20 +436,11 @@ class CpuBackend:
                 )
                 for i in work.read_members[work.read_bounds[r] : work.read_bounds[r + 1]]:
                     lo = work.offset[i] - start
-                    data = buf[lo : lo + work.nbytes[i]]
-                    layout, coords = layouts[work.chunk_var[i]], work.chunk_coords[i]
-                    if work.direct[i]:  # no scratch, no copy: decode into the batch
-                        o, _, _, _, _, b, f, c, dy, dx, nl, ny, nx = work.pieces[
-                            work.piece_bounds[i]
-                        ]
-                        target = outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx]
-                        self.decoder.decode(layout, coords, data, out=target)
-                        continue
-                    needed = work.needed[i]
-                    decoded = self.decoder.decode(
-                        layout, coords, data, needed=None if needed < 0 else needed
-                    )
-                    scatter(i, decoded)
+                    decode(i, buf[lo : lo + work.nbytes[i]])
+
+        def run_fetched(ks: list[int], buffers: list) -> None:
+            for k, data in zip(ks, buffers, strict=True):  # None: a chunk never written
+                decode(work.read_members[k], data)
 
         def run_unread(chunks: list[int]) -> None:
             """Missing chunks (fill value) and chunks zarr-python reads."""
@@ -430,13 +454,25 @@ class CpuBackend:
                 scatter(i, decoded)
 
         unread, n_reads = work.unread, len(work.read_file)
+        result = outs[0] if plan.frame_split is None else tuple(outs)
+        if self.remote:  # one concurrent fetch; each response decoded as soon as it is in
+            futures: list = [self._pool.submit(run_unread, unread)]
+
+            def ready(ks: list[int], buffers: list) -> None:  # on the fetching thread
+                futures.append(self._pool.submit(run_fetched, ks, buffers))
+
+            try:
+                self.fetch(layouts, locations, work.read_members, on_ready=ready)
+            finally:
+                for future in futures:
+                    future.result()  # waits for every decode; re-raises the first error
+            return result
         # A few tasks per thread, not one per chunk: small inner chunks decode in
         # tens of microseconds, comparable to the executor's own overhead.
         n_tasks = max(1, min(n_reads + len(unread), self.num_threads * self.tasks_per_thread))
         tasks = [partial(run_reads, range(k, n_reads, n_tasks)) for k in range(n_tasks)] + [
             partial(run_unread, unread[k::n_tasks]) for k in range(n_tasks) if unread[k::n_tasks]
         ]
-        result = outs[0] if plan.frame_split is None else tuple(outs)
         if self.num_threads == 1:  # e.g. in a DALI worker process: no hand-offs
             for task in tasks:
                 task()
@@ -455,6 +491,49 @@ class CpuBackend:
         """Batches loaded ``depth`` ahead in two threads (each uses this backend's pool)."""
         return PrefetchSource(load, n_batches, depth=depth, workers=2)
 
+    def fetch(
+        self,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        chunks: list[int],
+        on_ready: OnReady | None = None,
+    ) -> list:
+        """The stored bytes of ``chunks`` from the remote source, fetched concurrently
+        (``on_ready(positions in chunks, buffers)`` as responses come in)."""
+        pick = np.asarray(chunks, dtype=np.int64)
+        try:
+            return self.source.read_chunks(
+                locations.paths,
+                locations.file[pick],
+                locations.offset[pick],
+                locations.nbytes[pick],
+                on_ready=on_ready,
+            )
+        except ObjectReadError as err:
+            f = int(np.flatnonzero(locations.paths == err.path)[0])
+            raise ChunkError(
+                err.reason,
+                store=self._store,
+                array=layouts[locations.file_var[f]].name,
+                key=locations.keys[f],
+            ) from err
+
+    def probe(self, layouts: Sequence[ArrayLayout]) -> None:
+        """Read the first storage object's row of every variable (its shard index, or
+        its size; nothing for a remote unsharded chunk): access errors and broken
+        shards surface before training starts. The rows stay cached."""
+        from ..batchplan import plan_batch
+
+        plan = plan_batch(
+            layouts, np.zeros((1, 3), dtype=np.int64), n_frames=1, frame_step=1, tile_hw=(1, 1)
+        )
+        self.locator(layouts).locate(plan)
+
+    def stats(self) -> dict[str, int]:
+        """Requests, bytes and in-flight depth of the remote source (empty for local)."""
+        return self.source.stats()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.reader.close()
+        self.source.close()

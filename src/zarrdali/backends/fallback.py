@@ -1,7 +1,8 @@
 """Read chunks through zarr-python when the fast path does not apply.
 
-Used for codec chains the fast path does not understand and for stores that are
-not on a local filesystem. Slower (no coalescing, no batched decode), never wrong.
+Used for codec chains the fast path does not understand, and on the GPU path
+for stores that are not on a local filesystem. Slower (no coalescing, no
+batched decode), never wrong.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ _warned_lock = threading.Lock()
 
 
 def fallback_reason(layout: ArrayLayout) -> str:
-    if layout.directory is None:
-        return "the store is not on a local filesystem"
-    return "its codec chain is not one the fast path decodes"
+    if layout.codec is None:
+        return "its codec chain is not one the fast path decodes"
+    return "this backend does not read remote stores itself yet"
 
 
 def warn_fallback_once(store_name: str, layout: ArrayLayout) -> None:

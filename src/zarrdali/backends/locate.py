@@ -15,7 +15,6 @@ make room (never one the current batch needs): memory is bounded by
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,9 +25,10 @@ import numpy as np
 from ..batchplan import BatchPlan, chunk_grid4, natural_coords, unique_inverse
 from ..errors import ChunkError
 from ..store import ArrayLayout
+from .sources import MISSING, WHOLE, ByteSource, LocalSource, ObjectReadError
 
 _EMPTY = 2**64 - 1  # shard index entry of an inner chunk that was never written
-MISSING = -1  # nbytes of a chunk that does not exist
+__all__ = ["MISSING", "WHOLE", "ChunkLocations", "ChunkLocator", "storage_shape4"]
 
 
 def storage_shape4(layout: ArrayLayout) -> tuple[int, int, int, int]:
@@ -45,6 +45,9 @@ class ChunkLocations:
 
     ``file`` is -1 for chunks that are not read by the fast path (``fast`` is
     False: zarr-python reads them) and for missing chunks (``missing``).
+    ``paths`` are file paths (local store) or keys (remote store; see
+    :mod:`~zarrdali.backends.sources`); ``nbytes`` is ``WHOLE`` for an unsharded
+    chunk of a remote store: its object is read whole, whatever its size.
     """
 
     file: np.ndarray  # [N] int64
@@ -117,8 +120,9 @@ class _ObjectTable:
 class ChunkLocator:
     """Locates the chunks of :class:`BatchPlan` s of one store (thread-safe).
 
-    ``map_fn`` runs the reads of new shard indexes (e.g. a thread pool's
-    ``map``); ``budget_bytes`` bounds the cached rows of all variables.
+    ``source`` reads new shard indexes and chunk sizes (default: the local files,
+    read with ``map_fn``, e.g. a thread pool's ``map``); ``budget_bytes`` bounds
+    the cached rows of all variables.
     """
 
     def __init__(
@@ -128,10 +132,11 @@ class ChunkLocator:
         *,
         map_fn: Callable[[Callable, Iterable], Iterable] = map,
         budget_bytes: int = 64 << 20,
+        source: ByteSource | None = None,
     ) -> None:
         self._store = store_name
         self.layouts = list(layouts)
-        self._map = map_fn
+        self.source = source if source is not None else LocalSource(store_name, map_fn)
         self._lock = threading.Lock()
         self._now = 0
         self.objects_loaded = 0
@@ -193,7 +198,7 @@ class ChunkLocator:
         return np.searchsorted(self._object_base, objects, side="right") - 1
 
     def _load_missing_rows(self, objects: np.ndarray) -> None:
-        """Read the rows of the objects not cached yet (shard indexes, file sizes)."""
+        """Read the rows of the objects not cached yet (shard indexes, chunk sizes)."""
         table = self._table
         new = np.unique(objects[table.slot_of[objects] < 0])
         if not len(new):
@@ -206,8 +211,9 @@ class ChunkLocator:
             layout = self.layouts[v]
             coords = np.unravel_index(obj - self._object_base[v], self._object_grid[v])
             key = layout.encode_key(natural_coords(layout, coords))
-            work.append((layout, key, os.path.join(layout.directory, key)))
-        rows = list(self._map(lambda item: self._read_row(*item), work))
+            path = self.source.path_of(layout.directory, layout.key_prefix, key)
+            work.append((layout, key, path))
+        rows = self._read_rows(work)
         for slot, row in zip(slots.tolist(), rows, strict=True):
             table.entries[slot, : len(row)] = row
         table.paths[slots] = [path for _, _, path in work]
@@ -216,50 +222,52 @@ class ChunkLocator:
         table.slot_of[new] = slots
         self.objects_loaded += len(new)
 
-    def _read_row(self, layout: ArrayLayout, key: str, path: str) -> np.ndarray:
-        if layout.shard is not None:
-            return self._read_index(layout, key, path)
-        return self._stat_chunk(layout, key, path)
+    def _read_rows(self, work: list[tuple[ArrayLayout, str, str]]) -> list[np.ndarray]:
+        """The rows of these objects: one source call per kind of object, so a remote
+        source fetches all new shard indexes of a batch concurrently."""
+        rows: list[np.ndarray | None] = [None] * len(work)
+        groups: dict[tuple, list[int]] = {}
+        for k, (layout, _, _) in enumerate(work):
+            shard = layout.shard
+            kind = None if shard is None else (shard.index_nbytes, shard.index_location)
+            groups.setdefault(kind, []).append(k)
+        for kind, members in groups.items():
+            paths = [work[k][2] for k in members]
+            try:
+                if kind is None:
+                    answers = self.source.chunk_sizes(paths)
+                else:
+                    answers = self.source.read_indexes(paths, kind[0], kind[1] == "end")
+            except ObjectReadError as err:
+                layout, key, _ = work[members[paths.index(err.path)]]
+                raise ChunkError(err.reason, store=self._store, array=layout.name, key=key) from err
+            for k, answer in zip(members, answers, strict=True):
+                layout, key, _ = work[k]
+                if kind is None:
+                    rows[k] = np.array([[0, answer]], dtype=np.int64)
+                else:
+                    rows[k] = self._parse_index(layout, key, answer)
+        return rows
 
-    def _stat_chunk(self, layout: ArrayLayout, key: str, path: str) -> np.ndarray:
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            return np.array([[0, MISSING]], dtype=np.int64)
-        except OSError as err:
-            raise ChunkError(
-                f"cannot stat: {err}", store=self._store, array=layout.name, key=key
-            ) from err
-        return np.array([[0, size]], dtype=np.int64)
-
-    def _read_index(self, layout: ArrayLayout, key: str, path: str) -> np.ndarray:
-        """The shard's ``[inner chunks, 2]`` (offset, nbytes) rows, C order."""
+    def _parse_index(
+        self, layout: ArrayLayout, key: str, answer: tuple[object, int] | None
+    ) -> np.ndarray:
+        """The shard's ``[inner chunks, 2]`` (offset, nbytes) rows, C order, checked."""
         shard = layout.shard
         n_inner = int(np.prod(shard.chunks_per_shard))
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # whole shard missing: every inner chunk is fill value
+        if answer is None:  # whole shard missing: every inner chunk is fill value
             return np.tile(np.array([[0, MISSING]], dtype=np.int64), (n_inner, 1))
-        try:
-            size = os.fstat(fd).st_size
-            n = shard.index_nbytes
-            if size < n:
-                raise ChunkError(
-                    f"shard file is {size} bytes, smaller than its {n}-byte index",
-                    store=self._store,
-                    array=layout.name,
-                    key=key,
-                )
-            raw = os.pread(fd, n, size - n if shard.index_location == "end" else 0)
-        except OSError as err:
+        raw, size = answer
+        raw = bytes(raw)
+        n = shard.index_nbytes
+        if len(raw) != n:
+            what = f"{size} bytes" if size >= 0 else f"shorter than {n} bytes"
             raise ChunkError(
-                f"cannot read the shard index: {err}",
+                f"shard file is {what}, smaller than its {n}-byte index",
                 store=self._store,
                 array=layout.name,
                 key=key,
-            ) from err
-        finally:
-            os.close(fd)
+            )
         if shard.index_has_crc32c:
             raw, stored = raw[:-4], int.from_bytes(raw[-4:], "little")
             if crc32c.crc32c(raw) != stored:
@@ -274,6 +282,8 @@ class ChunkLocator:
         empty = (index[:, 0] == _EMPTY) & (index[:, 1] == _EMPTY)
         rows = index.astype(np.int64)  # offsets and sizes of real files fit
         rows[empty] = (0, MISSING)
+        if size < 0:  # size unknown (some remote stores): a range past the end reads short
+            return rows
         bad = ~empty & ((index[:, 0] + index[:, 1] > size) | (index[:, 1] > size))
         if bad.any():
             where = tuple(int(c) for c in np.unravel_index(np.argmax(bad), shard.chunks_per_shard))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -28,6 +29,7 @@ DEFAULTS: dict[str, object] = {
     "seed": 0,
     "step_ms": 0.0,
     "cold": False,
+    "storage_options": None,
     "out": "bench-out",
 }
 
@@ -79,7 +81,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"zarrdali bench: {err}", file=sys.stderr)
         return 2
-    if o["store"]:
+    if o["store"] and "://" in str(o["store"]):  # a URL: Path() would fold its "//"
+        stores = [(str(o["store"]).rstrip("/").rsplit("/", 1)[-1], str(o["store"]))]
+    elif o["store"]:
         stores = [(Path(o["store"]).name, str(o["store"]))]
     else:
         stores = _ensure_sample_data(Path(o["data_dir"]))
@@ -92,9 +96,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ]
     variables = o["variables"]
     if not variables:
-        import zarr
+        from ..store import open_group
 
-        group = zarr.open_group(stores[0][1], mode="r")
+        group, _ = open_group(stores[0][1], o["storage_options"])
         variables = [name for name, arr in group.arrays() if arr.ndim >= 3]
     spec = BenchSpec(
         store=stores[0][1],
@@ -110,6 +114,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         num_threads=o["threads"],
         step_ms=float(o["step_ms"]),
         cold=bool(o["cold"]),
+        storage_options=o["storage_options"],
     )
     command = shlex.join(["zarrdali", *sys.argv[1:]])
     payload = run_bench(stores, spec, loaders, o["out"], progress=not args.quiet, command=command)
@@ -207,6 +212,11 @@ def register(sub) -> None:
         default=None,
         help="drop the store's files from the page cache before each timed epoch "
         "(posix_fadvise, no root needed)",
+    )
+    p.add_argument(
+        "--storage-options",
+        type=json.loads,
+        help='JSON for a URL store, e.g. \'{"endpoint_url": "...", "anon": true}\'',
     )
     p.add_argument("--out", help="output folder (default ./bench-out)")
     p.add_argument("-q", "--quiet", action="store_true")

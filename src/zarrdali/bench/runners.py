@@ -90,15 +90,17 @@ def compare_views(
         )
 
 
-def _open_xarray(store: str):
+def _open_xarray(store: str, storage_options: dict | None = None):
     import xarray as xr
 
     # Stored values, as zarrdali serves them (no CF scaling or masking).
-    return xr.open_zarr(store, consolidated=False, mask_and_scale=False)
+    return xr.open_zarr(
+        store, consolidated=False, mask_and_scale=False, storage_options=storage_options
+    )
 
 
 def _check_xarray_view(spec: BenchSpec, loader: ZarrLoader) -> None:
-    ds = _open_xarray(spec.store)
+    ds = _open_xarray(spec.store, spec.storage_options)
     compare_views(
         {layout.name: (layout.shape, layout.dtype) for layout in loader.layouts},
         {v: (ds[v].shape, ds[v].dtype) for v in spec.variables if v in ds},
@@ -175,7 +177,10 @@ def zarrdali_runner(
 
     ``partial_decode=False`` decodes every chunk whole, as the decode ceilings do.
     """
-    loader = _zarrdali_loader(spec, device, partial_decode=partial_decode)
+    # Remote stores: in-process (threads; fetching is async), so the request counts
+    # of the byte source are this process's to report.
+    workers = {"workers": 0} if spec.remote else {}
+    loader = _zarrdali_loader(spec, device, partial_decode=partial_decode, **workers)
     note = f"{loader.workers} worker process(es)" if loader.workers else "in-process"
     ready = None
     if device == "cuda":
@@ -188,6 +193,8 @@ def zarrdali_runner(
             # for that is waiting for data (and times the GPU work, not its launch).
             torch.cuda.synchronize()
 
+    stats = getattr(loader.backend, "stats", dict)
+
     def size(batch: dict) -> int:
         return len(batch["index"])
 
@@ -195,10 +202,19 @@ def zarrdali_runner(
         for epoch in range(spec.epochs):
             loader.set_epoch(epoch)
             timed = epoch_batches(spec, epoch)[spec.warmup_batches :]
+            before = stats()
             time_epoch(spec, result, lambda: iter(loader), len(timed), size, ready)
             whole, decoded = _decoded_nbytes(loader, timed)
             result.decoded_bytes_per_epoch = whole
             result.note = note
+            if spec.remote:  # this epoch's requests (warm-up included), bytes, depth
+                now = stats()
+                result.note += (
+                    f"; {now.get('requests', 0) - before.get('requests', 0)} requests, "
+                    f"{(now.get('bytes', 0) - before.get('bytes', 0)) / 1e6:.1f} MB, "
+                    f"peak {now.get('peak_in_flight', 0)} of {now.get('max_in_flight', 0)} "
+                    f"in flight per epoch"
+                )
             if decoded < whole:
                 result.note += (
                     f"; decodes {decoded / whole:.0%} of the chunk bytes (partial decode)"
@@ -256,6 +272,8 @@ def decode_ceiling_runner(
     API instead (``Codec.decode(chunk)``, a new buffer per chunk), which is what
     code decoding with numcodecs usually does.
     """
+    if spec.remote:
+        raise Skipped("the decode ceilings read a local store's files")
     loader = _loader(spec, workers=0)
     threads = spec.budget
     api = "Codec.decode, new buffers" if codec_api else "reused buffers"
@@ -334,6 +352,7 @@ class XarraySampleDataset:
     ) -> None:
         self.store, self.variables, self.n_frames = store, list(variables), n_frames
         self.tile_hw, self.samples = tile_hw, samples
+        self.storage_options: dict | None = None  # for URL stores
         self._ds = None  # opened lazily in each worker process
 
     def __len__(self) -> int:
@@ -343,7 +362,12 @@ class XarraySampleDataset:
         import xarray as xr
 
         if self._ds is None:
-            self._ds = xr.open_zarr(self.store, consolidated=False, mask_and_scale=False)
+            self._ds = xr.open_zarr(
+                self.store,
+                consolidated=False,
+                mask_and_scale=False,
+                storage_options=self.storage_options,
+            )
         t0, y0, x0 = (int(v) for v in self.samples[i])
         h, w = self.tile_hw
         fields = []
@@ -431,6 +455,7 @@ def torch_xarray_runner(spec: BenchSpec, result: RunResult) -> Runner:
     dataset = XarraySampleDataset(
         spec.store, spec.variables, spec.n_frames, tile_hw, _concat(epochs)
     )
+    dataset.storage_options = spec.storage_options
     yield from _dataloader_epochs(spec, result, dataset, epochs)
 
 
@@ -489,7 +514,7 @@ class XbatcherSampleDataset(XarraySampleDataset):
 
         if offset not in self._maps:
             if self._ds is None:
-                self._ds = _open_xarray(self.store)[self.variables]
+                self._ds = _open_xarray(self.store, self.storage_options)[self.variables]
                 self._dims = self.dims(self._ds)
             t, y, x = self._dims
             (h, w), n = self.tile_hw, self.n_frames
@@ -535,7 +560,8 @@ def xbatcher_runner(spec: BenchSpec, result: RunResult) -> Runner:
     dataset = XbatcherSampleDataset(
         spec.store, spec.variables, spec.n_frames, tile_hw, _concat(epochs)
     )
-    dataset.check(_open_xarray(spec.store))
+    dataset.storage_options = spec.storage_options
+    dataset.check(_open_xarray(spec.store, spec.storage_options))
     yield from _dataloader_epochs(spec, result, dataset, epochs)
 
 

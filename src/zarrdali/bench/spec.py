@@ -21,7 +21,12 @@ class BenchSpec:
     num_threads: int | None = None  # None: all cores
     step_ms: float = 0.0  # simulated training step per batch on the consumer side
     cold: bool = False  # drop the store from the page cache before each timed epoch
+    storage_options: dict | None = None  # for a URL store: credentials, endpoint
     extra: dict = field(default_factory=dict)
+
+    @property
+    def remote(self) -> bool:
+        return "://" in self.store and not self.store.startswith("file://")
 
     @property
     def budget(self) -> int:
@@ -41,6 +46,7 @@ class BenchSpec:
             batch_size=self.batch_size,
             shuffle=True,
             seed=self.seed,
+            storage_options=self.storage_options,
         )
 
     def to_json(self) -> dict:

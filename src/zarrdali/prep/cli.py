@@ -46,6 +46,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         verify=args.verify,
         progress=not args.quiet,
+        storage_options=args.storage_options,
+        dst_storage_options=args.dst_storage_options,
     )
     print(path)
     return 0
@@ -104,7 +106,13 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="convert/rechunk a source into sharded Zarr v3 (dask)")
     p.add_argument("src", help="anything xarray opens: NetCDF, Zarr v2/v3, GRIB; path or URL")
-    p.add_argument("dst", type=Path)
+    p.add_argument("dst", help="local path or URL (s3://, gs://, ...)")
+    p.add_argument(
+        "--storage-options",
+        type=json.loads,
+        help="JSON: credentials/endpoint for URLs (obstore's or fsspec's names)",
+    )
+    p.add_argument("--dst-storage-options", type=json.loads, help="JSON, for dst (default: as src)")
     p.add_argument("--variables", nargs="+", help="default: all data variables")
     p.add_argument("--rename", nargs="*", default=[], metavar="OLD=NEW")
     p.add_argument("--time-dim", help="default: 'time', else the first dim")

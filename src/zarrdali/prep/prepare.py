@@ -29,6 +29,7 @@ import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
+from .. import remote
 from ..errors import ConfigError, StoreNotFoundError, VariableNotFoundError, ZarrDaliError
 from ._dask import connect
 from .layout import Layout, field_step_bytes, plan_layout
@@ -38,11 +39,15 @@ log = logging.getLogger(__name__)
 PROGRESS_FILE = ".zarrdali-prepare.json"
 
 
-def open_source(src: str | os.PathLike, unpack: bool = False) -> xr.Dataset:
-    """Open ``src`` lazily (no dask yet): NetCDF, Zarr v2/v3, GRIB.
+def open_source(
+    src: str | os.PathLike, unpack: bool = False, storage_options: Mapping | None = None
+) -> xr.Dataset:
+    """Open ``src`` lazily (no dask yet): NetCDF, Zarr v2/v3, GRIB; a path or a URL.
 
     Stored values by default; ``unpack`` applies fill values and scale/offset
-    (packed int16 becomes floats, what a model wants to see).
+    (packed int16 becomes floats, what a model wants to see). A Zarr URL is read
+    with obstore where installed (``storage_options`` as for ``ZarrLoader``),
+    else fsspec.
     """
     name = os.fspath(src)
     is_url = "://" in name
@@ -57,11 +62,13 @@ def open_source(src: str | os.PathLike, unpack: bool = False) -> xr.Dataset:
     )
     try:
         if is_zarr:
-            return xr.open_zarr(name, chunks=None, consolidated=None, **raw)
+            target = remote.zarr_store_for(name, storage_options) if is_url else name
+            return xr.open_zarr(target, chunks=None, consolidated=None, **raw)
         if is_url:
             import fsspec
 
-            return xr.open_dataset(fsspec.open(name).open(), engine="h5netcdf", **raw)
+            opened = fsspec.open(name, **dict(storage_options or {})).open()
+            return xr.open_dataset(opened, engine="h5netcdf", **raw)
         return xr.open_dataset(name, chunks=None, **raw)
     except (OSError, ValueError) as err:
         raise StoreNotFoundError(f"xarray cannot open {name!r}: {err}") from err
@@ -130,10 +137,66 @@ def _fingerprint(src: str, names: list[str], ds: xr.Dataset, layout: Layout) -> 
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def _save_progress(dst: Path, state: dict[str, Any]) -> None:
-    tmp = dst / (PROGRESS_FILE + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, dst / PROGRESS_FILE)  # atomic: never a half-written record
+class Destination:
+    """Where ``prepare`` writes: a local directory, or a URL (``s3://``, ``gs://``, ...)
+    opened as a writable zarr store; the progress record is a file or an object there."""
+
+    def __init__(self, dst: str | os.PathLike, storage_options: Mapping | None = None) -> None:
+        self.name = os.fspath(dst)
+        self.path: Path | None = None
+        self.store: Any = None
+        if remote.is_url(self.name):
+            self.store = remote.zarr_store_for(self.name, storage_options, read_only=False)
+        else:
+            self.path = Path(self.name)
+
+    @property
+    def target(self) -> Any:
+        """What zarr-python and xarray open: the path or the store."""
+        return self.path if self.path is not None else self.store
+
+    def _sync(self, coro):
+        from zarr.core.sync import sync
+
+        return sync(coro)
+
+    def exists(self) -> bool:
+        if self.path is not None:
+            return self.path.exists()
+        return self._sync(self.store.exists("zarr.json")) or self.load_progress() is not None
+
+    def load_progress(self) -> dict | None:
+        if self.path is not None:
+            file = self.path / PROGRESS_FILE
+            return json.loads(file.read_text()) if file.exists() else None
+        from zarr.core.buffer import default_buffer_prototype
+
+        buf = self._sync(self.store.get(PROGRESS_FILE, default_buffer_prototype()))
+        return None if buf is None else json.loads(buf.to_bytes())
+
+    def save_progress(self, state: dict[str, Any]) -> None:
+        text = json.dumps(state)
+        if self.path is not None:
+            tmp = self.path / (PROGRESS_FILE + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.path / PROGRESS_FILE)  # atomic: never a half-written record
+            return
+        from zarr.core.buffer import default_buffer_prototype
+
+        buf = default_buffer_prototype().buffer.from_bytes(text.encode())
+        self._sync(self.store.set(PROGRESS_FILE, buf))  # object PUTs are atomic
+
+    def remove_progress(self) -> None:
+        if self.path is not None:
+            (self.path / PROGRESS_FILE).unlink()
+        else:
+            self._sync(self.store.delete(PROGRESS_FILE))
+
+    def clear(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path)
+        else:
+            self._sync(self.store.delete_dir(""))
 
 
 def _regions(n_time: int, shard_steps: int, shards_per_region: int) -> list[tuple[int, int]]:
@@ -142,10 +205,10 @@ def _regions(n_time: int, shard_steps: int, shards_per_region: int) -> list[tupl
 
 
 def _verify(
-    src_ds: xr.Dataset, dst: Path, names: list[str], time_dim: str, n: int, seed: int = 0
+    src_ds: xr.Dataset, dst: Destination, names: list[str], time_dim: str, n: int, seed: int = 0
 ) -> int:
     """Compare ``n`` random time steps of every variable with the source; returns checks."""
-    group = zarr.open_group(dst, mode="r")
+    group = zarr.open_group(dst.target, mode="r")
     n_time = src_ds.sizes[time_dim]
     rng = np.random.default_rng(seed)
     steps = sorted({0, n_time - 1, *rng.integers(0, n_time, size=max(n - 2, 0)).tolist()})
@@ -157,7 +220,7 @@ def _verify(
             if want.shape != got.shape or not np.array_equal(want, got, equal_nan=True):
                 raise ZarrDaliError(
                     f"Verification failed: {v!r} at {time_dim}={t} differs between the "
-                    f"source and {str(dst)!r}. Re-run with overwrite=True."
+                    f"source and {dst.name!r}. Re-run with overwrite=True."
                 )
             checks += 1
     return checks
@@ -185,15 +248,20 @@ def prepare(
     verify: int = 4,
     progress: bool = True,
     on_region: Callable[[int, tuple[int, int]], None] | None = None,
-) -> Path:
+    storage_options: Mapping[str, Any] | None = None,
+    dst_storage_options: Mapping[str, Any] | None = None,
+) -> Path | str:
     """Write ``src`` to ``dst`` as sharded Zarr v3; see the module docstring.
 
-    ``on_region(i, (t_start, t_stop))`` is called after region ``i`` is recorded
-    as done (progress hooks, and tests that simulate an interruption).
+    ``src`` and ``dst`` are paths or URLs (``s3://``, ``gs://``, ...; their
+    ``storage_options`` and ``dst_storage_options``, default the same, as for
+    ``ZarrLoader``). ``on_region(i, (t_start, t_stop))`` is called after region
+    ``i`` is recorded as done (progress hooks, and tests that simulate an
+    interruption). Returns the destination's path (or URL).
     """
-    dst = Path(dst)
+    dst = Destination(dst, storage_options if dst_storage_options is None else dst_storage_options)
     src_name = os.fspath(src)
-    source = open_source(src, unpack)
+    source = open_source(src, unpack, storage_options)
     ds, names = _select(source, variables, rename)
     tdim, names = _time_dim(ds, names, time_dim)
     ds = ds.assign({v: ds[v].transpose(tdim, ...) for v in names})
@@ -215,7 +283,8 @@ def prepare(
         codec=codec,
         level=level,
     )
-    fingerprint = _fingerprint(os.path.abspath(src_name), names, ds, layout)
+    src_id = src_name if "://" in src_name else os.path.abspath(src_name)
+    fingerprint = _fingerprint(src_id, names, ds, layout)
     done = _claim_destination(dst, fingerprint, overwrite, resume)
     client = connect(scheduler)  # None: dask's local threaded scheduler
 
@@ -245,17 +314,22 @@ def prepare(
     )
     if done is None:
         lazy.to_zarr(
-            dst, mode="w", compute=False, encoding=encoding, zarr_format=3, consolidated=False
+            dst.target,
+            mode="w",
+            compute=False,
+            encoding=encoding,
+            zarr_format=3,
+            consolidated=False,
         )
         done = []
-        _save_progress(dst, {"fingerprint": fingerprint, "done": done})
+        dst.save_progress({"fingerprint": fingerprint, "done": done})
     workers = len(client.scheduler_info()["workers"]) if client is not None else os.cpu_count()
     per_region = shards_per_region or max(1, workers or 1)
     regions = _regions(n_time, layout.shard_steps, per_region)
     # Regions are written with dask.array.store into the arrays xarray created:
     # xarray's region mode re-applies the CF encoding read back from the store
     # (scale_factor, ...), which would re-encode stored values.
-    group = zarr.open_group(dst, mode="r+")
+    group = zarr.open_group(dst.target, mode="r+")
     data = {v: lazy[v].data for v in names}
     todo = [i for i in range(len(regions)) if list(regions[i]) not in done]
     with tqdm(total=len(regions), initial=len(regions) - len(todo), desc="prepare",
@@ -269,41 +343,40 @@ def prepare(
                 lock=False,  # blocks are whole shards: no two tasks share a file
             )
             done.append([a, b])
-            _save_progress(dst, {"fingerprint": fingerprint, "done": done})
+            dst.save_progress({"fingerprint": fingerprint, "done": done})
             bar.update()
             if on_region is not None:
                 on_region(i, (a, b))
     checks = _verify(source.rename(dict(rename or {})), dst, names, tdim, verify)
-    log.info("prepare: verified %d fields of %s against %s", checks, dst, src_name)
+    log.info("prepare: verified %d fields of %s against %s", checks, dst.name, src_name)
     group.attrs["zarrdali_prepare"] = {"source": src_name, "fingerprint": fingerprint}
-    (dst / PROGRESS_FILE).unlink()
-    return dst
+    dst.remove_progress()
+    return dst.path if dst.path is not None else dst.name
 
 
 def _claim_destination(
-    dst: Path, fingerprint: str, overwrite: bool, resume: bool
+    dst: Destination, fingerprint: str, overwrite: bool, resume: bool
 ) -> list[list[int]] | None:
     """Regions already written (resume), or None for a fresh store; refuses otherwise."""
     if not dst.exists():
         return None
-    progress_file = dst / PROGRESS_FILE
-    if resume and progress_file.exists():
-        state = json.loads(progress_file.read_text())
+    state = dst.load_progress() if resume else None
+    if state is not None:
         if state.get("fingerprint") != fingerprint:
             raise ConfigError(
-                f"{str(dst)!r} holds an interrupted prepare with other settings (source, "
+                f"{dst.name!r} holds an interrupted prepare with other settings (source, "
                 f"variables or layout); resume with the same ones, or overwrite=True."
             )
         return state["done"]
     if overwrite:
-        shutil.rmtree(dst)
+        dst.clear()
         return None
     if resume:
         raise ConfigError(
-            f"{str(dst)!r} exists and has no interrupted prepare to resume "
+            f"{dst.name!r} exists and has no interrupted prepare to resume "
             f"(it is complete or not ours); pass overwrite=True to rewrite it."
         )
     raise ConfigError(
-        f"Destination {str(dst)!r} exists. Pass resume=True (--resume) to finish an "
+        f"Destination {dst.name!r} exists. Pass resume=True (--resume) to finish an "
         f"interrupted prepare or overwrite=True (--overwrite) to replace it."
     )

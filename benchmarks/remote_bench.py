@@ -1,0 +1,314 @@
+"""Remote-store benchmark: zarrdali against the usual ways of reading an S3 URL.
+
+Starts moto's S3 server in its own process on 127.0.0.1 (with a delay added to
+every request, as a far-away object store has), uploads the sample data's
+sharded store, and for each delay measures on the reference sample spec
+(4 variables, 4 + 2 frames of 128 x 128, batches of 8):
+
+- ``zarrdali`` — ``ZarrLoader("s3://...")``, the fast path (one concurrent,
+  coalesced fetch per batch), iterated as a user would (DALI, prefetch);
+- ``zarr-python fallback`` — the same loader reading chunk by chunk through
+  zarr-python, as every remote store was read before;
+- ``xarray sample by sample`` — ``xr.open_zarr(url)`` and one ``isel`` per sample;
+- ``plain range-GET client`` — obstore issuing exactly the byte ranges zarrdali
+  fetched, all at once (``--max-in-flight`` at a time), no decoding: what the
+  server delivers.
+
+Prints a table and writes ``remote.json`` and ``remote.md`` to ``--out``.
+
+    python benchmarks/remote_bench.py --out benchmarks/results/remote-cpu-2core
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+import zarrdali
+from zarrdali.bench.objectserver import RemoteS3Server, upload
+from zarrdali.sample_data import SHARDED, SampleDataSpec, sample_data_exists, write_sample_data
+
+BUCKET = "bench"
+VARIABLES = ["t2m", "u10", "v10", "msl"]
+SPEC = dict(input_steps=4, target_steps=2, tile=(128, 128), batch_size=8, shuffle=True)
+
+
+def zarrdali_run(url, opts, args, workers: int) -> dict:
+    """Samples/s of ZarrLoader over ``args.batches`` batches after ``args.warmup``."""
+    loader = zarrdali.ZarrLoader(
+        url,
+        VARIABLES,
+        **SPEC,
+        seed=args.seed,
+        device="cpu",
+        workers=workers,
+        storage_options=opts,
+        max_in_flight=args.max_in_flight,
+    )
+    it = iter(loader)
+    for _ in range(args.warmup):
+        next(it)
+    bytes0 = loader.backend.stats().get("bytes", 0)  # fetched in this process (workers=0)
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(args.batches):
+        n += len(next(it)["index"])
+    seconds = time.perf_counter() - t0
+    stats = loader.backend.stats()
+    it.close()
+    loader.close()
+    return {
+        "samples_per_s": n / seconds,
+        "seconds": seconds,
+        "samples": n,
+        # bytes received while the timed batches were served (prefetch runs ahead at the
+        # same pace, so this is the rate the network delivered to zarrdali)
+        "network_mb_per_s": (stats.get("bytes", 0) - bytes0) / seconds / 1e6,
+        "source": stats,
+    }
+
+
+def fallback_run(url, opts, args) -> dict:
+    """The same loader, every chunk read through zarr-python (the old path for URLs)."""
+    loader = zarrdali.ZarrLoader(
+        url, VARIABLES, **SPEC, seed=args.seed, device="cpu", workers=0, storage_options=opts
+    )
+    loader.layouts = [replace(layout, key_prefix=None) for layout in loader.layouts]
+    plan = loader.epoch_plan()
+    t0 = time.perf_counter()
+    n = 0
+    for k in range(args.fallback_batches):
+        samples = plan.batch(k)
+        loader.load_batch(samples)
+        n += len(samples)
+    seconds = time.perf_counter() - t0
+    loader.close()
+    return {"samples_per_s": n / seconds, "seconds": seconds, "samples": n}
+
+
+def xarray_run(url, opts, args) -> dict:
+    """xarray reading the URL sample by sample (one isel + .values per variable)."""
+    import xarray as xr
+
+    loader = zarrdali.ZarrLoader(
+        url, VARIABLES, **SPEC, seed=args.seed, device="cpu", workers=0, storage_options=opts
+    )
+    samples = np.concatenate([loader.epoch_plan().batch(k) for k in range(4)])[: args.xr_samples]
+    loader.close()
+    ds = xr.open_zarr(url, storage_options=opts, consolidated=False, mask_and_scale=False)
+    dims = ds[VARIABLES[0]].dims
+    t0 = time.perf_counter()
+    for t, y, x in samples.tolist():
+        sel = {dims[0]: slice(t, t + 6), dims[-2]: slice(y, y + 128), dims[-1]: slice(x, x + 128)}
+        window = ds[VARIABLES].isel(sel)
+        np.stack([window[v].values for v in VARIABLES], axis=1)
+    seconds = time.perf_counter() - t0
+    return {"samples_per_s": len(samples) / seconds, "seconds": seconds, "samples": len(samples)}
+
+
+def raw_client_run(server, ranges, args) -> dict:
+    """obstore fetching ``ranges`` [(key, start, end)] concurrently: what the server delivers."""
+    import obstore
+    from obstore.store import S3Store
+
+    opts = server.storage_options()
+    store = S3Store(
+        BUCKET,
+        endpoint=server.endpoint,
+        access_key_id=opts["key"],
+        secret_access_key=opts["secret"],
+        region="us-east-1",
+        client_options={"allow_http": True},
+    )
+
+    async def fetch_all() -> int:
+        limit = asyncio.Semaphore(args.max_in_flight)
+
+        async def one(key, start, end) -> int:
+            async with limit:
+                data = await obstore.get_range_async(store, key, start=start, end=end)
+                return len(memoryview(data))
+
+        return sum(await asyncio.gather(*(one(*r) for r in ranges)))
+
+    asyncio.run(fetch_all())  # warm the connections
+    t0 = time.perf_counter()
+    nbytes = asyncio.run(fetch_all())
+    seconds = time.perf_counter() - t0
+    return {
+        "mb_per_s": nbytes / seconds / 1e6,
+        "requests_per_s": len(ranges) / seconds,
+        "seconds": seconds,
+        "requests": len(ranges),
+        "bytes": nbytes,
+    }
+
+
+def ranged_gets(server) -> list[tuple[str, int, int]]:
+    """(key, start, end) of every answered ranged GET in the server's log."""
+    out = []
+    prefix = f"/{BUCKET}/"
+    for r in server.requests():
+        if r.method != "GET" or r.status >= 300 or not r.range or "=-" in r.range:
+            continue
+        a, b = r.range.split("=", 1)[1].split("-")
+        out.append((r.path[len(prefix) :], int(a), int(b) + 1))
+    return out
+
+
+def median_row(runs: list[dict], key: str) -> dict:
+    values = [r[key] for r in runs]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("zarrdali", "zarr", "obstore", "numcodecs", "xarray", "s3fs", "moto"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", type=Path, default=Path("sample-data-remote"))
+    p.add_argument("--n-time", type=int, default=48, help="hourly steps of the sample data")
+    p.add_argument("--delays-ms", type=float, nargs="+", default=[5.0, 20.0])
+    p.add_argument("--batches", type=int, default=12, help="timed batches per zarrdali run")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--fallback-batches", type=int, default=1)
+    p.add_argument("--xr-samples", type=int, default=16)
+    p.add_argument("--max-in-flight", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="zarrdali's DALI worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench-out/remote"))
+    args = p.parse_args(argv)
+    commit = _commit()  # at the start: the code that runs
+
+    if args.workers:
+        raise SystemExit("--workers > 0: the source's byte counts live in the workers; use 0")
+    warnings.filterwarnings("ignore", message=".*read through zarr-python.*")
+    if not sample_data_exists(args.data_dir):
+        write_sample_data(args.data_dir, SampleDataSpec(n_time=args.n_time), progress=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with RemoteS3Server() as server:
+        upload(server.endpoint, BUCKET, args.data_dir / SHARDED, SHARDED)
+        url, opts = f"s3://{BUCKET}/{SHARDED}", server.storage_options()
+        for delay in args.delays_ms:
+            server.configure(delay_s=delay / 1000, clear_log=True)
+            runs, raws = [], []
+            for _ in range(args.repeats):  # interleaved: the machine's drift hits both alike
+                server.configure(clear_log=True)
+                runs.append(zarrdali_run(url, opts, args, args.workers))
+                ranges = ranged_gets(server)
+                raws.append(raw_client_run(server, ranges, args))
+            fast = runs[-1]
+            raw = dict(raws[-1])
+            raw["mb_per_s"] = median_row(raws, "mb_per_s")["median"]
+            raw["requests_per_s"] = median_row(raws, "requests_per_s")["median"]
+            fallback = fallback_run(url, opts, args)
+            xr_row = xarray_run(url, opts, args)
+            z = median_row(runs, "samples_per_s")
+            z_mb = median_row(runs, "network_mb_per_s")["median"]
+            row = {
+                "delay_ms": delay,
+                "zarrdali": {
+                    "samples_per_s": z,
+                    "network_mb_per_s": z_mb,
+                    "requests_last_run": fast["source"].get("requests"),
+                    "bytes_last_run": fast["source"].get("bytes"),
+                    "peak_in_flight": fast["source"].get("peak_in_flight"),
+                    "max_in_flight": args.max_in_flight,
+                },
+                "zarr_python_fallback": fallback,
+                "xarray_sample_by_sample": xr_row,
+                "plain_range_get_client": raw,
+                "ratios": {
+                    "zarrdali / xarray (samples/s)": z["median"] / xr_row["samples_per_s"],
+                    "zarrdali / fallback (samples/s)": z["median"] / fallback["samples_per_s"],
+                    # per repeat (zarrdali's run and the plain client's right after), median
+                    "zarrdali / plain client (MB/s)": statistics.median(
+                        r["network_mb_per_s"] / c["mb_per_s"]
+                        for r, c in zip(runs, raws, strict=True)
+                    ),
+                },
+            }
+            results.append(row)
+            print(json.dumps({"delay_ms": delay, **row["ratios"]}), flush=True)
+
+    payload = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "commit": commit,
+        "versions": versions(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "results": results,
+    }
+    (args.out / "remote.json").write_text(json.dumps(payload, indent=2) + "\n")
+    table = markdown(results)
+    (args.out / "remote.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| delay/request | loader | samples/s median (min–max) | network MB/s |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        z = r["zarrdali"]["samples_per_s"]
+        d = f"{r['delay_ms']:g} ms"
+        lines.append(
+            f"| {d} | zarrdali (fast path; peak {r['zarrdali']['peak_in_flight']} in flight) | "
+            f"{z['median']:.1f} ({z['min']:.1f}–{z['max']:.1f}) | "
+            f"{r['zarrdali']['network_mb_per_s']:.1f} |"
+        )
+        lines.append(
+            f"| {d} | zarr-python fallback | {r['zarr_python_fallback']['samples_per_s']:.2f} | – |"
+        )
+        lines.append(
+            f"| {d} | xarray sample by sample | "
+            f"{r['xarray_sample_by_sample']['samples_per_s']:.2f} | – |"
+        )
+        raw = r["plain_range_get_client"]
+        lines.append(
+            f"| {d} | plain range-GET client (same ranges, no decode) | – | "
+            f"{raw['mb_per_s']:.1f} ({raw['requests_per_s']:.0f} requests/s) |"
+        )
+    lines.append("")
+    for r in results:
+        ratios = ", ".join(f"{k}: {v:.2f}x" for k, v in r["ratios"].items())
+        lines.append(f"- {r['delay_ms']:g} ms: {ratios}")
+    return "\n".join(lines)
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
