@@ -346,7 +346,8 @@ def plan_batch(
 
     chunk_key, inverse = unique_inverse(np.concatenate(keys))
     chunk_var = np.searchsorted(bases, chunk_key, side="right") - 1
-    grids = tables.chunk_grids[chunk_var]
+    # one grid for all chunks when every variable has the same (the usual case)
+    grids = tables.chunk_grids[:1] if len(tables.groups) == 1 else tables.chunk_grids[chunk_var]
     chunk_coords = np.empty((len(chunk_key), 4), dtype=np.int64)
     rest = chunk_key - bases[chunk_var]
     for axis in (3, 2, 1):

@@ -65,6 +65,17 @@ class ChunkLocations:
         return self.fast & ~self.missing
 
 
+def _dense_unique(slots: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """``unique_inverse`` of small non-negative integers below ``capacity``: by
+    marking them in a table when that is small, else by sorting."""
+    if capacity > 16 * len(slots) + 1024:
+        return unique_inverse(slots)
+    seen = np.zeros(capacity, dtype=bool)
+    seen[slots] = True
+    rank = np.cumsum(seen) - 1
+    return np.flatnonzero(seen), rank[slots]
+
+
 class _ObjectTable:
     """Cached storage-object rows of all variables: slots of ``(offset, nbytes)``
     per inner chunk, found through a dense object-id → slot array."""
@@ -148,6 +159,10 @@ class ChunkLocator:
         self._object_grid = -(-grids // self._per_object)
         sizes = np.where(self.fast, self._object_grid.prod(axis=1), 0)
         self._object_base = np.concatenate([[0], np.cumsum(sizes)])
+        self._uniform = bool(
+            (self._per_object == self._per_object[:1]).all()
+            and (self._object_grid == self._object_grid[:1]).all()
+        )
         per = int(self._per_object.prod(axis=1).max()) if len(self.layouts) else 1
         self._table = _ObjectTable(
             int(self._object_base[-1]), per, max(1, budget_bytes // (per * 16 + 40))
@@ -166,15 +181,21 @@ class ChunkLocator:
         n = plan.n_chunks
         var = plan.chunk_var
         fast = self.fast[var]
-        chunks = np.flatnonzero(fast)
-        var, coords = var[chunks], plan.chunk_coords[chunks]
-        per = self._per_object[var]
-        grid = self._object_grid[var]
-        obj, inner = np.zeros(len(chunks), dtype=np.int64), np.zeros(len(chunks), dtype=np.int64)
-        for axis in range(4):  # C-order flat indices, per chunk with its variable's shapes
-            obj = obj * grid[:, axis] + coords[:, axis] // per[:, axis]
-            inner = inner * per[:, axis] + coords[:, axis] % per[:, axis]
-        obj += self._object_base[var]
+        if fast.all():  # the usual case: no copies of the plan's arrays
+            chunks, coords = np.arange(n), plan.chunk_coords
+        else:
+            chunks = np.flatnonzero(fast)
+            var, coords = var[chunks], plan.chunk_coords[chunks]
+        if self._uniform:  # every variable stored alike: one shape for all chunks
+            per, grid = self._per_object[0], self._object_grid[0]
+        else:
+            per, grid = self._per_object[var], self._object_grid[var]
+        outer, within = np.divmod(coords, per)
+        obj, inner = outer[..., 0], within[..., 0]
+        for axis in (1, 2, 3):  # C-order flat indices
+            obj = obj * grid[..., axis] + outer[..., axis]
+            inner = inner * per[..., axis] + within[..., axis]
+        obj = obj + self._object_base[var]
         table = self._table
         with self._lock:
             self._now += 1
@@ -183,7 +204,7 @@ class ChunkLocator:
             table.stamp[slots] = self._now
             entries = table.entries[slots, inner]
             gone = entries[:, 1] == MISSING
-            used, local = unique_inverse(slots[~gone])
+            used, local = _dense_unique(slots[~gone], table.capacity)
             paths, keys = table.paths[used], table.keys[used]
             file_var = self._var_of_object(table.object_of[used])
         file = np.full(n, -1, dtype=np.int64)
