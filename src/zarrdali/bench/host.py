@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -178,7 +180,11 @@ def run_host_bench(
 ) -> dict:
     """Time every store, write ``host.json`` and ``host.md`` to ``out``; returns the payload."""
     results = [time_host(path, variables, **kw) for _, path in stores]
+    from .report import _git_commit
+
     payload = {
+        "command": shlex.join(["zarrdali", *sys.argv[1:]]),
+        "commit": _git_commit(),
         "machine": {
             "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(),
