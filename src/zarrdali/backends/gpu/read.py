@@ -54,6 +54,7 @@ import numpy as np
 from ...errors import ChunkError
 from ...store import ArrayLayout
 from ..locate import ChunkLocations
+from ..sources import ObjectReadError
 from .lifetimes import GuardedBuffers
 from .plan import StagingLayout
 
@@ -161,13 +162,17 @@ def io_details() -> dict[str, Any]:
     }
 
 
-def resolve_read_mode(read: str, mode: str) -> str:
-    """The reader ``read`` ("auto", "kvikio", "pinned") names in I/O mode ``mode``."""
+def resolve_read_mode(read: str, mode: str, remote: bool = False) -> str:
+    """The reader ``read`` ("auto", "kvikio", "pinned") names in I/O mode ``mode``.
+
+    For a ``remote`` store, "auto" is "pinned" (the store's byte source into
+    pinned memory, :class:`SourceReader`); "kvikio" is kvikIO's remote file
+    (:class:`KvikioRemoteReader`)."""
     if read not in READ_MODES:
         raise ValueError(f"read must be one of {READ_MODES}, got {read!r}")
     if read != "auto":
         return read
-    return "kvikio" if mode == "gds" else "pinned"
+    return "kvikio" if mode == "gds" and not remote else "pinned"
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -409,15 +414,34 @@ class PinnedReader:
     ) -> None:
         """Every read of ``s`` into pinned memory, then one copy of
         ``staging[:s.raw_nbytes]`` enqueued on ``stream`` (not awaited)."""
-        import cupy
+        self._read_then_copy(layouts, locations, s, staging, stream, self._fill)
 
-        k, host = self._ring.acquire(s.raw_nbytes)
-
+    def _fill(
+        self,
+        host: np.ndarray,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        s: StagingLayout,
+    ) -> None:
         def error(message: str, f: int) -> ChunkError:
             return _read_error(message, self._store, layouts, locations, f)
 
+        pread_into(host, s, locations.paths, self._files, self._map, self.n_tasks, error)
+
+    def _read_then_copy(
+        self,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        s: StagingLayout,
+        staging: Any,
+        stream: Any,
+        fill: Callable[..., None],
+    ) -> None:
+        import cupy
+
+        k, host = self._ring.acquire(s.raw_nbytes)
         try:
-            pread_into(host, s, locations.paths, self._files, self._map, self.n_tasks, error)
+            fill(host, layouts, locations, s)
         except BaseException:
             self._ring.release(k, None)
             raise
@@ -433,3 +457,107 @@ class PinnedReader:
     def close(self) -> None:
         """Wait for the copies out of the pinned buffers, then drop them."""
         self._ring.close()
+
+
+# -- a remote store, through its byte source ----------------------------------------------
+def source_error(
+    err: ObjectReadError, store: str, layouts: Sequence[ArrayLayout], locations: ChunkLocations
+) -> ChunkError:
+    """The :class:`ChunkError` naming the array and key of the object ``err`` names."""
+    f = int(np.flatnonzero(locations.paths == err.path)[0])
+    error = _read_error(err.reason, store, layouts, locations, f)
+    error.__cause__ = err
+    return error
+
+
+class SourceReader(PinnedReader):
+    """A remote store's coalesced byte ranges, fetched concurrently through its
+    :class:`~zarrdali.backends.sources.ByteSource` into pinned host memory (each
+    response copied to its place in the staging layout as it arrives, on the
+    fetching thread), then **one** host-to-device copy per batch, as
+    :class:`PinnedReader`.
+
+    ``source.read_chunks`` gets the staging layout's reads themselves; when the
+    layout was coalesced with the source's own ``max_gap``, each read is one
+    request. ``prefetched`` (file index → bytes of the whole object): objects
+    already fetched whole (a remote store's unsharded chunks, whose sizes are
+    unknown until read), copied from there instead.
+    """
+
+    name = "source"
+
+    def __init__(
+        self,
+        store: str,
+        source: Any,
+        *,
+        alloc_pinned: Callable[[int], np.ndarray],
+        on_read=None,
+        on_copy=None,
+    ) -> None:
+        self._store = store
+        self._source = source
+        self._ring = GuardedBuffers(alloc_pinned, n=2)
+        self._on_read = on_read
+        self._on_copy = on_copy
+
+    def read(
+        self,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        s: StagingLayout,
+        staging: Any,
+        stream: Any,
+        prefetched: dict[int, Any] | None = None,
+    ) -> None:
+        """Every read of ``s`` into pinned memory, then one copy of
+        ``staging[:s.raw_nbytes]`` enqueued on ``stream`` (not awaited)."""
+        fill = partial(self._fill_from_source, prefetched=prefetched)
+        self._read_then_copy(layouts, locations, s, staging, stream, fill)
+
+    def _fill_from_source(
+        self,
+        host: np.ndarray,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        s: StagingLayout,
+        prefetched: dict[int, Any] | None,
+    ) -> None:
+        files, starts = s.read_file.tolist(), s.read_start.tolist()
+        dst, nbytes = s.read_dst.tolist(), s.read_nbytes.tolist()
+        fetch = np.arange(s.n_reads)
+        if prefetched:
+            have = np.fromiter((f in prefetched for f in files), dtype=bool, count=len(files))
+            for r in np.flatnonzero(have).tolist():
+                data = np.frombuffer(prefetched[files[r]], dtype=np.uint8)
+                host[dst[r] : dst[r] + nbytes[r]] = data[starts[r] : starts[r] + nbytes[r]]
+            fetch = np.flatnonzero(~have)
+        if not len(fetch):
+            return
+        order = fetch.tolist()
+
+        def ready(positions: list[int], buffers: list[Any]) -> None:  # on the fetching thread
+            for k, data in zip(positions, buffers, strict=True):
+                r = order[k]
+                got = np.frombuffer(data, dtype=np.uint8)
+                if len(got) != nbytes[r]:
+                    raise _read_error(
+                        f"object is truncated: wanted {nbytes[r]} bytes at {starts[r]}, "
+                        f"got {len(got)}",
+                        self._store,
+                        layouts,
+                        locations,
+                        files[r],
+                    )
+                host[dst[r] : dst[r] + nbytes[r]] = got
+
+        try:
+            self._source.read_chunks(
+                locations.paths,
+                s.read_file[fetch],
+                s.read_start[fetch],
+                s.read_nbytes[fetch],
+                ready,
+            )
+        except ObjectReadError as err:
+            raise source_error(err, self._store, layouts, locations) from err
