@@ -18,6 +18,7 @@ import os
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -275,3 +276,77 @@ def test_wrong_credentials_before_training_on_the_gpu_path(s3, device):
             workers=0,
             storage_options=s3.storage_options(key="wrong-key"),
         )
+
+
+# -- kvikIO's remote file -----------------------------------------------------------
+class FakeRemoteFile:
+    """``kvikio.remote_file.RemoteFile`` serving ``s3://BUCKET/PREFIX/<key>`` from
+    the local copy of the store (the 26.x classmethods; ``pread`` returns a future)."""
+
+    root: Path
+    opened: ClassVar[list[str]] = []
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    @classmethod
+    def open_s3_url(cls, url: str, nbytes: int | None = None) -> FakeRemoteFile:
+        cls.opened.append(url)
+        return cls(cls.root / url.removeprefix(f"s3://{BUCKET}/{PREFIX}/"))
+
+    def pread(self, buf, size: int, file_offset: int = 0):
+        with open(self._path, "rb") as fh:
+            fh.seek(file_offset)
+            data = np.frombuffer(fh.read(size), dtype=np.uint8)
+        np.asarray(buf)[: len(data)] = data
+        return fakegpu._Ready(len(data))
+
+
+def _install_remote_file(monkeypatch, local_store: Path) -> None:
+    import sys
+    import types
+
+    module = types.ModuleType("kvikio.remote_file")
+    FakeRemoteFile.root, FakeRemoteFile.opened = local_store, []
+    module.RemoteFile = FakeRemoteFile
+    module.is_remote_file_available = lambda: True
+    monkeypatch.setitem(sys.modules, "kvikio.remote_file", module)
+
+
+@pytest.mark.parametrize("variables", [["sharded", "levels"], ["plain", "sharded", "blosc"]])
+def test_kvikio_remote_file_reads_into_device_staging(
+    s3, backends, local_store, monkeypatch, variables
+):
+    """``read="kvikio"`` on an s3:// store: the ranges go through kvikIO's remote
+    file (here a fake on the local copy), batches equal the CPU backend's, and no
+    data range is fetched through the byte source; unsharded chunks are fetched
+    whole through the source (their sizes are unknown until read)."""
+    fakegpu.install(monkeypatch)
+    _install_remote_file(monkeypatch, local_store)
+    group, name = open_group(URL, storage_options=s3.storage_options())
+    layouts = load_layouts(group, name, variables)
+    plans = _plans(layouts)
+    want = _cpu_batches(group, name, layouts, plans, backends)
+    gpu = _gpu(group, name, backends, read="kvikio")
+    assert gpu.read_mode == "kvikio"
+    gpu.probe(layouts)
+    s3.configure(clear_log=True)
+    for plan, expected in zip(plans, want, strict=True):
+        assert _load(gpu, layouts, plan).tobytes() == expected.tobytes()
+    assert FakeRemoteFile.opened and all(u.startswith(URL + "/") for u in FakeRemoteFile.opened)
+    for var in ("sharded", "levels"):
+        assert not [g for g in data_gets(s3, var) if not g[1].startswith("bytes=-")]
+    counts = gpu.transfers.snapshot()
+    assert counts["file_reads"] > 0
+
+
+def test_kvikio_remote_file_needs_a_url(s3, backends, local_store, monkeypatch):
+    import zarr
+
+    fakegpu.install(monkeypatch)
+    _install_remote_file(monkeypatch, local_store)
+    group, _ = open_group(URL, storage_options=s3.storage_options())
+    other = zarr.open_group(group.store, mode="r")  # a zarr Store object: no URL
+    with pytest.raises(ValueError, match="s3:// or http"):
+        _gpu(other, "a store object", backends, read="kvikio")
+    assert _gpu(other, "a store object", backends).read_mode == "pinned"

@@ -97,12 +97,14 @@ from .read import (
     DEFAULT_GDS_THRESHOLD,
     DEFAULT_TASK_SIZE,
     KvikioReader,
+    KvikioRemoteReader,
     OpenFiles,
     PinnedReader,
     SourceReader,
     configure_kvikio,
     io_details,
     io_mode,
+    kvikio_remote_url,
     resolve_read_mode,
     source_error,
 )
@@ -387,6 +389,9 @@ class GpuBackend(CudaSourceRole):
         self.io = io_details()
         self.io_mode = self.io["mode"]
         self.read_mode = resolve_read_mode(read, self.io_mode, self.remote)
+        self._remote_url = None
+        if self.remote and self.read_mode == "kvikio":
+            self._remote_url = self._check_kvikio_remote()
         log.info("zarrdali GPU backend: %s reads, kvikIO %s", self.read_mode, self.io)
         self.decode_mode = self._decode_mode(decode)
         self._preconfigure = preconfigure
@@ -406,6 +411,26 @@ class GpuBackend(CudaSourceRole):
                 cache_budget = max(free // 4, cache_page_size)
             self.cache = GpuChunkCache(cupy, int(cache_budget), page_size=cache_page_size)
         self.peak_device_bytes = 0
+
+    def _check_kvikio_remote(self) -> str:
+        """The store URL kvikIO's remote file reads from; raises when it cannot."""
+        url = kvikio_remote_url(self._store)
+        if url is None:
+            raise ValueError(
+                f"read='kvikio' on a remote store needs an s3:// or http(s):// URL (kvikIO's "
+                f"remote file), not {self._store!r}; pass read='pinned' (the default) to read "
+                f"it through its byte source."
+            )
+        try:
+            from kvikio.remote_file import RemoteFile, is_remote_file_available
+        except ImportError:  # a kvikIO without the module
+            RemoteFile, is_remote_file_available = None, lambda: False
+        if RemoteFile is None or not is_remote_file_available():
+            raise BackendUnavailableError(
+                "read='kvikio' on a remote store needs kvikIO built with remote-file "
+                "support (kvikio.RemoteFile); pass read='pinned' (the default)."
+            )
+        return url
 
     def _decode_mode(self, decode: str) -> str:
         global _capi_warned
@@ -476,7 +501,15 @@ class GpuBackend(CudaSourceRole):
                 on_copy=self.transfers.host_to_device_copy,
             )
         elif self.read_mode == "kvikio":
-            state.reader = KvikioReader(self._store, on_read=self.transfers.file_reads_done)
+            if self.remote:
+                state.reader = KvikioRemoteReader(
+                    self._store,
+                    self._remote_url,
+                    on_read=self.transfers.file_reads_done,
+                    on_copy=self.transfers.host_to_device_copy,
+                )
+            else:
+                state.reader = KvikioReader(self._store, on_read=self.transfers.file_reads_done)
             state.staging = GuardedBuffers(lambda n: cp.empty(n, dtype=cp.uint8), n=2)
         else:
             state.reader = PinnedReader(
