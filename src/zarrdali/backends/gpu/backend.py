@@ -16,7 +16,11 @@ One batch consumes the same array plan as the CPU backend
 2. **read** (:mod:`.read`): the compressed bytes into one device staging
    buffer: kvikIO (``read="kvikio"``, the default with GDS) or preads into
    pinned memory and one host-to-device copy (``read="pinned"``, the default
-   in kvikIO's compatibility mode).
+   in kvikIO's compatibility mode). A remote store (``source.remote``) is read
+   through its byte source into pinned memory, one copy per batch
+   (``read="pinned"``, the default) or with kvikIO's remote file
+   (``read="kvikio"``); its unsharded chunks are fetched whole first (their
+   sizes are unknown until read).
 3. **decode** (:mod:`.decode`): payloads packed to 8-byte alignment and
    uncompressed chunks copied by one copy kernel each; admitted payloads copied
    into the cache arena; then one nvCOMP batched C API call per algorithm
@@ -316,9 +320,14 @@ class GpuBackend(CudaSourceRole):
     ``"kvikio"`` or ``"pinned"`` (see :mod:`.read`). ``io_threads``,
     ``task_size``, ``gds_threshold``: kvikIO's settings (process-wide; the
     ``KVIKIO_*`` environment variables win; ``io_threads`` defaults to
-    max(8, num_threads)). ``decode``: ``"capi"`` (nvCOMP's batched C API;
-    ``"auto"``/None: it when its symbols load, else the Python API with a
-    warning) or ``"python"``. ``preconfigure`` (Python API only): hand nvCOMP
+    max(8, num_threads)). ``source``: where bytes come from (default: derived
+    from the group's store; owned and closed by the backend); a remote source
+    is read by :class:`~.read.SourceReader` (or kvikIO's remote file with
+    ``read="kvikio"``); ``max_gap`` defaults to 64 KiB locally and to the
+    source's own gap remotely (each staged read is then one request).
+    ``decode``: ``"capi"`` (nvCOMP's batched C API; ``"auto"``/None: it when
+    its symbols load, else the Python API with a warning) or ``"python"``.
+    ``preconfigure`` (Python API only): hand nvCOMP
     the known sizes so decode does not synchronize. ``cache``: ``"gpu"`` keeps
     compressed chunk bytes on the device across batches and epochs, in at most
     ``cache_budget`` bytes (default: a quarter of the free device memory),

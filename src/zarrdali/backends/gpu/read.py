@@ -24,6 +24,17 @@ reader makes one large copy per batch at full PCIe/C2C bandwidth; for small
 chunks kvikIO's per-task overhead dominates. ``benchmarks/decode_gpu.py``
 measures both (rows ``zarrdali-gpu[kvikio]`` and ``zarrdali-gpu[pinned]``).
 
+A remote store (``s3://``, ``gs://``, ``https://``, a zarr Store, Icechunk) has
+two more: :class:`SourceReader` (``read="pinned"``, the default: the store's
+:class:`~zarrdali.backends.sources.ByteSource` fetches the coalesced ranges
+concurrently, each response is copied into pinned memory as it arrives, then
+one host-to-device copy per batch) and :class:`KvikioRemoteReader`
+(``read="kvikio"``, ``s3://``/``http(s)://`` URLs only: ``kvikio.RemoteFile``
+reads straight into device staging). ``benchmarks/remote_bench.py`` measures
+both (rows ``zarrdali-gpu[pinned]`` and ``zarrdali-gpu[kvikio]``); neither has
+run on a GPU yet (the source reader is tested on the CPU stand-in against a
+local S3 server, the kvikIO one against a fake ``RemoteFile``).
+
 Readers belong to one thread state of the backend (kvikIO file handles are
 kept open per reader, least recently used closed past a limit); ``close()``
 releases them. The host waits for the reads themselves (inherent: the bytes
