@@ -350,3 +350,51 @@ def test_kvikio_remote_file_needs_a_url(s3, backends, local_store, monkeypatch):
     with pytest.raises(ValueError, match="s3:// or http"):
         _gpu(other, "a store object", backends, read="kvikio")
     assert _gpu(other, "a store object", backends).read_mode == "pinned"
+
+
+# -- the benchmark's GPU rows ---------------------------------------------------------
+def test_remote_bench_gpu_rows(s3, tmp_path, monkeypatch):
+    """``benchmarks/remote_bench.py``'s GPU rows: skipped with the reason without a
+    GPU; on the CPU stand-in the pinned row runs and reports samples/s."""
+    import argparse
+    import importlib.util
+
+    from zarrdali.sample_data import SHARDED, SampleDataSpec, write_sample_data
+
+    bench_path = Path(__file__).parents[1] / "benchmarks" / "remote_bench.py"
+    spec = importlib.util.spec_from_file_location("remote_bench", bench_path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setitem(bench.SPEC, "tile", (16, 16))
+    data = tmp_path / "sample"
+    write_sample_data(data, SampleDataSpec(n_time=30, n_lat=37, n_lon=72), progress=False)
+    upload(s3.endpoint, BUCKET, data / SHARDED, f"bench/{SHARDED}")
+    url, opts = f"s3://{BUCKET}/bench/{SHARDED}", s3.storage_options()
+    args = argparse.Namespace(seed=0, warmup=1, batches=2, max_in_flight=8)
+    from zarrdali.backends.gpu import missing_gpu_requirements
+
+    if missing_gpu_requirements():
+        row = bench.gpu_run(url, opts, args, "pinned")
+        assert row["status"] == "skipped" and "no GPU path here" in row["reason"]
+    fakegpu.install(monkeypatch)
+    row = bench.gpu_run(url, opts, args, "pinned")
+    assert row["status"] == "ok" and row["samples_per_s"] > 0 and row["read"] == "pinned"
+    assert row["source"]["requests"] > 0
+    table = bench.markdown(
+        [
+            {
+                "delay_ms": 5.0,
+                "zarrdali": {
+                    "samples_per_s": {"median": 1.0, "min": 1.0, "max": 1.0},
+                    "peak_in_flight": 1,
+                    "network_mb_per_s": 1.0,
+                },
+                "zarrdali_gpu": {"pinned": row, "kvikio": {"status": "skipped", "reason": "x"}},
+                "zarr_python_fallback": {"samples_per_s": 1.0},
+                "xarray_sample_by_sample": {"samples_per_s": 1.0},
+                "plain_range_get_client": {"mb_per_s": 1.0, "requests_per_s": 1.0},
+                "ratios": {},
+            }
+        ]
+    )
+    assert "read=pinned" in table and "read=kvikio (load_batch) | skipped: x" in table
