@@ -10,6 +10,10 @@ sharded store, and for each delay measures on the reference sample spec
 - ``zarr-python fallback`` — the same loader reading chunk by chunk through
   zarr-python, as every remote store was read before;
 - ``xarray sample by sample`` — ``xr.open_zarr(url)`` and one ``isel`` per sample;
+- ``zarrdali device=cuda, read=pinned|kvikio`` — the GPU backend's
+  ``load_batch`` (no DALI) with the byte source into pinned memory and one copy
+  per batch, or kvikIO's remote file into device memory: which is faster
+  (skipped, with the reason, where there is no GPU);
 - ``plain range-GET client`` — obstore issuing exactly the byte ranges zarrdali
   fetched, all at once (``--max-in-flight`` at a time), no decoding: what the
   server delivers.
@@ -76,6 +80,67 @@ def zarrdali_run(url, opts, args, workers: int) -> dict:
         # bytes received while the timed batches were served (prefetch runs ahead at the
         # same pace, so this is the rate the network delivered to zarrdali)
         "network_mb_per_s": (stats.get("bytes", 0) - bytes0) / seconds / 1e6,
+        "source": stats,
+    }
+
+
+GPU_READS = ("pinned", "kvikio")
+
+
+def gpu_run(url, opts, args, read: str) -> dict:
+    """Samples/s of the GPU backend's ``load_batch`` (read, decode, gather; no DALI)
+    with ``read`` ("pinned": the byte source into pinned memory, one copy per batch;
+    "kvikio": kvikIO's remote file into device memory), or why it was skipped."""
+    from zarrdali.backends.gpu import backend as gpu_backend
+    from zarrdali.backends.sources import make_source
+    from zarrdali.batchplan import plan_batch
+    from zarrdali.store import load_layouts, open_group
+
+    missing = gpu_backend.missing_gpu_requirements()
+    if missing:
+        return {"status": "skipped", "reason": "no GPU path here: " + "; ".join(missing)}
+    if read == "kvikio":  # kvikIO's remote file takes credentials from the environment
+        os.environ.update(
+            AWS_ACCESS_KEY_ID=opts["key"],
+            AWS_SECRET_ACCESS_KEY=opts["secret"],
+            AWS_DEFAULT_REGION=opts["client_kwargs"]["region_name"],
+            AWS_ENDPOINT_URL=opts["endpoint_url"],
+        )
+    group, name = open_group(url, storage_options=opts)
+    layouts = load_layouts(group, name, VARIABLES)
+    loader = zarrdali.ZarrLoader(
+        url, VARIABLES, **SPEC, seed=args.seed, device="cpu", workers=0, storage_options=opts
+    )
+    plan, n_batches = loader.epoch_plan(), len(loader)
+    loader.close()
+    source = make_source(group, name, max_in_flight=args.max_in_flight)
+    try:
+        backend = gpu_backend.GpuBackend(group, name, read=read, source=source)
+    except Exception as err:  # e.g. kvikIO built without remote-file support
+        source.close()
+        return {"status": "skipped", "reason": f"{type(err).__name__}: {err}"}
+    steps = SPEC["input_steps"] + SPEC["target_steps"]
+    try:
+        n, seconds = 0, 0.0
+        for k in range(args.warmup + args.batches):
+            samples = plan.batch(k % n_batches)
+            batch_plan = plan_batch(
+                layouts, samples, n_frames=steps, frame_step=1, tile_hw=SPEC["tile"]
+            )
+            t0 = time.perf_counter()
+            backend.load_batch(layouts, batch_plan)  # synchronizes its own stream
+            if k >= args.warmup:
+                seconds += time.perf_counter() - t0
+                n += len(samples)
+        stats = backend.stats()
+    finally:
+        backend.close()
+    return {
+        "status": "ok",
+        "samples_per_s": n / seconds,
+        "seconds": seconds,
+        "samples": n,
+        "read": backend.read_mode,
         "source": stats,
     }
 
@@ -226,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             raw["requests_per_s"] = median_row(raws, "requests_per_s")["median"]
             fallback = fallback_run(url, opts, args)
             xr_row = xarray_run(url, opts, args)
+            gpu_rows = {read: gpu_run(url, opts, args, read) for read in GPU_READS}
             z = median_row(runs, "samples_per_s")
             z_mb = median_row(runs, "network_mb_per_s")["median"]
             row = {
@@ -238,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                     "peak_in_flight": fast["source"].get("peak_in_flight"),
                     "max_in_flight": args.max_in_flight,
                 },
+                "zarrdali_gpu": gpu_rows,
                 "zarr_python_fallback": fallback,
                 "xarray_sample_by_sample": xr_row,
                 "plain_range_get_client": raw,
@@ -282,6 +349,9 @@ def markdown(results: list[dict]) -> str:
             f"{z['median']:.1f} ({z['min']:.1f}–{z['max']:.1f}) | "
             f"{r['zarrdali']['network_mb_per_s']:.1f} |"
         )
+        for read, g in r.get("zarrdali_gpu", {}).items():
+            what = f"{g['samples_per_s']:.1f}" if g["status"] == "ok" else f"skipped: {g['reason']}"
+            lines.append(f"| {d} | zarrdali device=cuda, read={read} (load_batch) | {what} | – |")
         lines.append(
             f"| {d} | zarr-python fallback | {r['zarr_python_fallback']['samples_per_s']:.2f} | – |"
         )

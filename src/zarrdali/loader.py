@@ -8,7 +8,6 @@ import math
 import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import zarr
@@ -114,11 +113,13 @@ class ZarrLoader:
     ``store`` may be a path, a URL (``s3://``, ``gs://``, ``az://``, ``https://``;
     credentials and endpoint in ``storage_options``, obstore's or fsspec's
     names), a ``zarr.Group``, a zarr ``Store`` (an Icechunk session's store, an
-    ``FsspecStore``) or an obstore store. The CPU path reads remote chunks
-    itself: the byte ranges of a batch coalesced and fetched concurrently, at
+    ``FsspecStore``) or an obstore store. Both paths read remote chunks
+    themselves: the byte ranges of a batch coalesced and fetched concurrently, at
     most ``max_in_flight`` requests at a time (per process), retried on
     throttling; ``cache_dir`` keeps what was read in local files (at most
     ``cache_bytes``, least recently used evicted), shared by processes and ranks.
+    On ``device="cuda"`` the responses land in pinned host memory and go to the
+    device in one copy per batch (not yet run on a GPU).
     """
 
     def __init__(
@@ -204,32 +205,32 @@ class ZarrLoader:
         self.dali_threads = dali_threads
         self.device = _resolve_device(device)
         self.partial_decode = partial_decode
-        source = None
-        if self.device == "cpu":
-            source = make_source(
-                self.group,
-                self.store_name,
-                max_in_flight=max_in_flight,
-                cache_dir=cache_dir,
-                cache_bytes=cache_bytes,
-            )
-        elif not all(layout.local for layout in self.layouts):
-            # The GPU backend reads local files; remote stores go through zarr-python
-            # there (with its one-time warning) until it takes remote bytes.
-            self.layouts = [replace(layout, key_prefix=None) for layout in self.layouts]
-        self.workers = self._resolve_workers(workers, store)
-        # The backend's threads (and CUDA resources) are released by close().
-        self.backend = make_backend(
-            self.device,
+        # Both backends read remote stores through this source (the GPU backend into
+        # pinned memory, then one copy per batch to the device).
+        source = make_source(
             self.group,
             self.store_name,
-            num_threads,
-            partial_decode,
-            source=source,
-            cache=cache,
-            cache_budget=cache_budget,
+            max_in_flight=max_in_flight,
+            cache_dir=cache_dir,
+            cache_bytes=cache_bytes,
         )
-        if source is not None and source.remote:
+        self.workers = self._resolve_workers(workers, store)
+        # The backend's threads (and CUDA resources) are released by close().
+        try:
+            self.backend = make_backend(
+                self.device,
+                self.group,
+                self.store_name,
+                num_threads,
+                partial_decode,
+                source=source,
+                cache=cache,
+                cache_budget=cache_budget,
+            )
+        except BaseException:
+            source.close()  # the backend owns it once made
+            raise
+        if source.remote:
             try:
                 self.backend.probe(self.layouts)  # access errors now, not mid-epoch
             except BaseException:

@@ -36,8 +36,8 @@ class ArrayLayout:
     ``codec`` is None when the fast path cannot decode this array's chunks: then
     the array is read through zarr-python. ``directory`` is the array's folder
     when the store is on a local filesystem; ``key_prefix`` its path inside the
-    store (remote stores are read by key; None: zarrdali does not read the
-    store's bytes itself, as on the GPU path for remote stores today).
+    store (remote stores are read by key, on both paths; None: zarrdali does not
+    read the store's bytes itself).
     """
 
     name: str

@@ -24,8 +24,9 @@ def make_backend(
     defaults. Given for ``device="cpu"``, they are an error.
 
     ``source`` (a :class:`~zarrdali.backends.sources.ByteSource`) is where the
-    CPU backend reads bytes from (default: derived from the group's store); the
-    GPU backend reads local files itself.
+    backend reads bytes from (default: derived from the group's store); the
+    backend owns it and closes it. The GPU backend reads local files itself
+    (preads or kvikIO) and remote stores through the source.
     """
     options = {k: v for k, v in gpu_options.items() if v is not None}
     if device == "cpu":
@@ -43,5 +44,5 @@ def make_backend(
     if device == "cuda":
         from .gpu import GpuBackend
 
-        return GpuBackend(group, store_name, num_threads, **options)
+        return GpuBackend(group, store_name, num_threads, source=source, **options)
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

@@ -16,7 +16,11 @@ One batch consumes the same array plan as the CPU backend
 2. **read** (:mod:`.read`): the compressed bytes into one device staging
    buffer: kvikIO (``read="kvikio"``, the default with GDS) or preads into
    pinned memory and one host-to-device copy (``read="pinned"``, the default
-   in kvikIO's compatibility mode).
+   in kvikIO's compatibility mode). A remote store (``source.remote``) is read
+   through its byte source into pinned memory, one copy per batch
+   (``read="pinned"``, the default) or with kvikIO's remote file
+   (``read="kvikio"``); its unsharded chunks are fetched whole first (their
+   sizes are unknown until read).
 3. **decode** (:mod:`.decode`): payloads packed to 8-byte alignment and
    uncompressed chunks copied by one copy kernel each; admitted payloads copied
    into the cache arena; then one nvCOMP batched C API call per algorithm
@@ -78,6 +82,7 @@ from ...errors import BackendUnavailableError, LoaderClosedError
 from ...store import ArrayLayout
 from ...trace import annotate
 from ..locate import ChunkLocations, ChunkLocator
+from ..sources import MISSING, REMOTE_MAX_GAP, WHOLE, ByteSource, ObjectReadError, make_source
 from .cache import DEFAULT_PAGE_SIZE, GpuChunkCache, chunk_keys, insert_jobs
 from .decode import (
     BatchedDecoder,
@@ -96,12 +101,16 @@ from .read import (
     DEFAULT_GDS_THRESHOLD,
     DEFAULT_TASK_SIZE,
     KvikioReader,
+    KvikioRemoteReader,
     OpenFiles,
     PinnedReader,
+    SourceReader,
     configure_kvikio,
     io_details,
     io_mode,
+    kvikio_remote_url,
     resolve_read_mode,
+    source_error,
 )
 
 log = logging.getLogger(__name__)
@@ -238,6 +247,12 @@ def warn_host_decode_once(store_name: str, layout: ArrayLayout) -> None:
     )
 
 
+def _source_gap(source: Any) -> int:
+    """The gap below which a remote source merges byte ranges into one request."""
+    inner = getattr(source, "inner", source)  # a CachedSource wraps the fetching one
+    return int(getattr(inner, "max_gap", REMOTE_MAX_GAP))
+
+
 def kvikio_io_mode() -> str:
     """``"gds"`` or ``"posix"``: :func:`zarrdali.backends.gpu.read.io_mode`."""
     return io_mode()
@@ -305,9 +320,14 @@ class GpuBackend(CudaSourceRole):
     ``"kvikio"`` or ``"pinned"`` (see :mod:`.read`). ``io_threads``,
     ``task_size``, ``gds_threshold``: kvikIO's settings (process-wide; the
     ``KVIKIO_*`` environment variables win; ``io_threads`` defaults to
-    max(8, num_threads)). ``decode``: ``"capi"`` (nvCOMP's batched C API;
-    ``"auto"``/None: it when its symbols load, else the Python API with a
-    warning) or ``"python"``. ``preconfigure`` (Python API only): hand nvCOMP
+    max(8, num_threads)). ``source``: where bytes come from (default: derived
+    from the group's store; owned and closed by the backend); a remote source
+    is read by :class:`~.read.SourceReader` (or kvikIO's remote file with
+    ``read="kvikio"``); ``max_gap`` defaults to 64 KiB locally and to the
+    source's own gap remotely (each staged read is then one request).
+    ``decode``: ``"capi"`` (nvCOMP's batched C API; ``"auto"``/None: it when
+    its symbols load, else the Python API with a warning) or ``"python"``.
+    ``preconfigure`` (Python API only): hand nvCOMP
     the known sizes so decode does not synchronize. ``cache``: ``"gpu"`` keeps
     compressed chunk bytes on the device across batches and epochs, in at most
     ``cache_budget`` bytes (default: a quarter of the free device memory),
@@ -333,10 +353,11 @@ class GpuBackend(CudaSourceRole):
         io_threads: int | None = None,
         task_size: int | None = DEFAULT_TASK_SIZE,
         gds_threshold: int | None = DEFAULT_GDS_THRESHOLD,
-        max_gap: int = 64 * 1024,
+        max_gap: int | None = None,
         preconfigure: bool = True,
         config_cache_size: int = 64,
         max_in_flight: int = 4,
+        source: ByteSource | None = None,
     ) -> None:
         decode = "auto" if decode is None else decode
         if decode not in DECODE_MODES:
@@ -358,9 +379,16 @@ class GpuBackend(CudaSourceRole):
         self._cp = cupy
         self._store = store_name
         self.num_threads = num_threads or os.cpu_count() or 1
-        self.max_gap = max_gap
         self.max_in_flight = max_in_flight
         self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="zarrdali-gpu-host")
+        if source is None:
+            source = make_source(group, store_name, map_fn=self._pool.map)
+        # Local stores: preads or kvikIO. Remote: the source's concurrent range requests.
+        self.source = source
+        self.remote = bool(source.remote)
+        if max_gap is None:  # remote: the source's gap, so each staged read is one request
+            max_gap = _source_gap(source) if self.remote else 64 * 1024
+        self.max_gap = max_gap
         self._files = OpenFiles()
         self.host_reader = PosixReader(store_name, max_gap=max_gap)
         self.host_decoder = NumcodecsDecoder(store_name)
@@ -369,7 +397,10 @@ class GpuBackend(CudaSourceRole):
         configure_kvikio(io_threads or max(8, self.num_threads), task_size, gds_threshold)
         self.io = io_details()
         self.io_mode = self.io["mode"]
-        self.read_mode = resolve_read_mode(read, self.io_mode)
+        self.read_mode = resolve_read_mode(read, self.io_mode, self.remote)
+        self._remote_url = None
+        if self.remote and self.read_mode == "kvikio":
+            self._remote_url = self._check_kvikio_remote()
         log.info("zarrdali GPU backend: %s reads, kvikIO %s", self.read_mode, self.io)
         self.decode_mode = self._decode_mode(decode)
         self._preconfigure = preconfigure
@@ -389,6 +420,26 @@ class GpuBackend(CudaSourceRole):
                 cache_budget = max(free // 4, cache_page_size)
             self.cache = GpuChunkCache(cupy, int(cache_budget), page_size=cache_page_size)
         self.peak_device_bytes = 0
+
+    def _check_kvikio_remote(self) -> str:
+        """The store URL kvikIO's remote file reads from; raises when it cannot."""
+        url = kvikio_remote_url(self._store)
+        if url is None:
+            raise ValueError(
+                f"read='kvikio' on a remote store needs an s3:// or http(s):// URL (kvikIO's "
+                f"remote file), not {self._store!r}; pass read='pinned' (the default) to read "
+                f"it through its byte source."
+            )
+        try:
+            from kvikio.remote_file import RemoteFile, is_remote_file_available
+        except ImportError:  # a kvikIO without the module
+            RemoteFile, is_remote_file_available = None, lambda: False
+        if RemoteFile is None or not is_remote_file_available():
+            raise BackendUnavailableError(
+                "read='kvikio' on a remote store needs kvikIO built with remote-file "
+                "support (kvikio.RemoteFile); pass read='pinned' (the default)."
+            )
+        return url
 
     def _decode_mode(self, decode: str) -> str:
         global _capi_warned
@@ -450,8 +501,24 @@ class GpuBackend(CudaSourceRole):
             return cupyx.empty_pinned(align_up(n, 1 << 20), dtype=np.uint8)
 
         state.host_pinned = GuardedBuffers(pinned, n=2)
-        if self.read_mode == "kvikio":
-            state.reader = KvikioReader(self._store, on_read=self.transfers.file_reads_done)
+        if self.remote and self.read_mode == "pinned":
+            state.reader = SourceReader(
+                self._store,
+                self.source,
+                alloc_pinned=pinned,
+                on_read=self.transfers.file_reads_done,
+                on_copy=self.transfers.host_to_device_copy,
+            )
+        elif self.read_mode == "kvikio":
+            if self.remote:
+                state.reader = KvikioRemoteReader(
+                    self._store,
+                    self._remote_url,
+                    on_read=self.transfers.file_reads_done,
+                    on_copy=self.transfers.host_to_device_copy,
+                )
+            else:
+                state.reader = KvikioReader(self._store, on_read=self.transfers.file_reads_done)
             state.staging = GuardedBuffers(lambda n: cp.empty(n, dtype=cp.uint8), n=2)
         else:
             state.reader = PinnedReader(
@@ -490,7 +557,9 @@ class GpuBackend(CudaSourceRole):
         key = tuple(id(layout) for layout in layouts)
         with self._locators_lock:
             if key not in self._locators:
-                locator = ChunkLocator(self._store, layouts, map_fn=self._pool.map)
+                locator = ChunkLocator(
+                    self._store, layouts, map_fn=self._pool.map, source=self.source
+                )
                 self._locators[key] = (layouts, locator)  # layouts kept: ids stay theirs
             return self._locators[key][1]
 
@@ -505,6 +574,22 @@ class GpuBackend(CudaSourceRole):
         return describe_batch(
             layouts, plan, locations, store_name=self._store, max_gap=self.max_gap, cached=cached
         )
+
+    def probe(self, layouts: Sequence[ArrayLayout]) -> None:
+        """Read the first storage object's row of every variable (its shard index, or
+        its size; nothing for a remote unsharded chunk), on the host, no GPU call:
+        access errors and broken shards surface before training starts. The rows
+        stay cached."""
+        from ...batchplan import plan_batch
+
+        plan = plan_batch(
+            layouts, np.zeros((1, 3), dtype=np.int64), n_frames=1, frame_step=1, tile_hw=(1, 1)
+        )
+        self.locator(layouts).locate(plan)
+
+    def stats(self) -> dict[str, int]:
+        """Requests, bytes and in-flight depth of the remote source (empty for local)."""
+        return self.source.stats()
 
     def cache_stats(self) -> dict[str, int] | None:
         """The GPU chunk cache's counters and occupancy (None without a cache)."""
@@ -547,6 +632,9 @@ class GpuBackend(CudaSourceRole):
             stream = state.stream
         with annotate("zarrdali.describe"):
             locations = self.locator(layouts).locate(plan)
+            prefetched = None
+            if self.remote:  # unsharded chunks' sizes are known once they are read
+                locations, prefetched = self._fetch_whole(layouts, locations)
             ticket, rows, lengths, cached = None, None, None, None
             if self.cache is not None:
                 book = self.cache.book
@@ -577,10 +665,21 @@ class GpuBackend(CudaSourceRole):
                 if len(desc.device_chunks):
                     cached_rows = None if ticket is None else (ticket, rows, lengths)
                     staged, check = self._read_and_decode(
-                        state, layouts, plan, locations, desc, decoded, stream, keep, cached_rows
+                        state,
+                        layouts,
+                        plan,
+                        locations,
+                        desc,
+                        decoded,
+                        stream,
+                        keep,
+                        cached_rows,
+                        prefetched,
                     )
                 if desc.host_nbytes:
-                    self._decode_on_host(state, layouts, plan, locations, desc, decoded, stream)
+                    self._decode_on_host(
+                        state, layouts, plan, locations, desc, decoded, stream, prefetched
+                    )
                 with annotate("zarrdali.gather"):
                     keep += launch_gather(self._kernels, desc.gather, decoded, out, self._upload)
                 if check is not None:  # the one host wait on the device: 16 bytes
@@ -633,14 +732,76 @@ class GpuBackend(CudaSourceRole):
         if self.cache is not None:
             self.cache.close()
         self._kernels.clear()
-        try:
-            self._files.close()
-        except BaseException as err:
-            errors.append(err)
+        for close in (self._files.close, self.source.close):
+            try:
+                close()
+            except BaseException as err:
+                errors.append(err)
         if errors:
             raise errors[0]
 
     # -- stages ----------------------------------------------------------------
+    def _fetch_chunks(
+        self,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        chunks: np.ndarray,
+        prefetched: dict[int, Any] | None = None,
+    ) -> list[Any]:
+        """The stored bytes of ``chunks`` from the remote source, in one concurrent
+        fetch (those of objects in ``prefetched`` cut from there)."""
+        file = locations.file[chunks]
+        out: list[Any] = [None] * len(chunks)
+        todo = list(range(len(chunks)))
+        if prefetched:
+            offsets, sizes = locations.offset[chunks].tolist(), locations.nbytes[chunks].tolist()
+            todo = []
+            for k, f in enumerate(file.tolist()):
+                whole = prefetched.get(f)
+                if whole is None:
+                    todo.append(k)
+                else:
+                    out[k] = memoryview(whole)[offsets[k] : offsets[k] + sizes[k]]
+        if todo:
+            pick = chunks[np.asarray(todo, dtype=np.int64)]
+            try:
+                got = self.source.read_chunks(
+                    locations.paths,
+                    locations.file[pick],
+                    locations.offset[pick],
+                    locations.nbytes[pick],
+                )
+            except ObjectReadError as err:
+                raise source_error(err, self._store, layouts, locations) from err
+            for k, data in zip(todo, got, strict=True):
+                out[k] = data
+        return out
+
+    def _fetch_whole(
+        self, layouts: Sequence[ArrayLayout], locations: ChunkLocations
+    ) -> tuple[ChunkLocations, dict[int, Any] | None]:
+        """A remote store's unsharded chunks (size ``WHOLE``: unknown until read),
+        fetched whole in one concurrent call: the locations with their sizes (a
+        chunk never written: missing, the fill value), and their bytes by file."""
+        whole = np.flatnonzero(locations.present & (locations.nbytes == WHOLE))
+        if not len(whole):
+            return locations, None
+        buffers = self._fetch_chunks(layouts, locations, whole)
+        sizes = np.array(
+            [MISSING if b is None else memoryview(b).nbytes for b in buffers], dtype=np.int64
+        )
+        gone = whole[sizes == MISSING]
+        file, nbytes, missing = (
+            locations.file.copy(),
+            locations.nbytes.copy(),
+            locations.missing.copy(),
+        )
+        nbytes[whole] = sizes
+        file[gone], missing[gone] = -1, True
+        files = locations.file[whole].tolist()
+        prefetched = {f: b for f, b in zip(files, buffers, strict=True) if b is not None}
+        return replace(locations, file=file, nbytes=nbytes, missing=missing), prefetched
+
     def _output(self, plan: BatchPlan, desc: BatchDescription, out: Any) -> Any:
         dtype = np.dtype(desc.gather.out_dtype)
         if out is None:
@@ -665,6 +826,7 @@ class GpuBackend(CudaSourceRole):
         stream: Any,
         keep: list[Any],
         cached_rows: tuple[Any, np.ndarray, np.ndarray] | None,
+        prefetched: dict[int, Any] | None = None,
     ) -> tuple[int | None, DecodeCheck | None]:
         """Read the batch's payloads into staging, pack them, copy admitted ones
         into the cache, decode every group; ``(staging ring slot, check)``."""
@@ -679,8 +841,9 @@ class GpuBackend(CudaSourceRole):
                 else:  # the pinned reader copies in stream order
                     staging = cp.empty(s.total_nbytes, dtype=cp.uint8)
                     keep.append(staging)
+                extra = {} if not self.remote else {"prefetched": prefetched}
                 try:
-                    state.reader.read(layouts, locations, s, staging, stream)
+                    state.reader.read(layouts, locations, s, staging, stream, **extra)
                 except BaseException:
                     if staged is not None:
                         state.staging.release(staged, None)
@@ -721,6 +884,7 @@ class GpuBackend(CudaSourceRole):
         desc: BatchDescription,
         decoded: Any,
         stream: Any,
+        prefetched: dict[int, Any] | None = None,
     ) -> None:
         """Decode the host region (numcodecs' and zarr-python's chunks) into one
         pinned host buffer, then one copy to the device."""
@@ -735,11 +899,13 @@ class GpuBackend(CudaSourceRole):
             raw = host[start : start + layout.chunk_nbytes]
             return raw.view(decoded_dtype).reshape(layout.chunk_shape)
 
-        # Numcodecs' chunks: coalesced preads, each member decoded into its slot.
-        only_host = np.zeros_like(locations.fast)
-        only_host[desc.host_chunks] = True
-        reads, chunk_of = self.host_reader.reads(replace(locations, fast=only_host))
+        # Numcodecs' chunks: coalesced preads (remote: the source's concurrent
+        # requests), each member decoded into its slot.
         reader, decoder = self.host_reader, self.host_decoder
+        if not self.remote:
+            only_host = np.zeros_like(locations.fast)
+            only_host[desc.host_chunks] = True
+            reads, chunk_of = reader.reads(replace(locations, fast=only_host))
 
         def run_reads(rs: range) -> None:
             for r in rs:
@@ -760,8 +926,25 @@ class GpuBackend(CudaSourceRole):
             chunk = self.fallback.read_decoded(layout, natural_coords(layout, coords4[i]))
             view(i, layout.dtype)[...] = chunk
 
-        n_tasks = max(1, min(len(reads), self.num_threads * 4))
-        tasks = [partial(run_reads, range(j, len(reads), n_tasks)) for j in range(n_tasks)]
+        def run_fetched(chunks: list[int], buffers: list[Any]) -> None:
+            for i, data in zip(chunks, buffers, strict=True):
+                layout = layouts[chunk_var[i]]
+                out = view(i, layout.codec.stored_dtype(layout.dtype))
+                decoder.decode(layout, coords4[i], data, out=out)
+
+        tasks: list[Any] = []
+        if self.remote:  # one concurrent fetch (or the whole objects read already)
+            chunks = desc.host_chunks.tolist()
+            buffers = self._fetch_chunks(layouts, locations, desc.host_chunks, prefetched)
+            n_tasks = max(1, min(len(chunks), self.num_threads * 4))
+            tasks += [
+                partial(run_fetched, chunks[j::n_tasks], buffers[j::n_tasks])
+                for j in range(n_tasks)
+                if chunks[j::n_tasks]
+            ]
+        else:
+            n_tasks = max(1, min(len(reads), self.num_threads * 4))
+            tasks += [partial(run_reads, range(j, len(reads), n_tasks)) for j in range(n_tasks)]
         tasks += [partial(run_fallback, i) for i in desc.fallback_chunks.tolist()]
         futures = [self._pool.submit(task) for task in tasks]
         try:

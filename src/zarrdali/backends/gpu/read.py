@@ -24,6 +24,17 @@ reader makes one large copy per batch at full PCIe/C2C bandwidth; for small
 chunks kvikIO's per-task overhead dominates. ``benchmarks/decode_gpu.py``
 measures both (rows ``zarrdali-gpu[kvikio]`` and ``zarrdali-gpu[pinned]``).
 
+A remote store (``s3://``, ``gs://``, ``https://``, a zarr Store, Icechunk) has
+two more: :class:`SourceReader` (``read="pinned"``, the default: the store's
+:class:`~zarrdali.backends.sources.ByteSource` fetches the coalesced ranges
+concurrently, each response is copied into pinned memory as it arrives, then
+one host-to-device copy per batch) and :class:`KvikioRemoteReader`
+(``read="kvikio"``, ``s3://``/``http(s)://`` URLs only: ``kvikio.RemoteFile``
+reads straight into device staging). ``benchmarks/remote_bench.py`` measures
+both (rows ``zarrdali-gpu[pinned]`` and ``zarrdali-gpu[kvikio]``); neither has
+run on a GPU yet (the source reader is tested on the CPU stand-in against a
+local S3 server, the kvikIO one against a fake ``RemoteFile``).
+
 Readers belong to one thread state of the backend (kvikIO file handles are
 kept open per reader, least recently used closed past a limit); ``close()``
 releases them. The host waits for the reads themselves (inherent: the bytes
@@ -54,6 +65,7 @@ import numpy as np
 from ...errors import ChunkError
 from ...store import ArrayLayout
 from ..locate import ChunkLocations
+from ..sources import ObjectReadError
 from .lifetimes import GuardedBuffers
 from .plan import StagingLayout
 
@@ -161,13 +173,17 @@ def io_details() -> dict[str, Any]:
     }
 
 
-def resolve_read_mode(read: str, mode: str) -> str:
-    """The reader ``read`` ("auto", "kvikio", "pinned") names in I/O mode ``mode``."""
+def resolve_read_mode(read: str, mode: str, remote: bool = False) -> str:
+    """The reader ``read`` ("auto", "kvikio", "pinned") names in I/O mode ``mode``.
+
+    For a ``remote`` store, "auto" is "pinned" (the store's byte source into
+    pinned memory, :class:`SourceReader`); "kvikio" is kvikIO's remote file
+    (:class:`KvikioRemoteReader`)."""
     if read not in READ_MODES:
         raise ValueError(f"read must be one of {READ_MODES}, got {read!r}")
     if read != "auto":
         return read
-    return "kvikio" if mode == "gds" else "pinned"
+    return "kvikio" if mode == "gds" and not remote else "pinned"
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -409,15 +425,34 @@ class PinnedReader:
     ) -> None:
         """Every read of ``s`` into pinned memory, then one copy of
         ``staging[:s.raw_nbytes]`` enqueued on ``stream`` (not awaited)."""
-        import cupy
+        self._read_then_copy(layouts, locations, s, staging, stream, self._fill)
 
-        k, host = self._ring.acquire(s.raw_nbytes)
-
+    def _fill(
+        self,
+        host: np.ndarray,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        s: StagingLayout,
+    ) -> None:
         def error(message: str, f: int) -> ChunkError:
             return _read_error(message, self._store, layouts, locations, f)
 
+        pread_into(host, s, locations.paths, self._files, self._map, self.n_tasks, error)
+
+    def _read_then_copy(
+        self,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        s: StagingLayout,
+        staging: Any,
+        stream: Any,
+        fill: Callable[..., None],
+    ) -> None:
+        import cupy
+
+        k, host = self._ring.acquire(s.raw_nbytes)
         try:
-            pread_into(host, s, locations.paths, self._files, self._map, self.n_tasks, error)
+            fill(host, layouts, locations, s)
         except BaseException:
             self._ring.release(k, None)
             raise
@@ -433,3 +468,219 @@ class PinnedReader:
     def close(self) -> None:
         """Wait for the copies out of the pinned buffers, then drop them."""
         self._ring.close()
+
+
+# -- a remote store, through its byte source ----------------------------------------------
+def source_error(
+    err: ObjectReadError, store: str, layouts: Sequence[ArrayLayout], locations: ChunkLocations
+) -> ChunkError:
+    """The :class:`ChunkError` naming the array and key of the object ``err`` names."""
+    f = int(np.flatnonzero(locations.paths == err.path)[0])
+    error = _read_error(err.reason, store, layouts, locations, f)
+    error.__cause__ = err
+    return error
+
+
+class SourceReader(PinnedReader):
+    """A remote store's coalesced byte ranges, fetched concurrently through its
+    :class:`~zarrdali.backends.sources.ByteSource` into pinned host memory (each
+    response copied to its place in the staging layout as it arrives, on the
+    fetching thread), then **one** host-to-device copy per batch, as
+    :class:`PinnedReader`.
+
+    ``source.read_chunks`` gets the staging layout's reads themselves; when the
+    layout was coalesced with the source's own ``max_gap``, each read is one
+    request. ``prefetched`` (file index → bytes of the whole object): objects
+    already fetched whole (a remote store's unsharded chunks, whose sizes are
+    unknown until read), copied from there instead.
+    """
+
+    name = "source"
+
+    def __init__(
+        self,
+        store: str,
+        source: Any,
+        *,
+        alloc_pinned: Callable[[int], np.ndarray],
+        on_read=None,
+        on_copy=None,
+    ) -> None:
+        self._store = store
+        self._source = source
+        self._ring = GuardedBuffers(alloc_pinned, n=2)
+        self._on_read = on_read
+        self._on_copy = on_copy
+
+    def read(
+        self,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        s: StagingLayout,
+        staging: Any,
+        stream: Any,
+        prefetched: dict[int, Any] | None = None,
+    ) -> None:
+        """Every read of ``s`` into pinned memory, then one copy of
+        ``staging[:s.raw_nbytes]`` enqueued on ``stream`` (not awaited)."""
+        fill = partial(self._fill_from_source, prefetched=prefetched)
+        self._read_then_copy(layouts, locations, s, staging, stream, fill)
+
+    def _fill_from_source(
+        self,
+        host: np.ndarray,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        s: StagingLayout,
+        prefetched: dict[int, Any] | None,
+    ) -> None:
+        files, starts = s.read_file.tolist(), s.read_start.tolist()
+        dst, nbytes = s.read_dst.tolist(), s.read_nbytes.tolist()
+        fetch = np.arange(s.n_reads)
+        if prefetched:
+            have = np.fromiter((f in prefetched for f in files), dtype=bool, count=len(files))
+            for r in np.flatnonzero(have).tolist():
+                data = np.frombuffer(prefetched[files[r]], dtype=np.uint8)
+                host[dst[r] : dst[r] + nbytes[r]] = data[starts[r] : starts[r] + nbytes[r]]
+            fetch = np.flatnonzero(~have)
+        if not len(fetch):
+            return
+        order = fetch.tolist()
+
+        def ready(positions: list[int], buffers: list[Any]) -> None:  # on the fetching thread
+            for k, data in zip(positions, buffers, strict=True):
+                r = order[k]
+                got = np.frombuffer(data, dtype=np.uint8)
+                if len(got) != nbytes[r]:
+                    raise _read_error(
+                        f"object is truncated: wanted {nbytes[r]} bytes at {starts[r]}, "
+                        f"got {len(got)}",
+                        self._store,
+                        layouts,
+                        locations,
+                        files[r],
+                    )
+                host[dst[r] : dst[r] + nbytes[r]] = got
+
+        try:
+            self._source.read_chunks(
+                locations.paths,
+                s.read_file[fetch],
+                s.read_start[fetch],
+                s.read_nbytes[fetch],
+                ready,
+            )
+        except ObjectReadError as err:
+            raise source_error(err, self._store, layouts, locations) from err
+
+
+def kvikio_remote_url(store: str) -> str | None:
+    """The URL kvikIO's remote file can open the objects of ``store`` under (an
+    ``s3://`` or ``http(s)://`` store URL), else None."""
+    if store.startswith(("s3://", "http://", "https://")):
+        return store.rstrip("/")
+    return None
+
+
+class KvikioRemoteReader:
+    """A remote store's coalesced byte ranges straight into device staging with
+    kvikIO's remote file (``kvikio.RemoteFile``, libcurl in kvikIO's thread
+    pool): ``s3://`` URLs through ``RemoteFile.open_s3_url``, ``http(s)://``
+    through ``RemoteFile.open_http``. All reads are issued before any is awaited.
+
+    Credentials and endpoint come from kvikIO's own configuration (the
+    ``AWS_*`` environment variables, ``AWS_ENDPOINT_URL`` for another server),
+    not from ``storage_options``. One handle per object is kept open (its size
+    asked once), least recently used dropped past ``max_open_files``. Objects
+    already fetched whole through the byte source (``prefetched``: unsharded
+    chunks, whose sizes are unknown until read) are copied to the device one by
+    one (counted as host-to-device copies).
+
+    NOT VERIFIED ON A GPU: written from kvikIO's documented Python API
+    (``RemoteFile.open_s3_url``/``open_http``, ``pread(buf, size, file_offset)``
+    returning a future); on this machine only its wiring runs, against a fake.
+    """
+
+    name = "kvikio-remote"
+
+    def __init__(
+        self, store: str, url: str, *, max_open_files: int = 256, on_read=None, on_copy=None
+    ):
+        self._store = store
+        self._url = url
+        self.max_open_files = max_open_files
+        self._files: OrderedDict[str, Any] = OrderedDict()
+        self._on_read = on_read
+        self._on_copy = on_copy
+
+    def _handle(self, path: str) -> Any:
+        handle = self._files.get(path)
+        if handle is None:
+            from kvikio.remote_file import RemoteFile
+
+            url = f"{self._url}/{path}"
+            if url.startswith("s3://"):
+                handle = RemoteFile.open_s3_url(url)
+            else:
+                handle = RemoteFile.open_http(url)
+            self._files[path] = handle
+        else:
+            self._files.move_to_end(path)
+        return handle
+
+    def read(
+        self,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        s: StagingLayout,
+        staging: Any,
+        stream: Any,
+        prefetched: dict[int, Any] | None = None,
+    ) -> None:
+        """Every read of ``s`` into ``staging``; returns when all bytes have arrived."""
+        files, starts = s.read_file.tolist(), s.read_start.tolist()
+        dst, nbytes = s.read_dst.tolist(), s.read_nbytes.tolist()
+        pending: list[tuple[int, int, Any]] = []
+        error: BaseException | None = None
+
+        def fail(message: str, r: int, cause: BaseException | None = None) -> None:
+            nonlocal error
+            if error is None:
+                error = _read_error(message, self._store, layouts, locations, files[r])
+                error.__cause__ = cause
+
+        for r in range(s.n_reads):
+            view = staging[dst[r] : dst[r] + nbytes[r]]
+            whole = None if not prefetched else prefetched.get(files[r])
+            try:
+                if whole is not None:
+                    data = np.frombuffer(whole, dtype=np.uint8)[starts[r] : starts[r] + nbytes[r]]
+                    view.set(data, stream=stream)
+                    if self._on_copy is not None:
+                        self._on_copy(nbytes[r])
+                    continue
+                handle = self._handle(str(locations.paths[files[r]]))
+                pending.append((r, nbytes[r], handle.pread(view, nbytes[r], starts[r])))
+            except Exception as err:  # raised below, after every issued read has finished
+                fail(f"kvikIO remote read failed: {type(err).__name__}: {err}", r, err)
+                break
+        done_bytes = 0
+        for r, n, future in pending:  # wait for all before the staging buffer is reused
+            try:
+                got = future.get()
+            except Exception as err:
+                fail(f"kvikIO remote read failed: {type(err).__name__}: {err}", r, err)
+                continue
+            if got != n:
+                fail(f"object is truncated: wanted {n} bytes at {starts[r]}, got {got}", r)
+            done_bytes += n
+        if self._on_read is not None:
+            self._on_read(len(pending), done_bytes)
+        while len(self._files) > self.max_open_files:
+            self._files.popitem(last=False)
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Drop the open handles (call when no read is in progress)."""
+        self._files.clear()
