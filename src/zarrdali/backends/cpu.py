@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +35,8 @@ from ..prefetch import PrefetchSource
 from ..store import ArrayLayout
 from .base import LoadFn, batch_dtype
 from .fallback import ZarrPythonChunkSource
-from .locate import ChunkLocations, ChunkLocator
+from .locate import ChunkLocations, ChunkLocator, Locators
+from .openfiles import OpenFiles
 from .ranges import CoalescedReads, coalesce_arrays
 from .sources import ByteSource, ObjectReadError, OnReady, make_source
 
@@ -59,28 +59,6 @@ class _Scratch(threading.local):
         return self.decoded[:nbytes].view(dtype).reshape(shape)
 
 
-class _OpenFiles(threading.local):
-    """One thread's open file descriptors, least recently used closed past a limit.
-
-    Per thread, so no descriptor is ever closed while another thread reads it.
-    """
-
-    def __init__(self, owner: PosixReader) -> None:
-        self.fds: OrderedDict[str, int] = OrderedDict()
-        with owner._lock:
-            # Threads come and go (a prefetch pool per epoch): close what dead ones left.
-            for thread, fds in owner._all_open:
-                if not thread.is_alive():
-                    _close_all(fds)
-            owner._all_open = [(t, f) for t, f in owner._all_open if t.is_alive()]
-            owner._all_open.append((threading.current_thread(), self.fds))
-
-
-def _close_all(fds: OrderedDict[str, int]) -> None:
-    while fds:
-        os.close(fds.popitem()[1])
-
-
 class PosixReader:
     """Reads byte ranges of a local store's files with ``os.pread``.
 
@@ -97,27 +75,11 @@ class PosixReader:
         self.max_gap = max_gap
         self.max_open_files = max_open_files
         self._scratch = _Scratch()
-        self._lock = threading.Lock()
-        self._all_open: list[tuple[threading.Thread, OrderedDict[str, int]]] = []
-        self._open = _OpenFiles(self)
-
-    def _fd(self, path: str) -> int:
-        fds = self._open.fds
-        fd = fds.get(path)
-        if fd is None:
-            fd = fds[path] = os.open(path, os.O_RDONLY)
-            if len(fds) > self.max_open_files:
-                os.close(fds.popitem(last=False)[1])
-        else:
-            fds.move_to_end(path)
-        return fd
+        self._files = OpenFiles(max_open_files)
 
     def close(self) -> None:
         """Close every thread's files (call once the threads are done reading)."""
-        with self._lock:
-            for _, fds in self._all_open:
-                _close_all(fds)
-            self._all_open = []
+        self._files.close()
 
     def reads(self, locations: ChunkLocations) -> tuple[CoalescedReads, np.ndarray]:
         """The coalesced reads of every chunk stored in a file, and for each
@@ -135,7 +97,7 @@ class PosixReader:
         """``nbytes`` at ``start`` of ``path``, valid until this thread's next read."""
         buf = self._scratch.encoded_buffer(nbytes)
         try:
-            got = os.preadv(self._fd(path), [buf], start)
+            got = os.preadv(self._files.fd(path), [buf], start)
         except OSError as err:
             raise ChunkError(
                 f"cannot read bytes {start}..{start + nbytes}: {err}",
@@ -339,19 +301,11 @@ class CpuBackend:
         self.reader = PosixReader(store_name, max_gap=max_gap)
         self.decoder = NumcodecsDecoder(store_name)
         self.fallback = ZarrPythonChunkSource(group, store_name)
-        self._locators: dict[tuple[int, ...], tuple[Sequence[ArrayLayout], ChunkLocator]] = {}
-        self._lock = threading.Lock()
+        self._locators = Locators(store_name, map_fn=self._pool.map, source=self.source)
 
     def locator(self, layouts: Sequence[ArrayLayout]) -> ChunkLocator:
         """The (cached) locator of these layouts' chunks."""
-        key = tuple(id(layout) for layout in layouts)
-        with self._lock:
-            if key not in self._locators:
-                locator = ChunkLocator(
-                    self._store, layouts, map_fn=self._pool.map, source=self.source
-                )
-                self._locators[key] = (layouts, locator)  # layouts kept: ids stay theirs
-            return self._locators[key][1]
+        return self._locators.get(layouts)
 
     def describe(
         self, layouts: Sequence[ArrayLayout], plan: BatchPlan, locations: ChunkLocations

@@ -316,3 +316,21 @@ class ChunkLocator:
                 key=key,
             )
         return rows
+
+
+class Locators:
+    """One :class:`ChunkLocator` per list of layouts a backend is asked about
+    (a loader has one; tests and benchmarks may pass others), made on first use."""
+
+    def __init__(self, store_name: str, *, map_fn: Callable = map, source=None) -> None:
+        self._store, self._map, self._source = store_name, map_fn, source
+        self._lock = threading.Lock()
+        self._by_layouts: dict[tuple[int, ...], tuple[Sequence[ArrayLayout], ChunkLocator]] = {}
+
+    def get(self, layouts: Sequence[ArrayLayout]) -> ChunkLocator:
+        key = tuple(id(layout) for layout in layouts)
+        with self._lock:
+            if key not in self._by_layouts:
+                locator = ChunkLocator(self._store, layouts, map_fn=self._map, source=self._source)
+                self._by_layouts[key] = (layouts, locator)  # layouts kept: ids stay theirs
+            return self._by_layouts[key][1]

@@ -81,7 +81,7 @@ from ...batchplan import BatchPlan, natural_coords
 from ...errors import BackendUnavailableError, LoaderClosedError
 from ...store import ArrayLayout
 from ...trace import annotate
-from ..locate import ChunkLocations, ChunkLocator
+from ..locate import ChunkLocations, ChunkLocator, Locators
 from ..sources import MISSING, REMOTE_MAX_GAP, WHOLE, ByteSource, ObjectReadError, make_source
 from .cache import DEFAULT_PAGE_SIZE, GpuChunkCache, chunk_keys, insert_jobs
 from .decode import (
@@ -409,8 +409,7 @@ class GpuBackend(CudaSourceRole):
         # Every stream, buffer and decoder is owned by this list (not by
         # thread-locals, which are freed whenever a thread ends, stream first).
         self._states: list[_ThreadState] = []
-        self._locators: dict[tuple[int, ...], tuple[Sequence[ArrayLayout], ChunkLocator]] = {}
-        self._locators_lock = threading.Lock()
+        self._locators = Locators(store_name, map_fn=self._pool.map, source=self.source)
         self._states_lock = threading.Lock()
         self._closed = False
         self.cache: GpuChunkCache | None = None
@@ -554,14 +553,7 @@ class GpuBackend(CudaSourceRole):
     # -- public API ------------------------------------------------------------
     def locator(self, layouts: Sequence[ArrayLayout]) -> ChunkLocator:
         """The (cached) locator of these layouts' chunks."""
-        key = tuple(id(layout) for layout in layouts)
-        with self._locators_lock:
-            if key not in self._locators:
-                locator = ChunkLocator(
-                    self._store, layouts, map_fn=self._pool.map, source=self.source
-                )
-                self._locators[key] = (layouts, locator)  # layouts kept: ids stay theirs
-            return self._locators[key][1]
+        return self._locators.get(layouts)
 
     def describe(
         self,

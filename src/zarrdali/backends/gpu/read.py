@@ -53,7 +53,6 @@ reported on a real machine, and which reader is faster (the benchmark).
 from __future__ import annotations
 
 import os
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -65,6 +64,7 @@ import numpy as np
 from ...errors import ChunkError
 from ...store import ArrayLayout
 from ..locate import ChunkLocations
+from ..openfiles import OpenFiles
 from ..sources import ObjectReadError
 from .lifetimes import GuardedBuffers
 from .plan import StagingLayout
@@ -296,51 +296,6 @@ class KvikioReader:
 
 
 # -- pinned host memory -----------------------------------------------------------------
-class OpenFiles:
-    """File descriptors per thread (a pool thread reads many files), least
-    recently used closed past ``max_open`` per thread; :meth:`close` closes all."""
-
-    def __init__(self, max_open: int = 64) -> None:
-        self.max_open = max_open
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._all: list[tuple[threading.Thread, OrderedDict[str, int]]] = []
-
-    def fd(self, path: str) -> int:
-        fds = getattr(self._local, "fds", None)
-        if fds is None:
-            fds = self._local.fds = OrderedDict()
-            with self._lock:
-                # Threads come and go: close what ended ones left open.
-                alive = []
-                for thread, theirs in self._all:
-                    if thread.is_alive():
-                        alive.append((thread, theirs))
-                    else:
-                        _close_all(theirs)
-                self._all = [*alive, (threading.current_thread(), fds)]
-        fd = fds.get(path)
-        if fd is None:
-            fd = fds[path] = os.open(path, os.O_RDONLY)
-            if len(fds) > self.max_open:
-                os.close(fds.popitem(last=False)[1])
-        else:
-            fds.move_to_end(path)
-        return fd
-
-    def close(self) -> None:
-        """Close every thread's descriptors (call once no thread reads)."""
-        with self._lock:
-            for _, fds in self._all:
-                _close_all(fds)
-            self._all = []
-
-
-def _close_all(fds: OrderedDict[str, int]) -> None:
-    while fds:
-        os.close(fds.popitem()[1])
-
-
 def pread_into(
     host: np.ndarray,
     s: StagingLayout,
