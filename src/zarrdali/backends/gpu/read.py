@@ -204,9 +204,14 @@ def _read_error(
 
 # -- kvikIO -----------------------------------------------------------------------------
 class KvikioReader:
-    """Coalesced reads with ``kvikio.CuFile.pread`` into device staging."""
+    """Coalesced reads with ``kvikio.CuFile.pread`` into device staging.
+
+    All reads are issued before any is awaited; one handle per file is kept
+    open, least recently used closed past ``max_open_files``.
+    """
 
     name = "kvikio"
+    what = "file"  # in messages
 
     def __init__(self, store: str, *, max_open_files: int = 64, on_read=None) -> None:
         self._store = store
@@ -214,15 +219,24 @@ class KvikioReader:
         self._files: OrderedDict[str, Any] = OrderedDict()
         self._on_read = on_read  # (reads, bytes) once per batch, for the transfer counter
 
+    def _open(self, path: str) -> Any:
+        import kvikio
+
+        return kvikio.CuFile(path, "r")
+
+    def _release(self, handle: Any) -> None:
+        handle.close()
+
     def _handle(self, path: str) -> Any:
         handle = self._files.get(path)
         if handle is None:
-            import kvikio
-
-            handle = self._files[path] = kvikio.CuFile(path, "r")
+            handle = self._files[path] = self._open(path)
         else:
             self._files.move_to_end(path)
         return handle
+
+    def _copy_prefetched(self, whole: Any, start: int, n: int, view: Any, stream: Any) -> None:
+        raise NotImplementedError  # only readers that take prefetched objects
 
     def read(
         self,
@@ -231,68 +245,57 @@ class KvikioReader:
         s: StagingLayout,
         staging: Any,
         stream: Any,
+        prefetched: dict[int, Any] | None = None,
     ) -> None:
         """Every read of ``s`` into ``staging`` (a device buffer nothing else
-        uses now); returns when all bytes have arrived. ``stream`` is unused:
-        kvikIO copies on its own streams and has finished when a read returns."""
-        reads = zip(
-            s.read_file.tolist(),
-            s.read_start.tolist(),
-            s.read_nbytes.tolist(),
-            s.read_dst.tolist(),
-            strict=True,
-        )
-        pending = []
+        uses now); returns when all bytes have arrived. kvikIO copies on its own
+        streams and has finished when a read returns; ``stream`` orders only the
+        copies of ``prefetched`` objects (file index -> bytes, read whole before)."""
+        files, starts = s.read_file.tolist(), s.read_start.tolist()
+        dst, nbytes = s.read_dst.tolist(), s.read_nbytes.tolist()
+        pending: list[tuple[int, int, Any]] = []
         error: BaseException | None = None
+        failed = f"kvikIO {'remote ' if self.what == 'object' else ''}read failed"
+
+        def fail(message: str, r: int, cause: BaseException | None = None) -> None:
+            nonlocal error
+            if error is None:
+                error = _read_error(message, self._store, layouts, locations, files[r])
+                error.__cause__ = cause
+
+        for r in range(s.n_reads):
+            view = staging[dst[r] : dst[r] + nbytes[r]]
+            whole = None if not prefetched else prefetched.get(files[r])
+            try:
+                if whole is not None:
+                    self._copy_prefetched(whole, starts[r], nbytes[r], view, stream)
+                    continue
+                handle = self._handle(str(locations.paths[files[r]]))
+                pending.append((r, nbytes[r], handle.pread(view, nbytes[r], starts[r])))
+            except Exception as err:  # raised below, after every issued read has finished
+                fail(f"{failed}: {type(err).__name__}: {err}", r, err)
+                break
         done_bytes = 0
-        try:
-            for f, start, nbytes, dst in reads:
-                handle = self._handle(str(locations.paths[f]))
-                view = staging[dst : dst + nbytes]
-                pending.append((f, start, nbytes, handle.pread(view, nbytes, start)))
-        except Exception as err:  # raised below, after every issued read has finished
-            error = _read_error(
-                f"kvikIO read failed: {type(err).__name__}: {err}",
-                self._store,
-                layouts,
-                locations,
-                int(s.read_file[len(pending)]),
-            )
-            error.__cause__ = err
-        for f, start, nbytes, future in pending:  # wait for all before any handle closes
+        for r, n, future in pending:  # wait for all before any handle closes
             try:
                 got = future.get()
             except Exception as err:
-                if error is None:
-                    error = _read_error(
-                        f"kvikIO read failed: {type(err).__name__}: {err}",
-                        self._store,
-                        layouts,
-                        locations,
-                        f,
-                    )
-                    error.__cause__ = err
+                fail(f"{failed}: {type(err).__name__}: {err}", r, err)
                 continue
-            if got != nbytes and error is None:
-                error = _read_error(
-                    f"file is truncated: wanted {nbytes} bytes at {start}, got {got}",
-                    self._store,
-                    layouts,
-                    locations,
-                    f,
-                )
-            done_bytes += nbytes
+            if got != n:
+                fail(f"{self.what} is truncated: wanted {n} bytes at {starts[r]}, got {got}", r)
+            done_bytes += n
         if self._on_read is not None:
             self._on_read(len(pending), done_bytes)
         while len(self._files) > self.max_open_files:
-            self._files.popitem(last=False)[1].close()
+            self._release(self._files.popitem(last=False)[1])
         if error is not None:
             raise error
 
     def close(self) -> None:
-        """Close the open files (call when no read is in progress)."""
+        """Close the open handles (call when no read is in progress)."""
         while self._files:
-            self._files.popitem()[1].close()
+            self._release(self._files.popitem()[1])
 
 
 # -- pinned host memory -----------------------------------------------------------------
@@ -537,7 +540,7 @@ def kvikio_remote_url(store: str) -> str | None:
     return None
 
 
-class KvikioRemoteReader:
+class KvikioRemoteReader(KvikioReader):
     """A remote store's coalesced byte ranges straight into device staging with
     kvikIO's remote file (``kvikio.RemoteFile``, libcurl in kvikIO's thread
     pool): ``s3://`` URLs through ``RemoteFile.open_s3_url``, ``http(s)://``
@@ -557,85 +560,27 @@ class KvikioRemoteReader:
     """
 
     name = "kvikio-remote"
+    what = "object"
 
     def __init__(
         self, store: str, url: str, *, max_open_files: int = 256, on_read=None, on_copy=None
     ):
-        self._store = store
+        super().__init__(store, max_open_files=max_open_files, on_read=on_read)
         self._url = url
-        self.max_open_files = max_open_files
-        self._files: OrderedDict[str, Any] = OrderedDict()
-        self._on_read = on_read
         self._on_copy = on_copy
 
-    def _handle(self, path: str) -> Any:
-        handle = self._files.get(path)
-        if handle is None:
-            from kvikio.remote_file import RemoteFile
+    def _open(self, path: str) -> Any:
+        from kvikio.remote_file import RemoteFile
 
-            url = f"{self._url}/{path}"
-            if url.startswith("s3://"):
-                handle = RemoteFile.open_s3_url(url)
-            else:
-                handle = RemoteFile.open_http(url)
-            self._files[path] = handle
-        else:
-            self._files.move_to_end(path)
-        return handle
+        url = f"{self._url}/{path}"
+        if url.startswith("s3://"):
+            return RemoteFile.open_s3_url(url)
+        return RemoteFile.open_http(url)
 
-    def read(
-        self,
-        layouts: Sequence[ArrayLayout],
-        locations: ChunkLocations,
-        s: StagingLayout,
-        staging: Any,
-        stream: Any,
-        prefetched: dict[int, Any] | None = None,
-    ) -> None:
-        """Every read of ``s`` into ``staging``; returns when all bytes have arrived."""
-        files, starts = s.read_file.tolist(), s.read_start.tolist()
-        dst, nbytes = s.read_dst.tolist(), s.read_nbytes.tolist()
-        pending: list[tuple[int, int, Any]] = []
-        error: BaseException | None = None
+    def _release(self, handle: Any) -> None:
+        pass  # a remote file holds no descriptor: dropping it is enough
 
-        def fail(message: str, r: int, cause: BaseException | None = None) -> None:
-            nonlocal error
-            if error is None:
-                error = _read_error(message, self._store, layouts, locations, files[r])
-                error.__cause__ = cause
-
-        for r in range(s.n_reads):
-            view = staging[dst[r] : dst[r] + nbytes[r]]
-            whole = None if not prefetched else prefetched.get(files[r])
-            try:
-                if whole is not None:
-                    data = np.frombuffer(whole, dtype=np.uint8)[starts[r] : starts[r] + nbytes[r]]
-                    view.set(data, stream=stream)
-                    if self._on_copy is not None:
-                        self._on_copy(nbytes[r])
-                    continue
-                handle = self._handle(str(locations.paths[files[r]]))
-                pending.append((r, nbytes[r], handle.pread(view, nbytes[r], starts[r])))
-            except Exception as err:  # raised below, after every issued read has finished
-                fail(f"kvikIO remote read failed: {type(err).__name__}: {err}", r, err)
-                break
-        done_bytes = 0
-        for r, n, future in pending:  # wait for all before the staging buffer is reused
-            try:
-                got = future.get()
-            except Exception as err:
-                fail(f"kvikIO remote read failed: {type(err).__name__}: {err}", r, err)
-                continue
-            if got != n:
-                fail(f"object is truncated: wanted {n} bytes at {starts[r]}, got {got}", r)
-            done_bytes += n
-        if self._on_read is not None:
-            self._on_read(len(pending), done_bytes)
-        while len(self._files) > self.max_open_files:
-            self._files.popitem(last=False)
-        if error is not None:
-            raise error
-
-    def close(self) -> None:
-        """Drop the open handles (call when no read is in progress)."""
-        self._files.clear()
+    def _copy_prefetched(self, whole: Any, start: int, n: int, view: Any, stream: Any) -> None:
+        view.set(np.frombuffer(whole, dtype=np.uint8)[start : start + n], stream=stream)
+        if self._on_copy is not None:
+            self._on_copy(n)
