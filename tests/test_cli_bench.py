@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from zarrdali.backends.zstdctx import zstd_library
 from zarrdali.cli import main
 from zarrdali.sample_data import PLAIN, SHARDED, SampleDataSpec, write_sample_data
 
@@ -60,6 +61,7 @@ CPU_LOADERS = (
     "zarrdali-cpu-whole",
     "numcodecs-ceiling",
     "numcodecs-codec-api",
+    "numcodecs-zstd-contexts",
     "torch-xarray",
     "xbatcher",
 )
@@ -106,7 +108,8 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
     )
     for row in rows:
         s = row["summary"]
-        if row["loader"] in GPU_LOADERS and s["status"] == "skipped":
+        contexts = row["loader"] == "numcodecs-zstd-contexts" and zstd_library() is None
+        if (row["loader"] in GPU_LOADERS or contexts) and s["status"] == "skipped":
             assert s["error"]  # the reason, e.g. no GPU or CuPy
             assert s["samples_per_s"]["median"] is None
             continue
@@ -126,6 +129,8 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
             assert 0 <= s["wait_fraction"]["min"] <= s["wait_fraction"]["max"] <= 1
     assert payload["ratios"]  # the goal ratios are computed
     assert any("whole chunks / numcodecs ceiling" in name for name in payload["ratios"])
+    if zstd_library() is not None:
+        assert any("reused contexts" in name for name in payload["ratios"])
     notes = {(r["store_label"], r["loader"]): r["summary"]["note"] for r in rows}
     assert "partial decode" not in notes[("plain", "zarrdali-cpu-whole")]
     assert any("xbatcher" in name for name in payload["ratios"])

@@ -1,12 +1,16 @@
-"""CPU backend: ``os.pread`` in a thread pool, numcodecs, numpy.
+"""CPU backend: memory-mapped files (or ``os.pread``), numcodecs, numpy, in threads.
 
 Reads and decodes release the GIL, so a thread pool the size of the core count
 keeps every core busy without worker processes. The three roles (reader,
-decoder, assembler) run fused per chunk inside one task: bytes are read into a
-thread-local buffer, decoded into thread-local scratch and scattered into the
-batch at once, so no per-chunk memory is allocated and each chunk is touched
-while it is still in cache. That is what lets the path run close to the
-numcodecs decode ceiling.
+decoder, assembler) run fused per chunk inside one task: a chunk's bytes are
+decoded straight from the page cache through a memory map (``mapped.py``; a
+file that cannot be mapped is read with ``pread`` into a thread-local buffer),
+into the batch itself when the chunk is one whole piece of it, else into
+thread-local scratch and scattered into the batch at once. zstd chunks go
+through numcodecs' libzstd with one reused context per thread
+(``zstdctx.py``), on raw addresses. So no per-chunk memory is allocated, each
+chunk is touched while it is still in cache, and the Python left per chunk is
+one call and a few list lookups: the path runs at the numcodecs decode ceiling.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import crc32c
@@ -24,6 +28,7 @@ import numpy as np
 from ..batchplan import (
     PIECE_DST,
     PIECE_EXTENT,
+    PIECE_OUT,
     BatchPlan,
     chunk_shape4,
     layout_tables,
@@ -36,9 +41,11 @@ from ..store import ArrayLayout
 from .base import LoadFn, batch_dtype
 from .fallback import ZarrPythonChunkSource
 from .locate import ChunkLocations, ChunkLocator, Locators
+from .mapped import MapLease, MappedFiles
 from .openfiles import OpenFiles
 from .ranges import CoalescedReads, coalesce_arrays
 from .sources import ByteSource, ObjectReadError, OnReady, make_source
+from .zstdctx import ZstdContexts, ZstdFrameError
 
 
 class _Scratch(threading.local):
@@ -54,9 +61,12 @@ class _Scratch(threading.local):
         return memoryview(self.encoded)[:nbytes]
 
     def decoded_array(self, shape: tuple[int, ...], nbytes: int, dtype: np.dtype) -> np.ndarray:
+        return self.decoded_bytes(nbytes).view(dtype).reshape(shape)
+
+    def decoded_bytes(self, nbytes: int) -> np.ndarray:
         if self.decoded.nbytes < nbytes:
             self.decoded = np.empty(nbytes, dtype=np.uint8)
-        return self.decoded[:nbytes].view(dtype).reshape(shape)
+        return self.decoded[:nbytes]
 
 
 class PosixReader:
@@ -81,10 +91,13 @@ class PosixReader:
         """Close every thread's files (call once the threads are done reading)."""
         self._files.close()
 
-    def reads(self, locations: ChunkLocations) -> tuple[CoalescedReads, np.ndarray]:
-        """The coalesced reads of every chunk stored in a file, and for each
-        position of ``reads.order`` the chunk it is."""
-        present = np.flatnonzero(locations.present)
+    def reads(
+        self, locations: ChunkLocations, which: np.ndarray | None = None
+    ) -> tuple[CoalescedReads, np.ndarray]:
+        """The coalesced reads of every chunk stored in a file (or of those of
+        them ``which`` marks), and for each position of ``reads.order`` the chunk it is."""
+        present = locations.present if which is None else locations.present & which
+        present = np.flatnonzero(present)
         reads = coalesce_arrays(
             locations.file[present],
             locations.offset[present],
@@ -186,6 +199,11 @@ class NumcodecsDecoder:
             ) from err
         return out
 
+    def scratch_bytes(self, nbytes: int) -> np.ndarray:
+        """This thread's decode scratch as ``nbytes`` bytes (what :meth:`decode`
+        returns without ``out`` lives there too)."""
+        return self._scratch.decoded_bytes(nbytes)
+
 
 def describe_chunk(layout: ArrayLayout, coords4: Sequence[int]) -> str:
     """The chunk's key (and inner position in its shard), from ``(t, level, y, x)``."""
@@ -259,6 +277,26 @@ class BatchWork:
     piece_bounds: list[int]  # pieces piece_bounds[i]:piece_bounds[i+1] read chunk i
     pieces: list[list[int]]  # out, t, l, sy, sx, b, f, c, dy, dx, nl, ny, nx (by chunk)
     direct: list[bool]  # decode straight into the output (the chunk is one whole piece)
+    # Chunks of mapped files (see mapped.py), in file and offset order, and per chunk:
+    mapped: list[int] = field(default_factory=list)
+    file: list[int] = field(default_factory=list)  # its file (index into locations.paths)
+    src: list[int] = field(default_factory=list)  # address of its bytes in the map
+    by_context: list[bool] = field(default_factory=list)  # zstd with a reused context
+
+
+def _direct_addresses(
+    outs: Sequence[np.ndarray], pieces: np.ndarray, bounds: np.ndarray, direct: np.ndarray
+) -> np.ndarray:
+    """Per chunk decoded in place, the address its piece starts at in the batch (else 0)."""
+    addresses = np.zeros(len(direct), dtype=np.int64)
+    if not direct.any():
+        return addresses
+    first = pieces[bounds[:-1][direct]]
+    base = np.array([out.ctypes.data for out in outs], dtype=np.int64)
+    strides = np.array([out.strides for out in outs], dtype=np.int64)  # [outs, 5]
+    out = first[:, PIECE_OUT]
+    addresses[direct] = base[out] + (first[:, PIECE_DST] * strides[out]).sum(axis=1)
+    return addresses
 
 
 class CpuBackend:
@@ -271,7 +309,10 @@ class CpuBackend:
     runs every compressor's own checks over the whole chunk.
 
     Host work per batch is array programs (locate, coalesce, group the copies
-    by chunk); the per-chunk loop that remains reads, decodes and copies.
+    by chunk); the per-chunk loop that remains decodes and copies. A local
+    store's files are memory-mapped (no copy of the encoded bytes), and zstd
+    chunks are decoded with one reused libzstd context per thread, on raw
+    addresses, straight into the batch where a chunk is one whole piece.
     """
 
     device = "cpu"
@@ -288,6 +329,7 @@ class CpuBackend:
         *,
         max_gap: int = 64 * 1024,
         source: ByteSource | None = None,
+        memory_map: bool = True,
     ) -> None:
         self.num_threads = num_threads or os.cpu_count() or 1
         self.partial_decode = partial_decode
@@ -295,10 +337,13 @@ class CpuBackend:
         self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="zarrdali-io")
         if source is None:
             source = make_source(group, store_name, map_fn=self._pool.map)
-        # Local stores: pread in the decode threads. Remote: one concurrent fetch per batch.
+        # Local stores: maps (or pread) in the decode threads. Remote: one concurrent
+        # fetch per batch.
         self.source = source
         self.remote = source.remote
         self.reader = PosixReader(store_name, max_gap=max_gap)
+        self.maps = MappedFiles() if memory_map and not self.remote else None
+        self.zstd = ZstdContexts.create()
         self.decoder = NumcodecsDecoder(store_name)
         self.fallback = ZarrPythonChunkSource(group, store_name)
         self._locators = Locators(store_name, map_fn=self._pool.map, source=self.source)
@@ -307,10 +352,55 @@ class CpuBackend:
         """The (cached) locator of these layouts' chunks."""
         return self._locators.get(layouts)
 
+    def lease(self, layouts: Sequence[ArrayLayout], locations: ChunkLocations) -> MapLease | None:
+        """The maps of the batch's files, held until released (None: nothing is mapped)."""
+        if self.maps is None or not len(locations.paths):
+            return None
+        try:
+            return self.maps.lease(locations.paths.tolist())
+        except OSError as err:
+            f = int(np.flatnonzero(locations.paths == err.filename)[0]) if err.filename else 0
+            raise ChunkError(
+                f"cannot open {err.filename}: {err.strerror or err}",
+                store=self._store,
+                array=layouts[locations.file_var[f]].name,
+                key=locations.keys[f],
+            ) from err
+
+    def _check_ranges(
+        self,
+        layouts: Sequence[ArrayLayout],
+        locations: ChunkLocations,
+        chunks: np.ndarray,
+        size: np.ndarray,
+    ) -> None:
+        """A chunk past the end of its (mapped) file is a named error, not a fault."""
+        file = locations.file[chunks]
+        end = locations.offset[chunks] + locations.nbytes[chunks]
+        short = np.flatnonzero(end > size[file])
+        if len(short):
+            i = chunks[short[0]]
+            f = int(locations.file[i])
+            start = int(locations.offset[i])
+            raise ChunkError(
+                f"file is truncated: wanted bytes {start}..{int(end[short[0]])}, "
+                f"it has {int(size[f])}",
+                store=self._store,
+                array=layouts[locations.file_var[f]].name,
+                key=locations.keys[f],
+            )
+
     def describe(
-        self, layouts: Sequence[ArrayLayout], plan: BatchPlan, locations: ChunkLocations
+        self,
+        layouts: Sequence[ArrayLayout],
+        plan: BatchPlan,
+        locations: ChunkLocations,
+        lease: MapLease | None = None,
     ) -> BatchWork:
         """Everything the batch's read/decode/copy loops need, without I/O."""
+        on_map = np.zeros(plan.n_chunks, dtype=bool)
+        if lease is not None:
+            on_map = locations.present & lease.mapped[np.maximum(locations.file, 0)]
         if self.remote:  # one "read" per chunk here: the source coalesces them itself
             chunk_of = np.flatnonzero(locations.present)
             start = locations.offset[chunk_of]
@@ -322,7 +412,7 @@ class CpuBackend:
                 end=start + locations.nbytes[chunk_of],
             )
         else:
-            reads, chunk_of = self.reader.reads(locations)
+            reads, chunk_of = self.reader.reads(locations, ~on_map)
         order, bounds = plan.piece_order
         pieces = plan.pieces[order]
         needed = (
@@ -331,6 +421,22 @@ class CpuBackend:
             else np.full(plan.n_chunks, -1, dtype=np.int64)
         )
         direct = decodes_in_place(layouts, plan, pieces, bounds) & (needed < 0)
+        mapped = np.flatnonzero(on_map)
+        src = np.zeros(plan.n_chunks, dtype=np.int64)
+        if len(mapped):
+            self._check_ranges(layouts, locations, mapped, lease.size)
+            mapped = mapped[np.lexsort((locations.offset[mapped], locations.file[mapped]))]
+            src[mapped] = lease.base[locations.file[mapped]] + locations.offset[mapped]
+        if self.zstd is not None:
+            zstd = np.array(
+                [
+                    lay.fast_path and lay.codec.compressor == "zstd" and not lay.codec.has_crc32c
+                    for lay in layouts
+                ]
+            )
+            by_context = on_map & zstd[plan.chunk_var] & (needed < 0)
+        else:
+            by_context = np.zeros(plan.n_chunks, dtype=bool)
         return BatchWork(
             locations=locations,
             read_file=reads.file.tolist(),
@@ -347,6 +453,10 @@ class CpuBackend:
             piece_bounds=bounds.tolist(),
             pieces=pieces.tolist(),
             direct=direct.tolist(),
+            mapped=mapped.tolist(),
+            file=locations.file.tolist(),
+            src=src.tolist(),
+            by_context=by_context.tolist(),
         )
 
     def load_batch(
@@ -356,8 +466,31 @@ class CpuBackend:
         locations = self.locator(layouts).locate(plan)
         dtype = batch_dtype(layouts)
         outs = [np.empty(shape, dtype=dtype) for shape in plan.out_shapes]
-        work = self.describe(layouts, plan, locations)
+        lease = self.lease(layouts, locations)
+        try:
+            work = self.describe(layouts, plan, locations, lease)
+            self._run(layouts, plan, work, outs, lease)
+        finally:
+            if lease is not None:
+                lease.release()
+        return outs[0] if plan.frame_split is None else tuple(outs)
+
+    def _run(
+        self,
+        layouts: Sequence[ArrayLayout],
+        plan: BatchPlan,
+        work: BatchWork,
+        outs: list[np.ndarray],
+        lease: MapLease | None,
+    ) -> None:
+        """Read, decode and copy every chunk of ``work`` into ``outs``."""
+        locations = work.locations
         shapes4 = [chunk_shape4(layout) for layout in layouts]
+        stored = [  # zarr-python decodes arrays without a codec of ours in native order
+            layout.codec.stored_dtype(layout.dtype) if layout.codec else layout.dtype
+            for layout in layouts
+        ]
+        chunk_nbytes = [layout.chunk_nbytes for layout in layouts]
 
         def scatter(i: int, decoded: np.ndarray) -> None:
             chunk = decoded.reshape(shapes4[work.chunk_var[i]])
@@ -380,6 +513,40 @@ class CpuBackend:
                 layout, coords, data, needed=None if needed < 0 else needed
             )
             scatter(i, decoded)
+
+        def frame_error(i: int, why: str) -> ChunkError:
+            layout = layouts[work.chunk_var[i]]
+            return ChunkError(
+                f"cannot decode zstd chunk: {why}",
+                store=self._store,
+                array=layout.name,
+                key=describe_chunk(layout, work.chunk_coords[i]),
+            )
+
+        def run_mapped(chunks: list[int]) -> None:
+            """Chunks of mapped files: zstd through this thread's context on raw
+            addresses (into the batch, or into scratch then copied); other codecs
+            through the numcodecs decoder on a view of the map."""
+            zstd = self.zstd
+            ctx = zstd.context() if uses_context else 0
+            scratch = self.decoder.scratch_bytes(max(chunk_nbytes))
+            address = scratch.ctypes.data
+            views = [scratch[:n].view(d) for n, d in zip(chunk_nbytes, stored, strict=True)]
+            for i in chunks:
+                if not work.by_context[i]:
+                    lo = work.offset[i]
+                    decode(i, lease.view(work.file[i])[lo : lo + work.nbytes[i]])
+                    continue
+                v, into = work.chunk_var[i], dst[i]
+                want = chunk_nbytes[v]
+                try:
+                    got = zstd.decompress(ctx, into or address, want, work.src[i], work.nbytes[i])
+                except ZstdFrameError as err:
+                    raise frame_error(i, str(err)) from None
+                if got != want:
+                    raise frame_error(i, f"decodes to {got} bytes, the chunk has {want}")
+                if not into:
+                    scatter(i, views[v])
 
         def run_reads(rs: range) -> None:
             for r in rs:
@@ -407,8 +574,7 @@ class CpuBackend:
                     decoded = self.fallback.read_decoded(layout, natural)
                 scatter(i, decoded)
 
-        unread, n_reads = work.unread, len(work.read_file)
-        result = outs[0] if plan.frame_split is None else tuple(outs)
+        unread, mapped, n_reads = work.unread, work.mapped, len(work.read_file)
         if self.remote:  # one concurrent fetch; each response decoded as soon as it is in
             futures: list = [self._pool.submit(run_unread, unread)]
 
@@ -420,21 +586,38 @@ class CpuBackend:
             finally:
                 for future in futures:
                     future.result()  # waits for every decode; re-raises the first error
-            return result
+            return
+        uses_context = any(work.by_context)
+        order, bounds = plan.piece_order
+        dst = (
+            _direct_addresses(
+                outs, plan.pieces[order], bounds, np.array(work.direct) & np.array(work.by_context)
+            ).tolist()
+            if mapped
+            else []
+        )
         # A few tasks per thread, not one per chunk: small inner chunks decode in
         # tens of microseconds, comparable to the executor's own overhead.
-        n_tasks = max(1, min(n_reads + len(unread), self.num_threads * self.tasks_per_thread))
-        tasks = [partial(run_reads, range(k, n_reads, n_tasks)) for k in range(n_tasks)] + [
-            partial(run_unread, unread[k::n_tasks]) for k in range(n_tasks) if unread[k::n_tasks]
+        n_tasks = max(
+            1, min(len(mapped) + n_reads + len(unread), self.num_threads * self.tasks_per_thread)
+        )
+        tasks = [
+            partial(run, part)
+            for k in range(n_tasks)
+            for run, part in (
+                (run_mapped, mapped[k::n_tasks]),
+                (run_reads, range(k, n_reads, n_tasks)),
+                (run_unread, unread[k::n_tasks]),
+            )
+            if len(part)
         ]
         if self.num_threads == 1:  # e.g. in a DALI worker process: no hand-offs
             for task in tasks:
                 task()
-            return result
+            return
         futures = [self._pool.submit(task) for task in tasks]
         for future in futures:
             future.result()  # re-raises the first error with its traceback
-        return result
 
     def dali_device_id(self) -> None:
         return None
@@ -488,6 +671,11 @@ class CpuBackend:
         return self.source.stats()
 
     def close(self) -> None:
+        """Stop the threads, then free what they used: maps, zstd contexts, files."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.maps is not None:
+            self.maps.close()
+        if self.zstd is not None:
+            self.zstd.close()
         self.reader.close()
         self.source.close()

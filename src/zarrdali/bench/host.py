@@ -2,7 +2,8 @@
 
 ``zarrdali bench-host`` times, for each store, the stages both paths run on the
 host for every batch: **plan** (samples → chunks and pieces, numpy), **locate**
-(chunks → files, offsets, sizes, from the cached shard-index tables) and
+(chunks → files, offsets, sizes, from the cached shard-index tables), for
+the CPU path **map** (the batch's files memory-mapped, or found mapped) and
 **describe** (the work lists of the CPU path's read/decode/copy loops, or the
 GPU path's staging, slots and gather description). Reading, decoding and
 gathering are not included: this is the overhead the GPU path pays while the
@@ -48,7 +49,7 @@ class HostTimes:
         rows = {}
         series = dict(self.stages)
         for path in ("cpu", "gpu"):
-            parts = ["plan", "locate", f"describe-{path}"]
+            parts = ["plan", "locate", *(["map-cpu"] if path == "cpu" else []), f"describe-{path}"]
             if all(p in series for p in parts):
                 per_batch = zip(*(series[p] for p in parts), strict=True)
                 series[f"total-{path}"] = [sum(x) for x in per_batch]
@@ -123,7 +124,12 @@ def time_host(
         for s in samples:  # cold: reads every shard index once
             locator.locate(plan_of(s, True))
         result.cold_locate_s = time.perf_counter() - t
-        stages: dict[str, list[float]] = {"plan": [], "locate": [], "describe-cpu": []}
+        stages: dict[str, list[float]] = {
+            "plan": [],
+            "locate": [],
+            "map-cpu": [],
+            "describe-cpu": [],
+        }
         if describe_gpu is not None:
             stages["describe-gpu"] = []
         chunks, pieces = [], []
@@ -134,17 +140,22 @@ def time_host(
                 t1 = time.perf_counter()
                 locations = locator.locate(plan)
                 t2 = time.perf_counter()
-                loader.backend.describe(layouts, plan, locations)
+                lease = loader.backend.lease(layouts, locations)  # the files' maps
                 t3 = time.perf_counter()
+                loader.backend.describe(layouts, plan, locations, lease)
+                if lease is not None:
+                    lease.release()
+                t4 = time.perf_counter()
                 stages["plan"].append(t1 - t0)
                 stages["locate"].append(t2 - t1)
-                stages["describe-cpu"].append(t3 - t2)
+                stages["map-cpu"].append(t3 - t2)
+                stages["describe-cpu"].append(t4 - t3)
                 if describe_gpu is not None:  # the GPU path plans the window unsplit
                     window = plan_of(s, False)
                     window_locations = locator.locate(window)
-                    t4 = time.perf_counter()
+                    t5 = time.perf_counter()
                     describe_gpu(window, window_locations)
-                    stages["describe-gpu"].append(time.perf_counter() - t4)
+                    stages["describe-gpu"].append(time.perf_counter() - t5)
                 chunks.append(plan.n_chunks)
                 pieces.append(plan.n_pieces)
         result.stages = stages

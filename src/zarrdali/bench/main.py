@@ -48,6 +48,10 @@ LOADERS: dict[str, tuple[str, Callable[[BenchSpec, RunResult], Runner]]] = {
         "numcodecs Codec.decode",
         lambda spec, r: decode_ceiling_runner(spec, r, codec_api=True),
     ),
+    "numcodecs-zstd-contexts": (
+        "numcodecs libzstd, reused contexts",
+        lambda spec, r: decode_ceiling_runner(spec, r, zstd_contexts=True),
+    ),
     "torch-xarray": ("torch DataLoader + xarray", torch_xarray_runner),
     "xbatcher": ("xbatcher + torch DataLoader", xbatcher_runner),
     "zarr-gpu": ("zarr-python enable_gpu()", zarr_gpu_runner),
@@ -99,6 +103,11 @@ def ratios(rows: list[dict]) -> dict[str, float]:
                 out[f"{label}: {name} / numcodecs ceiling (GB/s)"] = (
                     row["decoded_gb_per_s"]["median"] / ceiling["decoded_gb_per_s"]["median"]
                 )
+        reused = by.get((label, "numcodecs libzstd, reused contexts"))
+        if z and reused and reused["decoded_gb_per_s"]:
+            out[f"{label}: zarrdali[cpu] / numcodecs libzstd reused contexts (GB/s)"] = (
+                z["decoded_gb_per_s"]["median"] / reused["decoded_gb_per_s"]["median"]
+            )
         api = by.get((label, "numcodecs Codec.decode"))
         if z and api and api["decoded_gb_per_s"]:
             out[f"{label}: zarrdali[cpu] / numcodecs Codec.decode (GB/s)"] = (
