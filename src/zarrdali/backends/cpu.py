@@ -282,21 +282,28 @@ class BatchWork:
     file: list[int] = field(default_factory=list)  # its file (index into locations.paths)
     src: list[int] = field(default_factory=list)  # address of its bytes in the map
     by_context: list[bool] = field(default_factory=list)  # zstd with a reused context
+    # decoded by context straight into output in_place_out[i] at byte in_place_offset[i]
+    in_place_out: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    in_place_offset: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
-def _direct_addresses(
-    outs: Sequence[np.ndarray], pieces: np.ndarray, bounds: np.ndarray, direct: np.ndarray
-) -> np.ndarray:
-    """Per chunk decoded in place, the address its piece starts at in the batch (else 0)."""
-    addresses = np.zeros(len(direct), dtype=np.int64)
-    if not direct.any():
-        return addresses
-    first = pieces[bounds[:-1][direct]]
-    base = np.array([out.ctypes.data for out in outs], dtype=np.int64)
-    strides = np.array([out.strides for out in outs], dtype=np.int64)  # [outs, 5]
-    out = first[:, PIECE_OUT]
-    addresses[direct] = base[out] + (first[:, PIECE_DST] * strides[out]).sum(axis=1)
-    return addresses
+def _in_place_offsets(
+    plan: BatchPlan, itemsize: int, pieces: np.ndarray, bounds: np.ndarray, in_place: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per chunk decoded in place: the output its piece lands in, and the byte
+    offset it starts at there (-1 for the other chunks)."""
+    out = np.zeros(plan.n_chunks, dtype=np.int64)
+    offset = np.full(plan.n_chunks, -1, dtype=np.int64)
+    if not in_place.any():
+        return out, offset
+    first = pieces[bounds[:-1][in_place]]
+    # C-order strides, in bytes, of each [B, T, C, H, W] output
+    shapes = np.array(plan.out_shapes, dtype=np.int64)
+    strides = np.cumprod(shapes[:, :0:-1], axis=1)[:, ::-1] * itemsize
+    strides = np.concatenate([strides, np.full((len(shapes), 1), itemsize)], axis=1)
+    out[in_place] = first[:, PIECE_OUT]
+    offset[in_place] = (first[:, PIECE_DST] * strides[out[in_place]]).sum(axis=1)
+    return out, offset
 
 
 class CpuBackend:
@@ -437,6 +444,10 @@ class CpuBackend:
             by_context = on_map & zstd[plan.chunk_var] & (needed < 0)
         else:
             by_context = np.zeros(plan.n_chunks, dtype=bool)
+        itemsize = batch_dtype(layouts).itemsize
+        in_place_out, in_place_offset = _in_place_offsets(
+            plan, itemsize, pieces, bounds, direct & by_context
+        )
         return BatchWork(
             locations=locations,
             read_file=reads.file.tolist(),
@@ -457,6 +468,8 @@ class CpuBackend:
             file=locations.file.tolist(),
             src=src.tolist(),
             by_context=by_context.tolist(),
+            in_place_out=in_place_out,
+            in_place_offset=in_place_offset,
         )
 
     def load_batch(
@@ -469,7 +482,7 @@ class CpuBackend:
         lease = self.lease(layouts, locations)
         try:
             work = self.describe(layouts, plan, locations, lease)
-            self._run(layouts, plan, work, outs, lease)
+            self._run(layouts, work, outs, lease)
         finally:
             if lease is not None:
                 lease.release()
@@ -478,7 +491,6 @@ class CpuBackend:
     def _run(
         self,
         layouts: Sequence[ArrayLayout],
-        plan: BatchPlan,
         work: BatchWork,
         outs: list[np.ndarray],
         lease: MapLease | None,
@@ -588,14 +600,10 @@ class CpuBackend:
                     future.result()  # waits for every decode; re-raises the first error
             return
         uses_context = any(work.by_context)
-        order, bounds = plan.piece_order
-        dst = (
-            _direct_addresses(
-                outs, plan.pieces[order], bounds, np.array(work.direct) & np.array(work.by_context)
-            ).tolist()
-            if mapped
-            else []
-        )
+        # Where chunks decoded in place go (0: into scratch, then copied)
+        bases = np.array([out.ctypes.data for out in outs], dtype=np.int64)
+        offset = work.in_place_offset
+        dst = np.where(offset >= 0, bases[work.in_place_out] + offset, 0).tolist()
         # A few tasks per thread, not one per chunk: small inner chunks decode in
         # tens of microseconds, comparable to the executor's own overhead.
         n_tasks = max(
