@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import pickle
 import threading
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import zarrdali
 from storefactory import VarSpec, open_arrays
 from zarrdali.backends.mapped import MappedFiles
 from zarrdali.backends.zstdctx import ZstdContexts, ZstdFrameError
+from zarrdali.epoch_reader import EpochReader
 from zarrdali.errors import ChunkError
 
 CONTEXTS = ZstdContexts.create()
@@ -185,12 +187,16 @@ def test_every_read_path_equals_the_oracle(make_store, endian, memory_map, conte
     variables = ["z", "g", "c", "p"]
     arrays = open_arrays(store, variables)
     ld = zarrdali.ZarrLoader(
-        store, variables, tile=(8, 8), batch_size=5, workers=0, num_threads=threads
+        store,
+        variables,
+        tile=(8, 8),
+        batch_size=5,
+        workers=0,
+        num_threads=threads,
+        memory_map=memory_map,
     )
     backend = ld.backend
-    if not memory_map:
-        backend.maps.close()
-        backend.maps = None
+    assert (backend.maps is not None) == memory_map
     if not contexts and backend.zstd is not None:
         backend.zstd.close()
         backend.zstd = None
@@ -268,3 +274,33 @@ def test_a_frame_of_the_wrong_size_is_named(make_store, contexts):
         assert info.value.array == "z" and info.value.key.startswith("c/0/0/0")
     finally:
         ld.close()
+
+
+def test_memory_map_false_reaches_the_worker_processes(make_store):
+    """The option travels with the epoch reader DALI pickles into its workers."""
+    store = _store(make_store, "little")
+    arrays = open_arrays(store, ["z"])
+    with zarrdali.ZarrLoader(
+        store, ["z"], tile=(8, 8), batch_size=8, workers=0, memory_map=False
+    ) as ld:
+        assert ld.backend.maps is None
+        reader = EpochReader(
+            ld.store_ref,
+            ld.variables,
+            ld.spec,
+            ld.candidates,
+            ld.sampler,
+            0,
+            0,
+            memory_map=ld.memory_map,
+        )
+        reader = pickle.loads(pickle.dumps(reader))  # as DALI hands it to a worker
+        frames, samples = reader(0)  # (input,) or (input, target)
+        backend = reader._state[2]
+        try:
+            assert backend.maps is None
+            window = np.concatenate(frames, axis=1)
+            want = _expected(arrays, ["z"], samples, ld.spec.n_frames, (8, 8))
+            np.testing.assert_array_equal(window, want)
+        finally:
+            backend.close()

@@ -74,6 +74,7 @@ class EpochReader:
     start: int  # first batch of the epoch to serve (resume)
     num_threads: int = 1
     partial_decode: bool = True
+    memory_map: bool = True
     _state: Any = field(default=None, init=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -89,7 +90,14 @@ class EpochReader:
         layouts = load_layouts(group, name, self.variables)
         samples = self.candidates.samples(self.sampler.seed, self.epoch)
         plan = self.sampler.epoch_plan(samples, self.epoch)
-        backend = CpuBackend(group, name, self.num_threads, self.partial_decode, source=source)
+        backend = CpuBackend(
+            group,
+            name,
+            self.num_threads,
+            self.partial_decode,
+            source=source,
+            memory_map=self.memory_map,
+        )
         return layouts, plan, backend
 
     def __call__(self, k: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:

@@ -108,7 +108,10 @@ class ZarrLoader:
 
     The CPU path decodes a chunk only as far as the last byte a batch copies
     from it (zstd, gzip, uncompressed); ``partial_decode=False`` decodes every
-    chunk whole, so every compressor checks every chunk completely.
+    chunk whole, so every compressor checks every chunk completely. It reads a
+    local store's files through memory maps (no copy of the encoded bytes); a
+    store must then not be rewritten in place while it is read (a file that
+    shrinks under a map faults). ``memory_map=False`` reads with ``pread``.
 
     ``store`` may be a path, a URL (``s3://``, ``gs://``, ``az://``, ``https://``;
     credentials and endpoint in ``storage_options``, obstore's or fsspec's
@@ -150,6 +153,7 @@ class ZarrLoader:
         index: str | os.PathLike | SampleTable | None = None,
         augment: Sequence[str] = (),
         partial_decode: bool = True,
+        memory_map: bool = True,
         storage_options: Mapping[str, Any] | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_bytes: int | None = None,
@@ -205,6 +209,7 @@ class ZarrLoader:
         self.dali_threads = dali_threads
         self.device = _resolve_device(device)
         self.partial_decode = partial_decode
+        self.memory_map = memory_map
         # Both backends read remote stores through this source (the GPU backend into
         # pinned memory, then one copy per batch to the device).
         source = make_source(
@@ -224,6 +229,7 @@ class ZarrLoader:
                 num_threads,
                 partial_decode,
                 source=source,
+                memory_map=memory_map,
                 cache=cache,
                 cache_budget=cache_budget,
             )
@@ -442,6 +448,7 @@ class ZarrLoader:
                 self._epoch,
                 start,
                 partial_decode=self.partial_decode,
+                memory_map=self.memory_map,
             )
         else:  # the backend's own source: prefetch threads (GPU: streams, events, buffers)
             feed = run.feed = backend.batch_source(

@@ -14,11 +14,13 @@ def make_backend(
     num_threads: int | None = None,
     partial_decode: bool = True,
     source=None,
+    memory_map: bool = True,
     **gpu_options,
 ) -> Backend:
     """The backend for ``device`` ("cpu" or "cuda"); GPU imports happen only here.
 
-    ``partial_decode`` is the CPU backend's; nvCOMP decodes whole chunks.
+    ``partial_decode`` and ``memory_map`` are the CPU backend's: nvCOMP decodes
+    whole chunks, and the GPU backend reads local files with kvikIO or preads.
     ``gpu_options`` go to :class:`~zarrdali.backends.gpu.GpuBackend` (``read``,
     ``decode``, ``cache``, ``cache_budget``, ...); ``None`` values are its
     defaults. Given for ``device="cpu"``, they are an error.
@@ -40,7 +42,9 @@ def make_backend(
             )
         from .cpu import CpuBackend
 
-        return CpuBackend(group, store_name, num_threads, partial_decode, source=source)
+        return CpuBackend(
+            group, store_name, num_threads, partial_decode, source=source, memory_map=memory_map
+        )
     if device == "cuda":
         from .gpu import GpuBackend
 
