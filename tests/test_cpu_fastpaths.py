@@ -155,6 +155,36 @@ def test_empty_unmappable_and_missing_files(tmp_path, monkeypatch):
     maps.close()
 
 
+def test_concurrent_leases_never_see_a_file_unmapped(tmp_path):
+    """Threads lease overlapping sets with room for fewer maps than they hold:
+    every leased address keeps its file's bytes until the lease is released."""
+    paths = _files(tmp_path, [4096 + 512 * k for k in range(12)])
+    contents = [Path(p).read_bytes() for p in paths]
+    maps = MappedFiles(max_maps=3)
+    errors: list[str] = []
+
+    def work(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(200):
+            pick = rng.choice(len(paths), size=4, replace=False).tolist()
+            lease = maps.lease([paths[k] for k in pick])
+            try:
+                for j, k in enumerate(pick):
+                    if ctypes.string_at(int(lease.base[j]), len(contents[k])) != contents[k]:
+                        errors.append(f"file {k} changed under its lease")
+            finally:
+                lease.release()
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(maps) <= 3  # all released: evicted down to the bound
+    maps.close()
+
+
 # -- the backend -------------------------------------------------------------
 NT, NY, NX = 12, 21, 33  # 8 x 8 tiles: aligned ones decode in place, edge ones do not
 
