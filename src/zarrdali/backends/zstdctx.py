@@ -97,6 +97,13 @@ class ZstdContexts:
             raise ZstdFrameError(self._lib.ZSTD_getErrorName(got).decode(errors="replace"))
         return got
 
+    def decompress_exactly(self, ctx: int, dst: int, nbytes: int, src: int, n: int) -> None:
+        """Decode the frame(s) at ``src`` into exactly ``nbytes`` bytes at ``dst``;
+        a frame that decodes to any other size is a :class:`ZstdFrameError`."""
+        got = self.decompress(ctx, dst, nbytes, src, n)
+        if got != nbytes:
+            raise ZstdFrameError(f"decodes to {got} bytes, the chunk has {nbytes}")
+
     def close(self) -> None:
         """Free every thread's context (call once no thread decodes). Idempotent."""
         with self._lock:
