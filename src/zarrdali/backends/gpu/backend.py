@@ -897,7 +897,7 @@ class GpuBackend(CudaSourceRole):
         if not self.remote:
             only_host = np.zeros_like(locations.fast)
             only_host[desc.host_chunks] = True
-            reads, chunk_of = reader.reads(replace(locations, fast=only_host))
+            reads, chunk_of = reader.reads(locations, only_host)
 
         def run_reads(rs: range) -> None:
             for r in rs:
