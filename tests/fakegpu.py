@@ -195,6 +195,7 @@ class FakeCuda:
         cp.full = lambda shape, value, dtype=None: dev(np.full(shape, value, dtype))
         for name in ("where", "arange", "count_nonzero", "add", "multiply", "concatenate"):
             setattr(cp, name, getattr(np, name))
+        cp.lib = np.lib  # stride_tricks.as_strided
         cp.RawKernel = lambda source, name: FakeKernel(cuda, source, name)
         cp.get_default_memory_pool = lambda: _MemoryPool(cuda)
 

@@ -248,3 +248,54 @@ def open_arrays(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return {v: np.asarray(group[v][...]) for v in variables}
+
+
+def add_static(
+    store: str | os.PathLike,
+    name: str,
+    shape: tuple[int, ...],
+    *,
+    chunks: tuple[int, ...] | None = None,
+    shards: tuple[int, ...] | None = None,
+    dtype: str = "float32",
+    dims: Sequence[str] | None = None,
+    attrs: dict | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Write a time-invariant array (``(y, x)`` or ``(level, y, x)``); returns its values."""
+    rng = np.random.default_rng([seed, sum(map(ord, name))])
+    grids = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
+    values = 50.0 * grids[0] + 7.0 * grids[-2] - 2.0 * grids[-1] + rng.standard_normal(shape)
+    values = values.astype(dtype)
+    if dims is None:
+        dims = ["level", "y", "x"][-len(shape) :]
+    group = zarr.open_group(store, mode="r+")
+    array = group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks or tuple(min(n, 8) for n in shape),
+        shards=shards,
+        dtype=dtype,
+        compressors=[ZstdCodec(level=3)],
+        dimension_names=list(dims),
+        attributes=dict(attrs or {}),
+    )
+    array[...] = values
+    return values
+
+
+def add_coordinate(
+    store: str | os.PathLike, name: str, values: np.ndarray, attrs: dict | None = None
+) -> None:
+    """Write a 1-D coordinate array named ``name`` along the dimension ``name``."""
+    values = np.asarray(values)
+    group = zarr.open_group(store, mode="r+")
+    array = group.create_array(
+        name,
+        shape=values.shape,
+        chunks=values.shape,
+        dtype=values.dtype,
+        dimension_names=[name],
+        attributes=dict(attrs or {}),
+    )
+    array[...] = values

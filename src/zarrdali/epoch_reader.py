@@ -17,7 +17,7 @@ import numpy as np
 
 from .backends.base import batch_dtype
 from .batchplan import plan_batch
-from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
+from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
 from .remote import StoreRef
 from .store import ArrayLayout, load_layouts
 from .trace import annotate
@@ -75,6 +75,7 @@ class EpochReader:
     num_threads: int = 1
     partial_decode: bool = True
     memory_map: bool = True
+    resumed: tuple[Segment, ...] = ()  # parts of the epoch served at other world sizes
     _state: Any = field(default=None, init=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -89,7 +90,7 @@ class EpochReader:
         group, name, source = ref.open()
         layouts = load_layouts(group, name, self.variables)
         samples = self.candidates.samples(self.sampler.seed, self.epoch)
-        plan = self.sampler.epoch_plan(samples, self.epoch)
+        plan = self.sampler.epoch_plan(samples, self.epoch, self.resumed)
         backend = CpuBackend(
             group,
             name,

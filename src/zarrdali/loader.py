@@ -20,9 +20,12 @@ from .epoch_reader import EpochReader, load_frames
 from .errors import ConfigError, LoaderClosedError, ZarrDaliError
 from .normalize import NormalizeArg, channel_stats
 from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
-from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
+from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
 from .remote import StoreRef, is_picklable
+from .resume import check_state, fingerprint, resume_point
+from .static import DeviceStaticFields, DeviceStaticTiles, StaticTiles, read_static_fields
 from .store import load_layouts, open_group
+from .timecoord import FrameTimes, read_time_coordinate
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +163,8 @@ class ZarrLoader:
         max_in_flight: int = 64,
         cache: str | None = None,
         cache_budget: int | None = None,
+        static: Sequence[str] | str = (),
+        time: bool | None = None,
     ) -> None:
         # Everything is validated here, before any chunk is read.
         self.spec = SampleSpec(
@@ -202,6 +207,13 @@ class ZarrLoader:
             world_size=world_size,
         )
         self.stats = channel_stats(normalize, self.layouts, self.store_name)
+        # Static fields and the time coordinate: read once, here.
+        self.static = (
+            read_static_fields(self.group, self.store_name, static, self.layouts, normalize)
+            if static
+            else None
+        )
+        self.times = read_time_coordinate(self.group, self.store_name, first, time)
         self.augment = self._check_augment(augment)
         if prefetch < 1:
             raise ConfigError(f"prefetch must be >= 1 batch, got {prefetch}.")
@@ -242,6 +254,14 @@ class ZarrLoader:
             except BaseException:
                 self.backend.close()
                 raise
+        # On a GPU pipeline the static fields are cut in device memory; close() frees them.
+        self._device_static: DeviceStaticFields | None = None
+        if self.static is not None and self.backend.dali_device == "gpu":
+            try:
+                self._device_static = DeviceStaticFields(self.static)
+            except BaseException:
+                self.backend.close()
+                raise
         self._closed = False
         # Weak: the epoch's generator owns the run; this reference lets the
         # loader close it (next epoch, close(), exit) without a reference cycle.
@@ -250,6 +270,10 @@ class ZarrLoader:
         self._epoch = 0
         self._served = 0  # batches handed to the user in the current epoch
         self._resume_from = 0
+        # Parts of the current epoch served at other world sizes (elastic resume):
+        # those of the state loaded, and those the running iteration serves after.
+        self._resume_segments: list[Segment] = []
+        self._segments: list[Segment] = []
 
     def _check_augment(self, augment: Sequence[str]) -> tuple[str, ...]:
         augment = (augment,) if isinstance(augment, str) else tuple(augment)
@@ -327,10 +351,18 @@ class ZarrLoader:
         if epoch != self._epoch:
             self._resume_from = 0
             self._served = 0
+            self._resume_segments = self._segments = []
         self._epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the loader stands: the epoch and how many batches the user has had."""
+        """Where the loader stands: the epoch and how many batches the user has had.
+
+        Ranks step in lockstep (as under DDP), so every rank's state is the same
+        but for ``rank``: any one of them resumes all ranks, at this or another
+        world size. ``segments`` lists the ``(world_size, batches)`` served of
+        this epoch at earlier world sizes; ``fingerprint`` what decides the
+        samples (checked by :meth:`load_state_dict`).
+        """
         return {
             "epoch": self._epoch,
             "batches_served": self._served,
@@ -339,25 +371,36 @@ class ZarrLoader:
             "rank": self.sampler.rank,
             "world_size": self.sampler.world_size,
             "num_candidates": len(self.candidates),
+            "segments": [[seg.world_size, seg.batches] for seg in self._segments],
+            "fingerprint": fingerprint(self.layouts, self.spec, self.sampler, self.candidates),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume exactly after the last batch served when ``state`` was taken."""
-        for key in ("seed", "batch_size", "world_size", "num_candidates"):
-            mine = self.state_dict()[key]
-            if state.get(key, mine) != mine:
-                raise ConfigError(
-                    f"state_dict was saved with {key}={state[key]!r} but this loader has "
-                    f"{key}={mine!r}; resuming would serve different samples."
-                )
+        """Resume exactly after the last batch served when ``state`` was taken.
+
+        At another ``world_size`` than the state's, the samples of its epoch
+        that the old ranks had not served are served once each across the new
+        ranks, in the same number of batches on every rank (batches may be
+        smaller than ``batch_size``; with ``drop_last`` only full batches, the
+        rest left out, and with ``batch_size=1`` or fewer samples left than
+        ranks, the few that cannot be split evenly). Later epochs are whole
+        epochs at the new world size. A state saved for another seed, store,
+        sample spec or batch size is refused, naming what differs.
+        """
+        check_state(state, self.state_dict())
+        self._segments = []
         self._epoch = int(state["epoch"])
-        self._served = self._resume_from = int(state["batches_served"])
+        self._resume_segments, self._resume_from = resume_point(state, self.sampler.world_size)
+        self._served = self._resume_from
 
     # -- iteration ---------------------------------------------------------
     def epoch_plan(self, epoch: int | None = None) -> EpochPlan:
         """The samples this rank serves in ``epoch`` (default: the current one)."""
-        epoch = self._epoch if epoch is None else epoch
-        return self.sampler.epoch_plan(self.candidates.samples(self.sampler.seed, epoch), epoch)
+        resumed: list[Segment] = []
+        if epoch is None:
+            epoch, resumed = self._epoch, self._resume_segments
+        samples = self.candidates.samples(self.sampler.seed, epoch)
+        return self.sampler.epoch_plan(samples, epoch, resumed)
 
     def load_batch(self, samples) -> Any:
         """Read, decode and assemble the window ``[B, T, C, H, W]`` of ``samples``."""
@@ -394,6 +437,7 @@ class ZarrLoader:
         start = self._resume_from
         self._resume_from = 0
         self._served = start
+        self._segments, self._resume_segments = self._resume_segments, []
         n = len(plan) - start
         if n <= 0:
             return
@@ -449,12 +493,14 @@ class ZarrLoader:
                 start,
                 partial_decode=self.partial_decode,
                 memory_map=self.memory_map,
+                resumed=tuple(self._segments),
             )
         else:  # the backend's own source: prefetch threads (GPU: streams, events, buffers)
             feed = run.feed = backend.batch_source(
                 load, n, depth=self.prefetch, batch_size=self.batch_size
             )
             fetch = feed.get
+        extras, device_extras, extra_names = self._batch_extras(run.feed)
         run.source = BatchSource(
             fetch,
             n,
@@ -463,7 +509,10 @@ class ZarrLoader:
             augment=self.augment,
             seed=self.sampler.seed,
             epoch=self._epoch,
-            first_batch=start,
+            # batches numbered through the epoch, across world sizes (augmentation draws)
+            first_batch=start + sum(seg.batches for seg in self._segments),
+            extras=extras,
+            device_extras=device_extras,
         )
         run.source_handle = SourceHandle(run.source)
         run.pipeline = build_pipeline(
@@ -482,13 +531,33 @@ class ZarrLoader:
             samples_of=lambda k: plan.batch(start + k),
             cuda_stream=getattr(run.feed, "cuda_stream", None),
             whole_window=backend.whole_window,
+            n_extras=len(extras),
+            n_device_extras=len(device_extras),
         )
         names = ["input", "target", "index"] if with_target else ["input", "index"]
         names += ["augment"] if self.augment else []
+        names += extra_names
         self._build(run.pipeline)
         run.batches = DALIGenericIterator(
             run.pipeline, names, auto_reset=False, last_batch_policy=LastBatchPolicy.PARTIAL
         )
+
+    def _batch_extras(self, feed: Any) -> tuple[list, list, list[str]]:
+        """Outputs computed per batch from its samples (see ``BatchSource``):
+        host ones, device ones (the GPU pipeline's), and all their names."""
+        host: dict[str, Any] = {}
+        device: dict[str, Any] = {}
+        if self.static is not None:
+            tile_hw = tuple(self.candidates.tile_hw)
+            if self._device_static is not None:
+                stream_of = lambda: feed.stream  # noqa: E731  (the feed DALI copies on)
+                device["static"] = DeviceStaticTiles(self._device_static, tile_hw, stream_of)
+            else:
+                host["static"] = StaticTiles(self.static, tile_hw)
+        if self.times is not None:
+            host["time"] = FrameTimes.for_spec(self.times, self.spec)
+        # the pipeline's outputs: host extras, then device ones (build_pipeline)
+        return list(host.values()), list(device.values()), [*host, *device]
 
     def _close_live_epoch(self, because: str) -> None:
         run = self._live_epoch() if self._live_epoch is not None else None
@@ -541,6 +610,8 @@ class ZarrLoader:
         try:
             self._close_live_epoch(f"{self!r} was closed")
         finally:
+            if self._device_static is not None:
+                self._device_static.close()
             self.backend.close()
 
     def __enter__(self) -> ZarrLoader:

@@ -7,12 +7,15 @@ plan), which is what DALI checkpointing needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 AUGMENTATIONS = ("flip", "rot90")
+
+# A per-batch output computed from the batch's samples [B, 3] and flags [B, 3] (or None).
+Extra = Callable[[np.ndarray, "np.ndarray | None"], Any]
 
 # rot90 by k quarter turns over (H, W), as (transpose, flip rows, flip columns)
 # applied in that order: np.rot90(x, k, axes=(-2, -1)).
@@ -58,6 +61,13 @@ class BatchSource:
     ``[B, T, C, H, W]``; the pipeline slices it). Outputs: the frames, the
     samples, and with augmentations each sample's flags (see
     :func:`draw_augmentations`).
+
+    ``extras``: further outputs computed per batch from the samples and flags
+    (``extra(samples, flags) -> array``; ``flags`` None without
+    augmentations), after the flags: static tiles, timestamps. They run where
+    the source runs (a DALI worker process too) and are host arrays.
+    ``device_extras`` are the same for the GPU pipeline's device source: they
+    follow the frames out of :meth:`frames_only`, as device arrays.
     """
 
     def __init__(
@@ -70,8 +80,12 @@ class BatchSource:
         seed: int = 0,
         epoch: int = 0,
         first_batch: int = 0,
+        extras: Sequence[Extra] = (),
+        device_extras: Sequence[Extra] = (),
     ) -> None:
         self._fetch = fetch
+        self._extras = tuple(extras)
+        self._device_extras = tuple(device_extras)
         self._n = n_batches
         self._input_steps = input_steps
         self._with_target = with_target
@@ -87,8 +101,11 @@ class BatchSource:
     def frames_only(self, info) -> tuple:
         """The frames alone (the GPU pipeline feeds them from a GPU external source)."""
         k = self._check(info)
-        frames, _ = self._fetch(k)
-        return tuple(frames)
+        frames, samples = self._fetch(k)
+        if not self._device_extras:
+            return tuple(frames)
+        flags = self._flags(samples, k)
+        return (*frames, *(extra(samples, flags) for extra in self._device_extras))
 
     def meta_only(self, samples_of: Callable[[int], np.ndarray]) -> Callable:
         """A CPU source of index (and flags), computed from the plan without data."""
@@ -104,13 +121,19 @@ class BatchSource:
             raise StopIteration
         return info.iteration
 
+    def _flags(self, samples: np.ndarray, k: int) -> np.ndarray | None:
+        if not self._augment:
+            return None
+        return draw_augmentations(
+            self._augment, len(samples), self._seed, self._epoch, self._first + k
+        )
+
     def _meta(self, samples: np.ndarray, k: int) -> list:
         outputs = [np.ascontiguousarray(samples)]
-        if self._augment:
-            n = len(samples)
-            outputs.append(
-                draw_augmentations(self._augment, n, self._seed, self._epoch, self._first + k)
-            )
+        flags = self._flags(samples, k)
+        if flags is not None:
+            outputs.append(flags)
+        outputs += [extra(samples, flags) for extra in self._extras]
         return outputs
 
 
@@ -131,6 +154,8 @@ def build_pipeline(
     samples_of: Callable[[int], np.ndarray] | None = None,
     cuda_stream: Any = None,
     whole_window: bool | None = None,
+    n_extras: int = 0,
+    n_device_extras: int = 0,
 ):
     """A DALI pipeline: external source → float32 → per-channel ``(x - mean) / std``.
 
@@ -149,6 +174,11 @@ def build_pipeline(
     ``no_copy=False``), index and
     flags from a CPU one computed by ``samples_of(k)``; operators run on the GPU
     and the index is moved there too.
+
+    ``n_extras`` (host) and ``n_device_extras`` (device, GPU pipeline only)
+    outputs of the source (:class:`BatchSource`) pass through unchanged, after
+    the index and flags: outputs ``(*frames, index, [flags], *extras,
+    *device_extras)``.
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -167,18 +197,18 @@ def build_pipeline(
         py_start_method="spawn",
     )
     def zarr_pipeline():
-        n_meta = 1 + bool(augment)
+        n_meta = 1 + bool(augment) + n_extras
         # Input and target come as separate arrays, or as one window sliced here
         # (on the device, for the GPU source).
         n_frames = 2 if with_target and not whole_window else 1
         if device == "gpu":
             frames = fn.external_source(
                 source=source.frames_only,
-                num_outputs=1,
+                num_outputs=1 + n_device_extras,
                 batch=True,
                 batch_info=True,
                 device="gpu",
-                layout=["FCHW"],
+                layout=["FCHW"] + [None] * n_device_extras,
                 cuda_stream=cuda_stream,
                 # DALI copies the batch into its own buffer on `cuda_stream` as it is
                 # fed, so the feed may reuse ours once that copy has run (feed.py).
@@ -191,7 +221,8 @@ def build_pipeline(
                 batch_info=True,
                 device="cpu",
             )
-            outs = [*frames, *meta]
+            device_extras = list(frames[1:])
+            outs = [frames[0], *meta]
         else:
             outs = fn.external_source(
                 source=source,
@@ -227,7 +258,7 @@ def build_pipeline(
                 result = [fn.transpose(x, perm=[0, 1, 3, 2], output_layout="FCHW") for x in result]
             result = [fn.flip(x, vertical=flags[1], horizontal=flags[2]) for x in result]
         if device == "gpu":
-            rest = [x.gpu() for x in rest]
+            rest = [x.gpu() for x in rest] + device_extras
         return (*result, *rest)
 
     return zarr_pipeline()

@@ -9,6 +9,7 @@ into equal shares per rank, then into batches.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -133,21 +134,82 @@ class SampleGrid:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """The batches one rank serves in one epoch."""
+    """The batches one rank serves in one epoch.
+
+    Batches are ``batch_size`` samples (the last one shorter unless
+    ``drop_last``), or, for the rest of an epoch resumed at another world size,
+    the sizes ``sizes`` lists (each at most ``batch_size``).
+    """
 
     epoch: int
     samples: np.ndarray  # [n_rank_samples, 3], in serving order
     batch_size: int
     drop_last: bool
+    sizes: np.ndarray | None = None  # [n_batches]: batch sizes, when not the regular ones
 
     def __len__(self) -> int:
+        if self.sizes is not None:
+            return len(self.sizes)
         n = len(self.samples)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def batch(self, k: int) -> np.ndarray:
         if not 0 <= k < len(self):
             raise IndexError(f"batch {k} out of range for an epoch of {len(self)} batches")
+        if self.sizes is not None:
+            start = int(self.sizes[:k].sum())
+            return self.samples[start : start + int(self.sizes[k])]
         return self.samples[k * self.batch_size : (k + 1) * self.batch_size]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Part of an epoch served in lockstep by ``world_size`` ranks: ``batches`` each."""
+
+    world_size: int
+    batches: int
+
+
+def _batch_sizes(shares: np.ndarray, n_batches: int, batch_size: int) -> np.ndarray:
+    """``[ranks, n_batches]``: each rank's share cut into ``n_batches`` batches of at
+    most ``batch_size`` and at least one sample, full batches first."""
+    i = np.arange(n_batches)
+    sizes = shares[:, None] - i * batch_size - (n_batches - 1 - i)
+    return np.clip(sizes, 1, batch_size) if n_batches else sizes
+
+
+def _segment_layout(
+    m: int, world_size: int, batch_size: int, drop_last: bool, first: bool
+) -> tuple[int, np.ndarray]:
+    """How ``m`` samples (in serving order) are served by ``world_size`` ranks in
+    lockstep: how many of them (the first ones), and each rank's batch sizes
+    ``[world_size, n_batches]``. Rank ``r`` serves samples ``r, r + world_size, ...``
+    of them.
+
+    ``first``: the epoch's start, as :meth:`Sampler.epoch_plan` serves it (the
+    remainder of ``m / world_size`` left out). Otherwise, the rest of an epoch
+    resumed at another world size: every sample served once (``drop_last``: full
+    batches only), in the same number of batches on every rank, which needs at
+    least one sample per batch; the few samples that cannot be split so (fewer
+    than ``world_size``) are left out, as at an epoch's start.
+    """
+    if first:
+        per_rank = m // world_size
+        n_batches = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+        used = per_rank * world_size
+    elif drop_last:
+        n_batches = m // (world_size * batch_size)
+        used = n_batches * world_size * batch_size
+    else:
+        # Equal batch counts need m >= world_size * n_batches: always so with
+        # batches of 2+ and m >= world_size; else keep a multiple of world_size.
+        used = m if batch_size > 1 and m >= world_size else m - m % world_size
+        n_batches = math.ceil(used / (world_size * batch_size))
+    if drop_last:
+        used = n_batches * world_size * batch_size
+        return used, np.full((world_size, n_batches), batch_size, dtype=np.int64)
+    shares = used // world_size + (np.arange(world_size) < used % world_size)
+    return used, _batch_sizes(shares.astype(np.int64), n_batches, batch_size)
 
 
 @dataclass(frozen=True)
@@ -175,7 +237,15 @@ class Sampler:
                 f"{self.rank}, world_size {self.world_size}."
             )
 
-    def epoch_plan(self, candidates: np.ndarray, epoch: int) -> EpochPlan:
+    def epoch_plan(
+        self, candidates: np.ndarray, epoch: int, resumed: Sequence[Segment] = ()
+    ) -> EpochPlan:
+        """This rank's batches of ``epoch``.
+
+        ``resumed``: the parts of this epoch already served at other world sizes
+        (a state saved at another ``world_size``, see :meth:`rest_of_epoch`):
+        the plan is then this rank's share of what they left unserved.
+        """
         n = len(candidates)
         per_rank = n // self.world_size
         if per_rank == 0 or (self.drop_last and per_rank < self.batch_size):
@@ -184,12 +254,47 @@ class Sampler:
                 f"{self.batch_size}{' (drop_last)' if self.drop_last else ''}. Use a smaller "
                 f"batch, a smaller tile stride, or fewer ranks."
             )
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(n)
-        else:
-            order = np.arange(n)
+        resumed = list(resumed)
+        while resumed and resumed[0].batches == 0:  # nothing served yet: a fresh start
+            resumed.pop(0)
+        if resumed:
+            return self._resumed_plan(candidates, epoch, resumed)
+        order = self.order(n, epoch)
         mine = order[: per_rank * self.world_size][self.rank :: self.world_size]
         return EpochPlan(epoch, candidates[mine], self.batch_size, self.drop_last)
+
+    def order(self, n: int, epoch: int) -> np.ndarray:
+        """The epoch's candidate positions in serving order (all ranks interleaved)."""
+        if self.shuffle:
+            return np.random.default_rng([self.seed, epoch]).permutation(n)
+        return np.arange(n)
+
+    def rest_of_epoch(self, n: int, epoch: int, resumed: Sequence[Segment]) -> np.ndarray:
+        """The positions of ``epoch`` not served by the ``resumed`` segments, in order.
+
+        Each segment's ranks served in lockstep: rank ``r`` of ``w`` served the
+        first ``batches`` batches of its share (positions ``r, r + w, ...`` of what
+        was left), as :func:`_segment_layout` laid them out.
+        """
+        rest = self.order(n, epoch)
+        for i, seg in enumerate(resumed):
+            used, sizes = _segment_layout(
+                len(rest), seg.world_size, self.batch_size, self.drop_last, first=i == 0
+            )
+            served = sizes[:, : seg.batches].sum(axis=1)  # per rank
+            pos = np.arange(used)
+            rest = rest[:used][pos // seg.world_size >= served[pos % seg.world_size]]
+        return rest
+
+    def _resumed_plan(
+        self, candidates: np.ndarray, epoch: int, resumed: Sequence[Segment]
+    ) -> EpochPlan:
+        rest = self.rest_of_epoch(len(candidates), epoch, resumed)
+        used, sizes = _segment_layout(
+            len(rest), self.world_size, self.batch_size, self.drop_last, first=False
+        )
+        mine = rest[:used][self.rank :: self.world_size]
+        return EpochPlan(epoch, candidates[mine], self.batch_size, self.drop_last, sizes[self.rank])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,215 @@
+"""Static (time-invariant) fields: read once, served as ``batch["static"]``.
+
+A static field is an array of the store with dimensions ``(y, x)`` or
+``(level, y, x)`` on the variables' grid (land-sea mask, orography, soil
+type). The loader reads each one whole, once, when it is built, normalizes it
+(the same ``(x - mean) / std`` in float32 as the variables, with given or
+``"store"`` statistics) and keeps the result, ``[S, ny, nx]`` float32, in host
+memory (on the GPU path also in device memory). Per batch, every sample's tile
+is cut out of it with the sample's flips and quarter turns: one strided view,
+one fancy index, and at most one copy per distinct transform, so the host
+work per batch does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .errors import ConfigError, VariableNotFoundError
+from .normalize import NormalizeArg, channel_stats
+from .store import ArrayLayout
+
+
+@dataclass(frozen=True)
+class StaticVariable:
+    """What :func:`~zarrdali.normalize.channel_stats` needs of a static array."""
+
+    name: str
+    shape: tuple[int, ...]
+    dims: tuple[str, ...]
+    attrs: dict
+
+    @property
+    def n_levels(self) -> int:
+        return self.shape[0] if len(self.shape) == 3 else 1
+
+
+def _check_static(
+    array: zarr.Array, name: str, store_name: str, layouts: Sequence[ArrayLayout]
+) -> StaticVariable:
+    first = layouts[0]
+    time_dim = first.dims[0]
+    shape = tuple(int(s) for s in array.shape)
+    dims = tuple(array.metadata.dimension_names or (f"dim_{i}" for i in range(len(shape))))
+    if time_dim in dims or len(shape) not in (2, 3):
+        has_time = f"has a time axis ({time_dim!r}) " if time_dim in dims else ""
+        raise ConfigError(
+            f"static variable {name!r} of {store_name!r} {has_time}with dims {dims} "
+            f"(shape {shape}); a static field is (y, x) or (level, y, x). Serve variables "
+            f"with a time axis through `variables`, or store one time step of it."
+        )
+    if shape[-2:] != tuple(first.shape[-2:]):
+        raise ConfigError(
+            f"static variable {name!r} of {store_name!r} is {shape[-2:]} but the variables' "
+            f"grid is {tuple(first.shape[-2:])} ({first.name!r}); regrid it to that grid."
+        )
+    return StaticVariable(name, shape, dims, dict(array.attrs))
+
+
+def read_static_fields(
+    group: zarr.Group,
+    store_name: str,
+    names: Sequence[str],
+    layouts: Sequence[ArrayLayout],
+    normalize: NormalizeArg,
+) -> StaticFields:
+    """Check, read (whole, once) and normalize the static variables ``names``."""
+    names = [names] if isinstance(names, str) else list(names)
+    variables = {layout.name for layout in layouts}
+    duplicated = sorted({n for n in names if names.count(n) > 1} | (set(names) & variables))
+    if duplicated:
+        raise ConfigError(
+            f"static variable(s) {duplicated} listed twice (or also in `variables`); "
+            f"name each array once."
+        )
+    arrays, missing = {}, []
+    for name in names:
+        node = group[name] if name in group else None  # noqa: SIM401 (see timecoord.py)
+        if isinstance(node, zarr.Array):
+            arrays[name] = node
+        else:
+            missing.append(name)
+    if missing:
+        try:
+            available = str(sorted(k for k, _ in group.arrays()))
+        except Exception:  # listing unsupported (HTTP): say so rather than fail again
+            available = "unknown (the store cannot be listed)"
+        raise VariableNotFoundError(
+            f"static variable(s) {missing} not found in store {store_name!r}. "
+            f"Arrays it holds: {available}."
+        )
+    described = [_check_static(arrays[n], n, store_name, layouts) for n in names]
+    stats = channel_stats(normalize, described, store_name)  # type: ignore[arg-type]
+    planes = [np.asarray(arrays[n][...]).reshape(-1, *arrays[n].shape[-2:]) for n in names]
+    field = np.concatenate(planes).astype(np.float32)
+    if stats is not None:  # float32 arithmetic, as the pipeline normalizes the variables
+        mean, std = (s.reshape(-1, 1, 1) for s in stats)
+        field = (field - mean) / std
+    return StaticFields(tuple(names), np.ascontiguousarray(field, dtype=np.float32))
+
+
+def cut_tiles(
+    xp: Any,
+    field: Any,
+    samples: np.ndarray,
+    flags: np.ndarray | None,
+    tile_hw: tuple[int, int],
+) -> Any:
+    """``[B, S, H, W]``: the tile of every sample, transformed by its flags.
+
+    ``xp`` is numpy or CuPy (``field`` lives there); ``samples`` ``[B, 3]`` and
+    ``flags`` ``[B, 3]`` (transpose, flip rows, flip columns; see
+    :func:`zarrdali.pipeline.draw_augmentations`) are host arrays. Values are
+    copied, never computed, so both array modules give the same bits.
+    """
+    n_channels, ny, nx = field.shape
+    h, w = tile_hw
+    s_c, s_y, s_x = field.strides
+    # Every tile origin (y0, x0) as one strided view: [Y0, X0, S, H, W].
+    windows = xp.lib.stride_tricks.as_strided(
+        field, shape=(ny - h + 1, nx - w + 1, n_channels, h, w), strides=(s_y, s_x, s_c, s_y, s_x)
+    )
+    y0 = xp.asarray(np.ascontiguousarray(samples[:, 1]))
+    x0 = xp.asarray(np.ascontiguousarray(samples[:, 2]))
+    out = windows[y0, x0]  # a copy: [B, S, H, W]
+    if flags is None:
+        return out
+    codes = np.asarray(flags, dtype=np.int64) @ np.array([4, 2, 1])
+    for code in np.unique(codes):  # at most 8 transforms, whatever the batch size
+        if code == 0:
+            continue
+        which = xp.asarray(np.flatnonzero(codes == code))
+        x = out[which]
+        if code & 4:
+            x = x.swapaxes(-1, -2)
+        if code & 2:
+            x = x[..., ::-1, :]
+        if code & 1:
+            x = x[..., ::-1]
+        out[which] = x
+    return out
+
+
+@dataclass(frozen=True)
+class StaticFields:
+    """The normalized static fields ``[S, ny, nx]`` float32, held in host memory."""
+
+    names: tuple[str, ...]
+    field: np.ndarray
+
+    @property
+    def n_channels(self) -> int:
+        return self.field.shape[0]
+
+    def tiles(self, samples: np.ndarray, flags: np.ndarray | None, tile_hw) -> np.ndarray:
+        return cut_tiles(np, self.field, samples, flags, tile_hw)
+
+
+@dataclass(frozen=True)
+class StaticTiles:
+    """A batch output (see :class:`~zarrdali.pipeline.BatchSource`): the static
+    tiles of a batch's samples, cut on the host. Picklable, for DALI's worker
+    processes (the field travels with it)."""
+
+    static: StaticFields
+    tile_hw: tuple[int, int]
+
+    def __call__(self, samples: np.ndarray, flags: np.ndarray | None) -> np.ndarray:
+        return self.static.tiles(samples, flags, self.tile_hw)
+
+
+class DeviceStaticFields:
+    """The static fields in device memory (GPU path), owned by the loader.
+
+    Uploaded once when the loader is built; :meth:`close` drops the device
+    array (the loader calls it before closing its backend). Tiles are cut on
+    the stream DALI copies the batch on, so the copy is ordered after the cut
+    and the tiles' memory is reused only in that stream's order.
+    """
+
+    def __init__(self, static: StaticFields, cupy: Any = None) -> None:
+        if cupy is None:
+            import cupy
+        self._cp = cupy
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            self._field = cupy.asarray(static.field)
+        stream.synchronize()  # uploaded before any other stream reads it
+
+    def tiles(self, samples: np.ndarray, flags: np.ndarray | None, tile_hw, stream: Any) -> Any:
+        field = self._field
+        if field is None:
+            raise ConfigError("the loader's static fields were released (loader closed)")
+        with stream:
+            return cut_tiles(self._cp, field, samples, flags, tile_hw)
+
+    def close(self) -> None:
+        self._field = None
+
+
+@dataclass(frozen=True)
+class DeviceStaticTiles:
+    """A device batch output: the static tiles cut in device memory on the
+    stream ``stream_of()`` returns (the epoch feed's, which DALI copies on)."""
+
+    static: DeviceStaticFields
+    tile_hw: tuple[int, int]
+    stream_of: Callable[[], Any]
+
+    def __call__(self, samples: np.ndarray, flags: np.ndarray | None) -> Any:
+        return self.static.tiles(samples, flags, self.tile_hw, self.stream_of())
