@@ -90,3 +90,29 @@ def test_stats_errors(make_store, tmp_path):
     with pytest.raises(StoreNotFoundError):
         compute_stats(tmp_path / "missing.zarr")
     assert "stats" not in zarr.open_group(store)["precip"].attrs
+
+
+def test_static_fields_per_level_and_into_the_loader(make_store):
+    from storefactory import add_static
+    from test_loader_oracle import loader_for, run_epochs
+
+    store = make_store(PRECIP.but(nan_box=None, fill_value=0), VarSpec("t2", shape=(12, 21, 33)))
+    lsm = add_static(store, "lsm", (21, 33))
+    oro = add_static(store, "oro", (2, 21, 33), dtype="float64", seed=2)
+    result = compute_stats(store, ["precip"], static=["lsm", "oro"])
+    assert set(result) == {"precip", "lsm", "oro"}
+    for name, data, axes in (("lsm", lsm, (0, 1)), ("oro", oro, (1, 2))):
+        want = _numpy_stats(data, axes)
+        for key in ("mean", "std", "min", "max"):
+            np.testing.assert_allclose(result[name][key], want[key], rtol=1e-10)
+    assert isinstance(result["oro"]["mean"], list) and isinstance(result["lsm"]["mean"], float)
+    with loader_for(store, ["precip"], static=["oro", "lsm"], normalize="store") as loader:
+        batch = run_epochs(loader, [0])[0][0]
+    field = np.concatenate([oro, lsm[None]]).astype(np.float32)
+    mean = np.array([*result["oro"]["mean"], result["lsm"]["mean"]], np.float32)[:, None, None]
+    std = np.array([*result["oro"]["std"], result["lsm"]["std"]], np.float32)[:, None, None]
+    normalized = (field - mean) / std
+    for i, (_, y0, x0) in enumerate(batch["index"].tolist()):
+        np.testing.assert_array_equal(batch["static"][i], normalized[:, y0 : y0 + 8, x0 : x0 + 8])
+    with pytest.raises(VariableNotFoundError, match=r"static array\(s\) \['t2'\] .* time axis"):
+        compute_stats(store, static=["t2"])

@@ -126,6 +126,15 @@ class ZarrLoader:
     ``cache_bytes``, least recently used evicted), shared by processes and ranks.
     On ``device="cuda"`` the responses land in pinned host memory and go to the
     device in one copy per batch (not yet run on a GPU).
+
+    ``static`` names time-invariant arrays (``(y, x)`` or ``(level, y, x)``),
+    read once, normalized like the variables and served as ``batch["static"]``
+    ``[B, S, H, W]`` float32 with each sample's tile, flips and quarter turns.
+    Where the store has a coordinate array named like the time dimension,
+    ``batch["time"]`` is int64 ``[B, T]``: each frame's time in nanoseconds
+    since 1970-01-01, CF-decoded as xarray decodes it (``time=False``: left
+    out; ``True``: required). :meth:`load_state_dict` also resumes a state
+    saved at another world size.
     """
 
     def __init__(

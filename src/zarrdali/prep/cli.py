@@ -57,7 +57,11 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from .stats import compute_stats
 
     stats = compute_stats(
-        args.store, args.variables, quantiles=args.quantiles, show_progress=not args.quiet
+        args.store,
+        args.variables,
+        quantiles=args.quantiles,
+        show_progress=not args.quiet,
+        static=args.static or (),
     )
     print(json.dumps(stats, indent=2))
     return 0
@@ -134,6 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="mean/std/min/max/NaN fraction into the store's attrs")
     p.add_argument("store")
     p.add_argument("--variables", nargs="+")
+    p.add_argument("--static", nargs="+", help="static fields too: (y, x) or (level, y, x) arrays")
     p.add_argument("--quantiles", nargs="*", type=float, default=[])
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_stats)

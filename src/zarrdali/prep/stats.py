@@ -3,6 +3,8 @@
 Results go into each array's attributes under ``"stats"`` (what
 ``ZarrLoader(normalize="store")`` reads): a scalar per statistic for
 ``(time, y, x)`` arrays, one value per level for ``(time, level, y, x)`` arrays.
+Static fields (``static=``: ``(y, x)`` or ``(level, y, x)`` arrays, the
+loader's ``static`` option) get the same, per level for ``(level, y, x)``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def data_variables(group: zarr.Group) -> list[str]:
     return sorted(name for name, arr in group.arrays() if arr.ndim in (3, 4))
 
 
+def _dims(arr: zarr.Array) -> tuple[str, ...]:
+    return tuple(arr.metadata.dimension_names or (f"dim_{i}" for i in range(arr.ndim)))
+
+
 def _as_dask(arr: zarr.Array) -> da.Array:
     """The array as dask, in blocks of whole shards (or chunks), merged along time."""
     block = list(arr.shards or arr.chunks)
@@ -49,9 +55,9 @@ def _as_dask(arr: zarr.Array) -> da.Array:
     return da.from_zarr(arr, chunks=tuple(block))
 
 
-def _reductions(x: da.Array, quantiles: Sequence[float]) -> dict[str, Any]:
-    """Lazy statistics of ``x``, reduced over every axis but the level axis."""
-    axes = (0, 2, 3) if x.ndim == 4 else (0, 1, 2)
+def _reductions(x: da.Array, quantiles: Sequence[float], level_axis: int | None) -> dict[str, Any]:
+    """Lazy statistics of ``x``, reduced over every axis but ``level_axis``."""
+    axes = tuple(a for a in range(x.ndim) if a != level_axis)
     xf = x.astype(np.float64)  # float64 accumulation: float32 sums lose digits
     out: dict[str, Any] = {
         "mean": da.nanmean(xf, axis=axes),
@@ -62,7 +68,10 @@ def _reductions(x: da.Array, quantiles: Sequence[float]) -> dict[str, Any]:
     }
     if quantiles:
         # dask merges per-block percentiles: approximate, but in the same pass.
-        levels = [xf[:, i] for i in range(x.shape[1])] if x.ndim == 4 else [xf]
+        if level_axis is None:
+            levels = [xf]
+        else:
+            levels = [da.take(xf, i, axis=level_axis) for i in range(x.shape[level_axis])]
         out["quantiles"] = []
         for level in levels:
             flat = level.ravel()
@@ -84,6 +93,7 @@ def compute_stats(
     quantiles: Sequence[float] = (),
     write: bool = True,
     show_progress: bool = False,
+    static: Sequence[str] = (),
 ) -> dict[str, dict[str, Any]]:
     """Mean, std, min, max and NaN fraction (and quantiles) of ``variables``.
 
@@ -99,16 +109,32 @@ def compute_stats(
             f"Variable(s) {missing} not found in {os.fspath(store)!r} (or not shaped "
             f"(time, [level,] y, x)). Arrays it holds: {available}."
         )
+    time_dims = {_dims(group[v])[0] for v in available if v not in static}
+    not_static = [
+        v
+        for v in static
+        if v not in group or group[v].ndim not in (2, 3) or time_dims & set(_dims(group[v]))
+    ]
+    if not_static:
+        raise VariableNotFoundError(
+            f"static array(s) {not_static} not found in {os.fspath(store)!r} (or not shaped "
+            f"(y, x) or (level, y, x) without a time axis {sorted(time_dims)})."
+        )
     bad_q = [q for q in quantiles if not 0.0 <= q <= 1.0]
     if bad_q:
         raise ConfigError(f"quantiles must lie in [0, 1], got {bad_q}.")
-    lazy = {v: _reductions(_as_dask(group[v]), list(quantiles)) for v in variables}
+    # the level axis: 1 of (time, level, y, x), 0 of a static (level, y, x)
+    level_axis = {v: 1 if group[v].ndim == 4 else None for v in variables}
+    level_axis.update({v: 0 if group[v].ndim == 3 else None for v in static})
+    lazy = {
+        v: _reductions(_as_dask(group[v]), list(quantiles), axis) for v, axis in level_axis.items()
+    }
     with warnings.catch_warnings(), progress(show_progress):
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN levels give NaN
         (computed,) = dask.compute(lazy)
     results: dict[str, dict[str, Any]] = {}
-    for v in variables:
-        per_level = group[v].ndim == 4
+    for v, axis in level_axis.items():
+        per_level = axis is not None
         stats = {k: _to_attr(computed[v][k], per_level) for k in computed[v] if k != "quantiles"}
         stats["count"] = int(np.prod(group[v].shape))
         if quantiles:
