@@ -29,7 +29,10 @@ def test_sample_data_layouts(sample_dir):
     plain = xr.open_zarr(sample_dir / PLAIN, consolidated=False)
     sharded = xr.open_zarr(sample_dir / SHARDED, consolidated=False)
     for ds in (plain, sharded):
-        assert set(ds.data_vars) == {"t2m", "u10", "v10", "msl"}
+        assert set(ds.data_vars) == {"t2m", "u10", "v10", "msl", "lsm", "orography"}
+        assert ds["lsm"].dims == ("latitude", "longitude")  # static fields
+        assert set(np.unique(ds["lsm"].values)) == {0.0, 1.0}
+        assert (ds["orography"].values[ds["lsm"].values == 0] == 0).all()
         assert ds["t2m"].dims == ("time", "latitude", "longitude")
         assert ds["t2m"].shape == (30, 37, 72)
         assert ds["t2m"].dtype == np.float32
@@ -59,6 +62,7 @@ def test_sample_data_is_deterministic(tmp_path):
 CPU_LOADERS = (
     "zarrdali-cpu",
     "zarrdali-cpu-whole",
+    "zarrdali-cpu-static",
     "numcodecs-ceiling",
     "numcodecs-codec-api",
     "numcodecs-zstd-contexts",
@@ -133,6 +137,7 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
         assert any("reused contexts" in name for name in payload["ratios"])
     notes = {(r["store_label"], r["loader"]): r["summary"]["note"] for r in rows}
     assert "partial decode" not in notes[("plain", "zarrdali-cpu-whole")]
+    assert any("+ static fields / zarrdali[cpu]" in name for name in payload["ratios"])
     assert any("xbatcher" in name for name in payload["ratios"])
     assert (out / "bench.md").read_text().count("|") > 10
     assert payload["plots"] == ["throughput.png", "wait.png"]

@@ -24,6 +24,11 @@ VARIABLES: dict[str, tuple[str, str, float, float, float, float, float]] = {
     "msl": ("Mean sea level pressure", "Pa", 101325.0, 1500.0, 80.0, 1200.0, 40.0),
 }
 PLAIN, SHARDED = "era5_plain.zarr", "era5_sharded.zarr"
+# Static (time-invariant) fields, for ZarrLoader(static=...): name: (long name, units)
+STATIC: dict[str, tuple[str, str]] = {
+    "lsm": ("Land-sea mask", "(0 - 1)"),
+    "orography": ("Surface height above mean sea level", "m"),
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,31 @@ def _fields(spec: SampleDataSpec, name: str, t: np.ndarray, rng) -> np.ndarray:
     field = field + noise * rng.standard_normal(field.shape)
     # Quantize to 1/64 of a unit (exact in float32) as real archives do; helps zstd.
     return (np.round(field * 64) / 64).astype(np.float32)
+
+
+def _static_fields(spec: SampleDataSpec) -> dict[str, np.ndarray]:
+    """Smooth synthetic continents (1 on land) and their heights, [n_lat, n_lon] float32."""
+    lat = np.deg2rad(np.linspace(90, -90, spec.n_lat))[:, None]
+    lon = np.deg2rad(np.linspace(0, 360, spec.n_lon, endpoint=False))[None, :]
+    relief = np.sin(2 * lon) * np.cos(lat) + 0.6 * np.sin(3 * lat + lon) - 0.2
+    land = relief > 0
+    height = np.where(land, 2500.0 * relief * np.cos(lat) ** 2, 0.0)
+    return {"lsm": land.astype(np.float32), "orography": np.round(height).astype(np.float32)}
+
+
+def _write_static(group: zarr.Group, spec: SampleDataSpec) -> None:
+    for name, values in _static_fields(spec).items():
+        long_name, units = STATIC[name]
+        arr = group.create_array(
+            name,
+            shape=values.shape,
+            dtype=values.dtype,
+            chunks=values.shape,
+            compressors=ZstdCodec(level=3),
+            dimension_names=["latitude", "longitude"],
+        )
+        arr[...] = values
+        arr.attrs.update({"long_name": long_name, "units": units})
 
 
 def _write_coords(group: zarr.Group, spec: SampleDataSpec) -> None:
@@ -96,6 +126,7 @@ def _create_layout(path: Path, spec: SampleDataSpec, sharded: bool) -> zarr.Grou
         }
     )
     _write_coords(group, spec)
+    _write_static(group, spec)
     shape = (spec.n_time, spec.n_lat, spec.n_lon)
     for name in spec.variables:
         long_name, units, *_ = VARIABLES[name]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..sample_data import STATIC
 from .measure import child_pids
 from .report import (
     header_text,
@@ -41,6 +42,10 @@ LOADERS: dict[str, tuple[str, Callable[[BenchSpec, RunResult], Runner]]] = {
     "zarrdali-cpu-whole": (
         "zarrdali[cpu] whole chunks",
         lambda spec, r: zarrdali_runner(spec, r, "cpu", partial_decode=False),
+    ),
+    "zarrdali-cpu-static": (
+        "zarrdali[cpu] + static fields",
+        lambda spec, r: zarrdali_runner(spec, r, "cpu", static=tuple(STATIC)),
     ),
     "zarrdali-cuda": ("zarrdali[cuda]", lambda spec, r: zarrdali_runner(spec, r, "cuda")),
     "numcodecs-ceiling": ("numcodecs decode ceiling", decode_ceiling_runner),
@@ -116,6 +121,11 @@ def ratios(rows: list[dict]) -> dict[str, float]:
         if z and torch_x:
             out[f"{label}: zarrdali[cpu] / torch+xarray (samples/s)"] = (
                 z["samples_per_s"]["median"] / torch_x["samples_per_s"]["median"]
+            )
+        with_static = by.get((label, "zarrdali[cpu] + static fields"))
+        if z and with_static:  # the cost of serving static fields
+            out[f"{label}: zarrdali[cpu] + static fields / zarrdali[cpu] (samples/s)"] = (
+                with_static["samples_per_s"]["median"] / z["samples_per_s"]["median"]
             )
         xb = by.get((label, "xbatcher + torch DataLoader"))
         if z and xb:

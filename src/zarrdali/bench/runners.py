@@ -171,16 +171,34 @@ def _zarrdali_loader(spec: BenchSpec, device: str, **kw) -> ZarrLoader:
     return _loader(spec, device, **kw)
 
 
+def _require_static(spec: BenchSpec, static: Sequence[str]) -> None:
+    from ..store import open_group
+
+    group, name = open_group(spec.store, spec.storage_options)
+    missing = [v for v in static if v not in group]
+    if missing:
+        raise Skipped(f"{name} has no static field(s) {missing} (write the sample data anew)")
+
+
 def zarrdali_runner(
-    spec: BenchSpec, result: RunResult, device: str = "cpu", partial_decode: bool = True
+    spec: BenchSpec,
+    result: RunResult,
+    device: str = "cpu",
+    partial_decode: bool = True,
+    static: Sequence[str] = (),
 ) -> Runner:
     """zarrdali end to end: plan, read, decode, assemble, DALI, torch tensors.
 
     ``partial_decode=False`` decodes every chunk whole, as the decode ceilings do.
+    ``static``: static fields served too (``batch["static"]``): the cost of that
+    option (their normalization, once when the loader is built, is not timed).
     """
     # Remote stores: in-process (threads; fetching is async), so the request counts
     # of the byte source are this process's to report.
     workers = {"workers": 0} if spec.remote else {}
+    if static:
+        _require_static(spec, static)
+        workers["static"] = list(static)
     loader = _zarrdali_loader(spec, device, partial_decode=partial_decode, **workers)
     note = f"{loader.workers} worker process(es)" if loader.workers else "in-process"
     ready = None
