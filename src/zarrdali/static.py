@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .errors import ConfigError, VariableNotFoundError
+from .errors import ConfigError
 from .normalize import NormalizeArg, channel_stats
-from .store import ArrayLayout
+from .store import ArrayLayout, find_arrays
 
 
 @dataclass(frozen=True)
@@ -77,22 +77,7 @@ def read_static_fields(
             f"static variable(s) {duplicated} listed twice (or also in `variables`); "
             f"name each array once."
         )
-    arrays, missing = {}, []
-    for name in names:
-        node = group[name] if name in group else None  # noqa: SIM401 (see timecoord.py)
-        if isinstance(node, zarr.Array):
-            arrays[name] = node
-        else:
-            missing.append(name)
-    if missing:
-        try:
-            available = str(sorted(k for k, _ in group.arrays()))
-        except Exception:  # listing unsupported (HTTP): say so rather than fail again
-            available = "unknown (the store cannot be listed)"
-        raise VariableNotFoundError(
-            f"static variable(s) {missing} not found in store {store_name!r}. "
-            f"Arrays it holds: {available}."
-        )
+    arrays = find_arrays(group, store_name, names, "static variable(s)")
     described = [_check_static(arrays[n], n, store_name, layouts) for n in names]
     stats = channel_stats(normalize, described, store_name)  # type: ignore[arg-type]
     planes = [np.asarray(arrays[n][...]).reshape(-1, *arrays[n].shape[-2:]) for n in names]

@@ -185,14 +185,13 @@ def describe_array(array: zarr.Array, name: str) -> ArrayLayout:
     )
 
 
-def load_layouts(group: zarr.Group, store_name: str, variables: Sequence[str]) -> list[ArrayLayout]:
-    """Describe the requested variables, checking they can be stacked as channels."""
-    if isinstance(variables, str):
-        variables = [variables]
-    if not variables:
-        raise ConfigError("`variables` is empty: name at least one array of the store.")
+def find_arrays(
+    group: zarr.Group, store_name: str, names: Sequence[str], what: str = "Variable(s)"
+) -> dict[str, zarr.Array]:
+    """The arrays ``names`` of ``group``; a :class:`VariableNotFoundError` listing
+    the missing ones (and what the store holds) if any is not there."""
     arrays, missing = {}, []
-    for v in variables:  # by key: stores served over plain HTTP cannot list
+    for v in names:  # by key: stores served over plain HTTP cannot list
         try:
             node = group[v]
         except KeyError:
@@ -207,9 +206,18 @@ def load_layouts(group: zarr.Group, store_name: str, variables: Sequence[str]) -
         except Exception:  # listing unsupported (HTTP): say so rather than fail again
             available = "unknown (the store cannot be listed)"
         raise VariableNotFoundError(
-            f"Variable(s) {missing} not found in store {store_name!r}. "
-            f"Arrays it holds: {available}."
+            f"{what} {missing} not found in store {store_name!r}. Arrays it holds: {available}."
         )
+    return arrays
+
+
+def load_layouts(group: zarr.Group, store_name: str, variables: Sequence[str]) -> list[ArrayLayout]:
+    """Describe the requested variables, checking they can be stacked as channels."""
+    if isinstance(variables, str):
+        variables = [variables]
+    if not variables:
+        raise ConfigError("`variables` is empty: name at least one array of the store.")
+    arrays = find_arrays(group, store_name, variables)
     layouts = [describe_array(arrays[v], v) for v in variables]
     for layout in layouts:
         if len(layout.shape) not in (3, 4):
