@@ -171,10 +171,10 @@ class DeviceStaticFields:
         if cupy is None:
             import cupy
         self._cp = cupy
-        stream = cupy.cuda.Stream(non_blocking=True)
-        with stream:
-            self._field = cupy.asarray(static.field)
-        stream.synchronize()  # uploaded before any other stream reads it
+        # On the current (long-lived) stream: memory allocated under a stream that
+        # is then destroyed stays cached in CuPy's pool, out of others' reach.
+        self._field = cupy.asarray(static.field)
+        cupy.cuda.get_current_stream().synchronize()  # uploaded before a side stream reads it
 
     def tiles(self, samples: np.ndarray, flags: np.ndarray | None, tile_hw, stream: Any) -> Any:
         field = self._field
