@@ -202,6 +202,18 @@ def test_resumed_twice_and_in_worker_processes(store):
     assert state["segments"] == [[2, 4], [3, 3]]
 
 
+def test_a_state_saved_before_the_resumed_epoch_starts_says_the_same(store):
+    _, state = _run_ranks(store, 2, 1, stop_after=3)
+    with loader_for(store, ["x"], rank=1, world_size=3, **KW) as loader:
+        loader.load_state_dict(state)
+        again = loader.state_dict()
+        direct = [to_numpy(b) for b in loader]
+    assert again["segments"] == [[2, 3]] and again["batches_served"] == 0
+    with loader_for(store, ["x"], rank=1, world_size=3, **KW) as loader:
+        loader.load_state_dict(again)
+        assert _indexes(to_numpy(b) for b in loader) == _indexes(direct)
+
+
 def test_same_world_size_resumes_as_before(store):
     full, _ = _run_ranks(store, 2, 0)
     _, state = _run_ranks(store, 2, 0, stop_after=2)

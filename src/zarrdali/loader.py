@@ -397,10 +397,10 @@ class ZarrLoader:
         sample spec or batch size is refused, naming what differs.
         """
         check_state(state, self.state_dict())
-        self._segments = []
         self._epoch = int(state["epoch"])
         self._resume_segments, self._resume_from = resume_point(state, self.sampler.world_size)
-        self._served = self._resume_from
+        # state_dict() before the next iteration says the same
+        self._segments, self._served = self._resume_segments, self._resume_from
 
     # -- iteration ---------------------------------------------------------
     def epoch_plan(self, epoch: int | None = None) -> EpochPlan:
