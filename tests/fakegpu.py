@@ -675,3 +675,34 @@ def gpu_garbage(*extra: type) -> list[str]:
         gc.set_debug(0)
         gc.garbage.clear()
     return found
+
+
+class BackgroundCollector:
+    """``gc.collect()`` from a thread of its own at random moments (seeded) while
+    a block runs: the collector then runs in the middle of any other thread's
+    work, as it may in training. A finalizer of a GPU-owning object caught in a
+    cycle would run there, at that moment (what crashed the first GPU path)."""
+
+    def __init__(self, seed: int = 11, max_pause_s: float = 0.02) -> None:
+        import random
+
+        self._rng = random.Random(seed)
+        self._max_pause = max_pause_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.collections = 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._rng.random() * self._max_pause):
+            gc.collect()
+            self.collections += 1
+
+    def __enter__(self) -> BackgroundCollector:
+        self._thread = threading.Thread(target=self._run, name="gc-at-random-points", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)

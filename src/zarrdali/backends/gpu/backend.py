@@ -27,8 +27,9 @@ One batch consumes the same array plan as the CPU backend
    each; admitted payloads copied into the cache arena; then nvCOMP's batched
    C API per algorithm (``decode="capi"``; ``"python"``: nvCOMP's Python API),
    in calls whose temp fits ``decode_temp_budget``, into one temp buffer the
-   backend's streams share in event order, and one status check per batch: a bad chunk raises :class:`~zarrdali.errors.ChunkError` naming
-   its array and key, and no batch holding it is returned. Chunks nvCOMP
+   backend's streams share in event order, and one status check per batch:
+   a bad chunk raises :class:`~zarrdali.errors.ChunkError` naming its array
+   and key, and no batch holding it is returned. Chunks nvCOMP
    cannot decode (Blosc) and arrays the fast path cannot read are decoded on
    the CPU into pinned memory and copied once per batch, with a one-time warning.
 4. **gather** (:mod:`.gather`, sources in :mod:`.kernels`): one launch
