@@ -636,7 +636,8 @@ def install(
 def gpu_owning_types(*extra: type) -> tuple[type, ...]:
     """The classes whose instances own GPU memory, streams or events (directly or
     through what they hold): the engine's, the fakes', and ``extra`` (CuPy's
-    own on a real GPU)."""
+    own on a real GPU). Not ``feed.StreamHandle``: DALI's graph keeps it in its
+    reference cycles by design, and once its feed is closed it holds nothing."""
     from zarrdali.backends.gpu import backend, cache, decode, feed, lifetimes, read
 
     return (
@@ -652,7 +653,7 @@ def gpu_owning_types(*extra: type) -> tuple[type, ...]:
         feed.FeedStreams,
         feed.BufferRing,
         feed.Slot,
-        feed.StreamHandle,
+        feed.FedArray,
         read.KvikioReader,
         read.PinnedReader,
         FakeStream,
