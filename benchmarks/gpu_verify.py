@@ -1041,7 +1041,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_names = [s.name for s in steps if s.name.startswith("bench-")]
     for step in steps:
         if args.dry_run:
-            step.status, step.why = "planned", "--dry-run"
+            step.status, step.why = "planned", "; ".join(w for w in ("--dry-run", step.why) if w)
         elif step.needs_gpu and args.rehearse_on_cpu and not step.rehearsable:
             step.status, step.why = "skipped", "--rehearse-on-cpu: this step needs the GPU"
         elif step.needs_gpu and missing and not args.rehearse_on_cpu:

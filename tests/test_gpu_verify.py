@@ -103,6 +103,7 @@ def test_dry_run_plans_every_step_in_order_within_the_budget(tmp_path, verify):
         "remote-gpu",
     ]
     assert all(s["status"] == "planned" for s in steps.values())
+    assert all(s["why"].startswith("--dry-run") for s in steps.values())
     # each step gets its whole timeout even when every one before used all of its own
     assert sum(s["timeout_s"] for s in steps.values()) <= verify.DEFAULT_BUDGET_S
     bench = steps["bench-b64"]["command"]
@@ -116,7 +117,10 @@ def test_dry_run_plans_every_step_in_order_within_the_budget(tmp_path, verify):
     assert "--batch-size 64" in steps["decode"]["command"]
     assert "--codec lz4" in steps["decode-lz4"]["command"]
     assert "--probe-remote" in steps["remote-gpu"]["command"]
-    assert "gpu_stack_check.py" in steps["stack-check"]["command"]  # ../shared/tools here
+    if verify.find_stack_check() is not None:  # ../shared/tools beside a developer's checkout
+        assert "gpu_stack_check.py" in steps["stack-check"]["command"]
+    else:  # a clean clone (CI): said, and the step fails when run
+        assert "gpu_stack_check.py not found" in steps["stack-check"]["why"]
     assert not (tmp_path / "data").exists()
     prov = json.loads((out / "provenance.json").read_text())
     assert [s["name"] for s in prov["steps"]] == list(steps)
@@ -124,13 +128,18 @@ def test_dry_run_plans_every_step_in_order_within_the_budget(tmp_path, verify):
     assert list(steps_of(tmp_path / "o2")) == ["bench-b8", "decode"], extra.stderr
 
 
-def test_find_stack_check(tmp_path, verify):
+def test_find_stack_check(tmp_path, verify, monkeypatch):
     assert verify.find_stack_check(None, tmp_path) is None
     part = tmp_path / ".stack" / "p3"
     part.mkdir(parents=True)
     (part / "gpu_stack_check.py").write_text("")
     assert verify.find_stack_check(None, tmp_path) == part / "gpu_stack_check.py"
     assert verify.find_stack_check("x.py", tmp_path) == Path("x.py")
+    # a clean clone without ../shared: the step says so (and fails when run)
+    monkeypatch.setattr(verify, "find_stack_check", lambda *a: None)
+    args = verify.parse(["--out", str(tmp_path / "o"), "--dry-run"])
+    step = verify.plan_steps(args, tmp_path, tmp_path)[0]
+    assert step.name == "stack-check" and "gpu_stack_check.py not found" in step.why
 
 
 def test_cpu_rehearsal_runs_the_steps_and_collects_their_figures(tmp_path, verify):
