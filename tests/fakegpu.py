@@ -25,6 +25,7 @@ import threading
 import types
 import weakref
 import zlib
+from functools import partial
 from typing import Any
 
 import numcodecs
@@ -396,7 +397,9 @@ class FakeCuda:
         cp.full = full
         for name in ("where", "arange", "count_nonzero", "add", "multiply", "concatenate"):
             setattr(cp, name, getattr(np, name))
-        cp.lib = np.lib  # stride_tricks.as_strided
+        # views of "device" arrays stay "device" arrays (CuPy's as_strided gives CuPy's)
+        strided = partial(np.lib.stride_tricks.as_strided, subok=True)
+        cp.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(as_strided=strided))
         cp.RawKernel = lambda source, name: FakeKernel(cuda, source, name)
         cp.get_default_memory_pool = lambda: _PoolOfCurrentDevice(cuda)
 

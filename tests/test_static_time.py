@@ -305,29 +305,30 @@ def test_cut_tiles_is_numpy_slicing_and_apply_augmentations():
 
 
 def test_device_cut_equals_the_host_cut_bit_for_bit(monkeypatch):
-    cuda = fakegpu.install(monkeypatch)
+    """On the CPU stand-in of CuPy (two devices): uploaded to the loader's device,
+    cut there on the feed stream, handed to DALI naming that stream."""
+    from zarrdali.backends.gpu.feed import FedArray
+
+    cuda = fakegpu.install(monkeypatch, n_devices=2)
     import cupy
 
-    streams_used = []
-    asarray = cupy.asarray
-
-    def recording_asarray(a, dtype=None):
-        streams_used.append(cuda.current[-1] if cuda.current else None)
-        return asarray(a, dtype)
-
-    monkeypatch.setattr(cupy, "asarray", recording_asarray)
     static = _random_static(seed=4)
-    device = DeviceStaticFields(static)
-    stream = cupy.cuda.Stream(non_blocking=True)
+    device = DeviceStaticFields(static, device_id=1)
+    assert device._field.device.id == 1
+    with cupy.cuda.Device(1):
+        stream = cupy.cuda.Stream(non_blocking=True)
     samples = _samples(seed=7)
     try:
         for augment in [(), ("flip",), ("flip", "rot90")]:
             flags = draw_augmentations(augment, len(samples), 1, 2, 3) if augment else None
-            streams_used.clear()
-            got = device.tiles(samples, flags, (8, 8), stream)
-            assert streams_used and all(s is stream for s in streams_used)
+            got = device.tiles(samples, flags, (8, 8), stream)  # called on device 0's thread
+            assert isinstance(got, FedArray)
+            assert got.__cuda_array_interface__["stream"] == stream.ptr
+            assert got.array.device.id == 1
             want = static.tiles(samples, flags, (8, 8))
+            assert got.shape == want.shape and got.dtype == want.dtype
             assert np.asarray(got).tobytes() == want.tobytes()
+        assert cuda.current_device() == 0  # the caller's device is left as it was
     finally:
         device.close()
     with pytest.raises(ConfigError, match="released"):

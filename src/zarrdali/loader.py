@@ -267,7 +267,7 @@ class ZarrLoader:
         self._device_static: DeviceStaticFields | None = None
         if self.static is not None and self.backend.dali_device == "gpu":
             try:
-                self._device_static = DeviceStaticFields(self.static)
+                self._device_static = DeviceStaticFields(self.static, self.backend.dali_device_id())
             except BaseException:
                 self.backend.close()
                 raise

@@ -161,27 +161,35 @@ class StaticTiles:
 class DeviceStaticFields:
     """The static fields in device memory (GPU path), owned by the loader.
 
-    Uploaded once when the loader is built; :meth:`close` drops the device
-    array (the loader calls it before closing its backend). Tiles are cut on
-    the stream DALI copies the batch on, so the copy is ordered after the cut
-    and the tiles' memory is reused only in that stream's order.
+    Uploaded once, to GPU ``device_id``, when the loader is built; :meth:`close`
+    drops the device array (the loader calls it before closing its backend).
+    Tiles are cut on the stream DALI copies the batch on (the feed stream, which
+    lives as long as the backend), so the copy is ordered after the cut and the
+    tiles' memory is reused only in that stream's order; they are handed to DALI
+    as the feed hands the frames (:func:`~zarrdali.backends.gpu.feed.hand_over`:
+    their CUDA array interface names that stream).
     """
 
-    def __init__(self, static: StaticFields, cupy: Any = None) -> None:
+    def __init__(self, static: StaticFields, device_id: int, cupy: Any = None) -> None:
         if cupy is None:
             import cupy
         self._cp = cupy
-        # On the current (long-lived) stream: memory allocated under a stream that
-        # is then destroyed stays cached in CuPy's pool, out of others' reach.
-        self._field = cupy.asarray(static.field)
-        cupy.cuda.get_current_stream().synchronize()  # uploaded before a side stream reads it
+        self._device_id = device_id
+        with cupy.cuda.Device(device_id):
+            # On the device's default stream, which lives as long as the process:
+            # CuPy's pool keeps a block in the arena of the stream it was made on.
+            self._field = cupy.asarray(static.field)
+            cupy.cuda.get_current_stream().synchronize()  # before a side stream reads it
 
     def tiles(self, samples: np.ndarray, flags: np.ndarray | None, tile_hw, stream: Any) -> Any:
+        from .backends.gpu.feed import hand_over
+
         field = self._field
         if field is None:
             raise ConfigError("the loader's static fields were released (loader closed)")
-        with stream:
-            return cut_tiles(self._cp, field, samples, flags, tile_hw)
+        with self._cp.cuda.Device(self._device_id), stream:
+            tiles = cut_tiles(self._cp, field, samples, flags, tile_hw)
+            return hand_over(tiles, stream)
 
     def close(self) -> None:
         self._field = None
