@@ -31,6 +31,26 @@ class ConfigError(ZarrDaliError, ValueError):
     """The loader's configuration cannot be satisfied by the store."""
 
 
+class MetadataError(ConfigError):
+    """An array's (or the group's) ``zarr.json`` is invalid, unsupported, or
+    describes more than this machine can hold. Names the store and the array."""
+
+    def __init__(self, message: str, *, store: str, array: str) -> None:
+        where = f"array {array!r}" if array else "its group metadata"
+        super().__init__(f"{message} (store {store!r}, {where})")
+        self.store = store
+        self.array = array
+
+
+class UnknownCodecError(MetadataError):
+    """A codec that neither zarrdali nor zarr-python knows (zarr-python's
+    ``UnknownCodecError``, with the store and array named)."""
+
+
+class UnknownDataTypeError(MetadataError):
+    """A ``data_type`` that is not a Zarr v3 numeric type zarrdali serves."""
+
+
 class ChunkError(ZarrDaliError, RuntimeError):
     """A chunk could not be read or decoded.
 

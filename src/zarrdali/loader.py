@@ -22,7 +22,7 @@ from .normalize import NormalizeArg, channel_stats
 from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
 from .remote import StoreRef, is_picklable
-from .store import load_layouts, open_group
+from .store import check_plan_fits, load_layouts, open_group
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,15 @@ class ZarrLoader:
         first = self.layouts[0]
         n_time, ny, nx = first.shape[0], first.shape[-2], first.shape[-1]
         self.candidates: SampleGrid | SampleTable
+        h, w = self.spec.tile or (ny, nx)
+        channels = sum(layout.n_levels for layout in self.layouts)
+        check_plan_fits(  # before any of it is allocated
+            self.store_name,
+            self.layouts,
+            SampleGrid.count(self.spec, n_time, ny, nx) if index is None else 0,
+            batch_size * self.spec.n_frames * channels * h * w * 4,  # float32
+            max(prefetch, 1) + 2,
+        )
         if index is None:
             self.candidates = SampleGrid(self.spec, n_time, ny, nx)
         else:
