@@ -1,37 +1,62 @@
 """The whole GPU verification in one command, within a hard time budget.
 
-    python benchmarks/gpu_verify.py --out OUT --require-gpu --commit HASH
+    python benchmarks/gpu_verify.py --out OUT --require-gpu --commit HASH \
+        --stack-check .stack/pN/gpu_stack_check.py
 
-Steps, in order, each in its own process group with its own timeout, every one
-run whatever happened to the one before:
+Steps, ordered by what they prove (a later step is worth less if an earlier
+one failed, and a run cut short keeps the most important results), each in its
+own process group with its own timeout, every one run whatever happened to the
+one before; the timeouts add up to less than the budget (default 540 s):
 
-    sample-data   the embedded sample data (both layouts), unless already there
-    pytest-gpu    ``pytest -m gpu`` with faulthandler (junit XML)
-    small-batch   6 samples of 16×16 per batch on device="cuda": time per batch,
-                  end to end (DALI, back to back) and ``load_batch`` alone
-    bench-b64     ``zarrdali bench`` zarrdali[cuda] vs torch DataLoader + xarray, batch 64
-    bench-b8      the same at batch 8
-    bench-wait    batch 64 with a simulated 20 ms training step: the consumer's wait
-    decode        ``benchmarks/decode_gpu.py`` (nvCOMP alone, zarrdali read + decode +
-                  gather, numcodecs on all cores)
+    stack-check   ``gpu_stack_check.py`` (CuPy, kvikIO, nvCOMP's Python and C
+                  APIs, DALI fed by CuPy): the stack itself, before our code   45 s
+    pytest-gpu    ``pytest -m gpu -v`` with faulthandler (and pytest-timeout when
+                  installed): the engine bit for bit against the CPU backend, the
+                  feed on real streams, the loader against zarr-python on plain,
+                  sharded, gzip, blosc (host), big-endian int16 and missing-chunk
+                  stores, resume, ranks, 20 epochs and 50 loaders with the pool
+                  total and threads flat, the collector at random points in a
+                  thread of its own throughout (junit XML)                    180 s
+    decode        ``decode_gpu.py`` at batch 64, zstd, 64 KiB and 1 MiB chunks:
+                  nvCOMP's C API alone, zarrdali read + decode + gather, with
+                  the GPU cache warm, numcodecs on all cores                   50 s
+    decode-lz4    the same on LZ4 (64 KiB), with DALI's fn.decoders.inflate    30 s
+    sample-data   the embedded sample data (both layouts), unless already there 40 s
+    bench-b64     ``zarrdali bench`` on the sharded store, batch 64:
+                  zarrdali[cuda] and the torch DataLoader over xarray, all cores 90 s
+    small-batch   batches of 8 (4 + 2 frames of 128 x 128, every variable) on
+                  device="cuda": ms per batch back to back through DALI, and
+                  ``load_batch`` alone; the host time of each NVTX range of the
+                  engine (describe, read, decode, gather, check) at 8 and 64  25 s
+    bench-wait    batch 64 with a simulated 20 ms training step: the wait      35 s
+    remote-gpu    the GPU backend on the sharded store served by a local HTTP
+                  server (ranges): read="pinned" and read="kvikio" (kvikIO's
+                  remote file), every batch equal to the CPU backend's on the
+                  local copy, samples/s of each                              25 s
 
-A step gets at most its own timeout and what is left of ``--budget-s`` (default
-540 s, so that the run ends inside a 10-minute slot); a step that outlives it
-gets SIGABRT (faulthandler prints every thread's stack into the log), then its
-whole process group SIGKILL. Without a GPU (or with ``--dry-run``) the GPU
-steps are skipped with the reason; ``--require-gpu`` makes a missing GPU an
-error. Exit status: 0 when no step failed or timed out.
+``--steps`` also knows ``bench-b8`` (batch 8, both loaders), not run by default.
+
+A step gets at most its own timeout and what is left of ``--budget-s``; a step
+that outlives it gets SIGABRT (faulthandler prints every thread's stack into
+the log), then its whole process group SIGKILL. ``summary.json`` is rewritten
+after every step, with the figures so far and the goals they meet or miss (by
+how much): a run cut short still leaves its part; a pytest step cut short
+keeps the results of the tests that finished (read from its ``-v`` lines).
+Without a GPU (or with ``--dry-run``) the GPU steps are skipped with the
+reason; ``--require-gpu`` makes a missing GPU an error. Exit status: 0 when no
+step failed or timed out.
 
 Output (``--out``; at most 8 files, as a device run returns at most 8):
 
-    provenance.json  GPU, driver, CUDA, package versions, commit, tree hash, command, date
-    summary.json     every step (command, status, seconds, why) and the key figures
+    provenance.json  GPU, driver, CUDA, nvCOMP (version, alignments), package
+                     versions, commit, tree hash, command, date
+    summary.json     every step (command, status, seconds, why), the figures, the goals
     verify.log       the output of every step, one after the other
     pytest-gpu.xml   junit XML of the GPU tests
-    bench.json       the three bench runs' JSON, by run
-    bench.md         the three bench runs' tables, with the system header
-    decode_gpu.json  the decode benchmark (zstd, 64 KB and 1 MB chunks)
-    decode_gpu_lz4.json  the same for LZ4 (64 KB), with DALI's inflate beside nvCOMP
+    bench.json       the bench runs' JSON, by run
+    bench.md         the bench runs' tables, with the system header
+    decode.json      the decode benchmarks (zstd and LZ4), by run
+    remote.json      the remote GPU readers against the local HTTP server
 
 The other files of a bench run (plots) stay in a scratch folder under /tmp.
 Needs no network; run it from the repository root.
@@ -43,8 +68,12 @@ import argparse
 import contextlib
 import datetime as dt
 import hashlib
+import http.server
+import importlib.util
 import json
 import os
+import posixpath
+import re
 import resource
 import shlex
 import signal
@@ -52,6 +81,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -79,7 +109,9 @@ PACKAGES = (
     "xarray",
     "dask",
     "nvtx",
+    "obstore",
     "pytest",
+    "pytest-timeout",
     "psutil",
     "matplotlib",
 )
@@ -183,6 +215,13 @@ if not out["missing"]:
         out["kvikio_io_mode"] = kvikio_io_mode()
     except Exception as err:
         out["kvikio_io_mode"] = f"unknown ({type(err).__name__}: {err})"
+try:  # host calls, no device: what the engine packs payloads by
+    from nvidia import libnvcomp
+    from zarrdali.backends.gpu.decode import nvcomp_capi
+    out["nvcomp"] = {"version": libnvcomp.__version__,
+                     "decompress_alignments": nvcomp_capi().alignments}
+except Exception as err:
+    out["nvcomp"] = f"unavailable ({type(err).__name__}: {err})"
 print("GPU-PROBE " + json.dumps(out))
 """
 
@@ -263,71 +302,115 @@ def provenance(args: argparse.Namespace, gpu: dict, argv: list[str]) -> dict:
 
 
 # -- the steps -----------------------------------------------------------------------
+# (name, timeout s): the default run, in order. Their sum stays under the default
+# budget, so that each step gets its whole timeout even if all before it used theirs.
+DEFAULT_STEPS = (
+    ("stack-check", 45),
+    ("pytest-gpu", 180),
+    ("decode", 50),
+    ("decode-lz4", 30),
+    ("sample-data", 40),
+    ("bench-b64", 90),
+    ("small-batch", 25),
+    ("bench-wait", 35),
+    ("remote-gpu", 25),
+)
+EXTRA_STEPS = (("bench-b8", 40),)
+DEFAULT_BUDGET_S = 540.0
+SHARDED = "era5_sharded.zarr"
+
+
+def find_stack_check(explicit: str | None = None, root: Path = REPO) -> Path | None:
+    """``gpu_stack_check.py``: given, else where ``gpu_pack.py pack`` put it (the
+    last part of ``.stack/``), else beside the checkout (``../shared/tools``)."""
+    if explicit:
+        return Path(explicit)
+    found = sorted(root.glob(".stack/p*/gpu_stack_check.py"))
+    found += [root.parent / "shared" / "tools" / "gpu_stack_check.py"]
+    found += [root / "shared" / "tools" / "gpu_stack_check.py"]
+    return next((p for p in found if p.is_file()), None)
+
+
 def plan_steps(args: argparse.Namespace, out: Path, scratch: Path) -> list[Step]:
     py = sys.executable
     data = Path(args.data_dir)
     tiny = args.tiny
-    sample = ["--n-time", "12", "--n-lat", "33", "--n-lon", "40"] if tiny else []
     cpu = args.rehearse_on_cpu
-    bench = [py, "-m", "zarrdali", "bench", "--data-dir", str(data), "-q", "--loaders"]
-    bench += ["zarrdali-cpu" if cpu else "zarrdali-cuda"]
-    bench += [] if cpu and tiny else ["torch-xarray"]
-    if tiny:
-        bench += ["--tile", "8", "8", "--batches", "3", "--warmup", "1", "--epochs", "1"]
-    decode = [py, "benchmarks/decode_gpu.py", "--out", str(out / "decode_gpu.json")]
-    if tiny:
-        decode += ["--time-steps", "4", "--batches", "2", "--repeats", "1", "--batch-size", "4"]
-    decode += shlex.split(args.decode_args)
+    timeouts = dict(DEFAULT_STEPS + EXTRA_STEPS)
+    steps: dict[str, Step] = {}
+
+    checker = find_stack_check(args.stack_check)
+    stack = [py, str(checker)] if checker else [py, "-c", "raise SystemExit(2)"]
+    steps["stack-check"] = Step("stack-check", stack, timeouts["stack-check"], needs_gpu=True)
+    if checker is None:
+        steps["stack-check"].why = "gpu_stack_check.py not found: pass --stack-check PATH"
+
     pytest = [py, "-X", "faulthandler", "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider"]
-    pytest += ["-o", "faulthandler_timeout=120", "-q", "-rfEs"]
+    pytest += ["-o", "faulthandler_timeout=90", "-v", "-rfEs", "--tb=short"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        pytest += ["-p", "pytest_timeout", "--timeout", "100"]  # a hung test fails, the rest run
     pytest += ["--junitxml", str(out / "pytest-gpu.xml"), *gpu_test_files()]
-    steps = [
-        Step("sample-data", [py, "-m", "zarrdali", "sample-data", str(data), "-q", *sample], 120),
-        Step("pytest-gpu", pytest, 240, needs_gpu=True),
-        Step(
-            "small-batch",
-            [py, "-X", "faulthandler", __file__, "--probe-small-batch"]
-            + ["--data-dir", str(data), "--probe-json", str(scratch / "small-batch.json")]
-            + (["--probe-batches", "5", "--probe-warmup", "2"] if tiny else [])
-            + (["--probe-device", "cpu"] if cpu else []),
-            60,
-            needs_gpu=True,
-            rehearsable=True,
-        ),
-    ]
-    for name, extra, timeout in (
-        ("bench-b64", ["--batch-size", "64"], 120),
-        ("bench-b8", ["--batch-size", "8"], 75),
-        ("bench-wait", ["--batch-size", "64", "--step-ms", "20"], 75),
+    steps["pytest-gpu"] = Step("pytest-gpu", pytest, timeouts["pytest-gpu"], needs_gpu=True)
+
+    size = ["--time-steps", "4", "--batches", "2", "--repeats", "1", "--batch-size", "4"]
+    size = size if tiny else ["--batch-size", "64", "--batches", "6", "--repeats", "3"]
+    decode = [py, "benchmarks/decode_gpu.py", *size, "--out", str(scratch / "decode-zstd.json")]
+    steps["decode"] = Step("decode", decode + shlex.split(args.decode_args), timeouts["decode"])
+    steps["decode"].needs_gpu = True
+    # LZ4: nvCOMP's C API against DALI's fn.decoders.inflate (64 KiB chunks)
+    lz4 = [py, "benchmarks/decode_gpu.py", "--codec", "lz4", "--chunks", "64k", *size]
+    lz4 += ["--out", str(scratch / "decode-lz4.json")]
+    steps["decode-lz4"] = Step("decode-lz4", lz4, timeouts["decode-lz4"], needs_gpu=True)
+
+    sample = ["--n-time", "12", "--n-lat", "33", "--n-lon", "40"] if tiny else []
+    cmd = [py, "-m", "zarrdali", "sample-data", str(data), "-q", *sample]
+    steps["sample-data"] = Step("sample-data", cmd, timeouts["sample-data"])
+
+    bench = [py, "-m", "zarrdali", "bench", str(data / SHARDED), "-q", "--loaders"]
+    ours = ["zarrdali-cpu" if cpu else "zarrdali-cuda"]
+    peer = [] if cpu and tiny else ["torch-xarray"]
+    shape = ["--tile", "8", "8", "--batches", "3", "--warmup", "1", "--epochs", "1"]
+    shape = shape if tiny else ["--batches", "20", "--warmup", "3", "--epochs", "2"]
+    for name, loaders, extra in (
+        ("bench-b64", ours + peer, ["--batch-size", "64"]),
+        ("bench-wait", ours, ["--batch-size", "64", "--step-ms", "20"]),
+        ("bench-b8", ours + peer, ["--batch-size", "8"]),
     ):
-        cmd = [*bench, *extra, "--out", str(scratch / name)]
-        steps.append(Step(name, cmd, timeout, needs_gpu=True, rehearsable=True))
-    steps.append(Step("decode", decode, 100, needs_gpu=True))
-    # LZ4 stores: nvCOMP's C API against DALI's fn.decoders.inflate (64 KB chunks)
-    lz4 = [py, "benchmarks/decode_gpu.py", "--codec", "lz4", "--chunks", "64k"]
-    lz4 += ["--out", str(out / "decode_gpu_lz4.json")]
-    if tiny:
-        lz4 += ["--time-steps", "4", "--batches", "2", "--repeats", "1", "--batch-size", "4"]
-    steps.append(Step("decode-lz4", lz4, 60, needs_gpu=True))
+        cmd = [*bench, *loaders, *shape, *extra, "--out", str(scratch / name)]
+        steps[name] = Step(name, cmd, timeouts[name], needs_gpu=True, rehearsable=True)
+
+    probe = [py, "-X", "faulthandler", str(Path(__file__).resolve()), "--data-dir", str(data)]
+    probe += ["--probe-device", "cpu" if cpu else "cuda"]
+    small = [*probe, "--probe-small-batch", "--probe-json", str(scratch / "small-batch.json")]
+    small += ["--probe-batches", "5", "--probe-warmup", "2", "--probe-tile", "8"] if tiny else []
+    steps["small-batch"] = Step(
+        "small-batch", small, timeouts["small-batch"], needs_gpu=True, rehearsable=True
+    )
+    remote = [*probe, "--probe-remote", "--probe-json", str(out / "remote.json")]
+    remote += ["--probe-batches", "3", "--probe-warmup", "1", "--probe-tile", "8"] if tiny else []
+    steps["remote-gpu"] = Step(
+        "remote-gpu", remote, timeouts["remote-gpu"], needs_gpu=True, rehearsable=True
+    )
+
+    names = [name for name, _ in DEFAULT_STEPS]
     if args.steps:
-        wanted = args.steps.split(",")
-        unknown = sorted(set(wanted) - {s.name for s in steps})
+        names = args.steps.split(",")
+        unknown = sorted(set(names) - set(steps))
         if unknown:
-            raise SystemExit(f"unknown step(s) {unknown}; steps: {[s.name for s in steps]}")
-        steps = [s for s in steps if s.name in wanted]
-    return steps
+            raise SystemExit(f"unknown step(s) {unknown}; steps: {list(steps)}")
+    return [steps[name] for name in names]
 
 
 def gpu_test_files(root: Path = REPO) -> list[str]:
     """The test files with GPU tests: collecting only them needs none of the
-    CPU-only tests' packages (hypothesis, netCDF4) on the GPU machine."""
+    CPU-only tests' packages (netCDF4, moto) on the GPU machine."""
     files = sorted((root / "tests").glob("test_*.py"))
     return [str(f.relative_to(root)) for f in files if "mark.gpu" in f.read_text()]
 
 
 def _sample_data_present(data: Path) -> bool:
     return (data / "era5_plain.zarr" / "zarr.json").is_file() and (
-        data / "era5_sharded.zarr" / "zarr.json"
+        data / SHARDED / "zarr.json"
     ).is_file()
 
 
@@ -350,6 +433,33 @@ def junit_summary(path: Path) -> dict | None:
     return counts
 
 
+_PYTEST_LINE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def pytest_progress(log_text: str) -> dict:
+    """What a ``pytest -v`` run cut short got done: counts by outcome, the
+    failed tests, and the last test that reported (the next one hung)."""
+    counts: dict[str, int] = {}
+    failed, last = [], None
+    for line in log_text.splitlines():
+        match = _PYTEST_LINE.match(line.strip())
+        if match:
+            test, outcome = match.groups()
+            counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
+            last = test
+            if outcome in ("FAILED", "ERROR"):
+                failed.append(test)
+    return {"counts": counts, "failed_tests": failed[:30], "last_reported": last}
+
+
+def _step_log(log: Path, name: str) -> str:
+    """The part of ``verify.log`` written by step ``name`` (its last run: from
+    the line ``run_step`` opens it with, ``===== name: command (limit N s)``)."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    opened = list(re.finditer(rf"^===== {re.escape(name)}: .*\(limit \d+ s\)$", text, re.M))
+    return text[opened[-1].start() :] if opened else ""
+
+
 def bench_figures(payload: dict) -> list[dict]:
     """The rows of one bench run, reduced to the figures the goals are stated in."""
     rows = []
@@ -362,6 +472,7 @@ def bench_figures(payload: dict) -> list[dict]:
                 "status": s["status"],
                 "error": s.get("error") or None,
                 "samples_per_s": (s.get("samples_per_s") or {}).get("median"),
+                "decoded_gb_per_s": (s.get("decoded_gb_per_s") or {}).get("median"),
                 "wait_fraction": (s.get("wait_fraction") or {}).get("median"),
                 "peak_gpu_gb": s.get("peak_gpu_gb"),
                 "gpu_in_use_gb": s.get("peak_gpu_used_gb"),
@@ -390,53 +501,207 @@ def merge_bench(out: Path, scratch: Path, names: list[str]) -> dict:
     return figures
 
 
+def merge_decode(out: Path, scratch: Path) -> dict:
+    """decode.json (the zstd and LZ4 runs) in ``out``; rows reduced to GB/s by section."""
+    merged, figures = {}, {}
+    for name in ("decode-zstd", "decode-lz4"):
+        path = scratch / f"{name}.json"
+        if not path.is_file():
+            continue
+        payload = json.loads(path.read_text())
+        merged[name] = payload
+        for row in payload.get("results", []):
+            key = f"{row.get('section')}: {row['name']}"
+            rate = (row.get("decoded_gb_per_s") or {}).get("median")
+            figures[key] = {"status": row["status"], "gb_per_s": rate, "note": row.get("note")}
+    if merged:
+        (out / "decode.json").write_text(json.dumps(merged, indent=2, default=str) + "\n")
+    return figures
+
+
+# -- the goals -------------------------------------------------------------------------
+def _row(rows: list[dict] | None, loader: str) -> dict | None:
+    return next((r for r in rows or [] if r["loader"] == loader and r["status"] == "ok"), None)
+
+
+def _goal(name: str, value: float | None, target: float, at_least: bool, unit: str, **kw) -> dict:
+    goal = {"goal": name, "target": target, "unit": unit, "value": value, **kw}
+    if value is None:
+        goal["met"], goal["missed_by"] = None, "not measured"
+    else:
+        goal["met"] = value >= target if at_least else value <= target
+        if not goal["met"]:
+            goal["missed_by"] = f"{value / target:.2f}x the target" if target else "n/a"
+    return goal
+
+
+def evaluate_goals(figures: dict) -> list[dict]:
+    """The issue's figures, from what the steps measured so far."""
+    goals = []
+    b64 = figures.get("bench-b64")
+    ours, peer = _row(b64, "zarrdali[cuda]"), _row(b64, "torch DataLoader + xarray")
+    speedup = None
+    if ours and peer and peer["samples_per_s"]:
+        speedup = ours["samples_per_s"] / peer["samples_per_s"]
+    goals.append(_goal("zarrdali[cuda] / torch DataLoader + xarray, batch 64, sharded", speedup,
+                       10.0, True, "x", stretch=20.0))  # fmt: skip
+    goals.append(_goal("zarrdali[cuda] decoded GB/s, batch 64, sharded",
+                       ours and ours["decoded_gb_per_s"], 30.0, True, "GB/s"))  # fmt: skip
+    decode = figures.get("decode") or {}
+    warm = [v["gb_per_s"] for k, v in decode.items() if "warm-cache" in k and v["gb_per_s"]]
+    goals.append(_goal("zarrdali-gpu with the GPU cache warm (decode_gpu.py, best row)",
+                       max(warm) if warm else None, 60.0, True, "GB/s"))  # fmt: skip
+    capi = decode.get("zstd, 64k chunks: nvcomp-capi") or {}
+    goals.append(_goal("nvCOMP C API, zstd, 64 KiB chunks", capi.get("gb_per_s"), 60.0, True,
+                       "GB/s"))  # fmt: skip
+    small = figures.get("small-batch") or {}
+    worst = (small.get("goal") or {}).get("worst_back_to_back_ms")
+    goals.append(_goal("ms per batch of 8, back to back through DALI", worst, 2.0, False, "ms"))
+    wait = _row(figures.get("bench-wait"), "zarrdali[cuda]")
+    goals.append(_goal("share of a 20 ms step spent waiting, batch 64", wait and
+                       wait["wait_fraction"], 0.05, False, "fraction"))  # fmt: skip
+    remote = figures.get("remote-gpu") or {}
+    rows = [remote.get(r) for r in ("pinned", "kvikio") if isinstance(remote.get(r), dict)]
+    equal = [r.get("equal") for r in rows if r.get("status") == "ok"]
+    goals.append({"goal": "remote GPU readers equal the CPU backend (value: the faster)",
+                  "met": all(equal) if equal else None, "readers_ok": len(equal),
+                  "value": remote.get("faster")})  # fmt: skip
+    tests = figures.get("pytest-gpu") or {}
+    bad = None
+    if "failures" in tests:
+        bad = tests["failures"] + tests["errors"]
+    elif "counts" in tests:
+        bad = tests["counts"].get("failed", 0) + tests["counts"].get("error", 0)
+    goals.append(_goal("GPU tests failed or in error", bad, 0, False, "tests"))
+    return goals
+
+
 def write_summary(out: Path, steps: list[Step], figures: dict, started: float) -> dict:
     summary = {
         "seconds": round(time.monotonic() - started, 1),
         "ok": not any(s.status in ("failed", "timeout") for s in steps),
         "steps": [s.to_json() for s in steps],
         "figures": figures,
+        "goals": evaluate_goals(figures),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
-# -- the small-batch probe (run as its own step) -----------------------------------------
-def probe_small_batch(args: argparse.Namespace) -> int:
-    """Time batches of 6 samples of 16×16 (4 + 2 frames, every variable)."""
-    import statistics
+def collect(step: Step, out: Path, scratch: Path, log: Path, figures: dict, names: list) -> None:
+    """The figures of ``step`` (and of the merged outputs it adds to)."""
+    if step.name == "pytest-gpu":
+        figures["pytest-gpu"] = junit_summary(out / "pytest-gpu.xml")
+        if figures["pytest-gpu"] is None or step.status == "timeout":  # cut short: the -v lines
+            figures["pytest-gpu"] = pytest_progress(_step_log(log, "pytest-gpu"))
+    elif step.name == "stack-check":
+        lines = [ln for ln in _step_log(log, "stack-check").splitlines()]
+        figures["stack-check"] = [ln for ln in lines if ln.startswith(("ok  ", "FAIL"))]
+    elif step.name.startswith("decode"):
+        figures["decode"] = merge_decode(out, scratch)
+    elif step.name == "small-batch" and (scratch / "small-batch.json").is_file():
+        figures["small-batch"] = json.loads((scratch / "small-batch.json").read_text())
+    elif step.name == "remote-gpu" and (out / "remote.json").is_file():
+        figures["remote-gpu"] = json.loads((out / "remote.json").read_text())
+    elif step.name.startswith("bench-"):
+        figures.update(merge_bench(out, scratch, names))
 
-    import zarr
 
-    import zarrdali
+# -- the probes (each run as a step of its own) -------------------------------------------
+VARIABLES_NDIM = 3
+REFERENCE = dict(input_steps=4, target_steps=2, shuffle=True)  # the reference sample spec
 
-    device = args.probe_device
+
+def _sync(device: str):
     if device == "cuda":
         import torch
 
-        sync = torch.cuda.synchronize
-    else:
+        return torch.cuda.synchronize
+    return lambda: None
 
-        def sync() -> None:
-            pass
 
-    def stats(seconds: list[float]) -> dict:
-        ms = sorted(s * 1e3 for s in seconds)
-        return {
-            "median_ms": statistics.median(ms),
-            "p90_ms": ms[int(0.9 * (len(ms) - 1))],
-            "max_ms": ms[-1],
-            "n": len(ms),
-        }
+def _ms_stats(seconds: list[float]) -> dict:
+    import statistics
 
-    results = {}
+    ms = sorted(s * 1e3 for s in seconds)
+    return {
+        "median_ms": statistics.median(ms),
+        "p90_ms": ms[int(0.9 * (len(ms) - 1))],
+        "max_ms": ms[-1],
+        "n": len(ms),
+    }
+
+
+def _variables(store: Path) -> list[str]:
+    import zarr
+
+    group = zarr.open_group(store, mode="r")
+    return sorted(name for name, arr in group.arrays() if arr.ndim >= VARIABLES_NDIM)
+
+
+class StageTimes:
+    """Host time spent in each of zarrdali's NVTX ranges (``zarrdali.trace``),
+    per thread, summed: put in the place of the ranges for this process. Without
+    a profiler (Nsight Systems is not on the H200 host's PATH) this is what
+    says where a batch's time goes; ``zarrdali.check`` includes the host's one
+    wait for the device (the batch's decode and gather)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from zarrdali import trace
+
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        for name in trace._COLORS:
+            trace._ranges[name] = _TimedRange(self, name)
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self.seconds.clear()
+            self.counts.clear()
+
+    def per_batch_ms(self, batches: int) -> dict[str, float]:
+        with self._lock:
+            return {k: round(v * 1e3 / batches, 4) for k, v in sorted(self.seconds.items())}
+
+
+class _TimedRange:
+    def __init__(self, times: StageTimes, name: str) -> None:
+        self._times, self._name = times, name
+
+    def __enter__(self) -> None:
+        stack = getattr(self._times._local, "stack", None)
+        if stack is None:
+            stack = self._times._local.stack = []
+        stack.append(time.perf_counter())
+
+    def __exit__(self, *exc: object) -> None:
+        self._times.add(self._name, time.perf_counter() - self._times._local.stack.pop())
+
+
+def probe_small_batch(args: argparse.Namespace) -> int:
+    """Batches of 8 of the reference spec: ms per batch through DALI and
+    ``load_batch`` alone; then the engine's stages per batch at 8 and 64."""
+    import zarrdali
+
+    device, sync = args.probe_device, _sync(args.probe_device)
+    times = StageTimes()
+    tile = (args.probe_tile, args.probe_tile)
+    results: dict = {}
     data = Path(args.data_dir)
-    for label in ("plain", "sharded"):
+    for label in ("sharded", "plain"):
         store = data / f"era5_{label}.zarr"
-        group = zarr.open_group(store, mode="r")
-        variables = [name for name, arr in group.arrays() if arr.ndim >= 3]
-        kw = dict(input_steps=4, target_steps=2, tile=(16, 16), batch_size=6, shuffle=True)
-        with zarrdali.ZarrLoader(str(store), variables, device=device, workers=0, **kw) as loader:
+        variables = _variables(store)
+        kw = dict(REFERENCE, tile=tile, batch_size=8, device=device, workers=0)
+        with zarrdali.ZarrLoader(str(store), variables, **kw) as loader:
             n = min(args.probe_batches, len(loader) - args.probe_warmup)
             it = iter(loader)
             for _ in range(args.probe_warmup):
@@ -450,27 +715,245 @@ def probe_small_batch(args: argparse.Namespace) -> int:
                 sync()
                 per_batch.append(time.perf_counter() - t)
             total = time.perf_counter() - t0
-            assert batch["input"].shape[1:] == (4, len(variables), 16, 16)
+            assert batch["input"].shape[1:] == (4, len(variables), *tile)
             it.close()
             plan = loader.epoch_plan()
             direct = []
+            times.reset()
             for k in range(args.probe_warmup + n):
+                if k == args.probe_warmup:
+                    times.reset()
                 t = time.perf_counter()
                 loader.load_batch(plan.batch(k))  # plan + read + decode + gather, synchronized
                 sync()
                 direct.append(time.perf_counter() - t)
+            stages8 = times.per_batch_ms(n)
         results[label] = {
-            "loader_per_batch": stats(per_batch),
+            "loader_per_batch": _ms_stats(per_batch),
             "loader_back_to_back_ms": total / n * 1e3,
-            "load_batch_alone": stats(direct[args.probe_warmup :]),
+            "load_batch_alone": _ms_stats(direct[args.probe_warmup :]),
+            "stages_ms_per_batch_8": stages8,
             "batches": n,
             "device": device,
         }
-        print(label, json.dumps(results[label]))
+        kw = dict(REFERENCE, tile=tile, batch_size=64, device=device, workers=0)
+        with zarrdali.ZarrLoader(str(store), variables, **kw) as loader:
+            plan = loader.epoch_plan()
+            m = min(args.probe_batches, len(loader))
+            loader.load_batch(plan.batch(0))
+            sync()
+            times.reset()
+            t = time.perf_counter()
+            for k in range(m):
+                loader.load_batch(plan.batch(k % len(loader)))
+            sync()
+            results[label]["load_batch_64_ms"] = (time.perf_counter() - t) / m * 1e3
+            results[label]["stages_ms_per_batch_64"] = times.per_batch_ms(m)
+        print(label, json.dumps(results[label]), flush=True)
     worst = max(r["loader_back_to_back_ms"] for r in results.values())
     results["goal"] = {"at_most_ms": 2.0, "worst_back_to_back_ms": worst, "met": worst <= 2.0}
     Path(args.probe_json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+# -- a local HTTP server with byte ranges (for the remote readers) ------------------------
+class RangeRequestHandler(http.server.BaseHTTPRequestHandler):
+    """GET and HEAD of the files under the server's ``root``, with a single
+    ``Range: bytes=a-b`` / ``a-`` / ``-n`` (206, ``Content-Range``); 404 for
+    anything else, 416 past the end. What obstore's HTTP store and kvikIO's
+    remote file (libcurl) ask of an object store over HTTP."""
+
+    protocol_version = "HTTP/1.1"
+    server: RangeHTTPServer
+
+    def log_message(self, *args: object) -> None:  # quiet: counted instead
+        pass
+
+    def _file(self) -> Path | None:
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        parts = [p for p in posixpath.normpath(path).split("/") if p not in ("", ".", "..")]
+        file = self.server.root.joinpath(*parts)
+        return file if file.is_file() else None
+
+    def _range(self, size: int) -> tuple[int, int] | str | None:
+        header = self.headers.get("Range")
+        if not header:
+            return None
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+        if not match or not (match[1] or match[2]):
+            return "bad"
+        if not match[1]:
+            return max(size - int(match[2]), 0), size
+        start = int(match[1])
+        end = int(match[2]) + 1 if match[2] else size
+        return "bad" if start >= size else (start, min(end, size))
+
+    def _reply(self, body: bool) -> None:
+        self.server.count(self.command)
+        file = self._file()
+        if file is None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        size = file.stat().st_size
+        span = self._range(size)
+        if span == "bad":
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        start, end = (0, size) if span is None else span
+        self.send_response(200 if span is None else 206)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start))
+        if span is not None:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.end_headers()
+        if body:
+            with open(file, "rb") as f:
+                f.seek(start)
+                data = f.read(end - start)
+            self.wfile.write(data)
+            self.server.count("bytes", len(data))
+
+    def do_GET(self) -> None:
+        self._reply(body=True)
+
+    def do_HEAD(self) -> None:
+        self._reply(body=False)
+
+
+class RangeHTTPServer(http.server.ThreadingHTTPServer):
+    """Serves ``root`` on 127.0.0.1 (a free port) from a thread; ``with`` starts
+    and stops it. ``counts``: requests by method, and bytes sent."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path) -> None:
+        import threading
+
+        super().__init__(("127.0.0.1", 0), RangeRequestHandler)
+        self.root = Path(root)
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def count(self, what: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[what] = self.counts.get(what, 0) + n
+
+    def __enter__(self) -> RangeHTTPServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+        self._thread.join(10)
+
+
+def probe_remote(args: argparse.Namespace) -> int:
+    """The GPU backend on the sharded store over HTTP (a local range server):
+    ``read="pinned"`` and ``read="kvikio"``, every batch equal to the CPU
+    backend's on the local copy, samples/s of each; remote.json."""
+    import zarrdali
+    from zarrdali.backends.cpu import CpuBackend
+    from zarrdali.batchplan import plan_batch
+    from zarrdali.store import load_layouts, open_group
+
+    local = Path(args.data_dir) / SHARDED
+    variables = _variables(local)
+    tile = (args.probe_tile, args.probe_tile)
+    spec = dict(REFERENCE, tile=tile, batch_size=8)
+    loader = zarrdali.ZarrLoader(str(local), variables, **spec, device="cpu", workers=0)
+    plan, n_batches = loader.epoch_plan(), len(loader)
+    loader.close()
+    n_frames = spec["input_steps"] + spec["target_steps"]
+    batches = [plan.batch(k % n_batches) for k in range(args.probe_warmup + args.probe_batches)]
+    lgroup, lname = open_group(str(local))
+    llayouts = load_layouts(lgroup, lname, variables)
+    cpu = CpuBackend(lgroup, lname, 4)
+    try:
+        want = [
+            cpu.load_batch(llayouts, plan_batch(llayouts, b, n_frames=n_frames, frame_step=1,
+                                                tile_hw=tile))
+            for b in batches
+        ]  # fmt: skip
+    finally:
+        cpu.close()
+    result: dict = {"store": SHARDED, "variables": variables, "spec": {**spec, "tile": tile}}
+    with RangeHTTPServer(Path(args.data_dir)) as server:
+        url = f"{server.url}/{SHARDED}"
+        result["url"] = url
+        for read in ("pinned", "kvikio"):
+            before = dict(server.counts)
+            row = _remote_reader_row(args, url, read, variables, batches, want, n_frames, tile)
+            row["server"] = {k: v - before.get(k, 0) for k, v in server.counts.items()}
+            result[read] = row
+            print(read, json.dumps(row), flush=True)
+    ok = {r: result[r] for r in ("pinned", "kvikio") if result[r].get("status") == "ok"}
+    result["faster"] = max(ok, key=lambda r: ok[r]["samples_per_s"]) if ok else None
+    result["equal"] = all(r["equal"] for r in ok.values()) if ok else None
+    Path(args.probe_json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0 if result["equal"] is not False else 1
+
+
+def _remote_reader_row(args, url, read, variables, batches, want, n_frames, tile) -> dict:
+    """One reader of the remote probe: equal to ``want``, samples/s (no DALI)."""
+    import numpy as np
+
+    from zarrdali.batchplan import plan_batch
+    from zarrdali.store import load_layouts, open_group
+
+    group, name = open_group(url)
+    layouts = load_layouts(group, name, variables)
+    if args.probe_device == "cpu":  # the rehearsal: the server and the source, on the CPU
+        from zarrdali.backends.cpu import CpuBackend
+
+        if read != "pinned":
+            return {"status": "skipped", "reason": "the CPU rehearsal reads through the source"}
+        backend, to_host = CpuBackend(group, name, 4), np.asarray
+    else:
+        from zarrdali.backends.gpu import backend as gpu_backend
+
+        missing = gpu_backend.missing_gpu_requirements()
+        if missing:
+            return {"status": "skipped", "reason": "no GPU path here: " + "; ".join(missing)}
+        try:
+            backend = gpu_backend.GpuBackend(group, name, read=read)
+        except Exception as err:  # e.g. kvikIO built without remote-file support
+            return {"status": "skipped", "reason": f"{type(err).__name__}: {err}"}
+        to_host = _to_host
+    try:
+        equal, seconds, samples = True, 0.0, 0
+        for k, (b, expected) in enumerate(zip(batches, want, strict=True)):
+            bplan = plan_batch(layouts, b, n_frames=n_frames, frame_step=1, tile_hw=tile)
+            t = time.perf_counter()
+            got = backend.load_batch(layouts, bplan)  # its own stream, synchronized
+            if k >= args.probe_warmup:
+                seconds += time.perf_counter() - t
+                samples += len(b)
+            equal &= to_host(got).tobytes() == np.asarray(expected).tobytes()
+        mode = getattr(backend, "read_mode", "source")
+    finally:
+        backend.close()
+    return {
+        "status": "ok",
+        "read": mode,
+        "equal": bool(equal),
+        "samples_per_s": samples / seconds if seconds else None,
+        "batches": len(batches) - args.probe_warmup,
+    }
+
+
+def _to_host(array):
+    return array.get() if hasattr(array, "get") else array
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -479,32 +962,40 @@ def parse(argv: list[str]) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", type=Path, help="output folder (at most 8 files land there)")
-    p.add_argument("--budget-s", type=float, default=540.0, help="all steps together (540)")
+    p.add_argument(
+        "--budget-s", type=float, default=DEFAULT_BUDGET_S,
+        help=f"all steps together ({DEFAULT_BUDGET_S:.0f})",
+    )  # fmt: skip
     p.add_argument(
         "--data-dir",
         default=os.path.join(tempfile.gettempdir(), "zarrdali-verify", "sample-data"),
         help="sample data (written there when missing)",
     )
     p.add_argument("--commit", help="the commit being verified (where the copy has no .git)")
-    p.add_argument("--steps", help="comma-separated subset of the steps, e.g. bench-b64,decode")
-    p.add_argument("--decode-args", default="", help="more arguments for decode_gpu.py")
+    p.add_argument(
+        "--stack-check", help="gpu_stack_check.py (default: .stack/p*/, ../shared/tools/)"
+    )
+    p.add_argument("--steps", help="comma-separated steps, e.g. bench-b64,decode (also bench-b8)")
+    p.add_argument("--decode-args", default="", help="more arguments for decode_gpu.py (zstd)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (the CI smoke test)")
     p.add_argument("--dry-run", action="store_true", help="plan and write provenance only")
     p.add_argument("--require-gpu", action="store_true", help="no GPU is an error, not a skip")
     p.add_argument(
         "--rehearse-on-cpu",
         action="store_true",
-        help="run the small-batch and bench steps on the CPU path (checks the script itself)",
+        help="run the small-batch, bench and remote steps on the CPU path (checks the script)",
     )
     p.add_argument("--scratch", type=Path, help="folder for raw bench output (default: temp)")
-    # the small-batch probe, run by the small-batch step in its own process
+    # the probes, each run by its step in its own process
     p.add_argument("--probe-small-batch", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--probe-remote", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--probe-json", help=argparse.SUPPRESS)
     p.add_argument("--probe-device", default="cuda", help=argparse.SUPPRESS)
-    p.add_argument("--probe-batches", type=int, default=50, help=argparse.SUPPRESS)
+    p.add_argument("--probe-batches", type=int, default=40, help=argparse.SUPPRESS)
     p.add_argument("--probe-warmup", type=int, default=5, help=argparse.SUPPRESS)
+    p.add_argument("--probe-tile", type=int, default=128, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not args.probe_small_batch and args.out is None:
+    if not (args.probe_small_batch or args.probe_remote) and args.out is None:
         p.error("--out is required")
     return args
 
@@ -514,6 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.probe_small_batch:
         return probe_small_batch(args)
+    if args.probe_remote:
+        return probe_remote(args)
     started = time.monotonic()
     deadline = started + args.budget_s
     out: Path = args.out
@@ -528,19 +1021,27 @@ def main(argv: list[str] | None = None) -> int:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), src) if p)
 
     gpu = {"missing": ["a GPU probe (skipped: --dry-run)"]} if args.dry_run else probe_gpu(env)
+    steps = plan_steps(args, out, scratch)
     meta = provenance(args, gpu, [__file__, *argv])
+    checker = find_stack_check(args.stack_check)
+    meta["stack_check"] = str(checker) if checker else None
+    meta["steps"] = [{"name": s.name, "timeout_s": s.timeout_s} for s in steps]
     (out / "provenance.json").write_text(json.dumps(meta, indent=2) + "\n")
     missing = gpu.get("missing") or []
     print(f"zarrdali GPU verification: GPU {gpu.get('device') or gpu.get('nvidia_smi', 'none')}")
     if missing:
         print("  no GPU path here: needs " + "; ".join(missing))
+    planned = sum(s.timeout_s for s in steps)
+    if planned > args.budget_s:
+        print(
+            f"  note: the steps' timeouts add up to {planned:.0f} s > budget {args.budget_s:.0f} s"
+        )
 
-    steps = plan_steps(args, out, scratch)
     figures: dict = {}
     bench_names = [s.name for s in steps if s.name.startswith("bench-")]
     for step in steps:
         if args.dry_run:
-            step.status, step.why = "planned", "--dry-run"
+            step.status, step.why = "planned", "; ".join(w for w in ("--dry-run", step.why) if w)
         elif step.needs_gpu and args.rehearse_on_cpu and not step.rehearsable:
             step.status, step.why = "skipped", "--rehearse-on-cpu: this step needs the GPU"
         elif step.needs_gpu and missing and not args.rehearse_on_cpu:
@@ -548,18 +1049,19 @@ def main(argv: list[str] | None = None) -> int:
             step.why = "no GPU here: the GPU path needs " + "; ".join(missing)
         elif step.name == "sample-data" and _sample_data_present(Path(args.data_dir)):
             step.status, step.why = "passed", f"already in {args.data_dir}"
+        elif step.why:  # known not to run (e.g. the stack check was not found)
+            step.status = "failed"
         else:
             print(f"  {step.name} ...", flush=True)
             run_step(step, log, deadline, env, REPO)
-        if step.name == "pytest-gpu":
-            figures["pytest-gpu"] = junit_summary(out / "pytest-gpu.xml")
-        elif step.name == "small-batch" and (scratch / "small-batch.json").is_file():
-            figures["small-batch"] = json.loads((scratch / "small-batch.json").read_text())
-        elif step.name.startswith("bench-"):
-            figures.update(merge_bench(out, scratch, bench_names))
+            collect(step, out, scratch, log, figures, bench_names)
         print(f"  {step.name}: {step.status} {step.why}".rstrip(), flush=True)
         write_summary(out, steps, figures, started)  # a run cut short still leaves its part
     summary = write_summary(out, steps, figures, started)
+    for goal in summary["goals"]:
+        if goal.get("met") is not None:
+            mark = "met   " if goal["met"] else "MISSED"
+            print(f"  goal {mark} {goal['goal']}: {goal.get('value')}")
     files = sorted(p.name for p in out.iterdir())
     if len(files) > MAX_FILES:
         print(f"warning: {len(files)} files in {out} (a device run returns {MAX_FILES})")

@@ -35,7 +35,12 @@ def happens_before(a: Op, b: Op) -> bool:
 
 
 class FakeDevice:
-    def __init__(self) -> None:
+    """``cuda_array_interface``: buffers expose one, whose stream entry is the
+    calling thread's current stream when it is read (1, the legacy default
+    stream, outside any ``with stream``), as CuPy's arrays do."""
+
+    def __init__(self, cuda_array_interface: bool = False) -> None:
+        self.cuda_array_interface = cuda_array_interface
         self.lock = threading.Lock()
         self.ops: list[Op] = []
         self.log: list[tuple[str, int]] = []
@@ -53,6 +58,9 @@ class FakeDevice:
 
     def empty(self, n: int, dtype=np.uint8) -> np.ndarray:
         buf = np.zeros(n, dtype=dtype)
+        if self.cuda_array_interface:
+            buf = buf.view(CaiArray)
+            buf.device_of = self
         ident = self._next_id()
         weakref.finalize(buf, self.log.append, ("buffer freed", ident))
         with self.lock:
@@ -121,6 +129,27 @@ class FakeEvent:
     def record(self, stream: FakeStream) -> None:
         with self.device.lock:
             self.clock = dict(stream.clock)
+
+
+class CaiArray(np.ndarray):
+    """A host buffer with CuPy's ``__cuda_array_interface__`` behaviour."""
+
+    device_of: FakeDevice | None = None
+
+    def __array_finalize__(self, obj) -> None:
+        self.device_of = getattr(obj, "device_of", None)
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        stack = getattr(self.device_of.current, "stack", None) if self.device_of else None
+        return {
+            "shape": self.shape,
+            "typestr": self.dtype.str,
+            "data": (self.ctypes.data, False),
+            "version": 3,
+            "strides": None,
+            "stream": stack[-1].ptr if stack else 1,
+        }
 
 
 def _address(array: np.ndarray) -> int:

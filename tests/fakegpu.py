@@ -19,8 +19,11 @@ on a real GPU with ``-m gpu``.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
+import threading
 import types
+import weakref
 import zlib
 from typing import Any
 
@@ -36,12 +39,43 @@ class _Ptr:
         self.ptr = ptr
 
 
+class StickyFault(RuntimeError):
+    """A device fault: every later call on the device raises, as CUDA's sticky errors do."""
+
+
 class DevArray(np.ndarray):
-    """A "device" array: numpy, with CuPy's ``.data.ptr``, ``get`` and ``set``."""
+    """A "device" array: numpy, with CuPy's ``.data.ptr``, ``get``, ``set``,
+    ``device`` and ``__cuda_array_interface__`` (whose stream is read from the
+    calling thread's current stream when asked, as CuPy's is)."""
+
+    _fake: FakeCuda | None = None
+    _device_id: int = 0
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self._fake = getattr(obj, "_fake", None)
+        self._device_id = getattr(obj, "_device_id", 0)
 
     @property
     def data(self) -> _Ptr:  # type: ignore[override]
         return _Ptr(self.ctypes.data)
+
+    @property
+    def device(self) -> Any:  # type: ignore[override]
+        return types.SimpleNamespace(id=self._device_id)
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        # CAI v3 forbids 0: CuPy reports the legacy default stream as 1
+        stream = 1 if self._fake is None else (self._fake.current_stream().ptr or 1)
+        return {
+            "shape": self.shape,
+            "typestr": self.dtype.str,
+            "descr": self.dtype.descr,
+            "stream": stream,
+            "version": 3,
+            "strides": None,
+            "data": (self.ctypes.data, False),
+        }
 
     def get(self, stream: Any = None) -> np.ndarray:
         return np.array(self)
@@ -55,16 +89,25 @@ def dev(a: np.ndarray) -> DevArray:
 
 
 class FakeEvent:
-    def __init__(self, cuda: FakeCuda, stream: FakeStream) -> None:
+    def __init__(self, cuda: FakeCuda, stream: FakeStream | None = None) -> None:
+        cuda.check()
         self._cuda = cuda
+        self.device = cuda.current_device()
         self.stream = stream
-        self._done = not cuda.hold_events
+        self._done = stream is None or not cuda.hold_events
+        cuda.events_made.append(self.device)
 
     @property
     def done(self) -> bool:
+        self._cuda.check()
         return self._done
 
+    def record(self, stream: FakeStream | None = None) -> None:
+        stream = self._cuda.current_stream() if stream is None else stream
+        stream._record_into(self)
+
     def synchronize(self) -> None:
+        self._cuda.check()
         self._cuda.host_waits += 1
         self._done = True
 
@@ -72,19 +115,39 @@ class FakeEvent:
 class FakeStream:
     _next_ptr = 0x1000
 
-    def __init__(self, cuda: FakeCuda, non_blocking: bool = False) -> None:
+    def __init__(self, cuda: FakeCuda, non_blocking: bool = False, *, null: bool = False) -> None:
         self._cuda = cuda
-        FakeStream._next_ptr += 0x10
-        self.ptr = FakeStream._next_ptr
+        if null:
+            self.ptr, self.device = 0, -1  # the legacy default stream, on every device
+        else:
+            cuda.check()
+            FakeStream._next_ptr += 0x10
+            self.ptr = FakeStream._next_ptr
+            self.device = cuda.current_device()
+            cuda.streams_made.append(self.device)
         self.events: list[FakeEvent] = []
         self.synchronized = 0
+        cuda.by_ptr[self.ptr] = self
+        self.__weakref__  # noqa: B018 (weak references are how the fake sees live streams)
 
-    def record(self) -> FakeEvent:
-        event = FakeEvent(self._cuda, self)
-        self.events.append(event)
+    def record(self, event: FakeEvent | None = None) -> FakeEvent:
+        if event is None:
+            event = FakeEvent(self._cuda, self)
+        self._record_into(event)
         return event
 
+    def _record_into(self, event: FakeEvent) -> None:
+        self._cuda.check()
+        if self.device not in (-1, event.device):
+            raise RuntimeError(  # cudaErrorInvalidResourceHandle
+                f"event of device {event.device} recorded on a stream of device {self.device}"
+            )
+        event.stream = self
+        event._done = not self._cuda.hold_events
+        self.events.append(event)
+
     def synchronize(self) -> None:
+        self._cuda.check()
         self.synchronized += 1
         self.complete()
 
@@ -94,14 +157,22 @@ class FakeStream:
         self.events.clear()
 
     def wait_event(self, event: FakeEvent) -> None:
+        self._cuda.check()
         self._cuda.device_waits += 1
 
     def __enter__(self) -> FakeStream:
-        self._cuda.current.append(self)
+        cuda = self._cuda
+        if self.device not in (-1, cuda.current_device()):  # as CuPy's check_stream_device_match
+            raise RuntimeError(
+                f"The device that the stream is created on ({self.device}) does not match "
+                f"with the current device ({cuda.current_device()})"
+            )
+        cuda._tls().streams.setdefault(cuda.current_device(), []).append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._cuda.current.pop()
+        cuda = self._cuda
+        cuda._tls().streams[cuda.current_device()].pop()
 
 
 class FakeKernel:
@@ -112,7 +183,10 @@ class FakeKernel:
         self.name = name
 
     def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
-        self._cuda.launches.append(self.name)
+        cuda = self._cuda
+        cuda.check()
+        cuda.check_on_current_device(*(a for a in args if isinstance(a, DevArray)))
+        cuda.launches.append(self.name)
         if self.name == "zarrdali_pack":
             src, dst, jobs, n = args
             src, dst = np.asarray(src), np.asarray(dst)
@@ -133,35 +207,142 @@ class FakeKernel:
         np.asarray(out)[...] = gather_reference(np.asarray(decoded), gather)
 
 
-class _MemoryPool:
+class FakeMemoryPool:
+    """One device's pool as CuPy 14's ``SingleDeviceMemoryPool`` keeps it: sizes
+    rounded up to 512 bytes, a freed block cached in the *arena of the stream it
+    was allocated under* and reused only by allocations under that stream
+    (``cupy/cuda/memory.pyx``: ``_arena(stream_ident)``), never given back to
+    the device but by :meth:`free_all_blocks` (all arenas, or one stream's).
+    A cached block is reused for a request of at least half its size (no
+    splitting: CuPy frees split blocks only once merged)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._total = 0
+        self._used = 0
+        self._free: dict[int, list[int]] = {}  # stream ptr -> cached block sizes
+
+    def malloc(self, nbytes: int, stream_ptr: int) -> int:
+        size = max(512, -(-nbytes // 512) * 512)
+        with self._lock:
+            cached = self._free.setdefault(stream_ptr, [])
+            fits = [b for b in cached if size <= b < 2 * size]
+            if fits:
+                size = min(fits)
+                cached.remove(size)
+            else:
+                self._total += size
+            self._used += size
+        return size
+
+    def free(self, size: int, stream_ptr: int) -> None:
+        with self._lock:
+            self._used -= size
+            self._free.setdefault(stream_ptr, []).append(size)
+
+    def free_all_blocks(self, stream: Any = None) -> None:
+        with self._lock:
+            keys = list(self._free) if stream is None else [stream.ptr]
+            for key in keys:
+                self._total -= sum(self._free.pop(key, []))
+
+    def arenas(self) -> set[int]:
+        """The streams (pointers) under which blocks were ever allocated."""
+        with self._lock:
+            return set(self._free)
+
+    def total_bytes(self) -> int:
+        return self._total
+
+    def used_bytes(self) -> int:
+        return self._used
+
+    def free_bytes(self) -> int:
+        return self._total - self._used
+
+
+class _PoolOfCurrentDevice:
+    """``cupy.get_default_memory_pool()``: calls go to the current device's pool."""
+
     def __init__(self, cuda: FakeCuda) -> None:
         self._cuda = cuda
 
-    def total_bytes(self) -> int:
-        return self._cuda.allocated
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cuda.pools[self._cuda.current_device()], name)
 
 
 class FakeCuda:
-    """The fake ``cupy`` and ``cupyx`` modules and their state."""
+    """The fake ``cupy`` and ``cupyx`` modules and their state.
 
-    def __init__(self) -> None:
+    Per thread, as CUDA and CuPy keep them: the current device (0 in a new
+    thread) and each device's stack of current streams. Streams, events and
+    allocations belong to the device current when they are made; entering a
+    stream of another device raises (as CuPy does), so does recording an event
+    on a stream of another device, launching a kernel or calling nvCOMP with
+    arrays or a stream of another device. ``device_log`` records, per
+    allocation, ``(device, thread name)``.
+    """
+
+    def __init__(self, n_devices: int = 1) -> None:
+        self.n_devices = n_devices
         self.hold_events = False
-        self.current: list[FakeStream] = []
-        self.default_stream = FakeStream(self)
+        self.fault: str | None = None  # set: a sticky device fault
+        self._local = threading.local()
+        self.by_ptr: weakref.WeakValueDictionary[int, FakeStream] = weakref.WeakValueDictionary()
+        self.streams_made: list[int] = []
+        self.events_made: list[int] = []
+        self.device_log: list[tuple[int, str]] = []
+        self.null_stream = FakeStream(self, null=True)
+        self.default_stream = self.null_stream
         self.launches: list[str] = []
         self.host_waits = 0
         self.device_waits = 0
         self.allocated = 0
+        self.pools = [FakeMemoryPool() for _ in range(n_devices)]
+        self.pinned_frees = 0
         self.copies: list[tuple[int, int]] = []  # (kind, bytes) of memcpyAsync
+        self._streams: weakref.WeakSet[FakeStream] = weakref.WeakSet()  # the live ones
         self.cupy = self._cupy()
         self.cupyx = types.ModuleType("cupyx")
         self.pinned = 0  # pinned buffers made
 
         def empty_pinned(n: int, dtype: Any = np.uint8) -> np.ndarray:
+            self.check()
             self.pinned += 1
             return np.zeros(n, dtype=dtype)
 
         self.cupyx.empty_pinned = empty_pinned
+
+    # -- per-thread state ---------------------------------------------------------
+    def _tls(self) -> Any:
+        local = self._local
+        if not hasattr(local, "device"):
+            local.device, local.device_stack, local.streams = 0, [], {}
+        return local
+
+    def current_device(self) -> int:
+        return self._tls().device
+
+    def set_device(self, device: int) -> None:
+        if not 0 <= device < self.n_devices:
+            raise RuntimeError(f"cudaErrorInvalidDevice: {device} of {self.n_devices}")
+        self._tls().device = device
+
+    def current_stream(self) -> FakeStream:
+        stack = self._tls().streams.get(self.current_device())
+        return stack[-1] if stack else self.null_stream
+
+    def check(self) -> None:
+        if self.fault is not None:
+            raise StickyFault(self.fault)
+
+    def check_on_current_device(self, *arrays: DevArray) -> None:
+        device = self.current_device()
+        for a in arrays:
+            if a._fake is self and a._device_id != device:
+                raise RuntimeError(
+                    f"an array of device {a._device_id} used with device {device} current"
+                )
 
     def complete_events(self) -> None:
         """Every stream has finished its work (no host wait)."""
@@ -172,51 +353,110 @@ class FakeCuda:
     def streams(self) -> list[FakeStream]:
         return [self.default_stream, *self._streams]
 
+    # -- the module ------------------------------------------------------------------
+    def _alloc(self, shape: Any, dtype: Any) -> DevArray:
+        self.check()
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        device = self.current_device()
+        stream_ptr = self.current_stream().ptr
+        pool = self.pools[device]
+        size = pool.malloc(nbytes, stream_ptr)
+        self.allocated += nbytes
+        self.device_log.append((device, threading.current_thread().name))
+        raw = np.full(nbytes, 0xEE, dtype=np.uint8)  # poison: unwritten bytes show
+        weakref.finalize(raw, pool.free, size, stream_ptr)
+        out = raw.view(dtype).reshape(shape).view(DevArray)
+        out._fake, out._device_id = self, device
+        return out
+
     def _cupy(self) -> types.ModuleType:
         cuda = self
-        self._streams: list[FakeStream] = []
         cp = types.ModuleType("cupy")
         for name in ("uint8", "int8", "int32", "int64", "uint64", "float32", "float64"):
             setattr(cp, name, getattr(np, name))
         cp.ndarray = DevArray
 
         def empty(shape, dtype=np.float64):
-            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            cuda.allocated += nbytes
-            raw = np.full(nbytes, 0xEE, dtype=np.uint8)  # poison: unwritten bytes show
-            return raw.view(dtype).reshape(shape).view(DevArray)
+            return cuda._alloc(shape, dtype)
 
         def asarray(a, dtype=None):
-            return dev(np.array(a, dtype=dtype))
+            host = np.asarray(a, dtype=dtype)
+            out = cuda._alloc(host.shape, host.dtype)
+            np.asarray(out)[...] = host
+            return out
+
+        def full(shape, value, dtype=None):
+            out = cuda._alloc(shape, np.dtype(dtype) if dtype is not None else np.float64)
+            np.asarray(out)[...] = value
+            return out
 
         cp.empty = empty
         cp.asarray = asarray
-        cp.zeros = lambda shape, dtype=np.float64: dev(np.zeros(shape, dtype))
-        cp.full = lambda shape, value, dtype=None: dev(np.full(shape, value, dtype))
+        cp.zeros = lambda shape, dtype=np.float64: full(shape, 0, dtype)
+        cp.full = full
         for name in ("where", "arange", "count_nonzero", "add", "multiply", "concatenate"):
             setattr(cp, name, getattr(np, name))
         cp.RawKernel = lambda source, name: FakeKernel(cuda, source, name)
-        cp.get_default_memory_pool = lambda: _MemoryPool(cuda)
+        cp.get_default_memory_pool = lambda: _PoolOfCurrentDevice(cuda)
+
+        def free_pinned_blocks() -> None:
+            cuda.pinned_frees += 1
+
+        cp.get_default_pinned_memory_pool = lambda: types.SimpleNamespace(
+            free_all_blocks=free_pinned_blocks
+        )
 
         def new_stream(non_blocking: bool = False) -> FakeStream:
             stream = FakeStream(cuda, non_blocking)
-            cuda._streams.append(stream)
+            cuda._streams.add(stream)
             return stream
 
+        def new_event(block: bool = False, disable_timing: bool = False) -> FakeEvent:
+            return FakeEvent(cuda)
+
         def memcpy_async(dst: int, src: int, n: int, kind: int, stream: int) -> None:
+            cuda.check()
             ctypes.memmove(dst, src, n)
             cuda.copies.append((kind, n))
 
         runtime = types.SimpleNamespace(
             memcpyAsync=memcpy_async,
             memGetInfo=lambda: (1 << 30, 1 << 31),
-            getDeviceCount=lambda: 1,
+            getDeviceCount=lambda: cuda.n_devices,
+            getDevice=cuda.current_device,
+            setDevice=cuda.set_device,
         )
+
+        class Device:
+            """``cupy.cuda.Device(id)``: a context manager, per-thread stack."""
+
+            def __init__(self, device: int | None = None) -> None:
+                self.id = cuda.current_device() if device is None else int(device)
+
+            def __enter__(self) -> Device:
+                local = cuda._tls()
+                local.device_stack.append(local.device)
+                cuda.set_device(self.id)
+                return self
+
+            def __exit__(self, *exc: Any) -> None:
+                local = cuda._tls()
+                local.device = local.device_stack.pop()
+
+            def use(self) -> None:
+                cuda.set_device(self.id)
+
+            def synchronize(self) -> None:
+                cuda.check()
+                for stream in cuda.streams:
+                    stream.complete()
+
         cp.cuda = types.SimpleNamespace(
             Stream=new_stream,
-            get_current_stream=lambda: cuda.current[-1] if cuda.current else cuda.default_stream,
+            Event=new_event,
+            get_current_stream=cuda.current_stream,
             runtime=runtime,
-            Device=lambda *a: types.SimpleNamespace(id=0),
+            Device=Device,
         )
         return cp
 
@@ -284,15 +524,38 @@ def _inflate(algorithm: str, payload: bytes, capacity: int) -> bytes:
     raise AssertionError(algorithm)
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _rejected_reliably(algorithm: str, payload: bytes, capacity: int) -> bool:
+    """A corrupt payload nvCOMP is known to reject with a status: a zstd frame
+    whose only defect is its magic number. nvCOMP's headers make any other
+    corrupt input undefined behaviour (``zstd.h``, ``lz4.h``: "Providing a
+    corrupt buffer for decompression will result in undefined behavior")."""
+    if algorithm != "Zstd" or payload[:4] == ZSTD_MAGIC:
+        return algorithm in ("Gzip", "Deflate")  # zlib streams: checked, no UB modelled
+    try:
+        _inflate(algorithm, ZSTD_MAGIC + payload[4:], capacity)
+    except Exception:
+        return False
+    return True
+
+
 class FakeCApi(gpu_decode.NvcompCApi):
     """The real library's temp-size and alignment queries (they need no device);
     ``decompress`` follows the batched C API's contract on host addresses:
     reads the arrays of pointers and sizes, decodes each chunk (numcodecs,
-    zlib) into its output buffer, writes actual sizes and statuses."""
+    zlib) into its output buffer, writes actual sizes and statuses.
+
+    Undefined behaviour is a sticky device fault (``cuda.fault``: every later
+    call on the device raises :class:`StickyFault`): a corrupt payload other
+    than a zstd frame with a bad magic number, a misaligned pointer, a stream
+    of another device than the current one."""
 
     def __init__(self, lib=None) -> None:
         super().__init__(lib)
         self.calls: list[tuple[str, int, int]] = []
+        self.cuda: FakeCuda | None = None
 
     def decompress(
         self,
@@ -308,6 +571,15 @@ class FakeCApi(gpu_decode.NvcompCApi):
         statuses: int,
         stream: int,
     ) -> int:
+        cuda = self.cuda
+        if cuda is not None:
+            cuda.check()
+            owner = cuda.by_ptr.get(stream)
+            if owner is not None and owner.device not in (-1, cuda.current_device()):
+                raise RuntimeError(
+                    f"nvCOMP called on a stream of device {owner.device} with device "
+                    f"{cuda.current_device()} current"
+                )
         self.calls.append((algorithm, n, temp_bytes))
 
         def view(address: int, ctype: Any) -> np.ndarray:
@@ -325,6 +597,10 @@ class FakeCApi(gpu_decode.NvcompCApi):
             try:
                 data = _inflate(algorithm, payload, int(out_n[i]))
             except Exception:
+                if cuda is not None and not _rejected_reliably(algorithm, payload, int(out_n[i])):
+                    cuda.fault = (
+                        f"undefined behaviour: a corrupt {algorithm} payload given to nvCOMP"
+                    )
                 status[i], actual[i] = 12, 0  # nvcompErrorCannotDecompress
                 continue
             if len(data) > int(out_n[i]):
@@ -335,19 +611,99 @@ class FakeCApi(gpu_decode.NvcompCApi):
         return 0
 
 
-def install(monkeypatch: Any, *, compat: bool = True, gds: bool = False) -> FakeCuda:
+def install(
+    monkeypatch: Any, *, compat: bool = True, gds: bool = False, n_devices: int = 1
+) -> FakeCuda:
     """Put the fakes in place of CuPy, kvikIO and nvCOMP's C API for one test."""
     import sys
 
     from zarrdali.backends.gpu import backend
 
-    cuda = FakeCuda()
+    cuda = FakeCuda(n_devices)
     monkeypatch.setitem(sys.modules, "cupy", cuda.cupy)
     monkeypatch.setitem(sys.modules, "cupyx", cuda.cupyx)
     for name, module in fake_kvikio(compat, gds).items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(backend, "missing_gpu_requirements", lambda: [])
     api = FakeCApi()
+    api.cuda = cuda
     cuda.api = api
     monkeypatch.setattr(backend, "nvcomp_capi", lambda: api)
     return cuda
+
+
+# -- reference cycles --------------------------------------------------------------------
+def gpu_owning_types(*extra: type) -> tuple[type, ...]:
+    """The classes whose instances own GPU memory, streams or events (directly or
+    through what they hold): the engine's, the fakes', and ``extra`` (CuPy's
+    own on a real GPU). Not ``feed.StreamHandle``: DALI's graph keeps it in its
+    reference cycles by design, and once its feed is closed it holds nothing."""
+    from zarrdali.backends.gpu import backend, cache, decode, feed, lifetimes, read
+
+    return (
+        backend.GpuBackend,
+        backend._ThreadState,
+        decode.BatchedDecoder,
+        decode.DecodeTemp,
+        decode.PythonApiDecoder,
+        lifetimes.InFlight,
+        lifetimes.GuardedBuffers,
+        cache.GpuChunkCache,
+        feed.CudaFeed,
+        feed.FeedStreams,
+        feed.BufferRing,
+        feed.Slot,
+        feed.FedArray,
+        read.KvikioReader,
+        read.PinnedReader,
+        FakeStream,
+        FakeEvent,
+        DevArray,
+        *extra,
+    )
+
+
+def gpu_garbage(*extra: type) -> list[str]:
+    """Run the collector, keeping what it finds unreachable (``DEBUG_SAVEALL``):
+    the names of the GPU-owning objects among them, i.e. those that only the
+    collector would have freed, at a time and in a thread of its choosing."""
+    owning = gpu_owning_types(*extra)
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        found = [type(obj).__name__ for obj in gc.garbage if isinstance(obj, owning)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    return found
+
+
+class BackgroundCollector:
+    """``gc.collect()`` from a thread of its own at random moments (seeded) while
+    a block runs: the collector then runs in the middle of any other thread's
+    work, as it may in training. A finalizer of a GPU-owning object caught in a
+    cycle would run there, at that moment (what crashed the first GPU path)."""
+
+    def __init__(self, seed: int = 11, max_pause_s: float = 0.02) -> None:
+        import random
+
+        self._rng = random.Random(seed)
+        self._max_pause = max_pause_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.collections = 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._rng.random() * self._max_pause):
+            gc.collect()
+            self.collections += 1
+
+    def __enter__(self) -> BackgroundCollector:
+        self._thread = threading.Thread(target=self._run, name="gc-at-random-points", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)

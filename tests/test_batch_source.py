@@ -90,10 +90,11 @@ class FakeCudaBackend:
     def dali_device_id(self):
         return None
 
-    def load_batch(self, layouts, plan, *, out=None, stream=None):
+    def load_batch(self, layouts, plan, *, out=None, stream=None, before_write=None):
         window = self.inner.load_batch(layouts, plan)
         assert plan.frame_split is None and out is not None and stream is not None
         assert out.shape == window.shape and out.dtype == window.dtype
+        before_write()  # the feed's wait for DALI's copy of the buffer's previous batch
         out[...] = window
         stream.enqueue("write", self.cuda.buffer_id(out))
         return out

@@ -1,9 +1,11 @@
 """The GPU feed's ordering, on the CPU: fake streams and events record which
 operation CUDA would order before which (``fakecuda``), and the checks ask that
 DALI's copy of a batch follows its gather and that a ring buffer is written
-again only after DALI's copy out of it, that a thread waiting for a buffer
-never hangs a close, and that close releases events, buffers and streams in
-that order after synchronizing every stream."""
+again only after DALI's copy out of it, while the batch's read and decode wait
+for no copy; that the batch handed to DALI names the feed stream; that a thread
+waiting for a buffer never hangs a close; that close releases events, buffers
+and streams in that order after synchronizing every stream; and that streams
+given by the backend are made once and reused by every epoch."""
 
 from __future__ import annotations
 
@@ -17,23 +19,26 @@ import pytest
 
 from fakecuda import FakeDevice, check_reuse_order, happens_before
 from zarrdali import LoaderClosedError
-from zarrdali.backends.gpu.feed import BufferRing, CudaFeed, ring_size
+from zarrdali.backends.gpu.feed import BufferRing, CudaFeed, FeedStreams, ring_size
 
 SHAPE = (4, 3, 2, 8, 8)  # [B, T, C, H, W] of a full batch
 
 
 def fake_load(n_batches: int, *, fail_at: int | None = None, jitter: float = 0.002, seed=0):
-    """A loader's ``load(k, out_for, stream)``: plans (sleeps), takes the buffer,
-    "gathers" batch k into it on ``stream`` (and on the host, to check values)."""
+    """A loader's ``load(k, out_for, stream, before_write)``: plans (sleeps),
+    takes the buffer, "reads and decodes" on ``stream``, then "gathers" batch k
+    into the buffer on ``stream`` (and on the host, to check values)."""
     rng = random.Random(seed)
     lock = threading.Lock()
 
-    def load(k: int, out_for=None, stream=None):
+    def load(k: int, out_for=None, stream=None, before_write=None):
         with lock:
             pause = rng.random() * jitter
         time.sleep(pause)  # planning
         b = SHAPE[0] if k < n_batches - 1 else 2  # a partial last batch
         out = out_for((b, *SHAPE[1:]), np.float32)
+        stream.enqueue("decode", k)  # read and decode: nothing written to `out`
+        before_write()
         stream.enqueue("write", stream.device.buffer_id(out), k)
         out[...] = k
         if k == fail_at:
@@ -51,6 +56,9 @@ def run_dali_like(feed: CudaFeed, device: FakeDevice, n: int, *, consumer_s: flo
     for k in range(n):
         frames, samples = feed.get(k)
         (window,) = frames
+        if device.cuda_array_interface:  # what DALI reads, on this thread, outside any stream
+            assert window.__cuda_array_interface__["stream"] == feed.stream.ptr
+        window = np.asarray(window)  # the host stand-in's values
         assert (samples == k).all()
         assert (window == k).all(), "the buffer of batch k holds another batch"
         feed.stream.enqueue("copy", device.buffer_id(window), k)
@@ -202,3 +210,77 @@ def test_a_batch_larger_than_the_buffers_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
         ring.acquire(200, 200)
     assert len(ring._free) == 1
+
+
+def test_read_and_decode_wait_for_no_copy_only_the_gather_does():
+    """The wait for DALI's copy of a buffer's previous batch comes just before
+    the gather: a batch's read and decode are not ordered after it (nor after
+    what that copy waited for, e.g. torch's work on the legacy stream)."""
+    device = FakeDevice()
+    n = 24
+    feed = CudaFeed(fake_load(n), n, depth=2, batch_size=SHAPE[0], workers=1, cuda=device)
+    try:
+        run_dali_like(feed, device, n)
+    finally:
+        feed.close()
+    assert check_reuse_order(device) == n
+    decode = {op.what[1]: op for op in device.ops_with("decode")}
+    copy = {op.what[2]: op for op in device.ops_with("copy")}
+    previous: dict[int, int] = {}  # buffer -> the batch it last held
+    reused = 0
+    for write in device.ops_with("write"):
+        buf, k = write.what[1], write.what[2]
+        if buf in previous:
+            p = previous[buf]
+            assert happens_before(copy[p], write)  # the gather waits for DALI's copy
+            assert not happens_before(copy[p], decode[k])  # read and decode do not
+            reused += 1
+        previous[buf] = k
+    assert reused >= n - ring_size(2)
+
+
+def test_the_handed_over_batch_names_the_feed_stream():
+    """DALI reads the batch's CUDA array interface on its own thread: it names
+    the feed stream (where the batch's ready event was waited for), not the
+    legacy default stream that thread has current."""
+    device = FakeDevice(cuda_array_interface=True)
+    feed = CudaFeed(fake_load(6), 6, depth=2, batch_size=SHAPE[0], cuda=device)
+    try:
+        run_dali_like(feed, device, 6)  # asserts the stream entry of each batch
+    finally:
+        feed.close()
+    raw = device.empty(8, np.float32)  # a buffer as the feed would hand it over unwrapped
+    assert raw.__cuda_array_interface__["stream"] == 1
+
+
+def test_streams_are_made_once_and_reused_by_every_epoch():
+    """With the backend's FeedStreams, no epoch makes streams of its own (CuPy's
+    pool caches freed blocks per stream: new streams each epoch would leave each
+    epoch's buffers cached under dead streams); closing a feed frees none."""
+    device = FakeDevice()
+    streams = FeedStreams(device)
+    made = []
+    for epoch in range(5):
+        feed = CudaFeed(
+            fake_load(9, seed=epoch), 9, depth=2, batch_size=SHAPE[0], workers=2, cuda=device,
+            streams=streams,
+        )  # fmt: skip
+        run_dali_like(feed, device, 9 if epoch % 2 else 4)  # some epochs broken off
+        assert feed.stream is streams.feed_stream()
+        feed.close()
+        made.append(streams.made)
+    assert made[-1] == made[0] <= 3  # the feed stream and one per loading thread
+    assert sum(1 for kind, _ in device.log if kind == "stream created") == streams.made
+    assert not [e for e in device.log if e[0] == "stream freed"]
+    synced = sum(1 for kind, _ in device.log if kind == "stream synchronized")
+    gc.disable()
+    try:
+        streams.close()
+        streams.close()
+    finally:
+        gc.enable()
+    log = [kind for kind, _ in device.log]
+    assert log.count("stream freed") == streams.made
+    assert log.count("stream synchronized") == synced + streams.made
+    with pytest.raises(LoaderClosedError):
+        streams.lease()

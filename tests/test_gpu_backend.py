@@ -42,6 +42,7 @@ from zarrdali.backends.gpu.kernels import PACK_SOURCE, THREADS, gather_source, g
 from zarrdali.backends.gpu.plan import (
     ALIGN,
     CTYPES,
+    FALLBACK_INPUT_ALIGN,
     MISSING_SLOT,
     BatchDescription,
     GatherTables,
@@ -173,7 +174,8 @@ def _random_chunks(rng, n_files=4):
         for _ in range(int(rng.integers(1, 9))):
             nbytes = int(rng.integers(5, 300))
             skip = int(rng.choice([0, 4]))
-            rows.append((f, offset, nbytes, skip, nbytes - skip, bool(rng.random() < 0.8)))
+            align = int(rng.choice([1, 1, 4, 8]))  # the decoder's input alignment
+            rows.append((f, offset, nbytes, skip, nbytes - skip, align))
             offset += nbytes + int(rng.choice([0, 0, 17, 100_000]))
     order = rng.permutation(len(rows))  # chunk order is not file order
     return [np.array(col)[order] for col in zip(*rows, strict=True)]
@@ -182,8 +184,8 @@ def _random_chunks(rng, n_files=4):
 @pytest.mark.parametrize("seed", range(5))
 def test_staging_layout_is_aligned_and_disjoint(seed):
     rng = np.random.default_rng(seed)
-    file, offset, nbytes, skip, length, aligned = _random_chunks(rng)
-    s = plan_staging(file, offset, nbytes, skip, length, aligned, max_gap=64)
+    file, offset, nbytes, skip, length, align = _random_chunks(rng)
+    s = plan_staging(file, offset, nbytes, skip, length, align, max_gap=64)
     spans = sorted(zip(s.read_dst.tolist(), (s.read_dst + s.read_nbytes).tolist(), strict=True))
     assert all(a % ALIGN == 0 for a, _ in spans)
     assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(spans))
@@ -200,14 +202,17 @@ def test_staging_layout_is_aligned_and_disjoint(seed):
         assert staging[s.payload_raw[k] : s.payload_raw[k] + length[k]].tobytes() == (
             payload.tobytes()
         )
-    assert s.needs_packing == bool(np.any(s.payload_raw[aligned] % ALIGN))
+    misaligned = s.payload_raw % align != 0
+    assert s.needs_packing == bool(misaligned.any())
+    # Only the payloads their decoder cannot read where they landed are packed.
+    assert np.array_equal(s.payload_offset != s.payload_raw, misaligned)
+    assert np.all(s.payload_offset % align == 0)
     if not s.needs_packing:
-        assert s.payload_offset.tolist() == s.payload_raw.tolist()
         return
-    jobs = zip(s.payload_raw[aligned], s.payload_offset[aligned], length[aligned], strict=True)
+    packed = np.flatnonzero(misaligned)
+    jobs = zip(s.payload_raw[packed], s.payload_offset[packed], length[packed], strict=True)
     for raw, dst, n in jobs:
         staging[dst : dst + n] = staging[raw : raw + n]  # the pack jobs
-    packed = np.flatnonzero(aligned)
     assert all(s.payload_offset[k] % ALIGN == 0 for k in packed)
     assert all(s.payload_offset[k] >= s.raw_nbytes for k in packed)
     ends = sorted((int(s.payload_offset[k]), int(length[k])) for k in packed)
@@ -218,13 +223,17 @@ def test_staging_layout_is_aligned_and_disjoint(seed):
         assert got.tobytes() == want[k].tobytes()
 
 
-def test_staging_packs_when_a_payload_is_misaligned():
+def test_staging_packs_only_a_payload_its_decoder_cannot_read_in_place():
     # Two chunks back to back in one file: the second payload starts at byte 13.
-    args = [np.array(a) for a in ([0, 0], [0, 13], [13, 20], [0, 0], [13, 20], [True, True])]
-    s = plan_staging(*args, max_gap=0)
+    args = [np.array(a) for a in ([0, 0], [0, 13], [13, 20], [0, 0], [13, 20])]
+    s = plan_staging(*args, np.array([4, 4]), max_gap=0)  # raw deflate: 4-byte input
     assert s.read_dst.tolist() == [0] and s.read_nbytes.tolist() == [33]
     assert s.payload_raw.tolist() == [0, 13] and s.needs_packing
-    assert s.payload_offset.tolist() == [40, 56] and s.total_nbytes == 80
+    assert s.payload_offset.tolist() == [0, 40] and s.total_nbytes == 64
+    # nvCOMP 5.3's zstd, LZ4 and gzip read their input at any offset: no packing.
+    s = plan_staging(*args, np.array([1, 1]), max_gap=0)
+    assert not s.needs_packing and s.payload_offset.tolist() == [0, 13]
+    assert s.total_nbytes == 40
 
 
 def test_decoded_slots_are_aligned():
@@ -261,9 +270,13 @@ def _decode_payload(algorithm: str, payload: bytes, nbytes: int) -> bytes:
     return bytes(out)
 
 
-def _emulate_device_decode(locations: ChunkLocations, desc: BatchDescription) -> np.ndarray:
+def _emulate_device_decode(
+    locations: ChunkLocations, desc: BatchDescription, input_align=None
+) -> np.ndarray:
     """The decoded buffer's device region as the GPU backend fills it, from the
-    description alone: reads into staging, pack jobs, copy jobs, decode groups."""
+    description alone: reads into staging, pack jobs, copy jobs, decode groups
+    (each payload where its decoder's input alignment allows)."""
+    input_align = FALLBACK_INPUT_ALIGN if input_align is None else input_align
     s = desc.staging
     staging = np.full(s.total_nbytes, 0xEE, dtype=np.uint8)  # poison: a wrong offset shows
     for f, start, n, dst in zip(s.read_file, s.read_start, s.read_nbytes, s.read_dst, strict=True):
@@ -280,7 +293,7 @@ def _emulate_device_decode(locations: ChunkLocations, desc: BatchDescription) ->
         ins = zip(group.in_offset.tolist(), group.in_nbytes.tolist(), strict=True)
         outs = zip(group.out_offset.tolist(), group.out_nbytes.tolist(), strict=True)
         for (a, n), (b, m) in zip(ins, outs, strict=True):
-            assert a % ALIGN == 0 and b % ALIGN == 0  # nvCOMP zstd's requirement
+            assert a % input_align[group.algorithm] == 0 and b % ALIGN == 0
             raw = _decode_payload(group.algorithm, staging[a : a + n].tobytes(), m)
             decoded[b : b + m] = np.frombuffer(raw, dtype=np.uint8)
     return decoded
@@ -504,15 +517,35 @@ def test_gather_reproduces_cpu_backend_mixed(make_store, specs, host_kernel):
     _check_against_cpu(*_plan(store, [s.name for s in specs]), host_kernel)
 
 
-def test_staging_of_a_sharded_lz4_store_needs_packing(make_store):
-    """The mixed store above does exercise the pack jobs."""
-    store = make_store(*MIXED_STORES[4])
-    _, name, layouts, plan = _plan(store, ["l4", "bl"])
+def test_staging_of_a_sharded_store_packs_only_what_its_decoder_needs(make_store):
+    """Sharded zstd inner chunks start at any byte: with the headers' bound
+    (8 bytes) they are packed; with what nvCOMP 5.3.0.16's
+    ``GetRequiredAlignments`` reports (input 1) they are decoded where read.
+    LZ4 (input 1 either way) is never packed."""
+    specs = [
+        _spec("z", shards=(4, 16, 16)),
+        _spec("l4", compressor="lz4", shards=(4, 16, 16), checksum=True, seed=3),
+        _spec("bl", compressor="blosc", seed=4),
+    ]
+    store = make_store(*specs)
+    _, name, layouts, plan = _plan(store, ["z", "l4", "bl"])
     locations = ChunkLocator(name, layouts).locate(plan)
-    desc = describe_batch(layouts, plan, locations, store_name=name)
-    assert desc.staging.needs_packing and len(desc.pack_jobs)
-    assert len(desc.host_chunks) and desc.host_nbytes
-    assert desc.staging.n_reads < len(desc.device_chunks)  # inner chunks coalesced
+    bound = describe_batch(layouts, plan, locations, store_name=name)
+    assert bound.staging.needs_packing and len(bound.pack_jobs)
+    zstd = next(g for g in bound.decode_groups if g.algorithm == "Zstd")
+    lz4 = next(g for g in bound.decode_groups if g.algorithm == "LZ4")
+    assert np.any(zstd.in_offset >= bound.staging.raw_nbytes)  # misaligned ones packed
+    assert np.all(zstd.in_offset % 8 == 0)
+    assert not np.any(lz4.in_offset >= bound.staging.raw_nbytes)  # no LZ4 payload packed
+    assert len(bound.host_chunks) and bound.host_nbytes
+    assert bound.staging.n_reads < len(bound.device_chunks)  # inner chunks coalesced
+    library = {"Zstd": 1, "LZ4": 1, "Gzip": 1, "Deflate": 4}
+    desc = describe_batch(layouts, plan, locations, store_name=name, input_align=library)
+    assert not desc.staging.needs_packing and not len(desc.pack_jobs)
+    assert desc.staging.total_nbytes == desc.staging.raw_nbytes < bound.staging.total_nbytes
+    got = _emulate_device_decode(locations, desc, library)
+    want = _emulate_device_decode(locations, bound)
+    assert got[: desc.device_nbytes].tobytes() == want[: bound.device_nbytes].tobytes()
 
 
 def test_gather_tables_grow_with_tiles_not_copies(make_store):

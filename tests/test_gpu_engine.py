@@ -22,14 +22,16 @@ into ``out``.
 from __future__ import annotations
 
 import warnings
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 import fakegpu
-from storefactory import VarSpec, chunk_files, chunk_key, corrupt_chunk, corrupt_inside_shard
+from storefactory import VarSpec, chunk_files, chunk_key, shard_index
 from zarrdali.batchplan import plan_batch
 from zarrdali.errors import BackendUnavailableError, ChunkError, LoaderClosedError
 from zarrdali.store import load_layouts, open_group
@@ -99,13 +101,19 @@ def engine(request, monkeypatch):
     if request.param == "fake":
         cuda = fakegpu.install(monkeypatch)
         eng = Engine("fake", cuda.cupy, cuda, [])
-    else:
-        import cupy
+        yield eng
+        for backend in eng.backends:
+            backend.close()
+        assert cuda.fault is None, cuda.fault
+        return
+    import cupy
 
-        eng = Engine("cuda", cupy, None, [])
-    yield eng
-    for backend in eng.backends:
-        backend.close()
+    eng = Engine("cuda", cupy, None, [])
+    # On a device, the collector also runs at random points in a thread of its own.
+    with fakegpu.BackgroundCollector(seed=zlib.crc32(request.node.nodeid.encode())):
+        yield eng
+        for backend in eng.backends:
+            backend.close()
 
 
 READS = ["pinned", "kvikio"]
@@ -170,17 +178,57 @@ def test_engine_mixed_codecs_and_fallbacks(engine, make_store):
         assert sorted(c[0] for c in engine.cuda.api.calls) == ["Gzip", "LZ4", "Zstd"]
 
 
+@pytest.mark.parametrize("read", READS)
+def test_decode_in_calls_under_a_temp_budget(engine, make_store, read):
+    """nvCOMP's zstd temp is about 3x the decoded bytes: with a budget a quarter
+    of one call's need, a batch's zstd group is decoded in several calls into
+    one temp buffer, the batch unchanged (sharded: payloads decoded unpacked)."""
+    store = make_store(
+        _spec("z", shards=(4, 16, 16)), _spec("y", seed=4), _spec("l", compressor="lz4", seed=5)
+    )
+    group, name, layouts, plan = _plan(store, ["z", "y", "l"])
+    want = _cpu_batch(group, name, layouts, plan)
+    from zarrdali.backends.gpu.decode import nvcomp_capi
+
+    api = engine.cuda.api if engine.cuda is not None else nvcomp_capi()
+    size = layouts[0].chunk_nbytes
+    n = int(np.sum(plan.chunk_var <= 1))
+    budget = api.temp_bytes("Zstd", n, size, n * size) // 4
+    backend = engine.backend(group, name, read=read, decode_temp_budget=budget)
+    for _ in range(2):
+        _assert_bitwise(engine.load(backend, layouts, plan), want)
+    assert 0 < backend._decode_temp.nbytes <= budget
+    if engine.cuda is not None:
+        calls = [c for c in engine.cuda.api.calls if c[0] == "Zstd"]
+        assert len(calls) >= 2 * 4 and sum(c[1] for c in calls) == 2 * n
+
+
 # -- bad chunks -------------------------------------------------------------------------
+def break_zstd_magic(store, array: str, key: str, sharded: bool) -> None:
+    """Overwrite the zstd frame magic of a chunk object (of a shard's first
+    stored inner chunk), the rest of the frame intact: the one corruption
+    nvCOMP rejects with a status. Its header makes any other corrupt input
+    undefined behaviour (``zstd.h``: "Providing a corrupt buffer for
+    decompression will result in undefined behavior"), and a device fault is
+    sticky: every later test of the process would fail."""
+    path = Path(store) / array / key
+    raw = bytearray(path.read_bytes())
+    start = 0
+    if sharded:
+        index = shard_index(store, array, key)
+        start = int(min(off for off, n in index.tolist() if n and off != 2**64 - 1))
+    assert bytes(raw[start : start + 4]) == fakegpu.ZSTD_MAGIC
+    raw[start : start + 4] = b"\x00\x01\x02\x03"
+    path.write_bytes(bytes(raw))
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
 def test_corrupted_zstd_frame_raises_chunk_error(engine, make_store, sharded):
     shards = (4, 16, 16) if sharded else None
     store = make_store(_spec("ok", shards=shards), _spec("bad", shards=shards, seed=2))
     path = chunk_files(store, "bad")[0]
     key = chunk_key(store, "bad", path)
-    if sharded:
-        corrupt_inside_shard(store, "bad", key)
-    else:
-        corrupt_chunk(store, "bad", key)
+    break_zstd_magic(store, "bad", key, sharded)
     group, name, layouts, plan = _plan(store, ["ok", "bad"])
     backend = engine.backend(group, name)
     with pytest.raises(ChunkError) as info:

@@ -1,11 +1,15 @@
-"""``device="cuda"`` end to end (skipped without a GPU): same batches as the CPU path,
-and no crash with the garbage collector on.
+"""``device="cuda"`` end to end (skipped without a GPU): same batches as the CPU path
+and as zarr-python, exact resume and ranks, flat device memory and threads, and
+no crash with the garbage collector on.
 
 The GPU path once ran right only with ``gc.disable()``: a finalizer of a
 GPU-owning object, run by the collector after what it depended on was gone,
 crashed the process (issue 11). Here the collector runs at random points: in
-the prefetch threads (around every batch load), between batches and between
-tests, and ``faulthandler`` prints every thread's stack if the process dies.
+a thread of its own throughout every test (``fakegpu.BackgroundCollector``),
+in the prefetch threads (around every batch load), between batches and
+between tests, and ``faulthandler`` prints every thread's stack if the process
+dies. Device memory is measured as CuPy's pool total (``total_bytes()``: the
+blocks it caches too), not only what is in use.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import gc
 import random
 import threading
 import warnings
+import zlib
 
 import numpy as np
 import pytest
 
+import fakegpu
 import zarrdali
 from storefactory import VarSpec
 from test_loader_oracle import Oracle, check_batches, loader_for, to_numpy
@@ -71,9 +77,12 @@ class RandomCollector:
 
 
 @pytest.fixture(autouse=True)
-def collect_between_tests():
+def collect_between_tests(request):
+    """The collector between tests and, throughout each, at random points in a
+    thread of its own (seeded by the test's id: a failure replays the same)."""
     gc.collect()
-    yield
+    with fakegpu.BackgroundCollector(seed=zlib.crc32(request.node.nodeid.encode())):
+        yield
     gc.collect()
 
 
@@ -180,7 +189,8 @@ def test_no_leaked_threads_or_memory_over_20_epochs(store, collector):
     import cupy
 
     pool = cupy.get_default_memory_pool()
-    used, threads = [], []
+    pool.free_all_blocks()
+    used, total, threads = [], [], []
     with cuda_loader(store, ["a", "b"], batch_size=8) as loader:
         for e in range(20):
             loader.set_epoch(e)
@@ -191,16 +201,22 @@ def test_no_leaked_threads_or_memory_over_20_epochs(store, collector):
             gc.collect()
             cupy.cuda.Device().synchronize()
             used.append(pool.used_bytes())
+            total.append(pool.total_bytes())  # cached blocks too: per-stream arenas
             threads.append(threading.active_count())
     assert _flat(used), used
+    assert _flat(total), total
     assert max(threads[3:]) <= max(threads[:3]), threads
+    assert pool.total_bytes() <= total[0]  # close() gave the cached blocks back
 
 
 def test_50_loaders_created_and_dropped(store, collector):
+    """Half closed, half only dropped. A dropped loader's blocks stay cached in
+    CuPy's pool (nothing but a close frees its cache) until the next close
+    gives every cached block back: the total is bounded, not growing."""
     import cupy
 
     pool = cupy.get_default_memory_pool()
-    used, threads = [], []
+    used, total, threads = [], [], []
     for i in range(50):
         loader = cuda_loader(store, ["a", "c"], batch_size=8, seed=i)
         loader.set_epoch(i)
@@ -214,9 +230,53 @@ def test_50_loaders_created_and_dropped(store, collector):
         gc.collect()
         cupy.cuda.Device().synchronize()
         used.append(pool.used_bytes())
+        total.append(pool.total_bytes())
         threads.append(threading.active_count())
     assert _flat(used, warm=5), used
+    assert _flat(total, warm=5), total
+    assert max(total[1::2]) <= min(total[0::2]) + 1024, total  # each close freed the cache
     assert max(threads[5:]) <= max(threads[:5]), threads
+
+
+def test_ranks_serve_disjoint_exact_shares(store, collector):
+    """Two ranks of one epoch on the GPU path: the same number of batches, no
+    sample twice, every batch equal to zarr-python at its index."""
+    oracle = Oracle(store, ["a", "b"])
+    seen = []
+    counts = []
+    for rank in range(2):
+        with cuda_loader(store, ["a", "b"], batch_size=4, rank=rank, world_size=2) as loader:
+            loader.set_epoch(2)
+            batches = epoch(loader, collector)
+            counts.append(len(batches))
+            check_batches(batches, oracle, input_steps=2, target_steps=1, tile=(8, 8))
+            seen += [tuple(i) for b in batches for i in b["index"].tolist()]
+    assert counts[0] == counts[1] > 0
+    assert len(seen) == len(set(seen))
+
+
+@pytest.mark.parametrize("close", [True, False], ids=["closed", "dropped"])
+def test_no_gpu_owning_object_left_to_the_collector(store, close):
+    """A cuda loader closed or only dropped is freed by reference counting: the
+    collector finds no CuPy array, stream or event, nor any engine object,
+    among what it would have to free."""
+    import cupy
+
+    gc.collect()
+    gc.disable()
+    try:
+        loader = cuda_loader(store, ["a", "b", "c"], batch_size=5)
+        for k, _ in enumerate(loader):
+            if k == 3:
+                break
+        epoch(loader)
+        if close:
+            loader.close()
+        del loader
+        found = fakegpu.gpu_garbage(cupy.ndarray, cupy.cuda.Stream, cupy.cuda.Event)
+    finally:
+        gc.enable()
+    assert found == []
 
 
 def test_read_error_surfaces_in_the_loop(store, collector, monkeypatch):

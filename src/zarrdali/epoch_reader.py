@@ -33,6 +33,7 @@ def load_frames(
     *,
     out_for: Callable[[tuple[int, ...], np.dtype], Any] | None = None,
     stream: Any = None,
+    before_write: Callable[[], None] | None = None,
 ) -> tuple[Any, ...]:
     """The frames of ``samples`` as the pipeline takes them.
 
@@ -42,7 +43,8 @@ def load_frames(
     A device source (the GPU feed) passes ``out_for(shape, dtype)``, called
     once the batch is planned, for the buffer to assemble the window in, and
     ``stream``, on which the backend enqueues all the batch's device work
-    without synchronizing.
+    without synchronizing, and ``before_write``, which the backend calls just
+    before it enqueues the first write of that buffer.
     """
     with annotate("zarrdali.plan"):
         read_plan = plan_batch(
@@ -58,6 +60,8 @@ def load_frames(
         device_args["out"] = out_for(read_plan.out_shape, batch_dtype(layouts))
     if stream is not None:
         device_args["stream"] = stream
+    if before_write is not None:
+        device_args["before_write"] = before_write
     with annotate("zarrdali.load"):
         frames = backend.load_batch(layouts, read_plan, **device_args)
     return (frames,) if read_plan.frame_split is None else frames

@@ -21,12 +21,15 @@ One batch consumes the same array plan as the CPU backend
    (``read="pinned"``, the default) or with kvikIO's remote file
    (``read="kvikio"``); its unsharded chunks are fetched whole first (their
    sizes are unknown until read).
-3. **decode** (:mod:`.decode`): payloads packed to 8-byte alignment and
-   uncompressed chunks copied by one copy kernel each; admitted payloads copied
-   into the cache arena; then one nvCOMP batched C API call per algorithm
-   (``decode="capi"``; ``"python"``: nvCOMP's Python API) and one status check
-   per batch: a bad chunk raises :class:`~zarrdali.errors.ChunkError` naming
-   its array and key, and no batch holding it is returned. Chunks nvCOMP
+3. **decode** (:mod:`.decode`): the payloads a decoder cannot read where they
+   were staged packed (nvCOMP's own input alignment, asked once: in 5.3 only
+   raw deflate needs it) and uncompressed chunks copied, by one copy kernel
+   each; admitted payloads copied into the cache arena; then nvCOMP's batched
+   C API per algorithm (``decode="capi"``; ``"python"``: nvCOMP's Python API),
+   in calls whose temp fits ``decode_temp_budget``, into one temp buffer the
+   backend's streams share in event order, and one status check per batch:
+   a bad chunk raises :class:`~zarrdali.errors.ChunkError` naming its array
+   and key, and no batch holding it is returned. Chunks nvCOMP
    cannot decode (Blosc) and arrays the fast path cannot read are decoded on
    the CPU into pinned memory and copied once per batch, with a one-time warning.
 4. **gather** (:mod:`.gather`, sources in :mod:`.kernels`): one launch
@@ -34,7 +37,13 @@ One batch consumes the same array plan as the CPU backend
 
 Streams and lifetimes: each thread has its own state (a stream, a reader,
 the decoder's device arrays, pinned buffers) owned by the backend and released
-by :meth:`GpuBackend.close`. ``load_batch(..., stream=s)`` enqueues every
+by :meth:`GpuBackend.close`; the GPU feed's streams (:class:`~.feed.FeedStreams`)
+are the backend's too, made once and reused by every epoch (CuPy's pool caches
+freed blocks per stream), and ``close()`` ends with ``free_all_blocks()``.
+Every call runs on the backend's device (``device_id``, ``LOCAL_RANK`` under
+torchrun), in whichever thread; its host pool's threads select it when they
+start. Nothing GPU-owning sits in a reference cycle: a dropped backend is
+freed by reference counting, never by the collector. ``load_batch(..., stream=s)`` enqueues every
 device operation of the batch on ``s`` and returns without synchronizing it;
 the batch's temporary buffers are held in the state's in-flight ring
 (:mod:`.lifetimes`) until an event recorded after the batch has completed.
@@ -69,7 +78,7 @@ import subprocess
 import threading
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -85,18 +94,26 @@ from ..locate import ChunkLocations, ChunkLocator, Locators
 from ..sources import MISSING, REMOTE_MAX_GAP, WHOLE, ByteSource, ObjectReadError, make_source
 from .cache import DEFAULT_PAGE_SIZE, GpuChunkCache, chunk_keys, insert_jobs
 from .decode import (
+    DEFAULT_TEMP_BUDGET,
     BatchedDecoder,
     CApiUnavailableError,
     DecodeCheck,
+    DecodeTemp,
     PythonApiDecoder,
     bad_chunk_error,
     decode_table,
     nvcomp_capi,
 )
-from .feed import CudaSourceRole
+from .feed import CudaSourceRole, FeedStreams, cuda_device_id
 from .gather import Kernels, launch_copies, launch_gather
 from .lifetimes import GuardedBuffers, InFlight
-from .plan import BatchDescription, align_up, cacheable_payloads, describe_batch
+from .plan import (
+    FALLBACK_INPUT_ALIGN,
+    BatchDescription,
+    align_up,
+    cacheable_payloads,
+    describe_batch,
+)
 from .read import (
     DEFAULT_GDS_THRESHOLD,
     DEFAULT_TASK_SIZE,
@@ -312,6 +329,12 @@ class _ThreadState:
             raise errors[0]
 
 
+def _retire_on_current_stream(cp: Any, inflight: InFlight, buffers: list[Any]) -> None:
+    """Hold buffers replaced while in use until the current stream (which waited
+    for the state's previous batches) passes this point."""
+    inflight.push(cp.cuda.get_current_stream().record(), buffers)
+
+
 class GpuBackend(CudaSourceRole):
     """Read → decode → gather on the device; ``load_batch`` returns a CuPy array.
 
@@ -334,6 +357,11 @@ class GpuBackend(CudaSourceRole):
     in pages of ``cache_page_size`` bytes (payloads above it are not cached).
     ``max_in_flight``: batches per thread whose buffers may be held while
     their stream runs (past it, the host waits for the oldest).
+    ``decode_temp_budget``: bytes of nvCOMP temp one decode call may use (a
+    batch's group is split into calls that fit; one buffer for all threads).
+    ``device_id``: the GPU (default: ``LOCAL_RANK`` under torchrun, else the
+    calling thread's current device); every thread working for the backend
+    makes it current.
     Safe to call from several threads: each has its own stream and buffers.
     """
 
@@ -358,6 +386,8 @@ class GpuBackend(CudaSourceRole):
         config_cache_size: int = 64,
         max_in_flight: int = 4,
         source: ByteSource | None = None,
+        decode_temp_budget: int = DEFAULT_TEMP_BUDGET,
+        device_id: int | None = None,
     ) -> None:
         decode = "auto" if decode is None else decode
         if decode not in DECODE_MODES:
@@ -378,9 +408,20 @@ class GpuBackend(CudaSourceRole):
 
         self._cp = cupy
         self._store = store_name
+        # The loader's GPU, made current in every thread that works for it:
+        # new threads start on device 0 (torchrun: LOCAL_RANK's GPU).
+        self.device_id = cuda_device_id(cupy) if device_id is None else int(device_id)
+        self._on_device = partial(cupy.cuda.Device, self.device_id)
         self.num_threads = num_threads or os.cpu_count() or 1
         self.max_in_flight = max_in_flight
-        self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="zarrdali-gpu-host")
+        self._pool = ThreadPoolExecutor(
+            self.num_threads,
+            thread_name_prefix="zarrdali-gpu-host",
+            initializer=cupy.cuda.runtime.setDevice,
+            initargs=(self.device_id,),
+        )
+        # The feed's streams, made once and reused by every epoch (feed.py).
+        self.feed_streams = FeedStreams(cupy, self._on_device)
         if source is None:
             source = make_source(group, store_name, map_fn=self._pool.map)
         # Local stores: preads or kvikIO. Remote: the source's concurrent range requests.
@@ -403,6 +444,11 @@ class GpuBackend(CudaSourceRole):
             self._remote_url = self._check_kvikio_remote()
         log.info("zarrdali GPU backend: %s reads, kvikIO %s", self.read_mode, self.io)
         self.decode_mode = self._decode_mode(decode)
+        self.input_align = self._input_alignments()
+        # nvCOMP's temp: one buffer for all streams, each call's share bounded.
+        self._decode_temp: DecodeTemp | None = None
+        if self.decode_mode == "capi":
+            self._decode_temp = DecodeTemp(cupy, decode_temp_budget)
         self._preconfigure = preconfigure
         self._config_cache_size = config_cache_size
         self._kernels = Kernels(cupy)
@@ -414,10 +460,11 @@ class GpuBackend(CudaSourceRole):
         self._closed = False
         self.cache: GpuChunkCache | None = None
         if cache == "gpu":
-            if cache_budget is None:
-                free, _ = cupy.cuda.runtime.memGetInfo()
-                cache_budget = max(free // 4, cache_page_size)
-            self.cache = GpuChunkCache(cupy, int(cache_budget), page_size=cache_page_size)
+            with self._on_device():
+                if cache_budget is None:
+                    free, _ = cupy.cuda.runtime.memGetInfo()
+                    cache_budget = max(free // 4, cache_page_size)
+                self.cache = GpuChunkCache(cupy, int(cache_budget), page_size=cache_page_size)
         self.peak_device_bytes = 0
 
     def _check_kvikio_remote(self) -> str:
@@ -464,6 +511,16 @@ class GpuBackend(CudaSourceRole):
                 )
             importlib.import_module("nvidia.nvcomp")
             return "python"
+
+    def _input_alignments(self) -> dict[str, int]:
+        """Each algorithm's input alignment, from ``GetRequiredAlignments`` (a host
+        call, made once per process): payloads are packed only where it needs.
+        Without the C API (nvCOMP's Python API decodes), the headers' bounds."""
+        try:
+            api = nvcomp_capi()
+        except CApiUnavailableError:
+            return dict(FALLBACK_INPUT_ALIGN)
+        return {algorithm: inp for algorithm, (inp, _, _) in api.alignments.items()}
 
     # -- per-thread resources ------------------------------------------------
     def _state(self) -> _ThreadState:
@@ -530,13 +587,11 @@ class GpuBackend(CudaSourceRole):
                 on_copy=self.transfers.host_to_device_copy,
             )
 
-        def retire(buffers: list[Any]) -> None:
-            # Replaced while in use: held until the current stream (which waited
-            # for the state's previous batches) passes this point.
-            state.inflight.push(cp.cuda.get_current_stream().record(), buffers)
-
         if self.decode_mode == "capi":
-            state.decoder = BatchedDecoder(cp, nvcomp_capi(), retire)
+            # The decoder refers to the state's in-flight ring, not to the state
+            # (which holds the decoder): no reference cycle.
+            retire = partial(_retire_on_current_stream, cp, state.inflight)
+            state.decoder = BatchedDecoder(cp, nvcomp_capi(), retire, self._decode_temp)
         else:
             state.py_decoder = PythonApiDecoder(
                 cp,
@@ -564,7 +619,13 @@ class GpuBackend(CudaSourceRole):
     ) -> BatchDescription:
         """The batch's device work, described on the host (numpy; no GPU call)."""
         return describe_batch(
-            layouts, plan, locations, store_name=self._store, max_gap=self.max_gap, cached=cached
+            layouts,
+            plan,
+            locations,
+            store_name=self._store,
+            max_gap=self.max_gap,
+            cached=cached,
+            input_align=self.input_align,
         )
 
     def probe(self, layouts: Sequence[ArrayLayout]) -> None:
@@ -590,7 +651,8 @@ class GpuBackend(CudaSourceRole):
     def memory_stats(self) -> dict[str, int]:
         """Device memory of CuPy's pool now and at its peak after any batch so
         far (the cache arena included), and the cache's capacity."""
-        now = int(self._cp.get_default_memory_pool().total_bytes())
+        with self._on_device():
+            now = int(self._cp.get_default_memory_pool().total_bytes())
         return {
             "pool_bytes": now,
             "peak_pool_bytes": max(self.peak_device_bytes, now),
@@ -604,19 +666,35 @@ class GpuBackend(CudaSourceRole):
         *,
         out: Any = None,
         stream: Any = None,
+        before_write: Callable[[], None] | None = None,
     ) -> Any:
         """The batch ``[B, T, C, H, W]`` as a CuPy array in the batch dtype.
 
+        Runs on the backend's device (``device_id``), whichever thread calls it.
         ``stream`` (a CuPy stream): every device operation of the batch is
         enqueued on it and the method returns without synchronizing it (the
         result is ready once ``stream`` has passed it). Without it, this
         thread's own stream is used and synchronized before returning.
         ``out``: a CuPy array of ``plan.out_shape`` and the batch dtype to
-        gather into (returned). Raises :class:`ChunkError` for a chunk that
-        cannot be read or decoded.
+        gather into (returned); ``before_write()`` is called (with ``stream``
+        current) just before the first operation that writes ``out`` is
+        enqueued, after the batch's read and decode: the GPU feed makes the
+        stream wait there for DALI's copy of the buffer's previous batch.
+        Raises :class:`ChunkError` for a chunk that cannot be read or decoded.
         """
         if plan.frame_split is not None:  # the GPU pipeline slices input/target itself
             raise ValueError("the GPU backend assembles the whole window: plan without frame_split")
+        with self._on_device():
+            return self._load_batch(layouts, plan, out, stream, before_write)
+
+    def _load_batch(
+        self,
+        layouts: Sequence[ArrayLayout],
+        plan: BatchPlan,
+        out: Any,
+        stream: Any,
+        before_write: Callable[[], None] | None,
+    ) -> Any:
         cp = self._cp
         state = self._state()
         own = stream is None
@@ -673,6 +751,8 @@ class GpuBackend(CudaSourceRole):
                         state, layouts, plan, locations, desc, decoded, stream, prefetched
                     )
                 with annotate("zarrdali.gather"):
+                    if before_write is not None:
+                        before_write()
                     keep += launch_gather(self._kernels, desc.gather, decoded, out, self._upload)
                 if check is not None:  # the one host wait on the device: 16 bytes
                     with annotate("zarrdali.check"):
@@ -699,10 +779,14 @@ class GpuBackend(CudaSourceRole):
         The host thread pool is joined first (its threads fill pinned buffers),
         then every state is released (the batches in flight waited for, their
         cache tickets finished; buffers, reader and decoder arrays dropped; the
-        stream last), then the cache arena, the compiled kernels and the open
-        files. Call it when no thread is in :meth:`load_batch`:
-        ``ZarrLoader.close()`` closes its epoch (joining the prefetch threads)
-        before its backend.
+        stream last), then the feed's streams (synchronized, dropped), nvCOMP's
+        temp, the cache arena, the compiled kernels and the open files. Last,
+        the free blocks of CuPy's device and pinned memory pools are released
+        (``free_all_blocks()``: every free block of this device's pool, its
+        streams' arenas included; blocks in use elsewhere are untouched), so
+        the memory goes back to the device for torch and others. Call it when
+        no thread is in :meth:`load_batch`: ``ZarrLoader.close()`` closes its
+        epoch (joining the prefetch threads) before its backend.
         """
         with self._states_lock:
             if self._closed:
@@ -710,25 +794,30 @@ class GpuBackend(CudaSourceRole):
             self._closed = True
             states, self._states = self._states, []
         errors: list[BaseException] = []
-        try:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self.host_reader.close()
-        except BaseException as err:  # raised below, once everything is released
-            errors.append(err)
-        for state in states:
+
+        def step(fn: Callable[[], Any]) -> None:
             try:
-                state.release()
-            except BaseException as err:
+                fn()
+            except BaseException as err:  # raised below, once everything is released
                 errors.append(err)
-        states.clear()
-        if self.cache is not None:
-            self.cache.close()
-        self._kernels.clear()
-        for close in (self._files.close, self.source.close):
-            try:
-                close()
-            except BaseException as err:
-                errors.append(err)
+
+        with self._on_device():
+            step(partial(self._pool.shutdown, wait=True, cancel_futures=True))
+            step(self.host_reader.close)
+            for state in states:
+                step(state.release)
+            states.clear()
+            step(self.feed_streams.close)
+            if self._decode_temp is not None:
+                step(self._decode_temp.close)
+            if self.cache is not None:
+                step(self.cache.close)
+            self._kernels.clear()
+            step(self._files.close)
+            step(self.source.close)
+            cp = self._cp
+            step(cp.get_default_memory_pool().free_all_blocks)
+            step(cp.get_default_pinned_memory_pool().free_all_blocks)
         if errors:
             raise errors[0]
 

@@ -22,10 +22,13 @@ nvCOMP 5.3 headers (``include/nvcomp/{zstd,lz4,gzip,deflate}.h``)::
 ``[5, N]`` int64 table of the batch's decode groups (:func:`decode_table`:
 payload source, offset and size, output offset and size per chunk), uploads
 it once, and the device computes the pointer arrays from it
-(:func:`device_pointers`: ``base + offset``, with CuPy). One
-``nvcompBatched<Alg>DecompressAsync`` call per algorithm follows, on the
-batch's stream, into temp, status and actual-size arrays the decoder owns and
-grows when a batch needs more (released by :meth:`BatchedDecoder.close`).
+(:func:`device_pointers`: ``base + offset``, with CuPy). Then
+``nvcompBatched<Alg>DecompressAsync`` per algorithm, on the batch's stream, in
+calls whose temp fits a budget (:func:`call_bounds`; nvCOMP's zstd temp is
+about 3x the decoded bytes), into one temp buffer the backend's streams share
+in event order (:class:`DecodeTemp`), and into status and actual-size arrays
+the decoder owns and grows when a batch needs more (released by
+:meth:`BatchedDecoder.close`).
 Statuses and actual sizes are checked once per batch (:func:`first_bad`: the
 first bad chunk and the count, 16 bytes copied to pinned memory):
 :meth:`DecodeCheck.raise_if_bad` names the array and key of the first bad chunk
@@ -52,6 +55,7 @@ CuPy, and the Python-API fallback after the move.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -179,13 +183,25 @@ class CApiUnavailableError(RuntimeError):
 
 
 def load_nvcomp_library() -> ctypes.CDLL:
-    """``libnvcomp.so.5`` as the ``nvidia-libnvcomp`` wheel ships it."""
+    """``libnvcomp.so.5`` as the ``nvidia-libnvcomp`` wheel ships it; raises
+    :class:`OSError` when it cannot be loaded.
+
+    The wheel's ``load_library()`` swallows the loader's ``OSError`` and returns
+    None when neither its own copy nor a system one loads (``nvidia/libnvcomp/
+    load.py`` of 5.3.0.16): that is the library being unavailable too.
+    """
     try:
         from nvidia import libnvcomp
     except ImportError:
         libnvcomp = None
     if libnvcomp is not None:
-        return libnvcomp.load_library()
+        lib = libnvcomp.load_library()
+        if lib is None:
+            raise OSError(
+                "nvidia.libnvcomp.load_library() found no libnvcomp.so.5 (neither the "
+                "wheel's copy nor a system one loads)"
+            )
+        return lib
     return ctypes.CDLL("libnvcomp.so.5")  # a system install (LD_LIBRARY_PATH)
 
 
@@ -423,9 +439,122 @@ class DecodeCheck:
         raise self.explain(first, count, status, actual)
 
 
+DEFAULT_TEMP_BUDGET = 1 << 30  # bytes of nvCOMP temp one decode call may use
+
+
+def call_bounds(
+    api: NvcompCApi, algorithm: str, out_nbytes: np.ndarray, budget: int
+) -> tuple[np.ndarray, int]:
+    """Split a decode group's chunks, in order, into runs that one
+    ``nvcompBatched<Alg>DecompressAsync`` call each decodes with at most
+    ``budget`` bytes of temp (a run of one chunk may need more: it is decoded
+    anyway); ``(bounds [R + 1], temp bytes enough for any run)``.
+
+    nvCOMP 5.3's ``GetTempSizeAsync`` answers ``n`` times a function of the
+    largest chunk (zstd: about 3.05x a 1 MiB chunk, 3.1x a 64 KiB one, more for
+    tiny chunks; LZ4 and gzip: none), so runs of equal counts fit: two host
+    calls per group and batch, whatever its number of chunks.
+    """
+    n = len(out_nbytes)
+    total, biggest = int(out_nbytes.sum()), int(out_nbytes.max())
+    need = api.temp_bytes(algorithm, n, biggest, total)
+    if need <= budget or n == 1:
+        return np.array([0, n], dtype=np.int64), need
+    per_chunk = -(-need // n)
+    m = max(1, budget // per_chunk)
+    bounds = np.append(np.arange(0, n, m, dtype=np.int64), np.int64(n))
+    # Every run holds at most m chunks, none larger than the largest.
+    return bounds, api.temp_bytes(algorithm, m, biggest, m * biggest)
+
+
+class DecodeTemp:
+    """nvCOMP's temp memory for all of a backend's decoding streams: one device
+    buffer, used by one stream at a time, in event order, grown when a call
+    needs more; and the ``budget`` each call's temp is held to
+    (:func:`call_bounds`), so the buffer stays near ``budget`` bytes however
+    many threads decode and however large a batch is.
+
+    :meth:`use` is entered around the enqueue of a batch's decode calls: the
+    stream first waits for the event recorded after the buffer's last use on
+    another stream; leaving records that event. A buffer replaced while a
+    stream may still use it is held until that event has completed.
+    :meth:`close` releases it all (call once the streams are synchronized).
+    """
+
+    def __init__(self, cp: Any, budget: int = DEFAULT_TEMP_BUDGET) -> None:
+        from .lifetimes import InFlight
+
+        if budget < 1:
+            raise ValueError(f"decode_temp_budget must be positive, got {budget}")
+        self._cp = cp
+        self.budget = int(budget)
+        self._lock = threading.Lock()
+        self._buffer: Any = None
+        self._event: Any = None  # recorded after the buffer's last use
+        self._stream: Any = None  # the stream of that use
+        self._replaced = InFlight(max_entries=2)
+        self.peak_nbytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buffer is None else int(self._buffer.nbytes)
+
+    def use(self, nbytes: int, stream: Any) -> _TempUse:
+        """The buffer (at least ``nbytes``) for calls enqueued on ``stream``
+        (the current CuPy stream) inside the ``with`` block."""
+        return _TempUse(self, nbytes, stream)
+
+    def _enter(self, nbytes: int, stream: Any) -> Any:
+        self._lock.acquire()
+        try:
+            self._replaced.retire()
+            if self._event is not None and self._stream is not stream:
+                stream.wait_event(self._event)
+            if self._buffer is None or self._buffer.nbytes < nbytes:
+                old, self._buffer = self._buffer, None
+                if old is not None:  # a stream may still read it: held until its event
+                    self._replaced.push(self._event, [old])
+                size = min(max(nbytes + nbytes // 4, 256), max(self.budget, nbytes))
+                self._buffer = self._cp.empty(size, dtype=self._cp.uint8)
+                self.peak_nbytes = max(self.peak_nbytes, size)
+            return self._buffer
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _exit(self, stream: Any) -> None:
+        try:
+            self._event, self._stream = stream.record(), stream
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Wait for the replaced buffers' events, then drop every buffer. Idempotent."""
+        with self._lock:
+            try:
+                self._replaced.drain()
+            finally:
+                self._buffer = self._event = self._stream = None
+
+
+class _TempUse:
+    __slots__ = ("_nbytes", "_stream", "_temp")
+
+    def __init__(self, temp: DecodeTemp, nbytes: int, stream: Any) -> None:
+        self._temp, self._nbytes, self._stream = temp, nbytes, stream
+
+    def __enter__(self) -> Any:
+        return self._temp._enter(self._nbytes, self._stream)
+
+    def __exit__(self, *exc: object) -> None:
+        self._temp._exit(self._stream)
+
+
 class BatchedDecoder:
-    """One stream's nvCOMP C API decoding: owns the temp, status, actual-size
-    and result arrays, grown when a batch needs more; :meth:`close` releases them.
+    """One stream's nvCOMP C API decoding: owns the status, actual-size and
+    result arrays, grown when a batch needs more; the temp memory is the
+    backend's :class:`DecodeTemp`, shared by its streams. :meth:`close`
+    releases the arrays.
 
     ``retire(buffers)`` receives buffers replaced while the stream may still use
     them (the caller keeps them until the stream has passed its current work).
@@ -437,6 +566,7 @@ class BatchedDecoder:
         cp: Any,
         api: NvcompCApi,
         retire: Callable[[list[Any]], None],
+        temp: DecodeTemp,
         empty_pinned: Callable[..., np.ndarray] | None = None,
     ) -> None:
         if empty_pinned is None:
@@ -446,25 +576,20 @@ class BatchedDecoder:
         self._cp = cp
         self.api = api
         self._retire = retire
-        self._temp: Any = None
+        self.temp = temp
         self._statuses: Any = None
         self._actual: Any = None
         self._result = empty_pinned(2, dtype=np.int64)
 
-    def _grow(self, temp_bytes: int, n: int) -> None:
+    def _grow(self, n: int) -> None:
         cp = self._cp
-        old = []
-        if self._temp is None or self._temp.nbytes < temp_bytes:
-            old.append(self._temp)
-            self._temp = cp.empty(max(temp_bytes + temp_bytes // 4, 256), dtype=cp.uint8)
         if self._statuses is None or self._statuses.size < n:
-            old += [self._statuses, self._actual]
+            old = [b for b in (self._statuses, self._actual) if b is not None]
             size = max(1 << max(n - 1, 1).bit_length(), 256)
             self._statuses = cp.empty(size, dtype=cp.int32)
             self._actual = cp.empty(size, dtype=cp.uint64)
-        old = [b for b in old if b is not None]
-        if old:
-            self._retire(old)
+            if old:
+                self._retire(old)
 
     def decode(
         self,
@@ -476,18 +601,18 @@ class BatchedDecoder:
         stream: Any,
         explain: Explain,
     ) -> tuple[DecodeCheck, list[Any]]:
-        """Enqueue the decode of every group on ``stream`` (current CuPy stream)
-        and the status check; returns the check and the device arrays the stream
-        uses (to be kept alive until it has passed them)."""
+        """Enqueue the decode of every group on ``stream`` (current CuPy stream),
+        each in calls whose temp fits the budget, and the status check; returns
+        the check and the device arrays the stream uses (to be kept alive until
+        it has passed them)."""
         cp = self._cp
         n = int(bounds[-1])
-        temp = 0
-        for g, group in enumerate(groups):
-            m = int(bounds[g + 1] - bounds[g])
-            outs = group.out_nbytes
-            need = self.api.temp_bytes(group.algorithm, m, int(outs.max()), int(outs.sum()))
-            temp = max(temp, need)
-        self._grow(temp, n)
+        runs, temp_bytes = [], 0
+        for group in groups:
+            cuts, need = call_bounds(self.api, group.algorithm, group.out_nbytes, self.temp.budget)
+            runs.append(cuts)
+            temp_bytes = max(temp_bytes, need)
+        self._grow(n)
         ptrs = device_pointers(cp, table_dev, in_bases, out_base)
         in_bytes = table_dev[ROW_IN_NBYTES].view(cp.uint64)
         out_bytes = table_dev[ROW_OUT_NBYTES].view(cp.uint64)
@@ -498,23 +623,27 @@ class BatchedDecoder:
             "in_bytes": in_bytes.data.ptr,
             "out_bytes": out_bytes.data.ptr,
         }
-        for g, group in enumerate(groups):
-            lo, m = int(bounds[g]), int(bounds[g + 1] - bounds[g])
-            status = self.api.decompress(
-                group.algorithm,
-                base["in_ptrs"] + 8 * lo,
-                base["in_bytes"] + 8 * lo,
-                base["out_bytes"] + 8 * lo,
-                actual.data.ptr + 8 * lo,
-                m,
-                self._temp.data.ptr,
-                self._temp.nbytes,
-                base["out_ptrs"] + 8 * lo,
-                statuses.data.ptr + 4 * lo,
-                stream.ptr,
-            )
-            if status:  # refused on the host: nothing of this group was enqueued
-                raise explain(lo, m, status, 0, refused=True)
+        with self.temp.use(temp_bytes, stream) as temp:
+            for g, group in enumerate(groups):
+                first = int(bounds[g])
+                cuts = runs[g].tolist()
+                for a, b in itertools.pairwise(cuts):
+                    lo, m = first + a, b - a
+                    status = self.api.decompress(
+                        group.algorithm,
+                        base["in_ptrs"] + 8 * lo,
+                        base["in_bytes"] + 8 * lo,
+                        base["out_bytes"] + 8 * lo,
+                        actual.data.ptr + 8 * lo,
+                        m,
+                        temp.data.ptr,
+                        temp.nbytes,
+                        base["out_ptrs"] + 8 * lo,
+                        statuses.data.ptr + 4 * lo,
+                        stream.ptr,
+                    )
+                    if status:  # refused on the host: nothing of this call was enqueued
+                        raise explain(lo, m, status, 0, refused=True)
         result = first_bad(cp, statuses, actual, out_bytes)
         cp.cuda.runtime.memcpyAsync(self._result.ctypes.data, result.data.ptr, 16, _D2H, stream.ptr)
         check = DecodeCheck(stream.record(), self._result, statuses, actual, explain, n)
@@ -522,7 +651,7 @@ class BatchedDecoder:
 
     def close(self) -> None:
         """Drop the device arrays (call once the stream is synchronized)."""
-        self._temp = self._statuses = self._actual = None
+        self._statuses = self._actual = None
         self._result = None
 
 
@@ -637,6 +766,7 @@ __all__ = [
     "BatchedDecoder",
     "CApiUnavailableError",
     "DecodeCheck",
+    "DecodeTemp",
     "NvcompCApi",
     "PythonApiDecoder",
     "decode_table",

@@ -6,17 +6,27 @@ CPU with fake streams and events (``tests/test_feed_ring.py``).
 
 One batch ``k``, with ``depth`` batches loaded ahead:
 
-1. A prefetch thread (its own non-blocking stream ``S``) plans the batch on the
-   host (``zarrdali.plan``), takes a free buffer of the ring (``zarrdali.slot``;
-   waits only when every buffer is taken), makes ``S`` wait for the buffer's
-   ``free`` event, enqueues read, decode and gather into it on ``S``
-   (``zarrdali.load``; ``GpuBackend.load_batch(..., out=, stream=S)``) and
-   records the buffer's ``ready`` event on ``S``.
+1. A prefetch thread (on the loader's device, with a non-blocking side stream
+   ``S`` leased for the epoch) plans the batch on the host
+   (``zarrdali.plan``), takes a free buffer of the ring (``zarrdali.slot``;
+   waits only when every buffer is taken), enqueues read and decode on ``S``,
+   then, just before the gather writes the buffer, makes ``S`` wait for the
+   buffer's ``free`` event (``before_write``), enqueues the gather into it
+   (``zarrdali.load``; ``GpuBackend.load_batch(..., out=, stream=S,
+   before_write=)``) and records the buffer's ``ready`` event on ``S``. The
+   read and decode of a batch so never wait for DALI's copy of the buffer's
+   previous batch, nor for anything that copy waited for.
 2. DALI's external-source callback for batch ``k`` (main thread,
    :meth:`CudaFeed.get`, ``zarrdali.hand_over``) first records, on the feed
    stream ``F``, the ``free`` event of the buffer handed over before (batch
    ``k - 1``) and puts it back in the ring; then makes ``F`` wait for batch
-   ``k``'s ``ready`` event and returns a view of its buffer.
+   ``k``'s ``ready`` event and returns the buffer as a :class:`FedArray`: its
+   CUDA array interface taken with ``F`` current, so it names ``F`` as the
+   stream its data is ordered on. (A CuPy array computes that entry when it is
+   read, from the reading thread's current stream: read by DALI on the main
+   thread it would name the legacy default stream, and DALI's copy would then
+   wait for everything torch queued there, the previous training step
+   included, and the next batch's gather for that copy.)
 3. DALI copies batch ``k`` into its own buffer on ``F`` when the callback has
    returned (the external source is built with ``no_copy=False`` and
    ``cuda_stream=F``).
@@ -48,16 +58,26 @@ the iteration's outputs are released, up to ``prefetch_queue_depth``
 iterations later: ``depth + prefetch_queue_depth + 1``, and no event tells when.)
 Device memory of the feed: ``ring_size(depth)`` batches, allocated once.
 
+Streams live as long as the backend (:class:`FeedStreams`): the feed stream
+and the side streams are created once and reused by every epoch. CuPy's
+memory pool keeps a freed block in the arena of the stream it was allocated
+under (``cupy/cuda/memory.pyx``, ``SingleDeviceMemoryPool._arena``): buffers
+allocated under streams made anew each epoch would stay cached under dead
+streams, one set per epoch, until ``free_all_blocks()``.
+
 Nothing is freed or reused by the garbage collector: the ring owns every buffer
 and event until :meth:`CudaFeed.close`, which (after the pipeline that copies
 on ``F`` is shut down) stops the prefetch threads, synchronizes every stream,
-then releases the events, the buffers and the streams, in that order.
+then releases the events and the buffers, and gives the side streams back
+(a feed that made its own :class:`FeedStreams` closes them last).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
+import os
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -188,12 +208,113 @@ def view(buffer: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any:
     return buffer[:nbytes].view(dtype).reshape(shape)
 
 
-class _SideStreams:
-    """One non-blocking stream per loading thread, owned here (not in
-    thread-locals, which would be freed whenever a thread ends)."""
+class FedArray:
+    """A ring buffer's batch as DALI's GPU external source takes it: the CUDA
+    array interface of ``array`` taken while the feed stream was current, so it
+    names that stream (see the module doc, step 2). Holds ``array`` (DALI keeps
+    this object, hence the buffer, alive until its copy is done)."""
 
-    def __init__(self, new_stream: Callable[[], Any]) -> None:
-        self._new = new_stream
+    __slots__ = ("__cuda_array_interface__", "array", "dtype", "shape")
+
+    def __init__(self, array: Any, stream: Any) -> None:
+        self.array = array
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+        with stream:
+            self.__cuda_array_interface__ = array.__cuda_array_interface__
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        # For host stand-ins of device arrays only (CuPy refuses implicit copies).
+        return np.asarray(self.array, dtype=dtype)
+
+
+def hand_over(array: Any, stream: Any) -> Any:
+    """``array`` as DALI should read it: a :class:`FedArray` naming ``stream``
+    when it is a device array (it has a CUDA array interface), else as it is."""
+    if hasattr(array, "__cuda_array_interface__"):
+        return FedArray(array, stream)
+    return array
+
+
+class FeedStreams:
+    """The CUDA streams of a backend's GPU feeds, made once and reused by every
+    epoch (see the module doc): the feed stream DALI copies on, and
+    non-blocking side streams leased to the loading threads, one each.
+
+    Owned by the backend (or by a :class:`CudaFeed` made without one);
+    :meth:`close` synchronizes and drops them. ``cuda``: the CuPy module (or a
+    fake); ``device``: a context manager making the loader's device current
+    (None: the calling thread's)."""
+
+    def __init__(self, cuda: Any, device: Callable[[], Any] | None = None) -> None:
+        self._cuda = cuda
+        self.device = device or contextlib.nullcontext
+        self._lock = threading.Lock()
+        self._feed: Any = None
+        self._free: list[Any] = []  # side streams not leased
+        self._made = 0
+        self._closed = False
+
+    def _new(self) -> Any:
+        with self.device():
+            stream = self._cuda.cuda.Stream(non_blocking=True)
+        self._made += 1
+        return stream
+
+    def feed_stream(self) -> Any:
+        with self._lock:
+            self._check()
+            if self._feed is None:
+                self._feed = self._new()
+            return self._feed
+
+    def lease(self) -> Any:
+        """A side stream for one loading thread (back with :meth:`give_back`)."""
+        with self._lock:
+            self._check()
+            return self._free.pop() if self._free else self._new()
+
+    def give_back(self, streams: list[Any]) -> None:
+        """Side streams whose work has been synchronized."""
+        with self._lock:
+            if not self._closed:
+                self._free.extend(streams)
+
+    @property
+    def made(self) -> int:
+        """Streams created so far (the feed stream included)."""
+        return self._made
+
+    def _check(self) -> None:
+        if self._closed:
+            raise LoaderClosedError("the GPU feed's streams are closed")
+
+    def close(self, synchronize: bool = True) -> None:
+        """Synchronize every stream (unless the caller just did), then drop them
+        (the last references). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            streams = [*self._free, *([self._feed] if self._feed is not None else [])]
+            self._free, self._feed = [], None
+        errors: list[BaseException] = []
+        if synchronize:
+            with self.device():
+                for stream in streams:
+                    _step(errors, stream.synchronize)
+        streams.clear()
+        if errors:
+            raise errors[0]
+
+
+class _SideStreams:
+    """One side stream per loading thread of an epoch, leased from the
+    :class:`FeedStreams` (not thread-locals, which would be freed whenever a
+    thread ends)."""
+
+    def __init__(self, streams: FeedStreams) -> None:
+        self._pool = streams
         self._lock = threading.Lock()
         self._streams: dict[int, Any] = {}
         self._closed = False
@@ -205,7 +326,7 @@ class _SideStreams:
                 raise LoaderClosedError("the epoch's CUDA feed is closed")
             stream = self._streams.get(ident)
             if stream is None:
-                stream = self._streams[ident] = self._new()
+                stream = self._streams[ident] = self._pool.lease()
         return stream
 
     def take_all(self) -> list[Any]:
@@ -216,27 +337,50 @@ class _SideStreams:
 
 
 def _load_into_slot(
-    k: int, *, load: LoadFn, ring: BufferRing, streams: _SideStreams, batch_size: int
+    k: int,
+    *,
+    load: LoadFn,
+    ring: BufferRing,
+    streams: _SideStreams,
+    batch_size: int,
+    device: Callable[[], Any],
 ) -> tuple[tuple[Any, ...], np.ndarray, Slot]:
     """In a prefetch thread: batch ``k`` assembled in a ring slot on this thread's
     stream, and the slot (its ``ready`` event recorded after the batch)."""
-    stream = streams.current()
+    with device():
+        return _load_on_device(k, load, ring, streams.current(), batch_size)
+
+
+def _load_on_device(
+    k: int, load: LoadFn, ring: BufferRing, stream: Any, batch_size: int
+) -> tuple[tuple[Any, ...], np.ndarray, Slot]:
     taken: list[Slot] = []
+    waited: list[Slot] = []
 
     def out_for(shape: tuple[int, ...], dtype: np.dtype) -> Any:
         per_sample = math.prod(shape[1:]) * np.dtype(dtype).itemsize
         slot = ring.acquire(shape[0] * per_sample, batch_size * per_sample)
         taken.append(slot)
-        stream.wait_event(slot.free)  # DALI's copy of the slot's previous batch
         return view(slot.buffer, shape, dtype)
+
+    def before_write() -> None:
+        # DALI's copy of the slot's previous batch: waited for just before the
+        # gather, so the batch's read and decode do not wait for it.
+        for slot in taken:
+            if slot not in waited:
+                stream.wait_event(slot.free)
+                waited.append(slot)
 
     try:
         with stream:
-            frames, samples = load(k, out_for=out_for, stream=stream)
+            frames, samples = load(k, out_for=out_for, stream=stream, before_write=before_write)
         if not taken:
             raise RuntimeError("the GPU feed's load did not assemble the batch in a ring slot")
+        if len(waited) != len(taken):
+            raise RuntimeError("the GPU feed's load wrote its ring slot without before_write()")
         taken[0].ready.record(stream)
     except BaseException:
+        before_write()  # the slot's next user must also come after DALI's last copy
         for slot in taken:  # what was enqueued may still write it: the next user waits
             slot.free.record(stream)
             ring.release(slot)
@@ -260,21 +404,27 @@ class CudaFeed:
         batch_size: int,
         workers: int = 2,
         cuda: Any = None,
+        streams: FeedStreams | None = None,
     ) -> None:
         if cuda is None:
             import cupy as cuda
 
         self._closed = False
         self._close_lock = threading.Lock()
-        self.stream = cuda.cuda.Stream(non_blocking=True)  # DALI copies on this one
+        # The backend's streams, reused by every epoch (else this feed's own).
+        self._own_streams = streams is None
+        self._streams_pool = FeedStreams(cuda) if streams is None else streams
+        self._device = self._streams_pool.device
+        self.stream = self._streams_pool.feed_stream()  # DALI copies on this one
         self.cuda_stream = StreamHandle(self.stream)  # what the pipeline is given
-        self._streams = _SideStreams(partial(cuda.cuda.Stream, non_blocking=True))
+        self._streams = _SideStreams(self._streams_pool)
         # Buffers are allocated in the memory pool of the stream that reads them last.
-        self.ring = BufferRing(
-            ring_size(depth),
-            alloc=partial(_alloc_on, cuda, self.stream),
-            new_event=partial(cuda.cuda.Event, block=False, disable_timing=True),
-        )
+        with self._device():
+            self.ring = BufferRing(
+                ring_size(depth),
+                alloc=partial(_alloc_on, cuda, self.stream, self._device),
+                new_event=partial(cuda.cuda.Event, block=False, disable_timing=True),
+            )
         self._handed: collections.deque[Slot] = collections.deque()  # fed, not yet freed
         # The prefetcher refers to the ring and streams, not to this object: no cycle.
         self._prefetcher: BatchPrefetcher | None = BatchPrefetcher(
@@ -284,6 +434,7 @@ class CudaFeed:
                 ring=self.ring,
                 streams=self._streams,
                 batch_size=batch_size,
+                device=self._device,
             ),
             n_batches,
             depth=depth,
@@ -291,12 +442,13 @@ class CudaFeed:
         )
 
     def get(self, k: int) -> tuple[tuple[Any, ...], np.ndarray]:
-        """DALI's callback for batch ``k``: order the feed stream after it (no host wait)."""
+        """DALI's callback for batch ``k``: order the feed stream after it (no host
+        wait) and hand the frames over naming the feed stream."""
         prefetcher = self._prefetcher
         if self._closed or prefetcher is None:
             raise LoaderClosedError("the epoch's CUDA feed is closed")
         frames, samples, slot = prefetcher.get(k)
-        with annotate("zarrdali.hand_over"):
+        with annotate("zarrdali.hand_over"), self._device():
             # DALI fed the batches handed over before this callback, so their
             # copies are enqueued on the feed stream: free once they have run.
             while self._handed:
@@ -305,6 +457,7 @@ class CudaFeed:
                 self.ring.release(done)
             self.stream.wait_event(slot.ready)
             self._handed.append(slot)
+            frames = tuple(hand_over(f, self.stream) for f in frames)
         return frames, samples
 
     def close(self) -> None:
@@ -314,7 +467,8 @@ class CudaFeed:
         1. the prefetch threads: waiters for a slot woken, loads not started
            cancelled, running ones finished, threads joined;
         2. every stream synchronized: no work in flight reads or writes a buffer;
-        3. the events, then the ring's buffers, then the streams.
+        3. the events, then the ring's buffers; the side streams go back to the
+           :class:`FeedStreams` (closed here, streams last, when this feed made it).
         """
         with self._close_lock:
             if self._closed:
@@ -326,21 +480,25 @@ class CudaFeed:
         if prefetcher is not None:
             _step(errors, prefetcher.close)
         del prefetcher
-        streams = [*self._streams.take_all(), self.stream]
-        for stream in streams:
-            _step(errors, stream.synchronize)
+        side = self._streams.take_all()
+        with self._device():
+            for stream in (*side, self.stream):
+                _step(errors, stream.synchronize)
         self._handed.clear()
         self.ring.release_events()
         self.ring.release_buffers()
         self.cuda_stream.close()
         self.stream = None
-        streams.clear()
+        self._streams_pool.give_back(side)
+        side.clear()
+        if self._own_streams:  # synchronized above
+            _step(errors, partial(self._streams_pool.close, synchronize=False))
         if errors:
             raise errors[0]
 
 
-def _alloc_on(cuda: Any, stream: Any, nbytes: int) -> Any:
-    with stream:
+def _alloc_on(cuda: Any, stream: Any, device: Callable[[], Any], nbytes: int) -> Any:
+    with device(), stream:
         return cuda.empty(nbytes, dtype=np.uint8)
 
 
@@ -352,27 +510,37 @@ def _step(errors: list[BaseException], step: Callable[[], Any]) -> None:
 
 
 class CudaSourceRole:
-    """What a CUDA backend tells the loader: DALI runs on this rank's GPU, a batch
-    is one window (the pipeline slices input and target on the device), and
-    each epoch's batches come from a :class:`CudaFeed`. ``GpuBackend`` takes it
-    as a base class."""
+    """What a CUDA backend tells the loader: DALI runs on the backend's GPU
+    (``device_id``), a batch is one window (the pipeline slices input and
+    target on the device), and each epoch's batches come from a
+    :class:`CudaFeed` on the backend's :class:`FeedStreams` (``feed_streams``,
+    made by the backend and closed by it). ``GpuBackend`` takes it as a base
+    class."""
 
     dali_device = "gpu"
     whole_window = True
+    device_id: int
+    feed_streams: FeedStreams
 
     def dali_device_id(self) -> int:
-        return cuda_device_id()
+        return self.device_id
 
     def batch_source(self, load: LoadFn, n_batches: int, *, depth: int, batch_size: int):
-        return CudaFeed(load, n_batches, depth=depth, batch_size=batch_size)
+        return CudaFeed(
+            load, n_batches, depth=depth, batch_size=batch_size, streams=self.feed_streams
+        )
 
 
-def cuda_device_id() -> int:
-    """This rank's GPU: ``LOCAL_RANK`` under torchrun, else torch's current device."""
-    import os
+def cuda_device_id(cuda: Any = None) -> int:
+    """This rank's GPU: ``LOCAL_RANK`` under torchrun (0 when only one GPU is
+    visible to the process, as launchers that give each rank its own
+    ``CUDA_VISIBLE_DEVICES`` arrange), else the calling thread's current device
+    (which ``torch.cuda.set_device`` sets)."""
+    if cuda is None:
+        import cupy as cuda
 
+    runtime = cuda.cuda.runtime
     if "LOCAL_RANK" in os.environ:
-        return int(os.environ["LOCAL_RANK"])
-    import torch
-
-    return torch.cuda.current_device()
+        rank = int(os.environ["LOCAL_RANK"])
+        return 0 if runtime.getDeviceCount() == 1 else rank
+    return int(runtime.getDevice())

@@ -8,8 +8,10 @@ device work needs, as arrays (loops run over variables and algorithms only):
   those the GPU chunk cache holds: ``cached``), each at
   an 8-byte-aligned offset of one staging buffer, and where each chunk's
   *payload* (what the decompressor sees: numcodecs' LZ4 size prefix and a
-  trailing crc32c stripped) lies in it; when a payload is misaligned there,
-  every payload also gets an aligned slot in a packed area after the reads;
+  trailing crc32c stripped) lies in it; a payload that lands there at an
+  offset its nvCOMP decoder does not accept (the library's input alignment:
+  1 byte for zstd, LZ4 and gzip in nvCOMP 5.3, so only raw deflate ever
+  needs it) gets an aligned slot in a packed area after the reads;
 * **decode groups**: per nvCOMP algorithm, each chunk's payload (in staging or
   in the cache's arena), its decoded slot and both sizes;
 * **decoded slots**: where each decoded chunk lives in the batch's decoded
@@ -27,7 +29,7 @@ validates what the kernel consumes on a machine without a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +42,15 @@ from ..base import batch_dtype
 from ..locate import ChunkLocations
 from ..ranges import coalesce_arrays
 
-ALIGN = 8  # nvCOMP zstd needs 8-byte-aligned input and output buffers
+ALIGN = 8  # our staging reads and decoded slots: the gather kernel loads 8-byte elements
+
+# Input alignment of nvCOMP's decoders when the library cannot be asked: the
+# headers' ``nvcomp<Alg>RequiredDecompressionAlignment`` (nvCOMP 5.3: "the most
+# restrictive of the minimum alignment requirements" for input, output and temp),
+# an upper bound of what ``nvcompBatched<Alg>DecompressGetRequiredAlignments``
+# returns (5.3.0.16: input 1 for zstd, LZ4 and gzip, 4 for deflate). The backend
+# passes the library's own values (:attr:`~.decode.NvcompCApi.alignments`).
+FALLBACK_INPUT_ALIGN = {"Zstd": 8, "LZ4": 1, "Gzip": 8, "Deflate": 4}
 
 # nvCOMP algorithm names (``nvidia.nvcomp.Codec(algorithm=...)``) for the
 # compressors it decodes. "none" needs no decoder (a device-to-device copy);
@@ -167,7 +177,8 @@ class StagingLayout:
     Read ``r`` copies ``read_nbytes[r]`` bytes at ``read_start[r]`` of file
     ``read_file[r]`` to ``staging[read_dst[r]:]``. ``payload_raw[k]`` is where
     chunk ``k``'s payload landed; ``payload_offset[k]`` is where the decoder
-    reads it: its packed slot (after ``raw_nbytes``) when ``needs_packing``.
+    reads it: there, or its packed slot (after ``raw_nbytes``) when it landed
+    at an offset its decoder does not accept (``needs_packing``: some did).
     """
 
     read_file: np.ndarray  # [R]
@@ -199,7 +210,7 @@ def plan_staging(
     nbytes: np.ndarray,
     skip: np.ndarray,
     length: np.ndarray,
-    aligned: np.ndarray,
+    input_align: np.ndarray,
     *,
     max_gap: int = 64 * 1024,
     align: int = ALIGN,
@@ -207,11 +218,12 @@ def plan_staging(
     """Coalesce the reads per file and lay them out in one staging buffer.
 
     Chunk ``k`` is ``nbytes[k]`` at ``offset[k]`` of file ``file[k]``; its
-    payload starts ``skip[k]`` bytes in and is ``length[k]`` long. Each
-    coalesced read starts at an ``align``-ed offset. A read spanning several
-    inner chunks keeps their file layout, so payloads inside it may be
-    misaligned; if one of those whose decoder needs alignment (``aligned[k]``)
-    is, each of them gets an aligned slot in a packed area after the reads.
+    payload starts ``skip[k]`` bytes in and is ``length[k]`` long, and its
+    decoder reads it from an offset that is a multiple of ``input_align[k]``
+    (a power of two; 1: anywhere). Each coalesced read starts at an
+    ``align``-ed offset. A read spanning several inner chunks keeps their file
+    layout, so payloads inside it may land misaligned for their decoder: those
+    (and only those) get an ``align``-ed slot in a packed area after the reads.
     """
     reads = coalesce_arrays(file, offset, nbytes, max_gap)
     read_nbytes = reads.nbytes
@@ -222,13 +234,16 @@ def plan_staging(
     payload_raw = np.empty(len(file), dtype=np.int64)
     payload_raw[reads.order] = shift
     payload_raw += offset + skip
-    misaligned = (payload_raw & (align - 1)) != 0
-    needs_packing = bool(np.any(misaligned if aligned.all() else misaligned[aligned]))
+    input_align = np.asarray(input_align, dtype=np.int64)
+    misaligned = (payload_raw & (input_align - 1)) != 0
+    needs_packing = bool(misaligned.any())
     payload_offset = payload_raw
     total = raw_nbytes
     if needs_packing:
-        packed, packed_nbytes = aligned_offsets(np.where(aligned, np.maximum(length, 1), 0), align)
-        payload_offset = np.where(aligned, raw_nbytes + packed, payload_raw)
+        packed, packed_nbytes = aligned_offsets(
+            np.where(misaligned, np.maximum(length, 1), 0), align
+        )
+        payload_offset = np.where(misaligned, raw_nbytes + packed, payload_raw)
         total += packed_nbytes
     return StagingLayout(
         read_file=reads.file,
@@ -468,13 +483,17 @@ def describe_batch(
     store_name: str,
     max_gap: int = 64 * 1024,
     cached: np.ndarray | None = None,
+    input_align: Mapping[str, int] | None = None,
 ) -> BatchDescription:
     """Everything the GPU backend does for ``plan`` besides I/O and device calls.
 
     ``cached`` (optional, ``[N]`` int64): for each plan chunk, the offset of its
     payload in the GPU chunk cache's arena, or -1. Cached chunks are decoded
     from there and not read (only compressed, device-decoded chunks can be
-    cached: see :func:`cacheable_payloads`).
+    cached: see :func:`cacheable_payloads`). ``input_align``: the input
+    alignment of each nvCOMP algorithm's decoder, as the library reports it
+    (default: :data:`FALLBACK_INPUT_ALIGN`, the headers' upper bounds); only
+    payloads staged at an offset their decoder refuses are packed.
 
     Raises :class:`ChunkError` (naming array and key) for a chunk too short for
     its codec, or an uncompressed chunk of the wrong size.
@@ -505,7 +524,6 @@ def describe_batch(
     skip, length = payload_bounds((cols.skip, cols.tail), dvar, nbytes)
     uncompressed = cols.uncompressed[dvar]
     _check_payloads(layouts, plan, device, nbytes, length, uncompressed, device_sizes, store_name)
-    compressed = ~uncompressed
     hit = None if cached is None else cached[device] >= 0
     if hit is not None and not hit.any():
         hit = None
@@ -513,22 +531,25 @@ def describe_batch(
         raise ValueError("the chunk cache holds compressed payloads only")
     # The chunks read into staging (all device chunks but the cached ones).
     read: np.ndarray | slice = slice(None) if hit is None else ~hit
+    # Uncompressed chunks (no algorithm) are copied by our kernel: any offset.
+    align_of = input_alignment(cols.algorithms, input_align)
     staging = plan_staging(
         locations.file[device[read]],
         locations.offset[device[read]],
         nbytes[read],
         skip[read],
         length[read],
-        compressed[read],
+        align_of[cols.algorithm[dvar[read]]],
         max_gap=max_gap,
     )
-    # Device copies (source, destination, bytes): payloads to their aligned
-    # slots when some are misaligned; uncompressed chunks to their decoded slots.
+    # Device copies (source, destination, bytes): misaligned payloads to their
+    # packed slots; uncompressed chunks to their decoded slots.
     raw = staging.payload_raw
-    read_length, read_compressed = length[read], compressed[read]
+    read_length = length[read]
     pack_jobs = _NO_JOBS
     if staging.needs_packing:
-        pack_jobs = _copy_jobs(raw, staging.payload_offset, read_length, read_compressed)
+        packed = staging.payload_offset != raw
+        pack_jobs = _copy_jobs(raw, staging.payload_offset, read_length, packed)
     copy_jobs = _copy_jobs(raw, device_slots[read], read_length, uncompressed[read])
     # Where each device chunk's payload is for its decoder.
     if hit is None:
@@ -555,6 +576,19 @@ def describe_batch(
         ),
         gather=gather_tables(plan, cols, slots),
     )
+
+
+def input_alignment(
+    algorithms: Sequence[str], input_align: Mapping[str, int] | None = None
+) -> np.ndarray:
+    """``[len(algorithms) + 1]`` int64: the input alignment of each algorithm's
+    decoder (``input_align``, else :data:`FALLBACK_INPUT_ALIGN`), then 1 (index
+    -1: chunks no nvCOMP decoder reads)."""
+    table = FALLBACK_INPUT_ALIGN if input_align is None else input_align
+    out = np.array([int(table[a]) for a in algorithms] + [1], dtype=np.int64)
+    if np.any(out < 1) or np.any(out & (out - 1)):
+        raise ValueError(f"input alignments must be powers of two, got {dict(table)}")
+    return out
 
 
 def cacheable_payloads(

@@ -1,0 +1,329 @@
+"""What the GPU engine holds over its life, and where, on the CPU stand-in of CuPy
+(``fakegpu``: a memory pool that caches freed blocks per stream as CuPy 14's
+does, per-thread current devices and streams, device checks on every call).
+
+* Device memory: epochs reuse the backend's streams, so the pool's total
+  (``total_bytes()``, cached blocks included) stays flat over epochs; ``close()``
+  gives every cached block back; backends closed or dropped one after another
+  do not pile up.
+* No object owning GPU memory or a stream sits in a reference cycle: a closed
+  and a dropped backend are freed by reference counting alone.
+* nvCOMP's temp memory is one buffer per backend, each call held to a budget.
+* ``decode="auto"`` falls back to the Python API when libnvcomp does not load.
+* Every thread working for a backend (prefetch threads, host pool, the
+  caller's) works on the backend's device (``torchrun``: ``LOCAL_RANK``).
+* The feed's wait for DALI's copy of a ring buffer comes after the batch's
+  decode, just before the gather writes the buffer.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+import types
+import warnings
+import weakref
+
+import numpy as np
+import pytest
+
+import fakegpu
+from storefactory import VarSpec, chunk_files
+from zarrdali.backends.base import batch_dtype
+from zarrdali.batchplan import plan_batch
+from zarrdali.epoch_reader import load_frames
+from zarrdali.errors import BackendUnavailableError
+from zarrdali.plan import SampleSpec
+from zarrdali.store import load_layouts, open_group
+
+NT, NY, NX = 12, 21, 33
+SPEC = SampleSpec(input_steps=2, target_steps=1, frame_step=2, tile=(8, 8))
+RNG = np.random.default_rng(5)
+BATCHES = [
+    np.stack(
+        [RNG.integers(0, NT - 4, 5), RNG.integers(0, NY - 7, 5), RNG.integers(0, NX - 7, 5)],
+        axis=1,
+    )
+    for _ in range(6)
+]
+
+
+def _specs():
+    return [
+        VarSpec("z", shape=(NT, NY, NX), chunks=(2, 8, 8), shards=(4, 16, 16)),
+        VarSpec("l", shape=(NT, NY, NX), chunks=(2, 8, 8), compressor="lz4", dtype="int16", seed=3),
+        VarSpec("b", shape=(NT, NY, NX), chunks=(2, 8, 8), compressor="blosc", seed=4),
+    ]
+
+
+@pytest.fixture
+def store(make_store):
+    store = make_store(*_specs())
+    chunk_files(store, "l")[2].unlink()  # a missing chunk: the fill value
+    return store
+
+
+def _cpu_windows(group, name, layouts) -> list[np.ndarray]:
+    from zarrdali.backends.cpu import CpuBackend
+
+    backend = CpuBackend(group, name, 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return [backend.load_batch(layouts, _plan(layouts, b)) for b in BATCHES]
+    finally:
+        backend.close()
+
+
+def _plan(layouts, samples):
+    return plan_batch(layouts, samples, n_frames=SPEC.n_frames, frame_step=2, tile_hw=(8, 8))
+
+
+def _backend(group, name, **kw):
+    from zarrdali.backends.gpu import GpuBackend
+
+    kw.setdefault("num_threads", 2)
+    return GpuBackend(group, name, **kw)
+
+
+def _load_for(backend, layouts):
+    """The loader's ``load(k, **device_args)``, through ``epoch_reader.load_frames``."""
+
+    def load(k: int, **device_args):
+        samples = BATCHES[k]
+        frames = load_frames(backend, layouts, SPEC, (8, 8), samples, split=False, **device_args)
+        return frames, samples
+
+    return load
+
+
+def run_epoch(backend, layouts, n: int | None = None, want=None) -> None:
+    """One epoch through the backend's feed, as DALI drives it: ``get(k)`` in
+    order, the batch read (DALI's copy) before the next ``get``."""
+    n = len(BATCHES) if n is None else n
+    feed = backend.batch_source(_load_for(backend, layouts), len(BATCHES), depth=2, batch_size=5)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Blosc: decoded on the host, warned once
+            for k in range(n):
+                (window,), samples = feed.get(k)
+                got = np.array(window)  # DALI's copy
+                assert np.array_equal(samples, BATCHES[k])
+                if want is not None:
+                    assert got.tobytes() == want[k].tobytes(), f"batch {k}"
+                del window
+    finally:
+        feed.close()
+
+
+# -- device memory ---------------------------------------------------------------------
+def test_pool_total_stays_flat_over_epochs_and_close_gives_it_back(store, monkeypatch):
+    cuda = fakegpu.install(monkeypatch)
+    pool = cuda.cupy.get_default_memory_pool()
+    group, name = open_group(store)
+    layouts = load_layouts(group, name, ["z", "l", "b"])
+    want = _cpu_windows(group, name, layouts)
+    backend = _backend(group, name, cache="gpu", cache_budget=1 << 20, cache_page_size=1 << 16)
+    totals, arenas = [], []
+    for epoch in range(8):
+        run_epoch(backend, layouts, n=len(BATCHES) if epoch % 3 else 3, want=want)
+        totals.append(pool.total_bytes())
+        arenas.append(pool.arenas())
+    # Streams made once (the feed stream, one per prefetch thread, one per
+    # thread state), so every epoch's blocks are cached under the same streams,
+    # where the next epoch reuses them: no arena of a dead stream.
+    made = len(cuda.streams_made)
+    run_epoch(backend, layouts)
+    assert len(cuda.streams_made) == made
+    assert all(a <= arenas[0] | arenas[1] for a in arenas[2:]), [len(a) for a in arenas]
+    # Flat but for what the threads' order of batches adds to the arenas.
+    assert max(totals[3:]) <= 1.1 * totals[2], totals
+    backend.close()
+    assert pool.used_bytes() == 0 and pool.total_bytes() == 0
+    assert cuda.pinned_frees == 1
+
+
+@pytest.mark.parametrize("close", [True, False], ids=["closed", "dropped"])
+def test_backends_one_after_another_do_not_pile_up(store, monkeypatch, close):
+    """Each closed backend gives its blocks back; a dropped one leaves its blocks
+    cached (no close: nothing frees the pool's cache) until the next close."""
+    cuda = fakegpu.install(monkeypatch)
+    pool = cuda.cupy.get_default_memory_pool()
+    group, name = open_group(store)
+    layouts = load_layouts(group, name, ["z", "l", "b"])
+    totals = []
+    for i in range(6):
+        backend = _backend(group, name)
+        run_epoch(backend, layouts, n=2 + i % 3)
+        if close or i % 2:
+            backend.close()
+        del backend
+        totals.append(pool.total_bytes())
+    if close:
+        assert totals == [0] * 6
+    else:  # each closed one freed the blocks the dropped one before it left cached
+        assert totals[1::2] == [0, 0, 0] and min(totals[0::2]) > 0
+
+
+# -- no GPU-owning object in a reference cycle -------------------------------------------
+@pytest.mark.parametrize("read", ["pinned", "kvikio"])
+@pytest.mark.parametrize("close", [True, False], ids=["closed", "dropped"])
+def test_no_gpu_owning_object_in_a_reference_cycle(store, monkeypatch, close, read):
+    cuda = fakegpu.install(monkeypatch)
+    group, name = open_group(store)
+    layouts = load_layouts(group, name, ["z", "l", "b"])
+    gc.collect()
+    gc.disable()  # reference counting alone frees what is not in a cycle
+    try:
+        backend = _backend(
+            group, name, read=read, cache="gpu", cache_budget=1 << 20, cache_page_size=1 << 16
+        )
+        run_epoch(backend, layouts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for samples in BATCHES[:3]:  # on this thread's own stream and state
+                backend.load_batch(layouts, _plan(layouts, samples))
+        states = list(backend._states)
+        assert states and all(s.decoder is not None for s in states)
+        refs = [weakref.ref(x) for x in (backend, backend.feed_streams, *states)]
+        refs += [weakref.ref(s.stream) for s in states] + [weakref.ref(s.decoder) for s in states]
+        del states
+        if close:
+            backend.close()
+        del backend
+        alive = [r() for r in refs if r() is not None]
+        found = fakegpu.gpu_garbage()
+    finally:
+        gc.enable()
+    assert found == []
+    assert alive == [], [type(x).__name__ for x in alive]
+    assert cuda.fault is None
+
+
+# -- nvCOMP's temp -----------------------------------------------------------------------
+def test_nvcomp_temp_is_one_buffer_and_each_call_fits_the_budget(store, monkeypatch):
+    """A budget below the batch's zstd temp (about 3x its decoded bytes): the
+    group is decoded in several calls, each needing at most the budget, into
+    one temp buffer shared by the backend's threads; batches unchanged."""
+    cuda = fakegpu.install(monkeypatch)
+    group, name = open_group(store)
+    layouts = load_layouts(group, name, ["z", "l", "b"])
+    want = _cpu_windows(group, name, layouts)
+    api = cuda.api
+    plan = _plan(layouts, BATCHES[0])
+    size = layouts[0].chunk_nbytes
+    zstd_chunks = int(np.sum(plan.chunk_var == 0))
+    one_call = api.temp_bytes("Zstd", zstd_chunks, size, zstd_chunks * size)
+    budget = one_call // 4
+    backend = _backend(group, name, decode_temp_budget=budget)
+    run_epoch(backend, layouts, want=want)  # two prefetch threads, two states
+    zstd = [c for c in api.calls if c[0] == "Zstd"]
+    assert len(zstd) >= 4 * len(BATCHES)  # every batch's group split
+    for _, n, temp in zstd:
+        assert api.temp_bytes("Zstd", n, size, n * size) <= budget
+        assert temp == backend._decode_temp.nbytes
+    assert backend._decode_temp.nbytes <= budget
+    assert len({id(s.decoder.temp) for s in backend._states}) == 1
+    assert len(backend._states) >= 2
+    backend.close()
+    with pytest.raises(ValueError, match="decode_temp_budget"):
+        _backend(group, name, decode_temp_budget=0)
+
+
+# -- decode="auto" without libnvcomp -------------------------------------------------------
+def test_decode_auto_falls_back_when_load_library_finds_no_libnvcomp(store, monkeypatch):
+    """``nvidia.libnvcomp.load_library()`` returns None (it swallows the loader's
+    OSError): the C API is unavailable, and ``decode="auto"`` uses the Python API."""
+    libnvcomp = pytest.importorskip("nvidia.libnvcomp")
+    from zarrdali.backends.gpu import backend as gpu_backend
+    from zarrdali.backends.gpu import decode as gpu_decode
+
+    fakegpu.install(monkeypatch)
+    monkeypatch.setattr(libnvcomp, "load_library", lambda: None)
+    monkeypatch.setattr(gpu_decode, "_api", None)
+    monkeypatch.setattr(gpu_decode, "_api_error", None)
+    monkeypatch.setattr(gpu_backend, "nvcomp_capi", gpu_decode.nvcomp_capi)
+    monkeypatch.setattr(gpu_backend, "_capi_warned", False)
+    monkeypatch.setitem(sys.modules, "nvidia.nvcomp", types.ModuleType("nvidia.nvcomp"))
+    group, name = open_group(store)
+    with pytest.warns(RuntimeWarning, match="C API is unavailable.*load_library"):
+        backend = _backend(group, name)
+    try:
+        assert backend.decode_mode == "python" and backend._decode_temp is None
+        assert backend.input_align == {"Zstd": 8, "LZ4": 1, "Gzip": 8, "Deflate": 4}
+    finally:
+        backend.close()
+    with pytest.raises(BackendUnavailableError, match="load_library"):
+        _backend(group, name, decode="capi")
+
+
+# -- the loader's device in every thread -------------------------------------------------
+def test_every_thread_works_on_the_backends_device(store, monkeypatch):
+    """torchrun on a node of two GPUs, rank 1: the backend, its prefetch threads
+    (new threads start on device 0), its host pool and the caller all work on
+    device 1; DALI is told device 1."""
+    cuda = fakegpu.install(monkeypatch, n_devices=2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    group, name = open_group(store)
+    layouts = load_layouts(group, name, ["z", "l", "b"])
+    want = _cpu_windows(group, name, layouts)
+    backend = _backend(
+        group, name, cache="gpu", cache_budget=1 << 20, cache_page_size=1 << 16, read="kvikio"
+    )
+    assert backend.device_id == backend.dali_device_id() == 1
+    assert cuda.current_device() == 0  # the caller's own device is left alone
+    run_epoch(backend, layouts, want=want)
+    seen = []
+
+    def loader_thread():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            backend.load_batch(layouts, _plan(layouts, BATCHES[1]))
+        seen.append(cuda.current_device())
+
+    t = threading.Thread(target=loader_thread)
+    t.start()
+    t.join()
+    assert seen == [0]  # restored after the call
+    assert backend._pool.submit(cuda.current_device).result() == 1
+    assert {d for d, _ in cuda.device_log} == {1}, sorted(set(cuda.device_log))
+    assert set(cuda.streams_made) == {1} and set(cuda.events_made) == {1}
+    assert cuda.fault is None
+    backend.close()
+    assert cuda.current_device() == 0
+
+
+def test_local_rank_with_one_visible_gpu_is_device_0(monkeypatch):
+    from zarrdali.backends.gpu.feed import cuda_device_id
+
+    cuda = fakegpu.FakeCuda(n_devices=1)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # a launcher that sets CUDA_VISIBLE_DEVICES per rank
+    assert cuda_device_id(cuda.cupy) == 0
+    monkeypatch.delenv("LOCAL_RANK")
+    two = fakegpu.FakeCuda(n_devices=2)
+    two.set_device(1)  # torch.cuda.set_device(1) in this thread
+    assert cuda_device_id(two.cupy) == 1
+
+
+# -- stream coupling with the feed -----------------------------------------------------------
+def test_the_wait_for_the_ring_buffer_comes_after_decode_before_gather(store, monkeypatch):
+    cuda = fakegpu.install(monkeypatch)
+    group, name = open_group(store)
+    layouts = load_layouts(group, name, ["z", "l"])
+    backend = _backend(group, name)
+    plan = _plan(layouts, BATCHES[0])
+    out = cuda.cupy.empty(plan.out_shape, dtype=batch_dtype(layouts))
+    stream = cuda.cupy.cuda.Stream(non_blocking=True)
+    seen = []
+
+    def before_write():
+        seen.append(([c[0] for c in cuda.api.calls], list(cuda.launches)))
+
+    backend.load_batch(layouts, plan, out=out, stream=stream, before_write=before_write)
+    assert len(seen) == 1
+    calls, launches = seen[0]
+    assert sorted(calls) == ["LZ4", "Zstd"]  # the batch's decode is enqueued already
+    assert "zarrdali_gather" not in launches  # the gather, which writes `out`, is not
+    assert cuda.launches[-1] == "zarrdali_gather"
+    backend.close()
