@@ -31,6 +31,7 @@ from .runners import (
     zarrdali_runner,
 )
 from .spec import BenchSpec
+from .zarr_peers import fused_runner, zarrs_runner
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ LOADERS: dict[str, tuple[str, Callable[[BenchSpec, RunResult], Runner]]] = {
     "torch-xarray": ("torch DataLoader + xarray", torch_xarray_runner),
     "xbatcher": ("xbatcher + torch DataLoader", xbatcher_runner),
     "zarr-gpu": ("zarr-python enable_gpu()", zarr_gpu_runner),
+    "zarr-async-fused": ("zarr-python async, fused pipeline", fused_runner),
+    "zarr-zarrs": ("zarr-python + zarrs, async", zarrs_runner),
 }
 
 
