@@ -36,10 +36,7 @@ DEFAULTS: dict[str, object] = {
 
 def load_config(path: str | Path) -> dict:
     """Options from a TOML file (keys as the flags, ``-`` or ``_``); unknown keys are errors."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    import tomllib
 
     with open(path, "rb") as f:
         raw = tomllib.load(f)
