@@ -66,6 +66,8 @@ CPU_LOADERS = (
     "xbatcher",
 )
 GPU_LOADERS = ("zarrdali-cuda", "zarr-gpu")
+# zarr-python's own fastest configurations: skipped where zarr < 3.3 or zarrs is missing
+ZARR_PEERS = ("zarr-async-fused", "zarr-zarrs")
 
 
 def _tiny(out: Path, *extra: str) -> list[str]:
@@ -104,12 +106,15 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
     rows = payload["results"]
     # one row per store and loader: none silently dropped
     assert sorted((r["store_label"], r["loader"]) for r in rows) == sorted(
-        (label, name) for label in ("plain", "sharded") for name in CPU_LOADERS + GPU_LOADERS
+        (label, name)
+        for label in ("plain", "sharded")
+        for name in CPU_LOADERS + GPU_LOADERS + ZARR_PEERS
     )
     for row in rows:
         s = row["summary"]
         contexts = row["loader"] == "numcodecs-zstd-contexts" and zstd_library() is None
-        if (row["loader"] in GPU_LOADERS or contexts) and s["status"] == "skipped":
+        optional = row["loader"] in GPU_LOADERS + ZARR_PEERS or contexts
+        if optional and s["status"] == "skipped":
             assert s["error"]  # the reason, e.g. no GPU or CuPy
             assert s["samples_per_s"]["median"] is None
             continue
