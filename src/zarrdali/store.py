@@ -224,31 +224,45 @@ def _check_zarr_python_reads(group: zarr.Group, name: str, store_name: str) -> N
         ) from err
 
 
+# A shard index is read whole and kept per shard a batch touches: past 4 GiB
+# (268 million inner chunks per shard) a store is hostile, whatever the memory.
+MAX_SHARD_INDEX_BYTES = 1 << 32
+
+
 def check_fits(layout: ArrayLayout, store_name: str, memory: int | None = None) -> None:
-    """Refuse, before anything is allocated, an array whose chunk, shard index or
-    table of storage objects would not fit in a quarter of this machine's memory."""
+    """Refuse, before anything is allocated, an array whose chunk or table of
+    storage objects would not fit in a quarter of this machine's memory, or whose
+    shard index is larger than that or than ``MAX_SHARD_INDEX_BYTES``."""
     memory = available_memory() if memory is None else memory
     bound = memory // 4
     problems = []
     chunk = math.prod(layout.chunk_shape) * layout.dtype.itemsize
     if chunk > bound:
-        problems.append(f"one chunk of shape {layout.chunk_shape} decodes to {chunk:,} bytes")
+        problems.append(
+            f"one chunk of shape {layout.chunk_shape} decodes to {chunk:,} bytes, more than "
+            f"a quarter of this machine's {memory:,} bytes of memory"
+        )
     if layout.shard_shape is not None:
         inner = math.prod(
             s // c for s, c in zip(layout.shard_shape, layout.chunk_shape, strict=True)
         )
-        if inner * 16 > bound:
-            problems.append(f"a shard of {inner:,} inner chunks has a {inner * 16:,}-byte index")
+        limit = min(bound, MAX_SHARD_INDEX_BYTES)
+        if inner * 16 > limit:
+            problems.append(
+                f"a shard of {inner:,} inner chunks has a {inner * 16:,}-byte index, more "
+                f"than the {limit:,} bytes zarrdali allows one"
+            )
     outer = layout.shard_shape or layout.chunk_shape
     objects = math.prod(-(-s // c) for s, c in zip(layout.shape, outer, strict=True))
-    if objects * 16 > bound:  # the locator's object table holds ~16 bytes per object
+    if objects * 8 > bound:  # the chunk locator keeps a slot number per storage object
         problems.append(
-            f"its grid of {objects:,} storage objects needs a {objects * 16:,}-byte table"
+            f"its grid of {objects:,} storage objects needs a {objects * 8:,}-byte table, "
+            f"more than a quarter of this machine's {memory:,} bytes of memory"
         )
     if problems:
         raise MetadataError(
-            f"{'; '.join(problems)}: more than a quarter of this machine's {memory:,} bytes "
-            f"of memory. Rechunk the store (`zarrdali prepare`) to smaller chunks and shards.",
+            f"{'; '.join(problems)}. Rechunk the store (`zarrdali prepare`) to smaller "
+            f"chunks and shards.",
             store=store_name,
             array=layout.name,
         )

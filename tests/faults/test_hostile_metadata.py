@@ -9,6 +9,7 @@ cost more than a few MB (numpy reports its array allocations to it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tracemalloc
 from pathlib import Path
@@ -159,3 +160,28 @@ def test_unknown_data_type_names_the_variable(tmp_path):
     path.write_text(json.dumps(doc))
     err = _refused(store, "d", error=MetadataError)
     assert "float37" in str(err)
+
+
+def test_bounds_hold_on_machines_with_much_memory(tmp_path, monkeypatch):
+    """A shard index of 32 GB is refused even with 1 TB of memory; the other bounds
+    scale with memory: a 4 GB chunk passes there, and is refused with 8 GB."""
+    from zarrdali import store
+    from zarrdali.store import check_fits, load_layouts, open_group
+
+    monkeypatch.setattr(store, "available_memory", lambda: 1 << 40)  # 1 TiB
+
+    shard = _store(
+        tmp_path,
+        VarSpec("s", shape=(2, 16, 16), chunks=(1, 4, 4), shards=(1, 8, 8)),
+        shape=(2, 40_000, 50_000),
+        chunks=(1, 40_000, 50_000),
+        inner=(1, 1, 1),
+    )
+    group, name = open_group(shard)
+    with pytest.raises(MetadataError, match="index"):
+        load_layouts(group, name, ["s"])
+    ok = load_layouts(group, name, ["ok"])[0]
+    big = dataclasses.replace(ok, chunk_shape=(1, 32_000, 32_000))  # 4.1 GB float32
+    check_fits(big, name, memory=1 << 40)
+    with pytest.raises(MetadataError, match="one chunk"):
+        check_fits(big, name, memory=8 << 30)
