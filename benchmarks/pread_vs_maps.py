@@ -9,7 +9,8 @@ worker process), files in the page cache. Reported per sample: CPU time of
 the loading thread (user + system, what contention on a shared machine
 barely moves) and wall time.
 
-    python benchmarks/pread_vs_maps.py sample-data/era5_sharded.zarr --out benchmarks/results/pread-vs-maps
+    python benchmarks/pread_vs_maps.py sample-data/era5_sharded.zarr \
+        --out benchmarks/results/pread-vs-maps
 """
 
 from __future__ import annotations
@@ -89,11 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     for b in (int(x) for x in args.batch_sizes.split(",")):
         row = measure(args.store, b, max(4, args.samples // b), args.threads)
         rows.append(row)
+        lo, hi = row["pread_over_maps_cpu_iqr"]
         print(
             f"batch {b:4d}: CPU ms/sample maps {row['maps_cpu_ms_per_sample']:.3f} "
             f"pread {row['pread_cpu_ms_per_sample']:.3f} -> pread/maps "
-            f"{row['pread_over_maps_cpu']:.3f} (IQR {row['pread_over_maps_cpu_iqr'][0]:.3f}-"
-            f"{row['pread_over_maps_cpu_iqr'][1]:.3f}); wall ratio {row['pread_over_maps_wall']:.3f}",
+            f"{row['pread_over_maps_cpu']:.3f} (IQR {lo:.3f}-{hi:.3f}); "
+            f"wall ratio {row['pread_over_maps_wall']:.3f}",
             flush=True,
         )
     if args.out:

@@ -259,9 +259,7 @@ def test_every_read_path_equals_the_oracle(make_store, endian, memory_map, conte
 
 def test_a_chunk_past_the_end_of_its_shard_is_named(make_store):
     store = _store(make_store, "little")
-    ld = zarrdali.ZarrLoader(
-        store, ["z"], tile=(8, 8), batch_size=64, workers=0, memory_map=True
-    )
+    ld = zarrdali.ZarrLoader(store, ["z"], tile=(8, 8), batch_size=64, workers=0, memory_map=True)
     try:
         samples = ld.epoch_plan(0).batch(0)
         ld.load_batch(samples)  # shard indexes now cached, files mapped
