@@ -47,7 +47,7 @@ from .fallback import ZarrPythonChunkSource
 from .locate import ChunkLocations, ChunkLocator, Locators
 from .mapped import MapLease, MappedFiles
 from .openfiles import OpenFiles
-from .ranges import CoalescedReads, coalesce_arrays
+from .ranges import CoalescedReads, coalesce_arrays, within
 from .sources import ByteSource, ObjectReadError, OnReady, make_source
 from .zstdctx import ZstdContexts, ZstdFrameError
 
@@ -392,14 +392,14 @@ class CpuBackend:
     ) -> None:
         """A chunk past the end of its (mapped) file is a named error, not a fault."""
         file = locations.file[chunks]
-        end = locations.offset[chunks] + locations.nbytes[chunks]
-        short = np.flatnonzero(end > size[file])
+        offset, nbytes = locations.offset[chunks], locations.nbytes[chunks]
+        short = np.flatnonzero(~within(offset, nbytes, size[file]))  # no sum that wraps
         if len(short):
             i = chunks[short[0]]
             f = int(locations.file[i])
             start = int(locations.offset[i])
             raise ChunkError(
-                f"file is truncated: wanted bytes {start}..{int(end[short[0]])}, "
+                f"file is truncated: wanted {int(nbytes[short[0]])} bytes at {start}, "
                 f"it has {int(size[f])}",
                 store=self._store,
                 array=layouts[locations.file_var[f]].name,
