@@ -69,3 +69,15 @@ def run_python(code: str, *args: str, timeout: float = 90) -> subprocess.Complet
 def python_child():
     """:func:`run_python`, for tests that provoke signals in another process."""
     return run_python
+
+
+@pytest.fixture(scope="session")
+def remote_store(tmp_path_factory) -> Path:
+    """A small sharded + plain store on disk, for the servers of the remote faults."""
+    from storefactory import VarSpec, write_store
+
+    specs = [
+        VarSpec("sharded", shape=(12, 21, 33), chunks=(1, 8, 8), shards=(4, 16, 16), seed=1),
+        VarSpec("plain", shape=(12, 21, 33), chunks=(2, 8, 8), seed=2),
+    ]
+    return write_store(tmp_path_factory.mktemp("faults") / "store.zarr", specs)

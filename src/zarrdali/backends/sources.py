@@ -507,6 +507,7 @@ class CachedSource:
 
     def close(self) -> None:
         self.inner.close()
+        self.cache.close()
 
 
 def cache_namespace(zstore: Any, name: str) -> str:
