@@ -73,6 +73,7 @@ def _ensure_sample_data(directory: Path) -> list[tuple[str, str]]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from ..remote import redact_argv
     from .main import LOADERS, run_bench
     from .spec import BenchSpec
 
@@ -116,7 +117,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cold=bool(o["cold"]),
         storage_options=o["storage_options"],
     )
-    command = shlex.join(["zarrdali", *sys.argv[1:]])
+    command = shlex.join(["zarrdali", *redact_argv(sys.argv[1:])])  # no secret written
     payload = run_bench(stores, spec, loaders, o["out"], progress=not args.quiet, command=command)
     print(payload["table"])
     for name, value in payload["ratios"].items():
