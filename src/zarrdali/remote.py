@@ -124,7 +124,7 @@ def obstore_for_requests(store: Any, timeout_s: float) -> Any:
     from obstore.store import AzureStore, GCSStore, HTTPStore, S3Store
 
     options = dict(getattr(store, "client_options", None) or {})
-    options["timeout"] = timedelta(seconds=timeout_s)
+    options["timeout"] = timedelta(seconds=timeout_s + 10)  # zarrdali's deadline comes first
     if isinstance(store, HTTPStore):
         return HTTPStore.from_url(store.url, client_options=options, retry_config=NO_RETRY)
     if isinstance(store, (S3Store, GCSStore, AzureStore)):
@@ -316,7 +316,14 @@ _TRANSIENT_WORDS = (
     "InternalError",
     "Throttl",
     "Connection reset",
+    "connection reset",
+    "connection closed",
+    "Connection refused",
+    "error sending request",  # obstore (reqwest): connect errors and timeouts
+    "error decoding response body",
+    "timed out",
 )
+_STATUS_IN_TEXT = re.compile(r"status code: (\d{3})")  # obstore's "non-2xx status code: 503"
 
 
 def _status(err: BaseException) -> int | None:
@@ -324,7 +331,8 @@ def _status(err: BaseException) -> int | None:
         value = getattr(err, attr, None)
         if isinstance(value, int):
             return value
-    return None
+    found = _STATUS_IN_TEXT.search(str(err))
+    return int(found.group(1)) if found else None
 
 
 def is_access_error(err: BaseException) -> bool:

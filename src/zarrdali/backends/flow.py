@@ -14,7 +14,8 @@ has stalled, how long one may take in all.
 * :class:`LatencyBound`: what the store usually takes, from the last
   completed requests: a request not answered within ``stall_factor`` times
   their 95th percentile (scaled by its size against theirs, between
-  ``min_stall_s`` and ``max_stall_s``) has stalled: it is cancelled (which
+  ``min_stall_s`` and ``max_stall_s``; ``first_stall_s`` until 8 requests
+  have completed) has stalled: it is cancelled (which
   closes its connection) and sent again at once, with its own bound doubled.
   One hung connection costs about ``min_stall_s`` on a store that answers in
   milliseconds.
@@ -44,6 +45,7 @@ class RequestPolicy:
     timeout_s: float = 60.0  # one request, all its attempts: then the batch fails
     min_stall_s: float = 2.0  # a request is never called stalled before this
     max_stall_s: float = 30.0  # ... and always once this has passed
+    first_stall_s: float = 5.0  # the bound before 8 requests have told the usual latency
     stall_factor: float = 8.0  # times the usual latency (95th percentile)
     backoff_s: float = 0.1  # first retry delay after a transient error, doubling
     max_backoff_s: float = 5.0
@@ -75,8 +77,8 @@ class LatencyBound:
 
     def bound(self, nbytes: int) -> float:
         p = self.policy
-        if len(self._seconds) < 8:  # nothing known yet: the widest bound
-            return p.max_stall_s
+        if len(self._seconds) < 8:  # not known yet
+            return p.first_stall_s
         if self._cached is None:
             self._cached = (
                 float(np.percentile(self._seconds, 95)),

@@ -309,6 +309,7 @@ class RemoteSource:
             "max_in_flight": self.max_in_flight,
             "in_flight_limit": self.limit.current,
             "in_flight_decreases": self.limit.decreases,
+            "stall_bound_ms": int(1000 * self.latency.bound(0)),
             "ranges_ignored": int(self.ranges_ignored),
             "request_seconds_x1000": int(self.seconds * 1000),
         }

@@ -117,7 +117,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cold=bool(o["cold"]),
         storage_options=o["storage_options"],
     )
-    command = shlex.join(["zarrdali", *redact_argv(sys.argv[1:])])  # no secret written
+    argv = getattr(args, "argv", sys.argv[1:])
+    command = shlex.join(["zarrdali", *redact_argv(argv)])  # no secret written
     payload = run_bench(stores, spec, loaders, o["out"], progress=not args.quiet, command=command)
     print(payload["table"])
     for name, value in payload["ratios"].items():
