@@ -46,7 +46,9 @@ class RequestPolicy:
     min_stall_s: float = 2.0  # a request is never called stalled before this
     max_stall_s: float = 30.0  # ... and always once this has passed
     first_stall_s: float = 5.0  # the bound before 8 requests have told the usual latency
-    stall_factor: float = 8.0  # times the usual latency (95th percentile)
+    stall_factor: float = 16.0  # times the usual latency (the median)
+    slow_factor: float = 8.0  # an answer this many times slower than usual: congestion
+    min_slow_s: float = 0.5  # ... if it took at least this long
     backoff_s: float = 0.1  # first retry delay after a transient error, doubling
     max_backoff_s: float = 5.0
     initial_in_flight: int = 4
@@ -61,57 +63,87 @@ class RequestPolicy:
 
 
 class LatencyBound:
-    """How long a request may take before it counts as stalled, from the
-    durations and sizes of the last ``window`` completed requests."""
+    """What the store usually takes, from the durations and sizes of the last
+    ``window`` completed requests: when a request counts as slow (a sign of
+    congestion) and when as stalled (cancelled and sent again)."""
 
     def __init__(self, policy: RequestPolicy, window: int = 256) -> None:
         self.policy = policy
         self._seconds: collections.deque[float] = collections.deque(maxlen=window)
         self._nbytes: collections.deque[int] = collections.deque(maxlen=window)
-        self._cached: tuple[float, float] | None = None  # (p95 seconds, median bytes)
+        self._usual: tuple[float, float] | None = None  # (median seconds, median bytes)
 
     def record(self, seconds: float, nbytes: int) -> None:
         self._seconds.append(seconds)
         self._nbytes.append(max(1, nbytes))
-        self._cached = None
+        self._usual = None
+
+    def _scaled_usual(self, nbytes: int) -> float | None:
+        """The usual latency, scaled by the request's size against the usual size."""
+        if len(self._seconds) < 8:
+            return None
+        if self._usual is None:
+            self._usual = (float(np.median(self._seconds)), float(np.median(self._nbytes)))
+        seconds, typical = self._usual
+        return seconds * max(1.0, nbytes / typical)
 
     def bound(self, nbytes: int) -> float:
+        """Seconds after which a request of ``nbytes`` has stalled."""
         p = self.policy
-        if len(self._seconds) < 8:  # not known yet
+        usual = self._scaled_usual(nbytes)
+        if usual is None:  # not known yet
             return p.first_stall_s
-        if self._cached is None:
-            self._cached = (
-                float(np.percentile(self._seconds, 95)),
-                float(np.median(self._nbytes)),
-            )
-        p95, typical = self._cached
-        scale = max(1.0, nbytes / typical)
-        return min(p.max_stall_s, max(p.min_stall_s, p.stall_factor * p95 * scale))
+        return min(p.max_stall_s, max(p.min_stall_s, p.stall_factor * usual))
+
+    def slow(self, seconds: float, nbytes: int) -> bool:
+        """Whether a request that took ``seconds`` was far slower than usual (a
+        dropped connection retransmitted, a queue at the server)."""
+        p = self.policy
+        usual = self._scaled_usual(nbytes)
+        return usual is not None and seconds > max(p.min_slow_s, p.slow_factor * usual)
 
 
 class AdaptiveLimit:
-    """Requests in flight, limited by an AIMD window between 1 and ``max_limit``
-    (see the module's text). :meth:`acquire` waits for room (first come, first
-    served) and returns a token for :meth:`release`."""
+    """Requests in flight, limited by a window between 1 and ``max_limit`` that
+    grows while throughput grows and halves on congestion (see the module's
+    text). :meth:`acquire` waits for room (first come, first served) and returns
+    a token for :meth:`release`.
 
-    def __init__(self, max_limit: int, initial: int = 4) -> None:
+    Throughput at a limit ``L`` is measured by Little's law, ``L`` over the
+    median latency of a round of ``L`` requests sent and answered at that limit
+    while it held requests back (medians: one slow answer does not sway it).
+    The limit doubles (slow start) or grows by one while that beats the limit it
+    came from by ``gain``; where it does not, it goes back and tries again after
+    ``probe_rounds`` rounds. ``adaptive=False``: always ``max_limit``.
+    """
+
+    gain = 1.1
+    probe_rounds = 16
+
+    def __init__(self, max_limit: int, initial: int = 4, *, adaptive: bool = True) -> None:
         if max_limit < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_limit}")
         self.max_limit = max_limit
-        self.limit = float(min(max_limit, max(1, initial)))
-        self.threshold = float(max_limit)  # slow start below it
+        self.adaptive = adaptive
+        self.limit = min(max_limit, max(1, initial)) if adaptive else max_limit
+        self.slow_start = True
         self.in_flight = 0
         self.peak = 0
         self.decreases = 0
-        self._round = 0  # bumped by each decrease
+        self._round = 0  # bumped by each change of the limit
+        self._latencies: list[float] = []  # of this round
+        self._rate: dict[int, float] = {}  # limit -> requests/s measured there
+        self._came_from: int | None = None  # the limit it grew from (None: fell to it)
+        self._ceiling: int | None = None  # a limit where growing did not pay, or congested
+        self._held = 0  # rounds held below the ceiling
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
     @property
     def current(self) -> int:
-        return max(1, int(self.limit))
+        return self.limit
 
     async def acquire(self) -> int:
-        if self.in_flight < self.current and not self._waiters:
+        if self.in_flight < self.limit and not self._waiters:
             self.in_flight += 1
         else:
             waiter = asyncio.get_running_loop().create_future()
@@ -128,23 +160,54 @@ class AdaptiveLimit:
         self.peak = max(self.peak, self.in_flight)
         return self._round
 
-    def release(self, token: int, outcome: str) -> None:
-        """``outcome``: ``"ok"`` (answered), ``"congested"`` (connection error,
-        throttling, stall) or ``"other"`` (an answer that says nothing about load)."""
-        busy = self.in_flight + len(self._waiters) >= self.current
+    def release(self, token: int, outcome: str, seconds: float = 0.0) -> None:
+        """``outcome``: ``"ok"`` (answered in ``seconds``), ``"congested"``
+        (connection error, throttling, a stall or an answer far slower than
+        usual) or ``"other"`` (an answer that says nothing about load)."""
+        busy = self.in_flight + len(self._waiters) >= self.limit
         self.in_flight -= 1
-        if outcome == "ok" and busy:  # grow only while the limit holds requests back
-            step = 1.0 if self.limit < self.threshold else 1.0 / self.limit
-            self.limit = min(float(self.max_limit), self.limit + step)
-        elif outcome == "congested" and token == self._round:
-            self.threshold = max(1.0, self.limit / 2)
-            self.limit = self.threshold
-            self._round += 1
-            self.decreases += 1
+        if self.adaptive and token == self._round:  # sent under the current limit
+            if outcome == "congested":
+                self.decreases += 1
+                self.slow_start = False
+                self._rate.clear()  # what was measured no longer holds
+                self._ceiling, self._held = self.limit, 0
+                self._set(max(1, self.limit // 2), came_from=None)
+            elif outcome == "ok" and busy:
+                self._latencies.append(seconds)
+                if len(self._latencies) >= max(4, self.limit):
+                    self._end_round()
         self._wake()
 
+    def _end_round(self) -> None:
+        """A round of requests at this limit is in: grow, hold, or go back."""
+        rate = self.limit / max(1e-6, float(np.median(self._latencies)))
+        self._latencies = []
+        before = None if self._came_from is None else self._rate.get(self._came_from)
+        self._rate[self.limit] = rate
+        if before is not None and rate < self.gain * before:
+            # More in flight did not pay: back to where it came from; try again later.
+            self.slow_start = False
+            self._ceiling, self._held = self.limit, 0
+            self._set(self._came_from, came_from=None)
+            return
+        step = 2 * self.limit if self.slow_start else self.limit + 1
+        if self._ceiling is not None and step >= self._ceiling:
+            if self._held < self.probe_rounds:
+                self._held += 1
+                return
+            step, self._ceiling = self._ceiling, None  # probe it again
+        if self.limit < self.max_limit:
+            self._set(min(self.max_limit, step), came_from=self.limit)
+
+    def _set(self, limit: int, came_from: int | None) -> None:
+        self.limit = limit
+        self._came_from = came_from
+        self._round += 1
+        self._latencies = []
+
     def _wake(self) -> None:
-        while self._waiters and self.in_flight < self.current:
+        while self._waiters and self.in_flight < self.limit:
             waiter = self._waiters.popleft()
             if not waiter.done():  # (a cancelled waiter is done)
                 self.in_flight += 1

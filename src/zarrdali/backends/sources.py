@@ -220,7 +220,7 @@ class RemoteSource:
         self.limit = AdaptiveLimit(max_in_flight, self.policy.initial_in_flight)
         self.latency = LatencyBound(self.policy)
         self._lock = threading.Lock()
-        self.requests = self.bytes = self.retried = self.timeouts = self.errors = 0
+        self.requests = self.bytes = self.retried = self.timeouts = self.errors = self.slow = 0
         self.seconds = 0.0
         self.ranges_ignored = False
         self.whole_bytes = whole_bytes
@@ -305,6 +305,7 @@ class RemoteSource:
             "retries": self.retried,
             "timeouts": self.timeouts,
             "transient_errors": self.errors,
+            "slow_answers": self.slow,
             "peak_in_flight": self.limit.peak,
             "max_in_flight": self.max_in_flight,
             "in_flight_limit": self.limit.current,
@@ -369,7 +370,7 @@ class RemoteSource:
                 deadline = now + policy.timeout_s
             attempts += 1
             self.requests += 1
-            outcome, stalled = "other", False
+            outcome, stalled, took = "other", False, 0.0
             task = asyncio.ensure_future(make())
             try:
                 wait = max(0.0, min(bound, deadline - now))
@@ -402,11 +403,13 @@ class RemoteSource:
                         self.errors += 1
                         outcome, last = "congested", short_message(err)
                     else:
-                        outcome = "ok"
-                        self.latency.record(loop.time() - now, max(nbytes, _nbytes(result)))
+                        took, size = loop.time() - now, max(nbytes, _nbytes(result))
+                        outcome = "congested" if self.latency.slow(took, size) else "ok"
+                        self.slow += outcome == "congested"
+                        self.latency.record(took, size)
                         return result
             finally:
-                self.limit.release(token, outcome)
+                self.limit.release(token, outcome, took)
             now = loop.time()
             if now >= deadline:
                 raise ObjectReadError(

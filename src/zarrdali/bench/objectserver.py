@@ -474,7 +474,15 @@ class RangeHTTPServer:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="moto S3 server on 127.0.0.1 with zarrdali's knobs")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--http", metavar="DIRECTORY", help="serve DIRECTORY over HTTP/1.0 instead")
+    p.add_argument("--backlog", type=int, default=256, help="listen queue of --http")
     args = p.parse_args(argv)
+    if args.http:
+        http = RangeHTTPServer(args.http, backlog=args.backlog)
+        print(f"port {http.url.rsplit(':', 1)[1]}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            http._server.serve_forever()
+        return
     server = S3Server(args.port)
     print(f"port {server.port}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
