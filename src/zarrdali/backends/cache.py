@@ -128,14 +128,14 @@ class DiskCache:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
                 return self._drop(name)
-            raw = bytearray(st.st_size)
-            view = memoryview(raw)
-            got = 0
-            while got < st.st_size:
-                n = os.readv(fd, [view[got:]])
-                if n == 0:
+            parts, got = [], 0
+            while got < st.st_size:  # one read, unless the file was being replaced
+                part = os.read(fd, st.st_size - got)
+                if not part:
                     break
-                got += n
+                parts.append(part)
+                got += len(part)
+            view = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
             if got != st.st_size or not self._valid(view, identity):
                 return self._drop(name)
             os.utime(fd)  # most recently used
