@@ -57,12 +57,16 @@ class _Scratch(threading.local):
 
     def __init__(self) -> None:
         self.encoded = np.empty(0, dtype=np.uint8)
+        self.encoded_view = memoryview(self.encoded)
+        self.encoded_address = self.encoded.ctypes.data  # (ctypes.data costs a microsecond)
         self.decoded = np.empty(0, dtype=np.uint8)
 
     def encoded_buffer(self, nbytes: int) -> memoryview:
         if self.encoded.nbytes < nbytes:
             self.encoded = np.empty(nbytes, dtype=np.uint8)
-        return memoryview(self.encoded)[:nbytes]
+            self.encoded_view = memoryview(self.encoded)
+            self.encoded_address = self.encoded.ctypes.data
+        return self.encoded_view[:nbytes]
 
     def decoded_array(self, shape: tuple[int, ...], nbytes: int, dtype: np.dtype) -> np.ndarray:
         return self.decoded_bytes(nbytes).view(dtype).reshape(shape)
@@ -133,7 +137,7 @@ class PosixReader:
 
     def address(self) -> int:
         """Where this thread's read buffer starts (what :meth:`pread` returned)."""
-        return self._scratch.encoded.ctypes.data
+        return self._scratch.encoded_address
 
     def read_chunks(
         self, layouts: Sequence[ArrayLayout], locations: ChunkLocations
