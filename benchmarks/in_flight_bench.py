@@ -22,9 +22,6 @@ median seconds per run, and the adaptive run against the best fixed limit.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +31,7 @@ from pathlib import Path
 import zarrdali
 from zarrdali.backends.flow import AdaptiveLimit
 from zarrdali.bench.objectserver import RemoteS3Server, upload
+from zarrdali.bench.report import write_results
 from zarrdali.sample_data import SHARDED, SampleDataSpec, sample_data_exists, write_sample_data
 
 VARIABLES = ["t2m", "u10", "v10", "msl"]
@@ -148,21 +146,8 @@ def main(argv: list[str] | None = None) -> None:
             limits = args.s3_limits.split(",")
             results[name] = scenario(name, url, s3.storage_options(), limits, args)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-        meta = {
-            "command": " ".join(["python", "benchmarks/in_flight_bench.py", *sys.argv[1:]]),
-            "commit": commit,
-            "machine": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "zarrdali": zarrdali.__version__,
-            "spec": {**SPEC, "variables": VARIABLES, "batches": args.batches, "reps": args.reps},
-        }
-        (out / "in_flight.json").write_text(json.dumps({"meta": meta, **results}, indent=2))
+        spec = {**SPEC, "variables": VARIABLES, "batches": args.batches, "reps": args.reps}
+        write_results(args.out, "in_flight.json", results, spec=spec)
 
 
 if __name__ == "__main__":

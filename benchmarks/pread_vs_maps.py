@@ -16,17 +16,13 @@ barely moves) and wall time.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 import zarrdali
+from zarrdali.bench.report import write_results
 
 VARIABLES = ["t2m", "u10", "v10", "msl"]
 SPEC = dict(input_steps=4, target_steps=2, tile=(128, 128), shuffle=True, seed=0)
@@ -99,20 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-        meta = {
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "commit": commit,
-            "machine": platform.platform(),
-            "cpus": __import__("os").cpu_count(),
-            "python": platform.python_version(),
-            "zarrdali": zarrdali.__version__,
-        }
-        (out / "pread_vs_maps.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        write_results(args.out, "pread_vs_maps.json", {"rows": rows})
 
 
 if __name__ == "__main__":

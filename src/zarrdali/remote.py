@@ -106,12 +106,8 @@ def open_obstore(url: str, storage_options: Mapping[str, Any] | None):
 # The client of chunk requests does not retry: zarrdali's engine does (and counts
 # it), bounding each attempt by what the store usually takes (backends/flow.py).
 NO_RETRY: dict[str, Any] = {
+    **DEFAULT_RETRY,
     "max_retries": 0,
-    "backoff": {
-        "init_backoff": timedelta(milliseconds=100),
-        "max_backoff": timedelta(seconds=1),
-        "base": 2,
-    },
     "retry_timeout": timedelta(seconds=1),
 }
 
