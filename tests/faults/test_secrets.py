@@ -11,7 +11,6 @@ import pytest
 
 import zarrdali
 from zarrdali.epoch_reader import EpochReader
-from zarrdali.remote import StoreRef, redact_argv, redact_options
 
 pytest.importorskip("obstore")
 pytest.importorskip("moto")
@@ -21,6 +20,8 @@ BUCKET = "secrets"
 
 
 def test_redacted_options_keep_settings_and_hide_the_rest():
+    from zarrdali.remote import StoreRef, redact_argv, redact_options
+
     options = {
         "secret_access_key": "HIDDEN-1",
         "key": "HIDDEN-2",

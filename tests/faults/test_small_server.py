@@ -12,7 +12,6 @@ import pytest
 from faultkit import check_batches
 
 import zarrdali
-from zarrdali.backends.flow import AdaptiveLimit
 from zarrdali.bench.objectserver import RangeHTTPServer
 
 pytest.importorskip("obstore")
@@ -27,6 +26,8 @@ def _epoch(store, fixed: int | None = None) -> tuple[dict, int]:
         http.faults.delay_s = 0.02  # requests overlap, as on a busy server
         with zarrdali.ZarrLoader(f"{http.url}/{store.name}", variables, **KW) as loader:
             if fixed is not None:  # the loader before the limit adapted
+                from zarrdali.backends.flow import AdaptiveLimit
+
                 loader.backend.source.limit = AdaptiveLimit(fixed, adaptive=False)
             check_batches(loader, store, variables)
             return loader.backend.stats(), http.faults.refused
