@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", default="sample-data")
     p.add_argument("--batches", type=int, default=24)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--small-limits", default="adaptive,1,2,4,6,8,64")
+    p.add_argument("--small-limits", default="adaptive,1,2,4,6,8")
     p.add_argument("--s3-limits", default="adaptive,16,64")
     p.add_argument("--delays-ms", default="5,20")
     p.add_argument("--out", default=None)
