@@ -226,7 +226,6 @@ class RemoteSource:
         self.whole_bytes = whole_bytes
         self._whole: OrderedDict[str, Buffer] = OrderedDict()  # path -> object (LRU)
         self._whole_held = 0
-        self._whole_pending: dict[str, asyncio.Future] = {}
 
     # -- the requests a subclass makes ------------------------------------------
     async def _get_range(self, path: str, start: int, nbytes: int) -> Buffer:
@@ -439,28 +438,16 @@ class RemoteSource:
 
     async def _whole_object(self, path: str, have: Buffer | None = None) -> Buffer:
         """The whole object at ``path`` (for a server that ignores ranges): fetched
-        once and kept while the last ``whole_bytes`` of such objects hold it."""
+        once and kept while the last ``whole_bytes`` of such objects hold it (a
+        batch coalesces all its ranges of an object into one read)."""
         if path in self._whole:
             self._whole.move_to_end(path)
             return self._whole[path]
         if have is None:
-            pending = self._whole_pending.get(path)
-            if pending is not None:
-                return await asyncio.shield(pending)
-            future = asyncio.get_running_loop().create_future()
-            self._whole_pending[path] = future
-            try:
-                have = await self._request(path, lambda: self._get_whole(path))
-                self.bytes += _nbytes(have)
-            except BaseException as err:
-                future.set_exception(err)
-                future.exception()  # retrieved: no "never retrieved" warning
-                raise
-            finally:
-                self._whole_pending.pop(path, None)
-            future.set_result(have)
+            have = await self._request(path, lambda: self._get_whole(path))
+            self.bytes += _nbytes(have)
         size = _nbytes(have)
-        if size <= self.whole_bytes:
+        if size <= self.whole_bytes and path not in self._whole:  # (another batch's fetch)
             self._whole[path] = have
             self._whole_held += size
             while self._whole_held > self.whole_bytes:
