@@ -157,6 +157,6 @@ def test_a_loader_refetches_what_it_finds_damaged(remote_store, tmp_path, tamper
         with zarrdali.ZarrLoader(url, ["sharded", "plain"], cache_dir=cache_dir, **kw) as third:
             check_batches(third, remote_store, ["sharded", "plain"])
         repaired = [path for path, _ in http.requests if "/c/" in path]
-    assert stats["cache_dropped"] == len(entries)
+    assert stats["cache_dropped"] >= len(entries)  # (two batches may both find one)
     assert refetched == {path for path, _ in fetched}, "every object fetched again"
     assert repaired == [], "the cache holds good entries again"

@@ -112,13 +112,20 @@ class AdaptiveLimit:
     Throughput at a limit ``L`` is measured by Little's law, ``L`` over the
     median latency of a round of ``L`` requests sent and answered at that limit
     while it held requests back (medians: one slow answer does not sway it).
-    The limit doubles (slow start) or grows by one while that beats the limit it
-    came from by ``gain``; where it does not, it goes back and tries again after
-    ``probe_rounds`` rounds. ``adaptive=False``: always ``max_limit``.
+    The limit doubles (slow start, until the median latency grows by
+    ``queueing``: requests queue at the server) or grows by one while that
+    beats the limit it came from by ``gain``; where it does not, or where it congested, it goes back
+    and tries that limit again after ``probe_rounds`` rounds, twice as many after
+    each congestion or try that fails again (up to ``max_probe_rounds``; a try
+    that pays starts afresh): a try that costs a dropped connection (a second) is
+    not repeated every few batches.
+    ``adaptive=False``: always ``max_limit``.
     """
 
     gain = 1.1
-    probe_rounds = 16
+    queueing = 1.25  # slow start ends where the median latency grows this much
+    probe_rounds = 64
+    max_probe_rounds = 1024
 
     def __init__(self, max_limit: int, initial: int = 4, *, adaptive: bool = True) -> None:
         if max_limit < 1:
@@ -133,9 +140,12 @@ class AdaptiveLimit:
         self._round = 0  # bumped by each change of the limit
         self._latencies: list[float] = []  # of this round
         self._rate: dict[int, float] = {}  # limit -> requests/s measured there
+        self._latency: dict[int, float] = {}  # limit -> median latency there
         self._came_from: int | None = None  # the limit it grew from (None: fell to it)
         self._ceiling: int | None = None  # a limit where growing did not pay, or congested
         self._held = 0  # rounds held below the ceiling
+        self._patience = self.probe_rounds  # rounds to hold before trying the ceiling
+        self._probing = False  # at a ceiling tried again
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
     @property
@@ -171,7 +181,8 @@ class AdaptiveLimit:
                 self.decreases += 1
                 self.slow_start = False
                 self._rate.clear()  # what was measured no longer holds
-                self._ceiling, self._held = self.limit, 0
+                self._latency.clear()
+                self._stop_at(self.limit, congested=True)
                 self._set(max(1, self.limit // 2), came_from=None)
             elif outcome == "ok" and busy:
                 self._latencies.append(seconds)
@@ -181,24 +192,39 @@ class AdaptiveLimit:
 
     def _end_round(self) -> None:
         """A round of requests at this limit is in: grow, hold, or go back."""
-        rate = self.limit / max(1e-6, float(np.median(self._latencies)))
+        latency = max(1e-6, float(np.median(self._latencies)))
+        rate = self.limit / latency
         self._latencies = []
         before = None if self._came_from is None else self._rate.get(self._came_from)
-        self._rate[self.limit] = rate
+        if self.slow_start and self._came_from in self._latency:
+            # Latency rising: requests queue at the server; grow gently from here
+            # (doubling into a server's cliff costs dropped connections).
+            self.slow_start = latency < self.queueing * self._latency[self._came_from]
+        self._rate[self.limit], self._latency[self.limit] = rate, latency
         if before is not None and rate < self.gain * before:
             # More in flight did not pay: back to where it came from; try again later.
             self.slow_start = False
-            self._ceiling, self._held = self.limit, 0
+            self._stop_at(self.limit)
             self._set(self._came_from, came_from=None)
             return
+        if self._probing:  # the ceiling tried again paid: patience starts afresh
+            self._probing, self._patience = False, self.probe_rounds
         step = 2 * self.limit if self.slow_start else self.limit + 1
         if self._ceiling is not None and step >= self._ceiling:
-            if self._held < self.probe_rounds:
+            if self._held < self._patience:
                 self._held += 1
                 return
-            step, self._ceiling = self._ceiling, None  # probe it again
+            step, self._ceiling, self._probing = self._ceiling, None, True
         if self.limit < self.max_limit:
             self._set(min(self.max_limit, step), came_from=self.limit)
+
+    def _stop_at(self, ceiling: int, congested: bool = False) -> None:
+        """Growing to ``ceiling`` did not pay, or congested: hold below it for a
+        while (twice as long after each congestion or failed try)."""
+        if self._probing or congested:
+            self._patience = min(self.max_probe_rounds, 2 * self._patience)
+        self._probing = False
+        self._ceiling, self._held = ceiling, 0
 
     def _set(self, limit: int, came_from: int | None) -> None:
         self.limit = limit
