@@ -87,4 +87,4 @@ def test_gpu_reader_drops_damaged_cache_entries(remote_store, tmp_path, monkeypa
             stats = again.source.stats()
         finally:
             again.close()
-    assert stats["cache_dropped"] == len(entries) and stats["requests"] > 0
+    assert stats["cache_dropped"] >= len(entries) and stats["requests"] > 0
