@@ -2,23 +2,26 @@
 has stalled, how long one may take in all.
 
 * :class:`AdaptiveLimit`: the number of requests in flight adapts to what the
-  store sustains, as TCP's congestion window does (AIMD): it starts at a few,
-  grows by one per completed request while below its threshold (slow start:
-  doubling per round trip), then by one per round trip, up to
-  ``max_in_flight``; a connection error, a throttling answer (429, 503) or a
-  stalled request halves it (once per round: the requests already in flight
-  were sent under the old limit). It grows only while the limit is what holds
-  requests back, so a batch that needs few requests does not inflate it. A
-  small server that drops connections past a queue of 5 then sees a few
-  requests at a time; S3 sees ``max_in_flight``.
+  store sustains. It starts at a few and, round by round (a round: as many
+  requests as the limit, sent and answered at that limit while it held others
+  back), doubles while the median latency stays flat (slow start), then grows
+  by one while throughput grows (Little's law: the limit over the median
+  latency), up to ``max_in_flight``. A connection error, a throttling answer
+  (429, 503), a stalled request or an answer far slower than usual (a
+  connection dropped by a full listen queue waits a second for TCP to try
+  again) halves it, and the limit where that happened is tried again only
+  after a while, longer each time. A small server that drops connections past
+  a queue of 5 then sees a few requests at a time; a store whose latency does
+  not grow with load (S3) sees ``max_in_flight``.
 * :class:`LatencyBound`: what the store usually takes, from the last
   completed requests: a request not answered within ``stall_factor`` times
-  their 95th percentile (scaled by its size against theirs, between
-  ``min_stall_s`` and ``max_stall_s``; ``first_stall_s`` until 8 requests
-  have completed) has stalled: it is cancelled (which
-  closes its connection) and sent again at once, with its own bound doubled.
-  One hung connection costs about ``min_stall_s`` on a store that answers in
-  milliseconds.
+  their median (scaled by its size against theirs, between ``min_stall_s``
+  and ``max_stall_s``; ``first_stall_s`` until 8 requests have completed) has
+  stalled: it is cancelled (which closes its connection) and sent again at
+  once, with its own bound doubled. One hung connection costs about
+  ``min_stall_s`` on a store that answers in milliseconds. An answer
+  ``slow_factor`` times slower than the median (and at least ``min_slow_s``)
+  counts as congestion.
 * :class:`RequestPolicy`: the knobs, and ``timeout_s``: the most one request
   may take, its retries (transient errors, with exponential backoff and jitter)
   and re-sends after stalls included. Past it the batch fails with a
