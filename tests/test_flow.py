@@ -6,8 +6,10 @@ round on congestion; the latency bound follows what the store usually takes."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 
+import numpy as np
 import pytest
 
 from zarrdali.backends.flow import AdaptiveLimit, LatencyBound, RequestPolicy
@@ -19,7 +21,7 @@ def run_rounds(limit: AdaptiveLimit, latency, rounds: int) -> list[int]:
     seen = []
     for _ in range(rounds):
         token, n = limit._round, limit.limit
-        for _ in range(max(4, n)):
+        for _ in range(max(limit.min_round, n)):
             limit.in_flight = n  # all in flight: the limit holds requests back
             limit.release(token, "ok", latency(n))
         limit.in_flight = 0
@@ -34,13 +36,16 @@ def test_grows_to_the_maximum_where_latency_does_not_grow():
     assert limit.limit == 64
 
 
-def test_settles_near_a_servers_capacity():
-    """A server that answers 6 requests at a time: latency grows past 6 in flight."""
+def test_stops_growing_where_throughput_stops_growing():
+    """A server that answers 6 requests at a time: latency grows past 6 in flight,
+    throughput does not. The limit stops near 6; it tries more only rarely (each
+    try that does not pay doubles the wait before the next)."""
     limit = AdaptiveLimit(64)
-    seen = run_rounds(limit, lambda n: 0.01 * max(1.0, n / 6), 400)
-    # (one above now and then: the limit where growing stopped paying, tried again)
-    assert min(seen[50:]) >= 4 and max(seen[50:]) <= 9, seen[-20:]
-    assert sum(n > 8 for n in seen[50:]) < len(seen[50:]) // 10
+    seen = run_rounds(limit, lambda n: 0.01 * max(1.0, n / 6), 1000)
+    grown = [k for k, (a, b) in enumerate(itertools.pairwise(seen)) if b > a]
+    gaps = np.diff(grown[1:])
+    assert len(grown) <= 6 and (gaps[1:] >= 1.8 * gaps[:-1]).all(), grown
+    assert min(seen[20:]) >= 6 and max(seen) <= 24, seen
 
 
 def test_congestion_halves_once_per_round():

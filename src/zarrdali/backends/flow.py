@@ -5,7 +5,7 @@ has stalled, how long one may take in all.
   store sustains. It starts at a few and, round by round (a round: as many
   requests as the limit, sent and answered at that limit while it held others
   back), doubles while the median latency stays flat (slow start), then grows
-  by one while throughput grows (Little's law: the limit over the median
+  by a quarter while throughput grows (Little's law: the limit over the median
   latency), up to ``max_in_flight``. A connection error, a throttling answer
   (429, 503), a stalled request or an answer far slower than usual (a
   connection dropped by a full listen queue waits a second for TCP to try
@@ -116,16 +116,21 @@ class AdaptiveLimit:
     median latency of a round of ``L`` requests sent and answered at that limit
     while it held requests back (medians: one slow answer does not sway it).
     The limit doubles (slow start, until the median latency grows by
-    ``queueing``: requests queue at the server) or grows by one while that
-    beats the limit it came from by ``gain``; where it does not, or where it congested, it goes back
-    and tries that limit again after ``probe_rounds`` rounds, twice as many after
-    each congestion or try that fails again (up to ``max_probe_rounds``; a try
-    that pays starts afresh): a try that costs a dropped connection (a second) is
-    not repeated every few batches.
-    ``adaptive=False``: always ``max_limit``.
+    ``queueing``: requests queue at the server), then grows by a quarter (at
+    least one) while throughput grows by at least ``gain`` of that (growing by
+    25% must gain 12.5%, measured on at least ``min_round`` requests). Where it
+    does not pay it stays; where throughput fell (below ``worse``) or it
+    congested it goes back (congestion: halves); either way it tries to grow
+    past that limit again only after ``probe_rounds`` rounds, twice as many
+    after each congestion or try that fails again (up to ``max_probe_rounds``; a
+    try that pays starts afresh): a try that costs a dropped connection (a
+    second) is not repeated every few batches. ``adaptive=False``: always
+    ``max_limit``.
     """
 
-    gain = 1.1
+    gain = 0.5  # of the growth in limit, what throughput must gain for growth to pay
+    worse = 0.8  # throughput this much lower: more in flight hurt, go back
+    min_round = 16  # requests (at least) a measurement is the median of
     queueing = 1.25  # slow start ends where the median latency grows this much
     probe_rounds = 64
     max_probe_rounds = 1024
@@ -189,7 +194,7 @@ class AdaptiveLimit:
                 self._set(max(1, self.limit // 2), came_from=None)
             elif outcome == "ok" and busy:
                 self._latencies.append(seconds)
-                if len(self._latencies) >= max(4, self.limit):
+                if len(self._latencies) >= max(self.min_round, self.limit):
                     self._end_round()
         self._wake()
 
@@ -204,15 +209,23 @@ class AdaptiveLimit:
             # (doubling into a server's cliff costs dropped connections).
             self.slow_start = latency < self.queueing * self._latency[self._came_from]
         self._rate[self.limit], self._latency[self.limit] = rate, latency
-        if before is not None and rate < self.gain * before:
-            # More in flight did not pay: back to where it came from; try again later.
-            self.slow_start = False
-            self._stop_at(self.limit)
-            self._set(self._came_from, came_from=None)
-            return
+        step = 2 * self.limit if self.slow_start else self.limit + max(1, self.limit // 4)
+        if before is not None:
+            grew = self.limit / self._came_from - 1
+            if rate < self.worse * before:
+                # More in flight hurt: back to where it came from; try again later.
+                self.slow_start = False
+                self._stop_at(self.limit)
+                self._set(self._came_from, came_from=None)
+                return
+            if rate < (1 + self.gain * grew) * before:
+                # It did not pay (or too little to tell): stay, grow again later.
+                self.slow_start = False
+                self._stop_at(self.limit + max(1, self.limit // 4))
+                self._came_from = None
+                return
         if self._probing:  # the ceiling tried again paid: patience starts afresh
             self._probing, self._patience = False, self.probe_rounds
-        step = 2 * self.limit if self.slow_start else self.limit + 1
         if self._ceiling is not None and step >= self._ceiling:
             if self._held < self._patience:
                 self._held += 1
