@@ -261,8 +261,9 @@ class RemoteSource:
         out: list[Buffer | None] = [None] * len(file)
         whole = np.flatnonzero(nbytes == WHOLE)
         ranged = np.flatnonzero(nbytes != WHOLE)
-        # Ranges ignored: one "read" per object, whatever the gaps (it comes whole).
-        gap = np.iinfo(np.int64).max // 4 if self.ranges_ignored else self.max_gap
+        gap = self.max_gap
+        if self.ranges_ignored and len(ranged):  # one "read" per object: it comes whole
+            gap = int((offset[ranged] + nbytes[ranged]).max())
         reads = coalesce_arrays(file[ranged], offset[ranged], nbytes[ranged], gap)
         members = ranged[reads.order]
         starts, offsets, sizes = reads.start.tolist(), offset.tolist(), nbytes.tolist()
