@@ -111,7 +111,7 @@ class ZarrLoader:
     chunk whole, so every compressor checks every chunk completely. It reads a
     local store's files with ``pread`` (a file rewritten while it is read gives
     a ``ChunkError`` or its old or new bytes); ``memory_map=True`` decodes
-    straight from memory maps instead (no copy of the encoded bytes, about 5-9%
+    straight from memory maps instead (no copy of the encoded bytes, about 10%
     less CPU per sample), but a file that shrinks under a map kills the process
     (SIGBUS): only for stores nobody rewrites while they are read.
 

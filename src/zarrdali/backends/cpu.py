@@ -9,7 +9,7 @@ memory map (``mapped.py``), into the batch itself when the chunk is one whole
 piece of it, else into thread-local scratch and scattered into the batch at
 once. ``pread`` is the default because a file rewritten while it is read then
 gives a short read (a ``ChunkError``) or its old or new bytes, where a map
-kills the process with SIGBUS once its file shrinks; the copy costs about 5-9%
+kills the process with SIGBUS once its file shrinks; the copy costs about 10%
 more CPU per sample (``benchmarks/pread_vs_maps.py``). zstd chunks go
 through numcodecs' libzstd with one reused context per thread
 (``zstdctx.py``), on raw addresses. So no per-chunk memory is allocated, each
