@@ -78,7 +78,7 @@ class EpochReader:
     start: int  # first batch of the epoch to serve (resume)
     num_threads: int = 1
     partial_decode: bool = True
-    memory_map: bool = True
+    memory_map: bool = False
     _state: Any = field(default=None, init=False, repr=False)
 
     def __getstate__(self) -> dict:

@@ -109,17 +109,21 @@ class ZarrLoader:
     The CPU path decodes a chunk only as far as the last byte a batch copies
     from it (zstd, gzip, uncompressed); ``partial_decode=False`` decodes every
     chunk whole, so every compressor checks every chunk completely. It reads a
-    local store's files through memory maps (no copy of the encoded bytes); a
-    store must then not be rewritten in place while it is read (a file that
-    shrinks under a map faults). ``memory_map=False`` reads with ``pread``.
+    local store's files with ``pread`` (a file rewritten while it is read gives
+    a ``ChunkError`` or its old or new bytes); ``memory_map=True`` decodes
+    straight from memory maps instead (no copy of the encoded bytes, about 10%
+    less CPU per sample), but a file that shrinks under a map kills the process
+    (SIGBUS): only for stores nobody rewrites while they are read.
 
     ``store`` may be a path, a URL (``s3://``, ``gs://``, ``az://``, ``https://``;
     credentials and endpoint in ``storage_options``, obstore's or fsspec's
     names), a ``zarr.Group``, a zarr ``Store`` (an Icechunk session's store, an
     ``FsspecStore``) or an obstore store. Both paths read remote chunks
-    themselves: the byte ranges of a batch coalesced and fetched concurrently, at
-    most ``max_in_flight`` requests at a time (per process), retried on
-    throttling; ``cache_dir`` keeps what was read in local files (at most
+    themselves: the byte ranges of a batch coalesced and fetched concurrently, as
+    many at a time as the store sustains (at most ``max_in_flight`` per
+    process), a stalled request sent again after a few seconds, transient errors
+    retried; a request not answered within ``request_timeout`` seconds in all
+    fails its batch with a ``ChunkError``. ``cache_dir`` keeps what was read in local files (at most
     ``cache_bytes``, least recently used evicted), shared by processes and ranks.
     On ``device="cuda"`` the responses land in pinned host memory and go to the
     device in one copy per batch (not yet run on a GPU).
@@ -153,11 +157,12 @@ class ZarrLoader:
         index: str | os.PathLike | SampleTable | None = None,
         augment: Sequence[str] = (),
         partial_decode: bool = True,
-        memory_map: bool = True,
+        memory_map: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_bytes: int | None = None,
         max_in_flight: int = 64,
+        request_timeout: float = 60.0,
         cache: str | None = None,
         cache_budget: int | None = None,
     ) -> None:
@@ -174,6 +179,8 @@ class ZarrLoader:
         )
         if max_in_flight < 1:
             raise ConfigError(f"max_in_flight must be >= 1 request, got {max_in_flight}.")
+        if not request_timeout > 0:
+            raise ConfigError(f"request_timeout must be > 0 seconds, got {request_timeout}.")
         # How this process and DALI's worker processes open the store.
         self.store_ref = StoreRef(
             _path_or_object(store),
@@ -181,6 +188,7 @@ class ZarrLoader:
             cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
             cache_bytes=cache_bytes,
             max_in_flight=max_in_flight,
+            request_timeout=request_timeout,
         )
         self.group, self.store_name = open_group(store, storage_options)
         self.variables = [variables] if isinstance(variables, str) else list(variables)
@@ -225,6 +233,7 @@ class ZarrLoader:
             self.group,
             self.store_name,
             max_in_flight=max_in_flight,
+            request_timeout=request_timeout,
             cache_dir=cache_dir,
             cache_bytes=cache_bytes,
         )

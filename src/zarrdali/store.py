@@ -123,7 +123,7 @@ def open_group(
         target: Any = name
     else:
         target = remote.zarr_store_for(store, storage_options)
-        name = store if isinstance(store, str) else remote.store_label(target)
+        name = remote.redact_url(store) if isinstance(store, str) else remote.store_label(target)
     try:
         group = zarr.open_group(target, mode="r")
     except (

@@ -1,12 +1,16 @@
-"""CPU backend: memory-mapped files (or ``os.pread``), numcodecs, numpy, in threads.
+"""CPU backend: ``os.pread`` (or memory-mapped files), numcodecs, numpy, in threads.
 
 Reads and decodes release the GIL, so a thread pool the size of the core count
 keeps every core busy without worker processes. The three roles (reader,
 decoder, assembler) run fused per chunk inside one task: a chunk's bytes are
-decoded straight from the page cache through a memory map (``mapped.py``; a
-file that cannot be mapped is read with ``pread`` into a thread-local buffer),
-into the batch itself when the chunk is one whole piece of it, else into
-thread-local scratch and scattered into the batch at once. zstd chunks go
+read with ``pread`` into a thread-local buffer (coalesced with its neighbours)
+or, with ``memory_map=True``, decoded straight from the page cache through a
+memory map (``mapped.py``), into the batch itself when the chunk is one whole
+piece of it, else into thread-local scratch and scattered into the batch at
+once. ``pread`` is the default because a file rewritten while it is read then
+gives a short read (a ``ChunkError``) or its old or new bytes, where a map
+kills the process with SIGBUS once its file shrinks; the copy costs about 10%
+more CPU per sample (``benchmarks/pread_vs_maps.py``). zstd chunks go
 through numcodecs' libzstd with one reused context per thread
 (``zstdctx.py``), on raw addresses. So no per-chunk memory is allocated, each
 chunk is touched while it is still in cache, and the Python left per chunk is
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,7 +47,7 @@ from .fallback import ZarrPythonChunkSource
 from .locate import ChunkLocations, ChunkLocator, Locators
 from .mapped import MapLease, MappedFiles
 from .openfiles import OpenFiles
-from .ranges import CoalescedReads, coalesce_arrays
+from .ranges import CoalescedReads, coalesce_arrays, within
 from .sources import ByteSource, ObjectReadError, OnReady, make_source
 from .zstdctx import ZstdContexts, ZstdFrameError
 
@@ -53,12 +57,16 @@ class _Scratch(threading.local):
 
     def __init__(self) -> None:
         self.encoded = np.empty(0, dtype=np.uint8)
+        self.encoded_view = memoryview(self.encoded)
+        self.encoded_address = self.encoded.ctypes.data  # (ctypes.data costs a microsecond)
         self.decoded = np.empty(0, dtype=np.uint8)
 
     def encoded_buffer(self, nbytes: int) -> memoryview:
         if self.encoded.nbytes < nbytes:
             self.encoded = np.empty(nbytes, dtype=np.uint8)
-        return memoryview(self.encoded)[:nbytes]
+            self.encoded_view = memoryview(self.encoded)
+            self.encoded_address = self.encoded.ctypes.data
+        return self.encoded_view[:nbytes]
 
     def decoded_array(self, shape: tuple[int, ...], nbytes: int, dtype: np.dtype) -> np.ndarray:
         return self.decoded_bytes(nbytes).view(dtype).reshape(shape)
@@ -126,6 +134,10 @@ class PosixReader:
                 key=key,
             )
         return buf
+
+    def address(self) -> int:
+        """Where this thread's read buffer starts (what :meth:`pread` returned)."""
+        return self._scratch.encoded_address
 
     def read_chunks(
         self, layouts: Sequence[ArrayLayout], locations: ChunkLocations
@@ -317,8 +329,9 @@ class CpuBackend:
 
     Host work per batch is array programs (locate, coalesce, group the copies
     by chunk); the per-chunk loop that remains decodes and copies. A local
-    store's files are memory-mapped (no copy of the encoded bytes), and zstd
-    chunks are decoded with one reused libzstd context per thread, on raw
+    store's files are read with ``pread`` (``memory_map=True``: mapped, no copy
+    of the encoded bytes, but a file that shrinks under its map faults), and
+    zstd chunks are decoded with one reused libzstd context per thread, on raw
     addresses, straight into the batch where a chunk is one whole piece.
     """
 
@@ -336,7 +349,7 @@ class CpuBackend:
         *,
         max_gap: int = 64 * 1024,
         source: ByteSource | None = None,
-        memory_map: bool = True,
+        memory_map: bool = False,
     ) -> None:
         self.num_threads = num_threads or os.cpu_count() or 1
         self.partial_decode = partial_decode
@@ -383,14 +396,14 @@ class CpuBackend:
     ) -> None:
         """A chunk past the end of its (mapped) file is a named error, not a fault."""
         file = locations.file[chunks]
-        end = locations.offset[chunks] + locations.nbytes[chunks]
-        short = np.flatnonzero(end > size[file])
+        offset, nbytes = locations.offset[chunks], locations.nbytes[chunks]
+        short = np.flatnonzero(~within(offset, nbytes, size[file]))  # no sum that wraps
         if len(short):
             i = chunks[short[0]]
             f = int(locations.file[i])
             start = int(locations.offset[i])
             raise ChunkError(
-                f"file is truncated: wanted bytes {start}..{int(end[short[0]])}, "
+                f"file is truncated: wanted {int(nbytes[short[0]])} bytes at {start}, "
                 f"it has {int(size[f])}",
                 store=self._store,
                 array=layouts[locations.file_var[f]].name,
@@ -434,14 +447,15 @@ class CpuBackend:
             self._check_ranges(layouts, locations, mapped, lease.size)
             mapped = mapped[np.lexsort((locations.offset[mapped], locations.file[mapped]))]
             src[mapped] = lease.base[locations.file[mapped]] + locations.offset[mapped]
-        if self.zstd is not None:
+        if self.zstd is not None and not self.remote:
             zstd = np.array(
                 [
                     lay.fast_path and lay.codec.compressor == "zstd" and not lay.codec.has_crc32c
                     for lay in layouts
                 ]
             )
-            by_context = on_map & zstd[plan.chunk_var] & (needed < 0)
+            # From a map or from this thread's pread buffer: both are raw addresses.
+            by_context = locations.present & zstd[plan.chunk_var] & (needed < 0)
         else:
             by_context = np.zeros(plan.n_chunks, dtype=bool)
         itemsize = batch_dtype(layouts).itemsize
@@ -535,40 +549,56 @@ class CpuBackend:
                 key=describe_chunk(layout, work.chunk_coords[i]),
             )
 
-        def run_mapped(chunks: list[int]) -> None:
-            """Chunks of mapped files: zstd through this thread's context on raw
-            addresses (into the batch, or into scratch then copied); other codecs
-            through the numcodecs decoder on a view of the map."""
+        def by_context() -> Callable[[int, int], None]:
+            """``decode(i, src)``: zstd chunk ``i`` at address ``src`` through this
+            thread's context (into the batch, or into scratch then copied)."""
             zstd = self.zstd
-            ctx = zstd.context() if uses_context else 0
+            ctx = zstd.context()
             scratch = self.decoder.scratch_bytes(max(chunk_nbytes))
             address = scratch.ctypes.data
             views = [scratch[:n].view(d) for n, d in zip(chunk_nbytes, stored, strict=True)]
-            for i in chunks:
-                if not work.by_context[i]:
-                    lo = work.offset[i]
-                    decode(i, lease.view(work.file[i])[lo : lo + work.nbytes[i]])
-                    continue
+
+            def decode_at(i: int, src: int) -> None:
                 v, into = work.chunk_var[i], dst[i]
                 try:
                     zstd.decompress_exactly(
-                        ctx, into or address, chunk_nbytes[v], work.src[i], work.nbytes[i]
+                        ctx, into or address, chunk_nbytes[v], src, work.nbytes[i]
                     )
                 except ZstdFrameError as err:
                     raise frame_error(i, str(err)) from None
                 if not into:
                     scatter(i, views[v])
 
+            return decode_at
+
+        def run_mapped(chunks: list[int]) -> None:
+            """Chunks of mapped files: zstd by context on the map's addresses; other
+            codecs through the numcodecs decoder on a view of the map."""
+            decode_at = by_context() if uses_context else None
+            for i in chunks:
+                if work.by_context[i]:
+                    decode_at(i, work.src[i])
+                else:
+                    lo = work.offset[i]
+                    decode(i, lease.view(work.file[i])[lo : lo + work.nbytes[i]])
+
         def run_reads(rs: range) -> None:
+            """Coalesced ``pread`` s into this thread's buffer, each chunk decoded from
+            there (zstd by context on its address)."""
+            decode_at = by_context() if uses_context else None
             for r in rs:
                 f, start = work.read_file[r], work.read_start[r]
                 array = layouts[locations.file_var[f]].name
                 buf = self.reader.pread(
                     locations.paths[f], start, work.read_nbytes[r], array, locations.keys[f]
                 )
+                base = self.reader.address() - start if decode_at is not None else 0
                 for i in work.read_members[work.read_bounds[r] : work.read_bounds[r + 1]]:
-                    lo = work.offset[i] - start
-                    decode(i, buf[lo : lo + work.nbytes[i]])
+                    if work.by_context[i]:
+                        decode_at(i, base + work.offset[i])
+                    else:
+                        lo = work.offset[i] - start
+                        decode(i, buf[lo : lo + work.nbytes[i]])
 
         def run_fetched(ks: list[int], buffers: list) -> None:
             for k, data in zip(ks, buffers, strict=True):  # None: a chunk never written

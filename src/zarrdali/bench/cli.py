@@ -70,6 +70,7 @@ def _ensure_sample_data(directory: Path) -> list[tuple[str, str]]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from ..remote import redact_argv
     from .main import LOADERS, run_bench
     from .spec import BenchSpec
 
@@ -113,7 +114,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cold=bool(o["cold"]),
         storage_options=o["storage_options"],
     )
-    command = shlex.join(["zarrdali", *sys.argv[1:]])
+    argv = getattr(args, "argv", sys.argv[1:])
+    command = shlex.join(["zarrdali", *redact_argv(argv)])  # no secret written
     payload = run_bench(stores, spec, loaders, o["out"], progress=not args.quiet, command=command)
     print(payload["table"])
     for name, value in payload["ratios"].items():

@@ -97,6 +97,20 @@ def system_info() -> dict:
     }
 
 
+def write_results(out_dir: str | Path, name: str, results: dict, **meta) -> Path:
+    """``results`` as ``out_dir/name`` (JSON), with what they were measured on and
+    by which command (the running script's argv) under ``"meta"``."""
+    import sys
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", *sys.argv])
+    payload = {"meta": {"command": command, "system": system_info(), **meta}, **results}
+    path = out / name
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
 def _stats(values: list[float]) -> dict:
     if not values:
         return {"median": None, "min": None, "max": None}

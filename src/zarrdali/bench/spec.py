@@ -50,4 +50,10 @@ class BenchSpec:
         )
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The spec as written to bench.json: storage options redacted."""
+        from ..remote import redact_options, redact_url
+
+        out = asdict(self)
+        out["store"] = redact_url(out["store"])
+        out["storage_options"] = redact_options(out["storage_options"])
+        return out
