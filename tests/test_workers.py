@@ -80,11 +80,11 @@ def test_in_process_error_keeps_type_and_traceback(store, monkeypatch):
     real = loader.backend.load_batch
     calls = {"n": 0}
 
-    def failing(layouts, plan):
+    def failing(layouts, plan, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise InjectedReadError("disk went away")
-        return real(layouts, plan)
+        return real(layouts, plan, **kw)
 
     monkeypatch.setattr(loader.backend, "load_batch", failing)
     with pytest.raises(InjectedReadError, match="disk went away") as info:

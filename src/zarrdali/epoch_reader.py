@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from .backends.base import batch_dtype
+from .backends.finish import Finish
 from .batchplan import plan_batch
+from .hostfeed import Finishing
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
 from .remote import StoreRef
 from .store import ArrayLayout, load_layouts
@@ -33,6 +35,8 @@ def load_frames(
     *,
     out_for: Callable[[tuple[int, ...], np.dtype], Any] | None = None,
     stream: Any = None,
+    outs: Sequence[np.ndarray] | None = None,
+    finish: Finish | None = None,
 ) -> tuple[Any, ...]:
     """The frames of ``samples`` as the pipeline takes them.
 
@@ -42,7 +46,9 @@ def load_frames(
     A device source (the GPU feed) passes ``out_for(shape, dtype)``, called
     once the batch is planned, for the buffer to assemble the window in, and
     ``stream``, on which the backend enqueues all the batch's device work
-    without synchronizing.
+    without synchronizing. A host source passes ``outs`` (one array per frame
+    output, assembled in place) and ``finish`` (cast, normalize, augment while
+    assembling; see :mod:`zarrdali.backends.finish`).
     """
     with annotate("zarrdali.plan"):
         read_plan = plan_batch(
@@ -58,6 +64,10 @@ def load_frames(
         device_args["out"] = out_for(read_plan.out_shape, batch_dtype(layouts))
     if stream is not None:
         device_args["stream"] = stream
+    if outs is not None:
+        device_args["out"] = outs
+    if finish is not None:
+        device_args["finish"] = finish
     with annotate("zarrdali.load"):
         frames = backend.load_batch(layouts, read_plan, **device_args)
     return (frames,) if read_plan.frame_split is None else frames
@@ -75,6 +85,7 @@ class EpochReader:
     num_threads: int = 1
     partial_decode: bool = True
     memory_map: bool = True
+    finishing: Finishing | None = None  # cast, normalize, augment while assembling
     _state: Any = field(default=None, init=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -112,3 +123,23 @@ class EpochReader:
         samples = plan.batch(self.start + k)
         frames = load_frames(backend, layouts, self.spec, self.candidates.tile_hw, samples)
         return frames, samples
+
+    def load_part(self, k: int, lo: int, hi: int, outs: Sequence[np.ndarray]) -> None:
+        """Samples ``lo:hi`` of batch ``start + k`` into ``outs`` (those samples'
+        place in the batch's frame outputs), finished as ``finishing`` says."""
+        if self._state is None:
+            self._state = self._open()
+        layouts, plan, backend = self._state
+        j = self.start + k
+        samples = plan.batch(j)
+        finish = None
+        if self.finishing is not None:
+            finish = self.finishing.batch(j, len(samples)).samples(lo, hi)
+        tile_hw = self.candidates.tile_hw
+        load_frames(backend, layouts, self.spec, tile_hw, samples[lo:hi], outs=outs, finish=finish)
+
+    def close(self) -> None:
+        """Release the backend this reader opened (threads, maps, files). Idempotent."""
+        state, self._state = self._state, None
+        if state is not None:
+            state[2].close()
