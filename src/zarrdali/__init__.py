@@ -10,6 +10,7 @@ from .errors import (
     StoreAccessError,
     StoreNotFoundError,
     VariableNotFoundError,
+    WorkerDiedError,
     ZarrDaliError,
 )
 from .loader import ZarrLoader
@@ -26,6 +27,7 @@ __all__ = [
     "StoreAccessError",
     "StoreNotFoundError",
     "VariableNotFoundError",
+    "WorkerDiedError",
     "ZarrDaliError",
     "ZarrLoader",
     "__version__",

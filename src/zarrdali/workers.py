@@ -137,10 +137,7 @@ def describe_exit(exitcode: int | None) -> str:
             name = signal.Signals(-exitcode).name
         except ValueError:
             name = f"signal {-exitcode}"
-        how = f"was killed by {name} (signal {-exitcode})"
-        if -exitcode == signal.SIGKILL:
-            how += "; the out-of-memory killer sends SIGKILL: check the memory in use"
-        return how
+        return f"was killed by {name} (signal {-exitcode})"
     return f"exited with code {exitcode}"
 
 
@@ -216,6 +213,7 @@ class WorkerPool:
             self._queued[i] += 1
 
     def wait(self, k: int) -> None:
+        self._poll(0.0, k)  # a worker that died since is reported even if k is in
         while self._pending.get(k, 0) and k not in self._failed:
             self._poll(_POLL_S, k)
         self._pending.pop(k, None)
@@ -259,12 +257,13 @@ class WorkerPool:
         proc = self._procs[i]
         proc.join(1.0)  # it is gone or going: its exit code
         what = f"{self.name}: worker process {i} (pid {proc.pid}) {describe_exit(proc.exitcode)}"
+        if not self._ready[i]:
+            return WorkerDiedError(f"{what} before it started. {_SPAWN_HINT}")
         if k is not None:
             what += f" while batch {k} of the epoch was loading"
-        if not self._ready[i]:
-            what += f", before it started. {_SPAWN_HINT}"
-        else:
-            what += "; the epoch is stopped."
+        what += "; the epoch is stopped."
+        if proc.exitcode == -signal.SIGKILL:
+            what += " (The out-of-memory killer sends SIGKILL: check the memory in use.)"
         return WorkerDiedError(what)
 
     # -- lifetime -------------------------------------------------------------

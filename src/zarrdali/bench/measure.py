@@ -42,12 +42,30 @@ def child_pids() -> frozenset[int]:
     return frozenset(p.pid for p in _processes()[1:])
 
 
+def _pss(pid: int) -> int | None:
+    """Proportional set size of ``pid`` in bytes (Linux), None where unknown."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def tree_rss(exclude: frozenset[int] = frozenset()) -> int:
-    """Resident memory of this process and its children but ``exclude``, in bytes."""
+    """Memory of this process and its children but ``exclude``, in bytes.
+
+    Proportional set sizes where the system reports them, so memory the
+    processes share (a ring of batch buffers mapped by the workers and the
+    training process) counts once, not once per process; else resident sizes.
+    """
     total = 0
     for proc in _processes(exclude):
         try:
-            total += proc.memory_info().rss
+            pss = _pss(proc.pid)
+            total += pss if pss is not None else proc.memory_info().rss
         except Exception:  # a worker that exited between listing and reading
             continue
     return total

@@ -11,6 +11,7 @@ cannot run here raises :class:`Skipped` with the reason before its first epoch.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -172,15 +173,21 @@ def _zarrdali_loader(spec: BenchSpec, device: str, **kw) -> ZarrLoader:
 
 
 def zarrdali_runner(
-    spec: BenchSpec, result: RunResult, device: str = "cpu", partial_decode: bool = True
+    spec: BenchSpec,
+    result: RunResult,
+    device: str = "cpu",
+    partial_decode: bool = True,
+    workers: int | None = None,
 ) -> Runner:
-    """zarrdali end to end: plan, read, decode, assemble, DALI, torch tensors.
+    """zarrdali end to end: plan, read, decode, assemble (and on the GPU, DALI),
+    torch tensors.
 
-    ``partial_decode=False`` decodes every chunk whole, as the decode ceilings do.
+    ``partial_decode=False`` decodes every chunk whole, as the decode ceilings do;
+    ``workers`` overrides the loader's default worker processes.
     """
     # Remote stores: in-process (threads; fetching is async), so the request counts
     # of the byte source are this process's to report.
-    workers = {"workers": 0} if spec.remote else {}
+    workers = {"workers": 0} if spec.remote else {} if workers is None else {"workers": workers}
     loader = _zarrdali_loader(spec, device, partial_decode=partial_decode, **workers)
     note = f"{loader.workers} worker process(es)" if loader.workers else "in-process"
     ready = None
@@ -356,6 +363,116 @@ def decode_ceiling_runner(
             yield
     finally:
         pool.shutdown()
+        if contexts is not None:
+            contexts.close()
+        loader.close()
+
+
+def file_ceiling_runner(
+    spec: BenchSpec, result: RunResult, *, zstd_contexts: bool = False
+) -> Runner:
+    """What reading and decoding a batch costs a loader at the least, from the files.
+
+    Per batch, ``spec.budget`` threads ``pread`` exactly the (inner) chunks its
+    samples touch, each once, into reused buffers and decode them with
+    numcodecs (``zstd_contexts``: libzstd with a reused context per thread, as
+    zarrdali calls it) into reused buffers. Nothing is assembled or handed
+    over: this is a rate no loader reaches, its ratio the share a loader
+    keeps. Finding the chunks (the shard indexes, read once) is not timed.
+    """
+    if spec.remote:
+        raise Skipped("the decode ceilings read a local store's files")
+    contexts = ZstdContexts.create() if zstd_contexts else None
+    if zstd_contexts and contexts is None:
+        raise Skipped("this numcodecs build does not export libzstd's API")
+    loader = _loader(spec, workers=0)
+    threads = spec.budget
+    layouts = loader.layouts
+    decode_with = "libzstd, reused contexts" if zstd_contexts else "numcodecs decode"
+    result.note = (
+        f"{threads} threads: pread of the chunks each batch touches + {decode_with}, "
+        "reused buffers (not a loader: read and decode only)"
+    )
+    scratch = threading.local()
+    files: dict[str, int] = {}
+    files_lock = threading.Lock()
+
+    def fd_of(path: str) -> int:
+        fd = files.get(path)
+        if fd is None:
+            with files_lock:
+                fd = files.get(path)
+                if fd is None:
+                    fd = files[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def buffers(nbytes: int, chunk_nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+        src, out = getattr(scratch, "src", None), getattr(scratch, "out", None)
+        if src is None or src.nbytes < nbytes:
+            src = scratch.src = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
+        if out is None or out.nbytes < chunk_nbytes:
+            out = scratch.out = np.empty(max(chunk_nbytes, 1 << 20), dtype=np.uint8)
+        return src, out
+
+    def read_decode(part: list[tuple[ArrayLayout, str, int, int]]) -> int:
+        done = 0
+        for layout, path, offset, nbytes in part:
+            src, out = buffers(nbytes, layout.chunk_nbytes)
+            data = memoryview(src)[:nbytes]
+            if os.preadv(fd_of(path), [data], offset) != nbytes:
+                raise OSError(f"{path}: short read at {offset}")
+            codec = layout.codec
+            if contexts is not None and codec.compressor == "zstd" and not codec.has_crc32c:
+                ctx = contexts.context()
+                dst, n_out = out.ctypes.data, layout.chunk_nbytes
+                contexts.decompress_exactly(ctx, dst, n_out, src.ctypes.data, nbytes)
+            else:
+                codec.decode_into(data, out[: layout.chunk_nbytes])
+            done += layout.chunk_nbytes
+        return done
+
+    def work_of(samples: np.ndarray) -> list[tuple[ArrayLayout, str, int, int]]:
+        tile_hw = loader.candidates.tile_hw
+        plan = plan_batch(layouts, samples, n_frames=spec.n_frames, frame_step=1, tile_hw=tile_hw)
+        loc = loader.backend.locator(layouts).locate(plan)
+        present = np.flatnonzero(loc.present)
+        return [
+            (layouts[v], loc.paths[f], off, n)
+            for v, f, off, n in zip(
+                plan.chunk_var[present].tolist(),
+                loc.file[present].tolist(),
+                loc.offset[present].tolist(),
+                loc.nbytes[present].tolist(),
+                strict=True,
+            )
+        ]
+
+    pool = ThreadPoolExecutor(threads)
+    try:
+        for epoch in range(spec.epochs):
+            batches = epoch_batches(spec, epoch)[spec.warmup_batches :]
+            work = [work_of(samples) for samples in batches]  # not timed: locating
+            foreign = result.foreign_pids
+            seconds = cpu = 0.0
+            nbytes = 0
+            with PeakMemory(exclude=foreign) as mem:
+                for items in work:
+                    # small parts that idle threads take: a slowed core holds up little
+                    parts = [items[k : k + 8] for k in range(0, len(items), 8)]
+                    cpu0, t = cpu_seconds(foreign), time.perf_counter()
+                    nbytes += sum(pool.map(read_decode, parts))
+                    seconds += time.perf_counter() - t
+                    cpu += cpu_seconds(foreign) - cpu0
+            result.epoch_seconds.append(seconds)
+            result.cpu_seconds.append(cpu)
+            result.peak_rss_bytes = max(result.peak_rss_bytes, mem.peak)
+            result.samples_per_epoch = sum(len(b) for b in batches)
+            result.decoded_bytes_per_epoch = nbytes
+            yield
+    finally:
+        pool.shutdown()
+        for fd in files.values():
+            os.close(fd)
         if contexts is not None:
             contexts.close()
         loader.close()
