@@ -59,7 +59,6 @@ def test_xbatcher_serves_the_epoch_samples_as_xarray(stores, layout):
 
 
 def test_xbatcher_serves_what_zarrdali_serves(stores):
-
     spec = _spec(stores / SHARDED)
     loader = ZarrLoader(spec.store, **spec.loader_kwargs(), device="cpu", workers=0)
     batch = next(iter(loader))
