@@ -20,6 +20,7 @@ import threading
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import zarrdali
@@ -217,8 +218,9 @@ def test_worker_processes_end_with_their_epoch(store, no_collector, epochs):
 
 def test_workers_end_and_buffers_go_even_while_something_holds_the_feed(store, monkeypatch):
     """Release does not wait for the last reference: a traceback or a user's
-    variable may hold the feed object longer; its processes end, its ring of
-    batch buffers is unmapped once the batches handed out are dropped."""
+    variable may hold the feed object longer; its processes end. The loader's
+    ring of batch buffers outlives its epochs and close(): it is unmapped once
+    the batches handed out are dropped."""
     held = []
 
     class Holding(EpochRun):
@@ -237,15 +239,18 @@ def test_workers_end_and_buffers_go_even_while_something_holds_the_feed(store, m
     assert len(held) == 1
     assert multiprocessing.active_children() == []
     ring = held[0].ring
+    assert ring is loader._ring
     assert ring.leased == 2 and ring.mapped  # the batches the user holds stay valid
     first = kept[0]["input"].clone()
     del batch
     kept.pop(0)
     assert ring.leased == 1 and ring.mapped
+    loader.close()
+    assert ring.mapped  # the batch still held stays valid after close()
+    np.testing.assert_array_equal(kept[0]["input"].shape, (4, 2, 2, 8, 8))
     kept.clear()
     assert ring.leased == 0 and not ring.mapped
     assert first.shape[0] == 4
-    loader.close()
 
 
 def test_worker_processes_end_when_a_worker_fails(make_store, no_collector, epochs):

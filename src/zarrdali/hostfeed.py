@@ -99,9 +99,9 @@ class HostFeed:
     """One epoch's batches ``0 .. n_batches - 1``, ``ahead`` of them loading while
     the user trains on the last one handed out.
 
-    ``sizes[k]`` is the number of samples of batch ``k``; ``meta(k)`` its index
-    and augmentation flags. The feed owns the producer and the ring and closes
-    both (:meth:`close`).
+    ``sizes[k]`` is the number of samples of batch ``k``. The feed owns the
+    producer and closes it (:meth:`close`); the ring is its loader's, lent to
+    one epoch after another: the feed gives back the slots it took.
     """
 
     def __init__(
@@ -148,16 +148,17 @@ class HostFeed:
         return arrays
 
     def close(self) -> None:
-        """Stop the producer (threads joined, worker processes ended), then the
-        ring (unmapped now, or when the user drops the last batch). Idempotent."""
+        """Stop the producer (threads joined, worker processes ended), then give
+        the ring back the slots still loading or loaded. Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
             self.producer.close()
         finally:
-            self._slots.clear()
-            self.ring.close()
+            slots, self._slots = self._slots, {}
+            for slot in slots.values():
+                self.ring.give_back(slot)
 
 
 def torch_batch(

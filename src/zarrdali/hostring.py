@@ -145,6 +145,7 @@ class BatchRing:
             self._map = mmap.mmap(-1, nbytes)
             address = _address(self._map)
         self.nbytes = nbytes
+        self.shared = shared
         self.views = SlotViews(layout, address, n_slots)
         self._lock = threading.RLock()  # a lease may end inside a call that holds it
         self._free: deque[int] = deque(range(n_slots))
@@ -163,6 +164,8 @@ class BatchRing:
     def give_back(self, slot: int) -> None:
         """Return a slot that was taken but not handed out (a failed or unused load)."""
         with self._lock:
+            if slot in self._free or slot in self._leased:
+                raise ValueError(f"slot {slot} was not taken")
             self._free.append(slot)
 
     # -- the consumer's side ------------------------------------------------

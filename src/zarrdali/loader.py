@@ -265,6 +265,9 @@ class ZarrLoader:
         # Weak: the epoch's generator owns the run; this reference lets the
         # loader close it (next epoch, close(), exit) without a reference cycle.
         self._live_epoch: weakref.ref[EpochRun] | None = None
+        # The CPU path's batch buffers: made at the first epoch, reused by the next
+        # ones (no page faults again), released by close().
+        self._ring: BatchRing | None = None
         _track_open(self)
         self._epoch = 0
         self._served = 0  # batches handed to the user in the current epoch
@@ -462,39 +465,37 @@ class ZarrLoader:
         finishing = Finishing(self.stats, self.augment, self.sampler.seed, self._epoch)
         tile_hw = self.candidates.tile_hw
         layout = frame_layout(self.spec, self.num_channels, tile_hw, self.batch_size)
-        ring = BatchRing(layout, self.prefetch + 2, shared=bool(self.workers))
-        try:
-            if self.workers:
-                reader = EpochReader(
-                    self.store_ref,
-                    self.variables,
-                    self.spec,
-                    self.candidates,
-                    self.sampler,
-                    self._epoch,
-                    start,
-                    partial_decode=self.partial_decode,
-                    memory_map=self.memory_map,
-                    finishing=finishing,
-                )
-                producer = WorkerPool(
-                    WorkerJob(reader, layout, ring.n_slots),
-                    ring,
-                    self.workers,
-                    parts_per_batch=parts_per_batch(self.workers, self.prefetch),
-                    name=f"zarrdali epoch {self._epoch}",
-                )
-            else:
+        if self._ring is None:
+            self._ring = BatchRing(layout, self.prefetch + 2, shared=bool(self.workers))
+        ring = self._ring
+        if self.workers:
+            reader = EpochReader(
+                self.store_ref,
+                self.variables,
+                self.spec,
+                self.candidates,
+                self.sampler,
+                self._epoch,
+                start,
+                partial_decode=self.partial_decode,
+                memory_map=self.memory_map,
+                finishing=finishing,
+            )
+            producer = WorkerPool(
+                WorkerJob(reader, layout, ring.n_slots),
+                ring,
+                self.workers,
+                parts_per_batch=parts_per_batch(self.workers, self.prefetch),
+                name=f"zarrdali epoch {self._epoch}",
+            )
+        else:
 
-                def load(k: int, outs: list) -> None:
-                    samples = plan.batch(start + k)
-                    finish = finishing.batch(start + k, len(samples))
-                    self._load_frames(samples, outs=outs, finish=finish)
+            def load(k: int, outs: list) -> None:
+                samples = plan.batch(start + k)
+                finish = finishing.batch(start + k, len(samples))
+                self._load_frames(samples, outs=outs, finish=finish)
 
-                producer = ThreadProducer(load, ring, threads=2)
-        except BaseException:
-            ring.close()
-            raise
+            producer = ThreadProducer(load, ring, threads=2)
         sizes = [len(plan.batch(start + k)) for k in range(n)]
         run.feed = HostFeed(producer, ring, sizes, ahead=self.prefetch)
 
@@ -574,7 +575,11 @@ class ZarrLoader:
         try:
             self._close_live_epoch(f"{self!r} was closed")
         finally:
-            self.backend.close()
+            try:
+                if self._ring is not None:  # unmapped now, or once the user drops its batches
+                    self._ring.close()
+            finally:
+                self.backend.close()
 
     def __enter__(self) -> ZarrLoader:
         return self
