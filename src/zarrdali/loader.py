@@ -96,10 +96,19 @@ def default_workers(batch_size: int, prefetch: int) -> int:
     return max(1, min(usable_cores(), batch_size * (prefetch + 1)))
 
 
-def parts_per_batch(workers: int, prefetch: int) -> int:
-    """How many parts a batch is cut into so that the ``prefetch + 1`` batches in
+def batches_ahead(prefetch: int, batch_size: int, workers: int) -> int:
+    """Batches the CPU path loads ahead of the one handed out: ``prefetch``, or
+    more where small batches would leave many workers with parts of one or two
+    samples (each part costs a plan of its own): at least 8 samples per worker
+    in flight (no more than 64 batches ahead). Memory is then
+    ``batch_size * (ahead + 2)`` samples."""
+    return max(prefetch, min(64, -(-8 * workers // batch_size) - 1))
+
+
+def parts_per_batch(workers: int, ahead: int) -> int:
+    """How many parts a batch is cut into so that the ``ahead + 1`` batches in
     flight give every worker about two parts to work on (balance without waits)."""
-    return max(1, -(-2 * workers // (prefetch + 1)))
+    return max(1, -(-2 * workers // (ahead + 1)))
 
 
 def _resolve_device(device: str) -> str:
@@ -465,8 +474,9 @@ class ZarrLoader:
         finishing = Finishing(self.stats, self.augment, self.sampler.seed, self._epoch)
         tile_hw = self.candidates.tile_hw
         layout = frame_layout(self.spec, self.num_channels, tile_hw, self.batch_size)
-        if self._ring is None:
-            self._ring = BatchRing(layout, self.prefetch + 2, shared=bool(self.workers))
+        ahead = batches_ahead(self.prefetch, self.batch_size, self.workers)
+        if self._ring is None:  # the batches in flight, and two the user may hold
+            self._ring = BatchRing(layout, ahead + 2, shared=bool(self.workers))
         ring = self._ring
         if self.workers:
             reader = EpochReader(
@@ -485,7 +495,7 @@ class ZarrLoader:
                 WorkerJob(reader, layout, ring.n_slots),
                 ring,
                 self.workers,
-                parts_per_batch=parts_per_batch(self.workers, self.prefetch),
+                parts_per_batch=parts_per_batch(self.workers, ahead),
                 name=f"zarrdali epoch {self._epoch}",
             )
         else:
@@ -497,7 +507,7 @@ class ZarrLoader:
 
             producer = ThreadProducer(load, ring, threads=2)
         sizes = [len(plan.batch(start + k)) for k in range(n)]
-        run.feed = HostFeed(producer, ring, sizes, ahead=self.prefetch)
+        run.feed = HostFeed(producer, ring, sizes, ahead=ahead)
 
         def meta(k: int) -> list:
             samples = plan.batch(start + k)

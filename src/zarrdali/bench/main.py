@@ -51,6 +51,10 @@ LOADERS: dict[str, tuple[str, Callable[[BenchSpec, RunResult], Runner]]] = {
         "zarrdali[cpu] whole chunks",
         lambda spec, r: zarrdali_runner(spec, r, "cpu", partial_decode=False),
     ),
+    "zarrdali-cpu-threads": (
+        "zarrdali[cpu] in-process threads",
+        lambda spec, r: zarrdali_runner(spec, r, "cpu", workers=0),
+    ),
     "zarrdali-cpu-1worker": (
         "zarrdali[cpu] 1 worker",
         lambda spec, r: zarrdali_runner(spec, r, "cpu", workers=1),
