@@ -1,10 +1,11 @@
-"""Batches of one epoch, loadable in this process or in a DALI worker process.
+"""Batches of one epoch, loadable in this process or in a worker process.
 
 :class:`EpochReader` is small and picklable: it holds how to reopen the store
 (path or URL, storage options, cache settings: a :class:`StoreRef`), the spec,
 the candidate samples and the sampler, and rebuilds the (deterministic) epoch
-plan and a backend the first time it is called. That lets DALI's parallel external source run it in
-worker processes, where reading and decoding do not share a GIL with training.
+plan and a backend the first time it is called. That lets the CPU path's worker
+processes (:mod:`zarrdali.workers`) load parts of batches with it, where reading
+and decoding do not share a GIL with training.
 """
 
 from __future__ import annotations

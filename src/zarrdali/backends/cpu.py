@@ -675,7 +675,7 @@ class CpuBackend:
             )
             if len(part)
         ]
-        if self.num_threads == 1:  # e.g. in a DALI worker process: no hand-offs
+        if self.num_threads == 1:  # e.g. in a worker process: no hand-offs
             for task in tasks:
                 task()
             return
