@@ -7,6 +7,7 @@ the in-process path serves; their errors must reach the loop with their type.
 from __future__ import annotations
 
 import gc
+import itertools
 import multiprocessing
 
 import numpy as np
@@ -153,4 +154,31 @@ def test_a_worker_error_carries_the_worker_traceback(store):
     cause = info.value.__cause__
     assert type(cause).__name__ == "RemoteTraceback"
     assert "load_part" in str(cause) and "ChunkError" in str(cause)
+    loader.close()
+
+
+def test_time_ordered_parts_of_a_batch_assemble_it_as_loaded_whole(store):
+    """A worker loads a part of a batch (samples of neighbouring times) into its
+    rows of the batch: the parts together are the batch loaded whole."""
+    from zarrdali.hostfeed import Finishing
+    from zarrdali.workers import time_ordered_parts
+
+    normalize = {"a": (0.5, 2.0), "b": (1.0, 3.0)}
+    loader = loader_for(store, ["a", "b"], workers=0, batch_size=16, normalize=normalize)
+    loader.augment = ("flip", "rot90")
+    samples = loader.epoch_plan(0).batch(1)
+    finish = Finishing(loader.stats, loader.augment, 0, 0).batch(1, len(samples))
+    c = loader.num_channels
+    shapes = [(16, 2, c, 8, 8), (16, 1, c, 8, 8)]
+    whole = [np.empty(s, np.float32) for s in shapes]
+    loader._load_frames(samples, outs=whole, finish=finish)
+    parted = [np.full(s, np.nan, np.float32) for s in shapes]
+    parts = time_ordered_parts(samples, 3)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(16))
+    times = [samples[rows, 0] for rows in parts]
+    assert all(a.max() <= b.min() for a, b in itertools.pairwise(times))
+    for rows in parts:
+        loader._load_frames(samples[rows], outs=parted, finish=finish, rows=rows)
+    for w, p in zip(whole, parted, strict=True):
+        np.testing.assert_array_equal(w, p)
     loader.close()

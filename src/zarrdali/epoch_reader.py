@@ -38,6 +38,7 @@ def load_frames(
     stream: Any = None,
     outs: Sequence[np.ndarray] | None = None,
     finish: Finish | None = None,
+    rows: np.ndarray | None = None,
 ) -> tuple[Any, ...]:
     """The frames of ``samples`` as the pipeline takes them.
 
@@ -49,7 +50,8 @@ def load_frames(
     ``stream``, on which the backend enqueues all the batch's device work
     without synchronizing. A host source passes ``outs`` (one array per frame
     output, assembled in place) and ``finish`` (cast, normalize, augment while
-    assembling; see :mod:`zarrdali.backends.finish`).
+    assembling; see :mod:`zarrdali.backends.finish`), and with ``rows`` the
+    rows of ``outs`` (a whole batch) that ``samples`` (a part of it) go to.
     """
     with annotate("zarrdali.plan"):
         read_plan = plan_batch(
@@ -69,6 +71,8 @@ def load_frames(
         device_args["out"] = outs
     if finish is not None:
         device_args["finish"] = finish
+    if rows is not None:
+        device_args["rows"] = rows
     with annotate("zarrdali.load"):
         frames = backend.load_batch(layouts, read_plan, **device_args)
     return (frames,) if read_plan.frame_split is None else frames
@@ -125,19 +129,26 @@ class EpochReader:
         frames = load_frames(backend, layouts, self.spec, self.candidates.tile_hw, samples)
         return frames, samples
 
-    def load_part(self, k: int, lo: int, hi: int, outs: Sequence[np.ndarray]) -> None:
-        """Samples ``lo:hi`` of batch ``start + k`` into ``outs`` (those samples'
-        place in the batch's frame outputs), finished as ``finishing`` says."""
+    def load_part(self, k: int, rows: np.ndarray, outs: Sequence[np.ndarray]) -> None:
+        """Samples ``rows`` of batch ``start + k`` into their rows of ``outs`` (the
+        batch's frame outputs), finished as ``finishing`` says."""
         if self._state is None:
             self._state = self._open()
         layouts, plan, backend = self._state
         j = self.start + k
         samples = plan.batch(j)
-        finish = None
-        if self.finishing is not None:
-            finish = self.finishing.batch(j, len(samples)).samples(lo, hi)
+        finish = None if self.finishing is None else self.finishing.batch(j, len(samples))
         tile_hw = self.candidates.tile_hw
-        load_frames(backend, layouts, self.spec, tile_hw, samples[lo:hi], outs=outs, finish=finish)
+        load_frames(
+            backend,
+            layouts,
+            self.spec,
+            tile_hw,
+            samples[rows],
+            outs=outs,
+            finish=finish,
+            rows=rows,
+        )
 
     def close(self) -> None:
         """Release the backend this reader opened (threads, maps, files). Idempotent."""

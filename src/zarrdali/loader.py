@@ -495,6 +495,7 @@ class ZarrLoader:
                 WorkerJob(reader, layout, ring.n_slots),
                 ring,
                 self.workers,
+                samples_of=lambda k: plan.batch(start + k),
                 parts_per_batch=parts_per_batch(self.workers, ahead),
                 name=f"zarrdali epoch {self._epoch}",
             )

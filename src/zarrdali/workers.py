@@ -18,15 +18,18 @@ Workers ignore SIGINT: Ctrl-C is the training process's to handle.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
 import signal
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
+
+import numpy as np
 
 from .errors import WorkerDiedError, ZarrDaliError
 from .hostring import BatchRing, SlotLayout, SlotViews, map_shared
@@ -71,7 +74,7 @@ class WorkerJob:
     """What each worker gets: the epoch's reader (rebuilds the plan and a
     backend) and the ring's layout."""
 
-    reader: Any  # an EpochReader: load_part(k, lo, hi, outs), close()
+    reader: Any  # an EpochReader: load_part(k, rows, outs), close()
     layout: SlotLayout
     n_slots: int
 
@@ -98,6 +101,7 @@ def _worker_main(index: int, job: WorkerJob, fd: int, tasks: Connection, results
         os.close(fd)
     views = SlotViews(job.layout, address, job.n_slots)
     reader = job.reader
+    frozen = False
     try:
         results.send(("ready",))
         while True:
@@ -107,13 +111,16 @@ def _worker_main(index: int, job: WorkerJob, fd: int, tasks: Connection, results
                 return
             if task is None:
                 return
-            k, slot, lo, hi = task
+            k, slot, n, rows = task
             try:
-                reader.load_part(k, lo, hi, views.arrays(slot, lo, hi))
+                reader.load_part(k, rows, views.arrays(slot, 0, n))
             except Exception as err:
                 results.send(("error", k, *_portable(err)))
             else:
                 results.send(("done", k))
+            if not frozen:  # what setting up made stays: collections skip it
+                gc.freeze()
+                frozen = True
     except (BrokenPipeError, EOFError):  # the training process is gone
         return
     finally:
@@ -122,10 +129,17 @@ def _worker_main(index: int, job: WorkerJob, fd: int, tasks: Connection, results
         mm.close()
 
 
-def parts_of(n: int, parts: int) -> list[tuple[int, int]]:
-    """``n`` samples cut into ``parts`` ranges of nearly equal size (none empty)."""
-    parts = max(1, min(parts, n))
-    return [(p * n // parts, (p + 1) * n // parts) for p in range(parts)]
+def time_ordered_parts(samples: np.ndarray, parts: int) -> list[np.ndarray]:
+    """The rows of ``samples`` (``[B, 3]`` of ``(t0, y0, x0)``) cut into ``parts``
+    sets of nearly equal size, each a run of the samples in time order.
+
+    Samples share a chunk only when their windows overlap in time, so parts of
+    neighbouring times keep nearly every chunk a batch reads twice or more in
+    one part, decoded once, as when the batch is loaded whole.
+    """
+    order = np.argsort(samples[:, 0], kind="stable")
+    parts = max(1, min(parts, len(order)))
+    return [part for part in np.array_split(order, parts) if len(part)]
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -145,7 +159,8 @@ class WorkerPool:
     """``n_workers`` spawned processes loading parts of batches into ``ring``.
 
     A producer for :class:`~zarrdali.hostfeed.HostFeed`: ``start(k, slot, n)``
-    cuts batch ``k`` into ``parts_per_batch`` ranges and sends each to the
+    cuts batch ``k`` (its samples: ``samples_of(k)``) into ``parts_per_batch``
+    time-ordered parts (:func:`time_ordered_parts`) and sends each to the
     least loaded worker; ``wait(k)`` returns once every part is in, re-raises
     a worker's error with its type (its traceback as the cause), and raises
     :class:`WorkerDiedError` as soon as any worker is gone.
@@ -157,10 +172,12 @@ class WorkerPool:
         ring: BatchRing,
         n_workers: int,
         *,
+        samples_of: Callable[[int], np.ndarray],
         parts_per_batch: int,
         name: str = "zarrdali",
     ) -> None:
         self.name = name
+        self._samples_of = samples_of
         self.parts_per_batch = max(1, parts_per_batch)
         self._procs: list[multiprocessing.process.BaseProcess] = []
         self._tasks: list[Connection] = []
@@ -201,12 +218,12 @@ class WorkerPool:
 
     # -- producer -------------------------------------------------------------
     def start(self, k: int, slot: int, n: int) -> None:
-        ranges = parts_of(n, self.parts_per_batch)
-        self._pending[k] = len(ranges)
-        for lo, hi in ranges:
+        parts = time_ordered_parts(self._samples_of(k), self.parts_per_batch)
+        self._pending[k] = len(parts)
+        for rows in parts:
             i = min(range(len(self._procs)), key=self._queued.__getitem__)
             try:
-                self._tasks[i].send((k, slot, lo, hi))
+                self._tasks[i].send((k, slot, n, rows))
             except (BrokenPipeError, OSError):
                 self._poll(0.1)
                 raise self._died(i, k) from None

@@ -496,25 +496,38 @@ class CpuBackend:
         *,
         out: Sequence[np.ndarray] | None = None,
         finish: Finish | None = None,
+        rows: np.ndarray | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """The window, or (input frames, target frames) if the plan splits it.
 
         ``out`` (one array per output of the plan, e.g. slots of a ring of reused
         buffers) is assembled in place of new arrays. With ``finish`` the batch
         is float32, normalized and augmented as it is assembled (see finish.py).
+        With ``rows`` the plan is part of a batch: its sample ``b`` goes to row
+        ``rows[b]`` of ``out`` (the whole batch; ``finish`` is the batch's too).
         """
         locations = self.locator(layouts).locate(plan)
         dtype = np.dtype(np.float32) if finish is not None else batch_dtype(layouts)
         if out is None:
+            if rows is not None:
+                raise ValueError("rows need the batch's out arrays")
             outs = [np.empty(shape, dtype=dtype) for shape in plan.out_shapes]
         else:
             outs = list(out)
+            n = len(outs[0]) if rows is None else None
             for o, shape in zip(outs, plan.out_shapes, strict=True):
-                if o.shape != tuple(shape) or o.dtype != dtype or not o.flags.c_contiguous:
+                same = o.shape[1:] == tuple(shape[1:]) and (n is None or len(o) == shape[0])
+                if not same or o.dtype != dtype or not o.flags.c_contiguous:
                     raise ValueError(
                         f"out arrays must be C-contiguous {dtype} of shapes "
                         f"{plan.out_shapes}, got {o.dtype} {o.shape}"
                     )
+        if rows is not None:  # the plan's samples land in their rows of the batch
+            rows = np.asarray(rows, dtype=np.int64)
+            if len(rows) != plan.out_shape[0] or (len(rows) and rows.max() >= len(outs[0])):
+                raise ValueError(f"rows {rows} do not fit a batch of {len(outs[0])}")
+            b = PIECE_DST.start
+            plan.pieces[:, b] = rows[plan.pieces[:, b]]
         if finish is not None and not (finish.normalizes or finish.flags is not None):
             finish = None  # a cast alone: numpy's assignment does it
         lease = self.lease(layouts, locations)

@@ -42,11 +42,6 @@ class Finish:
         """Whether pieces move (flips, quarter turns): no chunk decodes in place then."""
         return self.flags is not None and bool(self.flags.any())
 
-    def samples(self, lo: int, hi: int) -> Finish:
-        """The same finish for samples ``lo:hi`` of the batch."""
-        flags = None if self.flags is None else self.flags[lo:hi]
-        return Finish(self.mean, self.std, flags)
-
     def channel_stats(self, c: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std of channels ``c:c+n``, shaped to broadcast over ``[n, H, W]``."""
         return self.mean[c : c + n, None, None], self.std[c : c + n, None, None]

@@ -118,55 +118,34 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     """The figures the project's performance goals are stated in, per store and batch size."""
     by = {(_group(r), r["summary"]["name"]): r["summary"] for r in rows if _ok(r)}
     out: dict[str, float] = {}
+
+    def ratio(label: str, name: str, other: str, key: str, metric: str = "samples_per_s"):
+        a, b = by.get((label, name)), by.get((label, other))
+        if a and b and a[metric] and b[metric]:
+            out[f"{label}: {key}"] = a[metric]["median"] / b[metric]["median"]
+
+    z = "zarrdali[cpu]"
     for label in dict.fromkeys(_group(r) for r in rows):
-        z = by.get((label, "zarrdali[cpu]"))
-        files = by.get((label, FILE_CEILING))
-        if z and files:
-            out[f"{label}: zarrdali[cpu] / {FILE_CEILING} (samples/s)"] = (
-                z["samples_per_s"]["median"] / files["samples_per_s"]["median"]
-            )
+        ratio(label, z, FILE_CEILING, f"{z} / {FILE_CEILING} (samples/s)")
         peers = [
-            (name, summary)
-            for (group, name), summary in by.items()
+            name
+            for group, name in by
             if group == label and name.startswith(FAST_PEERS) and "enable_gpu" not in name
         ]
-        if z and peers:
-            name, best = max(peers, key=lambda p: p[1]["samples_per_s"]["median"])
-            out[f"{label}: zarrdali[cpu] / best of TensorStore, zarr-python ({name})"] = (
-                z["samples_per_s"]["median"] / best["samples_per_s"]["median"]
-            )
-        one = by.get((label, "zarrdali[cpu] 1 worker"))
-        if z and one:
-            out[f"{label}: zarrdali[cpu] / zarrdali[cpu] 1 worker (samples/s)"] = (
-                z["samples_per_s"]["median"] / one["samples_per_s"]["median"]
-            )
-        ceiling = by.get((label, "numcodecs decode ceiling"))
-        torch_x = by.get((label, "torch DataLoader + xarray"))
-        for name in ("zarrdali[cpu]", "zarrdali[cpu] whole chunks"):
-            row = by.get((label, name))
-            if row and ceiling and ceiling["decoded_gb_per_s"]:
-                out[f"{label}: {name} / numcodecs ceiling (GB/s)"] = (
-                    row["decoded_gb_per_s"]["median"] / ceiling["decoded_gb_per_s"]["median"]
-                )
-        reused = by.get((label, "numcodecs libzstd, reused contexts"))
-        if z and reused and reused["decoded_gb_per_s"]:
-            out[f"{label}: zarrdali[cpu] / numcodecs libzstd reused contexts (GB/s)"] = (
-                z["decoded_gb_per_s"]["median"] / reused["decoded_gb_per_s"]["median"]
-            )
-        api = by.get((label, "numcodecs Codec.decode"))
-        if z and api and api["decoded_gb_per_s"]:
-            out[f"{label}: zarrdali[cpu] / numcodecs Codec.decode (GB/s)"] = (
-                z["decoded_gb_per_s"]["median"] / api["decoded_gb_per_s"]["median"]
-            )
-        if z and torch_x:
-            out[f"{label}: zarrdali[cpu] / torch+xarray (samples/s)"] = (
-                z["samples_per_s"]["median"] / torch_x["samples_per_s"]["median"]
-            )
-        xb = by.get((label, "xbatcher + torch DataLoader"))
-        if z and xb:
-            out[f"{label}: zarrdali[cpu] / xbatcher (samples/s)"] = (
-                z["samples_per_s"]["median"] / xb["samples_per_s"]["median"]
-            )
+        if peers:
+            best = max(peers, key=lambda n: by[(label, n)]["samples_per_s"]["median"])
+            ratio(label, z, best, f"{z} / best of TensorStore, zarr-python ({best})")
+        ratio(label, z, "zarrdali[cpu] 1 worker", f"{z} / zarrdali[cpu] 1 worker (samples/s)")
+        for name in (z, "zarrdali[cpu] whole chunks"):
+            ceiling = "numcodecs decode ceiling"
+            ratio(label, name, ceiling, f"{name} / {ceiling} (GB/s)", "decoded_gb_per_s")
+        for other, key in (
+            ("numcodecs libzstd, reused contexts", "numcodecs libzstd reused contexts"),
+            ("numcodecs Codec.decode", "numcodecs Codec.decode"),
+        ):
+            ratio(label, z, other, f"{z} / {key} (GB/s)", "decoded_gb_per_s")
+        ratio(label, z, "torch DataLoader + xarray", f"{z} / torch+xarray (samples/s)")
+        ratio(label, z, "xbatcher + torch DataLoader", f"{z} / xbatcher (samples/s)")
     return out
 
 

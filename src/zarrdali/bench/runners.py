@@ -267,6 +267,23 @@ class ChunkArena:
         self.nbytes, self._block, self._used = 0, 0, 0
 
 
+def _decode_round(pool, decode_part, parts, foreign: frozenset[int]) -> tuple[int, float, float]:
+    """Decode ``parts`` in ``pool``: bytes decoded, wall seconds, CPU seconds."""
+    cpu0, t = cpu_seconds(foreign), time.perf_counter()
+    nbytes = sum(pool.map(decode_part, parts))
+    return nbytes, time.perf_counter() - t, cpu_seconds(foreign) - cpu0
+
+
+def _record_ceiling_epoch(
+    result: RunResult, seconds: float, cpu: float, peak: int, batches, nbytes: int
+) -> None:
+    result.epoch_seconds.append(seconds)
+    result.cpu_seconds.append(cpu)
+    result.peak_rss_bytes = max(result.peak_rss_bytes, peak)
+    result.samples_per_epoch = sum(len(b) for b in batches)
+    result.decoded_bytes_per_epoch = nbytes
+
+
 def decode_ceiling_runner(
     spec: BenchSpec,
     result: RunResult,
@@ -349,17 +366,13 @@ def decode_ceiling_runner(
                     # (a thread whose core the VM slows does not hold up the round);
                     # only this is timed.
                     parts = [work[k : k + 16] for k in range(0, len(work), 16)]
-                    cpu0, t = cpu_seconds(foreign), time.perf_counter()
-                    nbytes += sum(pool.map(lambda part: sum(map(decode, part)), parts))
-                    seconds += time.perf_counter() - t
-                    cpu += cpu_seconds(foreign) - cpu0
+                    n, wall, used = _decode_round(
+                        pool, lambda part: sum(map(decode, part)), parts, foreign
+                    )
+                    nbytes, seconds, cpu = nbytes + n, seconds + wall, cpu + used
                     work, parts = [], []
                     arena.clear()
-            result.epoch_seconds.append(seconds)
-            result.cpu_seconds.append(cpu)
-            result.peak_rss_bytes = max(result.peak_rss_bytes, mem.peak)
-            result.samples_per_epoch = sum(len(b) for b in batches)
-            result.decoded_bytes_per_epoch = nbytes
+            _record_ceiling_epoch(result, seconds, cpu, mem.peak, batches, nbytes)
             yield
     finally:
         pool.shutdown()
@@ -459,15 +472,9 @@ def file_ceiling_runner(
                 for items in work:
                     # small parts that idle threads take: a slowed core holds up little
                     parts = [items[k : k + 8] for k in range(0, len(items), 8)]
-                    cpu0, t = cpu_seconds(foreign), time.perf_counter()
-                    nbytes += sum(pool.map(read_decode, parts))
-                    seconds += time.perf_counter() - t
-                    cpu += cpu_seconds(foreign) - cpu0
-            result.epoch_seconds.append(seconds)
-            result.cpu_seconds.append(cpu)
-            result.peak_rss_bytes = max(result.peak_rss_bytes, mem.peak)
-            result.samples_per_epoch = sum(len(b) for b in batches)
-            result.decoded_bytes_per_epoch = nbytes
+                    n, wall, used = _decode_round(pool, read_decode, parts, foreign)
+                    nbytes, seconds, cpu = nbytes + n, seconds + wall, cpu + used
+            _record_ceiling_epoch(result, seconds, cpu, mem.peak, batches, nbytes)
             yield
     finally:
         pool.shutdown()
