@@ -66,6 +66,7 @@ def test_sample_data_is_deterministic(tmp_path):
 CPU_LOADERS = (
     "zarrdali-cpu",
     "zarrdali-cpu-whole",
+    "zarrdali-cpu-threads",
     "zarrdali-cpu-1worker",
     "file-ceiling",
     "file-ceiling-contexts",
