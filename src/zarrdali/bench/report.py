@@ -372,8 +372,7 @@ def plot_batch_sizes(path: Path, rows: list[dict]) -> bool:
                 med,
                 yerr=err,
                 marker=markers[kind],
-                linestyle="--" if kind == "ceiling" else "-",
-                color=None if kind != "ceiling" else KIND_COLORS["ceiling"],
+                linestyle="--" if kind == "ceiling" else "-",  # ceilings: dashed
                 capsize=3,
                 label=name,
             )
