@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -284,6 +285,16 @@ def _record_ceiling_epoch(
     result.decoded_bytes_per_epoch = nbytes
 
 
+def _ceiling_setup(spec: BenchSpec, zstd_contexts: bool) -> tuple[Any, ZarrLoader, int]:
+    """The zstd contexts (or None), a loader to plan with, and the threads of a ceiling."""
+    if spec.remote:
+        raise Skipped("the decode ceilings read a local store's files")
+    contexts = ZstdContexts.create() if zstd_contexts else None
+    if zstd_contexts and contexts is None:
+        raise Skipped("this numcodecs build does not export libzstd's API")
+    return contexts, _loader(spec, workers=0), spec.budget
+
+
 def decode_ceiling_runner(
     spec: BenchSpec,
     result: RunResult,
@@ -305,13 +316,7 @@ def decode_ceiling_runner(
     context per thread (see ``backends/zstdctx.py``): the loader's ratio to it
     is its overhead alone, with the gain of the reused contexts taken out.
     """
-    if spec.remote:
-        raise Skipped("the decode ceilings read a local store's files")
-    contexts = ZstdContexts.create() if zstd_contexts else None
-    if zstd_contexts and contexts is None:
-        raise Skipped("this numcodecs build does not export libzstd's API")
-    loader = _loader(spec, workers=0)
-    threads = spec.budget
+    contexts, loader, threads = _ceiling_setup(spec, zstd_contexts)
     api = "Codec.decode, new buffers" if codec_api else "reused buffers"
     api += ", reused zstd contexts" if zstd_contexts else ""
     result.note = f"{threads} threads, in-memory chunks, {api} (not a loader: decode only)"
@@ -390,16 +395,11 @@ def file_ceiling_runner(
     samples touch, each once, into reused buffers and decode them with
     numcodecs (``zstd_contexts``: libzstd with a reused context per thread, as
     zarrdali calls it) into reused buffers. Nothing is assembled or handed
-    over: this is a rate no loader reaches, its ratio the share a loader
-    keeps. Finding the chunks (the shard indexes, read once) is not timed.
+    over: a loader that reads and decodes the same way cannot beat it (one
+    that maps the files and reuses zstd contexts can). Finding the chunks (the
+    shard indexes, read once) is not timed.
     """
-    if spec.remote:
-        raise Skipped("the decode ceilings read a local store's files")
-    contexts = ZstdContexts.create() if zstd_contexts else None
-    if zstd_contexts and contexts is None:
-        raise Skipped("this numcodecs build does not export libzstd's API")
-    loader = _loader(spec, workers=0)
-    threads = spec.budget
+    contexts, loader, threads = _ceiling_setup(spec, zstd_contexts)
     layouts = loader.layouts
     decode_with = "libzstd, reused contexts" if zstd_contexts else "numcodecs decode"
     result.note = (
