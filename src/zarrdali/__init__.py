@@ -13,6 +13,7 @@ from .errors import (
     UnknownCodecError,
     UnknownDataTypeError,
     VariableNotFoundError,
+    WorkerDiedError,
     ZarrDaliError,
 )
 from .loader import ZarrLoader
@@ -32,6 +33,7 @@ __all__ = [
     "UnknownCodecError",
     "UnknownDataTypeError",
     "VariableNotFoundError",
+    "WorkerDiedError",
     "ZarrDaliError",
     "ZarrLoader",
     "__version__",

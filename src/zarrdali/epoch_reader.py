@@ -1,10 +1,11 @@
-"""Batches of one epoch, loadable in this process or in a DALI worker process.
+"""Batches of one epoch, loadable in this process or in a worker process.
 
 :class:`EpochReader` is small and picklable: it holds how to reopen the store
 (path or URL, storage options, cache settings: a :class:`StoreRef`), the spec,
 the candidate samples and the sampler, and rebuilds the (deterministic) epoch
-plan and a backend the first time it is called. That lets DALI's parallel external source run it in
-worker processes, where reading and decoding do not share a GIL with training.
+plan and a backend the first time it is called. That lets the CPU path's worker
+processes (:mod:`zarrdali.workers`) load parts of batches with it, where reading
+and decoding do not share a GIL with training.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from .backends.base import batch_dtype
+from .backends.finish import Finish
 from .batchplan import plan_batch
+from .hostfeed import Finishing
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
 from .remote import StoreRef
 from .store import ArrayLayout, load_layouts
@@ -34,6 +37,9 @@ def load_frames(
     out_for: Callable[[tuple[int, ...], np.dtype], Any] | None = None,
     stream: Any = None,
     before_write: Callable[[], None] | None = None,
+    outs: Sequence[np.ndarray] | None = None,
+    finish: Finish | None = None,
+    rows: np.ndarray | None = None,
 ) -> tuple[Any, ...]:
     """The frames of ``samples`` as the pipeline takes them.
 
@@ -44,7 +50,11 @@ def load_frames(
     once the batch is planned, for the buffer to assemble the window in, and
     ``stream``, on which the backend enqueues all the batch's device work
     without synchronizing, and ``before_write``, which the backend calls just
-    before it enqueues the first write of that buffer.
+    before it enqueues the first write of that buffer. A host source passes
+    ``outs`` (one array per frame output, assembled in place) and ``finish``
+    (cast, normalize, augment while assembling; see
+    :mod:`zarrdali.backends.finish`), and with ``rows`` the rows of ``outs``
+    (a whole batch) that ``samples`` (a part of it) go to.
     """
     with annotate("zarrdali.plan"):
         read_plan = plan_batch(
@@ -62,6 +72,12 @@ def load_frames(
         device_args["stream"] = stream
     if before_write is not None:
         device_args["before_write"] = before_write
+    if outs is not None:
+        device_args["out"] = outs
+    if finish is not None:
+        device_args["finish"] = finish
+    if rows is not None:
+        device_args["rows"] = rows
     with annotate("zarrdali.load"):
         frames = backend.load_batch(layouts, read_plan, **device_args)
     return (frames,) if read_plan.frame_split is None else frames
@@ -79,6 +95,7 @@ class EpochReader:
     num_threads: int = 1
     partial_decode: bool = True
     memory_map: bool = False
+    finishing: Finishing | None = None  # cast, normalize, augment while assembling
     _state: Any = field(default=None, init=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -116,3 +133,30 @@ class EpochReader:
         samples = plan.batch(self.start + k)
         frames = load_frames(backend, layouts, self.spec, self.candidates.tile_hw, samples)
         return frames, samples
+
+    def load_part(self, k: int, rows: np.ndarray, outs: Sequence[np.ndarray]) -> None:
+        """Samples ``rows`` of batch ``start + k`` into their rows of ``outs`` (the
+        batch's frame outputs), finished as ``finishing`` says."""
+        if self._state is None:
+            self._state = self._open()
+        layouts, plan, backend = self._state
+        j = self.start + k
+        samples = plan.batch(j)
+        finish = None if self.finishing is None else self.finishing.batch(j, len(samples))
+        tile_hw = self.candidates.tile_hw
+        load_frames(
+            backend,
+            layouts,
+            self.spec,
+            tile_hw,
+            samples[rows],
+            outs=outs,
+            finish=finish,
+            rows=rows,
+        )
+
+    def close(self) -> None:
+        """Release the backend this reader opened (threads, maps, files). Idempotent."""
+        state, self._state = self._state, None
+        if state is not None:
+            state[2].close()

@@ -59,9 +59,13 @@ class ChunkError(ZarrDaliError, RuntimeError):
 
     def __init__(self, message: str, *, store: str, array: str, key: str) -> None:
         super().__init__(f"{message} (store {store!r}, array {array!r}, chunk {key!r})")
+        self.message = message
         self.store = store
         self.array = array
         self.key = key
+
+    def __reduce__(self):  # keyword-only fields: pickled (to and from worker processes) by name
+        return _chunk_error, (self.message, self.store, self.array, self.key)
 
 
 class BackendUnavailableError(ZarrDaliError, RuntimeError):
@@ -70,3 +74,12 @@ class BackendUnavailableError(ZarrDaliError, RuntimeError):
 
 class LoaderClosedError(ZarrDaliError, RuntimeError):
     """A closed loader (or an epoch it closed) was iterated, or its backend used."""
+
+
+class WorkerDiedError(ZarrDaliError, RuntimeError):
+    """A worker process of the CPU path ended while the epoch needed it (killed by
+    a signal, such as the out-of-memory killer's SIGKILL, or exited)."""
+
+
+def _chunk_error(message: str, store: str, array: str, key: str) -> ChunkError:
+    return ChunkError(message, store=store, array=array, key=key)

@@ -17,7 +17,9 @@ from .backends.base import batch_dtype
 from .backends.sources import make_source
 from .epoch import EpochRun, SourceHandle, release_frames
 from .epoch_reader import EpochReader, load_frames
-from .errors import ConfigError, LoaderClosedError, ZarrDaliError
+from .errors import ConfigError, LoaderClosedError
+from .hostfeed import Finishing, HostBatches, HostFeed, ThreadProducer, frame_layout
+from .hostring import BatchRing
 from .normalize import NormalizeArg, channel_stats
 from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable
@@ -25,9 +27,6 @@ from .remote import StoreRef, is_picklable
 from .store import check_plan_fits, load_layouts, open_group
 
 log = logging.getLogger(__name__)
-
-# How DALI's parallel external source reports an exception raised in a worker.
-_WORKER_ERROR = "Exception traceback received from worker"
 
 # Loaders not closed yet, closed by one exit hook (weak: they are not kept alive).
 _open_loaders: weakref.WeakSet[ZarrLoader] = weakref.WeakSet()
@@ -81,6 +80,35 @@ def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int
 def _path_or_object(store: Any) -> Any:
     """A path as a string (picklable, reopenable); store objects as they are."""
     return os.fspath(store) if isinstance(store, os.PathLike) else store
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_workers(batch_size: int, prefetch: int) -> int:
+    """Worker processes of the CPU path: one per usable core, but no more than the
+    samples of the batches in flight (each worker needs a part of one)."""
+    return max(1, min(usable_cores(), batch_size * (prefetch + 1)))
+
+
+def batches_ahead(prefetch: int, batch_size: int, workers: int) -> int:
+    """Batches the CPU path loads ahead of the one handed out: ``prefetch``, or
+    more where small batches would leave many workers with parts of one or two
+    samples (each part costs a plan of its own): at least 8 samples per worker
+    in flight (no more than 64 batches ahead). Memory is then
+    ``batch_size * (ahead + 2)`` samples."""
+    return max(prefetch, min(64, -(-8 * workers // batch_size) - 1))
+
+
+def parts_per_batch(workers: int, ahead: int) -> int:
+    """How many parts a batch is cut into so that the ``ahead + 1`` batches in
+    flight give every worker about two parts to work on (balance without waits)."""
+    return max(1, -(-2 * workers // (ahead + 1)))
 
 
 def _resolve_device(device: str) -> str:
@@ -264,6 +292,9 @@ class ZarrLoader:
         # Weak: the epoch's generator owns the run; this reference lets the
         # loader close it (next epoch, close(), exit) without a reference cycle.
         self._live_epoch: weakref.ref[EpochRun] | None = None
+        # The CPU path's batch buffers: made at the first epoch, reused by the next
+        # ones (no page faults again), released by close().
+        self._ring: BatchRing | None = None
         _track_open(self)
         self._epoch = 0
         self._served = 0  # batches handed to the user in the current epoch
@@ -297,11 +328,13 @@ class ZarrLoader:
         return index
 
     def _resolve_workers(self, workers: int | None, store: object) -> int:
-        """DALI worker processes for the CPU path (0: read in this process's threads).
+        """Worker processes for the CPU path (0: read in this process's threads).
 
         Per-chunk work holds the GIL for part of the time, so threads alone do not
-        scale; worker processes do. They need a store they can reopen: a path, a
-        URL, or a store object that pickles (obstore and Icechunk stores do).
+        scale; worker processes do. By default one per core this process may run
+        on (no more than can share the batches read ahead). They need a store they
+        can reopen: a path, a URL, or a store object that pickles (obstore and
+        Icechunk stores do).
         """
         reopenable = not isinstance(store, zarr.Group) and (
             isinstance(store, (str, os.PathLike)) or is_picklable(store)
@@ -310,7 +343,7 @@ class ZarrLoader:
             workers = int(os.environ["ZARRDALI_WORKERS"])
         if workers is None:
             auto = self.device == "cpu" and reopenable
-            return min(os.cpu_count() or 1, 8) if auto else 0
+            return default_workers(self.batch_size, self.prefetch) if auto else 0
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, got {workers}.")
         if workers and self.device != "cpu":
@@ -426,18 +459,11 @@ class ZarrLoader:
         except GeneratorExit:  # closed or dropped by the user: released below
             raise
         except BaseException as err:
-            # The worker processes are stopped before this process reloads.
+            # Worker processes, threads and buffers are released before it propagates.
             run.close(f"loading failed ({type(err).__name__})")
             run = None
-            local = self._worker_error_in_process(plan, self._served, err)
             release_frames(err)
-            if local is None:
-                raise
-            release_frames(local)
-            try:
-                raise local from err
-            finally:
-                local = None  # its traceback holds this frame: no reference cycle
+            raise
         finally:
             # Reached by exhaustion, and by close() of this generator when it is
             # broken off: reference counting closes a dropped generator at once.
@@ -445,19 +471,33 @@ class ZarrLoader:
                 run.close("the epoch ended")
             run = None
 
+    def _output_names(self) -> list[str]:
+        with_target = self.spec.target_steps > 0
+        names = ["input", "target", "index"] if with_target else ["input", "index"]
+        return names + (["augment"] if self.augment else [])
+
     def _open_epoch(self, run: EpochRun, plan: EpochPlan, start: int, n: int) -> None:
         """Build the epoch's pieces into ``run``, each as soon as it exists."""
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        if getattr(self.backend, "host_ring", False):
+            self._open_host_epoch(run, plan, start, n)
+        else:
+            self._open_dali_epoch(run, plan, start, n)
 
-        with_target = self.spec.target_steps > 0
-        backend = self.backend
+    def _open_host_epoch(self, run: EpochRun, plan: EpochPlan, start: int, n: int) -> None:
+        """The CPU path: batches decoded, cast, normalized and augmented straight
+        into a ring of reused buffers (shared with the worker processes), and
+        handed to torch as they are (see hostfeed.py, hostring.py, workers.py)."""
+        from .workers import WorkerJob, WorkerPool
 
-        def load(k: int, **device_args):
-            samples = plan.batch(start + k)
-            return self._load_frames(samples, **device_args), samples
-
-        if self.workers:  # DALI worker processes read (CPU path): no feed in this process
-            fetch = EpochReader(
+        finishing = Finishing(self.stats, self.augment, self.sampler.seed, self._epoch)
+        tile_hw = self.candidates.tile_hw
+        layout = frame_layout(self.spec, self.num_channels, tile_hw, self.batch_size)
+        ahead = batches_ahead(self.prefetch, self.batch_size, self.workers)
+        if self._ring is None:  # the batches in flight, and two the user may hold
+            self._ring = BatchRing(layout, ahead + 2, shared=bool(self.workers))
+        ring = self._ring
+        if self.workers:
+            reader = EpochReader(
                 self.store_ref,
                 self.variables,
                 self.spec,
@@ -467,12 +507,50 @@ class ZarrLoader:
                 start,
                 partial_decode=self.partial_decode,
                 memory_map=self.memory_map,
+                finishing=finishing,
             )
-        else:  # the backend's own source: prefetch threads (GPU: streams, events, buffers)
-            feed = run.feed = backend.batch_source(
-                load, n, depth=self.prefetch, batch_size=self.batch_size
+            producer = WorkerPool(
+                WorkerJob(reader, layout, ring.n_slots),
+                ring,
+                self.workers,
+                samples_of=lambda k: plan.batch(start + k),
+                parts_per_batch=parts_per_batch(self.workers, ahead),
+                name=f"zarrdali epoch {self._epoch}",
             )
-            fetch = feed.get
+        else:
+
+            def load(k: int, outs: list) -> None:
+                samples = plan.batch(start + k)
+                finish = finishing.batch(start + k, len(samples))
+                self._load_frames(samples, outs=outs, finish=finish)
+
+            producer = ThreadProducer(load, ring, threads=2)
+        sizes = [len(plan.batch(start + k)) for k in range(n)]
+        run.feed = HostFeed(producer, ring, sizes, ahead=ahead)
+
+        def meta(k: int) -> list:
+            samples = plan.batch(start + k)
+            flags = finishing.flags(start + k, len(samples))
+            return [samples] if flags is None else [samples, flags]
+
+        run.batches = HostBatches(run.feed, self._output_names(), n, meta)
+
+    def _open_dali_epoch(self, run: EpochRun, plan: EpochPlan, start: int, n: int) -> None:
+        """The GPU path: the backend's own batch source (threads, streams, events,
+        a ring of device buffers) feeding a DALI pipeline on the device."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        with_target = self.spec.target_steps > 0
+        backend = self.backend
+
+        def load(k: int, **device_args):
+            samples = plan.batch(start + k)
+            return self._load_frames(samples, **device_args), samples
+
+        feed = run.feed = backend.batch_source(
+            load, n, depth=self.prefetch, batch_size=self.batch_size
+        )
+        fetch = feed.get
         run.source = BatchSource(
             fetch,
             n,
@@ -495,17 +573,17 @@ class ZarrLoader:
             num_threads=self.dali_threads,
             prefetch_queue_depth=self.prefetch,
             device=backend.dali_device,
-            workers=self.workers,
             augment=self.augment,
             samples_of=lambda k: plan.batch(start + k),
             cuda_stream=getattr(run.feed, "cuda_stream", None),
             whole_window=backend.whole_window,
         )
-        names = ["input", "target", "index"] if with_target else ["input", "index"]
-        names += ["augment"] if self.augment else []
-        self._build(run.pipeline)
+        run.pipeline.build()
         run.batches = DALIGenericIterator(
-            run.pipeline, names, auto_reset=False, last_batch_policy=LastBatchPolicy.PARTIAL
+            run.pipeline,
+            self._output_names(),
+            auto_reset=False,
+            last_batch_policy=LastBatchPolicy.PARTIAL,
         )
 
     def _close_live_epoch(self, because: str) -> None:
@@ -513,39 +591,6 @@ class ZarrLoader:
         self._live_epoch = None
         if run is not None:
             run.close(because)
-
-    def _build(self, pipe) -> None:
-        try:
-            pipe.build()
-        except RuntimeError as err:
-            if self.workers and "Workers initialization failed" in str(err):
-                raise ZarrDaliError(
-                    f"zarrdali could not start its {self.workers} DALI worker process(es). They "
-                    "are spawned and re-import your main module: put the training code under "
-                    "`if __name__ == '__main__':`, or pass workers=0 to read in this process."
-                ) from err
-            raise
-
-    def _worker_error_in_process(
-        self, plan: EpochPlan, first: int, err: BaseException
-    ) -> Exception | None:
-        """A worker's error as this process raises it, with its own type and traceback.
-
-        DALI passes a worker's exception on as a plain ``Exception`` holding its
-        traceback text, which would lose what a ``ChunkError`` says. The batches
-        that were in flight are loaded again in this process: a persistent fault
-        (a corrupt chunk) gives its real error, to be raised chained to the
-        worker's. None when ``err`` is not a worker's or the fault did not recur.
-        """
-        if not (self.workers and isinstance(err, Exception) and _WORKER_ERROR in str(err)):
-            return None
-        in_flight = self.prefetch * self.workers + 1
-        for k in range(first, min(first + in_flight, len(plan))):
-            try:
-                self.load_batch(plan.batch(k))
-            except Exception as local:
-                return local
-        return None
 
     # -- lifetime ----------------------------------------------------------
     def close(self) -> None:
@@ -559,7 +604,11 @@ class ZarrLoader:
         try:
             self._close_live_epoch(f"{self!r} was closed")
         finally:
-            self.backend.close()
+            try:
+                if self._ring is not None:  # unmapped now, or once the user drops its batches
+                    self._ring.close()
+            finally:
+                self.backend.close()
 
     def __enter__(self) -> ZarrLoader:
         return self

@@ -44,6 +44,7 @@ from ..prefetch import PrefetchSource
 from ..store import ArrayLayout
 from .base import LoadFn, batch_dtype
 from .fallback import ZarrPythonChunkSource
+from .finish import Finish
 from .locate import ChunkLocations, ChunkLocator, Locators
 from .mapped import MapLease, MappedFiles
 from .openfiles import OpenFiles
@@ -223,7 +224,11 @@ def describe_chunk(layout: ArrayLayout, coords4: Sequence[int]) -> str:
 
 
 def decodes_in_place(
-    layouts: Sequence[ArrayLayout], plan: BatchPlan, pieces: np.ndarray, bounds: np.ndarray
+    layouts: Sequence[ArrayLayout],
+    plan: BatchPlan,
+    pieces: np.ndarray,
+    bounds: np.ndarray,
+    dtype: np.dtype | None = None,
 ) -> np.ndarray:
     """Per chunk: whether it can be decoded straight into the batch.
 
@@ -231,9 +236,10 @@ def decodes_in_place(
     levels, rows and columns), lands in a contiguous region of its output and
     holds its values as the batch stores them (same dtype, native byte order):
     with tiles aligned to inner chunks, most chunks of a sharded store.
-    ``pieces`` are ``plan.pieces`` grouped by chunk (``plan.piece_order``).
+    ``pieces`` are ``plan.pieces`` grouped by chunk (``plan.piece_order``);
+    ``dtype`` is the batch's (default: :func:`batch_dtype`).
     """
-    dtype = batch_dtype(layouts)
+    dtype = batch_dtype(layouts) if dtype is None else np.dtype(dtype)
     same = np.array(
         [lay.fast_path and lay.codec.stored_dtype(lay.dtype) == dtype for lay in layouts]
     )
@@ -338,6 +344,9 @@ class CpuBackend:
     device = "cpu"
     dali_device = "cpu"  # a CPU-only DALI pipeline
     whole_window = False  # input and target frames assembled apart: DALI need not slice
+    # Batches are finished (cast, normalized, augmented) as they are assembled in a
+    # ring of reused buffers and handed to torch as they are, not through DALI.
+    host_ring = True
     tasks_per_thread = 4
 
     def __init__(
@@ -416,8 +425,16 @@ class CpuBackend:
         plan: BatchPlan,
         locations: ChunkLocations,
         lease: MapLease | None = None,
+        *,
+        dtype: np.dtype | None = None,
+        in_place: bool = True,
     ) -> BatchWork:
-        """Everything the batch's read/decode/copy loops need, without I/O."""
+        """Everything the batch's read/decode/copy loops need, without I/O.
+
+        ``dtype`` is the batch's (default: :func:`batch_dtype`); ``in_place=False``
+        copies every piece from scratch (pieces that move: flips, quarter turns).
+        """
+        dtype = batch_dtype(layouts) if dtype is None else np.dtype(dtype)
         on_map = np.zeros(plan.n_chunks, dtype=bool)
         if lease is not None:
             on_map = locations.present & lease.mapped[np.maximum(locations.file, 0)]
@@ -440,7 +457,8 @@ class CpuBackend:
             if self.partial_decode
             else np.full(plan.n_chunks, -1, dtype=np.int64)
         )
-        direct = decodes_in_place(layouts, plan, pieces, bounds) & (needed < 0)
+        direct = decodes_in_place(layouts, plan, pieces, bounds, dtype) & (needed < 0)
+        direct &= in_place
         mapped = np.flatnonzero(on_map)
         src = np.zeros(plan.n_chunks, dtype=np.int64)
         if len(mapped):
@@ -458,9 +476,8 @@ class CpuBackend:
             by_context = locations.present & zstd[plan.chunk_var] & (needed < 0)
         else:
             by_context = np.zeros(plan.n_chunks, dtype=bool)
-        itemsize = batch_dtype(layouts).itemsize
         in_place_out, in_place_offset = _in_place_offsets(
-            plan, itemsize, pieces, bounds, direct & by_context
+            plan, dtype.itemsize, pieces, bounds, direct & by_context
         )
         return BatchWork(
             locations=locations,
@@ -487,16 +504,51 @@ class CpuBackend:
         )
 
     def load_batch(
-        self, layouts: Sequence[ArrayLayout], plan: BatchPlan
+        self,
+        layouts: Sequence[ArrayLayout],
+        plan: BatchPlan,
+        *,
+        out: Sequence[np.ndarray] | None = None,
+        finish: Finish | None = None,
+        rows: np.ndarray | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """The window, or (input frames, target frames) if the plan splits it."""
+        """The window, or (input frames, target frames) if the plan splits it.
+
+        ``out`` (one array per output of the plan, e.g. slots of a ring of reused
+        buffers) is assembled in place of new arrays. With ``finish`` the batch
+        is float32, normalized and augmented as it is assembled (see finish.py).
+        With ``rows`` the plan is part of a batch: its sample ``b`` goes to row
+        ``rows[b]`` of ``out`` (the whole batch; ``finish`` is the batch's too).
+        """
         locations = self.locator(layouts).locate(plan)
-        dtype = batch_dtype(layouts)
-        outs = [np.empty(shape, dtype=dtype) for shape in plan.out_shapes]
+        dtype = np.dtype(np.float32) if finish is not None else batch_dtype(layouts)
+        if out is None:
+            if rows is not None:
+                raise ValueError("rows need the batch's out arrays")
+            outs = [np.empty(shape, dtype=dtype) for shape in plan.out_shapes]
+        else:
+            outs = list(out)
+            n = len(outs[0]) if rows is None else None
+            for o, shape in zip(outs, plan.out_shapes, strict=True):
+                same = o.shape[1:] == tuple(shape[1:]) and (n is None or len(o) == shape[0])
+                if not same or o.dtype != dtype or not o.flags.c_contiguous:
+                    raise ValueError(
+                        f"out arrays must be C-contiguous {dtype} of shapes "
+                        f"{plan.out_shapes}, got {o.dtype} {o.shape}"
+                    )
+        if rows is not None:  # the plan's samples land in their rows of the batch
+            rows = np.asarray(rows, dtype=np.int64)
+            if len(rows) != plan.out_shape[0] or (len(rows) and rows.max() >= len(outs[0])):
+                raise ValueError(f"rows {rows} do not fit a batch of {len(outs[0])}")
+            b = PIECE_DST.start
+            plan.pieces[:, b] = rows[plan.pieces[:, b]]
+        if finish is not None and not (finish.normalizes or finish.flags is not None):
+            finish = None  # a cast alone: numpy's assignment does it
         lease = self.lease(layouts, locations)
         try:
-            work = self.describe(layouts, plan, locations, lease)
-            self._run(layouts, work, outs, lease)
+            in_place = finish is None or not finish.moves
+            work = self.describe(layouts, plan, locations, lease, dtype=dtype, in_place=in_place)
+            self._run(layouts, work, outs, lease, finish)
         finally:
             if lease is not None:
                 lease.release()
@@ -508,8 +560,10 @@ class CpuBackend:
         work: BatchWork,
         outs: list[np.ndarray],
         lease: MapLease | None,
+        finish: Finish | None = None,
     ) -> None:
-        """Read, decode and copy every chunk of ``work`` into ``outs``."""
+        """Read, decode and copy every chunk of ``work`` into ``outs`` (finished
+        as ``finish`` says, if given)."""
         locations = work.locations
         shapes4 = [chunk_shape4(layout) for layout in layouts]
         stored = [  # zarr-python decodes arrays without a codec of ours in native order
@@ -517,15 +571,27 @@ class CpuBackend:
             for layout in layouts
         ]
         chunk_nbytes = [layout.chunk_nbytes for layout in layouts]
+        # chunks decoded straight into the batch are normalized there, in cache
+        normalize_in_place = finish is not None and finish.normalizes
 
         def scatter(i: int, decoded: np.ndarray) -> None:
             chunk = decoded.reshape(shapes4[work.chunk_var[i]])
-            for o, t, sl, sy, sx, b, f, c, dy, dx, nl, ny, nx in work.pieces[
-                work.piece_bounds[i] : work.piece_bounds[i + 1]
-            ]:
+            pieces = work.pieces[work.piece_bounds[i] : work.piece_bounds[i + 1]]
+            if finish is not None:
+                for o, t, sl, sy, sx, b, f, c, dy, dx, nl, ny, nx in pieces:
+                    src = chunk[t, sl : sl + nl, sy : sy + ny, sx : sx + nx]
+                    finish.place(outs[o], b, f, c, dy, dx, src)
+                return
+            for o, t, sl, sy, sx, b, f, c, dy, dx, nl, ny, nx in pieces:
                 outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx] = chunk[
                     t, sl : sl + nl, sy : sy + ny, sx : sx + nx
                 ]
+
+        def finish_in_place(i: int) -> None:
+            """Normalize chunk ``i``, decoded straight into the batch, while in cache."""
+            o, _, _, _, _, b, f, c, dy, dx, nl, ny, nx = work.pieces[work.piece_bounds[i]]
+            region = outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx]
+            finish.normalize_in_place(region, c)
 
         def decode(i: int, data) -> None:
             layout, coords = layouts[work.chunk_var[i]], work.chunk_coords[i]
@@ -533,6 +599,8 @@ class CpuBackend:
                 o, _, _, _, _, b, f, c, dy, dx, nl, ny, nx = work.pieces[work.piece_bounds[i]]
                 target = outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx]
                 self.decoder.decode(layout, coords, data, out=target)
+                if normalize_in_place:
+                    finish.normalize_in_place(target, c)
                 return
             needed = work.needed[i]
             decoded = self.decoder.decode(
@@ -568,6 +636,8 @@ class CpuBackend:
                     raise frame_error(i, str(err)) from None
                 if not into:
                     scatter(i, views[v])
+                elif normalize_in_place:
+                    finish_in_place(i)
 
             return decode_at
 
@@ -648,7 +718,7 @@ class CpuBackend:
             )
             if len(part)
         ]
-        if self.num_threads == 1:  # e.g. in a DALI worker process: no hand-offs
+        if self.num_threads == 1:  # e.g. in a worker process: no hand-offs
             for task in tasks:
                 task()
             return
