@@ -278,7 +278,7 @@ def provenance(args: argparse.Namespace, gpu: dict, argv: list[str]) -> dict:
     commit = args.commit or os.environ.get("ZARRDALI_COMMIT") or _git("rev-parse", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *argv]),
         "cwd": os.getcwd(),
         "commit": commit,

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fallback-batches", type=int, default=1)
     p.add_argument("--xr-samples", type=int, default=16)
     p.add_argument("--max-in-flight", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="zarrdali's DALI worker processes")
+    p.add_argument("--workers", type=int, default=0, help="zarrdali's worker processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-out/remote"))
     args = p.parse_args(argv)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-# Read in-process by default: spawning DALI worker processes costs about a
+# Read in-process by default: spawning worker processes costs about a
 # second per epoch. test_workers.py covers worker processes explicitly.
 os.environ.setdefault("ZARRDALI_WORKERS", "0")
 

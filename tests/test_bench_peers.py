@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from zarrdali import ZarrLoader
 from zarrdali.bench.runners import (
     ChunkArena,
     RunResult,
@@ -58,8 +59,6 @@ def test_xbatcher_serves_the_epoch_samples_as_xarray(stores, layout):
 
 
 def test_xbatcher_serves_what_zarrdali_serves(stores):
-    from zarrdali import ZarrLoader
-
     spec = _spec(stores / SHARDED)
     loader = ZarrLoader(spec.store, **spec.loader_kwargs(), device="cpu", workers=0)
     batch = next(iter(loader))
@@ -118,3 +117,20 @@ def test_chunk_arena_keeps_every_chunk_intact_and_reuses_its_blocks():
     again = [arena.add(c) for c in reversed(chunks)]
     assert [bytes(v) for v in again] == chunks[::-1]
     assert all(any(b is k for k in arena._blocks) for b in blocks), "blocks were dropped"
+
+
+@pytest.mark.parametrize("layout", [PLAIN, SHARDED])
+def test_tensorstore_reads_what_zarrdali_serves(stores, layout):
+    """The TensorStore row does equal work: the same samples, the same values."""
+    pytest.importorskip("tensorstore")
+    from zarrdali.bench.tensorstore_peer import open_arrays, read_batch
+
+    spec = _spec(stores / layout, batches=4)
+    arrays = open_arrays(spec, threads=2)
+    loader = ZarrLoader(spec.store, **spec.loader_kwargs(), device="cpu", workers=0)
+    try:
+        for samples in epoch_batches(spec, 1)[:3]:
+            got = read_batch(arrays, samples, spec.n_frames, (16, 16))
+            np.testing.assert_array_equal(got, loader.load_batch(samples))
+    finally:
+        loader.close()

@@ -12,6 +12,13 @@ import pytest
 import xarray as xr
 
 from zarrdali.backends.zstdctx import zstd_library
+
+try:
+    import tensorstore  # noqa: F401
+
+    HAVE_TENSORSTORE = True
+except ImportError:
+    HAVE_TENSORSTORE = False
 from zarrdali.cli import main
 from zarrdali.sample_data import PLAIN, SHARDED, SampleDataSpec, write_sample_data
 
@@ -63,6 +70,11 @@ CPU_LOADERS = (
     "zarrdali-cpu",
     "zarrdali-cpu-whole",
     "zarrdali-cpu-static",
+    "zarrdali-cpu-threads",
+    "zarrdali-cpu-1worker",
+    "file-ceiling",
+    "file-ceiling-contexts",
+    "tensorstore",
     "numcodecs-ceiling",
     "numcodecs-codec-api",
     "numcodecs-zstd-contexts",
@@ -70,6 +82,8 @@ CPU_LOADERS = (
     "xbatcher",
 )
 GPU_LOADERS = ("zarrdali-cuda", "zarr-gpu")
+# zarr-python's own fastest configurations: skipped where zarr < 3.3 or zarrs is missing
+ZARR_PEERS = ("zarr-async-fused", "zarr-zarrs")
 
 
 def _tiny(out: Path, *extra: str) -> list[str]:
@@ -108,12 +122,18 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
     rows = payload["results"]
     # one row per store and loader: none silently dropped
     assert sorted((r["store_label"], r["loader"]) for r in rows) == sorted(
-        (label, name) for label in ("plain", "sharded") for name in CPU_LOADERS + GPU_LOADERS
+        (label, name)
+        for label in ("plain", "sharded")
+        for name in CPU_LOADERS + GPU_LOADERS + ZARR_PEERS
     )
     for row in rows:
         s = row["summary"]
-        contexts = row["loader"] == "numcodecs-zstd-contexts" and zstd_library() is None
-        if (row["loader"] in GPU_LOADERS or contexts) and s["status"] == "skipped":
+        no_zstd = zstd_library() is None
+        contexts = row["loader"] in ("numcodecs-zstd-contexts", "file-ceiling-contexts") and no_zstd
+        optional = (row["loader"] == "tensorstore" and not HAVE_TENSORSTORE) or (
+            row["loader"] in ZARR_PEERS
+        )
+        if (row["loader"] in GPU_LOADERS or contexts or optional) and s["status"] == "skipped":
             assert s["error"]  # the reason, e.g. no GPU or CuPy
             assert s["samples_per_s"]["median"] is None
             continue
@@ -128,7 +148,9 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
         )
         assert s["peak_rss_gb"] > 0.01  # at least the interpreter with numpy and torch
         assert s["cpu_utilization"]["median"] >= 0
-        if not row["loader"].startswith("numcodecs-"):  # loaders, not decode-only ceilings
+        assert s["cpu_ms_per_sample"]["median"] >= 0  # clock ticks: 0 at this tiny size
+        assert row["batch_size"] == 4
+        if not row["loader"].startswith(("numcodecs-", "file-")):  # not decode-only ceilings
             assert s["first_batch_s"]["median"] > 0
             assert 0 <= s["wait_fraction"]["min"] <= s["wait_fraction"]["max"] <= 1
     assert payload["ratios"]  # the goal ratios are computed
@@ -139,10 +161,43 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
     assert "partial decode" not in notes[("plain", "zarrdali-cpu-whole")]
     assert any("+ static fields / zarrdali[cpu]" in name for name in payload["ratios"])
     assert any("xbatcher" in name for name in payload["ratios"])
+    assert any("/ numcodecs ceiling from files" in name for name in payload["ratios"])
+    assert any("/ zarrdali[cpu] 1 worker" in name for name in payload["ratios"])
+    if HAVE_TENSORSTORE:
+        assert any("best of TensorStore" in name for name in payload["ratios"])
     assert (out / "bench.md").read_text().count("|") > 10
     assert payload["plots"] == ["throughput.png", "wait.png"]
     assert (out / "throughput.png").stat().st_size > 1000
     assert (out / "wait.png").stat().st_size > 1000
+
+
+def test_bench_at_several_batch_sizes(sample_dir, tmp_path):
+    """``--batch-size`` takes a list: every loader at each size, the same samples
+    timed at each (``--samples``), ratios per store and size, samples/s plotted
+    against the batch size."""
+    out = tmp_path / "bench"
+    loaders = ["--loaders", "zarrdali-cpu", "file-ceiling"]
+    args = ["bench", str(sample_dir / SHARDED), "--tile", "16", "16", "--epochs", "1"]
+    args += ["--batch-size", "2", "6", "--samples", "12", "--out", str(out), "-q", *loaders]
+    assert main(args) == 0
+    payload = json.loads((out / "bench.json").read_text())
+    assert payload["batch_sizes"] == [2, 6]
+    rows = payload["results"]
+    assert sorted((r["batch_size"], r["loader"]) for r in rows) == [
+        (2, "file-ceiling"),
+        (2, "zarrdali-cpu"),
+        (6, "file-ceiling"),
+        (6, "zarrdali-cpu"),
+    ]
+    for row in rows:
+        assert row["summary"]["status"] == "ok", row["summary"]["error"]
+        # 12 samples: 6 batches of 2; of 6, the least timed, 3 batches
+        assert row["summary"]["samples_per_epoch"] == {2: 12, 6: 18}[row["batch_size"]]
+    for b in (2, 6):
+        key = f"batch {b}: zarrdali[cpu] / numcodecs ceiling from files"
+        assert any(key in name for name in payload["ratios"]), payload["ratios"]
+    assert (out / "throughput.png").stat().st_size > 1000
+    assert "| batch |" in (out / "bench.md").read_text()
 
 
 def test_bench_reports_a_failing_loader_and_completes(sample_dir, tmp_path, monkeypatch):

@@ -319,7 +319,7 @@ def test_icechunk_repository(tmp_path):
     assert isinstance(loader.backend.source, ZarrStoreSource)
     assert all(layout.fast_path for layout in loader.layouts)
     check_epoch(loader, zarr.open_group(store, mode="r"), ["sharded", "plain"])
-    # What a DALI worker process gets: the pickled reader reopens the session's store.
+    # What a worker process gets: the pickled reader reopens the session's store.
     import pickle
 
     from zarrdali.epoch_reader import EpochReader

@@ -1,7 +1,8 @@
 """Every epoch's resources are released explicitly, never by the garbage collector.
 
-With the collector disabled, nothing of an epoch (DALI pipeline and iterator,
-feed, source, their threads, worker processes) may be alive once it has
+With the collector disabled, nothing of an epoch (on the CPU path its feed:
+ring of batch buffers, threads or worker processes, and its iterator; on the
+GPU path also the DALI pipeline, source and iterator) may be alive once it has
 ended: exhausted, broken off, failed while loading, or interrupted by an error
 in the loop body. A finalizer left for the collector is what crashed the GPU
 path (issue 11): the collector runs it at a random point, in a random thread.
@@ -19,6 +20,7 @@ import threading
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import zarrdali
@@ -101,17 +103,17 @@ def _assert_dead(refs: dict[str, weakref.ref], *, but=()) -> None:
     assert alive == [], f"alive after the epoch: {alive}"
 
 
-def _assert_released(epochs: list, baseline: tuple[set[int], int], *, expect=("pipeline",)):
+def _assert_released(epochs: list, baseline: tuple[set[int], int], *, expect=("feed",)):
     assert epochs, "no epoch was closed"
     refs = epochs[-1]
-    for name in ("feed", "source", "source_handle", *expect):
+    for name in expect:
         assert name in refs, f"the epoch had no {name} to check"
     _assert_dead(refs)
     threads, tasks = baseline
     assert _threads() == threads
     assert not [t.name for t in threading.enumerate() if t.name.startswith("zarrdali-prefetch")]
     # A joined Python thread can still be leaving the OS's list: allow the two
-    # prefetch threads. A pipeline left running would add its 5 threads.
+    # prefetch threads.
     assert _tasks() <= tasks + 2
 
 
@@ -121,7 +123,7 @@ def test_finished_epoch_leaves_nothing_alive(store, no_collector, epochs):
     baseline = _warm(loader)
     n = sum(1 for _ in loader)
     assert n == len(loader)
-    _assert_released(epochs, baseline, expect=("pipeline", "batches"))
+    _assert_released(epochs, baseline, expect=("feed", "batches"))
     loader.close()
 
 
@@ -132,7 +134,7 @@ def test_epoch_broken_off_after_two_batches_leaves_nothing_alive(store, no_colle
         if k == 1:
             break
     assert loader.state_dict()["batches_served"] == 2
-    _assert_released(epochs, baseline, expect=("pipeline", "batches"))
+    _assert_released(epochs, baseline, expect=("feed", "batches"))
     loader.close()
 
 
@@ -143,7 +145,7 @@ def test_explicitly_closed_iterator_leaves_nothing_alive(store, no_collector, ep
     next(it)
     next(it)
     it.close()
-    _assert_released(epochs, baseline, expect=("pipeline", "batches"))
+    _assert_released(epochs, baseline, expect=("feed", "batches"))
     loader.close()
 
 
@@ -176,7 +178,7 @@ def test_error_in_the_loop_body_leaves_nothing_alive(store, no_collector, epochs
 
     with pytest.raises(error):
         train()
-    _assert_released(epochs, baseline, expect=("pipeline", "batches"))
+    _assert_released(epochs, baseline, expect=("feed", "batches"))
     loader.close()
 
 
@@ -214,26 +216,41 @@ def test_worker_processes_end_with_their_epoch(store, no_collector, epochs):
     loader.close()
 
 
-def test_pipeline_is_shut_down_even_while_something_holds_it(store, monkeypatch):
-    """Release does not wait for the last reference: DALI's graph, a traceback
-    or a user's variable may hold the pipeline object longer."""
+def test_workers_end_and_buffers_go_even_while_something_holds_the_feed(store, monkeypatch):
+    """Release does not wait for the last reference: a traceback or a user's
+    variable may hold the feed object longer; its processes end. The loader's
+    ring of batch buffers outlives its epochs and close(): it is unmapped once
+    the batches handed out are dropped."""
     held = []
 
     class Holding(EpochRun):
         def close(self, because: str = "the epoch ended") -> None:
-            if self.pipeline is not None:
-                held.append(self.pipeline)
+            if self.feed is not None:
+                held.append(self.feed)
             super().close(because)
 
     monkeypatch.setattr(zarrdali.loader, "EpochRun", Holding)
     loader = loader_for(store, ["a", "b"], workers=2, batch_size=4)
-    for k, _ in enumerate(loader):
+    kept = []
+    for k, batch in enumerate(loader):
+        kept.append(batch)
         if k == 1:
             break
     assert len(held) == 1
     assert multiprocessing.active_children() == []
-    assert held[0]._pipe is None  # DALI's backend pipeline, dropped by its shutdown
+    ring = held[0].ring
+    assert ring is loader._ring
+    assert ring.leased == 2 and ring.mapped  # the batches the user holds stay valid
+    first = kept[0]["input"].clone()
+    del batch
+    kept.pop(0)
+    assert ring.leased == 1 and ring.mapped
     loader.close()
+    assert ring.mapped  # the batch still held stays valid after close()
+    np.testing.assert_array_equal(kept[0]["input"].shape, (4, 2, 2, 8, 8))
+    kept.clear()
+    assert ring.leased == 0 and not ring.mapped
+    assert first.shape[0] == 4
 
 
 def test_worker_processes_end_when_a_worker_fails(make_store, no_collector, epochs):

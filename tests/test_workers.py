@@ -1,4 +1,4 @@
-"""The CPU path with DALI worker processes (parallel external source).
+"""The CPU path with worker processes (zarrdali.workers, shared batch buffers).
 
 Workers rebuild the epoch plan from the seed, so they must serve exactly what
 the in-process path serves; their errors must reach the loop with their type.
@@ -7,6 +7,7 @@ the in-process path serves; their errors must reach the loop with their type.
 from __future__ import annotations
 
 import gc
+import itertools
 import multiprocessing
 
 import numpy as np
@@ -80,11 +81,11 @@ def test_in_process_error_keeps_type_and_traceback(store, monkeypatch):
     real = loader.backend.load_batch
     calls = {"n": 0}
 
-    def failing(layouts, plan):
+    def failing(layouts, plan, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise InjectedReadError("disk went away")
-        return real(layouts, plan)
+        return real(layouts, plan, **kw)
 
     monkeypatch.setattr(loader.backend, "load_batch", failing)
     with pytest.raises(InjectedReadError, match="disk went away") as info:
@@ -100,3 +101,84 @@ def test_breaking_out_leaves_no_worker_processes(store):
             break
     gc.collect()
     assert multiprocessing.active_children() == []
+
+
+def test_workers_normalize_and_augment_as_the_in_process_path(store):
+    kw = dict(
+        batch_size=8,
+        augment=("flip", "rot90"),
+        normalize={"a": (0.5, 2.0), "b": (1.0, 3.0)},
+    )
+    got = run_epochs(loader_for(store, ["a", "b"], workers=2, **kw), [1])[1]
+    want = run_epochs(loader_for(store, ["a", "b"], workers=0, **kw), [1])[1]
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys() == {"input", "target", "index", "augment"}
+        for key in w:
+            np.testing.assert_array_equal(g[key], w[key])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_held_by_the_user_are_never_written_again(store, workers):
+    """The first batches are the ring's buffers themselves (no copy); once the
+    user holds two, later ones come as copies, and every batch kept to the end
+    of the epoch still equals the store."""
+    loader = loader_for(store, ["a", "b"], workers=workers, batch_size=4)
+    kept = list(loader)  # torch tensors, all held
+    ring = loader._ring
+    lo, hi = ring.views.address, ring.views.address + ring.nbytes
+    in_ring = [lo <= b["input"].data_ptr() < hi for b in kept]
+    assert in_ring[:2] == [True, True] and not any(in_ring[2:])
+    assert ring.copies == len(kept) - 2
+    numpy_batches = [{k: v.numpy() for k, v in b.items()} for b in kept]
+    check_batches(
+        numpy_batches, Oracle(store, ["a", "b"]), input_steps=2, target_steps=1, tile=(8, 8)
+    )
+    # dropped batches give their buffers back: the next epoch lends them again
+    del kept, numpy_batches
+    assert ring.leased == 0
+    loader.set_epoch(1)
+    it = iter(loader)
+    first = next(it)
+    assert lo <= first["input"].data_ptr() < hi
+    it.close()
+    loader.close()
+
+
+def test_a_worker_error_carries_the_worker_traceback(store):
+    corrupt_chunk(store, "a", "c/3/0/0")
+    loader = loader_for(store, ["a"], workers=2, shuffle=False, batch_size=4)
+    with pytest.raises(zarrdali.ChunkError) as info:
+        for _ in loader:
+            pass
+    cause = info.value.__cause__
+    assert type(cause).__name__ == "RemoteTraceback"
+    assert "load_part" in str(cause) and "ChunkError" in str(cause)
+    loader.close()
+
+
+def test_time_ordered_parts_of_a_batch_assemble_it_as_loaded_whole(store):
+    """A worker loads a part of a batch (samples of neighbouring times) into its
+    rows of the batch: the parts together are the batch loaded whole."""
+    from zarrdali.hostfeed import Finishing
+    from zarrdali.workers import time_ordered_parts
+
+    normalize = {"a": (0.5, 2.0), "b": (1.0, 3.0)}
+    loader = loader_for(store, ["a", "b"], workers=0, batch_size=16, normalize=normalize)
+    loader.augment = ("flip", "rot90")
+    samples = loader.epoch_plan(0).batch(1)
+    finish = Finishing(loader.stats, loader.augment, 0, 0).batch(1, len(samples))
+    c = loader.num_channels
+    shapes = [(16, 2, c, 8, 8), (16, 1, c, 8, 8)]
+    whole = [np.empty(s, np.float32) for s in shapes]
+    loader._load_frames(samples, outs=whole, finish=finish)
+    parted = [np.full(s, np.nan, np.float32) for s in shapes]
+    parts = time_ordered_parts(samples, 3)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(16))
+    times = [samples[rows, 0] for rows in parts]
+    assert all(a.max() <= b.min() for a, b in itertools.pairwise(times))
+    for rows in parts:
+        loader._load_frames(samples[rows], outs=parted, finish=finish, rows=rows)
+    for w, p in zip(whole, parted, strict=True):
+        np.testing.assert_array_equal(w, p)
+    loader.close()

@@ -1,6 +1,7 @@
 """Understand a Zarr v3 codec chain well enough to decode chunks ourselves.
 
-The fast paths (CPU and GPU) decode chunk bytes without zarr-python. They accept
+The fast paths (CPU and GPU) decode chunk bytes without zarr-python, from the
+codecs of an array's ``zarr.json`` (:mod:`zarrdali.metadata`). They accept
 the chains Earth-science stores actually use: ``bytes`` (either endianness),
 then at most one compressor (zstd, gzip, blosc, lz4), then optionally crc32c.
 Anything else returns ``None`` and the array is read through zarr-python.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,14 +20,8 @@ import numcodecs.blosc
 import numcodecs.lz4
 import numcodecs.zstd
 import numpy as np
-from zarr.codecs import (
-    BloscCodec,
-    BytesCodec,
-    Crc32cCodec,
-    GzipCodec,
-    ShardingCodec,
-    ZstdCodec,
-)
+
+from .metadata import CodecSpec, parse_codec_list
 
 try:  # streaming zstd, to stop decoding after the bytes a batch needs
     import zstandard
@@ -184,63 +180,77 @@ def zstd_content_size(frame: memoryview) -> int | None:
     return size + 256 if size_len == 2 else size
 
 
-def _compressor_name(codec: object) -> Compressor | None:
-    if isinstance(codec, ZstdCodec):
-        return "zstd"
-    if isinstance(codec, GzipCodec):
-        return "gzip"
-    if isinstance(codec, BloscCodec):
-        return "blosc"
-    # numcodecs codecs wrapped for zarr v3 carry an id such as "numcodecs.lz4"
-    codec_id = getattr(codec, "codec_name", None) or getattr(codec, "codec_id", None)
-    if codec_id in ("numcodecs.lz4", "lz4"):
-        return "lz4"
-    if codec_id in ("numcodecs.zstd",):
-        return "zstd"
-    return None
+# Codec names as zarr-python 3.1 to 3.4 write them (the spec's, and numcodecs' own
+# codecs wrapped for Zarr v3, "numcodecs.<id>").
+_COMPRESSORS: dict[str, Compressor] = {
+    "zstd": "zstd",
+    "numcodecs.zstd": "zstd",
+    "gzip": "gzip",
+    "numcodecs.gzip": "gzip",
+    "blosc": "blosc",
+    "numcodecs.blosc": "blosc",
+    "lz4": "lz4",
+    "numcodecs.lz4": "lz4",
+}
 
 
-def _byteorder(codec: BytesCodec) -> Literal["<", ">", "|"]:
-    if codec.endian is None:
-        return "|"
-    return "<" if codec.endian.value == "little" else ">"
+def _byteorder(codec: CodecSpec) -> Literal["<", ">", "|"]:
+    endian = codec.configuration.get("endian")
+    return {"little": "<", "big": ">"}.get(endian, "|")
 
 
-def parse_chunk_codecs(codecs: tuple[object, ...]) -> ChunkCodec | None:
+def parse_chunk_codecs(codecs: Sequence[CodecSpec]) -> ChunkCodec | None:
     """Parse an ``[bytes, compressor?, crc32c?]`` chain; None if unsupported."""
-    if not codecs or not isinstance(codecs[0], BytesCodec):
+    if not codecs or codecs[0].name != "bytes":
         return None  # array->array codecs (transpose, ...) or another serializer
+    if codecs[0].configuration.get("endian") not in (None, "little", "big"):
+        return None
     rest = list(codecs[1:])
-    has_crc = bool(rest) and isinstance(rest[-1], Crc32cCodec)
+    has_crc = bool(rest) and rest[-1].name == "crc32c"
     if has_crc:
         rest.pop()
     if len(rest) > 1:
         return None
-    compressor: Compressor | None = "none" if not rest else _compressor_name(rest[0])
+    compressor = "none" if not rest else _COMPRESSORS.get(rest[0].name)
     if compressor is None:
         return None
     return ChunkCodec(compressor=compressor, byteorder=_byteorder(codecs[0]), has_crc32c=has_crc)
 
 
 def parse_sharding(
-    codec: ShardingCodec, shard_shape: tuple[int, ...]
-) -> tuple[ShardLayout | None, ChunkCodec | None]:
-    """Parse a sharding codec: the shard index layout and the inner chain."""
-    inner = tuple(codec.chunk_shape)
+    codec: CodecSpec, shard_shape: tuple[int, ...], fail: Callable[[str], Exception]
+) -> tuple[tuple[int, ...], ShardLayout | None, ChunkCodec | None]:
+    """Parse a ``sharding_indexed`` codec: the inner chunk shape, the shard index
+    layout and the inner chain (None, None where the fast path cannot read them).
+    ``fail(message)`` makes the error for a configuration the spec does not allow."""
+    config = codec.configuration
+    inner = config.get("chunk_shape")
+    if (
+        not isinstance(inner, list)
+        or len(inner) != len(shard_shape)
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in inner)
+    ):
+        raise fail(f"sharding chunk_shape {inner!r} must be {len(shard_shape)} integers >= 1")
+    inner = tuple(inner)
+    if any(s % c for s, c in zip(shard_shape, inner, strict=True)):
+        raise fail(
+            f"the sharding codec's chunk_shape {list(inner)} does not divide the shard "
+            f"shape {list(shard_shape)}"
+        )
     chunks_per_shard = tuple(s // c for s, c in zip(shard_shape, inner, strict=True))
-    index_codecs = tuple(codec.index_codecs)
-    ok_index = (
-        len(index_codecs) in (1, 2)
-        and isinstance(index_codecs[0], BytesCodec)
-        and (len(index_codecs) == 1 or isinstance(index_codecs[1], Crc32cCodec))
-    )
-    if not ok_index:
-        return None, None
+    location = config.get("index_location", "end")
+    if location not in ("start", "end"):
+        raise fail(f"sharding index_location {location!r} must be 'start' or 'end'")
+    inner_codecs = parse_codec_list(config.get("codecs"), "the sharding codecs", fail)
+    index_codecs = parse_codec_list(config.get("index_codecs"), "the sharding index_codecs", fail)
+    names = [c.name for c in index_codecs]
+    if names not in (["bytes"], ["bytes", "crc32c"]):
+        return inner, None, None
     order = _byteorder(index_codecs[0])
     layout = ShardLayout(
         chunks_per_shard=chunks_per_shard,
-        index_location=codec.index_location.value,
+        index_location=location,
         index_byteorder="<" if order == "|" else order,
         index_has_crc32c=len(index_codecs) == 2,
     )
-    return layout, parse_chunk_codecs(tuple(codec.codecs))
+    return inner, layout, parse_chunk_codecs(inner_codecs)

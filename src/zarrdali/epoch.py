@@ -116,7 +116,7 @@ class EpochRun:
     def __init__(self, name: str) -> None:
         self.name = name
         # The backend's EpochSource: threads loading ahead (GPU: and streams,
-        # events, the buffers DALI copies from); None with DALI worker processes.
+        # events, the buffers DALI copies from; the CPU path: its ring feed).
         self.feed: Any = None
         self.source: Any = None  # BatchSource, fetching from the feed or the workers
         self.source_handle: SourceHandle | None = None  # what the pipeline holds of it

@@ -1,10 +1,11 @@
-"""Batches of one epoch, loadable in this process or in a DALI worker process.
+"""Batches of one epoch, loadable in this process or in a worker process.
 
 :class:`EpochReader` is small and picklable: it holds how to reopen the store
 (path or URL, storage options, cache settings: a :class:`StoreRef`), the spec,
 the candidate samples and the sampler, and rebuilds the (deterministic) epoch
-plan and a backend the first time it is called. That lets DALI's parallel external source run it in
-worker processes, where reading and decoding do not share a GIL with training.
+plan and a backend the first time it is called. That lets the CPU path's worker
+processes (:mod:`zarrdali.workers`) load parts of batches with it, where reading
+and decoding do not share a GIL with training.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from typing import Any
 import numpy as np
 
 from .backends.base import batch_dtype
+from .backends.finish import Finish
 from .batchplan import plan_batch
+from .hostfeed import Finishing
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
 from .remote import StoreRef
+from .static import RingStaticTiles
 from .store import ArrayLayout, load_layouts
 from .trace import annotate
 
@@ -34,6 +38,9 @@ def load_frames(
     out_for: Callable[[tuple[int, ...], np.dtype], Any] | None = None,
     stream: Any = None,
     before_write: Callable[[], None] | None = None,
+    outs: Sequence[np.ndarray] | None = None,
+    finish: Finish | None = None,
+    rows: np.ndarray | None = None,
 ) -> tuple[Any, ...]:
     """The frames of ``samples`` as the pipeline takes them.
 
@@ -44,7 +51,11 @@ def load_frames(
     once the batch is planned, for the buffer to assemble the window in, and
     ``stream``, on which the backend enqueues all the batch's device work
     without synchronizing, and ``before_write``, which the backend calls just
-    before it enqueues the first write of that buffer.
+    before it enqueues the first write of that buffer. A host source passes
+    ``outs`` (one array per frame output, assembled in place) and ``finish``
+    (cast, normalize, augment while assembling; see
+    :mod:`zarrdali.backends.finish`), and with ``rows`` the rows of ``outs``
+    (a whole batch) that ``samples`` (a part of it) go to.
     """
     with annotate("zarrdali.plan"):
         read_plan = plan_batch(
@@ -62,9 +73,49 @@ def load_frames(
         device_args["stream"] = stream
     if before_write is not None:
         device_args["before_write"] = before_write
+    if outs is not None:
+        device_args["out"] = outs
+    if finish is not None:
+        device_args["finish"] = finish
+    if rows is not None:
+        device_args["rows"] = rows
     with annotate("zarrdali.load"):
         frames = backend.load_batch(layouts, read_plan, **device_args)
     return (frames,) if read_plan.frame_split is None else frames
+
+
+def load_into(
+    backend: Any,
+    layouts: Sequence[ArrayLayout],
+    spec: SampleSpec,
+    tile_hw: tuple[int, int],
+    samples: np.ndarray,
+    outs: Sequence[np.ndarray],
+    finish: Finish | None,
+    *,
+    rows: np.ndarray | None = None,
+    static: RingStaticTiles | None = None,
+) -> None:
+    """The CPU path's load of ``samples`` into a ring slot's arrays ``outs`` (see
+    :class:`~zarrdali.hostfeed.BatchLayout`): the frames, finished by ``finish``,
+    then the static tiles with the same flags. With ``rows``, ``samples`` are
+    that part of the batch whose arrays ``outs`` are."""
+    n_frames = 1 + bool(spec.target_steps)
+    load_frames(
+        backend,
+        layouts,
+        spec,
+        tile_hw,
+        samples,
+        outs=outs[:n_frames],
+        finish=finish,
+        rows=rows,
+    )
+    if static is not None:
+        flags = None if finish is None else finish.flags
+        if flags is not None and rows is not None:
+            flags = flags[rows]
+        static.write(outs[n_frames], samples, flags, rows)
 
 
 @dataclass
@@ -78,8 +129,10 @@ class EpochReader:
     start: int  # first batch of the epoch to serve (resume)
     num_threads: int = 1
     partial_decode: bool = True
-    memory_map: bool = True
+    memory_map: bool = False
+    finishing: Finishing | None = None  # cast, normalize, augment while assembling
     resumed: tuple[Segment, ...] = ()  # parts of the epoch served at other world sizes
+    static: RingStaticTiles | None = None  # static tiles, written after the frames
     _state: Any = field(default=None, init=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -117,3 +170,37 @@ class EpochReader:
         samples = plan.batch(self.start + k)
         frames = load_frames(backend, layouts, self.spec, self.candidates.tile_hw, samples)
         return frames, samples
+
+    def load_part(self, k: int, rows: np.ndarray, outs: Sequence[np.ndarray]) -> None:
+        """Samples ``rows`` of batch ``start + k`` into their rows of ``outs`` (the
+        batch's arrays in its ring slot: frames, then static tiles), finished as
+        ``finishing`` says."""
+        if self._state is None:
+            self._state = self._open()
+        layouts, plan, backend = self._state
+        j = self.start + k
+        samples = plan.batch(j)
+        finish = None if self.finishing is None else self.finishing.batch(j, len(samples))
+        tile_hw = self.candidates.tile_hw
+        load_into(
+            backend,
+            layouts,
+            self.spec,
+            tile_hw,
+            samples[rows],
+            outs,
+            finish,
+            rows=rows,
+            static=self.static,
+        )
+
+    def close(self) -> None:
+        """Release the backend this reader opened (threads, maps, files), and a
+        worker's map of the static fields. Idempotent."""
+        state, self._state = self._state, None
+        try:
+            if state is not None:
+                state[2].close()
+        finally:
+            if self.static is not None:
+                self.static.close()

@@ -31,6 +31,26 @@ class ConfigError(ZarrDaliError, ValueError):
     """The loader's configuration cannot be satisfied by the store."""
 
 
+class MetadataError(ConfigError):
+    """An array's (or the group's) ``zarr.json`` is invalid, unsupported, or
+    describes more than this machine can hold. Names the store and the array."""
+
+    def __init__(self, message: str, *, store: str, array: str) -> None:
+        where = f"array {array!r}" if array else "its group metadata"
+        super().__init__(f"{message} (store {store!r}, {where})")
+        self.store = store
+        self.array = array
+
+
+class UnknownCodecError(MetadataError):
+    """A codec that neither zarrdali nor zarr-python knows (zarr-python's
+    ``UnknownCodecError``, with the store and array named)."""
+
+
+class UnknownDataTypeError(MetadataError):
+    """A ``data_type`` that is not a Zarr v3 numeric type zarrdali serves."""
+
+
 class ChunkError(ZarrDaliError, RuntimeError):
     """A chunk could not be read or decoded.
 
@@ -39,9 +59,13 @@ class ChunkError(ZarrDaliError, RuntimeError):
 
     def __init__(self, message: str, *, store: str, array: str, key: str) -> None:
         super().__init__(f"{message} (store {store!r}, array {array!r}, chunk {key!r})")
+        self.message = message
         self.store = store
         self.array = array
         self.key = key
+
+    def __reduce__(self):  # keyword-only fields: pickled (to and from worker processes) by name
+        return _chunk_error, (self.message, self.store, self.array, self.key)
 
 
 class BackendUnavailableError(ZarrDaliError, RuntimeError):
@@ -50,3 +74,12 @@ class BackendUnavailableError(ZarrDaliError, RuntimeError):
 
 class LoaderClosedError(ZarrDaliError, RuntimeError):
     """A closed loader (or an epoch it closed) was iterated, or its backend used."""
+
+
+class WorkerDiedError(ZarrDaliError, RuntimeError):
+    """A worker process of the CPU path ended while the epoch needed it (killed by
+    a signal, such as the out-of-memory killer's SIGKILL, or exited)."""
+
+
+def _chunk_error(message: str, store: str, array: str, key: str) -> ChunkError:
+    return ChunkError(message, store=store, array=array, key=key)

@@ -16,21 +16,26 @@ from .backends import make_backend
 from .backends.base import batch_dtype
 from .backends.sources import make_source
 from .epoch import EpochRun, SourceHandle, release_frames
-from .epoch_reader import EpochReader, load_frames
-from .errors import ConfigError, LoaderClosedError, ZarrDaliError
+from .epoch_reader import EpochReader, load_frames, load_into
+from .errors import ConfigError, LoaderClosedError
+from .hostfeed import BatchLayout, Finishing, HostBatches, HostFeed, ThreadProducer
+from .hostring import BatchRing, SharedArray
 from .normalize import NormalizeArg, channel_stats
 from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
 from .remote import StoreRef, is_picklable
 from .resume import check_state, fingerprint, resume_point
-from .static import DeviceStaticFields, DeviceStaticTiles, StaticTiles, read_static_fields
-from .store import load_layouts, open_group
+from .static import (
+    DeviceStaticFields,
+    DeviceStaticTiles,
+    RingStaticTiles,
+    StaticTiles,
+    read_static_fields,
+)
+from .store import check_plan_fits, load_layouts, open_group
 from .timecoord import FrameTimes, read_time_coordinate
 
 log = logging.getLogger(__name__)
-
-# How DALI's parallel external source reports an exception raised in a worker.
-_WORKER_ERROR = "Exception traceback received from worker"
 
 # Loaders not closed yet, closed by one exit hook (weak: they are not kept alive).
 _open_loaders: weakref.WeakSet[ZarrLoader] = weakref.WeakSet()
@@ -86,6 +91,35 @@ def _path_or_object(store: Any) -> Any:
     return os.fspath(store) if isinstance(store, os.PathLike) else store
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_workers(batch_size: int, prefetch: int) -> int:
+    """Worker processes of the CPU path: one per usable core, but no more than the
+    samples of the batches in flight (each worker needs a part of one)."""
+    return max(1, min(usable_cores(), batch_size * (prefetch + 1)))
+
+
+def batches_ahead(prefetch: int, batch_size: int, workers: int) -> int:
+    """Batches the CPU path loads ahead of the one handed out: ``prefetch``, or
+    more where small batches would leave many workers with parts of one or two
+    samples (each part costs a plan of its own): at least 8 samples per worker
+    in flight (no more than 64 batches ahead). Memory is then
+    ``batch_size * (ahead + 2)`` samples."""
+    return max(prefetch, min(64, -(-8 * workers // batch_size) - 1))
+
+
+def parts_per_batch(workers: int, ahead: int) -> int:
+    """How many parts a batch is cut into so that the ``ahead + 1`` batches in
+    flight give every worker about two parts to work on (balance without waits)."""
+    return max(1, -(-2 * workers // (ahead + 1)))
+
+
 def _resolve_device(device: str) -> str:
     if device in ("cpu", "cuda"):
         return device
@@ -112,17 +146,21 @@ class ZarrLoader:
     The CPU path decodes a chunk only as far as the last byte a batch copies
     from it (zstd, gzip, uncompressed); ``partial_decode=False`` decodes every
     chunk whole, so every compressor checks every chunk completely. It reads a
-    local store's files through memory maps (no copy of the encoded bytes); a
-    store must then not be rewritten in place while it is read (a file that
-    shrinks under a map faults). ``memory_map=False`` reads with ``pread``.
+    local store's files with ``pread`` (a file rewritten while it is read gives
+    a ``ChunkError`` or its old or new bytes); ``memory_map=True`` decodes
+    straight from memory maps instead (no copy of the encoded bytes, about 10%
+    less CPU per sample), but a file that shrinks under a map kills the process
+    (SIGBUS): only for stores nobody rewrites while they are read.
 
     ``store`` may be a path, a URL (``s3://``, ``gs://``, ``az://``, ``https://``;
     credentials and endpoint in ``storage_options``, obstore's or fsspec's
     names), a ``zarr.Group``, a zarr ``Store`` (an Icechunk session's store, an
     ``FsspecStore``) or an obstore store. Both paths read remote chunks
-    themselves: the byte ranges of a batch coalesced and fetched concurrently, at
-    most ``max_in_flight`` requests at a time (per process), retried on
-    throttling; ``cache_dir`` keeps what was read in local files (at most
+    themselves: the byte ranges of a batch coalesced and fetched concurrently, as
+    many at a time as the store sustains (at most ``max_in_flight`` per
+    process), a stalled request sent again after a few seconds, transient errors
+    retried; a request not answered within ``request_timeout`` seconds in all
+    fails its batch with a ``ChunkError``. ``cache_dir`` keeps what was read in local files (at most
     ``cache_bytes``, least recently used evicted), shared by processes and ranks.
     On ``device="cuda"`` the responses land in pinned host memory and go to the
     device in one copy per batch (not yet run on a GPU).
@@ -165,11 +203,12 @@ class ZarrLoader:
         index: str | os.PathLike | SampleTable | None = None,
         augment: Sequence[str] = (),
         partial_decode: bool = True,
-        memory_map: bool = True,
+        memory_map: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_bytes: int | None = None,
         max_in_flight: int = 64,
+        request_timeout: float = 60.0,
         cache: str | None = None,
         cache_budget: int | None = None,
         static: Sequence[str] | str = (),
@@ -188,6 +227,8 @@ class ZarrLoader:
         )
         if max_in_flight < 1:
             raise ConfigError(f"max_in_flight must be >= 1 request, got {max_in_flight}.")
+        if not request_timeout > 0:
+            raise ConfigError(f"request_timeout must be > 0 seconds, got {request_timeout}.")
         # How this process and DALI's worker processes open the store.
         self.store_ref = StoreRef(
             _path_or_object(store),
@@ -195,6 +236,7 @@ class ZarrLoader:
             cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
             cache_bytes=cache_bytes,
             max_in_flight=max_in_flight,
+            request_timeout=request_timeout,
         )
         self.group, self.store_name = open_group(store, storage_options)
         self.variables = [variables] if isinstance(variables, str) else list(variables)
@@ -202,6 +244,15 @@ class ZarrLoader:
         first = self.layouts[0]
         n_time, ny, nx = first.shape[0], first.shape[-2], first.shape[-1]
         self.candidates: SampleGrid | SampleTable
+        h, w = self.spec.tile or (ny, nx)
+        channels = sum(layout.n_levels for layout in self.layouts)
+        check_plan_fits(  # before any of it is allocated
+            self.store_name,
+            self.layouts,
+            SampleGrid.count(self.spec, n_time, ny, nx) if index is None else 0,
+            batch_size * self.spec.n_frames * channels * h * w * 4,  # float32
+            max(prefetch, 1) + 2,
+        )
         if index is None:
             self.candidates = SampleGrid(self.spec, n_time, ny, nx)
         else:
@@ -237,6 +288,7 @@ class ZarrLoader:
             self.group,
             self.store_name,
             max_in_flight=max_in_flight,
+            request_timeout=request_timeout,
             cache_dir=cache_dir,
             cache_bytes=cache_bytes,
         )
@@ -275,6 +327,10 @@ class ZarrLoader:
         # Weak: the epoch's generator owns the run; this reference lets the
         # loader close it (next epoch, close(), exit) without a reference cycle.
         self._live_epoch: weakref.ref[EpochRun] | None = None
+        # The CPU path's batch buffers: made at the first epoch, reused by the next
+        # ones (no page faults again), released by close().
+        self._ring: BatchRing | None = None
+        self._shared_static: SharedArray | None = None  # the workers' static fields
         _track_open(self)
         self._epoch = 0
         self._served = 0  # batches handed to the user in the current epoch
@@ -312,11 +368,13 @@ class ZarrLoader:
         return index
 
     def _resolve_workers(self, workers: int | None, store: object) -> int:
-        """DALI worker processes for the CPU path (0: read in this process's threads).
+        """Worker processes for the CPU path (0: read in this process's threads).
 
         Per-chunk work holds the GIL for part of the time, so threads alone do not
-        scale; worker processes do. They need a store they can reopen: a path, a
-        URL, or a store object that pickles (obstore and Icechunk stores do).
+        scale; worker processes do. By default one per core this process may run
+        on (no more than can share the batches read ahead). They need a store they
+        can reopen: a path, a URL, or a store object that pickles (obstore and
+        Icechunk stores do).
         """
         reopenable = not isinstance(store, zarr.Group) and (
             isinstance(store, (str, os.PathLike)) or is_picklable(store)
@@ -325,7 +383,7 @@ class ZarrLoader:
             workers = int(os.environ["ZARRDALI_WORKERS"])
         if workers is None:
             auto = self.device == "cpu" and reopenable
-            return min(os.cpu_count() or 1, 8) if auto else 0
+            return default_workers(self.batch_size, self.prefetch) if auto else 0
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, got {workers}.")
         if workers and self.device != "cpu":
@@ -461,18 +519,11 @@ class ZarrLoader:
         except GeneratorExit:  # closed or dropped by the user: released below
             raise
         except BaseException as err:
-            # The worker processes are stopped before this process reloads.
+            # Worker processes, threads and buffers are released before it propagates.
             run.close(f"loading failed ({type(err).__name__})")
             run = None
-            local = self._worker_error_in_process(plan, self._served, err)
             release_frames(err)
-            if local is None:
-                raise
-            release_frames(local)
-            try:
-                raise local from err
-            finally:
-                local = None  # its traceback holds this frame: no reference cycle
+            raise
         finally:
             # Reached by exhaustion, and by close() of this generator when it is
             # broken off: reference counting closes a dropped generator at once.
@@ -480,19 +531,39 @@ class ZarrLoader:
                 run.close("the epoch ended")
             run = None
 
+    def _output_names(self) -> list[str]:
+        with_target = self.spec.target_steps > 0
+        names = ["input", "target", "index"] if with_target else ["input", "index"]
+        return names + (["augment"] if self.augment else [])
+
     def _open_epoch(self, run: EpochRun, plan: EpochPlan, start: int, n: int) -> None:
         """Build the epoch's pieces into ``run``, each as soon as it exists."""
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        if getattr(self.backend, "host_ring", False):
+            self._open_host_epoch(run, plan, start, n)
+        else:
+            self._open_dali_epoch(run, plan, start, n)
 
-        with_target = self.spec.target_steps > 0
-        backend = self.backend
+    def _open_host_epoch(self, run: EpochRun, plan: EpochPlan, start: int, n: int) -> None:
+        """The CPU path: batches decoded, cast, normalized and augmented straight
+        into a ring of reused buffers (shared with the worker processes), and
+        handed to torch as they are (see hostfeed.py, hostring.py, workers.py).
+        Static tiles are cut into the slot by whoever loads the samples; index,
+        flags and timestamps are computed here from the plan (a gather per batch)."""
+        from .workers import WorkerJob, WorkerPool
 
-        def load(k: int, **device_args):
-            samples = plan.batch(start + k)
-            return self._load_frames(samples, **device_args), samples
-
-        if self.workers:  # DALI worker processes read (CPU path): no feed in this process
-            fetch = EpochReader(
+        # batches numbered through the epoch, across world sizes (augmentation draws)
+        served_before = sum(seg.batches for seg in self._segments)
+        finishing = Finishing(
+            self.stats, self.augment, self.sampler.seed, self._epoch, served_before
+        )
+        tile_hw = self.candidates.tile_hw
+        layout = self._host_layout()
+        ahead = batches_ahead(self.prefetch, self.batch_size, self.workers)
+        if self._ring is None:  # the batches in flight, and two the user may hold
+            self._ring = BatchRing(layout.slots, ahead + 2, shared=bool(self.workers))
+        ring = self._ring
+        if self.workers:
+            reader = EpochReader(
                 self.store_ref,
                 self.variables,
                 self.spec,
@@ -502,16 +573,90 @@ class ZarrLoader:
                 start,
                 partial_decode=self.partial_decode,
                 memory_map=self.memory_map,
+                finishing=finishing,
                 resumed=tuple(self._segments),
+                static=self._ring_static(shared=True),
             )
-        else:  # the backend's own source: prefetch threads (GPU: streams, events, buffers)
-            feed = run.feed = backend.batch_source(
-                load, n, depth=self.prefetch, batch_size=self.batch_size
+            producer = WorkerPool(
+                WorkerJob(reader, layout.slots, ring.n_slots),
+                ring,
+                self.workers,
+                samples_of=lambda k: plan.batch(start + k),
+                parts_per_batch=parts_per_batch(self.workers, ahead),
+                name=f"zarrdali epoch {self._epoch}",
             )
-            fetch = feed.get
-        extras, device_extras, extra_names = self._batch_extras(run.feed)
+        else:
+            static = self._ring_static(shared=False)
+
+            def load(k: int, outs: list) -> None:
+                samples = plan.batch(start + k)
+                finish = finishing.batch(start + k, len(samples))
+                load_into(
+                    self.backend,
+                    self.layouts,
+                    self.spec,
+                    tile_hw,
+                    samples,
+                    outs,
+                    finish,
+                    static=static,
+                )
+
+            producer = ThreadProducer(load, ring, threads=2)
+        sizes = [len(plan.batch(start + k)) for k in range(n)]
+        run.feed = HostFeed(producer, ring, sizes, ahead=ahead)
+        times = FrameTimes.for_spec(self.times, self.spec) if self.times is not None else None
+
+        def meta(k: int) -> list:
+            samples = plan.batch(start + k)
+            flags = finishing.flags(start + k, len(samples))
+            out = [samples] if flags is None else [samples, flags]
+            return out if times is None else [*out, times(samples, flags)]
+
+        meta_names = ["index", *(["augment"] if self.augment else [])]
+        meta_names += ["time"] if times is not None else []
+        run.batches = HostBatches(run.feed, [*layout.names, *meta_names], n, meta)
+
+    def _host_layout(self) -> BatchLayout:
+        """What a ring slot holds: the frames, and the static tiles where served."""
+        return BatchLayout.of(
+            self.spec,
+            self.num_channels,
+            self.candidates.tile_hw,
+            self.batch_size,
+            static_channels=0 if self.static is None else self.static.n_channels,
+        )
+
+    def _ring_static(self, shared: bool) -> RingStaticTiles | None:
+        """The static tiles' writer for the CPU path; with ``shared`` the field in
+        shared memory the workers map (made once, freed by :meth:`close`)."""
+        if self.static is None:
+            return None
+        field: SharedArray | Any = self.static.field
+        if shared:
+            if self._shared_static is None:
+                self._shared_static = SharedArray.of(self.static.field)
+            field = self._shared_static
+        return RingStaticTiles(field, tuple(self.candidates.tile_hw))
+
+    def _open_dali_epoch(self, run: EpochRun, plan: EpochPlan, start: int, n: int) -> None:
+        """The GPU path: the backend's own batch source (threads, streams, events,
+        a ring of device buffers) feeding a DALI pipeline on the device."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        with_target = self.spec.target_steps > 0
+        backend = self.backend
+
+        def load(k: int, **device_args):
+            samples = plan.batch(start + k)
+            return self._load_frames(samples, **device_args), samples
+
+        feed = run.feed = backend.batch_source(
+            load, n, depth=self.prefetch, batch_size=self.batch_size
+        )
+        extras, device_extras, extra_names = self._batch_extras(feed)
         run.source = BatchSource(
-            fetch,
+            feed.get,
             n,
             self.spec.input_steps,
             with_target,
@@ -535,7 +680,6 @@ class ZarrLoader:
             num_threads=self.dali_threads,
             prefetch_queue_depth=self.prefetch,
             device=backend.dali_device,
-            workers=self.workers,
             augment=self.augment,
             samples_of=lambda k: plan.batch(start + k),
             cuda_stream=getattr(run.feed, "cuda_stream", None),
@@ -543,12 +687,12 @@ class ZarrLoader:
             n_extras=len(extras),
             n_device_extras=len(device_extras),
         )
-        names = ["input", "target", "index"] if with_target else ["input", "index"]
-        names += ["augment"] if self.augment else []
-        names += extra_names
-        self._build(run.pipeline)
+        run.pipeline.build()
         run.batches = DALIGenericIterator(
-            run.pipeline, names, auto_reset=False, last_batch_policy=LastBatchPolicy.PARTIAL
+            run.pipeline,
+            [*self._output_names(), *extra_names],
+            auto_reset=False,
+            last_batch_policy=LastBatchPolicy.PARTIAL,
         )
 
     def _batch_extras(self, feed: Any) -> tuple[list, list, list[str]]:
@@ -574,39 +718,6 @@ class ZarrLoader:
         if run is not None:
             run.close(because)
 
-    def _build(self, pipe) -> None:
-        try:
-            pipe.build()
-        except RuntimeError as err:
-            if self.workers and "Workers initialization failed" in str(err):
-                raise ZarrDaliError(
-                    f"zarrdali could not start its {self.workers} DALI worker process(es). They "
-                    "are spawned and re-import your main module: put the training code under "
-                    "`if __name__ == '__main__':`, or pass workers=0 to read in this process."
-                ) from err
-            raise
-
-    def _worker_error_in_process(
-        self, plan: EpochPlan, first: int, err: BaseException
-    ) -> Exception | None:
-        """A worker's error as this process raises it, with its own type and traceback.
-
-        DALI passes a worker's exception on as a plain ``Exception`` holding its
-        traceback text, which would lose what a ``ChunkError`` says. The batches
-        that were in flight are loaded again in this process: a persistent fault
-        (a corrupt chunk) gives its real error, to be raised chained to the
-        worker's. None when ``err`` is not a worker's or the fault did not recur.
-        """
-        if not (self.workers and isinstance(err, Exception) and _WORKER_ERROR in str(err)):
-            return None
-        in_flight = self.prefetch * self.workers + 1
-        for k in range(first, min(first + in_flight, len(plan))):
-            try:
-                self.load_batch(plan.batch(k))
-            except Exception as local:
-                return local
-        return None
-
     # -- lifetime ----------------------------------------------------------
     def close(self) -> None:
         """Release the live epoch (pipeline, threads, worker processes, CUDA
@@ -619,9 +730,15 @@ class ZarrLoader:
         try:
             self._close_live_epoch(f"{self!r} was closed")
         finally:
-            if self._device_static is not None:
-                self._device_static.close()
-            self.backend.close()
+            try:
+                if self._ring is not None:  # unmapped now, or once the user drops its batches
+                    self._ring.close()
+                if self._shared_static is not None:  # the workers (ended) had their own maps
+                    self._shared_static.close()
+                if self._device_static is not None:
+                    self._device_static.close()
+            finally:
+                self.backend.close()
 
     def __enter__(self) -> ZarrLoader:
         return self

@@ -149,7 +149,6 @@ def build_pipeline(
     num_threads: int = 1,
     prefetch_queue_depth: int = 2,
     device: str = "cpu",
-    workers: int = 0,
     augment: tuple[str, ...] = (),
     samples_of: Callable[[int], np.ndarray] | None = None,
     cuda_stream: Any = None,
@@ -165,9 +164,9 @@ def build_pipeline(
 
     The cast is skipped when the store is float32 already; DALI fuses the
     arithmetic into one operator, so normalizing costs one pass over the batch.
-    With ``workers > 0`` the source runs in that many DALI worker processes
-    (parallel external source; the source must be picklable), which read ahead
-    ``prefetch_queue_depth`` batches each.
+    (The CPU path does not come here: its batches are finished as they are
+    assembled, see :mod:`zarrdali.backends.finish`; this pipeline serves the
+    GPU path, and on the CPU the tests that run the GPU path's shape.)
 
     ``device="gpu"`` (UNVERIFIED without a GPU): the frames come from a GPU
     external source (CuPy arrays, copied by DALI on ``cuda_stream`` when fed:
@@ -193,8 +192,6 @@ def build_pipeline(
         prefetch_queue_depth=prefetch_queue_depth,
         exec_dynamic=True,
         enable_conditionals=bool(augment),
-        py_num_workers=max(workers, 1),
-        py_start_method="spawn",
     )
     def zarr_pipeline():
         n_meta = 1 + bool(augment) + n_extras
@@ -231,13 +228,6 @@ def build_pipeline(
                 batch_info=True,
                 device=device,
                 layout=["FCHW"] * n_frames + [None] * n_meta,
-                **(
-                    # DALI's depth counts batches ahead for all workers together:
-                    # give each worker its own `prefetch_queue_depth` so none idles.
-                    {"parallel": True, "prefetch_queue_depth": prefetch_queue_depth * workers}
-                    if workers
-                    else {}
-                ),
             )
         frames, rest = list(outs[:n_frames]), list(outs[n_frames:])
         if with_target and n_frames == 1:  # one window: slice input and target apart

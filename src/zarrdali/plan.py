@@ -62,6 +62,14 @@ class SampleSpec:
         return (self.n_frames - 1) * self.frame_step + 1
 
 
+def n_origins(size: int, tile: int, stride: int, cover_edges: bool) -> int:
+    """``len(tile_origins(...))``, without making them (Python ints: any size)."""
+    if tile > size:
+        return 0
+    n = (size - tile) // stride + 1
+    return n + int(cover_edges and (n - 1) * stride + tile < size)
+
+
 def tile_origins(size: int, tile: int, stride: int, cover_edges: bool) -> np.ndarray:
     """Start offsets of a regular tiling of ``size`` cells by ``tile`` cells."""
     starts = np.arange(0, size - tile + 1, stride, dtype=np.int64)
@@ -101,6 +109,19 @@ class SampleGrid:
         object.__setattr__(self, "t0s", t0s)
         object.__setattr__(self, "y0s", tile_origins(self.ny, h, sy, spec.cover_edges))
         object.__setattr__(self, "x0s", tile_origins(self.nx, w, sx, spec.cover_edges))
+
+    @staticmethod
+    def count(spec: SampleSpec, n_time: int, ny: int, nx: int) -> int:
+        """How many samples the grid of a store this size has, computed without
+        making it (so a store too large to plan can be refused first)."""
+        if spec.window_span > n_time:
+            return 0
+        h, w = spec.tile or (ny, nx)
+        sy, sx = spec.tile_stride or (h, w)
+        n_t0 = (n_time - spec.window_span) // spec.time_stride + 1
+        return (
+            n_t0 * n_origins(ny, h, sy, spec.cover_edges) * n_origins(nx, w, sx, spec.cover_edges)
+        )
 
     @property
     def tile_hw(self) -> tuple[int, int]:

@@ -14,8 +14,10 @@ transient, missing), so every caller words them alike.
 from __future__ import annotations
 
 import asyncio
+import json
 import pickle
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -101,6 +103,37 @@ def open_obstore(url: str, storage_options: Mapping[str, Any] | None):
         ) from err
 
 
+# The client of chunk requests does not retry: zarrdali's engine does (and counts
+# it), bounding each attempt by what the store usually takes (backends/flow.py).
+NO_RETRY: dict[str, Any] = {
+    **DEFAULT_RETRY,
+    "max_retries": 0,
+    "retry_timeout": timedelta(seconds=1),
+}
+
+
+def obstore_for_requests(store: Any, timeout_s: float) -> Any:
+    """``store`` (an obstore store) as a client that never retries by itself and
+    times a request out only after ``timeout_s`` (zarrdali's engine retries and
+    re-sends stalled requests sooner). Stores without a network client (local,
+    memory) are returned as they are."""
+    from obstore.store import AzureStore, GCSStore, HTTPStore, S3Store
+
+    options = dict(getattr(store, "client_options", None) or {})
+    options["timeout"] = timedelta(seconds=timeout_s + 10)  # zarrdali's deadline comes first
+    if isinstance(store, HTTPStore):
+        return HTTPStore.from_url(store.url, client_options=options, retry_config=NO_RETRY)
+    if isinstance(store, (S3Store, GCSStore, AzureStore)):
+        return type(store)(
+            prefix=store.prefix,
+            config=store.config,
+            client_options=options,
+            retry_config=NO_RETRY,
+            credential_provider=store.credential_provider,
+        )
+    return store
+
+
 def zarr_store_for(
     store: Any, storage_options: Mapping[str, Any] | None = None, *, read_only: bool = True
 ):
@@ -143,8 +176,9 @@ def bucket_missing(zstore: Any) -> bool:
 
 
 def store_label(zstore: Any) -> str:
-    """A name for messages: the store's own string (URL-like for obstore and fsspec)."""
-    return str(zstore)
+    """A name for messages: the store's own string (URL-like for obstore and fsspec),
+    without the ``user:password@`` of a URL."""
+    return redact_url(str(zstore))
 
 
 def is_picklable(obj: object) -> bool:
@@ -153,6 +187,105 @@ def is_picklable(obj: object) -> bool:
     except Exception:  # any store-specific refusal means: cannot go to a worker process
         return False
     return True
+
+
+# -- keeping secrets out of what is printed or written ---------------------------
+
+REDACTED = "<redacted>"
+# Option names whose values are settings, never credentials: shown as they are
+# (URLs without their user:password@ part). Any other value is redacted.
+_SHOWN_OPTIONS = frozenset(
+    {
+        "endpoint",
+        "endpoint_url",
+        "region",
+        "region_name",
+        "anon",
+        "skip_signature",
+        "allow_http",
+        "virtual_hosted_style_request",
+        "use_ssl",
+        "client_kwargs",
+        "client_options",
+        "config_kwargs",
+        "timeout",
+        "connect_timeout",
+        "retry_config",
+        "requester_pays",
+        "default_fill_cache",
+        "use_listings_cache",
+        "asynchronous",
+    }
+)
+_SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "auth", "sas")
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` without the ``user:password@`` of any URL in it."""
+    return _USERINFO.sub(f"{REDACTED}@", text)
+
+
+def _names_secret(name: object) -> bool:
+    lowered = str(name).lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def redact_options(options: Any) -> Any:
+    """``storage_options`` fit to print or write: a value is shown only when its
+    name is a known setting (endpoint, region, client_kwargs, ...) and names no
+    secret (key, secret, token, password, credential): inside it too, names of
+    secrets are redacted, and URLs lose their ``user:password@``. Every other
+    value becomes ``"<redacted>"``."""
+    if options is None:
+        return None
+    if not isinstance(options, Mapping):
+        return REDACTED
+    return {
+        name: (
+            REDACTED
+            if _names_secret(name) or str(name).lower() not in _SHOWN_OPTIONS
+            else _cleaned(value)
+        )
+        for name, value in options.items()
+    }
+
+
+def _cleaned(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: REDACTED if _names_secret(k) else _cleaned(v) for k, v in value.items()}
+    if isinstance(value, str):
+        return redact_url(value)
+    return value
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """A command line fit to record: the JSON of ``--*storage-options`` redacted
+    (:func:`redact_options`), URLs without ``user:password@``."""
+    out: list[str] = []
+    pending = False
+    for arg in argv:
+        if pending:
+            out.append(_redacted_json(arg))
+            pending = False
+            continue
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and flag.endswith("storage-options"):
+            if eq:
+                out.append(f"{flag}={_redacted_json(value)}")
+            else:
+                out.append(arg)
+                pending = True
+            continue
+        out.append(redact_url(arg))
+    return out
+
+
+def _redacted_json(text: str) -> str:
+    try:
+        return json.dumps(redact_options(json.loads(text)))
+    except ValueError:
+        return REDACTED
 
 
 # -- telling errors apart ------------------------------------------------------
@@ -179,7 +312,14 @@ _TRANSIENT_WORDS = (
     "InternalError",
     "Throttl",
     "Connection reset",
+    "connection reset",
+    "connection closed",
+    "Connection refused",
+    "error sending request",  # obstore (reqwest): connect errors and timeouts
+    "error decoding response body",
+    "timed out",
 )
+_STATUS_IN_TEXT = re.compile(r"status code: (\d{3})")  # obstore's "non-2xx status code: 503"
 
 
 def _status(err: BaseException) -> int | None:
@@ -187,7 +327,8 @@ def _status(err: BaseException) -> int | None:
         value = getattr(err, attr, None)
         if isinstance(value, int):
             return value
-    return None
+    found = _STATUS_IN_TEXT.search(str(err))
+    return int(found.group(1)) if found else None
 
 
 def is_access_error(err: BaseException) -> bool:
@@ -230,7 +371,8 @@ def short_message(err: BaseException) -> str:
 class StoreRef:
     """How to (re)open a store: all a worker process needs, picklable.
 
-    ``store`` is a path, a URL or a picklable zarr/obstore store object.
+    ``store`` is a path, a URL or a picklable zarr/obstore store object. Its
+    ``repr`` shows the storage options redacted (:func:`redact_options`).
     """
 
     store: Any
@@ -238,6 +380,16 @@ class StoreRef:
     cache_dir: str | None = None
     cache_bytes: int | None = None
     max_in_flight: int = 64
+    request_timeout: float | None = None
+
+    def __repr__(self) -> str:
+        store = redact_url(self.store) if isinstance(self.store, str) else self.store
+        return (
+            f"StoreRef(store={store!r}, storage_options="
+            f"{redact_options(self.storage_options)!r}, cache_dir={self.cache_dir!r}, "
+            f"cache_bytes={self.cache_bytes!r}, max_in_flight={self.max_in_flight!r}, "
+            f"request_timeout={self.request_timeout!r})"
+        )
 
     def open(self):
         """``(group, name, source)``: the group, a name for messages, its byte source."""
@@ -251,5 +403,6 @@ class StoreRef:
             max_in_flight=self.max_in_flight,
             cache_dir=self.cache_dir,
             cache_bytes=self.cache_bytes,
+            request_timeout=self.request_timeout,
         )
         return group, name, source

@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 
 from .errors import ConfigError
+from .hostring import SharedArray
 from .normalize import NormalizeArg, channel_stats
 from .store import ArrayLayout, find_arrays
 
@@ -156,6 +157,40 @@ class StaticTiles:
 
     def __call__(self, samples: np.ndarray, flags: np.ndarray | None) -> np.ndarray:
         return self.static.tiles(samples, flags, self.tile_hw)
+
+
+@dataclass(frozen=True)
+class RingStaticTiles:
+    """The CPU path's static tiles: written into each batch's slot of the ring
+    by whoever loads the batch's samples (a worker process, or a thread of the
+    training process), so the cut is spread over the workers as the frames are.
+    ``field`` is the normalized ``[S, ny, nx]`` field: shared memory that the
+    worker processes map (one copy, not one per worker), or a host array."""
+
+    field: SharedArray | np.ndarray
+    tile_hw: tuple[int, int]
+
+    def write(
+        self,
+        out: np.ndarray,
+        samples: np.ndarray,
+        flags: np.ndarray | None,
+        rows: np.ndarray | None = None,
+    ) -> None:
+        """``out`` ``[B, S, H, W]`` (the batch's): rows ``rows`` (default: the
+        first ``len(samples)``) get the tiles of ``samples`` with ``flags``."""
+        field = self.field.array if isinstance(self.field, SharedArray) else self.field
+        tiles = cut_tiles(np, field, samples, flags, self.tile_hw)
+        if rows is None:
+            out[: len(samples)] = tiles
+        else:
+            out[rows] = tiles
+
+    def close(self) -> None:
+        """Unmap the field where this is a worker process's copy (the training
+        process's shared field is its loader's to close)."""
+        if isinstance(self.field, SharedArray) and self.field.attached:
+            self.field.close()
 
 
 class DeviceStaticFields:

@@ -1,13 +1,17 @@
 """Open a Zarr v3 store and describe its arrays for the planner and readers.
 
-Metadata comes from zarr-python. What the rest of zarrdali needs is reduced to a
-small frozen :class:`ArrayLayout` per variable, so that planning stays pure and
-backends do not depend on zarr-python's object model.
+zarr-python opens the group; each array's metadata is read from its
+``zarr.json`` as the Zarr v3 specification defines it (:mod:`zarrdali.metadata`).
+What the rest of zarrdali needs is reduced to a small frozen
+:class:`ArrayLayout` per variable, so that planning stays pure and backends do
+not depend on zarr-python's object model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,12 +21,18 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ShardingCodec
-from zarr.storage import LocalStore
 
 from . import remote
 from .codecs import ChunkCodec, ShardLayout, parse_chunk_codecs, parse_sharding
-from .errors import ConfigError, StoreAccessError, StoreNotFoundError, VariableNotFoundError
+from .errors import (
+    ConfigError,
+    MetadataError,
+    StoreAccessError,
+    StoreNotFoundError,
+    UnknownCodecError,
+    VariableNotFoundError,
+)
+from .metadata import available_memory, local_directory, node_key, read_array_metadata
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +123,7 @@ def open_group(
         target: Any = name
     else:
         target = remote.zarr_store_for(store, storage_options)
-        name = store if isinstance(store, str) else remote.store_label(target)
+        name = remote.redact_url(store) if isinstance(store, str) else remote.store_label(target)
     try:
         group = zarr.open_group(target, mode="r")
     except (
@@ -127,6 +137,10 @@ def open_group(
         raise StoreNotFoundError(
             f"{name!r} is not a Zarr group{hint}: {remote.short_message(err)}"
         ) from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MetadataError(
+            f"the group's zarr.json is not valid JSON: {err}", store=name, array=""
+        ) from err
     except Exception as err:
         if remote.is_access_error(err):
             raise StoreAccessError(
@@ -137,51 +151,168 @@ def open_group(
     return group, name
 
 
-def _local_directory(array: zarr.Array) -> Path | None:
-    store = array.store_path.store
-    if isinstance(store, LocalStore):
-        return Path(store.root) / array.path
-    return None
+def describe_array(group: zarr.Group, name: str, store_name: str) -> ArrayLayout | None:
+    """The :class:`ArrayLayout` of array ``name`` of ``group``, from its ``zarr.json``
+    (None: the group has no such array). Raises :class:`MetadataError` for
+    metadata that is invalid, unsupported, or more than this machine can hold."""
+    zstore = group.store
+    try:
+        meta = read_array_metadata(zstore, group.path, name, store_name)
+    except MetadataError:
+        raise
+    except Exception as err:  # the store's own errors (remote stores)
+        if remote.is_access_error(err):
+            raise StoreAccessError(
+                f"access to store {store_name!r} was refused reading the metadata of "
+                f"{name!r}: {remote.short_message(err)}. Check the credentials "
+                f"(storage_options or the environment) and the permissions."
+            ) from err
+        raise MetadataError(
+            f"cannot read zarr.json: {remote.short_message(err)}", store=store_name, array=name
+        ) from err
+    if meta is None:
+        return None
 
+    def fail(message: str) -> MetadataError:
+        return MetadataError(message, store=store_name, array=name)
 
-def describe_array(array: zarr.Array, name: str) -> ArrayLayout:
-    """Reduce a zarr-python array to the :class:`ArrayLayout` zarrdali reads."""
-    meta = array.metadata
-    if meta.zarr_format != 3:
-        raise ConfigError(
-            f"Array {name!r} is Zarr format {meta.zarr_format}; zarrdali reads Zarr v3. "
-            f"Convert it with `zarrdali prepare`."
-        )
-    shape = tuple(int(s) for s in array.shape)
-    outer = tuple(int(c) for c in meta.chunk_grid.chunk_shape)
-    codecs = tuple(meta.codecs)
     shard: ShardLayout | None = None
     shard_shape: tuple[int, ...] | None = None
-    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
-        shard, codec = parse_sharding(codecs[0], outer)
-        chunk_shape = tuple(int(c) for c in codecs[0].chunk_shape)
-        shard_shape = outer
+    codecs = meta.codecs
+    if len(codecs) == 1 and codecs[0].name == "sharding_indexed":
+        shard_shape = meta.chunk_shape
+        chunk_shape, shard, codec = parse_sharding(codecs[0], shard_shape, fail)
         if shard is None:
             codec = None
     else:
         codec = parse_chunk_codecs(codecs)
-        chunk_shape = outer
-    dims = tuple(meta.dimension_names or (f"dim_{i}" for i in range(len(shape))))
-    fill = meta.fill_value
-    return ArrayLayout(
+        chunk_shape = meta.chunk_shape
+    if codec is None:
+        _check_zarr_python_reads(group, name, store_name)
+    dims = meta.dimension_names or (None,) * len(meta.shape)
+    layout = ArrayLayout(
         name=name,
-        shape=shape,
-        dtype=np.dtype(array.dtype).newbyteorder("="),
+        shape=meta.shape,
+        dtype=meta.dtype,
         chunk_shape=chunk_shape,
-        fill_value=fill.item() if hasattr(fill, "item") else fill,
-        dims=dims,
+        fill_value=meta.fill_value,
+        dims=tuple(d if d is not None else f"dim_{i}" for i, d in enumerate(dims)),
         codec=codec,
         shard=shard,
         shard_shape=shard_shape,
-        directory=_local_directory(array),
-        encode_key=meta.encode_chunk_key,
-        attrs=dict(array.attrs),
-        key_prefix=array.path,
+        directory=local_directory(zstore, group.path, name),
+        encode_key=meta.encode_key,
+        attrs=meta.attributes,
+        key_prefix=node_key(group.path, name, ""),
+    )
+    check_fits(layout, store_name)
+    return layout
+
+
+def _check_zarr_python_reads(group: zarr.Group, name: str, store_name: str) -> None:
+    """An array the fast path does not decode is read by zarr-python: it must open it."""
+    try:
+        group[name]
+    except Exception as err:
+        kinds = {cls.__name__ for cls in type(err).__mro__}
+        cls = UnknownCodecError if "UnknownCodecError" in kinds else MetadataError
+        raise cls(
+            f"zarr-python cannot open the array, which zarrdali reads through it: "
+            f"{remote.short_message(err)}",
+            store=store_name,
+            array=name,
+        ) from err
+
+
+# A shard index is read whole and kept per shard a batch touches: past 4 GiB
+# (268 million inner chunks per shard) a store is hostile, whatever the memory.
+MAX_SHARD_INDEX_BYTES = 1 << 32
+
+
+def check_fits(layout: ArrayLayout, store_name: str, memory: int | None = None) -> None:
+    """Refuse, before anything is allocated, an array whose chunk or table of
+    storage objects would not fit in a quarter of this machine's memory, or whose
+    shard index is larger than that or than ``MAX_SHARD_INDEX_BYTES``."""
+    memory = available_memory() if memory is None else memory
+    bound = memory // 4
+    problems = []
+    chunk = math.prod(layout.chunk_shape) * layout.dtype.itemsize
+    if chunk > bound:
+        problems.append(
+            f"one chunk of shape {layout.chunk_shape} decodes to {chunk:,} bytes, more than "
+            f"a quarter of this machine's {memory:,} bytes of memory"
+        )
+    if layout.shard_shape is not None:
+        inner = math.prod(
+            s // c for s, c in zip(layout.shard_shape, layout.chunk_shape, strict=True)
+        )
+        limit = min(bound, MAX_SHARD_INDEX_BYTES)
+        if inner * 16 > limit:
+            problems.append(
+                f"a shard of {inner:,} inner chunks has a {inner * 16:,}-byte index, more "
+                f"than the {limit:,} bytes zarrdali allows one"
+            )
+    outer = layout.shard_shape or layout.chunk_shape
+    objects = math.prod(-(-s // c) for s, c in zip(layout.shape, outer, strict=True))
+    if objects * 8 > bound:  # the chunk locator keeps a slot number per storage object
+        problems.append(
+            f"its grid of {objects:,} storage objects needs a {objects * 8:,}-byte table, "
+            f"more than a quarter of this machine's {memory:,} bytes of memory"
+        )
+    if problems:
+        raise MetadataError(
+            f"{'; '.join(problems)}. Rechunk the store (`zarrdali prepare`) to smaller "
+            f"chunks and shards.",
+            store=store_name,
+            array=layout.name,
+        )
+
+
+# Bytes a candidate sample costs while an epoch is planned: the [N, 3] int64
+# samples, the coordinates they are made from, the shuffled order and the rank's share.
+PLAN_BYTES_PER_SAMPLE = 96
+
+
+def check_plan_fits(
+    store_name: str,
+    layouts: Sequence[ArrayLayout],
+    n_samples: int,
+    batch_nbytes: int,
+    batches_in_flight: int,
+    memory: int | None = None,
+) -> None:
+    """Refuse, before planning, an epoch of ``n_samples`` or batches of
+    ``batch_nbytes`` (``batches_in_flight`` at a time) that this machine cannot hold."""
+    memory = available_memory() if memory is None else memory
+    names = [layout.name for layout in layouts]
+    plan = n_samples * PLAN_BYTES_PER_SAMPLE
+    if plan > memory // 2:
+        raise MetadataError(
+            f"the store's time axis ({layouts[0].shape[0]:,} steps) and grid give "
+            f"{n_samples:,} candidate samples, whose epoch plan needs about {plan:,} bytes: "
+            f"more than half of this machine's {memory:,} bytes of memory. Serve a subset "
+            f"(index=, a sample table) or use a larger time_stride or tile_stride.",
+            store=store_name,
+            array=names[0],
+        )
+    held = batch_nbytes * batches_in_flight
+    if held > memory // 2:
+        raise MetadataError(
+            f"one batch of {names} is {batch_nbytes:,} bytes and {batches_in_flight} are in "
+            f"flight ({held:,} bytes): more than half of this machine's {memory:,} bytes of "
+            f"memory. Use a tile (tile=(H, W)), a smaller batch_size or fewer variables.",
+            store=store_name,
+            array=names[0],
+        )
+
+
+def _not_found(group: zarr.Group, store_name: str, missing: list[str], what: str) -> Exception:
+    try:
+        available = str(sorted(k for k, _ in group.arrays()))
+    except Exception:  # listing unsupported (HTTP): say so rather than fail again
+        available = "unknown (the store cannot be listed)"
+    return VariableNotFoundError(
+        f"{what} {missing} not found in store {store_name!r}. Arrays it holds: {available}."
     )
 
 
@@ -201,13 +332,7 @@ def find_arrays(
         else:
             missing.append(v)
     if missing:
-        try:
-            available = str(sorted(k for k, _ in group.arrays()))
-        except Exception:  # listing unsupported (HTTP): say so rather than fail again
-            available = "unknown (the store cannot be listed)"
-        raise VariableNotFoundError(
-            f"{what} {missing} not found in store {store_name!r}. Arrays it holds: {available}."
-        )
+        raise _not_found(group, store_name, missing, what)
     return arrays
 
 
@@ -217,8 +342,16 @@ def load_layouts(group: zarr.Group, store_name: str, variables: Sequence[str]) -
         variables = [variables]
     if not variables:
         raise ConfigError("`variables` is empty: name at least one array of the store.")
-    arrays = find_arrays(group, store_name, variables)
-    layouts = [describe_array(arrays[v], v) for v in variables]
+    found, missing = {}, []
+    for v in variables:  # by key: stores served over plain HTTP cannot list
+        layout = describe_array(group, v, store_name)
+        if layout is None:
+            missing.append(v)
+        else:
+            found[v] = layout
+    if missing:
+        raise _not_found(group, store_name, missing, "Variable(s)")
+    layouts = [found[v] for v in variables]
     for layout in layouts:
         if len(layout.shape) not in (3, 4):
             raise ConfigError(

@@ -14,7 +14,7 @@ def make_backend(
     num_threads: int | None = None,
     partial_decode: bool = True,
     source=None,
-    memory_map: bool = True,
+    memory_map: bool = False,
     **gpu_options,
 ) -> Backend:
     """The backend for ``device`` ("cpu" or "cuda"); GPU imports happen only here.

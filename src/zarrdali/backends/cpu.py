@@ -1,12 +1,16 @@
-"""CPU backend: memory-mapped files (or ``os.pread``), numcodecs, numpy, in threads.
+"""CPU backend: ``os.pread`` (or memory-mapped files), numcodecs, numpy, in threads.
 
 Reads and decodes release the GIL, so a thread pool the size of the core count
 keeps every core busy without worker processes. The three roles (reader,
 decoder, assembler) run fused per chunk inside one task: a chunk's bytes are
-decoded straight from the page cache through a memory map (``mapped.py``; a
-file that cannot be mapped is read with ``pread`` into a thread-local buffer),
-into the batch itself when the chunk is one whole piece of it, else into
-thread-local scratch and scattered into the batch at once. zstd chunks go
+read with ``pread`` into a thread-local buffer (coalesced with its neighbours)
+or, with ``memory_map=True``, decoded straight from the page cache through a
+memory map (``mapped.py``), into the batch itself when the chunk is one whole
+piece of it, else into thread-local scratch and scattered into the batch at
+once. ``pread`` is the default because a file rewritten while it is read then
+gives a short read (a ``ChunkError``) or its old or new bytes, where a map
+kills the process with SIGBUS once its file shrinks; the copy costs about 10%
+more CPU per sample (``benchmarks/pread_vs_maps.py``). zstd chunks go
 through numcodecs' libzstd with one reused context per thread
 (``zstdctx.py``), on raw addresses. So no per-chunk memory is allocated, each
 chunk is touched while it is still in cache, and the Python left per chunk is
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,10 +44,11 @@ from ..prefetch import PrefetchSource
 from ..store import ArrayLayout
 from .base import LoadFn, batch_dtype
 from .fallback import ZarrPythonChunkSource
+from .finish import Finish
 from .locate import ChunkLocations, ChunkLocator, Locators
 from .mapped import MapLease, MappedFiles
 from .openfiles import OpenFiles
-from .ranges import CoalescedReads, coalesce_arrays
+from .ranges import CoalescedReads, coalesce_arrays, within
 from .sources import ByteSource, ObjectReadError, OnReady, make_source
 from .zstdctx import ZstdContexts, ZstdFrameError
 
@@ -53,12 +58,16 @@ class _Scratch(threading.local):
 
     def __init__(self) -> None:
         self.encoded = np.empty(0, dtype=np.uint8)
+        self.encoded_view = memoryview(self.encoded)
+        self.encoded_address = self.encoded.ctypes.data  # (ctypes.data costs a microsecond)
         self.decoded = np.empty(0, dtype=np.uint8)
 
     def encoded_buffer(self, nbytes: int) -> memoryview:
         if self.encoded.nbytes < nbytes:
             self.encoded = np.empty(nbytes, dtype=np.uint8)
-        return memoryview(self.encoded)[:nbytes]
+            self.encoded_view = memoryview(self.encoded)
+            self.encoded_address = self.encoded.ctypes.data
+        return self.encoded_view[:nbytes]
 
     def decoded_array(self, shape: tuple[int, ...], nbytes: int, dtype: np.dtype) -> np.ndarray:
         return self.decoded_bytes(nbytes).view(dtype).reshape(shape)
@@ -126,6 +135,10 @@ class PosixReader:
                 key=key,
             )
         return buf
+
+    def address(self) -> int:
+        """Where this thread's read buffer starts (what :meth:`pread` returned)."""
+        return self._scratch.encoded_address
 
     def read_chunks(
         self, layouts: Sequence[ArrayLayout], locations: ChunkLocations
@@ -211,7 +224,11 @@ def describe_chunk(layout: ArrayLayout, coords4: Sequence[int]) -> str:
 
 
 def decodes_in_place(
-    layouts: Sequence[ArrayLayout], plan: BatchPlan, pieces: np.ndarray, bounds: np.ndarray
+    layouts: Sequence[ArrayLayout],
+    plan: BatchPlan,
+    pieces: np.ndarray,
+    bounds: np.ndarray,
+    dtype: np.dtype | None = None,
 ) -> np.ndarray:
     """Per chunk: whether it can be decoded straight into the batch.
 
@@ -219,9 +236,10 @@ def decodes_in_place(
     levels, rows and columns), lands in a contiguous region of its output and
     holds its values as the batch stores them (same dtype, native byte order):
     with tiles aligned to inner chunks, most chunks of a sharded store.
-    ``pieces`` are ``plan.pieces`` grouped by chunk (``plan.piece_order``).
+    ``pieces`` are ``plan.pieces`` grouped by chunk (``plan.piece_order``);
+    ``dtype`` is the batch's (default: :func:`batch_dtype`).
     """
-    dtype = batch_dtype(layouts)
+    dtype = batch_dtype(layouts) if dtype is None else np.dtype(dtype)
     same = np.array(
         [lay.fast_path and lay.codec.stored_dtype(lay.dtype) == dtype for lay in layouts]
     )
@@ -317,14 +335,18 @@ class CpuBackend:
 
     Host work per batch is array programs (locate, coalesce, group the copies
     by chunk); the per-chunk loop that remains decodes and copies. A local
-    store's files are memory-mapped (no copy of the encoded bytes), and zstd
-    chunks are decoded with one reused libzstd context per thread, on raw
+    store's files are read with ``pread`` (``memory_map=True``: mapped, no copy
+    of the encoded bytes, but a file that shrinks under its map faults), and
+    zstd chunks are decoded with one reused libzstd context per thread, on raw
     addresses, straight into the batch where a chunk is one whole piece.
     """
 
     device = "cpu"
     dali_device = "cpu"  # a CPU-only DALI pipeline
     whole_window = False  # input and target frames assembled apart: DALI need not slice
+    # Batches are finished (cast, normalized, augmented) as they are assembled in a
+    # ring of reused buffers and handed to torch as they are, not through DALI.
+    host_ring = True
     tasks_per_thread = 4
 
     def __init__(
@@ -336,7 +358,7 @@ class CpuBackend:
         *,
         max_gap: int = 64 * 1024,
         source: ByteSource | None = None,
-        memory_map: bool = True,
+        memory_map: bool = False,
     ) -> None:
         self.num_threads = num_threads or os.cpu_count() or 1
         self.partial_decode = partial_decode
@@ -383,14 +405,14 @@ class CpuBackend:
     ) -> None:
         """A chunk past the end of its (mapped) file is a named error, not a fault."""
         file = locations.file[chunks]
-        end = locations.offset[chunks] + locations.nbytes[chunks]
-        short = np.flatnonzero(end > size[file])
+        offset, nbytes = locations.offset[chunks], locations.nbytes[chunks]
+        short = np.flatnonzero(~within(offset, nbytes, size[file]))  # no sum that wraps
         if len(short):
             i = chunks[short[0]]
             f = int(locations.file[i])
             start = int(locations.offset[i])
             raise ChunkError(
-                f"file is truncated: wanted bytes {start}..{int(end[short[0]])}, "
+                f"file is truncated: wanted {int(nbytes[short[0]])} bytes at {start}, "
                 f"it has {int(size[f])}",
                 store=self._store,
                 array=layouts[locations.file_var[f]].name,
@@ -403,8 +425,16 @@ class CpuBackend:
         plan: BatchPlan,
         locations: ChunkLocations,
         lease: MapLease | None = None,
+        *,
+        dtype: np.dtype | None = None,
+        in_place: bool = True,
     ) -> BatchWork:
-        """Everything the batch's read/decode/copy loops need, without I/O."""
+        """Everything the batch's read/decode/copy loops need, without I/O.
+
+        ``dtype`` is the batch's (default: :func:`batch_dtype`); ``in_place=False``
+        copies every piece from scratch (pieces that move: flips, quarter turns).
+        """
+        dtype = batch_dtype(layouts) if dtype is None else np.dtype(dtype)
         on_map = np.zeros(plan.n_chunks, dtype=bool)
         if lease is not None:
             on_map = locations.present & lease.mapped[np.maximum(locations.file, 0)]
@@ -427,26 +457,27 @@ class CpuBackend:
             if self.partial_decode
             else np.full(plan.n_chunks, -1, dtype=np.int64)
         )
-        direct = decodes_in_place(layouts, plan, pieces, bounds) & (needed < 0)
+        direct = decodes_in_place(layouts, plan, pieces, bounds, dtype) & (needed < 0)
+        direct &= in_place
         mapped = np.flatnonzero(on_map)
         src = np.zeros(plan.n_chunks, dtype=np.int64)
         if len(mapped):
             self._check_ranges(layouts, locations, mapped, lease.size)
             mapped = mapped[np.lexsort((locations.offset[mapped], locations.file[mapped]))]
             src[mapped] = lease.base[locations.file[mapped]] + locations.offset[mapped]
-        if self.zstd is not None:
+        if self.zstd is not None and not self.remote:
             zstd = np.array(
                 [
                     lay.fast_path and lay.codec.compressor == "zstd" and not lay.codec.has_crc32c
                     for lay in layouts
                 ]
             )
-            by_context = on_map & zstd[plan.chunk_var] & (needed < 0)
+            # From a map or from this thread's pread buffer: both are raw addresses.
+            by_context = locations.present & zstd[plan.chunk_var] & (needed < 0)
         else:
             by_context = np.zeros(plan.n_chunks, dtype=bool)
-        itemsize = batch_dtype(layouts).itemsize
         in_place_out, in_place_offset = _in_place_offsets(
-            plan, itemsize, pieces, bounds, direct & by_context
+            plan, dtype.itemsize, pieces, bounds, direct & by_context
         )
         return BatchWork(
             locations=locations,
@@ -473,16 +504,51 @@ class CpuBackend:
         )
 
     def load_batch(
-        self, layouts: Sequence[ArrayLayout], plan: BatchPlan
+        self,
+        layouts: Sequence[ArrayLayout],
+        plan: BatchPlan,
+        *,
+        out: Sequence[np.ndarray] | None = None,
+        finish: Finish | None = None,
+        rows: np.ndarray | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """The window, or (input frames, target frames) if the plan splits it."""
+        """The window, or (input frames, target frames) if the plan splits it.
+
+        ``out`` (one array per output of the plan, e.g. slots of a ring of reused
+        buffers) is assembled in place of new arrays. With ``finish`` the batch
+        is float32, normalized and augmented as it is assembled (see finish.py).
+        With ``rows`` the plan is part of a batch: its sample ``b`` goes to row
+        ``rows[b]`` of ``out`` (the whole batch; ``finish`` is the batch's too).
+        """
         locations = self.locator(layouts).locate(plan)
-        dtype = batch_dtype(layouts)
-        outs = [np.empty(shape, dtype=dtype) for shape in plan.out_shapes]
+        dtype = np.dtype(np.float32) if finish is not None else batch_dtype(layouts)
+        if out is None:
+            if rows is not None:
+                raise ValueError("rows need the batch's out arrays")
+            outs = [np.empty(shape, dtype=dtype) for shape in plan.out_shapes]
+        else:
+            outs = list(out)
+            n = len(outs[0]) if rows is None else None
+            for o, shape in zip(outs, plan.out_shapes, strict=True):
+                same = o.shape[1:] == tuple(shape[1:]) and (n is None or len(o) == shape[0])
+                if not same or o.dtype != dtype or not o.flags.c_contiguous:
+                    raise ValueError(
+                        f"out arrays must be C-contiguous {dtype} of shapes "
+                        f"{plan.out_shapes}, got {o.dtype} {o.shape}"
+                    )
+        if rows is not None:  # the plan's samples land in their rows of the batch
+            rows = np.asarray(rows, dtype=np.int64)
+            if len(rows) != plan.out_shape[0] or (len(rows) and rows.max() >= len(outs[0])):
+                raise ValueError(f"rows {rows} do not fit a batch of {len(outs[0])}")
+            b = PIECE_DST.start
+            plan.pieces[:, b] = rows[plan.pieces[:, b]]
+        if finish is not None and not (finish.normalizes or finish.flags is not None):
+            finish = None  # a cast alone: numpy's assignment does it
         lease = self.lease(layouts, locations)
         try:
-            work = self.describe(layouts, plan, locations, lease)
-            self._run(layouts, work, outs, lease)
+            in_place = finish is None or not finish.moves
+            work = self.describe(layouts, plan, locations, lease, dtype=dtype, in_place=in_place)
+            self._run(layouts, work, outs, lease, finish)
         finally:
             if lease is not None:
                 lease.release()
@@ -494,8 +560,10 @@ class CpuBackend:
         work: BatchWork,
         outs: list[np.ndarray],
         lease: MapLease | None,
+        finish: Finish | None = None,
     ) -> None:
-        """Read, decode and copy every chunk of ``work`` into ``outs``."""
+        """Read, decode and copy every chunk of ``work`` into ``outs`` (finished
+        as ``finish`` says, if given)."""
         locations = work.locations
         shapes4 = [chunk_shape4(layout) for layout in layouts]
         stored = [  # zarr-python decodes arrays without a codec of ours in native order
@@ -503,15 +571,27 @@ class CpuBackend:
             for layout in layouts
         ]
         chunk_nbytes = [layout.chunk_nbytes for layout in layouts]
+        # chunks decoded straight into the batch are normalized there, in cache
+        normalize_in_place = finish is not None and finish.normalizes
 
         def scatter(i: int, decoded: np.ndarray) -> None:
             chunk = decoded.reshape(shapes4[work.chunk_var[i]])
-            for o, t, sl, sy, sx, b, f, c, dy, dx, nl, ny, nx in work.pieces[
-                work.piece_bounds[i] : work.piece_bounds[i + 1]
-            ]:
+            pieces = work.pieces[work.piece_bounds[i] : work.piece_bounds[i + 1]]
+            if finish is not None:
+                for o, t, sl, sy, sx, b, f, c, dy, dx, nl, ny, nx in pieces:
+                    src = chunk[t, sl : sl + nl, sy : sy + ny, sx : sx + nx]
+                    finish.place(outs[o], b, f, c, dy, dx, src)
+                return
+            for o, t, sl, sy, sx, b, f, c, dy, dx, nl, ny, nx in pieces:
                 outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx] = chunk[
                     t, sl : sl + nl, sy : sy + ny, sx : sx + nx
                 ]
+
+        def finish_in_place(i: int) -> None:
+            """Normalize chunk ``i``, decoded straight into the batch, while in cache."""
+            o, _, _, _, _, b, f, c, dy, dx, nl, ny, nx = work.pieces[work.piece_bounds[i]]
+            region = outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx]
+            finish.normalize_in_place(region, c)
 
         def decode(i: int, data) -> None:
             layout, coords = layouts[work.chunk_var[i]], work.chunk_coords[i]
@@ -519,6 +599,8 @@ class CpuBackend:
                 o, _, _, _, _, b, f, c, dy, dx, nl, ny, nx = work.pieces[work.piece_bounds[i]]
                 target = outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx]
                 self.decoder.decode(layout, coords, data, out=target)
+                if normalize_in_place:
+                    finish.normalize_in_place(target, c)
                 return
             needed = work.needed[i]
             decoded = self.decoder.decode(
@@ -535,40 +617,58 @@ class CpuBackend:
                 key=describe_chunk(layout, work.chunk_coords[i]),
             )
 
-        def run_mapped(chunks: list[int]) -> None:
-            """Chunks of mapped files: zstd through this thread's context on raw
-            addresses (into the batch, or into scratch then copied); other codecs
-            through the numcodecs decoder on a view of the map."""
+        def by_context() -> Callable[[int, int], None]:
+            """``decode(i, src)``: zstd chunk ``i`` at address ``src`` through this
+            thread's context (into the batch, or into scratch then copied)."""
             zstd = self.zstd
-            ctx = zstd.context() if uses_context else 0
+            ctx = zstd.context()
             scratch = self.decoder.scratch_bytes(max(chunk_nbytes))
             address = scratch.ctypes.data
             views = [scratch[:n].view(d) for n, d in zip(chunk_nbytes, stored, strict=True)]
-            for i in chunks:
-                if not work.by_context[i]:
-                    lo = work.offset[i]
-                    decode(i, lease.view(work.file[i])[lo : lo + work.nbytes[i]])
-                    continue
+
+            def decode_at(i: int, src: int) -> None:
                 v, into = work.chunk_var[i], dst[i]
                 try:
                     zstd.decompress_exactly(
-                        ctx, into or address, chunk_nbytes[v], work.src[i], work.nbytes[i]
+                        ctx, into or address, chunk_nbytes[v], src, work.nbytes[i]
                     )
                 except ZstdFrameError as err:
                     raise frame_error(i, str(err)) from None
                 if not into:
                     scatter(i, views[v])
+                elif normalize_in_place:
+                    finish_in_place(i)
+
+            return decode_at
+
+        def run_mapped(chunks: list[int]) -> None:
+            """Chunks of mapped files: zstd by context on the map's addresses; other
+            codecs through the numcodecs decoder on a view of the map."""
+            decode_at = by_context() if uses_context else None
+            for i in chunks:
+                if work.by_context[i]:
+                    decode_at(i, work.src[i])
+                else:
+                    lo = work.offset[i]
+                    decode(i, lease.view(work.file[i])[lo : lo + work.nbytes[i]])
 
         def run_reads(rs: range) -> None:
+            """Coalesced ``pread`` s into this thread's buffer, each chunk decoded from
+            there (zstd by context on its address)."""
+            decode_at = by_context() if uses_context else None
             for r in rs:
                 f, start = work.read_file[r], work.read_start[r]
                 array = layouts[locations.file_var[f]].name
                 buf = self.reader.pread(
                     locations.paths[f], start, work.read_nbytes[r], array, locations.keys[f]
                 )
+                base = self.reader.address() - start if decode_at is not None else 0
                 for i in work.read_members[work.read_bounds[r] : work.read_bounds[r + 1]]:
-                    lo = work.offset[i] - start
-                    decode(i, buf[lo : lo + work.nbytes[i]])
+                    if work.by_context[i]:
+                        decode_at(i, base + work.offset[i])
+                    else:
+                        lo = work.offset[i] - start
+                        decode(i, buf[lo : lo + work.nbytes[i]])
 
         def run_fetched(ks: list[int], buffers: list) -> None:
             for k, data in zip(ks, buffers, strict=True):  # None: a chunk never written
@@ -618,7 +718,7 @@ class CpuBackend:
             )
             if len(part)
         ]
-        if self.num_threads == 1:  # e.g. in a DALI worker process: no hand-offs
+        if self.num_threads == 1:  # e.g. in a worker process: no hand-offs
             for task in tasks:
                 task()
             return

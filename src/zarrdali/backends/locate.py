@@ -25,6 +25,7 @@ import numpy as np
 from ..batchplan import BatchPlan, chunk_grid4, natural_coords, unique_inverse
 from ..errors import ChunkError
 from ..store import ArrayLayout
+from .ranges import MAX_UNKNOWN_SIZE, within
 from .sources import MISSING, WHOLE, ByteSource, LocalSource, ObjectReadError
 
 _EMPTY = 2**64 - 1  # shard index entry of an inner chunk that was never written
@@ -301,20 +302,24 @@ class ChunkLocator:
         index = np.frombuffer(raw, dtype=np.dtype("u8").newbyteorder(shard.index_byteorder))
         index = index.reshape(n_inner, 2)
         empty = (index[:, 0] == _EMPTY) & (index[:, 1] == _EMPTY)
-        rows = index.astype(np.int64)  # offsets and sizes of real files fit
-        rows[empty] = (0, MISSING)
-        if size < 0:  # size unknown (some remote stores): a range past the end reads short
-            return rows
-        bad = ~empty & ((index[:, 0] + index[:, 1] > size) | (index[:, 1] > size))
+        # Checked in uint64 without a sum that could wrap. Size unknown (some remote
+        # stores): a range past the end reads short later; a bound keeps int64 sums safe.
+        limit = size if size >= 0 else MAX_UNKNOWN_SIZE
+        bad = ~empty & ~within(index[:, 0], index[:, 1], limit)
         if bad.any():
-            where = tuple(int(c) for c in np.unravel_index(np.argmax(bad), shard.chunks_per_shard))
+            k = int(np.argmax(bad))
+            where = tuple(int(c) for c in np.unravel_index(k, shard.chunks_per_shard))
+            entry = (int(index[k, 0]), int(index[k, 1]))
+            end = f"the end of the {size}-byte file" if size >= 0 else f"{limit} bytes"
             raise ChunkError(
-                f"shard index points past the end of the {size}-byte file (inner chunk "
+                f"shard index points past {end}: (offset, nbytes) = {entry} (inner chunk "
                 f"{where} of the shard)",
                 store=self._store,
                 array=layout.name,
                 key=key,
             )
+        rows = index.astype(np.int64)  # every entry is now within the file
+        rows[empty] = (0, MISSING)
         return rows
 
 

@@ -11,6 +11,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# A bound on the size of an object whose size a store did not tell (some remote
+# stores): offsets and lengths past it are refused, so that every sum and sort
+# key computed from them fits an int64.
+MAX_UNKNOWN_SIZE = 1 << 44
+
+
+def within(offset: np.ndarray, nbytes: np.ndarray, size) -> np.ndarray:
+    """Whether each range ``[offset, offset + nbytes)`` lies inside ``[0, size)``.
+
+    Computed as ``offset <= size and nbytes <= size - offset``, so that no sum
+    wraps: a hostile shard index entry ``(2**64 - 16, 32)`` ends at 16 in uint64
+    arithmetic. Works on unsigned or signed arrays (negative values are outside);
+    ``size`` is a scalar or an array like ``offset``.
+    """
+    offset, nbytes = np.asarray(offset), np.asarray(nbytes)
+    if offset.dtype.kind == "u" or nbytes.dtype.kind == "u":
+        offset, nbytes = offset.astype(np.uint64), nbytes.astype(np.uint64)
+        size = np.asarray(size).astype(np.uint64)
+        ok = np.ones(offset.shape, dtype=bool)
+    else:
+        offset, nbytes = offset.astype(np.int64), nbytes.astype(np.int64)
+        size = np.asarray(size).astype(np.int64)
+        ok = (offset >= 0) & (nbytes >= 0)
+    ok &= offset <= size
+    return ok & (nbytes <= size - np.minimum(offset, size))
+
 
 @dataclass(frozen=True, eq=False)
 class CoalescedReads:

@@ -16,10 +16,13 @@ the store's root for a remote one (:meth:`ByteSource.path_of`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import threading
 import time
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -28,6 +31,7 @@ import numpy as np
 from ..errors import StoreAccessError, ZarrDaliError
 from ..remote import is_access_error, is_transient, short_message
 from .cache import DEFAULT_CACHE_BYTES, DiskCache
+from .flow import AdaptiveLimit, LatencyBound, RequestPolicy
 from .ranges import coalesce_arrays
 
 MISSING = -1  # size of an object that does not exist
@@ -164,15 +168,36 @@ class LocalSource:
         pass
 
 
+class RangesIgnored(Exception):
+    """The server does not serve byte ranges (it answers with the whole object,
+    or the client refuses its answer for that); ``whole``: that answer, if kept."""
+
+    def __init__(self, whole: Buffer | None = None) -> None:
+        super().__init__("range requests are not supported")
+        self.whole = whole
+
+
+def _nbytes(result: Any) -> int:
+    data = result[0] if isinstance(result, tuple) else result
+    return 0 if data is None else memoryview(data).nbytes
+
+
 class RemoteSource:
     """Concurrent byte-range reads from an object store (the async engine).
 
     Subclasses implement one request: :meth:`_get_range`, :meth:`_get_whole`,
     :meth:`_get_index`. Requests run on zarr-python's event loop (the one that
-    already serves the store's metadata), at most ``max_in_flight`` at a time
-    per source. ``retries`` > 0 retries transient errors (429, 503 SlowDown, 5xx,
-    dropped connections) here with exponential backoff and jitter; obstore
-    retries in its own client instead. ``max_gap``: see ``REMOTE_MAX_GAP``.
+    already serves the store's metadata). How many are in flight adapts to
+    what the store sustains (:class:`~zarrdali.backends.flow.AdaptiveLimit`,
+    at most ``max_in_flight``); a request that stalls past what the store
+    usually takes is cancelled and sent again; transient errors (429, 503
+    SlowDown, 5xx, dropped connections, timeouts) are retried here with
+    exponential backoff and jitter (the storage client's own retries are off,
+    so every retry is counted); a request not answered within
+    ``policy.timeout_s`` in all fails its batch (see :mod:`~zarrdali.backends.flow`).
+    A server that ignores ``Range`` is read whole object by whole object, each
+    fetched once while it fits the last ``whole_bytes`` kept in memory, with a
+    one-time warning. ``max_gap``: see ``REMOTE_MAX_GAP``.
     """
 
     remote = True
@@ -183,23 +208,24 @@ class RemoteSource:
         *,
         max_in_flight: int = 64,
         max_gap: int = REMOTE_MAX_GAP,
-        retries: int = 0,
-        backoff: float = 0.1,
-        max_backoff: float = 10.0,
+        policy: RequestPolicy | None = None,
+        whole_bytes: int = 256 << 20,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.name = name
         self.max_in_flight = max_in_flight
         self.max_gap = max_gap
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self._semaphore: asyncio.Semaphore | None = None  # made on the loop that uses it
-        self._in_flight = 0
+        self.policy = policy or RequestPolicy()
+        self.limit = AdaptiveLimit(max_in_flight, self.policy.initial_in_flight)
+        self.latency = LatencyBound(self.policy)
         self._lock = threading.Lock()
-        self.requests = self.bytes = self.retried = self.peak_in_flight = 0
+        self.requests = self.bytes = self.retried = self.timeouts = self.errors = self.slow = 0
         self.seconds = 0.0
+        self.ranges_ignored = False
+        self.whole_bytes = whole_bytes
+        self._whole: OrderedDict[str, Buffer] = OrderedDict()  # path -> object (LRU)
+        self._whole_held = 0
 
     # -- the requests a subclass makes ------------------------------------------
     async def _get_range(self, path: str, start: int, nbytes: int) -> Buffer:
@@ -235,7 +261,10 @@ class RemoteSource:
         out: list[Buffer | None] = [None] * len(file)
         whole = np.flatnonzero(nbytes == WHOLE)
         ranged = np.flatnonzero(nbytes != WHOLE)
-        reads = coalesce_arrays(file[ranged], offset[ranged], nbytes[ranged], self.max_gap)
+        gap = self.max_gap
+        if self.ranges_ignored and len(ranged):  # one "read" per object: it comes whole
+            gap = int((offset[ranged] + nbytes[ranged]).max())
+        reads = coalesce_arrays(file[ranged], offset[ranged], nbytes[ranged], gap)
         members = ranged[reads.order]
         starts, offsets, sizes = reads.start.tolist(), offset.tolist(), nbytes.tolist()
         bounds = reads.bounds.tolist()
@@ -255,7 +284,7 @@ class RemoteSource:
                 on_ready([i], [out[i]])
 
         calls = [
-            (self._then, (self._get_range_checked, (paths[f], start, end - start), cut, r))
+            (self._then, (self._fetch_range, (paths[f], start, end - start), cut, r))
             for r, (f, start, end) in enumerate(
                 zip(reads.file.tolist(), starts, reads.end.tolist(), strict=True)
             )
@@ -268,79 +297,182 @@ class RemoteSource:
         return out
 
     def stats(self) -> dict[str, int]:
-        """Requests made, bytes received, retries, the most requests in flight."""
+        """Requests made (attempts), bytes received, retries (after a transient error
+        or a stall), stalls, transient errors, the in-flight limit and peak."""
         return {
             "requests": self.requests,
             "bytes": self.bytes,
             "retries": self.retried,
-            "peak_in_flight": self.peak_in_flight,
+            "timeouts": self.timeouts,
+            "transient_errors": self.errors,
+            "slow_answers": self.slow,
+            "peak_in_flight": self.limit.peak,
             "max_in_flight": self.max_in_flight,
+            "in_flight_limit": self.limit.current,
+            "in_flight_decreases": self.limit.decreases,
+            "stall_bound_ms": int(1000 * self.latency.bound(0)),
+            "ranges_ignored": int(self.ranges_ignored),
             "request_seconds_x1000": int(self.seconds * 1000),
         }
 
     def close(self) -> None:
-        pass
+        self._whole.clear()
+        self._whole_held = 0
 
     # -- the engine ---------------------------------------------------------------
     def _run(self, calls: list[tuple[Callable, tuple]]) -> list[Any]:
-        """Run ``fn(*args)`` coroutines concurrently; results in order; first error raised."""
+        """Run ``fn(*args)`` coroutines concurrently; results in order. The first
+        error cancels the others and is raised (a failed batch fails at once)."""
         if not calls:
             return []
         from zarr.core.sync import sync
 
         t0 = time.perf_counter()
-        results = sync(self._gather(calls))
-        with self._lock:
-            self.seconds += time.perf_counter() - t0
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return results
+        try:
+            return sync(self._gather(calls))
+        finally:
+            with self._lock:
+                self.seconds += time.perf_counter() - t0
 
-    async def _gather(self, calls: list[tuple[Callable, tuple]]) -> list[Any]:
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.max_in_flight)
-        return await asyncio.gather(*(fn(*args) for fn, args in calls), return_exceptions=True)
+    @staticmethod
+    async def _gather(calls: list[tuple[Callable, tuple]]) -> list[Any]:
+        tasks = [asyncio.ensure_future(fn(*args)) for fn, args in calls]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:  # an error, or this batch cancelled: stop what is left
+            left = [task for task in tasks if not task.done()]
+            for task in left:
+                task.cancel()
+            if left:
+                await asyncio.gather(*left, return_exceptions=True)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+        return [task.result() for task in tasks]
 
     @staticmethod
     async def _then(fn: Callable, args: tuple, callback: Callable, key: int) -> None:
         callback(key, await fn(*args))
 
-    async def _request(self, path: str, make: Callable[[], Any]) -> Any:
-        """One request under the in-flight bound, retried when transient."""
-        attempt = 0
+    async def _request(self, path: str, make: Callable[[], Any], nbytes: int = 0) -> Any:
+        """One request under the in-flight limit: re-sent when it stalls, retried
+        when it fails transiently, until ``policy.timeout_s`` has passed."""
+        loop = asyncio.get_running_loop()
+        policy = self.policy
+        bound = self.latency.bound(nbytes)
+        backoff = policy.backoff_s
+        deadline = None
+        attempts, last = 0, ""
         while True:
-            async with self._semaphore:
-                self._in_flight += 1  # only touched on the loop's thread
-                self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
-                self.requests += 1
+            token = await self.limit.acquire()
+            now = loop.time()
+            if deadline is None:  # from the first attempt on, not the wait for room
+                deadline = now + policy.timeout_s
+            attempts += 1
+            self.requests += 1
+            outcome, stalled, took = "other", False, 0.0
+            task = asyncio.ensure_future(make())
+            try:
+                wait = max(0.0, min(bound, deadline - now))
                 try:
-                    return await make()
-                except FileNotFoundError:
+                    done, _ = await asyncio.wait({task}, timeout=wait)
+                except BaseException:  # this batch was cancelled (another request failed)
+                    task.cancel()
                     raise
-                except Exception as err:
-                    if is_access_error(err):
-                        raise StoreAccessError(
-                            f"access to store {self.name!r} was refused reading {path!r}: "
-                            f"{short_message(err)}. Check the credentials (storage_options or "
-                            f"the environment) and the permissions on the bucket."
-                        ) from err
-                    if attempt >= self.retries or not is_transient(err):
-                        raise ObjectReadError(path, short_message(err)) from err
-                finally:
-                    self._in_flight -= 1
-            attempt += 1
+                if not done:  # stalled: cancelling closes its connection
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    self.timeouts += 1
+                    outcome, stalled = "congested", True
+                    last = f"no answer in {wait:.1f} s"
+                else:
+                    try:
+                        result = task.result()
+                    except (FileNotFoundError, RangesIgnored):
+                        raise
+                    except Exception as err:
+                        if is_access_error(err):
+                            raise StoreAccessError(
+                                f"access to store {self.name!r} was refused reading {path!r}: "
+                                f"{short_message(err)}. Check the credentials (storage_options "
+                                f"or the environment) and the permissions on the bucket."
+                            ) from err
+                        if not is_transient(err):
+                            raise ObjectReadError(path, short_message(err)) from err
+                        self.errors += 1
+                        outcome, last = "congested", short_message(err)
+                    else:
+                        took, size = loop.time() - now, max(nbytes, _nbytes(result))
+                        outcome = "congested" if self.latency.slow(took, size) else "ok"
+                        self.slow += outcome == "congested"
+                        self.latency.record(took, size)
+                        return result
+            finally:
+                self.limit.release(token, outcome, took)
+            now = loop.time()
+            if now >= deadline:
+                raise ObjectReadError(
+                    path,
+                    f"no answer within {policy.timeout_s:g} s (request_timeout; {attempts} "
+                    f"attempts, the last: {last})",
+                )
             self.retried += 1
-            delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))  # jitter
+            if stalled:  # sent again at once, with more patience
+                bound = min(policy.max_stall_s, 2 * bound)
+                continue
+            delay = min(backoff, deadline - now) * (0.5 + random.random() / 2)  # jitter
+            backoff = min(policy.max_backoff_s, 2 * backoff)
+            await asyncio.sleep(delay)
 
-    async def _get_range_checked(self, path: str, start: int, nbytes: int) -> Buffer:
+    def _ignore_ranges(self) -> None:
+        if not self.ranges_ignored:
+            self.ranges_ignored = True
+            warnings.warn(
+                f"store {self.name!r} does not serve byte ranges (it answers a range request "
+                f"with the whole object): zarrdali reads whole objects from it instead, each "
+                f"once while it fits {self.whole_bytes >> 20} MiB of memory (and cache_dir, if "
+                f"given, keeps what was read).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    async def _whole_object(self, path: str, have: Buffer | None = None) -> Buffer:
+        """The whole object at ``path`` (for a server that ignores ranges): fetched
+        once and kept while the last ``whole_bytes`` of such objects hold it (a
+        batch coalesces all its ranges of an object into one read)."""
+        if path in self._whole:
+            self._whole.move_to_end(path)
+            return self._whole[path]
+        if have is None:
+            have = await self._request(path, lambda: self._get_whole(path))
+            self.bytes += _nbytes(have)
+        size = _nbytes(have)
+        if size <= self.whole_bytes and path not in self._whole:  # (another batch's fetch)
+            self._whole[path] = have
+            self._whole_held += size
+            while self._whole_held > self.whole_bytes:
+                self._whole_held -= _nbytes(self._whole.popitem(last=False)[1])
+        return have
+
+    async def _fetch_range(self, path: str, start: int, nbytes: int) -> Buffer:
         try:
-            data = await self._request(path, lambda: self._get_range(path, start, nbytes))
+            if self.ranges_ignored:
+                data = memoryview(await self._whole_object(path))[start : start + nbytes]
+            else:
+                try:
+                    data = await self._request(
+                        path, lambda: self._get_range(path, start, nbytes), nbytes
+                    )
+                except RangesIgnored as err:
+                    self._ignore_ranges()
+                    whole = await self._whole_object(path, err.whole)
+                    data = memoryview(whole)[start : start + nbytes]
+                else:
+                    self.bytes += _nbytes(data)
         except FileNotFoundError as err:
             raise ObjectReadError(path, "object not found (deleted while reading?)") from err
-        got = memoryview(data).nbytes
-        self.bytes += got
+        got = _nbytes(data)
         if got != nbytes:
             raise ObjectReadError(
                 path, f"object is truncated: wanted {nbytes} bytes at {start}, got {got}"
@@ -352,20 +484,39 @@ class RemoteSource:
             data = await self._request(path, lambda: self._get_whole(path))
         except FileNotFoundError:
             return None  # a chunk never written: the fill value
-        self.bytes += memoryview(data).nbytes
+        self.bytes += _nbytes(data)
         return data
 
     async def _index_or_none(self, path: str, nbytes: int, at_end: bool):
         try:
-            raw, size = await self._request(path, lambda: self._get_index(path, nbytes, at_end))
+            if not self.ranges_ignored:
+                try:
+                    raw, size = await self._request(
+                        path, lambda: self._get_index(path, nbytes, at_end), nbytes
+                    )
+                except RangesIgnored as err:
+                    self._ignore_ranges()
+                    if err.whole is not None:
+                        await self._whole_object(path, err.whole)
+                else:
+                    self.bytes += _nbytes(raw)
+                    return raw, size
+            whole = memoryview(await self._whole_object(path))
         except FileNotFoundError:
             return None  # a shard never written: every inner chunk is the fill value
-        self.bytes += memoryview(raw).nbytes
-        return raw, size
+        raw = whole[max(0, len(whole) - nbytes) :] if at_end else whole[:nbytes]
+        return raw, len(whole)  # a short one: the locator names the broken shard
+
+
+def _range_refused(err: BaseException) -> bool:
+    """obstore's answer to a server that ignores ``Range``."""
+    return "Range request not supported" in str(err)
 
 
 class ObstoreSource(RemoteSource):
-    """Reads through an obstore store (S3, GCS, Azure, HTTP): Rust client, retries in it."""
+    """Reads through an obstore store (S3, GCS, Azure, HTTP): Rust client. Give it a
+    store whose own retries are off (:func:`~zarrdali.remote.obstore_for_requests`):
+    the engine retries, and counts what it retries."""
 
     def __init__(self, store: Any, name: str, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
@@ -374,7 +525,12 @@ class ObstoreSource(RemoteSource):
     async def _get_range(self, path: str, start: int, nbytes: int) -> Buffer:
         import obstore
 
-        return await obstore.get_range_async(self.store, path, start=start, length=nbytes)
+        try:
+            return await obstore.get_range_async(self.store, path, start=start, length=nbytes)
+        except obstore.exceptions.NotSupportedError as err:
+            if _range_refused(err):
+                raise RangesIgnored() from err
+            raise
 
     async def _get_whole(self, path: str) -> Buffer:
         import obstore
@@ -388,20 +544,23 @@ class ObstoreSource(RemoteSource):
         want = {"suffix": nbytes} if at_end else (0, nbytes)
         try:
             result = await obstore.get_async(self.store, path, options={"range": want})
-        except obstore.exceptions.NotSupportedError:  # no suffix requests (Azure): ask the size
+        except obstore.exceptions.NotSupportedError as err:
+            if _range_refused(err):
+                raise RangesIgnored() from err
+            # no suffix requests (Azure): ask the size
             size = (await obstore.head_async(self.store, path))["size"]
             start = max(0, size - nbytes)
-            raw = await obstore.get_range_async(self.store, path, start=start, end=size)
+            raw = await self._get_range(path, start, size - start)
             return raw, size
         return await result.bytes_async(), int(result.meta["size"])
 
 
 class ZarrStoreSource(RemoteSource):
     """Reads through any zarr ``Store`` (fsspec-backed, Icechunk, ...): its async
-    ``get`` with byte ranges, retried here on transient errors."""
+    ``get`` with byte ranges."""
 
-    def __init__(self, store: Any, name: str, *, retries: int = 8, **kwargs: Any) -> None:
-        super().__init__(name, retries=retries, **kwargs)
+    def __init__(self, store: Any, name: str, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
         self.store = store
 
     async def _get(self, path: str, byte_range: Any) -> Buffer:
@@ -415,7 +574,10 @@ class ZarrStoreSource(RemoteSource):
     async def _get_range(self, path: str, start: int, nbytes: int) -> Buffer:
         from zarr.abc.store import RangeByteRequest
 
-        return await self._get(path, RangeByteRequest(start, start + nbytes))
+        data = await self._get(path, RangeByteRequest(start, start + nbytes))
+        if len(data) > nbytes:  # the whole object, range ignored (a short one: truncated)
+            raise RangesIgnored(data)
+        return data
 
     async def _get_whole(self, path: str) -> Buffer:
         return await self._get(path, None)
@@ -424,7 +586,10 @@ class ZarrStoreSource(RemoteSource):
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 
         request = SuffixByteRequest(nbytes) if at_end else RangeByteRequest(0, nbytes)
-        return await self._get(path, request), -1  # size unknown: short reads are caught later
+        data = await self._get(path, request)
+        if len(data) > nbytes:
+            raise RangesIgnored(data)
+        return data, -1  # size unknown: short reads are caught later
 
 
 class CachedSource:
@@ -507,6 +672,7 @@ class CachedSource:
 
     def close(self) -> None:
         self.inner.close()
+        self.cache.close()
 
 
 def cache_namespace(zstore: Any, name: str) -> str:
@@ -523,18 +689,27 @@ def make_source(
     max_in_flight: int = 64,
     cache_dir: str | os.PathLike | None = None,
     cache_bytes: int | None = None,
+    request_timeout: float | None = None,
     map_fn: Callable[[Callable, Iterable], Iterable] = map,
 ) -> ByteSource:
-    """The byte source of the store a zarr group was opened from."""
+    """The byte source of the store a zarr group was opened from.
+
+    ``request_timeout``: the most seconds one remote request may take, retries
+    included, before its batch fails (default :class:`RequestPolicy`'s)."""
     from zarr.storage import LocalStore, ObjectStore
+
+    from ..remote import obstore_for_requests
 
     zstore = group.store
     if isinstance(zstore, LocalStore):
         return LocalSource(name, map_fn)
+    policy = RequestPolicy(**({} if request_timeout is None else {"timeout_s": request_timeout}))
+    kw = dict(max_in_flight=max_in_flight, policy=policy)
     if isinstance(zstore, ObjectStore):
-        source: RemoteSource = ObstoreSource(zstore.store, name, max_in_flight=max_in_flight)
+        store = obstore_for_requests(zstore.store, policy.timeout_s)
+        source: RemoteSource = ObstoreSource(store, name, **kw)
     else:
-        source = ZarrStoreSource(zstore, name, max_in_flight=max_in_flight)
+        source = ZarrStoreSource(zstore, name, **kw)
     if cache_dir is None:
         return source
     budget = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes

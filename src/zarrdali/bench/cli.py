@@ -21,10 +21,11 @@ DEFAULTS: dict[str, object] = {
     "input_steps": 4,
     "target_steps": 2,
     "tile": [128, 128],
-    "batch_size": 8,
-    "batches": 40,
+    "batch_size": [8, 64],
+    "samples": 512,
+    "batches": None,
     "epochs": 3,
-    "warmup": 4,
+    "warmup": None,
     "threads": None,
     "seed": 0,
     "step_ms": 0.0,
@@ -36,10 +37,7 @@ DEFAULTS: dict[str, object] = {
 
 def load_config(path: str | Path) -> dict:
     """Options from a TOML file (keys as the flags, ``-`` or ``_``); unknown keys are errors."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    import tomllib
 
     with open(path, "rb") as f:
         raw = tomllib.load(f)
@@ -73,6 +71,7 @@ def _ensure_sample_data(directory: Path) -> list[tuple[str, str]]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from ..remote import redact_argv
     from .main import LOADERS, run_bench
     from .spec import BenchSpec
 
@@ -100,24 +99,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         group, _ = open_group(stores[0][1], o["storage_options"])
         variables = [name for name, arr in group.arrays() if arr.ndim >= 3]
-    spec = BenchSpec(
+    sizes = o["batch_size"]
+    sizes = [int(b) for b in (sizes if isinstance(sizes, (list, tuple)) else [sizes])]
+    base = BenchSpec(
         store=stores[0][1],
         variables=tuple(variables),
         input_steps=o["input_steps"],
         target_steps=o["target_steps"],
         tile=None if o["tile"] is None else tuple(o["tile"]),
-        batch_size=o["batch_size"],
-        batches=o["batches"],
         epochs=o["epochs"],
-        warmup_batches=o["warmup"],
         seed=o["seed"],
         num_threads=o["threads"],
         step_ms=float(o["step_ms"]),
         cold=bool(o["cold"]),
         storage_options=o["storage_options"],
     )
-    command = shlex.join(["zarrdali", *sys.argv[1:]])
-    payload = run_bench(stores, spec, loaders, o["out"], progress=not args.quiet, command=command)
+    specs = [base.at_batch_size(b, o["samples"], o["batches"], o["warmup"]) for b in sizes]
+    argv = getattr(args, "argv", sys.argv[1:])
+    command = shlex.join(["zarrdali", *redact_argv(argv)])  # no secret written
+    payload = run_bench(stores, specs, loaders, o["out"], progress=not args.quiet, command=command)
     print(payload["table"])
     for name, value in payload["ratios"].items():
         print(f"{name}: {value:.2f}x")
@@ -192,10 +192,24 @@ def register(sub) -> None:
     p.add_argument("--input-steps", type=int, help="history frames (default 4)")
     p.add_argument("--target-steps", type=int, help="forecast frames (default 2)")
     p.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"), help="default 128 128")
-    p.add_argument("--batch-size", type=int, help="default 8")
-    p.add_argument("--batches", type=int, help="timed batches per epoch (default 40)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        help="one or more batch sizes, each benchmarked in turn (default 8 64)",
+    )
+    p.add_argument(
+        "--samples", type=int, help="timed samples per epoch at each batch size (default 512)"
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        help="timed batches per epoch at every batch size (default: from --samples, >= 3)",
+    )
     p.add_argument("--epochs", type=int, help="repeats: median and spread (default 3)")
-    p.add_argument("--warmup", type=int, help="untimed batches per epoch (default 4)")
+    p.add_argument(
+        "--warmup", type=int, help="untimed batches per epoch (default: 32 samples, >= 2)"
+    )
     p.add_argument(
         "--threads", type=int, help="threads / worker processes per loader (default: all cores)"
     )

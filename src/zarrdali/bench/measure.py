@@ -42,15 +42,45 @@ def child_pids() -> frozenset[int]:
     return frozenset(p.pid for p in _processes()[1:])
 
 
+def _rss_parts(pid: int) -> tuple[int, int] | None:
+    """Resident memory of ``pid`` not in shared memory, and in shared memory
+    (``RssAnon + RssFile``, ``RssShmem`` of /proc/PID/status, in bytes); None
+    where the system does not report them. Counters: reading them is cheap (a
+    proportional set size walks the page tables, about 30 ms for 1.6 GB mapped,
+    which sampled every 100 ms in every process would take a core)."""
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith((b"RssAnon:", b"RssFile:", b"RssShmem:")):
+                    key, value = line.split(b":", 1)
+                    fields[key] = int(value.split()[0]) * 1024
+    except OSError:
+        return None
+    if len(fields) < 3:
+        return None
+    return fields[b"RssAnon"] + fields[b"RssFile"], fields[b"RssShmem"]
+
+
 def tree_rss(exclude: frozenset[int] = frozenset()) -> int:
-    """Resident memory of this process and its children but ``exclude``, in bytes."""
-    total = 0
+    """Resident memory of this process and its children but ``exclude``, in bytes.
+
+    Shared memory (a ring of batch buffers mapped by the workers and the
+    training process) counts once, at its largest in any one process, not once
+    per process; the rest is summed as resident sizes are.
+    """
+    total = shared = 0
     for proc in _processes(exclude):
         try:
-            total += proc.memory_info().rss
+            parts = _rss_parts(proc.pid)
+            if parts is None:
+                total += proc.memory_info().rss
+                continue
+            total += parts[0]
+            shared = max(shared, parts[1])
         except Exception:  # a worker that exited between listing and reading
             continue
-    return total
+    return total + shared
 
 
 def cpu_seconds(exclude: frozenset[int] = frozenset()) -> float:

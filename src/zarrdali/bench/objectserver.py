@@ -11,7 +11,8 @@ and read.
 
 :class:`RangeHTTPServer` is ``http.server`` serving a directory with HTTP range
 requests (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``), as static-file servers of
-Zarr stores do.
+Zarr stores do, with faults to inject (:class:`HTTPFaults`: 503s, requests
+never answered, Range ignored, a connection limit, a small listen queue).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import json
 import logging
 import os
 import re
+import socket
+import struct
 import sys
 import threading
 import time
@@ -298,33 +301,60 @@ def _create_bucket(endpoint: str, bucket: str) -> None:
 
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with single byte-range requests (what Zarr readers send)."""
+    """Static files with single byte-range requests (what Zarr readers send), and the
+    faults of :class:`RangeHTTPServer` (``self.server.faults``)."""
 
     server_version = "zarrdali-range/1"
-    log_requests: list[tuple[str, str | None]]
-    fail: dict[str, int]  # path part -> how many of its next GETs answer 503
+    server: _Threading
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
+    def handle(self) -> None:
+        faults = self.server.faults
+        with faults.lock:
+            faults.connections += 1
+            over = faults.max_connections and faults.connections > faults.max_connections
+            if over:
+                faults.refused += 1
+        try:
+            if over:  # at its connection limit: reset the connection, as a full server does
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                return
+            super().handle()
+        finally:
+            with faults.lock:
+                faults.connections -= 1
+
     def send_head(self):
-        self.log_requests.append((self.path, self.headers.get("Range")))
-        for part, left in self.fail.items():
-            if part in self.path and left > 0:
-                self.fail[part] = left - 1
-                self.send_error(503, "Service Unavailable")
-                return None
+        faults = self.server.faults
+        with faults.lock:
+            faults.requests.append((self.path, self.headers.get("Range")))
+            hang = _take(faults.hang, self.path)
+            fail = _take(faults.fail, self.path)
+            delay = faults.delay_s
+        if hang:  # never answered: the connection stays open until the server closes
+            faults.closing.wait()
+            return None
+        if delay:
+            time.sleep(delay)
+        if fail:
+            self.send_error(503, "Service Unavailable")
+            return None
         path = self.translate_path(self.path)
         if not os.path.isfile(path):
             self.send_error(404, "File not found")
             return None
         size = os.path.getsize(path)
-        want = self.headers.get("Range")
+        want = None if faults.ignore_range else self.headers.get("Range")
         f = open(path, "rb")  # noqa: SIM115  (closed by the base class after copying)
         if not want:
             self.send_response(200)
             self.send_header("Content-Length", str(size))
-            self.send_header("Accept-Ranges", "bytes")
+            if not faults.ignore_range:
+                self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
             return f
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", want.strip())
@@ -352,6 +382,15 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         return _Limited(f, end - start + 1)
 
 
+def _take(counts: dict[str, int], path: str) -> bool:
+    """Whether ``path`` matches a part with a count left (then one is used)."""
+    for part, left in counts.items():
+        if part in path and left > 0:
+            counts[part] = left - 1
+            return True
+    return False
+
+
 class _Limited:
     """A file object that ends after ``n`` bytes (for ``copyfile``)."""
 
@@ -368,30 +407,65 @@ class _Limited:
         self.f.close()
 
 
+@dataclass
+class HTTPFaults:
+    """What :class:`RangeHTTPServer` does wrong, changeable while it serves.
+
+    ``fail``/``hang``: path part -> how many of its next GETs answer 503 / are never
+    answered; ``ignore_range``: answer every GET with the whole file (200);
+    ``max_connections``: connections past it are reset at once; ``delay_s``: before
+    each answer. ``requests`` logs (path, Range) of every GET; ``refused`` counts resets.
+    """
+
+    fail: dict[str, int] = field(default_factory=dict)
+    hang: dict[str, int] = field(default_factory=dict)
+    ignore_range: bool = False
+    max_connections: int = 0
+    delay_s: float = 0.0
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+    refused: int = 0
+    connections: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closing: threading.Event = field(default_factory=threading.Event)
+
+
 class _Threading(http.server.ThreadingHTTPServer):
-    request_queue_size = 256  # the default 5 drops connects of many requests in flight
     daemon_threads = True
+    faults: HTTPFaults
 
 
 class RangeHTTPServer:
-    """``http.server`` serving ``directory`` with range support on 127.0.0.1."""
+    """``http.server`` (HTTP/1.0: a connection per request) serving ``directory``
+    with range support on 127.0.0.1, a thread per connection.
 
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.requests: list[tuple[str, str | None]] = []
-        self.fail: dict[str, int] = {}
-        handler = type(
-            "Handler", (_RangeHandler,), {"log_requests": self.requests, "fail": self.fail}
-        )
-        serve = partial(handler, directory=os.fspath(directory))
-        self._server = _Threading(("127.0.0.1", 0), serve)
+    ``backlog``: its listen queue (the default 256; ``http.server``'s own is 5,
+    which drops the connects of many requests in flight: a small server).
+    ``faults`` (:class:`HTTPFaults`) makes it misbehave.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, backlog: int = 256) -> None:
+        self.faults = HTTPFaults()
+        server_class = type("Server", (_Threading,), {"request_queue_size": backlog})
+        serve = partial(_RangeHandler, directory=os.fspath(directory))
+        self._server = server_class(("127.0.0.1", 0), serve)
+        self._server.faults = self.faults
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def requests(self) -> list[tuple[str, str | None]]:
+        return self.faults.requests
+
+    @property
+    def fail(self) -> dict[str, int]:
+        return self.faults.fail
 
     def __enter__(self) -> RangeHTTPServer:
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.faults.closing.set()  # hung answers return
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
@@ -400,7 +474,15 @@ class RangeHTTPServer:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="moto S3 server on 127.0.0.1 with zarrdali's knobs")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--http", metavar="DIRECTORY", help="serve DIRECTORY over HTTP/1.0 instead")
+    p.add_argument("--backlog", type=int, default=256, help="listen queue of --http")
     args = p.parse_args(argv)
+    if args.http:
+        http = RangeHTTPServer(args.http, backlog=args.backlog)
+        print(f"port {http.url.rsplit(':', 1)[1]}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            http._server.serve_forever()
+        return
     server = S3Server(args.port)
     print(f"port {server.port}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):

@@ -97,6 +97,20 @@ def system_info() -> dict:
     }
 
 
+def write_results(out_dir: str | Path, name: str, results: dict, **meta) -> Path:
+    """``results`` as ``out_dir/name`` (JSON), with what they were measured on and
+    by which command (the running script's argv) under ``"meta"``."""
+    import sys
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", *sys.argv])
+    payload = {"meta": {"command": command, "system": system_info(), **meta}, **results}
+    path = out / name
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
 def _stats(values: list[float]) -> dict:
     if not values:
         return {"median": None, "min": None, "max": None}
@@ -121,6 +135,13 @@ def summarize(result: RunResult) -> dict:
         # share of the machine's cores busy while timed (1.0: all of them)
         "cpu_utilization": _stats(
             [c / (s * cores) for c, s in zip(result.cpu_seconds, seconds, strict=False)]
+        ),
+        # CPU time of every process it ran (user + system) per sample: what it
+        # costs, whatever else runs on the machine (samples/s per core: 1000 / this)
+        "cpu_ms_per_sample": _stats(
+            [1e3 * c / result.samples_per_epoch for c in result.cpu_seconds]
+            if result.samples_per_epoch
+            else []
         ),
         "wait_fraction": _stats(
             [w / s for w, s in zip(result.wait_seconds, seconds, strict=False)]
@@ -149,14 +170,17 @@ def markdown_table(rows: list[dict], step_ms: float = 0.0) -> str:
     """One row per store and loader; failed and skipped ones say why in the note."""
     gpu = any(r["summary"].get("peak_gpu_gb") is not None for r in rows)
     gpu_used = any(r["summary"].get("peak_gpu_used_gb") is not None for r in rows)
-    columns = [
-        ("store", lambda r, s: r["store_label"]),
+    columns = [("store", lambda r, s: r["store_label"])]
+    if any(r.get("batch_size") is not None for r in rows):
+        columns.append(("batch", lambda r, s: str(r.get("batch_size", ""))))
+    columns += [
         ("loader", lambda r, s: s["name"]),
         ("samples/s median (min–max)", lambda r, s: _fmt(s["samples_per_s"], 1)),
         ("decoded GB/s", lambda r, s: _fmt(s["decoded_gb_per_s"], 2)),
         ("first batch s", lambda r, s: _fmt(s.get("first_batch_s"), 2)),
         ("CPU %", lambda r, s: _fmt(s.get("cpu_utilization"), 0, 100)),
-        ("peak RSS GB", lambda r, s: _gb(s.get("peak_rss_gb"))),
+        ("CPU ms/sample", lambda r, s: _fmt(s.get("cpu_ms_per_sample"), 2)),
+        ("peak memory GB", lambda r, s: _gb(s.get("peak_rss_gb"))),
     ]
     if gpu:
         columns.append(("peak GPU GB", lambda r, s: _gb(s.get("peak_gpu_gb"))))
@@ -320,6 +344,63 @@ def plot_throughput(path: Path, rows: list[dict]) -> bool:
     fig.legend(handles=handles, loc="upper right", fontsize=8, ncols=3, frameon=False)
     fig.suptitle("zarrdali bench: throughput per loader", x=0.01, ha="left", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_batch_sizes(path: Path, rows: list[dict]) -> bool:
+    """Median samples/s against batch size, one line per loader, one panel per store
+    (whiskers: min–max), log-log; False without matplotlib or data."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in rows if _ok(r) and r.get("batch_size")]
+    if not ok:
+        return False
+    stores = list(dict.fromkeys(r["store_label"] for r in ok))
+    fig, axes = plt.subplots(1, len(stores), figsize=(6.5 * len(stores), 4.8), squeeze=False)
+    markers = {"zarrdali": "o", "peer": "s", "ceiling": "^"}
+    for ax, store in zip(axes[0], stores, strict=True):
+        mine = [r for r in ok if r["store_label"] == store]
+        names = list(dict.fromkeys(r["summary"]["name"] for r in mine))
+        for name in names:
+            pts = sorted(
+                (r["batch_size"], r["summary"]["samples_per_s"])
+                for r in mine
+                if r["summary"]["name"] == name
+            )
+            sizes = [b for b, _ in pts]
+            med = [st["median"] for _, st in pts]
+            err = [
+                [m - st["min"] for m, (_, st) in zip(med, pts, strict=True)],
+                [st["max"] - m for m, (_, st) in zip(med, pts, strict=True)],
+            ]
+            kind = row_kind(name)
+            ax.errorbar(
+                sizes,
+                med,
+                yerr=err,
+                marker=markers[kind],
+                linestyle="--" if kind == "ceiling" else "-",  # ceilings: dashed
+                capsize=3,
+                label=name,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({r["batch_size"] for r in mine}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("samples / s (median, whiskers min–max)")
+        ax.set_title(store, loc="left", fontsize=10, fontweight="bold")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("zarrdali bench: samples/s against batch size", x=0.01, ha="left", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True

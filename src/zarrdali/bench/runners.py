@@ -11,12 +11,14 @@ cannot run here raises :class:`Skipped` with the reason before its first epoch.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -186,20 +188,23 @@ def zarrdali_runner(
     device: str = "cpu",
     partial_decode: bool = True,
     static: Sequence[str] = (),
+    workers: int | None = None,
 ) -> Runner:
-    """zarrdali end to end: plan, read, decode, assemble, DALI, torch tensors.
+    """zarrdali end to end: plan, read, decode, assemble (and on the GPU, DALI),
+    torch tensors.
 
-    ``partial_decode=False`` decodes every chunk whole, as the decode ceilings do.
-    ``static``: static fields served too (``batch["static"]``): the cost of that
-    option (their normalization, once when the loader is built, is not timed).
+    ``partial_decode=False`` decodes every chunk whole, as the decode ceilings do;
+    ``workers`` overrides the loader's default worker processes. ``static``:
+    static fields served too (``batch["static"]``): the cost of that option
+    (their normalization, once when the loader is built, is not timed).
     """
     # Remote stores: in-process (threads; fetching is async), so the request counts
     # of the byte source are this process's to report.
-    workers = {"workers": 0} if spec.remote else {}
+    kw: dict = {"workers": 0} if spec.remote else {} if workers is None else {"workers": workers}
     if static:
         _require_static(spec, static)
-        workers["static"] = list(static)
-    loader = _zarrdali_loader(spec, device, partial_decode=partial_decode, **workers)
+        kw["static"] = list(static)
+    loader = _zarrdali_loader(spec, device, partial_decode=partial_decode, **kw)
     note = f"{loader.workers} worker process(es)" if loader.workers else "in-process"
     ready = None
     if device == "cuda":
@@ -278,6 +283,33 @@ class ChunkArena:
         self.nbytes, self._block, self._used = 0, 0, 0
 
 
+def _decode_round(pool, decode_part, parts, foreign: frozenset[int]) -> tuple[int, float, float]:
+    """Decode ``parts`` in ``pool``: bytes decoded, wall seconds, CPU seconds."""
+    cpu0, t = cpu_seconds(foreign), time.perf_counter()
+    nbytes = sum(pool.map(decode_part, parts))
+    return nbytes, time.perf_counter() - t, cpu_seconds(foreign) - cpu0
+
+
+def _record_ceiling_epoch(
+    result: RunResult, seconds: float, cpu: float, peak: int, batches, nbytes: int
+) -> None:
+    result.epoch_seconds.append(seconds)
+    result.cpu_seconds.append(cpu)
+    result.peak_rss_bytes = max(result.peak_rss_bytes, peak)
+    result.samples_per_epoch = sum(len(b) for b in batches)
+    result.decoded_bytes_per_epoch = nbytes
+
+
+def _ceiling_setup(spec: BenchSpec, zstd_contexts: bool) -> tuple[Any, ZarrLoader, int]:
+    """The zstd contexts (or None), a loader to plan with, and the threads of a ceiling."""
+    if spec.remote:
+        raise Skipped("the decode ceilings read a local store's files")
+    contexts = ZstdContexts.create() if zstd_contexts else None
+    if zstd_contexts and contexts is None:
+        raise Skipped("this numcodecs build does not export libzstd's API")
+    return contexts, _loader(spec, workers=0), spec.budget
+
+
 def decode_ceiling_runner(
     spec: BenchSpec,
     result: RunResult,
@@ -299,13 +331,7 @@ def decode_ceiling_runner(
     context per thread (see ``backends/zstdctx.py``): the loader's ratio to it
     is its overhead alone, with the gain of the reused contexts taken out.
     """
-    if spec.remote:
-        raise Skipped("the decode ceilings read a local store's files")
-    contexts = ZstdContexts.create() if zstd_contexts else None
-    if zstd_contexts and contexts is None:
-        raise Skipped("this numcodecs build does not export libzstd's API")
-    loader = _loader(spec, workers=0)
-    threads = spec.budget
+    contexts, loader, threads = _ceiling_setup(spec, zstd_contexts)
     api = "Codec.decode, new buffers" if codec_api else "reused buffers"
     api += ", reused zstd contexts" if zstd_contexts else ""
     result.note = f"{threads} threads, in-memory chunks, {api} (not a loader: decode only)"
@@ -360,20 +386,115 @@ def decode_ceiling_runner(
                     # (a thread whose core the VM slows does not hold up the round);
                     # only this is timed.
                     parts = [work[k : k + 16] for k in range(0, len(work), 16)]
-                    cpu0, t = cpu_seconds(foreign), time.perf_counter()
-                    nbytes += sum(pool.map(lambda part: sum(map(decode, part)), parts))
-                    seconds += time.perf_counter() - t
-                    cpu += cpu_seconds(foreign) - cpu0
+                    n, wall, used = _decode_round(
+                        pool, lambda part: sum(map(decode, part)), parts, foreign
+                    )
+                    nbytes, seconds, cpu = nbytes + n, seconds + wall, cpu + used
                     work, parts = [], []
                     arena.clear()
-            result.epoch_seconds.append(seconds)
-            result.cpu_seconds.append(cpu)
-            result.peak_rss_bytes = max(result.peak_rss_bytes, mem.peak)
-            result.samples_per_epoch = sum(len(b) for b in batches)
-            result.decoded_bytes_per_epoch = nbytes
+            _record_ceiling_epoch(result, seconds, cpu, mem.peak, batches, nbytes)
             yield
     finally:
         pool.shutdown()
+        if contexts is not None:
+            contexts.close()
+        loader.close()
+
+
+def file_ceiling_runner(
+    spec: BenchSpec, result: RunResult, *, zstd_contexts: bool = False
+) -> Runner:
+    """What reading and decoding a batch costs a loader at the least, from the files.
+
+    Per batch, ``spec.budget`` threads ``pread`` exactly the (inner) chunks its
+    samples touch, each once, into reused buffers and decode them with
+    numcodecs (``zstd_contexts``: libzstd with a reused context per thread, as
+    zarrdali calls it) into reused buffers. Nothing is assembled or handed
+    over: a loader that reads and decodes the same way cannot beat it (one
+    that maps the files and reuses zstd contexts can). Finding the chunks (the
+    shard indexes, read once) is not timed.
+    """
+    contexts, loader, threads = _ceiling_setup(spec, zstd_contexts)
+    layouts = loader.layouts
+    decode_with = "libzstd, reused contexts" if zstd_contexts else "numcodecs decode"
+    result.note = (
+        f"{threads} threads: pread of the chunks each batch touches + {decode_with}, "
+        "reused buffers (not a loader: read and decode only)"
+    )
+    scratch = threading.local()
+    files: dict[str, int] = {}
+    files_lock = threading.Lock()
+
+    def fd_of(path: str) -> int:
+        fd = files.get(path)
+        if fd is None:
+            with files_lock:
+                fd = files.get(path)
+                if fd is None:
+                    fd = files[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def buffers(nbytes: int, chunk_nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+        src, out = getattr(scratch, "src", None), getattr(scratch, "out", None)
+        if src is None or src.nbytes < nbytes:
+            src = scratch.src = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
+        if out is None or out.nbytes < chunk_nbytes:
+            out = scratch.out = np.empty(max(chunk_nbytes, 1 << 20), dtype=np.uint8)
+        return src, out
+
+    def read_decode(part: list[tuple[ArrayLayout, str, int, int]]) -> int:
+        done = 0
+        for layout, path, offset, nbytes in part:
+            src, out = buffers(nbytes, layout.chunk_nbytes)
+            data = memoryview(src)[:nbytes]
+            if os.preadv(fd_of(path), [data], offset) != nbytes:
+                raise OSError(f"{path}: short read at {offset}")
+            codec = layout.codec
+            if contexts is not None and codec.compressor == "zstd" and not codec.has_crc32c:
+                ctx = contexts.context()
+                dst, n_out = out.ctypes.data, layout.chunk_nbytes
+                contexts.decompress_exactly(ctx, dst, n_out, src.ctypes.data, nbytes)
+            else:
+                codec.decode_into(data, out[: layout.chunk_nbytes])
+            done += layout.chunk_nbytes
+        return done
+
+    def work_of(samples: np.ndarray) -> list[tuple[ArrayLayout, str, int, int]]:
+        tile_hw = loader.candidates.tile_hw
+        plan = plan_batch(layouts, samples, n_frames=spec.n_frames, frame_step=1, tile_hw=tile_hw)
+        loc = loader.backend.locator(layouts).locate(plan)
+        present = np.flatnonzero(loc.present)
+        return [
+            (layouts[v], loc.paths[f], off, n)
+            for v, f, off, n in zip(
+                plan.chunk_var[present].tolist(),
+                loc.file[present].tolist(),
+                loc.offset[present].tolist(),
+                loc.nbytes[present].tolist(),
+                strict=True,
+            )
+        ]
+
+    pool = ThreadPoolExecutor(threads)
+    try:
+        for epoch in range(spec.epochs):
+            batches = epoch_batches(spec, epoch)[spec.warmup_batches :]
+            work = [work_of(samples) for samples in batches]  # not timed: locating
+            foreign = result.foreign_pids
+            seconds = cpu = 0.0
+            nbytes = 0
+            with PeakMemory(exclude=foreign) as mem:
+                for items in work:
+                    # small parts that idle threads take: a slowed core holds up little
+                    parts = [items[k : k + 8] for k in range(0, len(items), 8)]
+                    n, wall, used = _decode_round(pool, read_decode, parts, foreign)
+                    nbytes, seconds, cpu = nbytes + n, seconds + wall, cpu + used
+            _record_ceiling_epoch(result, seconds, cpu, mem.peak, batches, nbytes)
+            yield
+    finally:
+        pool.shutdown()
+        for fd in files.values():
+            os.close(fd)
         if contexts is not None:
             contexts.close()
         loader.close()

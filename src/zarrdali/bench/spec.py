@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,17 @@ class BenchSpec:
     cold: bool = False  # drop the store from the page cache before each timed epoch
     storage_options: dict | None = None  # for a URL store: credentials, endpoint
     extra: dict = field(default_factory=dict)
+
+    def at_batch_size(
+        self, batch_size: int, samples: int, batches: int | None, warmup: int | None
+    ) -> BenchSpec:
+        """The spec at ``batch_size``: ``batches`` timed batches per epoch (default:
+        ``samples`` timed samples, at least 3 batches) after ``warmup`` (default:
+        32 samples, at least 2 batches), so every batch size times about the same
+        work."""
+        timed = batches if batches is not None else max(3, -(-samples // batch_size))
+        warm = warmup if warmup is not None else max(2, -(-32 // batch_size))
+        return replace(self, batch_size=batch_size, batches=timed, warmup_batches=warm)
 
     @property
     def remote(self) -> bool:
@@ -50,4 +61,10 @@ class BenchSpec:
         )
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The spec as written to bench.json: storage options redacted."""
+        from ..remote import redact_options, redact_url
+
+        out = asdict(self)
+        out["store"] = redact_url(out["store"])
+        out["storage_options"] = redact_options(out["storage_options"])
+        return out

@@ -1,0 +1,27 @@
+"""Helpers of the fault tests (imported by them; fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def check_batches(loader, store: Path, variables) -> int:
+    """Every batch of an epoch equals zarr-python reading ``store`` at its index;
+    returns the number of batches."""
+    import numpy as np
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r")
+    arrays = {v: group[v][...] for v in variables}
+    h, w = loader.candidates.tile_hw
+    n = 0
+    for batch in loader:
+        frames = np.concatenate([batch["input"].numpy(), batch["target"].numpy()], axis=1)
+        steps = frames.shape[1]
+        for i, (t0, y0, x0) in enumerate(batch["index"].numpy().tolist()):
+            want = np.stack(
+                [arrays[v][t0 : t0 + steps, y0 : y0 + h, x0 : x0 + w] for v in variables], 1
+            )
+            np.testing.assert_array_equal(frames[i], want, err_msg=f"sample {(t0, y0, x0)}")
+        n += 1
+    return n

@@ -1,0 +1,107 @@
+"""The remote source's flow control (``backends/flow.py``), driven with made-up
+latencies: the in-flight limit grows to ``max_in_flight`` where latency does not
+grow with load, settles near a server's capacity where it does, halves once per
+round on congestion; the latency bound follows what the store usually takes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from zarrdali.backends.flow import AdaptiveLimit, LatencyBound, RequestPolicy
+
+
+def run_rounds(limit: AdaptiveLimit, latency, rounds: int) -> list[int]:
+    """Rounds of answered requests, each sent at the current limit with the limit
+    full (requests waiting); returns the limit after each round."""
+    seen = []
+    for _ in range(rounds):
+        token, n = limit._round, limit.limit
+        for _ in range(max(limit.min_round, n)):
+            limit.in_flight = n  # all in flight: the limit holds requests back
+            limit.release(token, "ok", latency(n))
+        limit.in_flight = 0
+        seen.append(limit.limit)
+    return seen
+
+
+def test_grows_to_the_maximum_where_latency_does_not_grow():
+    limit = AdaptiveLimit(64)
+    seen = run_rounds(limit, lambda n: 0.05, 20)
+    assert seen[:4] == [8, 16, 32, 64], "slow start doubles"
+    assert limit.limit == 64
+
+
+def test_stops_growing_where_throughput_stops_growing():
+    """A server that answers 6 requests at a time: latency grows past 6 in flight,
+    throughput does not. The limit stops near 6; it tries more only rarely (each
+    try that does not pay doubles the wait before the next)."""
+    limit = AdaptiveLimit(64)
+    seen = run_rounds(limit, lambda n: 0.01 * max(1.0, n / 6), 1000)
+    grown = [k for k, (a, b) in enumerate(itertools.pairwise(seen)) if b > a]
+    gaps = np.diff(grown[1:])
+    assert len(grown) <= 6 and (gaps[1:] >= 1.8 * gaps[:-1]).all(), grown
+    assert min(seen[20:]) >= 6 and max(seen) <= 24, seen
+
+
+def test_congestion_halves_once_per_round():
+    limit = AdaptiveLimit(64, initial=32)
+    token = limit._round
+    limit.in_flight = 3
+    limit.release(token, "congested")
+    limit.release(token, "congested")  # sent under the old limit: no second halving
+    limit.release(limit._round, "ok", 0.01)
+    assert limit.limit == 16 and limit.decreases == 1
+    limit.in_flight = 1
+    limit.release(limit._round, "congested")
+    assert limit.limit == 8 and limit.decreases == 2
+
+
+def test_a_fixed_limit_stays():
+    limit = AdaptiveLimit(16, adaptive=False)
+    run_rounds(limit, lambda n: 0.01 * n, 10)
+    limit.in_flight = 1
+    limit.release(limit._round, "congested")
+    assert limit.limit == 16
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_never_more_in_flight_than_the_limit_and_no_slot_lost(adaptive):
+    limit = AdaptiveLimit(8, initial=3, adaptive=adaptive)
+    rng = random.Random(0)
+    over = []
+
+    async def request(k: int) -> None:
+        token = await limit.acquire()
+        over.append(limit.in_flight > limit.max_limit)  # (a halved limit lets the rest finish)
+        await asyncio.sleep(rng.random() / 1000)
+        limit.release(token, "congested" if k % 37 == 0 else "ok", 0.001)
+
+    async def main() -> None:
+        tasks = [asyncio.ensure_future(request(k)) for k in range(400)]
+        await asyncio.sleep(0.002)
+        for task in tasks[100:150]:  # cancelled while waiting for room, or after
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    assert limit.in_flight == 0 and not limit._waiters, "every slot given back"
+    assert not any(over)
+
+
+def test_latency_bound_follows_the_usual_latency():
+    policy = RequestPolicy()
+    bound = LatencyBound(policy)
+    assert bound.bound(1000) == policy.first_stall_s  # nothing known yet
+    for _ in range(50):
+        bound.record(0.010, 1000)
+    assert bound.bound(1000) == policy.min_stall_s  # 16 x 10 ms: the floor
+    for _ in range(300):
+        bound.record(0.5, 1000)
+    assert bound.bound(1000) == pytest.approx(8.0)  # 16 x 0.5 s
+    assert bound.bound(100_000) == policy.max_stall_s  # 100x the usual size
+    assert bound.slow(4.5, 1000) and not bound.slow(3.5, 1000)
