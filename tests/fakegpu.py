@@ -32,7 +32,7 @@ import numcodecs
 import numpy as np
 
 from zarrdali.backends.gpu import decode as gpu_decode
-from zarrdali.backends.gpu.plan import GatherTables, gather_reference
+from zarrdali.backends.gpu.plan import GatherFinish, GatherTables, gather_reference
 
 
 class _Ptr:
@@ -177,7 +177,8 @@ class FakeStream:
 
 
 class FakeKernel:
-    """``zarrdali_pack`` as a loop of copies; ``zarrdali_gather`` as its numpy twin."""
+    """``zarrdali_pack`` as a loop of copies; ``zarrdali_gather`` and
+    ``zarrdali_gather_finish`` as their numpy twin (``plan.gather_reference``)."""
 
     def __init__(self, cuda: FakeCuda, source: str, name: str) -> None:
         self._cuda = cuda
@@ -194,7 +195,21 @@ class FakeKernel:
             for s, d, k in np.asarray(jobs).reshape(int(n), 3).tolist():
                 dst[d : d + k] = src[s : s + k]
             return
-        assert self.name == "zarrdali_gather", self.name
+        finish = None
+        if self.name == "zarrdali_gather_finish":
+            decoded, tiles, tile_chunks, slots, variables, fin, stats, *args = args
+            *args, normalize, fill_missing, nan_fill, write_mask, out, mask = args
+            assert out.dtype == np.float32 and (not write_mask or mask.dtype == np.uint8)
+            finish = GatherFinish(
+                variables=np.asarray(fin),
+                stats=np.asarray(stats),
+                normalize=bool(normalize),
+                nan_fill=float(nan_fill) if fill_missing else None,
+                masks=bool(write_mask),
+            )
+            args = (decoded, tiles, tile_chunks, slots, variables, *args, out)
+        else:
+            assert self.name == "zarrdali_gather", self.name
         decoded, tiles, tile_chunks, slots, variables, n_tiles, n_l, n_y, n_x, h, w, out = args
         assert tuple(out.shape[-2:]) == (int(h), int(w))
         gather = GatherTables(
@@ -205,7 +220,14 @@ class FakeKernel:
             out_shape=tuple(out.shape),
             out_dtype=out.dtype,
         )
-        np.asarray(out)[...] = gather_reference(np.asarray(decoded), gather)
+        if finish is None:
+            np.asarray(out)[...] = gather_reference(np.asarray(decoded), gather)
+            return
+        values, valid = gather_reference(np.asarray(decoded), gather, finish)
+        np.asarray(out)[...] = values
+        if valid is not None:
+            assert mask.shape == out.shape
+            np.asarray(mask)[...] = valid
 
 
 class FakeMemoryPool:

@@ -43,7 +43,9 @@ class VarSpec:
     ``shape`` is ``(time, y, x)`` or ``(time, level, y, x)``; ``chunks`` has the
     same rank (the inner chunk when ``shards`` is given). ``written_time``
     limits the time steps written (the rest is never written: missing chunks).
-    ``nan_box`` is ``(t0, t1, y0, y1, x0, x1)``: a region set to NaN (floats).
+    ``nan_box`` is ``(t0, t1, y0, y1, x0, x1)``: a region set to the variable's
+    missing marker: the first of its ``missing_value`` attribute, else its
+    ``_FillValue`` attribute, else NaN (floats).
     ``checksum`` appends a crc32c codec to the (inner) chunk chain; the
     ``index_*`` fields choose the shard index layout (zarr's default: at the
     end, little-endian, with crc32c).
@@ -122,11 +124,21 @@ def synthetic_data(spec: VarSpec) -> np.ndarray:
         data = data.astype(dtype)
         if spec.nan_box is not None:
             t0, t1, y0, y1, x0, x1 = spec.nan_box
-            data[t0:t1, ..., y0:y1, x0:x1] = np.nan
+            data[t0:t1, ..., y0:y1, x0:x1] = _missing_marker(spec)
         return data
     info = np.iinfo(dtype)
     noise = rng.integers(-50, 50, size=spec.shape)
-    return np.clip((base % 20000) - 10000 + noise, info.min, info.max).astype(dtype)
+    data = np.clip((base % 20000) - 10000 + noise, info.min, info.max).astype(dtype)
+    if spec.nan_box is not None:
+        t0, t1, y0, y1, x0, x1 = spec.nan_box
+        data[t0:t1, ..., y0:y1, x0:x1] = _missing_marker(spec)
+    return data
+
+
+def _missing_marker(spec: VarSpec) -> Any:
+    if "missing_value" in spec.attrs:
+        return np.ravel(spec.attrs["missing_value"])[0]
+    return spec.attrs.get("_FillValue", np.nan)
 
 
 def write_array(group: zarr.Group, spec: VarSpec) -> zarr.Array:

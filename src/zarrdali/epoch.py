@@ -14,6 +14,7 @@ after what it depends on is gone.
 from __future__ import annotations
 
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 from .errors import LoaderClosedError
@@ -98,6 +99,28 @@ class SourceHandle:
 
     def __reduce__(self):
         return (SourceHandle, (self._target(),))
+
+
+class BoolMasks:
+    """The DALI iterator's batches with the uint8 masks (DALI does not flip bool
+    tensors) seen as torch bool tensors: a view, no copy (0 and 1 are bool's
+    bytes)."""
+
+    def __init__(self, iterator: Any, names: Sequence[str]) -> None:
+        self._iterator = iterator
+        self._names = tuple(names)
+
+    def __iter__(self) -> BoolMasks:
+        return self
+
+    def __next__(self) -> list[dict[str, Any]]:
+        import torch
+
+        batches = next(self._iterator)
+        for batch in batches:
+            for name in self._names:
+                batch[name] = batch[name].view(torch.bool)
+        return batches
 
 
 class EpochRun:

@@ -21,6 +21,7 @@ import numpy as np
 from .backends.finish import Finish
 from .errors import LoaderClosedError
 from .hostring import BatchRing, SlotLayout
+from .missing import MissingValues
 from .pipeline import draw_augmentations
 
 
@@ -36,11 +37,18 @@ class Finishing:
     # batches of the epoch served before this plan's first (elastic resume): the
     # draws are numbered through the epoch
     batch_offset: int = 0
+    missing: MissingValues | None = None  # masks and nan_fill (None: both off)
 
     def batch(self, j: int, n: int) -> Finish:
-        """The finish of batch ``j`` of the epoch (``n`` samples)."""
+        """The finish of batch ``j`` of the epoch (``n`` samples); with masks,
+        the caller adds the batch's mask arrays (:func:`dataclasses.replace`)."""
         mean, std = self.stats if self.stats is not None else (None, None)
-        return Finish(mean, std, self.flags(j, n))
+        missing = self.missing
+        if missing is None:
+            return Finish(mean, std, self.flags(j, n))
+        return Finish(
+            mean, std, self.flags(j, n), nan_fill=missing.nan_fill, missing=missing.per_channel
+        )
 
     def flags(self, j: int, n: int) -> np.ndarray | None:
         if not self.augment:
@@ -51,8 +59,9 @@ class Finishing:
 @dataclass(frozen=True)
 class BatchLayout:
     """The outputs a ring slot holds, in order: the frames (``input``, and
-    ``target`` with target steps), then ``static`` where served. ``names`` as
-    the batch dict calls them."""
+    ``target`` with target steps, float32), ``static`` where served (float32),
+    then with masks one bool mask per frame output (``input_mask``,
+    ``target_mask``). ``names`` as the batch dict calls them."""
 
     slots: SlotLayout
     names: tuple[str, ...]
@@ -66,6 +75,7 @@ class BatchLayout:
         tile_hw: tuple[int, int],
         batch_size: int,
         static_channels: int = 0,
+        masks: bool = False,
     ) -> BatchLayout:
         names = ["input"]
         shapes = [(batch_size, spec.input_steps, n_channels, *tile_hw)]
@@ -76,7 +86,12 @@ class BatchLayout:
         if static_channels:
             names.append("static")
             shapes.append((batch_size, static_channels, *tile_hw))
-        return cls(SlotLayout.of(shapes, np.float32), tuple(names), n_frames)
+        dtypes = [np.dtype(np.float32)] * len(shapes)
+        if masks:
+            names += [f"{name}_mask" for name in names[:n_frames]]
+            shapes += shapes[:n_frames]
+            dtypes += [np.dtype(bool)] * n_frames
+        return cls(SlotLayout.of(shapes, dtypes), tuple(names), n_frames)
 
     def output(self, outs: Sequence[np.ndarray], name: str) -> np.ndarray | None:
         """Output ``name`` of a slot's arrays ``outs`` (None: not served)."""

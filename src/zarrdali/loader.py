@@ -10,16 +10,19 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import zarr
 
 from .backends import make_backend
 from .backends.base import batch_dtype
+from .backends.finish import Finish
 from .backends.sources import make_source
-from .epoch import EpochRun, SourceHandle, release_frames
+from .epoch import BoolMasks, EpochRun, SourceHandle, release_frames
 from .epoch_reader import EpochReader, load_frames, load_into
 from .errors import ConfigError, LoaderClosedError
 from .hostfeed import BatchLayout, Finishing, HostBatches, HostFeed, ThreadProducer
 from .hostring import BatchRing, SharedArray
+from .missing import check_missing_options
 from .normalize import NormalizeArg, channel_stats
 from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
@@ -213,6 +216,8 @@ class ZarrLoader:
         cache_budget: int | None = None,
         static: Sequence[str] | str = (),
         time: bool | None = None,
+        nan_fill: float | None = None,
+        masks: bool = False,
     ) -> None:
         # Everything is validated here, before any chunk is read.
         self.spec = SampleSpec(
@@ -267,6 +272,8 @@ class ZarrLoader:
             world_size=world_size,
         )
         self.stats = channel_stats(normalize, self.layouts, self.store_name)
+        # Missing values: NaN and the variables' CF missing values (None: not checked).
+        self.missing = check_missing_options(nan_fill, masks, self.layouts, self.store_name)
         # Static fields and the time coordinate: read once, here.
         self.static = (
             read_static_fields(self.group, self.store_name, static, self.layouts, normalize)
@@ -531,11 +538,6 @@ class ZarrLoader:
                 run.close("the epoch ended")
             run = None
 
-    def _output_names(self) -> list[str]:
-        with_target = self.spec.target_steps > 0
-        names = ["input", "target", "index"] if with_target else ["input", "index"]
-        return names + (["augment"] if self.augment else [])
-
     def _open_epoch(self, run: EpochRun, plan: EpochPlan, start: int, n: int) -> None:
         """Build the epoch's pieces into ``run``, each as soon as it exists."""
         if getattr(self.backend, "host_ring", False):
@@ -554,7 +556,7 @@ class ZarrLoader:
         # batches numbered through the epoch, across world sizes (augmentation draws)
         served_before = sum(seg.batches for seg in self._segments)
         finishing = Finishing(
-            self.stats, self.augment, self.sampler.seed, self._epoch, served_before
+            self.stats, self.augment, self.sampler.seed, self._epoch, served_before, self.missing
         )
         tile_hw = self.candidates.tile_hw
         layout = self._host_layout()
@@ -618,13 +620,15 @@ class ZarrLoader:
         run.batches = HostBatches(run.feed, [*layout.names, *meta_names], n, meta)
 
     def _host_layout(self) -> BatchLayout:
-        """What a ring slot holds: the frames, and the static tiles where served."""
+        """What a ring slot holds: the frames, the static tiles and the masks
+        where served."""
         return BatchLayout.of(
             self.spec,
             self.num_channels,
             self.candidates.tile_hw,
             self.batch_size,
             static_channels=0 if self.static is None else self.static.n_channels,
+            masks=self.missing is not None and self.missing.masks,
         )
 
     def _ring_static(self, shared: bool) -> RingStaticTiles | None:
@@ -641,14 +645,20 @@ class ZarrLoader:
 
     def _open_dali_epoch(self, run: EpochRun, plan: EpochPlan, start: int, n: int) -> None:
         """The GPU path: the backend's own batch source (threads, streams, events,
-        a ring of device buffers) feeding a DALI pipeline on the device."""
+        a ring of device buffers) feeding a DALI pipeline on the device. A
+        backend that finishes batches in its gather (the GPU backend) casts,
+        normalizes and masks there; DALI slices, flips and turns."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         with_target = self.spec.target_steps > 0
         backend = self.backend
+        finish = self._gather_finish()
+        masks = self.missing is not None and self.missing.masks
 
         def load(k: int, **device_args):
             samples = plan.batch(start + k)
+            if finish is not None:
+                device_args.update(finish=finish, device_masks=masks)
             return self._load_frames(samples, **device_args), samples
 
         feed = run.feed = backend.batch_source(
@@ -674,8 +684,8 @@ class ZarrLoader:
             batch_size=self.batch_size,
             input_steps=self.spec.input_steps,
             with_target=with_target,
-            stats=self.stats,
-            input_dtype=batch_dtype(self.layouts),
+            stats=None if finish is not None else self.stats,
+            input_dtype=np.float32 if finish is not None else batch_dtype(self.layouts),
             device_id=backend.dali_device_id(),
             num_threads=self.dali_threads,
             prefetch_queue_depth=self.prefetch,
@@ -686,14 +696,35 @@ class ZarrLoader:
             whole_window=backend.whole_window,
             n_extras=len(extras),
             n_device_extras=len(device_extras),
+            with_masks=masks,
         )
         run.pipeline.build()
-        run.batches = DALIGenericIterator(
+        frame_names = ["input", "target"] if with_target else ["input"]
+        mask_names = [f"{name}_mask" for name in frame_names] if masks else []
+        meta_names = ["index", *(["augment"] if self.augment else [])]
+        iterator = DALIGenericIterator(
             run.pipeline,
-            [*self._output_names(), *extra_names],
+            [*frame_names, *mask_names, *meta_names, *extra_names],
             auto_reset=False,
             last_batch_policy=LastBatchPolicy.PARTIAL,
         )
+        run.batches = BoolMasks(iterator, mask_names) if masks else iterator
+
+    def _gather_finish(self) -> Finish | None:
+        """What a backend that finishes batches in its gather applies (statistics,
+        missing values; no flags: DALI augments); None for one that does not."""
+        if not getattr(self.backend, "finishes_in_gather", False):
+            if self.missing is not None:
+                raise ConfigError(
+                    f"masks and nan_fill need the CPU path or the GPU backend; the "
+                    f"{type(self.backend).__name__} backend does not check missing values."
+                )
+            return None
+        mean, std = self.stats if self.stats is not None else (None, None)
+        missing = self.missing
+        if missing is None:
+            return Finish(mean, std)
+        return Finish(mean, std, nan_fill=missing.nan_fill, missing=missing.per_channel)
 
     def _batch_extras(self, feed: Any) -> tuple[list, list, list[str]]:
         """Outputs computed per batch from its samples (see ``BatchSource``):

@@ -155,6 +155,7 @@ def build_pipeline(
     whole_window: bool | None = None,
     n_extras: int = 0,
     n_device_extras: int = 0,
+    with_masks: bool = False,
 ):
     """A DALI pipeline: external source → float32 → per-channel ``(x - mean) / std``.
 
@@ -178,12 +179,21 @@ def build_pipeline(
     outputs of the source (:class:`BatchSource`) pass through unchanged, after
     the index and flags: outputs ``(*frames, index, [flags], *extras,
     *device_extras)``.
+
+    ``with_masks`` (with ``whole_window``: the GPU path's): the source gives
+    the window's uint8 validity mask after the window (the backend made both
+    in its gather, already finished: pass ``stats=None`` and float32); it is
+    sliced, flipped and turned as the frames are and follows them:
+    ``(*frames, *masks, index, ...)``.
     """
     from nvidia.dali import fn, pipeline_def, types
 
     needs_cast = np.dtype(input_dtype) != np.float32
     if whole_window is None:
         whole_window = device == "gpu"
+    if with_masks and not whole_window:
+        raise ValueError("masks come with the GPU path's window (the CPU path has no DALI)")
+    n_windows = 1 + with_masks  # the window, and its mask
 
     @pipeline_def(
         batch_size=batch_size,
@@ -201,11 +211,11 @@ def build_pipeline(
         if device == "gpu":
             frames = fn.external_source(
                 source=source.frames_only,
-                num_outputs=1 + n_device_extras,
+                num_outputs=n_windows + n_device_extras,
                 batch=True,
                 batch_info=True,
                 device="gpu",
-                layout=["FCHW"] + [None] * n_device_extras,
+                layout=["FCHW"] * n_windows + [None] * n_device_extras,
                 cuda_stream=cuda_stream,
                 # DALI copies the batch into its own buffer on `cuda_stream` as it is
                 # fed, so the feed may reuse ours once that copy has run (feed.py).
@@ -218,22 +228,33 @@ def build_pipeline(
                 batch_info=True,
                 device="cpu",
             )
-            device_extras = list(frames[1:])
+            device_extras = list(frames[n_windows:])
+            masks = list(frames[1:n_windows])
             outs = [frames[0], *meta]
         else:
             outs = fn.external_source(
                 source=source,
-                num_outputs=n_frames + n_meta,
+                num_outputs=n_frames + with_masks + n_meta,
                 batch=True,
                 batch_info=True,
                 device=device,
-                layout=["FCHW"] * n_frames + [None] * n_meta,
+                layout=["FCHW"] * (n_frames + with_masks) + [None] * n_meta,
             )
+            masks = list(outs[n_frames : n_frames + with_masks])
+            outs = [*outs[:n_frames], *outs[n_frames + with_masks :]]
         frames, rest = list(outs[:n_frames]), list(outs[n_frames:])
         if with_target and n_frames == 1:  # one window: slice input and target apart
             frames = [frames[0][0:input_steps], frames[0][input_steps:]]
+            if with_masks:
+                masks = [masks[0][0:input_steps], masks[0][input_steps:]]
+        n_out = len(frames)
+        if with_masks:  # the frames' masks: sliced, flipped and turned as they are
+            frames += masks
         result = []
-        for x in frames:
+        for i, x in enumerate(frames):
+            if i >= n_out:  # a mask
+                result.append(x)
+                continue
             if needs_cast:
                 x = fn.cast(x, dtype=types.FLOAT)
             if stats is not None:

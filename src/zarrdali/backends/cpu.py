@@ -542,7 +542,7 @@ class CpuBackend:
                 raise ValueError(f"rows {rows} do not fit a batch of {len(outs[0])}")
             b = PIECE_DST.start
             plan.pieces[:, b] = rows[plan.pieces[:, b]]
-        if finish is not None and not (finish.normalizes or finish.flags is not None):
+        if finish is not None and not (finish.changes_values or finish.flags is not None):
             finish = None  # a cast alone: numpy's assignment does it
         lease = self.lease(layouts, locations)
         try:
@@ -571,8 +571,9 @@ class CpuBackend:
             for layout in layouts
         ]
         chunk_nbytes = [layout.chunk_nbytes for layout in layouts]
-        # chunks decoded straight into the batch are normalized there, in cache
-        normalize_in_place = finish is not None and finish.normalizes
+        # chunks decoded straight into the batch are normalized (and checked for
+        # missing values) there, in cache
+        normalize_in_place = finish is not None and finish.changes_values
 
         def scatter(i: int, decoded: np.ndarray) -> None:
             chunk = decoded.reshape(shapes4[work.chunk_var[i]])
@@ -580,7 +581,7 @@ class CpuBackend:
             if finish is not None:
                 for o, t, sl, sy, sx, b, f, c, dy, dx, nl, ny, nx in pieces:
                     src = chunk[t, sl : sl + nl, sy : sy + ny, sx : sx + nx]
-                    finish.place(outs[o], b, f, c, dy, dx, src)
+                    finish.place(outs[o], b, f, c, dy, dx, src, o)
                 return
             for o, t, sl, sy, sx, b, f, c, dy, dx, nl, ny, nx in pieces:
                 outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx] = chunk[
@@ -591,7 +592,7 @@ class CpuBackend:
             """Normalize chunk ``i``, decoded straight into the batch, while in cache."""
             o, _, _, _, _, b, f, c, dy, dx, nl, ny, nx = work.pieces[work.piece_bounds[i]]
             region = outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx]
-            finish.normalize_in_place(region, c)
+            finish.finish_in_place(o, b, f, c, dy, dx, region)
 
         def decode(i: int, data) -> None:
             layout, coords = layouts[work.chunk_var[i]], work.chunk_coords[i]
@@ -600,7 +601,7 @@ class CpuBackend:
                 target = outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx]
                 self.decoder.decode(layout, coords, data, out=target)
                 if normalize_in_place:
-                    finish.normalize_in_place(target, c)
+                    finish.finish_in_place(o, b, f, c, dy, dx, target)
                 return
             needed = work.needed[i]
             decoded = self.decoder.decode(

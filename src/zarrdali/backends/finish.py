@@ -23,19 +23,41 @@ import numpy as np
 @dataclass(frozen=True)
 class Finish:
     """The per-channel statistics (float32 ``[C]``, or None) and the per-sample
-    ``(transpose, flip_rows, flip_cols)`` flags (``[B, 3]``, or None) of one batch."""
+    ``(transpose, flip_rows, flip_cols)`` flags (``[B, 3]``, or None) of one batch.
+
+    ``missing`` (per channel: the stored values besides NaN that are not data;
+    None: nothing checked) turns on the missing-value rule of
+    :mod:`zarrdali.missing`: invalid values are replaced by ``nan_fill``
+    (after normalization) where it is given, and ``masks`` (one bool array per
+    frame output, shaped like it) get False there and True elsewhere.
+    """
 
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
     flags: np.ndarray | None = None
+    nan_fill: float | None = None
+    missing: tuple[np.ndarray, ...] | None = None
+    masks: tuple[np.ndarray, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.mean is None) != (self.std is None):
             raise ValueError("mean and std go together")
+        if (self.nan_fill is not None or self.masks is not None) and self.missing is None:
+            raise ValueError("nan_fill and masks need the channels' missing values")
 
     @property
     def normalizes(self) -> bool:
         return self.mean is not None
+
+    @property
+    def checks(self) -> bool:
+        """Whether values are checked for being missing (masks or nan_fill)."""
+        return self.missing is not None
+
+    @property
+    def changes_values(self) -> bool:
+        """Whether anything besides the cast happens to a value where it lands."""
+        return self.normalizes or self.checks
 
     @property
     def moves(self) -> bool:
@@ -46,11 +68,42 @@ class Finish:
         """Mean and std of channels ``c:c+n``, shaped to broadcast over ``[n, H, W]``."""
         return self.mean[c : c + n, None, None], self.std[c : c + n, None, None]
 
-    def normalize_in_place(self, region: np.ndarray, c: int) -> None:
-        """``region`` (``[n, H, W]`` float32, channels ``c:c+n``) normalized in place."""
-        mean, std = self.channel_stats(c, region.shape[0])
-        np.subtract(region, mean, out=region)
-        np.divide(region, std, out=region)
+    def invalid(self, src: np.ndarray, c: int) -> np.ndarray | None:
+        """Where the stored values ``src`` (channels ``c:``, one variable) are not
+        data: NaN, or one of the channel's missing values (compared in the stored
+        dtype). None: every value is valid."""
+        bad = np.isnan(src) if src.dtype.kind == "f" else None
+        for value in self.missing[c]:
+            if bad is None:
+                bad = src == value
+            else:
+                bad |= src == value
+        return bad
+
+    def finish_in_place(self, o: int, b: int, f: int, c: int, dy: int, dx: int, region) -> None:
+        """``region`` (``[n, H, W]`` float32, channels ``c:c+n`` of sample ``b``
+        frame ``f`` of output ``o``, at rows ``dy``, columns ``dx``), decoded
+        there as stored: checked for missing values, normalized in place."""
+        bad = self.invalid(region, c) if self.checks else None
+        if self.normalizes:
+            mean, std = self.channel_stats(c, region.shape[0])
+            np.subtract(region, mean, out=region)
+            np.divide(region, std, out=region)
+        if self.checks:
+            self._check_with(bad, o, b, f, c, dy, dx, region)
+
+    def _check_with(self, bad, o: int, b: int, f: int, c: int, dy: int, dx: int, dst) -> None:
+        """Mask (``bad``: :meth:`invalid` of the piece's stored values) and fill
+        the finished piece ``dst`` at its place."""
+        if self.masks is not None:
+            n, ny, nx = dst.shape
+            mask = self.masks[o][b, f, c : c + n, dy : dy + ny, dx : dx + nx]
+            if bad is None:
+                mask[...] = True
+            else:
+                np.logical_not(bad, out=mask)
+        if self.nan_fill is not None and bad is not None:
+            np.copyto(dst, np.float32(self.nan_fill), where=bad)
 
     def place(
         self,
@@ -61,10 +114,13 @@ class Finish:
         dy: int,
         dx: int,
         src: np.ndarray,
+        o: int = 0,
     ) -> None:
-        """Copy piece ``src`` (``[n, ny, nx]``, channels ``c:``) of sample ``b`` frame
-        ``f`` into ``out`` (``[B, T, C, H, W]``) at rows ``dy``, columns ``dx`` of
-        the tile, transformed as the sample's flags say, normalized."""
+        """Copy piece ``src`` (``[n, ny, nx]``, channels ``c:``, stored values) of
+        sample ``b`` frame ``f`` into ``out`` (``[B, T, C, H, W]``, output ``o``)
+        at rows ``dy``, columns ``dx`` of the tile, transformed as the sample's
+        flags say, cast to float32 and normalized in float32, checked for
+        missing values."""
         if self.flags is not None:
             transpose, flip_rows, flip_cols = self.flags[b]
             h, w = out.shape[-2:]
@@ -82,7 +138,11 @@ class Finish:
         dst = out[b, f, c : c + n, dy : dy + ny, dx : dx + nx]
         if self.mean is None:
             dst[...] = src
-            return
-        mean, std = self.channel_stats(c, n)
-        np.subtract(src, mean, out=dst)
-        np.divide(dst, std, out=dst)
+        else:
+            # float32 arithmetic whatever the stored dtype (float64 and int32 would
+            # promote to float64): the GPU kernel's ((float)x - mean) / std
+            mean, std = self.channel_stats(c, n)
+            np.subtract(src, mean, out=dst, dtype=np.float32)
+            np.divide(dst, std, out=dst)
+        if self.checks:
+            self._check_with(self.invalid(src, c), o, b, f, c, dy, dx, dst)

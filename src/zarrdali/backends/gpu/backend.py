@@ -90,6 +90,7 @@ from ...batchplan import BatchPlan, natural_coords
 from ...errors import BackendUnavailableError, LoaderClosedError
 from ...store import ArrayLayout
 from ...trace import annotate
+from ..finish import Finish
 from ..locate import ChunkLocations, ChunkLocator, Locators
 from ..sources import MISSING, REMOTE_MAX_GAP, WHOLE, ByteSource, ObjectReadError, make_source
 from .cache import DEFAULT_PAGE_SIZE, GpuChunkCache, chunk_keys, insert_jobs
@@ -113,6 +114,7 @@ from .plan import (
     align_up,
     cacheable_payloads,
     describe_batch,
+    finish_tables,
 )
 from .read import (
     DEFAULT_GDS_THRESHOLD,
@@ -366,6 +368,9 @@ class GpuBackend(CudaSourceRole):
     """
 
     device = "cuda"
+    # The loader's batches are finished (cast, normalized, missing values masked
+    # and filled) by the gather kernel: load_batch(finish=...), not by DALI.
+    finishes_in_gather = True
 
     def __init__(
         self,
@@ -667,6 +672,7 @@ class GpuBackend(CudaSourceRole):
         out: Any = None,
         stream: Any = None,
         before_write: Callable[[], None] | None = None,
+        finish: Finish | None = None,
     ) -> Any:
         """The batch ``[B, T, C, H, W]`` as a CuPy array in the batch dtype.
 
@@ -680,12 +686,16 @@ class GpuBackend(CudaSourceRole):
         current) just before the first operation that writes ``out`` is
         enqueued, after the batch's read and decode: the GPU feed makes the
         stream wait there for DALI's copy of the buffer's previous batch.
+        ``finish`` (no flags: DALI augments): the batch is float32, cast,
+        normalized and checked for missing values in the gather kernel's pass,
+        as the CPU path finishes its pieces; ``finish.masks`` (one uint8 array
+        shaped like the batch) gets the validity mask in the same pass.
         Raises :class:`ChunkError` for a chunk that cannot be read or decoded.
         """
         if plan.frame_split is not None:  # the GPU pipeline slices input/target itself
             raise ValueError("the GPU backend assembles the whole window: plan without frame_split")
         with self._on_device():
-            return self._load_batch(layouts, plan, out, stream, before_write)
+            return self._load_batch(layouts, plan, out, stream, before_write, finish)
 
     def _load_batch(
         self,
@@ -694,9 +704,15 @@ class GpuBackend(CudaSourceRole):
         out: Any,
         stream: Any,
         before_write: Callable[[], None] | None,
+        finish: Finish | None = None,
     ) -> Any:
         cp = self._cp
         state = self._state()
+        gather_finish, mask = None, None
+        if finish is not None:  # checked before anything is enqueued
+            masks = finish.masks or ()
+            gather_finish = finish_tables(layouts, finish, masks=bool(masks))
+            mask = masks[0] if masks else None
         own = stream is None
         if own:
             stream = state.stream
@@ -730,7 +746,9 @@ class GpuBackend(CudaSourceRole):
                     stream.wait_event(state.last_event)  # the decoder's arrays are shared
                 decoded = cp.empty(max(desc.decoded_nbytes, 8), dtype=cp.uint8)
                 keep.append(decoded)
-                out = self._output(plan, desc, out)
+                out = self._output(plan, desc, out, finish is not None)
+                if mask is not None:
+                    self._check_mask(plan, mask)
                 check = None
                 if len(desc.device_chunks):
                     cached_rows = None if ticket is None else (ticket, rows, lengths)
@@ -753,7 +771,15 @@ class GpuBackend(CudaSourceRole):
                 with annotate("zarrdali.gather"):
                     if before_write is not None:
                         before_write()
-                    keep += launch_gather(self._kernels, desc.gather, decoded, out, self._upload)
+                    keep += launch_gather(
+                        self._kernels,
+                        desc.gather,
+                        decoded,
+                        out,
+                        self._upload,
+                        finish=gather_finish,
+                        mask=mask,
+                    )
                 if check is not None:  # the one host wait on the device: 16 bytes
                     with annotate("zarrdali.check"):
                         check.raise_if_bad()
@@ -883,8 +909,10 @@ class GpuBackend(CudaSourceRole):
         prefetched = {f: b for f, b in zip(files, buffers, strict=True) if b is not None}
         return replace(locations, file=file, nbytes=nbytes, missing=missing), prefetched
 
-    def _output(self, plan: BatchPlan, desc: BatchDescription, out: Any) -> Any:
-        dtype = np.dtype(desc.gather.out_dtype)
+    def _output(
+        self, plan: BatchPlan, desc: BatchDescription, out: Any, finished: bool = False
+    ) -> Any:
+        dtype = np.dtype(np.float32 if finished else desc.gather.out_dtype)
         if out is None:
             return self._cp.empty(plan.out_shape, dtype=dtype)
         if tuple(out.shape) != tuple(plan.out_shape) or np.dtype(out.dtype) != dtype:
@@ -895,6 +923,18 @@ class GpuBackend(CudaSourceRole):
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous")
         return out
+
+    @staticmethod
+    def _check_mask(plan: BatchPlan, mask: Any) -> None:
+        if (
+            tuple(mask.shape) != tuple(plan.out_shape)
+            or np.dtype(mask.dtype) not in (np.dtype(np.uint8), np.dtype(bool))
+            or not mask.flags.c_contiguous
+        ):
+            raise ValueError(
+                f"the mask must be a C-contiguous uint8 CuPy array of shape {plan.out_shape}, "
+                f"got {tuple(mask.shape)} {mask.dtype}"
+            )
 
     def _read_and_decode(
         self,

@@ -208,6 +208,38 @@ def view(buffer: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any:
     return buffer[:nbytes].view(dtype).reshape(shape)
 
 
+_PACK_ALIGN = 256  # bytes: each array of a slot starts aligned as cudaMalloc's do
+
+
+def _packed_offsets(
+    shape: tuple[int, ...], dtypes: tuple[np.dtype, ...], n: int | None = None
+) -> tuple[list[int], int]:
+    """Offsets of one array of ``shape`` (``n`` samples, default ``shape[0]``) per
+    dtype, one after another, each aligned; and the bytes they span."""
+    n = shape[0] if n is None else n
+    offsets, end = [], 0
+    for dtype in dtypes:
+        end = -(-end // _PACK_ALIGN) * _PACK_ALIGN
+        offsets.append(end)
+        end += n * math.prod(shape[1:]) * np.dtype(dtype).itemsize
+    return offsets, end
+
+
+def packed_nbytes(
+    shape: tuple[int, ...], dtypes: tuple[np.dtype, ...], n: int | None = None
+) -> int:
+    """Bytes a slot needs for one array of ``shape`` per dtype (``n`` samples)."""
+    return _packed_offsets(shape, dtypes, n)[1]
+
+
+def packed_views(buffer: Any, shape: tuple[int, ...], dtypes: tuple[np.dtype, ...]) -> list:
+    """One C-contiguous array of ``shape`` per dtype, packed in a ``uint8`` buffer."""
+    offsets, _ = _packed_offsets(shape, dtypes)
+    return [
+        view(buffer[offset:], shape, dtype) for offset, dtype in zip(offsets, dtypes, strict=True)
+    ]
+
+
 class FedArray:
     """A ring buffer's batch as DALI's GPU external source takes it: the CUDA
     array interface of ``array`` taken while the feed stream was current, so it
@@ -357,11 +389,12 @@ def _load_on_device(
     taken: list[Slot] = []
     waited: list[Slot] = []
 
-    def out_for(shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        per_sample = math.prod(shape[1:]) * np.dtype(dtype).itemsize
-        slot = ring.acquire(shape[0] * per_sample, batch_size * per_sample)
+    def out_for(shape: tuple[int, ...], *dtypes: np.dtype) -> Any:
+        # One array of `shape` per dtype (the batch, and its mask), all in one slot.
+        slot = ring.acquire(packed_nbytes(shape, dtypes), packed_nbytes(shape, dtypes, batch_size))
         taken.append(slot)
-        return view(slot.buffer, shape, dtype)
+        arrays = packed_views(slot.buffer, shape, dtypes)
+        return arrays[0] if len(arrays) == 1 else arrays
 
     def before_write() -> None:
         # DALI's copy of the slot's previous batch: waited for just before the

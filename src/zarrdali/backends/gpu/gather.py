@@ -10,7 +10,9 @@ compiles them once per backend (:class:`Kernels`, NVRTC through
   GPU chunk cache's arena;
 * :func:`launch_gather`: the batch ``[B, T, C, H, W]`` from the decoded chunks,
   one launch, from the four gather tables of
-  :func:`~zarrdali.backends.gpu.plan.gather_tables` (uploaded once per batch).
+  :func:`~zarrdali.backends.gpu.plan.gather_tables` (uploaded once per batch);
+  with a :class:`~zarrdali.backends.gpu.plan.GatherFinish`, finished in float32
+  (normalized, missing values filled) and its mask written in the same launch.
 
 Both return the device arrays they uploaded, which the caller keeps alive
 until the stream has passed the launch.
@@ -30,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from .kernels import PACK_SOURCE, THREADS, gather_source, grid_y
-from .plan import GatherTables
+from .kernels import PACK_SOURCE, THREADS, finish_source, gather_source, grid_y
+from .plan import GatherFinish, GatherTables
 
 
 class Kernels:
@@ -39,14 +41,14 @@ class Kernels:
 
     def __init__(self, cp: Any) -> None:
         self._cp = cp
-        self._kernels: dict[str, Any] = {}
+        self._kernels: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
     def get(self, name: str, source: str) -> Any:
         with self._lock:
-            kernel = self._kernels.get(source)
+            kernel = self._kernels.get((name, source))
             if kernel is None:
-                kernel = self._kernels[source] = self._cp.RawKernel(source, name)
+                kernel = self._kernels[(name, source)] = self._cp.RawKernel(source, name)
         return kernel
 
     def clear(self) -> None:
@@ -73,19 +75,40 @@ def launch_copies(kernels: Kernels, src: Any, dst: Any, jobs: np.ndarray, upload
 
 
 def launch_gather(
-    kernels: Kernels, gather: GatherTables, decoded: Any, out: Any, upload: Upload
+    kernels: Kernels,
+    gather: GatherTables,
+    decoded: Any,
+    out: Any,
+    upload: Upload,
+    finish: GatherFinish | None = None,
+    mask: Any = None,
 ) -> list[Any]:
-    """The gather kernel over ``gather``'s tables into ``out``; the uploaded tables."""
+    """The gather kernel over ``gather``'s tables into ``out``; the uploaded tables.
+
+    With ``finish``, the finishing kernel: ``out`` float32, and with
+    ``finish.masks`` the uint8 ``mask`` (same shape) written in the same pass."""
     if not gather.n_tiles:
         return []
     tables = [upload(np.ascontiguousarray(a)) for a in gather.arrays]
     _, n_l, n_y, n_x = gather.tile_chunks.shape
     h, w = gather.out_shape[-2:]
-    kernel = kernels.get("zarrdali_gather", gather_source(gather.out_dtype))
-    sizes = (gather.n_tiles, n_l, n_y, n_x, h, w)
-    kernel(
-        (gather.n_tiles, grid_y(gather.max_tile_elements)),
-        (THREADS,),
-        (decoded, *tables, *(np.int32(n) for n in sizes), out),
+    sizes = tuple(np.int32(n) for n in (gather.n_tiles, n_l, n_y, n_x, h, w))
+    grid = (gather.n_tiles, grid_y(gather.max_tile_elements))
+    if finish is None:
+        kernel = kernels.get("zarrdali_gather", gather_source(gather.out_dtype))
+        kernel(grid, (THREADS,), (decoded, *tables, *sizes, out))
+        return tables
+    if finish.masks and mask is None:
+        raise ValueError("a finish with masks needs the mask array")
+    extra = [upload(np.ascontiguousarray(a)) for a in finish.arrays]
+    kernel = kernels.get("zarrdali_gather_finish", finish_source())
+    flags = (
+        np.int32(finish.normalize),
+        np.int32(finish.nan_fill is not None),
+        np.float32(0.0 if finish.nan_fill is None else finish.nan_fill),
+        np.int32(finish.masks),
     )
-    return tables
+    # without masks the kernel never writes through its mask pointer: any array will do
+    target = mask if finish.masks else out
+    kernel(grid, (THREADS,), (decoded, *tables, *extra, *sizes, *flags, out, target))
+    return tables + extra

@@ -12,6 +12,11 @@ Header-free C++: NVRTC compiles them without the CUDA runtime headers.
   loads it with a byte swap for big-endian chunks, casts it to the batch dtype,
   or writes the fill value where the chunk is missing.
   :func:`zarrdali.backends.gpu.plan.gather_reference` is its numpy twin.
+* ``zarrdali_gather_finish``: the same gather, finishing each element in the
+  same pass as the CPU path does where pieces land (float32 cast, ``(x - mean)
+  / std``, the missing-value check of :mod:`zarrdali.missing`, ``nan_fill``)
+  and writing the uint8 mask beside it (``finish_source``; the loader's
+  batches on the GPU path). ``gather_reference(..., finish)`` is its twin.
 """
 
 from __future__ import annotations
@@ -98,6 +103,27 @@ __device__ __forceinline__ out_t zd_load(const unsigned char* p, const int code,
 #define VAR_SWAP {VAR_SWAP}
 #define VAR_ITEMSIZE {VAR_ITEMSIZE}
 #define VAR_FILL {VAR_FILL}
+#define N_FIN_FIELDS {N_FIN_FIELDS}
+#define FIN_FILL {FIN_FILL}
+#define FIN_N_MISSING {FIN_N_MISSING}
+#define FIN_MISSING0 {FIN_MISSING0}
+
+// Element i = (level, y, x) of a tile whose first element is (y0, x0), at time
+// t in its chunks: its cell in the tile's row of tile_chunks, its element
+// offset inside the chunk, and r = y * w + x.
+__device__ __forceinline__ void zd_element(const long long i, const int hw, const int w,
+                                           const int y0, const int x0, const int t,
+                                           const int cl, const int cy, const int cx,
+                                           const int n_y, const int n_x, int* level,
+                                           int* r, int* cell, long long* src) {
+    *level = (int)(i / hw);
+    *r = (int)(i - (long long)*level * hw);
+    const int y = *r / w;
+    const int x = *r - y * w;
+    const int yy = y0 + y, xx = x0 + x;
+    *cell = ((*level / cl) * n_y + (yy / cy - y0 / cy)) * n_x + (xx / cx - x0 / cx);
+    *src = (((long long)t * cl + *level % cl) * cy + yy % cy) * cx + xx % cx;
+}
 
 // One block row (blockIdx.x) per tile j; blockIdx.y and the threads stride over
 // its elements i = (level, y, x) in [0, levels * H * W). The element is in chunk
@@ -133,22 +159,114 @@ extern "C" __global__ void zarrdali_gather(const unsigned char* __restrict__ dec
     const long long total = var[VAR_LEVELS] * hw;
     for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.y * blockDim.x) {
-        const int level = (int)(i / hw);
-        const int r = (int)(i - (long long)level * hw);
-        const int y = r / w;
-        const int x = r - y * w;
-        const int yy = y0 + y, xx = x0 + x;
-        const int chunk =
-            chunks[((level / cl) * n_y + (yy / cy - y0 / cy)) * n_x + (xx / cx - x0 / cx)];
-        const long long slot = chunk_slots[chunk];
+        int level, r, cell;
+        long long src;
+        zd_element(i, hw, w, y0, x0, t, cl, cy, cx, n_y, n_x, &level, &r, &cell, &src);
+        const long long slot = chunk_slots[chunks[cell]];
         const long long o = out0 + (long long)(channel0 + level) * hw + r;
         if (slot < 0) {  // missing chunk
             out[o] = fill.value;
             continue;
         }
-        const long long src =
-            (((long long)t * cl + level % cl) * cy + yy % cy) * cx + xx % cx;
         out[o] = zd_load(decoded + slot + src * item, code, swap);
+    }
+}
+"""
+
+_FINISH_SOURCE = r"""
+// The element at p (dtype `code`, bytes swapped when `swap`), zero-extended bits.
+__device__ __forceinline__ unsigned long long zd_bits(const unsigned char* p, const int item,
+                                                      const bool swap) {
+    switch (item) {
+    case 1: return *p;
+    case 2: { unsigned short u = *(const unsigned short*)p; return swap ? zd_bswap16(u) : u; }
+    case 4: { unsigned int u = *(const unsigned int*)p; return swap ? zd_bswap32(u) : u; }
+    }
+    const unsigned long long u = *(const unsigned long long*)p;
+    return swap ? zd_bswap64(u) : u;
+}
+
+// Whether the element at p is not data: NaN, or equal to one of the variable's
+// missing values (fin[FIN_MISSING0..], bits of its dtype), compared as that
+// dtype: floats by value (-0.0 equals 0.0), integers by their bits.
+__device__ __forceinline__ bool zd_invalid(const unsigned char* p, const int code,
+                                           const int item, const bool swap,
+                                           const long long* fin) {
+    const unsigned long long bits = zd_bits(p, item, swap);
+    const int n = (int)fin[FIN_N_MISSING];
+    bool bad = false;
+    if (code == 8) {
+        const float v = __uint_as_float((unsigned int)bits);
+        bad = v != v;
+        for (int m = 0; m < n; ++m)
+            bad = bad || v == __uint_as_float((unsigned int)fin[FIN_MISSING0 + m]);
+    } else if (code == 9) {
+        const double v = __longlong_as_double((long long)bits);
+        bad = v != v;
+        for (int m = 0; m < n; ++m)
+            bad = bad || v == __longlong_as_double(fin[FIN_MISSING0 + m]);
+    } else {
+        for (int m = 0; m < n; ++m)
+            bad = bad || bits == (unsigned long long)fin[FIN_MISSING0 + m];
+    }
+    return bad;
+}
+
+// The gather of zarrdali_gather, finishing each element as the CPU path does
+// (backends/finish.py): cast to float, (x - mean[c]) / std[c] in float when
+// `normalize`, an invalid value (zd_invalid) replaced by `nan_fill` when
+// `fill_missing`, and when `write_mask` mask = 1 where valid, 0 where not. A
+// missing chunk holds the fill value (fin[FIN_FILL]), finished the same way.
+// stats: [C, 2] (mean, std); finish: [V, N_FIN_FIELDS].
+extern "C" __global__ void zarrdali_gather_finish(const unsigned char* __restrict__ decoded,
+                                                  const long long* __restrict__ tiles,
+                                                  const int* __restrict__ tile_chunks,
+                                                  const long long* __restrict__ chunk_slots,
+                                                  const long long* __restrict__ variables,
+                                                  const long long* __restrict__ finish,
+                                                  const float* __restrict__ stats,
+                                                  const int n_tiles,
+                                                  const int n_l, const int n_y, const int n_x,
+                                                  const int h, const int w,
+                                                  const int normalize, const int fill_missing,
+                                                  const float nan_fill, const int write_mask,
+                                                  float* __restrict__ out,
+                                                  unsigned char* mask) {
+    const int j = blockIdx.x;
+    if (j >= n_tiles) return;
+    const long long* tile = tiles + (long long)j * N_TILE_FIELDS;
+    const long long* var = variables + tile[TILE_VAR] * N_VAR_FIELDS;
+    const long long* fin = finish + tile[TILE_VAR] * N_FIN_FIELDS;
+    const int t = (int)tile[TILE_T];
+    const int y0 = (int)tile[TILE_Y0];
+    const int x0 = (int)tile[TILE_X0];
+    const long long out0 = tile[TILE_OUT0];
+    const int cl = (int)var[VAR_CL], cy = (int)var[VAR_CY], cx = (int)var[VAR_CX];
+    const int channel0 = (int)var[VAR_CHANNEL0];
+    const int code = (int)var[VAR_CODE];
+    const bool swap = var[VAR_SWAP] != 0;
+    const int item = (int)var[VAR_ITEMSIZE];
+    const unsigned char* fill = (const unsigned char*)(fin + FIN_FILL);  // native order
+    const int* chunks = tile_chunks + (long long)j * n_l * n_y * n_x;
+    const int hw = h * w;
+    const long long total = var[VAR_LEVELS] * hw;
+    for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.y * blockDim.x) {
+        int level, r, cell;
+        long long src;
+        zd_element(i, hw, w, y0, x0, t, cl, cy, cx, n_y, n_x, &level, &r, &cell, &src);
+        const long long slot = chunk_slots[chunks[cell]];
+        const int c = channel0 + level;
+        const long long o = out0 + (long long)c * hw + r;
+        const bool missing = slot < 0;
+        const unsigned char* p = missing ? fill : decoded + slot + src * item;
+        const bool sw = missing ? false : swap;
+        float v = zd_load(p, code, sw);
+        const bool bad = zd_invalid(p, code, item, sw, fin);
+        if (normalize) v = (v - stats[2 * c]) / stats[2 * c + 1];
+        if (fill_missing && bad) v = nan_fill;
+        out[o] = v;
+        if (write_mask) mask[o] = bad ? 0 : 1;
     }
 }
 """
@@ -156,7 +274,7 @@ extern "C" __global__ void zarrdali_gather(const unsigned char* __restrict__ dec
 _COLUMNS = {
     name: getattr(gpu_plan, name)
     for name in dir(gpu_plan)
-    if name.startswith(("TILE_", "VAR_", "N_TILE_", "N_VAR_"))
+    if name.startswith(("TILE_", "VAR_", "N_TILE_", "N_VAR_", "FIN_", "N_FIN_"))
 }
 
 
@@ -172,6 +290,12 @@ def gather_source(out_dtype: np.dtype) -> str:
     for name, value in _COLUMNS.items():
         source = source.replace("{" + name + "}", str(value))
     return source
+
+
+def finish_source() -> str:
+    """CUDA source of the finishing gather kernel (``zarrdali_gather_finish``,
+    float32 output, with ``zarrdali_gather`` for float32 beside it)."""
+    return gather_source(np.dtype(np.float32)) + _FINISH_SOURCE
 
 
 def grid_y(max_items: int) -> int:

@@ -31,14 +31,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ...batchplan import BatchPlan, channel_offsets, chunk_shape4
 from ...codecs import ChunkCodec
 from ...errors import ChunkError
+from ...missing import MAX_MISSING
 from ...store import ArrayLayout
 from ..base import batch_dtype
+from ..finish import Finish
 from ..locate import ChunkLocations
 from ..ranges import coalesce_arrays
 
@@ -81,6 +84,13 @@ VAR_SWAP = 6  # 1: decoded bytes are big-endian, swap them while loading
 VAR_ITEMSIZE = 7  # bytes per decoded element
 VAR_FILL = 8  # fill value bits in the output dtype (little-endian, zero-padded)
 N_VAR_FIELDS = 9
+
+# Columns of the finishing gather's per-variable table (GatherFinish.variables):
+# bits (little-endian, zero-padded) of values in the variable's decoded dtype.
+FIN_FILL = 0  # its fill value: what a missing chunk holds
+FIN_N_MISSING = 1  # how many missing values follow
+FIN_MISSING0 = 2  # the first of up to MAX_MISSING missing values
+N_FIN_FIELDS = FIN_MISSING0 + MAX_MISSING
 
 _NO_ROWS = np.empty(0, dtype=np.int64)
 MISSING_SLOT = -1  # chunk slot of a chunk that does not exist: the kernel writes the fill
@@ -140,6 +150,14 @@ def fill_bits(fill_value: object, source: np.dtype, out: np.dtype) -> int:
     value = np.array(fill_value, dtype=np.dtype(source).newbyteorder("=")).astype(out)
     raw = value.astype(np.dtype(out).newbyteorder("<")).tobytes().ljust(8, b"\0")
     return int(np.frombuffer(raw, dtype="<i8")[0])
+
+
+def _value_bits(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``values`` of ``dtype`` as signed int64s holding their little-endian bytes,
+    zero-padded (what the kernel's zero-extended loads compare with)."""
+    little = np.asarray(values, dtype=np.dtype(dtype).newbyteorder("<"))
+    raw = b"".join(v.tobytes().ljust(8, b"\0") for v in little.reshape(-1))
+    return np.frombuffer(raw, dtype="<i8").astype(np.int64)
 
 
 def decoding_of(layout: ArrayLayout) -> int:
@@ -307,6 +325,64 @@ class GatherTables:
         """Elements of the largest tile (its variable's levels times H times W)."""
         h, w = self.out_shape[-2:]
         return int(self.variables[:, VAR_LEVELS].max(initial=0)) * h * w
+
+
+@dataclass(frozen=True, eq=False)
+class GatherFinish:
+    """What the finishing gather kernel (``zarrdali_gather_finish``) reads
+    besides the gather tables: it writes the batch in float32, normalized
+    (``normalize``: ``(x - stats[c, 0]) / stats[c, 1]`` in float32), missing
+    values (NaN, or one of ``variables``' missing values, compared in the
+    decoded dtype) replaced by ``nan_fill`` where given, and with ``masks`` a
+    uint8 mask, 1 where the value is valid. ``variables``: ``[V,
+    N_FIN_FIELDS]`` int64 (FIN_* columns)."""
+
+    variables: np.ndarray
+    stats: np.ndarray  # [C, 2] float32: mean, std
+    normalize: bool
+    nan_fill: float | None
+    masks: bool
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The arrays uploaded to the device, in the kernel's argument order."""
+        return (self.variables, self.stats)
+
+
+def decoded_dtype(layout: ArrayLayout) -> np.dtype:
+    """The dtype of a chunk of ``layout`` as the decoded buffer holds it (stored
+    byte order; zarr-python's fallback hands back native order)."""
+    return layout.dtype if not layout.fast_path else layout.codec.stored_dtype(layout.dtype)
+
+
+def finish_tables(layouts: Sequence[ArrayLayout], finish: Finish, masks: bool) -> GatherFinish:
+    """The finishing kernel's inputs for ``finish`` (its statistics, ``nan_fill``
+    and per-channel missing values; no flags: DALI augments on the GPU path)."""
+    if finish.flags is not None:
+        raise ValueError("the GPU gather does not augment: finish without flags")
+    channels = sum(layout.n_levels for layout in layouts)
+    table = np.zeros((len(layouts), N_FIN_FIELDS), dtype=np.int64)
+    for v, (layout, c) in enumerate(zip(layouts, channel_offsets(layouts), strict=True)):
+        stored = decoded_dtype(layout).newbyteorder("=")
+        table[v, FIN_FILL] = _value_bits(np.array(layout.fill_value, dtype=stored), stored)[0]
+        if finish.missing is not None:
+            values = np.asarray(finish.missing[c])
+            if len(values) > MAX_MISSING:
+                raise ValueError(f"at most {MAX_MISSING} missing values per variable")
+            table[v, FIN_N_MISSING] = len(values)
+            bits = _value_bits(values.astype(stored), stored)
+            table[v, FIN_MISSING0 : FIN_MISSING0 + len(bits)] = bits
+    stats = np.zeros((channels, 2), dtype=np.float32)
+    stats[:, 1] = 1
+    if finish.normalizes:
+        stats[:, 0], stats[:, 1] = finish.mean, finish.std
+    return GatherFinish(
+        variables=table,
+        stats=np.ascontiguousarray(stats),
+        normalize=finish.normalizes,
+        nan_fill=finish.nan_fill,
+        masks=masks and finish.missing is not None,
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -659,7 +735,9 @@ def _fill_value(bits: int, out_dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.dtype(out_dtype).newbyteorder("<"))[0]
 
 
-def gather_reference(decoded: np.ndarray, gather: GatherTables) -> np.ndarray:
+def gather_reference(
+    decoded: np.ndarray, gather: GatherTables, finish: GatherFinish | None = None
+) -> Any:
     """What the gather kernel computes, in numpy (the CPU oracle of the tables).
 
     ``decoded`` is the uint8 decoded buffer. Every element of every tile takes
@@ -668,12 +746,20 @@ def gather_reference(decoded: np.ndarray, gather: GatherTables) -> np.ndarray:
     the chunk's slot, and it is loaded with the kernel's byte swap and C cast,
     or set to the fill bits when the chunk is missing. Checks that every output
     element is written exactly once.
+
+    With ``finish``, what ``zarrdali_gather_finish`` computes: float32
+    ``(float(x) - mean) / std`` of the decoded value ``x`` (a missing chunk's
+    is its fill value), invalid values (NaN or one of the variable's missing
+    values, compared in the decoded dtype) replaced by ``nan_fill``; returns
+    ``(out, mask)`` (mask uint8, None without ``finish.masks``).
     """
     tiles, var_table = gather.tiles, gather.variables
     n_tiles, n_l, n_y, n_x = gather.tile_chunks.shape
     h, w = gather.out_shape[-2:]
     hw = h * w
-    out = np.zeros(int(np.prod(gather.out_shape)), dtype=gather.out_dtype)
+    out_dtype = np.dtype(np.float32) if finish is not None else gather.out_dtype
+    out = np.zeros(int(np.prod(gather.out_shape)), dtype=out_dtype)
+    mask = np.zeros(out.size, dtype=np.uint8) if finish is not None and finish.masks else None
     var = var_table[tiles[:, TILE_VAR]]
     # Element i of tile j, for i < levels * H * W of its variable.
     totals = var[:, VAR_LEVELS] * hw
@@ -692,25 +778,49 @@ def gather_reference(decoded: np.ndarray, gather: GatherTables) -> np.ndarray:
     if np.any(chunk < 0):
         raise ValueError("an element's tile_chunks entry is -1")
     slot = gather.chunk_slots[chunk]
-    o = tiles[j, TILE_OUT0] + (var[j, VAR_CHANNEL0] + level) * hw + r
+    channel = var[j, VAR_CHANNEL0] + level
+    o = tiles[j, TILE_OUT0] + channel * hw + r
     src = ((t * cl + level % cl) * cy + yy % cy) * cx + xx % cx
 
     for v in np.unique(tiles[:, TILE_VAR]).tolist():
         row = var_table[v]
         mine = tiles[j, TILE_VAR] == v
-        missing = mine & (slot == MISSING_SLOT)
-        out[o[missing]] = _fill_value(row[VAR_FILL], gather.out_dtype)
-        load = np.flatnonzero(mine & (slot != MISSING_SLOT))
         item = int(row[VAR_ITEMSIZE])
         dtype = _CODE_DTYPES[int(row[VAR_CODE])]
         if row[VAR_SWAP]:
             dtype = dtype.newbyteorder(">")
         if dtype.itemsize != item:
             raise ValueError(f"variable {v}: itemsize {item} is not that of code {row[VAR_CODE]}")
+        missing = np.flatnonzero(mine & (slot == MISSING_SLOT))
+        load = np.flatnonzero(mine & (slot != MISSING_SLOT))
         addr = slot[load] + src[load] * item
         raw = decoded[addr[:, None] + np.arange(item)].reshape(-1)
-        out[o[load]] = np.frombuffer(raw.tobytes(), dtype=dtype).astype(gather.out_dtype)
+        values = np.frombuffer(raw.tobytes(), dtype=dtype)
+        if finish is None:
+            out[o[missing]] = _fill_value(row[VAR_FILL], gather.out_dtype)
+            out[o[load]] = values.astype(gather.out_dtype)
+            continue
+        fin = finish.variables[v]
+        native = dtype.newbyteorder("=")
+        fill = _fill_value(fin[FIN_FILL], native)
+        stored = np.empty(len(missing) + len(load), dtype=native)  # missing, then loaded
+        stored[: len(missing)], stored[len(missing) :] = fill, values
+        where = np.concatenate([o[missing], o[load]])
+        c = np.concatenate([channel[missing], channel[load]])
+        bad = np.isnan(stored) if native.kind == "f" else np.zeros(len(stored), dtype=bool)
+        for m in range(int(fin[FIN_N_MISSING])):
+            bad |= stored == _fill_value(fin[FIN_MISSING0 + m], native)
+        value = stored.astype(np.float32)
+        if finish.normalize:
+            value = (value - finish.stats[c, 0]) / finish.stats[c, 1]
+        if finish.nan_fill is not None:
+            value[bad] = np.float32(finish.nan_fill)
+        out[where] = value
+        if mask is not None:
+            mask[where] = ~bad
     writes = np.bincount(o, minlength=out.size)
     if len(writes) != out.size or np.any(writes != 1):
         raise ValueError("the gather tables do not write every output element exactly once")
-    return out.reshape(gather.out_shape)
+    if finish is None:
+        return out.reshape(gather.out_shape)
+    return out.reshape(gather.out_shape), None if mask is None else mask.reshape(gather.out_shape)
