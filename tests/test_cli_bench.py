@@ -69,7 +69,7 @@ def test_sample_data_is_deterministic(tmp_path):
 CPU_LOADERS = (
     "zarrdali-cpu",
     "zarrdali-cpu-whole",
-    "zarrdali-cpu-static",
+    "zarrdali-cpu-options",
     "zarrdali-cpu-threads",
     "zarrdali-cpu-1worker",
     "file-ceiling",
@@ -159,7 +159,7 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
         assert any("reused contexts" in name for name in payload["ratios"])
     notes = {(r["store_label"], r["loader"]): r["summary"]["note"] for r in rows}
     assert "partial decode" not in notes[("plain", "zarrdali-cpu-whole")]
-    assert any("+ static fields / zarrdali[cpu]" in name for name in payload["ratios"])
+    assert any("+ static, masks, nan_fill / zarrdali[cpu] (CPU" in n for n in payload["ratios"])
     assert any("xbatcher" in name for name in payload["ratios"])
     assert any("/ numcodecs ceiling from files" in name for name in payload["ratios"])
     assert any("/ zarrdali[cpu] 1 worker" in name for name in payload["ratios"])

@@ -5,8 +5,8 @@ batches every rank served. Resumed at another world size, the new ranks serve
 the rest of that epoch once, in equally many batches each, deterministically;
 later epochs are whole epochs at the new world size. Checked on the plan
 (hypothesis, chains of world sizes) and end to end on loaders (2 -> 3 and
-4 -> 1 ranks mid-epoch, in-process and in DALI worker processes), plus the
-refusal of states saved for other samples.
+4 -> 1 ranks mid-epoch, in-process and in worker processes, augmentation draws
+numbered through the epoch), plus the refusal of states saved for other samples.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def test_resume_at_another_world_size_serves_the_rest_once(store, old, new, stop
 
 
 def test_resumed_twice_and_in_worker_processes(store):
-    """2 ranks -> 3 ranks -> 1 rank (the last reading in DALI worker processes)."""
+    """2 ranks -> 3 ranks -> 1 rank (the last reading in worker processes)."""
     full, _ = _run_ranks(store, 2, 1)
     everything = {s for rank in full for s in _indexes(rank)}
     first, state = _run_ranks(store, 2, 1, stop_after=4)
@@ -273,3 +273,24 @@ def test_state_without_fingerprint_still_loads(store):
         pytest.raises(ConfigError, match="seed=5"),
     ):
         loader.load_state_dict(old)
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "workers"])
+def test_augmentation_draws_continue_through_the_resumed_epoch(store, workers):
+    """Batch k of the rest of an epoch resumed after ``s`` batches per rank draws
+    its flips and turns as batch ``s + k`` of the epoch, and its frames (cut in
+    the ring by workers or threads) are the oracle's with those flags."""
+    from zarrdali.pipeline import apply_augmentations, draw_augmentations
+
+    augment = ("flip", "rot90")
+    _, state = _run_ranks(store, 2, 1, stop_after=3, augment=augment)
+    tail, _ = _run_ranks(store, 3, 1, state=state, augment=augment, workers=workers)
+    oracle = Oracle(store, ["x"])
+    for rank in tail:
+        for k, batch in enumerate(rank):
+            want = draw_augmentations(augment, len(batch["index"]), KW["seed"], 1, 3 + k)
+            np.testing.assert_array_equal(batch["augment"], want)
+            for i, (t0, y0, x0) in enumerate(batch["index"].tolist()):
+                window = apply_augmentations(oracle.window(t0, y0, x0, 3, 1, (8, 8)), want[i])
+                got = np.concatenate([batch["input"][i], batch["target"][i]])
+                np.testing.assert_array_equal(got, window)

@@ -65,3 +65,42 @@ def test_a_slot_given_back_twice_is_an_error():
     with pytest.raises(ValueError, match="not taken"):
         ring.give_back(slot)
     ring.close()
+
+
+def _shared_sum(shared, conn) -> None:
+    try:
+        conn.send((float(shared.array.sum()), shared.array.shape, shared.attached))
+    finally:
+        shared.close()
+        conn.close()
+
+
+def test_a_shared_array_is_mapped_by_spawned_processes_not_copied():
+    """The CPU path's static fields: one copy in shared memory, each worker
+    process maps it (the descriptor travels at spawn, not the values)."""
+    import multiprocessing
+    import pickle
+
+    from zarrdali.hostring import SharedArray
+
+    field = np.arange(3 * 50 * 70, dtype=np.float32).reshape(3, 50, 70)
+    shared = SharedArray.of(field)
+    try:
+        assert not shared.attached
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_shared_sum, args=(shared, child))
+        proc.start()
+        child.close()
+        assert parent.poll(60)
+        total, shape, attached = parent.recv()
+        proc.join(30)
+        assert proc.exitcode == 0
+        assert total == float(field.sum()) and shape == field.shape and attached
+        with pytest.raises(RuntimeError):  # outside a spawn, nothing can carry the descriptor
+            pickle.dumps(shared)
+        np.testing.assert_array_equal(shared.array, field)
+    finally:
+        shared.close()
+    assert shared.fd == -1
+    shared.close()  # idempotent

@@ -1,7 +1,7 @@
 """Static fields (``batch["static"]``) and timestamps (``batch["time"]``) against
 the oracle: zarr-python reading the static arrays and xarray decoding the time
 coordinate, at ``batch["index"]``, with and without flips and quarter turns,
-plain and sharded stores, in-process and in DALI worker processes; the GPU
+plain and sharded stores, in-process and in worker processes; the GPU
 path's device cut against the host cut on the CPU stand-in of CuPy; and the
 constructor's errors.
 """

@@ -170,10 +170,12 @@ class SharedArray:
         return self._array
 
     def __reduce__(self):
-        from multiprocessing import reduction
+        from multiprocessing import context, reduction
 
         if self.fd < 0:
             raise RuntimeError("a closed shared array cannot be sent")
+        if context.get_spawning_popen() is None:  # else DupFd would start a fd server
+            raise RuntimeError("a shared array is sent only to a process being spawned")
         return _attach_shared, (reduction.DupFd(self.fd), self.shape, self.dtype.str)
 
     def close(self) -> None:

@@ -176,6 +176,14 @@ class ZarrLoader:
     since 1970-01-01, CF-decoded as xarray decodes it (``time=False``: left
     out; ``True``: required). :meth:`load_state_dict` also resumes a state
     saved at another world size.
+
+    Missing values (NaN, or a variable's CF ``_FillValue``/``missing_value``,
+    compared in its stored dtype; see :mod:`zarrdali.missing`):
+    ``nan_fill`` replaces them in input and target after normalization;
+    ``masks=True`` serves ``batch["input_mask"]`` and ``batch["target_mask"]``,
+    bool, shaped like the frames, True where the value is valid. Both paths
+    compute them in the pass that casts and normalizes (CPU: as pieces land;
+    GPU: in the gather kernel), bit for bit alike.
     """
 
     def __init__(

@@ -65,7 +65,7 @@ class BatchSource:
     ``extras``: further outputs computed per batch from the samples and flags
     (``extra(samples, flags) -> array``; ``flags`` None without
     augmentations), after the flags: static tiles, timestamps. They run where
-    the source runs (a DALI worker process too) and are host arrays.
+    the source runs and are host arrays.
     ``device_extras`` are the same for the GPU pipeline's device source: they
     follow the frames out of :meth:`frames_only`, as device arrays.
     """

@@ -149,8 +149,8 @@ class StaticFields:
 @dataclass(frozen=True)
 class StaticTiles:
     """A batch output (see :class:`~zarrdali.pipeline.BatchSource`): the static
-    tiles of a batch's samples, cut on the host. Picklable, for DALI's worker
-    processes (the field travels with it)."""
+    tiles of a batch's samples, cut on the host (a DALI pipeline on the CPU; the
+    CPU path cuts them into its ring: :class:`RingStaticTiles`)."""
 
     static: StaticFields
     tile_hw: tuple[int, int]

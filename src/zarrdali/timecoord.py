@@ -107,8 +107,8 @@ def read_time_coordinate(
 @dataclass(frozen=True)
 class FrameTimes:
     """A batch output (see :class:`~zarrdali.pipeline.BatchSource`): int64
-    ``[B, input_steps + target_steps]``, the time of each frame of each sample.
-    Picklable, for DALI's worker processes."""
+    ``[B, input_steps + target_steps]``, the time of each frame of each sample
+    (a per-batch gather, in the training process on both paths)."""
 
     times: np.ndarray  # [n_time] int64 ns
     offsets: np.ndarray  # [n_frames]: store steps from t0 to each frame

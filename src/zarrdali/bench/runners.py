@@ -189,14 +189,16 @@ def zarrdali_runner(
     partial_decode: bool = True,
     static: Sequence[str] = (),
     workers: int | None = None,
+    **options: Any,
 ) -> Runner:
     """zarrdali end to end: plan, read, decode, assemble (and on the GPU, DALI),
     torch tensors.
 
     ``partial_decode=False`` decodes every chunk whole, as the decode ceilings do;
     ``workers`` overrides the loader's default worker processes. ``static``:
-    static fields served too (``batch["static"]``): the cost of that option
-    (their normalization, once when the loader is built, is not timed).
+    static fields served too (``batch["static"]``; their normalization, once
+    when the loader is built, is not timed); ``options``: other loader options
+    (``masks``, ``nan_fill``), to measure what they cost.
     """
     # Remote stores: in-process (threads; fetching is async), so the request counts
     # of the byte source are this process's to report.
@@ -204,6 +206,7 @@ def zarrdali_runner(
     if static:
         _require_static(spec, static)
         kw["static"] = list(static)
+    kw.update(options)
     loader = _zarrdali_loader(spec, device, partial_decode=partial_decode, **kw)
     note = f"{loader.workers} worker process(es)" if loader.workers else "in-process"
     ready = None
