@@ -386,7 +386,7 @@ static inline double __longlong_as_double(long long u) {
 }
 """
 
-_HOST_MAIN = r"""
+_HOST_LOAD = r"""
 template <typename T> static std::vector<T> load(const char* path) {
     FILE* f = std::fopen(path, "rb");
     if (!f) { std::perror(path); std::exit(2); }
@@ -399,6 +399,11 @@ template <typename T> static std::vector<T> load(const char* path) {
     return v;
 }
 
+"""
+
+_HOST_MAIN = (
+    _HOST_LOAD
+    + r"""
 // argv: directory, n_tiles, n_l, n_y, n_x, h, w, out_size, grid_y, threads
 int main(int argc, char** argv) {
     if (argc != 11) return 1;
@@ -429,6 +434,7 @@ int main(int argc, char** argv) {
     return 0;
 }
 """
+)
 
 
 @pytest.fixture(scope="module")

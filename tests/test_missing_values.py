@@ -33,7 +33,7 @@ import zarr
 
 import fakegpu
 from storefactory import VarSpec, add_coordinate, add_static, chunk_files, chunk_key, delete_chunks
-from test_gpu_backend import _HOST_SHIM, _described_batch
+from test_gpu_backend import _HOST_LOAD, _HOST_SHIM, NT, NX, NY, SAMPLES, _described_batch, _spec
 from test_loader_oracle import loader_for, run_epochs
 from test_static_time import StaticOracle, check_static_and_time, xarray_times
 from zarrdali import ConfigError
@@ -46,17 +46,7 @@ from zarrdali.missing import check_missing_options, variable_missing_values
 from zarrdali.pipeline import apply_augmentations
 from zarrdali.store import load_layouts, open_group
 
-NT, NY, NX = 12, 21, 33
 FILL16 = -32768
-SAMPLES = np.array(
-    [[0, 0, 0], [3, 13, 25], [5, 7, 5], [6, 13, 0], [1, 0, 25], [7, 5, 17]], dtype=np.int64
-)
-
-
-def _spec(name: str, **kw) -> VarSpec:
-    kw.setdefault("shape", (NT, NY, NX))
-    kw.setdefault("chunks", (2, 8, 8))
-    return VarSpec(name, **kw)
 
 
 def missing_store_specs(sharded: bool) -> list[VarSpec]:
@@ -104,19 +94,9 @@ CHANNEL_STATS = (
 
 
 # -- the finish itself: CPU pieces, the GPU kernel's twin, its source as host C++ -----------
-_HOST_FINISH_MAIN = r"""
-template <typename T> static std::vector<T> load(const char* path) {
-    FILE* f = std::fopen(path, "rb");
-    if (!f) { std::perror(path); std::exit(2); }
-    std::fseek(f, 0, SEEK_END);
-    long n = std::ftell(f);
-    std::fseek(f, 0, SEEK_SET);
-    std::vector<T> v(n / sizeof(T) + 1);
-    if (n && std::fread(v.data(), 1, n, f) != (size_t)n) std::exit(3);
-    std::fclose(f);
-    return v;
-}
-
+_HOST_FINISH_MAIN = (
+    _HOST_LOAD
+    + r"""
 // argv: directory, n_tiles, n_l, n_y, n_x, h, w, out_size, grid_y, threads,
 //       normalize, fill_missing, nan_fill, write_mask
 int main(int argc, char** argv) {
@@ -160,6 +140,7 @@ int main(int argc, char** argv) {
     return 0;
 }
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -360,6 +341,18 @@ class MaskOracle:
 LOADER_STATS = {**STATS, "lsm": (0.5, 2.0)}
 
 
+def _all_options(augment) -> dict:
+    return dict(
+        frame_step=2,
+        batch_size=16,
+        normalize=LOADER_STATS,
+        augment=augment,
+        static=["lsm"],
+        masks=True,
+        nan_fill=0.0,
+    )
+
+
 def check_missing(batches, oracle: MaskOracle, *, nan_fill, masks, stats, n_in=2, n_frames=3):
     mean, std = (np.asarray(s, np.float32).reshape(1, -1, 1, 1) for s in stats)
     n_invalid = 0
@@ -394,16 +387,7 @@ def check_missing(batches, oracle: MaskOracle, *, nan_fill, masks, stats, n_in=2
 def test_masks_fills_static_and_times_equal_the_oracles(make_store, sharded, augment, workers):
     store = make_missing_store(make_store, sharded)
     variables = ["sst", "ir", "q"]
-    kw = dict(
-        frame_step=2,
-        batch_size=16,
-        normalize=LOADER_STATS,
-        augment=augment,
-        static=["lsm"],
-        masks=True,
-        nan_fill=-3.0,
-        workers=workers,
-    )
+    kw = {**_all_options(augment), "nan_fill": -3.0, "workers": workers}
     with loader_for(store, variables, **kw) as loader:
         batches = run_epochs(loader, [0, 1])
     assert set(batches[0][0]) >= {"input_mask", "target_mask", "static", "time", "index"}
@@ -456,15 +440,7 @@ def test_gpu_path_on_the_stand_in_equals_the_cpu_path(make_store, monkeypatch, a
 
     store = make_missing_store(make_store, sharded=True)
     variables = ["sst", "ir", "q"]
-    kw = dict(
-        frame_step=2,
-        batch_size=16,
-        normalize=LOADER_STATS,
-        augment=augment,
-        static=["lsm"],
-        masks=True,
-        nan_fill=0.0,
-    )
+    kw = _all_options(augment)
     with loader_for(store, variables, **kw) as cpu_loader:
         want = run_epochs(cpu_loader, [0, 1])
     from zarrdali.backends.gpu import feed
@@ -494,15 +470,7 @@ def test_gpu_path_on_the_stand_in_equals_the_cpu_path(make_store, monkeypatch, a
 def test_cuda_masks_fills_static_and_times_equal_the_cpu_path(make_store, augment):
     store = make_missing_store(make_store, sharded=True)
     variables = ["sst", "ir", "q"]
-    kw = dict(
-        frame_step=2,
-        batch_size=16,
-        normalize=LOADER_STATS,
-        augment=augment,
-        static=["lsm"],
-        masks=True,
-        nan_fill=0.0,
-    )
+    kw = _all_options(augment)
     with loader_for(store, variables, device="cuda", **kw) as cuda_loader:
         first = next(iter(cuda_loader))
         assert first["input_mask"].is_cuda and first["input_mask"].dtype.is_floating_point is False

@@ -108,28 +108,69 @@ __device__ __forceinline__ out_t zd_load(const unsigned char* p, const int code,
 #define FIN_N_MISSING {FIN_N_MISSING}
 #define FIN_MISSING0 {FIN_MISSING0}
 
-// Element i = (level, y, x) of a tile whose first element is (y0, x0), at time
-// t in its chunks: its cell in the tile's row of tile_chunks, its element
-// offset inside the chunk, and r = y * w + x.
-__device__ __forceinline__ void zd_element(const long long i, const int hw, const int w,
-                                           const int y0, const int x0, const int t,
-                                           const int cl, const int cy, const int cx,
-                                           const int n_y, const int n_x, int* level,
-                                           int* r, int* cell, long long* src) {
-    *level = (int)(i / hw);
-    *r = (int)(i - (long long)*level * hw);
-    const int y = *r / w;
-    const int x = *r - y * w;
-    const int yy = y0 + y, xx = x0 + x;
-    *cell = ((*level / cl) * n_y + (yy / cy - y0 / cy)) * n_x + (xx / cx - x0 / cx);
-    *src = (((long long)t * cl + *level % cl) * cy + yy % cy) * cx + xx % cx;
+// What the elements of tile j share (the tile and variable table rows).
+struct zd_tile {
+    const long long* var;  // its variable's row
+    const int* chunks;     // its row of tile_chunks
+    long long v, out0, total, item;  // v: its variable
+    int t, y0, x0, cl, cy, cx, channel0, code, hw, w, n_y, n_x;
+    bool swap;
+};
+
+__device__ __forceinline__ zd_tile zd_tile_of(const long long* tiles,
+                                              const long long* variables,
+                                              const int* tile_chunks, const int j,
+                                              const int n_l, const int n_y, const int n_x,
+                                              const int h, const int w) {
+    zd_tile s;
+    const long long* tile = tiles + (long long)j * N_TILE_FIELDS;
+    s.v = tile[TILE_VAR];
+    s.var = variables + s.v * N_VAR_FIELDS;
+    s.chunks = tile_chunks + (long long)j * n_l * n_y * n_x;
+    s.t = (int)tile[TILE_T];
+    s.y0 = (int)tile[TILE_Y0];
+    s.x0 = (int)tile[TILE_X0];
+    s.out0 = tile[TILE_OUT0];
+    s.cl = (int)s.var[VAR_CL];
+    s.cy = (int)s.var[VAR_CY];
+    s.cx = (int)s.var[VAR_CX];
+    s.channel0 = (int)s.var[VAR_CHANNEL0];
+    s.code = (int)s.var[VAR_CODE];
+    s.swap = s.var[VAR_SWAP] != 0;
+    s.item = s.var[VAR_ITEMSIZE];
+    s.hw = h * w;
+    s.w = w;
+    s.n_y = n_y;
+    s.n_x = n_x;
+    s.total = s.var[VAR_LEVELS] * s.hw;
+    return s;
+}
+
+// Element i = (level, y, x) of tile `s`: the slot of its chunk (< 0: missing),
+// its element offset in the chunk (`src`), its channel and its output offset
+// (`o`). The element is in chunk tile_chunks[j, level / cl, (y0 + y) / cy -
+// y0 / cy, (x0 + x) / cx - x0 / cx], at (t, level % cl, (y0 + y) % cy,
+// (x0 + x) % cx) inside it, and goes to out[b, frame, channel0 + level, y, x]
+// (tile_out0 holds (b, frame)).
+__device__ __forceinline__ long long zd_element(const zd_tile& s,
+                                                const long long* chunk_slots,
+                                                const long long i, long long* src,
+                                                int* channel, long long* o) {
+    const int level = (int)(i / s.hw);
+    const int r = (int)(i - (long long)level * s.hw);
+    const int y = r / s.w;
+    const int x = r - y * s.w;
+    const int yy = s.y0 + y, xx = s.x0 + x;
+    const int cell = ((level / s.cl) * s.n_y + (yy / s.cy - s.y0 / s.cy)) * s.n_x
+                     + (xx / s.cx - s.x0 / s.cx);
+    *src = (((long long)s.t * s.cl + level % s.cl) * s.cy + yy % s.cy) * s.cx + xx % s.cx;
+    *channel = s.channel0 + level;
+    *o = s.out0 + (long long)*channel * s.hw + r;
+    return chunk_slots[s.chunks[cell]];
 }
 
 // One block row (blockIdx.x) per tile j; blockIdx.y and the threads stride over
-// its elements i = (level, y, x) in [0, levels * H * W). The element is in chunk
-// tile_chunks[j, level / cl, (y0 + y) / cy - y0 / cy, (x0 + x) / cx - x0 / cx],
-// at (t, level % cl, (y0 + y) % cy, (x0 + x) % cx) inside it, and goes to
-// out[b, frame, channel0 + level, y, x] (tile_out0 holds (b, frame)).
+// its elements i = (level, y, x) in [0, levels * H * W) (zd_element).
 extern "C" __global__ void zarrdali_gather(const unsigned char* __restrict__ decoded,
                                            const long long* __restrict__ tiles,
                                            const int* __restrict__ tile_chunks,
@@ -141,34 +182,19 @@ extern "C" __global__ void zarrdali_gather(const unsigned char* __restrict__ dec
                                            out_t* __restrict__ out) {
     const int j = blockIdx.x;
     if (j >= n_tiles) return;
-    const long long* tile = tiles + (long long)j * N_TILE_FIELDS;
-    const long long* var = variables + tile[TILE_VAR] * N_VAR_FIELDS;
-    const int t = (int)tile[TILE_T];
-    const int y0 = (int)tile[TILE_Y0];
-    const int x0 = (int)tile[TILE_X0];
-    const long long out0 = tile[TILE_OUT0];
-    const int cl = (int)var[VAR_CL], cy = (int)var[VAR_CY], cx = (int)var[VAR_CX];
-    const int channel0 = (int)var[VAR_CHANNEL0];
-    const int code = (int)var[VAR_CODE];
-    const bool swap = var[VAR_SWAP] != 0;
-    const long long item = var[VAR_ITEMSIZE];
+    const zd_tile s = zd_tile_of(tiles, variables, tile_chunks, j, n_l, n_y, n_x, h, w);
     union { long long bits; out_t value; } fill;
-    fill.bits = var[VAR_FILL];
-    const int* chunks = tile_chunks + (long long)j * n_l * n_y * n_x;
-    const int hw = h * w;
-    const long long total = var[VAR_LEVELS] * hw;
-    for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < total;
+    fill.bits = s.var[VAR_FILL];
+    for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < s.total;
          i += (long long)gridDim.y * blockDim.x) {
-        int level, r, cell;
-        long long src;
-        zd_element(i, hw, w, y0, x0, t, cl, cy, cx, n_y, n_x, &level, &r, &cell, &src);
-        const long long slot = chunk_slots[chunks[cell]];
-        const long long o = out0 + (long long)(channel0 + level) * hw + r;
+        long long src, o;
+        int c;
+        const long long slot = zd_element(s, chunk_slots, i, &src, &c, &o);
         if (slot < 0) {  // missing chunk
             out[o] = fill.value;
             continue;
         }
-        out[o] = zd_load(decoded + slot + src * item, code, swap);
+        out[o] = zd_load(decoded + slot + src * s.item, s.code, s.swap);
     }
 }
 """
@@ -234,35 +260,19 @@ extern "C" __global__ void zarrdali_gather_finish(const unsigned char* __restric
                                                   unsigned char* mask) {
     const int j = blockIdx.x;
     if (j >= n_tiles) return;
-    const long long* tile = tiles + (long long)j * N_TILE_FIELDS;
-    const long long* var = variables + tile[TILE_VAR] * N_VAR_FIELDS;
-    const long long* fin = finish + tile[TILE_VAR] * N_FIN_FIELDS;
-    const int t = (int)tile[TILE_T];
-    const int y0 = (int)tile[TILE_Y0];
-    const int x0 = (int)tile[TILE_X0];
-    const long long out0 = tile[TILE_OUT0];
-    const int cl = (int)var[VAR_CL], cy = (int)var[VAR_CY], cx = (int)var[VAR_CX];
-    const int channel0 = (int)var[VAR_CHANNEL0];
-    const int code = (int)var[VAR_CODE];
-    const bool swap = var[VAR_SWAP] != 0;
-    const int item = (int)var[VAR_ITEMSIZE];
+    const zd_tile s = zd_tile_of(tiles, variables, tile_chunks, j, n_l, n_y, n_x, h, w);
+    const long long* fin = finish + s.v * N_FIN_FIELDS;
     const unsigned char* fill = (const unsigned char*)(fin + FIN_FILL);  // native order
-    const int* chunks = tile_chunks + (long long)j * n_l * n_y * n_x;
-    const int hw = h * w;
-    const long long total = var[VAR_LEVELS] * hw;
-    for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < total;
+    for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < s.total;
          i += (long long)gridDim.y * blockDim.x) {
-        int level, r, cell;
-        long long src;
-        zd_element(i, hw, w, y0, x0, t, cl, cy, cx, n_y, n_x, &level, &r, &cell, &src);
-        const long long slot = chunk_slots[chunks[cell]];
-        const int c = channel0 + level;
-        const long long o = out0 + (long long)c * hw + r;
+        long long src, o;
+        int c;
+        const long long slot = zd_element(s, chunk_slots, i, &src, &c, &o);
         const bool missing = slot < 0;
-        const unsigned char* p = missing ? fill : decoded + slot + src * item;
-        const bool sw = missing ? false : swap;
-        float v = zd_load(p, code, sw);
-        const bool bad = zd_invalid(p, code, item, sw, fin);
+        const unsigned char* p = missing ? fill : decoded + slot + src * s.item;
+        const bool sw = missing ? false : s.swap;
+        float v = zd_load(p, s.code, sw);
+        const bool bad = zd_invalid(p, s.code, (int)s.item, sw, fin);
         if (normalize) v = (v - stats[2 * c]) / stats[2 * c + 1];
         if (fill_missing && bad) v = nan_fill;
         out[o] = v;
