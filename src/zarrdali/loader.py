@@ -263,7 +263,8 @@ class ZarrLoader:
             self.store_name,
             self.layouts,
             SampleGrid.count(self.spec, n_time, ny, nx) if index is None else 0,
-            batch_size * self.spec.n_frames * channels * h * w * 4,  # float32
+            # float32 frames, and a bool mask per value with masks
+            batch_size * self.spec.n_frames * channels * h * w * (5 if masks is True else 4),
             max(prefetch, 1) + 2,
         )
         if index is None:
