@@ -573,7 +573,7 @@ class CpuBackend:
         chunk_nbytes = [layout.chunk_nbytes for layout in layouts]
         # chunks decoded straight into the batch are normalized (and checked for
         # missing values) there, in cache
-        normalize_in_place = finish is not None and finish.changes_values
+        in_place_finish = finish is not None and finish.changes_values
 
         def scatter(i: int, decoded: np.ndarray) -> None:
             chunk = decoded.reshape(shapes4[work.chunk_var[i]])
@@ -600,7 +600,7 @@ class CpuBackend:
                 o, _, _, _, _, b, f, c, dy, dx, nl, ny, nx = work.pieces[work.piece_bounds[i]]
                 target = outs[o][b, f, c : c + nl, dy : dy + ny, dx : dx + nx]
                 self.decoder.decode(layout, coords, data, out=target)
-                if normalize_in_place:
+                if in_place_finish:
                     finish.finish_in_place(o, b, f, c, dy, dx, target)
                 return
             needed = work.needed[i]
@@ -637,7 +637,7 @@ class CpuBackend:
                     raise frame_error(i, str(err)) from None
                 if not into:
                     scatter(i, views[v])
-                elif normalize_in_place:
+                elif in_place_finish:
                     finish_in_place(i)
 
             return decode_at

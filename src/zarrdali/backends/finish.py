@@ -1,15 +1,19 @@
-"""What the CPU path does to a batch while it assembles it: cast, normalize, augment.
+"""What the CPU path does to a batch while it assembles it: cast, normalize,
+augment, and check for missing values (masks, ``nan_fill``).
 
-The DALI pipeline casts, normalizes and augments a batch in passes of its own
+A DALI pipeline would cast, normalize and augment a batch in passes of its own
 over the whole batch in the training process. The CPU path does it instead
 while each decoded chunk is still in the core's cache: every piece is copied
 into its place in the batch already cast to float32, normalized per channel
 and flipped or transposed as its sample's flags say; a chunk decoded straight
-into the batch is normalized in place right after its decode. So the batch is
-written once, by the worker that decoded it, and the training process gets it
-as it is.
+into the batch is normalized in place right after its decode. Missing values
+(:mod:`zarrdali.missing`) are found in the piece's stored values in the same
+step: its mask written beside it, ``nan_fill`` put in their place. So the
+batch is written once, by the worker that decoded it, and the training
+process gets it as it is.
 
-The arithmetic is the pipeline's: float32 ``(x - mean) / std`` per channel;
+The arithmetic is the GPU gather kernel's (``zarrdali_gather_finish``):
+float32 ``(float(x) - mean) / std`` per channel, whatever the stored dtype;
 the transforms those of :func:`zarrdali.pipeline.apply_augmentations`.
 """
 
