@@ -298,3 +298,35 @@ def test_corrupted_chunk_read_through_fallback(make_store, unsupported):
         iterate(corrupted_loader(store, "slow"))
     assert info.value.array == "slow"
     assert key in str(info.value)
+
+
+def test_failed_batch_returns_only_when_no_task_still_writes():
+    """A chunk error must not return while other decode tasks still write into the
+    batch's ring slot: the loader unmaps it next (the write was a segfault)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zarrdali.backends.cpu import finish_all
+
+    wrote = threading.Event()
+    started = threading.Event()
+
+    def fails() -> None:
+        started.wait(5)
+        raise ChunkError("bad bytes", store="s", array="u", key="c/0/0/0")
+
+    def writes_slowly() -> None:
+        started.set()
+        time.sleep(0.3)
+        wrote.set()
+
+    def queued() -> None:
+        time.sleep(0.1)
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(fails), pool.submit(writes_slowly), pool.submit(queued)]
+        with pytest.raises(ChunkError, match="c/0/0/0"):
+            finish_all(futures)
+        assert wrote.is_set()
+        assert all(f.done() for f in futures)  # cancelled or finished, none running

@@ -115,7 +115,8 @@ class SlotViews:
 
 def map_shared(fd: int, nbytes: int) -> tuple[mmap.mmap, int]:
     """Map ``nbytes`` of shared memory ``fd`` read-write; the map and its address."""
-    mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    mm = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     return mm, _address(mm)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -254,6 +254,23 @@ def decodes_in_place(
     contiguous = (dst[:, 4] == 0) & (extent[:, 2] == w)
     contiguous &= (extent[:, 0] == 1) | ((dst[:, 3] == 0) & (extent[:, 1] == h))
     return one & whole & contiguous
+
+
+def finish_all(futures: Sequence[Future]) -> None:
+    """Wait until none of ``futures`` runs, then re-raise the first error.
+
+    Every task writes into the caller's output (a ring slot the loader may unmap
+    as soon as this batch fails), so an error must not return while the others
+    still write: the tasks not started are cancelled, the running ones finished.
+    """
+    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    if pending and any(f.exception() is not None for f in done):
+        for future in pending:
+            future.cancel()
+        wait(pending)
+    for future in futures:
+        if not future.cancelled() and future.exception() is not None:
+            future.result()  # re-raises it with its traceback
 
 
 def _may_decode_partially(layout: ArrayLayout) -> bool:
@@ -696,8 +713,7 @@ class CpuBackend:
             try:
                 self.fetch(layouts, locations, work.read_members, on_ready=ready)
             finally:
-                for future in futures:
-                    future.result()  # waits for every decode; re-raises the first error
+                finish_all(futures)
             return
         uses_context = any(work.by_context)
         # Where chunks decoded in place go (0: into scratch, then copied)
@@ -723,9 +739,7 @@ class CpuBackend:
             for task in tasks:
                 task()
             return
-        futures = [self._pool.submit(task) for task in tasks]
-        for future in futures:
-            future.result()  # re-raises the first error with its traceback
+        finish_all([self._pool.submit(task) for task in tasks])
 
     def dali_device_id(self) -> None:
         return None

@@ -204,11 +204,11 @@ def register(sub) -> None:
     p.add_argument(
         "--batches",
         type=int,
-        help="timed batches per epoch at every batch size (default: from --samples, >= 3)",
+        help="timed batches per epoch at every batch size (default: from --samples, >= 8)",
     )
     p.add_argument("--epochs", type=int, help="repeats: median and spread (default 3)")
     p.add_argument(
-        "--warmup", type=int, help="untimed batches per epoch (default: 32 samples, >= 2)"
+        "--warmup", type=int, help="untimed batches per epoch (default: 32 samples, >= 4)"
     )
     p.add_argument(
         "--threads", type=int, help="threads / worker processes per loader (default: all cores)"

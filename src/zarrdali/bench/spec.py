@@ -28,11 +28,13 @@ class BenchSpec:
         self, batch_size: int, samples: int, batches: int | None, warmup: int | None
     ) -> BenchSpec:
         """The spec at ``batch_size``: ``batches`` timed batches per epoch (default:
-        ``samples`` timed samples, at least 3 batches) after ``warmup`` (default:
-        32 samples, at least 2 batches), so every batch size times about the same
-        work."""
-        timed = batches if batches is not None else max(3, -(-samples // batch_size))
-        warm = warmup if warmup is not None else max(2, -(-32 // batch_size))
+        ``samples`` timed samples, at least 8 batches) after ``warmup`` (default:
+        32 samples, at least 4 batches), so every batch size times about the same
+        work. The floors keep large batches honest: a loader's start-up (worker
+        processes, the first fill of its prefetch buffers) lies in the warm-up,
+        and the timed part is long enough to be its steady state."""
+        timed = batches if batches is not None else max(8, -(-samples // batch_size))
+        warm = warmup if warmup is not None else max(4, -(-32 // batch_size))
         return replace(self, batch_size=batch_size, batches=timed, warmup_batches=warm)
 
     @property
