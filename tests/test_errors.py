@@ -307,7 +307,7 @@ def test_failed_batch_returns_only_when_no_task_still_writes():
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from zarrdali.backends.cpu import finish_all
+    from zarrdali.backends.base import finish_all
 
     wrote = threading.Event()
     started = threading.Event()

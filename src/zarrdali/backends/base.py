@@ -22,6 +22,7 @@ a ring of device buffers).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from typing import Any, Protocol
 
 import numpy as np
@@ -97,3 +98,21 @@ class Backend(Protocol):
 def batch_dtype(layouts: Sequence[ArrayLayout]) -> np.dtype:
     """One dtype all variables fit in (the pipeline casts to float32 later)."""
     return np.result_type(*(layout.dtype for layout in layouts))
+
+
+def finish_all(futures: Sequence[Future]) -> None:
+    """Wait until none of ``futures`` runs, then re-raise the first error.
+
+    Every task writes into the caller's output (a ring slot the loader may
+    unmap, a pinned buffer it reuses, as soon as this batch fails), so an error
+    must not return while the others still write: the tasks not started are
+    cancelled, the running ones finished.
+    """
+    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    if pending and any(f.exception() is not None for f in done):
+        for future in pending:
+            future.cancel()
+        wait(pending)
+    for future in futures:
+        if not future.cancelled() and future.exception() is not None:
+            future.result()  # re-raises it with its traceback

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -42,7 +42,7 @@ from ..codecs import MIN_PARTIAL_SKIP
 from ..errors import ChunkError
 from ..prefetch import PrefetchSource
 from ..store import ArrayLayout
-from .base import LoadFn, batch_dtype
+from .base import LoadFn, batch_dtype, finish_all
 from .fallback import ZarrPythonChunkSource
 from .finish import Finish
 from .locate import ChunkLocations, ChunkLocator, Locators
@@ -254,23 +254,6 @@ def decodes_in_place(
     contiguous = (dst[:, 4] == 0) & (extent[:, 2] == w)
     contiguous &= (extent[:, 0] == 1) | ((dst[:, 3] == 0) & (extent[:, 1] == h))
     return one & whole & contiguous
-
-
-def finish_all(futures: Sequence[Future]) -> None:
-    """Wait until none of ``futures`` runs, then re-raise the first error.
-
-    Every task writes into the caller's output (a ring slot the loader may unmap
-    as soon as this batch fails), so an error must not return while the others
-    still write: the tasks not started are cancelled, the running ones finished.
-    """
-    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-    if pending and any(f.exception() is not None for f in done):
-        for future in pending:
-            future.cancel()
-        wait(pending)
-    for future in futures:
-        if not future.cancelled() and future.exception() is not None:
-            future.result()  # re-raises it with its traceback
 
 
 def _may_decode_partially(layout: ArrayLayout) -> bool:

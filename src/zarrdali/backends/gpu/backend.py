@@ -79,7 +79,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -90,6 +90,7 @@ from ...batchplan import BatchPlan, natural_coords
 from ...errors import BackendUnavailableError, LoaderClosedError
 from ...store import ArrayLayout
 from ...trace import annotate
+from ..base import finish_all
 from ..finish import Finish
 from ..locate import ChunkLocations, ChunkLocator, Locators
 from ..sources import MISSING, REMOTE_MAX_GAP, WHOLE, ByteSource, ObjectReadError, make_source
@@ -1067,14 +1068,9 @@ class GpuBackend(CudaSourceRole):
             n_tasks = max(1, min(len(reads), self.num_threads * 4))
             tasks += [partial(run_reads, range(j, len(reads), n_tasks)) for j in range(n_tasks)]
         tasks += [partial(run_fallback, i) for i in desc.fallback_chunks.tolist()]
-        futures = [self._pool.submit(task) for task in tasks]
-        try:
-            for future in futures:
-                future.result()  # re-raises the first error with its traceback
+        try:  # the buffer is reused: no task may still write it when this returns
+            finish_all([self._pool.submit(task) for task in tasks])
         except BaseException:
-            for future in futures:
-                future.cancel()
-            wait(futures)  # the buffer is reused: no task may still write it
             state.host_pinned.release(k, None)
             raise
         target = decoded[region_start : region_start + region_nbytes]

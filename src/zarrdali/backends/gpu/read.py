@@ -63,6 +63,7 @@ import numpy as np
 
 from ...errors import ChunkError
 from ...store import ArrayLayout
+from ..base import finish_all
 from ..locate import ChunkLocations
 from ..openfiles import OpenFiles
 from ..sources import ObjectReadError
@@ -363,15 +364,8 @@ class PinnedReader:
         self._on_copy = on_copy
 
     def _map(self, tasks: list[Callable[[], None]]) -> None:
-        futures = [self._executor.submit(task) for task in tasks]
-        error: BaseException | None = None
-        for future in futures:  # every task finishes before the buffer is used
-            try:
-                future.result()
-            except BaseException as err:
-                error = error or err
-        if error is not None:
-            raise error
+        # every task finishes before the buffer is used (or reused after an error)
+        finish_all([self._executor.submit(task) for task in tasks])
 
     def read(
         self,
