@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import operator
 import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,7 +27,7 @@ from .missing import check_missing_options
 from .normalize import NormalizeArg, channel_stats
 from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
-from .remote import StoreRef, is_picklable
+from .remote import StoreRef, is_picklable, is_url
 from .resume import check_state, fingerprint, resume_point
 from .static import (
     DeviceStaticFields,
@@ -57,15 +58,18 @@ def _close_open_loaders() -> None:
         raise errors[0]
 
 
-def _track_open(loader: ZarrLoader) -> None:
+def _track_open(loader: ZarrLoader, uses_dali: bool) -> None:
     """Remember ``loader`` for the exit hook, and make the hook run first.
 
     atexit runs hooks last-registered first. The hook is registered once, and
     moved to the end of the list as loaders are created, after the libraries a
-    loader uses (DALI, torch; CuPy, kvikIO, nvCOMP on the GPU path) have been
-    imported and registered their own hooks, so it runs before theirs.
+    loader uses (torch; DALI, CuPy, kvikIO, nvCOMP on the GPU path) have been
+    imported and registered their own hooks, so it runs before theirs. DALI is
+    imported here only for a loader whose epochs run a DALI pipeline (the GPU
+    path): the CPU path neither needs nor imports it.
     """
-    import nvidia.dali.plugin.pytorch  # noqa: F401  (its exit hooks first)
+    if uses_dali:
+        import nvidia.dali.plugin.pytorch  # noqa: F401  (its exit hooks first)
 
     atexit.unregister(_close_open_loaders)
     atexit.register(_close_open_loaders)
@@ -90,8 +94,50 @@ def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int
 
 
 def _path_or_object(store: Any) -> Any:
-    """A path as a string (picklable, reopenable); store objects as they are."""
-    return os.fspath(store) if isinstance(store, os.PathLike) else store
+    """A local path as a string with ``~`` expanded (picklable, reopenable);
+    URLs and store objects as they are."""
+    if isinstance(store, (str, os.PathLike)):
+        text = os.fspath(store)
+        return text if is_url(text) else os.path.expanduser(text)
+    return store
+
+
+def _variable_names(variables: Any) -> list[str]:
+    """``variables`` as a list of names; a mapping or a set is refused (its
+    order, or a meaning of its values, would be guessed)."""
+    if isinstance(variables, str):
+        return [variables]
+    if isinstance(variables, (Mapping, set, frozenset)):
+        kind = "a dict" if isinstance(variables, Mapping) else "a set"
+        raise ConfigError(
+            f"variables must be a name or a list of names (their order is the channels' "
+            f"order), got {kind}: {variables!r}. Pass a list, e.g. variables={list(variables)!r}"
+            + ("; statistics go to normalize=." if isinstance(variables, Mapping) else ".")
+        )
+    names = list(variables)
+    if not names or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"variables must be one or more array names, got {variables!r}.")
+    return names
+
+
+def _pair(name: str, value: Any) -> tuple[int, int] | None:
+    """``(H, W)`` of a tile or stride: None, an int ``n`` (``(n, n)``) or two ints."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, (int, np.integer)):
+            return (int(value), int(value))
+        pair = tuple(operator.index(v) for v in value)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 1:
+        raise ConfigError(
+            f"{name} must be (height, width) in grid points, both >= 1, or one int for a "
+            f"square, got {value!r}."
+        )
+    return pair
 
 
 def usable_cores() -> int:
@@ -138,52 +184,180 @@ def _resolve_device(device: str) -> str:
 
 
 class ZarrLoader:
-    """Batches of ``(input, target, index)`` tiles from a Zarr v3 store, through DALI.
+    """Batches of space-time tiles from a Zarr v3 store, as a dict of torch tensors.
 
-    ``batch["input"][i]`` equals ``stack([ds[v][t0 : t0 + input_steps * frame_step :
-    frame_step, y0 : y0 + H, x0 : x0 + W] for v in variables], axis=1)`` (then
-    normalized) with ``(t0, y0, x0) = batch["index"][i]``; variables with a level
-    axis contribute one channel per level. Values are the stored values (no CF
-    decoding); NaNs stay NaN.
+    A drop-in for ``torch.utils.data.DataLoader`` in a training loop: iterate it
+    for the batches of an epoch, ``len()`` is the number of batches,
+    :meth:`set_epoch`, :meth:`state_dict` and :meth:`load_state_dict` follow
+    torch's conventions. A sample is a window of ``input_steps + target_steps``
+    frames (``frame_step`` store steps apart) of every variable, cut at a
+    spatial tile. Each batch holds:
 
-    The CPU path decodes a chunk only as far as the last byte a batch copies
-    from it (zstd, gzip, uncompressed); ``partial_decode=False`` decodes every
-    chunk whole, so every compressor checks every chunk completely. It reads a
-    local store's files with ``pread`` (a file rewritten while it is read gives
-    a ``ChunkError`` or its old or new bytes); ``memory_map=True`` decodes
-    straight from memory maps instead (no copy of the encoded bytes, about 10%
-    less CPU per sample), but a file that shrinks under a map kills the process
-    (SIGBUS): only for stores nobody rewrites while they are read.
+    - ``batch["input"]``: float32 ``[B, input_steps, C, H, W]``, on the device;
+    - ``batch["target"]``: float32 ``[B, target_steps, C, H, W]`` (only when
+      ``target_steps > 0``);
+    - ``batch["index"]``: int64 ``[B, 3]``, the ``(t0, y0, x0)`` of each sample
+      in the store;
+    - ``batch["augment"]`` (with ``augment``), ``batch["static"]`` (with
+      ``static``), ``batch["time"]`` (where the store has a time coordinate),
+      ``batch["input_mask"]`` and ``batch["target_mask"]`` (with ``masks``).
 
-    ``store`` may be a path, a URL (``s3://``, ``gs://``, ``az://``, ``https://``;
-    credentials and endpoint in ``storage_options``, obstore's or fsspec's
-    names), a ``zarr.Group``, a zarr ``Store`` (an Icechunk session's store, an
-    ``FsspecStore``) or an obstore store. Both paths read remote chunks
-    themselves: the byte ranges of a batch coalesced and fetched concurrently, as
-    many at a time as the store sustains (at most ``max_in_flight`` per
-    process), a stalled request sent again after a few seconds, transient errors
-    retried; a request not answered within ``request_timeout`` seconds in all
-    fails its batch with a ``ChunkError``. ``cache_dir`` keeps what was read in local files (at most
-    ``cache_bytes``, least recently used evicted), shared by processes and ranks.
-    On ``device="cuda"`` the responses land in pinned host memory and go to the
-    device in one copy per batch (not yet run on a GPU).
+    ``batch["input"][i]`` equals ``stack([ds[v][t0 : t0 + input_steps *
+    frame_step : frame_step, y0 : y0 + H, x0 : x0 + W] for v in variables],
+    axis=1)`` (then normalized) with ``ds`` the same store opened by zarr or
+    xarray (``mask_and_scale=False``): values are served as stored, NaNs stay
+    NaN, a chunk never written is the array's fill value. Variables with a
+    level axis contribute one channel per level.
 
-    ``static`` names time-invariant arrays (``(y, x)`` or ``(level, y, x)``),
-    read once, normalized like the variables and served as ``batch["static"]``
-    ``[B, S, H, W]`` float32 with each sample's tile, flips and quarter turns.
-    Where the store has a coordinate array named like the time dimension,
-    ``batch["time"]`` is int64 ``[B, T]``: each frame's time in nanoseconds
-    since 1970-01-01, CF-decoded as xarray decodes it (``time=False``: left
-    out; ``True``: required). :meth:`load_state_dict` also resumes a state
-    saved at another world size.
+    ``device="cpu"`` decodes with numcodecs in worker processes straight into
+    shared-memory batch buffers that torch gets without a copy; the workers are
+    spawned, so keep the training code under ``if __name__ == "__main__":``.
+    ``device="cuda"`` reads with kvikIO, decodes with nvCOMP and assembles the
+    batch in one kernel, handing it to torch through DALI (the ``cuda12`` or
+    ``cuda13`` extra). Resources (threads, worker processes, buffers, CUDA
+    streams) are released by :meth:`close`, by ``with``, or at interpreter exit.
 
-    Missing values (NaN, or a variable's CF ``_FillValue``/``missing_value``,
-    compared in its stored dtype; see :mod:`zarrdali.missing`):
-    ``nan_fill`` replaces them in input and target after normalization;
-    ``masks=True`` serves ``batch["input_mask"]`` and ``batch["target_mask"]``,
-    bool, shaped like the frames, True where the value is valid. Both paths
-    compute them in the pass that casts and normalizes (CPU: as pieces land;
-    GPU: in the gather kernel), bit for bit alike.
+    Example:
+        ```python
+        import zarrdali
+
+        if __name__ == "__main__":
+            loader = zarrdali.ZarrLoader(
+                "era5.zarr", ["t2m", "u10"], input_steps=4, target_steps=2,
+                tile=(128, 128), batch_size=8, shuffle=True, normalize="store",
+            )
+            with loader:
+                for epoch in range(10):
+                    loader.set_epoch(epoch)
+                    for batch in loader:
+                        ...
+        ```
+
+    Args:
+        store: The Zarr v3 store: a local path (``~`` is expanded), a URL
+            (``s3://``, ``gs://``, ``az://``, ``https://``; credentials in
+            ``storage_options``), a ``zarr.Group``, a zarr ``Store`` (an
+            Icechunk session's store, an ``FsspecStore``) or an obstore store.
+            A NetCDF or GRIB file is not a Zarr store: convert it with
+            ``zarrdali prepare``.
+        variables: The array name, or a list of names, stacked as channels
+            ``C`` in this order. Each array's dimensions are ``(time, y, x)``
+            or ``(time, level, y, x)``, on one grid. A dict or a set is refused
+            (its order would decide the channels).
+        input_steps: Frames of history per sample (``batch["input"]``), >= 1.
+        target_steps: Frames after them served as ``batch["target"]``; 0
+            leaves the key out.
+        tile: The spatial tile ``(H, W)`` in grid points (an int ``n`` is
+            ``(n, n)``); None serves the whole field.
+        batch_size: Samples per batch. The last batch of an epoch is shorter
+            unless ``drop_last``.
+        shuffle: Serve the samples in a random order, a new one every epoch
+            (see :meth:`set_epoch`), drawn from ``seed``; False serves them by
+            time, then tile.
+        seed: Seeds the order, random tile offsets and augmentations: the same
+            seed and epoch give the same batches on every run and both paths.
+        device: ``"cpu"`` (numpy and numcodecs, worker processes), ``"cuda"``
+            (the GPU path; its libraries come with the ``cuda13`` or ``cuda12``
+            extra and a missing one is named with how to install it) or
+            ``"auto"`` (the GPU path where all it needs is present, else the
+            CPU path).
+        normalize: None serves values as stored; ``{variable: (mean, std)}``
+            serves ``(x - mean) / std`` in float32 (a sequence per level for a
+            variable with levels); ``"store"`` takes them from each array's
+            ``stats`` attribute, written by ``zarrdali stats``.
+        frame_step: Store time steps between consecutive frames of a sample
+            (6 on hourly data: frames 6 hours apart).
+        time_stride: Store time steps between the first frames of consecutive
+            candidate windows (1: every step starts one).
+        tile_stride: Grid points ``(dy, dx)`` between the origins of
+            consecutive tiles of the regular grid (an int ``n`` is ``(n, n)``);
+            None: the tile size, so tiles do not overlap.
+        tile_sampling: ``"grid"``: tiles on the regular grid, the same set
+            every epoch; ``"random"``: each sample's tile origin drawn anew
+            every epoch, anywhere in the field (from ``seed`` and the epoch).
+        cover_edges: Where the grid of tiles stops short of the field's far
+            edge, add a row or column of tiles flush with that edge, so every
+            grid point is served; False leaves the strip out.
+        drop_last: Leave out each rank's last batch of an epoch when it is
+            shorter than ``batch_size``, as torch's ``drop_last``.
+        rank: This process's rank among ``world_size``. Default: from
+            ``torch.distributed`` when it is initialized, else 0.
+        world_size: The number of ranks sharing each epoch: every rank serves
+            a disjoint share, in the same number of batches. Default: from
+            ``torch.distributed`` when it is initialized, else 1.
+        num_threads: Threads that read and decode in this process (the CPU
+            path with ``workers=0``, the GPU path's host reads). Default: one
+            per core. Worker processes read with one thread each.
+        prefetch: Batches loaded ahead of the one the training loop holds,
+            >= 1. The CPU path loads more for small batches on many workers (at
+            least 8 samples per worker in flight); its buffers hold about
+            ``batch_size * (prefetch + 2)`` samples.
+        workers: Worker processes of the CPU path, reading, decoding and
+            assembling batches into shared memory. Default: one per core this
+            process may run on (the environment variable ``ZARRDALI_WORKERS``
+            overrides it); 0 loads in this process's threads. They need a store
+            they can reopen: a path, a URL or a store object that pickles.
+        dali_threads: CPU threads of the GPU path's DALI pipeline, which only
+            slices, flips and turns the batch (1 is enough).
+        index: A sampling index (the ``.samples.parquet`` file
+            ``zarrdali index`` writes, or a ``SampleTable``): serve exactly its
+            samples (drawn by weight where it has weights) instead of the
+            regular grid. Its tile must be ``tile``.
+        augment: ``"flip"`` and/or ``"rot90"``: random flips of rows and
+            columns and quarter turns per sample, the same for input, target,
+            masks and static fields, reported in ``batch["augment"]`` as int32
+            ``[B, 3]`` (transpose, flip rows, flip columns). ``"rot90"`` needs a
+            square tile.
+        partial_decode: CPU path: decode a chunk only down to the last row a
+            batch copies from it (zstd, gzip, uncompressed chunks). False
+            decodes every chunk whole, so every compressor's own checks run
+            over all of it.
+        memory_map: CPU path, local stores: decode straight from memory maps
+            of the files (about 10% less CPU per sample) instead of ``pread``
+            copies. A file truncated while it is mapped kills the process
+            (SIGBUS): only for stores nobody rewrites while they are read.
+        storage_options: Credentials and endpoint of a URL store, obstore's
+            names or fsspec's (``key``, ``secret``, ``endpoint_url``,
+            ``client_kwargs``, ``anon``).
+        cache_dir: A local folder where the byte ranges read from a remote
+            store are kept (verified on every read, shared by processes and
+            ranks), so later epochs read the network once. None: no cache.
+        cache_bytes: Budget of ``cache_dir`` in bytes, least recently used
+            entries evicted past it (default 8 GiB).
+        max_in_flight: The most requests to a remote store in flight at once
+            per process; the loader adapts below it to what the store sustains.
+        request_timeout: Seconds a remote request may take in all, retries
+            included, before its batch fails with ``ChunkError``.
+        cache: ``"gpu"`` (GPU path): keep the chunks' compressed bytes in
+            device memory after their first read, so later epochs read no file
+            bytes. None: no device cache.
+        cache_budget: Bytes of device memory for ``cache="gpu"``, least
+            recently used chunks out past it (default: a quarter of the free
+            device memory).
+        static: Names of time-invariant arrays (``(y, x)`` or
+            ``(level, y, x)``, on the variables' grid: land-sea mask,
+            orography), read once, normalized like the variables and served as
+            ``batch["static"]``, float32 ``[B, S, H, W]``, cut at each sample's
+            tile with its flips and turns.
+        time: ``batch["time"]``, int64 ``[B, T]``: each frame's time in
+            nanoseconds since 1970-01-01, CF-decoded from the store's time
+            coordinate. None: served where the store has one; True: required;
+            False: left out.
+        nan_fill: Replace every missing value of input and target (NaN, or a
+            variable's CF ``_FillValue``/``missing_value``) by this finite
+            number after normalization. None: served as they are.
+        masks: Serve ``batch["input_mask"]`` and ``batch["target_mask"]``,
+            bool, shaped like the frames, True where the value is valid.
+
+    Raises:
+        ConfigError: An option that is invalid or that the store cannot
+            satisfy; the message says which and how to fix it.
+        StoreNotFoundError: The store does not exist or is not a Zarr group.
+        StoreAccessError: The store refused access (credentials, permissions).
+        VariableNotFoundError: A variable or static field is not in the store.
+        MetadataError: An array's ``zarr.json`` is invalid or unsupported.
+        BackendUnavailableError: ``device="cuda"`` where the GPU path lacks
+            a library or a GPU; the message names what to install.
     """
 
     def __init__(
@@ -228,13 +402,18 @@ class ZarrLoader:
         masks: bool = False,
     ) -> None:
         # Everything is validated here, before any chunk is read.
+        store = _path_or_object(store)
+        if cache_dir is not None:
+            cache_dir = os.path.expanduser(os.fspath(cache_dir))
+        if isinstance(index, (str, os.PathLike)):
+            index = os.path.expanduser(os.fspath(index))
         self.spec = SampleSpec(
             input_steps=input_steps,
             target_steps=target_steps,
             frame_step=frame_step,
             time_stride=time_stride,
-            tile=tuple(tile) if tile is not None else None,
-            tile_stride=tuple(tile_stride) if tile_stride is not None else None,
+            tile=_pair("tile", tile),
+            tile_stride=_pair("tile_stride", tile_stride),
             tile_sampling=tile_sampling,
             cover_edges=cover_edges,
         )
@@ -244,15 +423,15 @@ class ZarrLoader:
             raise ConfigError(f"request_timeout must be > 0 seconds, got {request_timeout}.")
         # How this process and DALI's worker processes open the store.
         self.store_ref = StoreRef(
-            _path_or_object(store),
+            store,
             storage_options=dict(storage_options) if storage_options else None,
-            cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
+            cache_dir=cache_dir,
             cache_bytes=cache_bytes,
             max_in_flight=max_in_flight,
             request_timeout=request_timeout,
         )
         self.group, self.store_name = open_group(store, storage_options)
-        self.variables = [variables] if isinstance(variables, str) else list(variables)
+        self.variables = _variable_names(variables)
         self.layouts = load_layouts(self.group, self.store_name, self.variables)
         first = self.layouts[0]
         n_time, ny, nx = first.shape[0], first.shape[-2], first.shape[-1]
@@ -347,7 +526,8 @@ class ZarrLoader:
         # ones (no page faults again), released by close().
         self._ring: BatchRing | None = None
         self._shared_static: SharedArray | None = None  # the workers' static fields
-        _track_open(self)
+        # the CPU path hands batches over itself; other backends through DALI
+        _track_open(self, uses_dali=not getattr(self.backend, "host_ring", False))
         self._epoch = 0
         self._served = 0  # batches handed to the user in the current epoch
         self._resume_from = 0
@@ -417,20 +597,33 @@ class ZarrLoader:
     # -- torch conventions -------------------------------------------------
     @property
     def batch_size(self) -> int:
+        """Samples per batch (the last batch of an epoch may hold fewer)."""
         return self.sampler.batch_size
 
     @property
     def num_channels(self) -> int:
+        """Channels ``C`` of a frame: one per variable, one per level of a variable with levels."""
         return sum(layout.n_levels for layout in self.layouts)
 
     def __len__(self) -> int:
+        """Batches of an epoch on this rank, as ``len()`` of torch's DataLoader."""
         per_rank = len(self.candidates) // self.sampler.world_size
         if self.sampler.drop_last:
             return per_rank // self.batch_size
         return math.ceil(per_rank / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shuffle (and random tile offsets) to serve next."""
+        """Select the epoch the next iteration serves, as torch's ``DistributedSampler``.
+
+        The epoch decides the order of a shuffled loader, random tile origins
+        and augmentations (with ``seed``); every rank must be given the same
+        epoch. Selecting another epoch than the current one drops a resume
+        point set by :meth:`load_state_dict`.
+
+        Args:
+            epoch: The epoch number, usually the training loop's counter
+                (0, 1, 2, ...).
+        """
         if epoch != self._epoch:
             self._resume_from = 0
             self._served = 0
@@ -438,13 +631,20 @@ class ZarrLoader:
         self._epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the loader stands: the epoch and how many batches the user has had.
+        """Where the loader stands, to save with a checkpoint and resume exactly.
 
         Ranks step in lockstep (as under DDP), so every rank's state is the same
         but for ``rank``: any one of them resumes all ranks, at this or another
-        world size. ``segments`` lists the ``(world_size, batches)`` served of
-        this epoch at earlier world sizes; ``fingerprint`` what decides the
-        samples (checked by :meth:`load_state_dict`).
+        world size. The state counts the batches handed to the training loop,
+        not those loaded ahead.
+
+        Returns:
+            A dict of plain Python values (it pickles and serializes to JSON):
+                ``epoch``, ``batches_served`` (batches of that epoch handed out so
+                far), ``seed``, ``batch_size``, ``rank``, ``world_size``,
+                ``num_candidates``, ``segments`` (the ``[world_size, batches]``
+                served of this epoch at earlier world sizes) and ``fingerprint``
+                (what decides the samples, checked by :meth:`load_state_dict`).
         """
         return {
             "epoch": self._epoch,
@@ -461,14 +661,25 @@ class ZarrLoader:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume exactly after the last batch served when ``state`` was taken.
 
+        The next iteration serves the rest of the state's epoch; the epochs
+        after it are whole epochs.
+
         At another ``world_size`` than the state's, the samples of its epoch
         that the old ranks had not served are served once each across the new
         ranks, in the same number of batches on every rank (batches may be
         smaller than ``batch_size``; with ``drop_last`` only full batches, the
         rest left out, and with ``batch_size=1`` or fewer samples left than
         ranks, the few that cannot be split evenly). Later epochs are whole
-        epochs at the new world size. A state saved for another seed, store,
-        sample spec or batch size is refused, naming what differs.
+        epochs at the new world size.
+
+        Args:
+            state: A dict from :meth:`state_dict`, of this loader or of any
+                rank of the same job (also at another world size).
+
+        Raises:
+            ConfigError: The state was saved for another seed, store, sample
+                spec or batch size (the message lists what differs), or is
+                not a state of this loader.
         """
         check_state(state, self.state_dict())
         self._epoch = int(state["epoch"])
@@ -478,7 +689,16 @@ class ZarrLoader:
 
     # -- iteration ---------------------------------------------------------
     def epoch_plan(self, epoch: int | None = None) -> EpochPlan:
-        """The samples this rank serves in ``epoch`` (default: the current one)."""
+        """The samples this rank serves in an epoch, batch by batch, without reading.
+
+        Args:
+            epoch: The epoch (default: the one the next iteration serves,
+                resume point included).
+
+        Returns:
+            The plan: ``len(plan)`` batches, ``plan.batch(k)`` the ``[B, 3]``
+                ``(t0, y0, x0)`` of batch ``k``.
+        """
         resumed: list[Segment] = []
         if epoch is None:
             epoch, resumed = self._epoch, self._resume_segments
@@ -486,7 +706,17 @@ class ZarrLoader:
         return self.sampler.epoch_plan(samples, epoch, resumed)
 
     def load_batch(self, samples) -> Any:
-        """Read, decode and assemble the window ``[B, T, C, H, W]`` of ``samples``."""
+        """Read, decode and assemble the samples' windows, outside an epoch.
+
+        Args:
+            samples: int64 ``[B, 3]`` array of ``(t0, y0, x0)``, as
+                ``batch["index"]`` or :meth:`epoch_plan` give them.
+
+        Returns:
+            The windows ``[B, input_steps + target_steps, C, H, W]`` in the
+                stored dtype (not normalized): a numpy array on the CPU path,
+                a device array on the GPU path.
+        """
         return self._load_frames(samples, split=False)[0]
 
     def _load_frames(self, samples, split: bool = True, **device_args) -> tuple[Any, ...]:
@@ -500,7 +730,7 @@ class ZarrLoader:
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        """The batches of the current epoch.
+        """The batches of the current epoch (see the class description for their keys).
 
         The epoch's threads, pipeline (and worker processes or CUDA streams)
         are created at the first ``next()`` and released when the epoch ends:
@@ -760,9 +990,13 @@ class ZarrLoader:
 
     # -- lifetime ----------------------------------------------------------
     def close(self) -> None:
-        """Release the live epoch (pipeline, threads, worker processes, CUDA
-        streams and buffers), then the backend. Idempotent; a closed loader
-        cannot be iterated. Also called by ``with`` and at interpreter exit."""
+        """Release everything the loader holds, now, in order.
+
+        The live epoch's threads, worker processes, DALI pipeline and CUDA
+        streams, then the batch buffers (batches still held stay valid) and
+        the backend. Idempotent; iterating a closed loader raises
+        ``LoaderClosedError``. Also called on leaving a ``with`` block and at
+        interpreter exit."""
         if self._closed:
             return
         self._closed = True

@@ -100,6 +100,33 @@ class ArrayLayout:
         return f"{key} (inner chunk {tuple(chunk)})"
 
 
+# Files xarray reads that zarrdali does not: `zarrdali prepare` converts them.
+_CONVERTIBLE = {
+    ".nc": "NetCDF",
+    ".nc4": "NetCDF",
+    ".netcdf": "NetCDF",
+    ".cdf": "NetCDF",
+    ".h5": "HDF5",
+    ".hdf5": "HDF5",
+    ".he5": "HDF5",
+    ".grib": "GRIB",
+    ".grb": "GRIB",
+    ".grib2": "GRIB",
+    ".grb2": "GRIB",
+}
+
+
+def _convert_hint(name: str, any_file: bool = False) -> str:
+    """How to turn a NetCDF/HDF5/GRIB file (or any file) into a Zarr v3 store."""
+    suffix = Path(name.rstrip("/")).suffix.lower()
+    kind = _CONVERTIBLE.get(suffix)
+    if kind is None and not any_file:
+        return ""
+    what = f"a {kind} file" if kind else "a file xarray opens"
+    out = str(Path(name.rstrip("/")).with_suffix(".zarr").name)
+    return f" For {what}, convert it once with `zarrdali prepare {name} {out}`."
+
+
 def open_group(
     store: str | os.PathLike | zarr.Group | Any,
     storage_options: Mapping[str, Any] | None = None,
@@ -114,11 +141,16 @@ def open_group(
     if isinstance(store, zarr.Group):
         return store, str(store.store_path)
     if isinstance(store, (str, os.PathLike)) and not remote.is_url(os.fspath(store)):
-        name = os.fspath(store)
-        if not Path(name.removeprefix("file://")).exists():
+        name = os.path.expanduser(os.fspath(store))
+        path = Path(name.removeprefix("file://"))
+        if not path.exists():
             raise StoreNotFoundError(
                 f"Zarr store {name!r} does not exist. Check the path, or create the sample "
-                f"data with `zarrdali sample-data DIR`."
+                f"data with `zarrdali sample-data DIR`.{_convert_hint(name)}"
+            )
+        if path.is_file():
+            raise StoreNotFoundError(
+                f"{name!r} is a file, not a Zarr store (a directory).{_convert_hint(name, True)}"
             )
         target: Any = name
     else:
@@ -135,7 +167,7 @@ def open_group(
         missing_bucket = "NoSuchBucket" in str(err) or remote.bucket_missing(target)
         hint = " (the bucket does not exist)" if missing_bucket else ""
         raise StoreNotFoundError(
-            f"{name!r} is not a Zarr group{hint}: {remote.short_message(err)}"
+            f"{name!r} is not a Zarr group{hint}: {remote.short_message(err)}{_convert_hint(name)}"
         ) from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MetadataError(
