@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from storefactory import VarSpec
 
 import zarrdali
+from storefactory import VarSpec
 from zarrdali import ConfigError, StoreNotFoundError, ZarrLoader
 
 ROOT = Path(__file__).resolve().parent.parent
