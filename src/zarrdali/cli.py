@@ -34,17 +34,18 @@ In Python: zarrdali.ZarrLoader(store, variables, ...); help(zarrdali.ZarrLoader)
 lists its arguments."""
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written, and each option's default after its help.
-
-    ArgumentDefaultsHelpFormatter adds ``(default: ...)`` only where a help text
-    does not already name the default."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, where the help does not name it."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         if "default" in text or action.default in (None, False, argparse.SUPPRESS, []):
             return text
         return super()._get_help_string(action)
+
+
+class TopHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """``zarrdali --help``: its description and examples as written."""
 
 
 def _cmd_sample_data(args: argparse.Namespace) -> int:
@@ -81,7 +82,7 @@ def add_verbose(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="zarrdali", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
+        prog="zarrdali", description=DESCRIPTION, epilog=EPILOG, formatter_class=TopHelpFormatter
     )
     parser.add_argument(
         "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"

@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 
 from ..errors import ConfigError, StoreNotFoundError, VariableNotFoundError
+from ..store import open_group
 from ._dask import progress
 
 # Blocks smaller than this are merged along time: fewer, larger dask tasks.
@@ -28,8 +29,9 @@ _TARGET_BLOCK_BYTES = 32 * 2**20
 
 def _open_rw(store: str | os.PathLike) -> zarr.Group:
     name = os.fspath(store)
-    if "://" not in name and not os.path.exists(name):
-        raise StoreNotFoundError(f"Zarr store {name!r} does not exist.")
+    if "://" not in name:
+        name = os.path.expanduser(name)
+        open_group(name)  # read-only first: a missing store, or a file, named with a hint
     try:
         return zarr.open_group(name, mode="r+")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as err:
