@@ -188,7 +188,7 @@ class ZarrLoader:
 
     A drop-in for ``torch.utils.data.DataLoader`` in a training loop: iterate it
     for the batches of an epoch, ``len()`` is the number of batches,
-    :meth:`set_epoch`, :meth:`state_dict` and :meth:`load_state_dict` follow
+    ``set_epoch()``, ``state_dict()`` and ``load_state_dict()`` follow
     torch's conventions. A sample is a window of ``input_steps + target_steps``
     frames (``frame_step`` store steps apart) of every variable, cut at a
     spatial tile. Each batch holds:
@@ -215,7 +215,7 @@ class ZarrLoader:
     ``device="cuda"`` reads with kvikIO, decodes with nvCOMP and assembles the
     batch in one kernel, handing it to torch through DALI (the ``cuda12`` or
     ``cuda13`` extra). Resources (threads, worker processes, buffers, CUDA
-    streams) are released by :meth:`close`, by ``with``, or at interpreter exit.
+    streams) are released by ``close()``, by ``with``, or at interpreter exit.
 
     Example:
         ```python
@@ -252,7 +252,7 @@ class ZarrLoader:
         batch_size: Samples per batch. The last batch of an epoch is shorter
             unless ``drop_last``.
         shuffle: Serve the samples in a random order, a new one every epoch
-            (see :meth:`set_epoch`), drawn from ``seed``; False serves them by
+            (see ``set_epoch()``), drawn from ``seed``; False serves them by
             time, then tile.
         seed: Seeds the order, random tile offsets and augmentations: the same
             seed and epoch give the same batches on every run and both paths.
@@ -366,7 +366,7 @@ class ZarrLoader:
         variables: Sequence[str] | str,
         input_steps: int = 1,
         target_steps: int = 0,
-        tile: tuple[int, int] | None = None,
+        tile: int | tuple[int, int] | None = None,
         batch_size: int = 1,
         shuffle: bool = False,
         seed: int = 0,
@@ -375,7 +375,7 @@ class ZarrLoader:
         *,
         frame_step: int = 1,
         time_stride: int = 1,
-        tile_stride: tuple[int, int] | None = None,
+        tile_stride: int | tuple[int, int] | None = None,
         tile_sampling: str = "grid",
         cover_edges: bool = True,
         drop_last: bool = False,
@@ -618,7 +618,7 @@ class ZarrLoader:
         The epoch decides the order of a shuffled loader, random tile origins
         and augmentations (with ``seed``); every rank must be given the same
         epoch. Selecting another epoch than the current one drops a resume
-        point set by :meth:`load_state_dict`.
+        point set by ``load_state_dict()``.
 
         Args:
             epoch: The epoch number, usually the training loop's counter
@@ -644,7 +644,7 @@ class ZarrLoader:
                 far), ``seed``, ``batch_size``, ``rank``, ``world_size``,
                 ``num_candidates``, ``segments`` (the ``[world_size, batches]``
                 served of this epoch at earlier world sizes) and ``fingerprint``
-                (what decides the samples, checked by :meth:`load_state_dict`).
+                (what decides the samples, checked by ``load_state_dict()``).
         """
         return {
             "epoch": self._epoch,
@@ -673,7 +673,7 @@ class ZarrLoader:
         epochs at the new world size.
 
         Args:
-            state: A dict from :meth:`state_dict`, of this loader or of any
+            state: A dict from ``state_dict()``, of this loader or of any
                 rank of the same job (also at another world size).
 
         Raises:
@@ -705,12 +705,12 @@ class ZarrLoader:
         samples = self.candidates.samples(self.sampler.seed, epoch)
         return self.sampler.epoch_plan(samples, epoch, resumed)
 
-    def load_batch(self, samples) -> Any:
+    def load_batch(self, samples: np.ndarray) -> Any:
         """Read, decode and assemble the samples' windows, outside an epoch.
 
         Args:
             samples: int64 ``[B, 3]`` array of ``(t0, y0, x0)``, as
-                ``batch["index"]`` or :meth:`epoch_plan` give them.
+                ``batch["index"]`` or ``epoch_plan()`` give them.
 
         Returns:
             The windows ``[B, input_steps + target_steps, C, H, W]`` in the
@@ -736,7 +736,7 @@ class ZarrLoader:
         are created at the first ``next()`` and released when the epoch ends:
         when it is exhausted, when the iterator is closed or dropped (``break``,
         an exception in the loop), when loading fails, when the next epoch of
-        this loader starts, or by :meth:`close`.
+        this loader starts, or by ``close()``.
         """
         if self._closed:
             raise LoaderClosedError(
@@ -872,7 +872,7 @@ class ZarrLoader:
 
     def _ring_static(self, shared: bool) -> RingStaticTiles | None:
         """The static tiles' writer for the CPU path; with ``shared`` the field in
-        shared memory the workers map (made once, freed by :meth:`close`)."""
+        shared memory the workers map (made once, freed by ``close()``)."""
         if self.static is None:
             return None
         field: SharedArray | Any = self.static.field
