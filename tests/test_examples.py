@@ -39,10 +39,10 @@ def quickstart() -> tuple[list[str], str]:
 
 
 def _env() -> dict[str, str]:
+    """This environment (the zarrdali the tests import: PYTHONPATH, or the installed
+    one), with worker processes on, as a user runs it."""
     env = dict(os.environ)
-    env.pop("ZARRDALI_WORKERS", None)  # as a user runs it: worker processes
-    src = str(ROOT / "src")
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("ZARRDALI_WORKERS", None)
     return env
 
 

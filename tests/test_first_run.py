@@ -20,7 +20,6 @@ from storefactory import VarSpec
 from zarrdali import ConfigError, StoreNotFoundError, ZarrLoader
 
 ROOT = Path(__file__).resolve().parent.parent
-SRC = ROOT / "src"
 
 
 @pytest.fixture
@@ -105,7 +104,9 @@ def _run_without_dali(tmp_path: Path, code: str) -> subprocess.CompletedProcess:
     (blocker / "nvidia" / "__init__.py").write_text(_NO_DALI)
     script = tmp_path / "main.py"
     script.write_text(textwrap.dedent(code))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(SRC)]))
+    # the zarrdali the tests import (PYTHONPATH, or the installed one), DALI blocked
+    paths = [str(blocker), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths).rstrip(os.pathsep))
     env.pop("ZARRDALI_WORKERS", None)
     return subprocess.run(
         [sys.executable, str(script)],

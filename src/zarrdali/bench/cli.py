@@ -151,7 +151,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not (o["all"] or o["loaders"]):
         print("\nevery loader and ratio: zarrdali bench --all (about 4x the time)")
     files = ["bench.json", "bench.md", *payload["plots"]]
-    print(f"results in {o['out']}/ ({', '.join(files)})")
+    minutes = payload["wall_seconds"] / 60
+    print(f"results in {o['out']}/ ({', '.join(files)}); the loaders ran {minutes:.1f} min")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -281,6 +282,7 @@ def run_bench(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = system_info()
+    started = time.monotonic()
     rows = []
     total = len(stores) * len(specs) * len(loaders) * specs[0].epochs
     with tqdm(total=total, desc="bench", disable=not progress) as bar:
@@ -297,6 +299,7 @@ def run_bench(
         "results": rows,
         "ratios": ratios(rows),
         "verdict": verdict(rows),
+        "wall_seconds": round(time.monotonic() - started, 1),  # every loader, every size
     }
     several = len({one.batch_size for one in specs}) > 1
     made = {
