@@ -149,7 +149,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for line in payload["verdict"]:
             print(f"  {line}")
     if not (o["all"] or o["loaders"]):
-        print("\nevery loader and ratio: zarrdali bench --all (about 4x the time)")
+        print("\nevery loader and ratio: zarrdali bench --all (17 loaders, several times longer)")
     files = ["bench.json", "bench.md", *payload["plots"]]
     minutes = payload["wall_seconds"] / 60
     print(f"results in {o['out']}/ ({', '.join(files)}); the loaders ran {minutes:.1f} min")
@@ -225,8 +225,8 @@ def register(sub) -> None:
         "fastest peer (TensorStore, zarr-python + zarrs) and the ceiling (reading and "
         "decoding exactly the chunks each batch needs, nothing else). Writes bench.json, "
         "bench.md and throughput.png to the output folder. Without a store it writes "
-        "the sample data once (about 1 GB) and runs on both its layouts: about 5 minutes "
-        "on 2 cores; --all runs every loader and variant. Needs the bench extra: "
+        "the sample data once (about 1 GB) and runs on both its layouts (a few minutes on "
+        "2 cores); --all runs every loader and variant. Needs the bench extra: "
         "pip install 'zarrdali[bench]'. Options may also come from --config FILE.toml "
         "(keys as the flags); flags given override the file.",
     )

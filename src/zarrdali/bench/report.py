@@ -449,6 +449,11 @@ def plot_batch_sizes(path: Path, rows: list[dict]) -> bool:
         ax.set_yscale("log")
         ax.set_xticks(sorted({r["batch_size"] for r in mine}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        # plain numbers (20, 50, 100), not 2x10^1, on major and the labelled minor ticks
+        ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter())
+        ax.yaxis.set_minor_formatter(
+            matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
+        )
         ax.set_xlabel("batch size")
         ax.set_title(store, loc="left", fontsize=10, fontweight="bold")
         ax.grid(alpha=0.3, which="both")
