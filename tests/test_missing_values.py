@@ -114,6 +114,7 @@ int main(int argc, char** argv) {
     auto tile_chunks = load<int>((dir + "/tile_chunks").c_str());
     auto slots = load<long long>((dir + "/chunk_slots").c_str());
     auto variables = load<long long>((dir + "/variables").c_str());
+    auto levels = load<long long>((dir + "/levels").c_str());
     auto finish = load<long long>((dir + "/finish").c_str());
     auto stats = load<float>((dir + "/stats").c_str());
     std::vector<float> out(out_size);
@@ -126,7 +127,8 @@ int main(int argc, char** argv) {
                 blockIdx = {bx, by, 0};
                 threadIdx = {tx, 0, 0};
                 zarrdali_gather_finish(decoded.data(), tiles.data(), tile_chunks.data(),
-                                       slots.data(), variables.data(), finish.data(),
+                                       slots.data(), variables.data(), levels.data(),
+                                       finish.data(),
                                        stats.data(), n_tiles, n_l, n_y, n_x, h, w, normalize,
                                        fill_missing, nan_fill, write_mask, out.data(),
                                        mask.data());
@@ -163,7 +165,7 @@ def host_finish_kernel(tmp_path_factory):
         work = root / "run"
         work.mkdir(exist_ok=True)
         decoded.tofile(work / "decoded")
-        names = ("tiles", "tile_chunks", "chunk_slots", "variables")
+        names = ("tiles", "tile_chunks", "chunk_slots", "variables", "levels")
         for name, array in zip(names, gather.arrays, strict=True):
             np.ascontiguousarray(array).tofile(work / name)
         finish.variables.tofile(work / "finish")
