@@ -18,13 +18,7 @@ import pytest
 import xarray as xr
 
 import zarrdali
-from xarray_stores import (
-    LEVELS_HPA,
-    write_ordered_store,
-    write_packed_store,
-    write_wb2_store,
-    xarray_window,
-)
+from xarray_stores import LEVELS_HPA, write_ordered_store, xarray_window
 from zarrdali import ConfigError
 from zarrdali.batchplan import plan_batch
 
@@ -82,13 +76,6 @@ def check_against_xarray(
 
 # -- CF decoding --------------------------------------------------------------------------
 PACKED = ["ir", "cloud", "count", "offset_only"]
-
-
-@pytest.fixture(scope="module")
-def packed_store(tmp_path_factory):
-    with warnings.catch_warnings():  # offset_only: packed without a _FillValue, on purpose
-        warnings.simplefilter("ignore")
-        return write_packed_store(tmp_path_factory.mktemp("packed") / "sat.zarr")
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -322,11 +309,6 @@ def test_arrays_without_names_keep_the_positional_rule(tmp_path):
 
 
 # -- pressure levels -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def wb2_store(tmp_path_factory):
-    return write_wb2_store(tmp_path_factory.mktemp("wb2") / "wb2.zarr")
-
-
 WB2_VARIABLES = [
     "2m_temperature",
     ("temperature", [850, 500]),
@@ -437,3 +419,21 @@ def test_store_stats_of_chosen_levels(wb2_store, tmp_path):
 def test_bad_level_choices_are_named(wb2_store, variables, says):
     with pytest.raises(ConfigError, match=says):
         zarrdali.ZarrLoader(wb2_store, variables, device="cpu")
+
+
+def test_tiling_index_counts_what_xarray_decodes(packed_store, tmp_path):
+    """``zarrdali index`` works in the values the loader serves: a packed store's
+    fill values are missing data, in any dimension order."""
+    from zarrdali.prep.index import build_index
+    from zarrdali.prep.tiling import TilingSpec
+
+    ds = open_xarray(packed_store)
+    result = build_index(
+        packed_store, ["ir"], TilingSpec(n_frames=2, tile=(8, 8)), out_dir=tmp_path / "idx"
+    )
+    table = result.tiling
+    assert (table["valid_fraction"] < 1).any()
+    ir = ds["ir"].values
+    for t0, y0, x0, fraction in table[["t0", "y0", "x0", "valid_fraction"]].itertuples(index=False):
+        window = ir[t0 : t0 + 2, y0 : y0 + 8, x0 : x0 + 8]
+        assert fraction == pytest.approx((~np.isnan(window)).mean()), (t0, y0, x0)

@@ -20,7 +20,7 @@ import fakegpu
 from test_gpu_backend import _emulate_device_decode, _fill_host_region
 from test_loader_oracle import run_epochs
 from test_missing_values import _same_batches, host_finish_kernel  # noqa: F401  (fixture)
-from test_user_stores import WB2_VARIABLES, open_xarray, packed_store, wb2_store  # noqa: F401
+from test_user_stores import WB2_VARIABLES, open_xarray
 from xarray_stores import write_ordered_store, xarray_window
 from zarrdali import ZarrLoader
 from zarrdali.backends.cpu import CpuBackend
@@ -66,7 +66,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_packed_store_on_the_stand_in_equals_the_cpu_path(packed_store, monkeypatch, case):  # noqa: F811
+def test_packed_store_on_the_stand_in_equals_the_cpu_path(packed_store, monkeypatch, case):
     variables, kw = CASES[case]
     with ZarrLoader(packed_store, variables, device="cpu", **_loader_kw(**kw)) as cpu_loader:
         want = run_epochs(cpu_loader, [0, 1])
@@ -97,7 +97,7 @@ def test_other_orders_on_the_stand_in_equal_xarray(tmp_path, monkeypatch, order)
             np.testing.assert_array_equal(frames[i], want)
 
 
-def test_chosen_levels_on_the_stand_in_equal_the_cpu_path(wb2_store, monkeypatch):  # noqa: F811
+def test_chosen_levels_on_the_stand_in_equal_the_cpu_path(wb2_store, monkeypatch):
     kw = _loader_kw(static=["land_sea_mask"], masks=True)
     with ZarrLoader(wb2_store, WB2_VARIABLES, device="cpu", **kw) as cpu_loader:
         want = run_epochs(cpu_loader, [0])
@@ -115,7 +115,7 @@ def test_finishing_kernel_source_unpacks_strides_and_picks_levels(
     tmp_path,
     packed_store,
     wb2_store,
-    host_finish_kernel,  # noqa: F811
+    host_finish_kernel,  # noqa: F811  (the fixture imported above)
 ):
     """The kernel's CUDA source as host C++, its numpy twin and the CPU finish:
     the same bits (values and masks) on each kind of users' store."""
@@ -157,7 +157,7 @@ def test_finishing_kernel_source_unpacks_strides_and_picks_levels(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(CASES))
-def test_packed_store_on_a_gpu_equals_the_cpu_path(packed_store, case):  # noqa: F811
+def test_packed_store_on_a_gpu_equals_the_cpu_path(packed_store, case):
     variables, kw = CASES[case]
     with ZarrLoader(packed_store, variables, device="cpu", **_loader_kw(**kw)) as cpu_loader:
         want = run_epochs(cpu_loader, [0, 1])
@@ -167,7 +167,7 @@ def test_packed_store_on_a_gpu_equals_the_cpu_path(packed_store, case):  # noqa:
 
 
 @pytest.mark.gpu
-def test_chosen_levels_and_orders_on_a_gpu_equal_the_cpu_path(wb2_store, tmp_path):  # noqa: F811
+def test_chosen_levels_and_orders_on_a_gpu_equal_the_cpu_path(wb2_store, tmp_path):
     store = write_ordered_store(
         tmp_path / "o.zarr",
         ("lat", "lon", "time"),
