@@ -437,3 +437,129 @@ def test_tiling_index_counts_what_xarray_decodes(packed_store, tmp_path):
     for t0, y0, x0, fraction in table[["t0", "y0", "x0", "valid_fraction"]].itertuples(index=False):
         window = ir[t0 : t0 + 2, y0 : y0 + 8, x0 : x0 + 8]
         assert fraction == pytest.approx((~np.isnan(window)).mean()), (t0, y0, x0)
+
+
+# -- zarr-python >= 3.2: scale_offset and cast_value codecs, rectilinear grids ---------------
+ZARR_32 = tuple(int(p) for p in __import__("zarr").__version__.split(".")[:2]) >= (3, 2)
+
+
+def _write_scale_offset_store(path, *, cast: bool, sharded: bool):
+    import zarr
+    from zarr.codecs import CastValue, ScaleOffset
+
+    rng = np.random.default_rng(2)
+    data = (250 + 30 * rng.random((6, 16, 16))).astype("float32")
+    data[1, 2:5, 3:9] = np.nan
+    filters = [ScaleOffset(offset=250, scale=100)]
+    if cast:
+        scalar_map = {"encode": [("NaN", -32768)], "decode": [(-32768, "NaN")]}
+        filters.append(CastValue(data_type="int16", scalar_map=scalar_map))
+    group = zarr.open_group(path, mode="w")
+    array = group.create_array(
+        "bt",
+        shape=data.shape,
+        dtype="float32",
+        chunks=(1, 8, 8),
+        shards=(2, 16, 16) if sharded else None,
+        filters=filters,
+        fill_value=np.nan,
+        dimension_names=["time", "lat", "lon"],
+    )
+    array[...] = data
+    return path
+
+
+@pytest.mark.skipif(not ZARR_32, reason="scale_offset and cast_value need zarr-python >= 3.2")
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+@pytest.mark.parametrize("cast", [False, True], ids=["scale_offset", "scale_offset+cast_value"])
+def test_zarr_32_value_codecs_are_read_on_the_cpu_path(tmp_path, cast, sharded):
+    if cast:
+        pytest.importorskip("cast_value_rs")
+    store = _write_scale_offset_store(tmp_path / "so.zarr", cast=cast, sharded=sharded)
+    ds = open_xarray(store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read through zarr-python: said once
+        with zarrdali.ZarrLoader(
+            store,
+            ["bt"],
+            input_steps=2,
+            tile=(8, 8),
+            batch_size=8,
+            shuffle=True,
+            device="cpu",
+            masks=True,
+        ) as loader:
+            batches = batches_of(loader, (0, 1))
+    check_against_xarray(
+        batches, ds, ["bt"], input_steps=2, target_steps=0, tile=(8, 8), masks=True
+    )
+    assert any(np.isnan(b["input"]).any() for b in batches)
+
+
+@pytest.mark.skipif(ZARR_32, reason="zarr-python < 3.2 does not know the codec")
+def test_zarr_32_codecs_on_older_zarr_name_the_version_needed(tmp_path):
+    import json
+
+    import zarr
+
+    group = zarr.open_group(tmp_path / "so.zarr", mode="w", zarr_format=3)
+    group.create_array(
+        "bt",
+        shape=(2, 4, 4),
+        dtype="float32",
+        chunks=(1, 4, 4),
+        dimension_names=["time", "lat", "lon"],
+    )
+    meta_path = tmp_path / "so.zarr" / "bt" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["codecs"].insert(0, {"name": "scale_offset", "configuration": {"offset": 1, "scale": 2}})
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(
+        zarrdali.UnknownCodecError,
+        match=r"'scale_offset' codec needs zarr-python"
+        r" >= 3.2.*'bt'",
+    ):
+        zarrdali.ZarrLoader(tmp_path / "so.zarr", ["bt"], device="cpu")
+
+
+def _with_chunk_grid(tmp_path, chunk_grid):
+    import json
+
+    import zarr
+
+    values = np.random.default_rng(4).random((6, 10, 12)).astype("f4")
+    group = zarr.open_group(tmp_path / "r.zarr", mode="w", zarr_format=3)
+    group.create_array("r", data=values, chunks=(2, 5, 6), dimension_names=["time", "y", "x"])
+    meta_path = tmp_path / "r.zarr" / "r" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["chunk_grid"] = chunk_grid
+    meta_path.write_text(json.dumps(meta))
+    return tmp_path / "r.zarr", values
+
+
+def test_rectilinear_grids_of_one_chunk_size_are_read(tmp_path):
+    grid = {
+        "name": "rectilinear",
+        "configuration": {"kind": "inline", "chunk_shapes": [[[2, 3]], [5, 5], 6]},
+    }
+    store, values = _with_chunk_grid(tmp_path, grid)
+    with zarrdali.ZarrLoader(store, ["r"], tile=(5, 6), batch_size=4, device="cpu") as loader:
+        assert loader.layouts[0].chunk_shape == (2, 5, 6)
+        batch = next(iter(loader))
+    for i, (t0, y0, x0) in enumerate(batch["index"].tolist()):
+        np.testing.assert_array_equal(
+            batch["input"][i, 0, 0].numpy(), values[t0, y0 : y0 + 5, x0 : x0 + 6]
+        )
+
+
+def test_rectilinear_grids_of_varying_chunks_are_refused(tmp_path):
+    grid = {
+        "name": "rectilinear",
+        "configuration": {"kind": "inline", "chunk_shapes": [[2, 4], [5, 5], [6, 6]]},
+    }
+    store, _ = _with_chunk_grid(tmp_path, grid)
+    with pytest.raises(
+        zarrdali.MetadataError,
+        match=r"varying sizes along dimension 0 \(\[2, 4\]\).*regular.*array 'r'",
+    ):
+        zarrdali.ZarrLoader(store, ["r"], device="cpu")

@@ -180,3 +180,23 @@ def test_chosen_levels_and_orders_on_a_gpu_equal_the_cpu_path(wb2_store, tmp_pat
         with ZarrLoader(where, variables, device="cuda", **kw) as loader:
             got = run_epochs(loader, [0])
         _same_batches(got, want)
+
+
+@pytest.mark.parametrize("cast", [False, True], ids=["scale_offset", "scale_offset+cast_value"])
+def test_zarr_32_value_codecs_on_the_stand_in_equal_the_cpu_path(tmp_path, monkeypatch, cast):
+    from test_user_stores import ZARR_32, _write_scale_offset_store
+
+    if not ZARR_32:
+        pytest.skip("scale_offset and cast_value need zarr-python >= 3.2")
+    if cast:
+        pytest.importorskip("cast_value_rs")
+    store = _write_scale_offset_store(tmp_path / "so.zarr", cast=cast, sharded=True)
+    kw = _loader_kw(target_steps=0, masks=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ZarrLoader(store, ["bt"], device="cpu", **kw) as cpu_loader:
+            want = run_epochs(cpu_loader, [0])
+        _on_the_stand_in(monkeypatch)
+        with ZarrLoader(store, ["bt"], device="cuda", **kw) as loader:
+            got = run_epochs(loader, [0])
+    _same_batches(got, want)

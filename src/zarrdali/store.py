@@ -304,10 +304,27 @@ def _check_zarr_python_reads(group: zarr.Group, name: str, store_name: str) -> N
         cls = UnknownCodecError if "UnknownCodecError" in kinds else MetadataError
         raise cls(
             f"zarr-python cannot open the array, which zarrdali reads through it: "
-            f"{remote.short_message(err)}",
+            f"{remote.short_message(err)}{_newer_zarr_hint(err)}",
             store=store_name,
             array=name,
         ) from err
+
+
+# Codecs zarrdali reads through zarr-python, and the release that brought them.
+_NEWER_CODECS = {"scale_offset": "3.2", "cast_value": "3.2"}
+
+
+def _newer_zarr_hint(err: Exception) -> str:
+    text = str(err)
+    named = [codec for codec in _NEWER_CODECS if codec in text]
+    if not named:
+        return ""
+    version = _NEWER_CODECS[named[0]]
+    extra = " and the cast-value-rs package" if "cast_value" in named else ""
+    return (
+        f" (the {named[0]!r} codec needs zarr-python >= {version}, which needs Python >= "
+        f"3.12{extra}; zarr-python {zarr.__version__} is installed)"
+    )
 
 
 # A shard index is read whole and kept per shard a batch touches: past 4 GiB
