@@ -145,9 +145,15 @@ class ZarrLoader:
 
     ``batch["input"][i]`` equals ``stack([ds[v][t0 : t0 + input_steps * frame_step :
     frame_step, y0 : y0 + H, x0 : x0 + W] for v in variables], axis=1)`` (then
-    normalized) with ``(t0, y0, x0) = batch["index"][i]``; variables with a level
-    axis contribute one channel per level. Values are the stored values (no CF
-    decoding); NaNs stay NaN.
+    normalized) with ``(t0, y0, x0) = batch["index"][i]`` and ``ds =
+    xarray.open_zarr(store)``: values CF-decoded as xarray decodes them
+    (``scale_factor``/``add_offset``, ``_FillValue``/``missing_value`` as NaN;
+    ``decode_cf=False`` serves stored values, see :mod:`zarrdali.cf`), axes found
+    by their dimension names in any stored order (``dims`` names others; see
+    :mod:`zarrdali.dims`). A variable with a level axis contributes one channel
+    per level, or per level chosen: ``variables=["t2m", ("t", [850, 500])]`` by
+    the level coordinate's values, ``("t", {"isel": [0, 3]})`` by index
+    (:mod:`zarrdali.variables`); :attr:`channels` names them.
 
     The CPU path decodes a chunk only as far as the last byte a batch copies
     from it (zstd, gzip, uncompressed); ``partial_decode=False`` decodes every
