@@ -16,8 +16,10 @@ import zarr
 
 from .backends import make_backend
 from .backends.base import batch_dtype
-from .backends.finish import Finish
+from .backends.finish import Finish, finish_of
 from .backends.sources import make_source
+from .cf import channel_packing
+from .dims import check_dims_override
 from .epoch import BoolMasks, EpochRun, SourceHandle, release_frames
 from .epoch_reader import EpochReader, load_frames, load_into
 from .errors import ConfigError, LoaderClosedError
@@ -36,8 +38,9 @@ from .static import (
     StaticTiles,
     read_static_fields,
 )
-from .store import check_plan_fits, load_layouts, open_group
+from .store import check_plan_fits, open_group
 from .timecoord import FrameTimes, read_time_coordinate
+from .variables import resolve_variables
 
 log = logging.getLogger(__name__)
 
@@ -100,24 +103,6 @@ def _path_or_object(store: Any) -> Any:
         text = os.fspath(store)
         return text if is_url(text) else os.path.expanduser(text)
     return store
-
-
-def _variable_names(variables: Any) -> list[str]:
-    """``variables`` as a list of names; a mapping or a set is refused (its
-    order, or a meaning of its values, would be guessed)."""
-    if isinstance(variables, str):
-        return [variables]
-    if isinstance(variables, (Mapping, set, frozenset)):
-        kind = "a dict" if isinstance(variables, Mapping) else "a set"
-        raise ConfigError(
-            f"variables must be a name or a list of names (their order is the channels' "
-            f"order), got {kind}: {variables!r}. Pass a list, e.g. variables={list(variables)!r}"
-            + ("; statistics go to normalize=." if isinstance(variables, Mapping) else ".")
-        )
-    names = list(variables)
-    if not names or not all(isinstance(name, str) for name in names):
-        raise ConfigError(f"variables must be one or more array names, got {variables!r}.")
-    return names
 
 
 def _pair(name: str, value: Any) -> tuple[int, int] | None:
@@ -204,10 +189,16 @@ class ZarrLoader:
 
     ``batch["input"][i]`` equals ``stack([ds[v][t0 : t0 + input_steps *
     frame_step : frame_step, y0 : y0 + H, x0 : x0 + W] for v in variables],
-    axis=1)`` (then normalized) with ``ds`` the same store opened by zarr or
-    xarray (``mask_and_scale=False``): values are served as stored, NaNs stay
-    NaN, a chunk never written is the array's fill value. Variables with a
-    level axis contribute one channel per level.
+    axis=1)`` (then normalized) with ``(t0, y0, x0) = batch["index"][i]`` and
+    ``ds = xarray.open_zarr(store)``: values CF-decoded as xarray decodes them
+    (``scale_factor``/``add_offset``, ``_FillValue``/``missing_value`` as NaN;
+    ``decode_cf=False`` serves stored values, see ``zarrdali.cf``), axes found
+    by their dimension names in any stored order (``dims`` names others; see
+    ``zarrdali.dims``). A variable with a level axis contributes one channel
+    per level, or per level chosen: ``variables=["t2m", ("t", [850, 500])]`` by
+    the level coordinate's values, ``("t", {"isel": [0, 3]})`` by index
+    (``zarrdali.variables``); the ``channels`` attribute names them. A chunk
+    never written reads as the array's fill value.
 
     ``device="cpu"`` decodes with numcodecs in worker processes straight into
     shared-memory batch buffers that torch gets without a copy; the workers are
@@ -240,10 +231,13 @@ class ZarrLoader:
             Icechunk session's store, an ``FsspecStore``) or an obstore store.
             A NetCDF or GRIB file is not a Zarr store: convert it with
             ``zarrdali prepare``.
-        variables: The array name, or a list of names, stacked as channels
-            ``C`` in this order. Each array's dimensions are ``(time, y, x)``
-            or ``(time, level, y, x)``, on one grid. A dict or a set is refused
-            (its order would decide the channels).
+        variables: The array name, or a list of them, stacked as channels
+            ``C`` in this order; an entry ``(name, levels)`` serves only the
+            levels chosen, by the level coordinate's values (``("t", [850,
+            500])``) or by index (``("t", {"isel": [0, 3]})``). Each array has
+            a time, y and x axis and optionally a level axis, found by their
+            dimension names in any order, on one grid. A dict or a set is
+            refused (its order would decide the channels).
         input_steps: Frames of history per sample (``batch["input"]``), >= 1.
         target_steps: Frames after them served as ``batch["target"]``; 0
             leaves the key out.
@@ -261,10 +255,11 @@ class ZarrLoader:
             extra and a missing one is named with how to install it) or
             ``"auto"`` (the GPU path where all it needs is present, else the
             CPU path).
-        normalize: None serves values as stored; ``{variable: (mean, std)}``
-            serves ``(x - mean) / std`` in float32 (a sequence per level for a
-            variable with levels); ``"store"`` takes them from each array's
-            ``stats`` attribute, written by ``zarrdali stats``.
+        normalize: None serves the values unscaled; ``{variable: (mean,
+            std)}`` serves ``(x - mean) / std`` in float32 (a sequence per
+            level for a variable with levels); ``"store"`` takes them from each
+            array's ``stats`` attribute, written by ``zarrdali stats`` (of the
+            values served: decoded, or stored with ``decode_cf=False``).
         frame_step: Store time steps between consecutive frames of a sample
             (6 on hourly data: frames 6 hours apart).
         time_stride: Store time steps between the first frames of consecutive
@@ -348,6 +343,15 @@ class ZarrLoader:
             number after normalization. None: served as they are.
         masks: Serve ``batch["input_mask"]`` and ``batch["target_mask"]``,
             bool, shaped like the frames, True where the value is valid.
+        decode_cf: Serve the values as ``xarray.open_zarr`` shows them:
+            ``scale_factor``/``add_offset`` applied, ``_FillValue`` and
+            ``missing_value`` as NaN, ``_Unsigned`` integers unsigned. False
+            serves the stored values (zarr-python's view).
+        dims: Names of the dimensions that play the roles ``"time"``,
+            ``"level"``, ``"y"`` and ``"x"`` where the store's names are not
+            the usual ones (``time``, ``valid_time``, ``level``,
+            ``isobaricInhPa``, ``lat``, ``latitude``, ``lon``, ``x``, ...),
+            e.g. ``{"time": "forecast_time"}``.
 
     Raises:
         ConfigError: An option that is invalid or that the store cannot
@@ -363,7 +367,7 @@ class ZarrLoader:
     def __init__(
         self,
         store: str | os.PathLike | zarr.Group | Any,
-        variables: Sequence[str] | str,
+        variables: Sequence[str | tuple[str, Any]] | str,
         input_steps: int = 1,
         target_steps: int = 0,
         tile: int | tuple[int, int] | None = None,
@@ -400,6 +404,8 @@ class ZarrLoader:
         time: bool | None = None,
         nan_fill: float | None = None,
         masks: bool = False,
+        decode_cf: bool = True,
+        dims: Mapping[str, str] | None = None,
     ) -> None:
         # Everything is validated here, before any chunk is read.
         store = _path_or_object(store)
@@ -431,10 +437,16 @@ class ZarrLoader:
             request_timeout=request_timeout,
         )
         self.group, self.store_name = open_group(store, storage_options)
-        self.variables = _variable_names(variables)
-        self.layouts = load_layouts(self.group, self.store_name, self.variables)
+        if not isinstance(decode_cf, (bool, np.bool_)):
+            raise ConfigError(f"decode_cf must be True or False, got {decode_cf!r}.")
+        self.decode_cf = bool(decode_cf)
+        # Which arrays and levels are channels, their axes found by name.
+        self.selection, self.layouts, self.channels = resolve_variables(
+            variables, self.group, self.store_name, check_dims_override(dims), self.decode_cf
+        )
+        self.variables = list(self.selection.names)
         first = self.layouts[0]
-        n_time, ny, nx = first.shape[0], first.shape[-2], first.shape[-1]
+        n_time, (ny, nx) = first.n_time, first.grid_shape
         self.candidates: SampleGrid | SampleTable
         h, w = self.spec.tile or (ny, nx)
         channels = sum(layout.n_levels for layout in self.layouts)
@@ -459,12 +471,24 @@ class ZarrLoader:
             rank=rank,
             world_size=world_size,
         )
-        self.stats = channel_stats(normalize, self.layouts, self.store_name)
-        # Missing values: NaN and the variables' CF missing values (None: not checked).
-        self.missing = check_missing_options(nan_fill, masks, self.layouts, self.store_name)
+        self.stats = channel_stats(normalize, self.layouts, self.store_name, self.decode_cf)
+        # Missing values: NaN and the variables' CF missing values (None: not checked),
+        # served as NaN with decode_cf; CF unpacking per channel (None: none packed).
+        self.missing = check_missing_options(
+            nan_fill, masks, self.layouts, self.store_name, self.decode_cf
+        )
+        self.packing = channel_packing(self.layouts, self.store_name) if self.decode_cf else None
         # Static fields and the time coordinate: read once, here.
         self.static = (
-            read_static_fields(self.group, self.store_name, static, self.layouts, normalize)
+            read_static_fields(
+                self.group,
+                self.store_name,
+                static,
+                self.layouts,
+                normalize,
+                decode_cf=self.decode_cf,
+                dims=check_dims_override(dims),
+            )
             if static
             else None
         )
@@ -795,7 +819,13 @@ class ZarrLoader:
         # batches numbered through the epoch, across world sizes (augmentation draws)
         served_before = sum(seg.batches for seg in self._segments)
         finishing = Finishing(
-            self.stats, self.augment, self.sampler.seed, self._epoch, served_before, self.missing
+            self.stats,
+            self.augment,
+            self.sampler.seed,
+            self._epoch,
+            served_before,
+            self.missing,
+            self.packing,
         )
         tile_hw = self.candidates.tile_hw
         layout = self._host_layout()
@@ -806,7 +836,7 @@ class ZarrLoader:
         if self.workers:
             reader = EpochReader(
                 self.store_ref,
-                self.variables,
+                self.selection,
                 self.spec,
                 self.candidates,
                 self.sampler,
@@ -953,17 +983,15 @@ class ZarrLoader:
         """What a backend that finishes batches in its gather applies (statistics,
         missing values; no flags: DALI augments); None for one that does not."""
         if not getattr(self.backend, "finishes_in_gather", False):
-            if self.missing is not None:
+            if self.missing is not None or self.packing is not None:
                 raise ConfigError(
-                    f"masks and nan_fill need the CPU path or the GPU backend; the "
-                    f"{type(self.backend).__name__} backend does not check missing values."
+                    f"masks, nan_fill and CF decoding need the CPU path or the GPU backend; "
+                    f"the {type(self.backend).__name__} backend does not do them "
+                    f"(decode_cf=False serves stored values)."
                 )
             return None
         mean, std = self.stats if self.stats is not None else (None, None)
-        missing = self.missing
-        if missing is None:
-            return Finish(mean, std)
-        return Finish(mean, std, nan_fill=missing.nan_fill, missing=missing.per_channel)
+        return finish_of(mean, std, self.missing, self.packing)
 
     def _batch_extras(self, feed: Any) -> tuple[list, list, list[str]]:
         """Outputs computed per batch from its samples (see ``BatchSource``):
