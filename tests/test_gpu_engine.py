@@ -222,6 +222,7 @@ def break_zstd_magic(store, array: str, key: str, sharded: bool) -> None:
     path.write_bytes(bytes(raw))
 
 
+@pytest.mark.corrupt_input
 @pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
 def test_corrupted_zstd_frame_raises_chunk_error(engine, make_store, sharded):
     shards = (4, 16, 16) if sharded else None
