@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
 import os
 import threading
 import types
 import weakref
 import zlib
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numcodecs
@@ -318,6 +320,7 @@ class FakeCuda:
         self.null_stream = FakeStream(self, null=True)
         self.default_stream = self.null_stream
         self.launches: list[str] = []
+        self.compiled: list[tuple[str, str, tuple]] = []
         self.host_waits = 0
         self.device_waits = 0
         self.allocated = 0
@@ -417,12 +420,45 @@ class FakeCuda:
         cp.asarray = asarray
         cp.zeros = lambda shape, dtype=np.float64: full(shape, 0, dtype)
         cp.full = full
-        for name in ("where", "arange", "count_nonzero", "add", "multiply", "concatenate"):
+        for name in (
+            "where", "arange", "count_nonzero", "add", "multiply", "concatenate", "take", "minimum",
+        ):  # fmt: skip
             setattr(cp, name, getattr(np, name))
         # views of "device" arrays stay "device" arrays (CuPy's as_strided gives CuPy's)
         strided = partial(np.lib.stride_tricks.as_strided, subok=True)
         cp.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(as_strided=strided))
-        cp.RawKernel = lambda source, name: FakeKernel(cuda, source, name)
+
+        # Compiles as CuPy 14 does: RawKernel and RawModule(code=...) append
+        # -ftz=true to the options (cupy/cuda/compiler.py); compile_using_nvrtc
+        # passes them as given; RawModule(path=...) loads, compiling nothing.
+        # ``cuda.compiled``: (how, source, options) of each compile.
+        def raw_kernel(source: str, name: str, options: tuple = ()) -> FakeKernel:
+            cuda.check()
+            cuda.compiled.append(("RawKernel", source, (*options, "-ftz=true")))
+            return FakeKernel(cuda, source, name)
+
+        class RawModule:
+            def __init__(self, *, code: str | None = None, path: str | None = None,
+                         options: tuple = ()) -> None:  # fmt: skip
+                cuda.check()
+                if (code is None) == (path is None):
+                    raise TypeError("Exactly one of `code` and `path` keyword arguments")
+                if code is not None:
+                    cuda.compiled.append(("RawModule", code, (*options, "-ftz=true")))
+                else:
+                    assert Path(path).read_bytes().startswith(b"FAKECUBIN"), path
+                self.code = code
+
+            def get_function(self, name: str) -> FakeKernel:
+                return FakeKernel(cuda, self.code, name)
+
+        def compile_using_nvrtc(source: str, options: tuple = (), arch: Any = None, **kw: Any):
+            cuda.check()
+            cuda.compiled.append(("nvrtc", source, tuple(options)))
+            return b"FAKECUBIN" + hashlib.sha256(source.encode()).digest(), {}
+
+        cp.RawKernel = raw_kernel
+        cp.RawModule = RawModule
         cp.get_default_memory_pool = lambda: _PoolOfCurrentDevice(cuda)
 
         def free_pinned_blocks() -> None:
@@ -478,6 +514,7 @@ class FakeCuda:
                     stream.complete()
 
         cp.cuda = types.SimpleNamespace(
+            compiler=types.SimpleNamespace(compile_using_nvrtc=compile_using_nvrtc),
             Stream=new_stream,
             Event=new_event,
             get_current_stream=cuda.current_stream,
