@@ -27,7 +27,12 @@ import pytest
 
 import fakegpu
 from zarrdali.backends.gpu import gather as gpu_gather
-from zarrdali.backends.gpu.kernels import PACK_SOURCE, finish_source, gather_source
+from zarrdali.backends.gpu.kernels import (
+    CRC_GATE_SOURCE,
+    PACK_SOURCE,
+    finish_source,
+    gather_source,
+)
 
 FTZ = re.compile(r"\.ftz\b")
 OUT_DTYPES = ["f4", "f8", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8"]
@@ -35,7 +40,11 @@ OUT_DTYPES = ["f4", "f8", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8"]
 
 def kernel_sources() -> dict[str, str]:
     """Every kernel source the backend compiles, by kernel name (dtype-suffixed)."""
-    sources = {"zarrdali_pack": PACK_SOURCE, "zarrdali_gather_finish": finish_source()}
+    sources = {
+        "zarrdali_pack": PACK_SOURCE,
+        "zarrdali_crc_gate": CRC_GATE_SOURCE,
+        "zarrdali_gather_finish": finish_source(),
+    }
     for out in OUT_DTYPES:
         sources[f"zarrdali_gather:{out}"] = gather_source(np.dtype(out))
     return sources
@@ -175,3 +184,84 @@ def test_cupys_flush_to_zero_is_what_the_options_avoid():
     assert any(op.startswith("setp.eq.ftz") for op in flushed), flushed
     assert not FTZ.search(ours)
     assert "fma.rn" not in ours  # --fmad=false: no contraction numpy would not do
+
+
+# -- the pack kernel's own source, run on the host ------------------------------------------
+_HOST_PACK_MAIN = r"""
+#include <string>
+// argv: directory, n_jobs, src bytes, dst bytes, grid_y, threads
+int main(int argc, char** argv) {
+    if (argc != 7) return 1;
+    std::string dir = argv[1];
+    int n_jobs = std::atoi(argv[2]);
+    long n_src = std::atol(argv[3]), n_dst = std::atol(argv[4]);
+    unsigned int gy = std::atoi(argv[5]), threads = std::atoi(argv[6]);
+    // 16-byte aligned buffers, as cudaMalloc's are (and a 512-byte pool's blocks)
+    unsigned char* src = (unsigned char*)std::aligned_alloc(512, (n_src + 511) / 512 * 512);
+    unsigned char* dst = (unsigned char*)std::aligned_alloc(512, (n_dst + 511) / 512 * 512);
+    auto jobs = load<long long>((dir + "/jobs").c_str());
+    auto in = load<unsigned char>((dir + "/src").c_str());
+    auto out = load<unsigned char>((dir + "/dst").c_str());
+    std::memcpy(src, in.data(), n_src);
+    std::memcpy(dst, out.data(), n_dst);
+    gridDim = {(unsigned int)n_jobs, gy, 1};
+    blockDim = {threads, 1, 1};
+    for (unsigned int bx = 0; bx < gridDim.x; ++bx)
+        for (unsigned int by = 0; by < gridDim.y; ++by)
+            for (unsigned int tx = 0; tx < blockDim.x; ++tx) {
+                blockIdx = {bx, by, 0};
+                threadIdx = {tx, 0, 0};
+                zarrdali_pack(src, dst, jobs.data(), n_jobs);
+            }
+    FILE* f = std::fopen((dir + "/out").c_str(), "wb");
+    std::fwrite(dst, 1, n_dst, f);
+    std::fclose(f);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("launch", [(1, 1), (2, 16), (3, 256)])
+def test_the_pack_kernel_copies_any_offsets_16_bytes_at_a_time(tmp_path, launch):
+    """``zarrdali_pack`` as host C++: jobs at every source and destination
+    alignment, of 0 to 300 bytes, in any launch shape, copy exactly their bytes
+    and nothing else (the destination's other bytes keep their poison)."""
+    from test_gpu_backend import _HOST_LOAD, _HOST_SHIM
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("needs g++")
+    source = tmp_path / "pack.cpp"
+    source.write_text(_HOST_SHIM + _HOST_LOAD + PACK_SOURCE + _HOST_PACK_MAIN)
+    binary = tmp_path / "pack"
+    subprocess.run([compiler, "-O1", "-std=c++17", "-o", str(binary), str(source)], check=True)
+    rng = np.random.default_rng(sum(launch))
+    src = rng.integers(0, 256, 20000, dtype=np.uint8)
+    jobs, d = [], 0
+    for size in [0, 1, 15, 16, 17, 31, 32, 33, 48, 300, *rng.integers(0, 300, 40).tolist()]:
+        s = int(rng.integers(0, len(src) - size))
+        d += int(rng.integers(0, 40))  # every destination alignment
+        jobs.append((s, d, size))
+        d += size
+    jobs = np.array(jobs, dtype=np.int64)
+    dst = np.full(d + 64, 0xEE, dtype=np.uint8)
+    want = dst.copy()
+    for s, d0, size in jobs.tolist():
+        want[d0 : d0 + size] = src[s : s + size]
+    jobs.tofile(tmp_path / "jobs")
+    src.tofile(tmp_path / "src")
+    dst.tofile(tmp_path / "dst")
+    gy, threads = launch
+    args = [len(jobs), src.size, dst.size, gy, threads]
+    subprocess.run([str(binary), str(tmp_path), *map(str, args)], check=True)
+    got = np.fromfile(tmp_path / "out", dtype=np.uint8)
+    assert np.array_equal(got, want)
+
+
+def test_the_pack_kernel_moves_16_bytes_per_load_and_store(tmp_path):
+    """Its PTX has 16-byte global loads and stores (the byte-wise copy had
+    none), and no local memory (the shifted words stay in registers)."""
+    ptx = compiled_ptx(PACK_SOURCE, gpu_gather.NVRTC_OPTIONS, tmp_path)
+    assert re.search(r"ld\.global(\.nc)?\.v4\.u32", ptx)
+    assert re.search(r"st\.global\.v4\.u32", ptx)
+    assert ".local" not in ptx

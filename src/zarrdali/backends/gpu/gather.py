@@ -39,7 +39,15 @@ from typing import Any
 
 import numpy as np
 
-from .kernels import PACK_SOURCE, THREADS, finish_source, gather_source, grid_y
+from .kernels import (
+    PACK_SOURCE,
+    THREADS,
+    finish_source,
+    gather_block,
+    gather_grid_y,
+    gather_source,
+    grid_y,
+)
 from .plan import GatherFinish, GatherTables
 
 # NVRTC options of every kernel: float arithmetic as numpy does it on the CPU
@@ -163,10 +171,13 @@ def launch_gather(
     _, n_l, n_y, n_x = gather.tile_chunks.shape
     h, w = gather.out_shape[-2:]
     sizes = tuple(np.int32(n) for n in (gather.n_tiles, n_l, n_y, n_x, h, w))
-    grid = (gather.n_tiles, grid_y(gather.max_tile_elements))
+    if gather.max_tile_elements >= 1 << 31:
+        raise ValueError("a tile of 2**31 elements or more: the gather indexes them as int")
+    block = gather_block(w)
+    grid = (gather.n_tiles, gather_grid_y(gather.max_tile_elements // w, w))
     if finish is None:
         kernel = kernels.get("zarrdali_gather", gather_source(gather.out_dtype))
-        kernel(grid, (THREADS,), (decoded, *tables, *sizes, out))
+        kernel(grid, block, (decoded, *tables, *sizes, out))
         return tables
     if finish.masks and mask is None:
         raise ValueError("a finish with masks needs the mask array")
@@ -180,5 +191,5 @@ def launch_gather(
     )
     # without masks the kernel never writes through its mask pointer: any array will do
     target = mask if finish.masks else out
-    kernel(grid, (THREADS,), (decoded, *tables, *extra, *sizes, *flags, out, target))
+    kernel(grid, block, (decoded, *tables, *extra, *sizes, *flags, out, target))
     return tables + extra
