@@ -396,6 +396,34 @@ def test_cache_off_by_default_and_validated(engine, make_store):
         engine.backend(group, name, cache="host")
 
 
+@pytest.mark.corrupt_input
+def test_crc32c_is_checked_before_nvcomps_python_api_decodes(engine, make_store, monkeypatch):
+    """``decode="python"`` (nvCOMP's Python API): the crc32c of the staged chunks
+    is computed by the C API's CRC32 and checked on the host before anything is
+    decoded; a chunk that fails raises, and the Python API sees no chunk."""
+    if engine.kind != "fake":
+        pytest.skip("the stand-in shows what reaches the Python API")
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "nvidia.nvcomp", types.ModuleType("nvidia.nvcomp"))
+    store = make_store(_spec("z", checksum=True), _spec("l", compressor="lz4", checksum=True))
+    key = chunk_key(store, "l", chunk_files(store, "l")[0])
+    flip_a_payload_byte(store, "l", key, sharded=False)
+    group, name, layouts, plan = _plan(store, ["z", "l"])
+    backend = engine.backend(group, name, decode="python")
+    assert backend.decode_mode == "python"
+    decoded = []
+    monkeypatch.setattr(
+        "zarrdali.backends.gpu.decode.PythonApiDecoder.decode",
+        lambda self, *args: decoded.append(args),
+    )
+    with pytest.raises(ChunkError, match="crc32c checksum mismatch") as info:
+        engine.load(backend, layouts, plan)
+    assert info.value.array == "l" and info.value.key.startswith(key)
+    assert not decoded and engine.cuda.api.crc_calls
+
+
 # -- host-to-device traffic ----------------------------------------------------------------
 @pytest.mark.parametrize("finish", [False, True], ids=["raw", "finished"])
 def test_a_batchs_tables_go_to_the_device_in_one_copy(engine, make_store, finish):
