@@ -710,7 +710,7 @@ def collect(step: Step, out: Path, scratch: Path, log: Path, figures: dict, name
 HOST_IMPORTS = (
     "numpy", "zarr", "numcodecs", "crc32c", "zstandard", "xarray", "pandas",
     "dask", "dask.array", "fsspec", "yaml", "toolz", "cloudpickle", "tqdm", "psutil",
-    "obstore", "torch", "pytest", "hypothesis",
+    "obstore", "torch", "pytest",
 )  # fmt: skip
 GPU_IMPORTS = (
     "cupy", "cupyx", "kvikio", "nvidia.libnvcomp", "nvidia.nvcomp", "nvidia.dali",

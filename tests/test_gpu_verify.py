@@ -356,9 +356,8 @@ def test_the_pytest_command_runs_tests_where_pytest_timeout_is_installed(tmp_pat
     pytest_timeout`` registered it twice and pytest ran nothing (the GPU host's
     first verification). ``--timeout`` alone is what the command passes."""
     plugin = _fake_pytest_timeout(tmp_path / "site")
-    (tmp_path / "test_one.py").write_text(
-        "import pytest\n\n@pytest.mark.gpu\ndef test_x():\n    pass\n"
-    )
+    marker = "@pytest.mark." + "gpu"  # spelt apart: gpu_test_files() reads this file's text
+    (tmp_path / "test_one.py").write_text(f"import pytest\n\n{marker}\ndef test_x():\n    pass\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin), *sys.path]))
     env.pop("PYTEST_DISABLE_PLUGIN_AUTOLOAD", None)
     junit = tmp_path / "junit.xml"
@@ -433,6 +432,12 @@ def _collected(*args: str) -> list[str]:
     )
     assert done.returncode in (0, 5), done.stdout + done.stderr  # 5: none selected
     return [line for line in done.stdout.splitlines() if "::" in line]
+
+
+def test_gpu_test_files_are_the_ones_with_gpu_tests(verify):
+    files = verify.gpu_test_files()
+    assert "tests/test_gpu_engine.py" in files and "tests/test_loader_oracle.py" in files
+    assert "tests/test_gpu_verify.py" not in files and "tests/test_gpu_decode.py" not in files
 
 
 def test_corruption_tests_run_last_in_their_own_process(tmp_path, verify):
@@ -547,3 +552,74 @@ def test_remote_probe_runs_the_gpu_backend_over_http(tmp_path, verify, monkeypat
     assert got["pinned"]["status"] == "ok" and got["pinned"]["read"] == "pinned"
     assert got["pinned"]["equal"] is True and got["pinned"]["server"]["GET"] > 0
     assert got["kvikio"]["status"] == "skipped" and got["faster"] == "pinned"
+
+
+def test_the_host_run_script_stages_unpacks_and_runs_the_verification(tmp_path, verify):
+    """``benchmarks/gpu_host_run.sh``: two parts staged by ``stage``, the last
+    by ``run``, which unpacks them with the pack's own ``gpu_pack.py`` (its
+    checksums) and runs the verification with ``--require-gpu`` and the commit
+    into ``$OUT`` (here a dry run)."""
+    import hashlib
+    import shutil
+    import tarfile
+
+    tool = REPO.parent / "shared" / "tools" / "gpu_pack.py"
+    if not tool.is_file():
+        tool = Path("/work/shared/tools/gpu_pack.py")
+    if not tool.is_file():
+        pytest.skip("gpu_pack.py (../shared/tools) is not beside this checkout")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "packed_module.py").write_text("VALUE = 1\n")
+    archive = tmp_path / "stack.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(tree, arcname=".")
+    blob = archive.read_bytes()
+    half = len(blob) // 2
+    sums = []
+    for k, piece in enumerate((blob[:half], blob[half:])):
+        part = tmp_path / ".stack" / f"p{k + 1}"
+        part.mkdir(parents=True)
+        name = f"stack.tar.xz.part-{k:02d}"
+        (part / name).write_bytes(piece)
+        sums.append(f"{hashlib.sha256(piece).hexdigest()}  {name}\n")
+    last = tmp_path / ".stack" / "p2"
+    (last / "SHA256SUMS").write_text("".join(sums))
+    shutil.copy(tool, last / "gpu_pack.py")
+    (last / "gpu_stack_check.py").write_text("print('ok')\n")
+    script = REPO / "benchmarks" / "gpu_host_run.sh"
+    out = tmp_path / "out"
+    env = dict(
+        os.environ,
+        STAGE=str(tmp_path / "stage"),
+        SITE=str(tmp_path / "site"),
+        DATA=str(tmp_path / "data"),
+        OUT=str(out),
+        PYTHONPATH=os.pathsep.join(sys.path),
+    )
+    first = subprocess.run(
+        ["bash", str(script), "stage", str(tmp_path / ".stack" / "p1")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    done = subprocess.run(
+        ["bash", str(script), "run", "abc1234", str(last), "--dry-run"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "site" / "packed_module.py").read_text() == "VALUE = 1\n"
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["commit"] == "abc1234" and prov["commit_source"] == "--commit"
+    assert "--require-gpu" in prov["command"] and prov["stack_check"].endswith(
+        "p2/gpu_stack_check.py"
+    )
+    steps = steps_of(out)
+    assert next(iter(steps)) == "imports" and "--require-gpu" in steps["imports"]["command"]
+    # a part missing: unpack names it, and nothing runs
+    (tmp_path / "stage" / "stack.tar.xz.part-00").unlink()
+    again = subprocess.run(
+        ["bash", str(script), "run", "abc1234", str(last), "--dry-run"],
+        cwd=REPO, env=dict(env, OUT=str(tmp_path / "o2")), capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert again.returncode != 0 and "stack.tar.xz.part-00" in again.stdout + again.stderr
