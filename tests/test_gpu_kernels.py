@@ -265,3 +265,14 @@ def test_the_pack_kernel_moves_16_bytes_per_load_and_store(tmp_path):
     assert re.search(r"ld\.global(\.nc)?\.v4\.u32", ptx)
     assert re.search(r"st\.global\.v4\.u32", ptx)
     assert ".local" not in ptx
+
+
+@pytest.mark.parametrize("kernel", ["zarrdali_gather", "zarrdali_gather_finish"])
+def test_the_gather_divides_by_rows_not_by_elements(tmp_path, kernel):
+    """The gather walks a tile by rows (three 32-bit divisions a row) and
+    columns (one a column): no 64-bit integer division is left (the flat index
+    cost an emulated one per element, and six 32-bit ones)."""
+    source = finish_source() if kernel.endswith("finish") else gather_source(np.dtype("f4"))
+    ptx = compiled_ptx(source, gpu_gather.NVRTC_OPTIONS, tmp_path)
+    assert not re.search(r"\b(div|rem)\.[su]64\b", ptx), re.findall(r"(div|rem)\.[su]64", ptx)
+    assert re.search(r"\bdiv\.s32\b", ptx)  # the ones left: 32-bit

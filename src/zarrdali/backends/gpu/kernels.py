@@ -257,7 +257,7 @@ extern "C" __global__ void zarrdali_gather(const unsigned char* __restrict__ dec
     const zd_tile s = zd_tile_of(tiles, variables, tile_chunks, j, n_l, n_y, n_x, h, w);
     union { long long bits; out_t value; } fill;
     fill.bits = s.var[VAR_FILL];
-    const int rows = (int)(s.total / s.w);
+    const int rows = (int)s.var[VAR_LEVELS] * s.h;
     for (int row = blockIdx.y * blockDim.y + threadIdx.y; row < rows;
          row += gridDim.y * blockDim.y) {
         const zd_row r = zd_row_of(s, row);
@@ -339,7 +339,7 @@ extern "C" __global__ void zarrdali_gather_finish(const unsigned char* __restric
     const zd_tile s = zd_tile_of(tiles, variables, tile_chunks, j, n_l, n_y, n_x, h, w);
     const long long* fin = finish + s.v * N_FIN_FIELDS;
     const unsigned char* fill = (const unsigned char*)(fin + FIN_FILL);  // native order
-    const int rows = (int)(s.total / s.w);
+    const int rows = (int)s.var[VAR_LEVELS] * s.h;
     for (int row = blockIdx.y * blockDim.y + threadIdx.y; row < rows;
          row += gridDim.y * blockDim.y) {
         const zd_row r = zd_row_of(s, row);
