@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).parent))  # make `storefactory` importable
 
 from storefactory import VarSpec, write_store
 
-
 CORRUPT_INPUT = "corrupt_input"
 
 
