@@ -11,8 +11,9 @@
 # names the missing ones) and runs benchmarks/gpu_verify.py with --require-gpu
 # into $OUT, the device run's output folder. Extra arguments after the part go
 # to gpu_verify.py (e.g. --steps imports,stack-check). STAGE, SITE and DATA
-# override /tmp/stage, /tmp/site and the sample data's folder.
+# override /tmp/stage, /tmp/site and the sample data's folder, PYTHON python3.
 set -euo pipefail
+python=${PYTHON:-python3}
 stage=${STAGE:-/tmp/stage}
 site=${SITE:-/tmp/site}
 data=${DATA:-/tmp/zarrdali-verify/sample-data}
@@ -28,8 +29,8 @@ run)
     part=${3:?the last part folder, e.g. .stack/p3}
     shift 3
     mkdir -p "$stage" && cp "$part"/* "$stage"/
-    python3 "$part/gpu_pack.py" unpack "$stage" "$site"
-    PYTHONPATH="$site:$PWD/src" exec python3 benchmarks/gpu_verify.py \
+    "$python" "$part/gpu_pack.py" unpack "$stage" "$site"
+    PYTHONPATH="$site:$PWD/src" exec "$python" benchmarks/gpu_verify.py \
         --out "${OUT:?the device run sets OUT}" --require-gpu --commit "$commit" \
         --stack-check "$part/gpu_stack_check.py" \
         --data-dir "$data" "$@"

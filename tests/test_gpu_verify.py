@@ -595,6 +595,7 @@ def test_the_host_run_script_stages_unpacks_and_runs_the_verification(tmp_path, 
         SITE=str(tmp_path / "site"),
         DATA=str(tmp_path / "data"),
         OUT=str(out),
+        PYTHON=sys.executable,
         PYTHONPATH=os.pathsep.join(sys.path),
     )
     first = subprocess.run(

@@ -51,9 +51,12 @@ freed by reference counting, never by the collector. ``load_batch(..., stream=s)
 device operation of the batch on ``s`` and returns without synchronizing it;
 the batch's temporary buffers are held in the state's in-flight ring
 (:mod:`.lifetimes`) until an event recorded after the batch has completed.
-The host waits only where it must: for its reads, and for the 16-byte status
-word of the decode (the gather is already enqueued then), so that a corrupt
-chunk raises here instead of reaching the caller.
+The host waits only where it must: for its reads, and for the batch's check
+(48 bytes the device writes after the crc32c and the decode; the gather is
+already enqueued then), so that a corrupt chunk raises instead of reaching the
+caller; in the GPU feed's loading threads not even for that: the feed reads
+the check when it hands the batch to DALI (:func:`~.feed.deferring_checks`).
+The batch's small tables reach the device in one copy (:mod:`.upload`).
 
 VERIFICATION STATUS: restructured on a machine without a GPU. The host side
 is unit-tested on the CPU (``tests/test_gpu_backend.py``,
