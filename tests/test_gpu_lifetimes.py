@@ -465,3 +465,45 @@ def test_the_wait_for_the_ring_buffer_comes_after_decode_before_gather(store, mo
     assert "zarrdali_gather" not in launches  # the gather, which writes `out`, is not
     assert cuda.launches[-1] == "zarrdali_gather"
     backend.close()
+
+
+# -- the batch's tables: one upload ---------------------------------------------------------
+def test_a_batch_upload_packs_its_tables_into_one_copy(monkeypatch):
+    """``BatchUpload``: the added tables in one pinned buffer (of the thread's
+    ring of two, reused once the copy's event has passed) and one device
+    buffer, one copy; each table's device view equals it; a table not added (or
+    not contiguous) is uploaded alone, counted too."""
+    from zarrdali.backends.gpu.lifetimes import GuardedBuffers
+    from zarrdali.backends.gpu.upload import ALIGN, BatchUpload
+
+    cuda = fakegpu.install(monkeypatch)
+    cp = cuda.cupy
+    pinned = GuardedBuffers(lambda n: cuda.cupyx.empty_pinned(n, dtype=np.uint8), n=2)
+    counted: list[int] = []
+    stream = cp.cuda.Stream(non_blocking=True)
+    tables = [
+        np.arange(15, dtype=np.int64).reshape(5, 3),
+        np.arange(7, dtype=np.int32),
+        np.linspace(0, 1, 6, dtype=np.float32).reshape(3, 2),
+        np.empty((5, 0), dtype=np.int64),
+    ]
+    strided = np.arange(20, dtype=np.int64).reshape(4, 5)[:, 1]
+    for batch in range(3):
+        upload = BatchUpload(cp, pinned, counted.append)
+        upload.add(*tables, None, strided)
+        copies = len(cuda.copies)
+        with stream:
+            device = upload.send(stream)
+        assert len(cuda.copies) == copies + 1 and cuda.copies[-1] == (1, upload.nbytes)
+        assert device.nbytes == upload.nbytes == 160 + 6 * 4  # 120 bytes, 28 at 128, 24 at 160
+        for table in tables:
+            got = upload(table)
+            assert got.dtype == table.dtype and got.shape == table.shape
+            assert np.array_equal(np.asarray(got), table)
+            if table.size:
+                assert got.data.ptr % ALIGN == 0
+        assert counted == [upload.nbytes] * (batch + 1)
+        alone = upload(np.ascontiguousarray(strided))  # not added as it was: its own copy
+        assert np.array_equal(np.asarray(alone), strided) and counted[-1] == strided.nbytes
+        counted.pop()
+    assert cuda.pinned == 2  # the ring's two pinned buffers, reused

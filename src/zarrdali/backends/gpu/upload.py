@@ -28,8 +28,9 @@ _H2D = 1  # cudaMemcpyHostToDevice
 class BatchUpload:
     """The packed upload of one batch's tables (see the module doc).
 
-    ``add(*arrays)`` registers host arrays (C-contiguous; the same objects are
-    looked up later), ``send(stream)`` enqueues the one copy on ``stream``, and
+    ``add(*arrays)`` registers host arrays (the same objects are looked up
+    later; one not C-contiguous is left out), ``send(stream)`` enqueues the one
+    copy on ``stream``, and
     calling the object with an added array returns its device view.
     ``pinned``: the thread's ring of pinned staging buffers; ``on_upload(nbytes)``
     counts each copy (``TransferCounter.control_upload``).
@@ -49,8 +50,8 @@ class BatchUpload:
         for array in arrays:
             if array is None or id(array) in self._arrays or not array.size:
                 continue
-            if not array.flags.c_contiguous:
-                raise ValueError("tables are uploaded as they are: C-contiguous arrays only")
+            if not array.flags.c_contiguous:  # a launch makes its own contiguous copy:
+                continue  # that one goes alone
             self._nbytes = -(-self._nbytes // ALIGN) * ALIGN
             self._arrays[id(array)] = (array, self._nbytes)
             self._nbytes += array.nbytes
