@@ -110,31 +110,37 @@ __device__ __forceinline__ unsigned long long zd_bswap64(unsigned long long v) {
 }
 
 // Load one element of dtype `code` (gpu_plan.DTYPE_CODES), swapping its bytes
-// when the chunk is big-endian, and convert it to the output type (a C cast,
-// as numpy's astype does).
+// when the chunk is big-endian, and convert it to T (a C cast, as numpy's
+// astype does).
+template <typename T>
+__device__ __forceinline__ T zd_load_as(const unsigned char* p, const int code,
+                                        const bool swap) {
+    switch (code) {
+    case 0: return (T)(*(const signed char*)p);
+    case 1: return (T)(*p);
+    case 2: { unsigned short u = *(const unsigned short*)p; if (swap) u = zd_bswap16(u);
+              return (T)(short)u; }
+    case 3: { unsigned short u = *(const unsigned short*)p; if (swap) u = zd_bswap16(u);
+              return (T)u; }
+    case 4: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
+              return (T)(int)u; }
+    case 5: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
+              return (T)u; }
+    case 6: { unsigned long long u = *(const unsigned long long*)p;
+              if (swap) u = zd_bswap64(u); return (T)(long long)u; }
+    case 7: { unsigned long long u = *(const unsigned long long*)p;
+              if (swap) u = zd_bswap64(u); return (T)u; }
+    case 8: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
+              return (T)__uint_as_float(u); }
+    case 9: { unsigned long long u = *(const unsigned long long*)p;
+              if (swap) u = zd_bswap64(u); return (T)__longlong_as_double((long long)u); }
+    }
+    return (T)0;
+}
+
 __device__ __forceinline__ out_t zd_load(const unsigned char* p, const int code,
                                          const bool swap) {
-    switch (code) {
-    case 0: return (out_t)(*(const signed char*)p);
-    case 1: return (out_t)(*p);
-    case 2: { unsigned short u = *(const unsigned short*)p; if (swap) u = zd_bswap16(u);
-              return (out_t)(short)u; }
-    case 3: { unsigned short u = *(const unsigned short*)p; if (swap) u = zd_bswap16(u);
-              return (out_t)u; }
-    case 4: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
-              return (out_t)(int)u; }
-    case 5: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
-              return (out_t)u; }
-    case 6: { unsigned long long u = *(const unsigned long long*)p;
-              if (swap) u = zd_bswap64(u); return (out_t)(long long)u; }
-    case 7: { unsigned long long u = *(const unsigned long long*)p;
-              if (swap) u = zd_bswap64(u); return (out_t)u; }
-    case 8: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
-              return (out_t)__uint_as_float(u); }
-    case 9: { unsigned long long u = *(const unsigned long long*)p;
-              if (swap) u = zd_bswap64(u); return (out_t)__longlong_as_double((long long)u); }
-    }
-    return (out_t)0;
+    return zd_load_as<out_t>(p, code, swap);
 }
 
 // Columns of the tables (gpu_plan.TILE_* and VAR_*).
@@ -154,23 +160,39 @@ __device__ __forceinline__ out_t zd_load(const unsigned char* p, const int code,
 #define VAR_SWAP {VAR_SWAP}
 #define VAR_ITEMSIZE {VAR_ITEMSIZE}
 #define VAR_FILL {VAR_FILL}
+#define VAR_ST {VAR_ST}
+#define VAR_SL {VAR_SL}
+#define VAR_SY {VAR_SY}
+#define VAR_SX {VAR_SX}
+#define VAR_LEVEL0 {VAR_LEVEL0}
+#define N_LEVEL_FIELDS {N_LEVEL_FIELDS}
+#define LEVEL_RUN {LEVEL_RUN}
+#define LEVEL_SRC {LEVEL_SRC}
 #define N_FIN_FIELDS {N_FIN_FIELDS}
 #define FIN_FILL {FIN_FILL}
 #define FIN_N_MISSING {FIN_N_MISSING}
 #define FIN_MISSING0 {FIN_MISSING0}
+#define FIN_PACKING {FIN_PACKING}
+#define FIN_SCALE {FIN_SCALE}
+#define FIN_OFFSET {FIN_OFFSET}
+#define PACK_SCALE {PACK_SCALE}
+#define PACK_OFFSET {PACK_OFFSET}
 
 // What the elements of tile j share (the tile and variable table rows).
 struct zd_tile {
-    const long long* var;  // its variable's row
-    const int* chunks;     // its row of tile_chunks
+    const long long* var;     // its variable's row
+    const long long* levels;  // its variable's rows of the level table
+    const int* chunks;        // its row of tile_chunks
     long long v, out0, total, item;  // v: its variable
-    int t, y0, x0, cl, cy, cx, channel0, code, hw, h, w, n_y, n_x;
+    long long st, sl, sy, sx;        // element strides of a decoded chunk
+    int t, y0, x0, cy, cx, channel0, code, hw, h, w, n_y, n_x;
     int y0q, x0q;  // y0 / cy, x0 / cx: the tile's first chunk row and column
     bool swap;
 };
 
 __device__ __forceinline__ zd_tile zd_tile_of(const long long* tiles,
                                               const long long* variables,
+                                              const long long* levels,
                                               const int* tile_chunks, const int j,
                                               const int n_l, const int n_y, const int n_x,
                                               const int h, const int w) {
@@ -178,12 +200,16 @@ __device__ __forceinline__ zd_tile zd_tile_of(const long long* tiles,
     const long long* tile = tiles + (long long)j * N_TILE_FIELDS;
     s.v = tile[TILE_VAR];
     s.var = variables + s.v * N_VAR_FIELDS;
+    s.levels = levels + s.var[VAR_LEVEL0] * N_LEVEL_FIELDS;
     s.chunks = tile_chunks + (long long)j * n_l * n_y * n_x;
     s.t = (int)tile[TILE_T];
     s.y0 = (int)tile[TILE_Y0];
     s.x0 = (int)tile[TILE_X0];
     s.out0 = tile[TILE_OUT0];
-    s.cl = (int)s.var[VAR_CL];
+    s.st = s.var[VAR_ST];
+    s.sl = s.var[VAR_SL];
+    s.sy = s.var[VAR_SY];
+    s.sx = s.var[VAR_SX];
     s.cy = (int)s.var[VAR_CY];
     s.cx = (int)s.var[VAR_CX];
     s.channel0 = (int)s.var[VAR_CHANNEL0];
@@ -203,7 +229,9 @@ __device__ __forceinline__ zd_tile zd_tile_of(const long long* tiles,
 
 // What the elements of row `row` = (level, y) of tile `s` share, for row in
 // [0, levels * H): its row of chunk cells in tile_chunks, its element offset in
-// those chunks at x = 0 (less the column), its channel, its output offset at x = 0.
+// those chunks at x = 0 (less the column's), its channel, its output offset at
+// x = 0. Channel `level` of the variable is in run levels[level].run of the
+// tile's level runs, at level levels[level].src of that run's chunk.
 struct zd_row {
     int cell, channel;
     long long src, o;
@@ -215,8 +243,9 @@ __device__ __forceinline__ zd_row zd_row_of(const zd_tile& s, const int row) {
     const int y = row - level * s.h;
     const int yy = s.y0 + y;
     const int yq = yy / s.cy;
-    r.cell = ((level / s.cl) * s.n_y + (yq - s.y0q)) * s.n_x;
-    r.src = (((long long)s.t * s.cl + level % s.cl) * s.cy + (yy - yq * s.cy)) * s.cx;
+    const long long* lv = s.levels + (long long)level * N_LEVEL_FIELDS;
+    r.cell = ((int)lv[LEVEL_RUN] * s.n_y + (yq - s.y0q)) * s.n_x;
+    r.src = (long long)s.t * s.st + lv[LEVEL_SRC] * s.sl + (long long)(yy - yq * s.cy) * s.sy;
     r.channel = s.channel0 + level;
     r.o = s.out0 + (long long)r.channel * s.hw + (long long)y * s.w;
     return r;
@@ -224,17 +253,18 @@ __device__ __forceinline__ zd_row zd_row_of(const zd_tile& s, const int row) {
 
 // Element (level, y, x) of tile `s`, in its row `r` (zd_row_of): the slot of its
 // chunk (< 0: missing), its element offset in the chunk (`src`), its channel and
-// its output offset (`o`). The element is in chunk tile_chunks[j, level / cl,
-// (y0 + y) / cy - y0 / cy, (x0 + x) / cx - x0 / cx], at (t, level % cl,
-// (y0 + y) % cy, (x0 + x) % cx) inside it, and goes to out[b, frame, channel0 +
-// level, y, x] (tile_out0 holds (b, frame)). One integer division per element.
+// its output offset (`o`). The element is in chunk tile_chunks[j, run, (y0 + y) /
+// cy - y0 / cy, (x0 + x) / cx - x0 / cx], at (t, src, (y0 + y) % cy, (x0 + x) %
+// cx) inside it (through the chunk's stored strides), and goes to out[b, frame,
+// channel0 + level, y, x] (tile_out0 holds (b, frame)). One integer division per
+// element.
 __device__ __forceinline__ long long zd_element(const zd_tile& s,
                                                 const long long* chunk_slots, const zd_row& r,
                                                 const int x, long long* src, int* channel,
                                                 long long* o) {
     const int xx = s.x0 + x;
     const int xq = xx / s.cx;
-    *src = r.src + (xx - xq * s.cx);
+    *src = r.src + (long long)(xx - xq * s.cx) * s.sx;
     *channel = r.channel;
     *o = r.o + x;
     return chunk_slots[s.chunks[r.cell + xq - s.x0q]];
@@ -248,13 +278,15 @@ extern "C" __global__ void zarrdali_gather(const unsigned char* __restrict__ dec
                                            const int* __restrict__ tile_chunks,
                                            const long long* __restrict__ chunk_slots,
                                            const long long* __restrict__ variables,
+                                           const long long* __restrict__ levels,
                                            const int n_tiles,
                                            const int n_l, const int n_y, const int n_x,
                                            const int h, const int w,
                                            out_t* __restrict__ out) {
     const int j = blockIdx.x;
     if (j >= n_tiles) return;
-    const zd_tile s = zd_tile_of(tiles, variables, tile_chunks, j, n_l, n_y, n_x, h, w);
+    const zd_tile s = zd_tile_of(tiles, variables, levels, tile_chunks, j, n_l, n_y, n_x, h,
+                                 w);
     union { long long bits; out_t value; } fill;
     fill.bits = s.var[VAR_FILL];
     const int rows = (int)s.var[VAR_LEVELS] * s.h;
@@ -314,17 +346,33 @@ __device__ __forceinline__ bool zd_invalid(const unsigned char* p, const int cod
     return bad;
 }
 
+// The value of the element at p as float: a C cast, or where the variable is
+// CF-packed (fin[FIN_PACKING]) x * scale_factor + add_offset in double, each
+// operation rounded on its own (no fused multiply-add: the CPU path's numpy
+// arithmetic), then rounded to float once.
+__device__ __forceinline__ float zd_value(const unsigned char* p, const int code,
+                                          const bool swap, const long long* fin) {
+    const int packing = (int)fin[FIN_PACKING];
+    if (!packing) return zd_load_as<float>(p, code, swap);
+    double d = zd_load_as<double>(p, code, swap);
+    if (packing & PACK_SCALE) d = __dmul_rn(d, __longlong_as_double(fin[FIN_SCALE]));
+    if (packing & PACK_OFFSET) d = __dadd_rn(d, __longlong_as_double(fin[FIN_OFFSET]));
+    return __double2float_rn(d);
+}
+
 // The gather of zarrdali_gather, finishing each element as the CPU path does
-// (backends/finish.py): cast to float, (x - mean[c]) / std[c] in float when
-// `normalize`, an invalid value (zd_invalid) replaced by `nan_fill` when
-// `fill_missing`, and when `write_mask` mask = 1 where valid, 0 where not. A
-// missing chunk holds the fill value (fin[FIN_FILL]), finished the same way.
-// stats: [C, 2] (mean, std); finish: [V, N_FIN_FIELDS].
+// (backends/finish.py): cast to float (CF-unpacked: zd_value), (x - mean[c]) /
+// std[c] in float when `normalize`, an invalid value (zd_invalid) replaced by
+// `nan_fill` when `fill_missing` (NaN for CF decoding), and when `write_mask`
+// mask = 1 where valid, 0 where not. A missing chunk holds the fill value
+// (fin[FIN_FILL]), finished the same way. stats: [C, 2] (mean, std); finish:
+// [V, N_FIN_FIELDS].
 extern "C" __global__ void zarrdali_gather_finish(const unsigned char* __restrict__ decoded,
                                                   const long long* __restrict__ tiles,
                                                   const int* __restrict__ tile_chunks,
                                                   const long long* __restrict__ chunk_slots,
                                                   const long long* __restrict__ variables,
+                                                  const long long* __restrict__ levels,
                                                   const long long* __restrict__ finish,
                                                   const float* __restrict__ stats,
                                                   const int n_tiles,
@@ -336,7 +384,8 @@ extern "C" __global__ void zarrdali_gather_finish(const unsigned char* __restric
                                                   unsigned char* mask) {
     const int j = blockIdx.x;
     if (j >= n_tiles) return;
-    const zd_tile s = zd_tile_of(tiles, variables, tile_chunks, j, n_l, n_y, n_x, h, w);
+    const zd_tile s = zd_tile_of(tiles, variables, levels, tile_chunks, j, n_l, n_y, n_x, h,
+                                 w);
     const long long* fin = finish + s.v * N_FIN_FIELDS;
     const unsigned char* fill = (const unsigned char*)(fin + FIN_FILL);  // native order
     const int rows = (int)s.var[VAR_LEVELS] * s.h;
@@ -350,7 +399,7 @@ extern "C" __global__ void zarrdali_gather_finish(const unsigned char* __restric
             const bool missing = slot < 0;
             const unsigned char* p = missing ? fill : decoded + slot + src * s.item;
             const bool sw = missing ? false : s.swap;
-            float v = zd_load(p, s.code, sw);
+            float v = zd_value(p, s.code, sw, fin);
             const bool bad = zd_invalid(p, s.code, (int)s.item, sw, fin);
             if (normalize) v = (v - stats[2 * c]) / stats[2 * c + 1];
             if (fill_missing && bad) v = nan_fill;
@@ -395,7 +444,9 @@ extern "C" __global__ void zarrdali_crc_gate(const unsigned char* __restrict__ s
 _COLUMNS = {
     name: getattr(gpu_plan, name)
     for name in dir(gpu_plan)
-    if name.startswith(("TILE_", "VAR_", "N_TILE_", "N_VAR_", "FIN_", "N_FIN_"))
+    if name.startswith(
+        ("TILE_", "VAR_", "N_TILE_", "N_VAR_", "FIN_", "N_FIN_", "LEVEL_", "N_LEVEL_", "PACK_")
+    )
 }
 
 
