@@ -63,6 +63,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         quantiles=args.quantiles,
         show_progress=not args.quiet,
         static=args.static or (),
+        raw=args.raw,
     )
     print(json.dumps(stats, indent=2))
     return 0
@@ -157,6 +158,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variables", nargs="+")
     p.add_argument("--static", nargs="+", help="static fields too: (y, x) or (level, y, x) arrays")
     p.add_argument("--quantiles", nargs="*", type=float, default=[])
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="statistics of the stored values (for decode_cf=False), not of xarray's "
+        "decoded ones (scale_factor/add_offset applied); missing values are left out either way",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_stats)
 
