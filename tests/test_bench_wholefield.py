@@ -110,3 +110,17 @@ def test_bench_whole_field_workload(wb2_store, tmp_path, capsys):
     assert (out / "throughput.png").stat().st_size > 1000
     # a tile makes it another workload
     assert main([*args, "--tile", "4", "4", "--out", str(out), "-q"]) == 2
+
+
+def test_ceiling_parts_are_small_for_whole_field_chunks():
+    """The ceiling's threads take parts of 8 tile-sized chunks, but one whole-field
+    chunk at a time: a part of 8 chunks of MBs would idle the other thread."""
+    from zarrdali.bench.runners import small_parts
+
+    tiles = list(range(20))
+    assert small_parts(tiles, [64 << 10] * 20) == [tiles[:8], tiles[8:16], tiles[16:]]
+    fields = list(range(5))
+    assert small_parts(fields, [1_510_080] * 5) == [[k] for k in fields]
+    mixed = small_parts(list("abcdef"), [3 << 20, 100, 100, 3 << 20, 64 << 10, 64 << 10])
+    assert mixed == [["a"], ["b", "c"], ["d"], ["e", "f"]]
+    assert small_parts([], []) == []
