@@ -11,8 +11,9 @@ import pytest
 import xarray as xr
 import zarr
 
-from test_loader_oracle import check_loader
+from test_loader_oracle import check_loader, loader_for
 from test_prep_index import precip_field
+from test_user_stores import batches_of, check_against_xarray
 from zarrdali.errors import ConfigError, StoreNotFoundError, VariableNotFoundError, ZarrDaliError
 from zarrdali.prep.prepare import PROGRESS_FILE, prepare, verify
 from zarrdali.store import load_layouts, open_group
@@ -75,12 +76,20 @@ def test_real_data_roundtrip_and_loader(tmp_path):
     assert_same(ERA_INTERIM, dst)
     assert not (dst / PROGRESS_FILE).exists()
     group, name = open_group(dst)
-    layouts = load_layouts(group, name, ["u", "v", "z"])
+    month = {"time": "month"}  # ERA-Interim's time axis is named "month"
+    layouts = load_layouts(group, name, ["u", "v", "z"], dims=month)
     assert all(layout.fast_path and layout.shard is not None for layout in layouts)
     assert layouts[0].chunk_shape == (1, 3, 64, 64)
-    check_loader(
-        dst, ["u", "z"], input_steps=1, target_steps=1, tile=(64, 64), batch_size=8, epochs=(0,)
-    )
+    # the loader on the prepared store serves what xarray decodes from the NetCDF
+    kw = dict(input_steps=1, target_steps=1, tile=(64, 64), batch_size=8)
+    with loader_for(dst, ["u", "z"], dims=month, **kw) as loader:
+        batches = batches_of(loader)
+    source = decoded(ERA_INTERIM).rename(month="time")
+    check_against_xarray(batches, source, ["u", "z"], **kw_of(kw))
+
+
+def kw_of(kw: dict) -> dict:
+    return {k: kw[k] for k in ("input_steps", "target_steps", "tile")}
 
 
 @pytest.mark.parametrize("codec", ["zstd", "lz4"])
@@ -256,6 +265,11 @@ def test_packed_source_roundtrip_keeps_missing_values(tmp_path):
     assert group["rr"].fill_value == -999.0 and group["elev"].fill_value == -1
     assert group["time"].attrs["calendar"] == "standard"
     assert group["time"].attrs["units"] == "minutes since 2024-07-01"
+    # the loader serves float32 of what xarray decodes from the source, NaN where missing
+    kw = dict(input_steps=2, target_steps=1, tile=(9, 16), batch_size=4)
+    with loader_for(dst, ["tb", "rr"], **kw) as loader:
+        batches = batches_of(loader)
+    check_against_xarray(batches, want, ["tb", "rr"], **kw_of(kw))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from .. import remote
 from ..errors import ConfigError, StoreNotFoundError, VariableNotFoundError, ZarrDaliError
 from ._dask import connect
-from .cf import decode_variable, drop_nonconforming_fills, zarr_fill_value
+from .cf_attributes import decode_variable, drop_nonconforming_fills, zarr_fill_value
 from .layout import Layout, field_step_bytes, plan_layout
 
 log = logging.getLogger(__name__)

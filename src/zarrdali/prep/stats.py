@@ -29,7 +29,7 @@ import zarr
 
 from ..errors import ConfigError, MetadataError, StoreNotFoundError, VariableNotFoundError
 from ._dask import progress
-from .cf import decode_variable, zarr_cf_attrs
+from .cf_attributes import decode_variable, zarr_cf_attrs
 
 # Blocks smaller than this are merged along time: fewer, larger dask tasks.
 _TARGET_BLOCK_BYTES = 32 * 2**20
