@@ -251,7 +251,9 @@ class ZarrLoader:
             max_in_flight=max_in_flight,
             request_timeout=request_timeout,
         )
-        self.group, self.store_name = open_group(store, storage_options)
+        self.group, self.store_name = open_group(
+            store, storage_options, request_timeout=request_timeout, max_in_flight=max_in_flight
+        )
         self.variables = [variables] if isinstance(variables, str) else list(variables)
         self.layouts = load_layouts(self.group, self.store_name, self.variables)
         first = self.layouts[0]
