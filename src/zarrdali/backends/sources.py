@@ -443,7 +443,10 @@ class RemoteSource:
                 except BaseException:  # this batch was cancelled (another request failed)
                     _abandon(task)
                     raise
-                if not done:  # stalled: abandoned (cancelling closes its connection)
+                if not done and wait < bound:  # the deadline came first: no stall
+                    _abandon(task)
+                    last = last or f"no answer in {wait:.1f} s"
+                elif not done:  # stalled: abandoned (cancelling closes its connection)
                     _abandon(task)
                     self.timeouts += 1
                     outcome, stalled = "congested", True
@@ -488,7 +491,7 @@ class RemoteSource:
                 raise ObjectReadError(
                     path,
                     f"no answer within {policy.timeout_s:g} s (request_timeout; {attempts} "
-                    f"attempts, the last: {last})",
+                    f"attempt{'s' * (attempts > 1)}, the last: {last})",
                     unavailable=True,
                 )
             self.retried += 1
