@@ -114,6 +114,21 @@ def test_congestion_halves_once_per_round():
     assert limit.limit == 8 and limit.decreases == 2
 
 
+def test_a_late_sign_of_congestion_still_halves():
+    """A slow answer comes back seconds after it was sent (a dropped connect waits
+    for TCP's retransmission), when the limit has grown since: it halves the limit
+    it finds; answers sent before that decrease do not halve it again."""
+    limit = AdaptiveLimit(64)
+    early = limit._round  # sent at 4
+    run_rounds(limit, lambda n: 0.01, 2)
+    assert limit.limit == 16
+    limit.in_flight = 2
+    limit.release(early, "congested")
+    assert limit.limit == 8 and limit.decreases == 1
+    limit.release(early, "congested")  # the same burst
+    assert limit.limit == 8 and limit.decreases == 1
+
+
 def test_a_fixed_limit_stays():
     limit = AdaptiveLimit(16, adaptive=False)
     run_rounds(limit, lambda n: 0.01 * n, 10)

@@ -9,8 +9,11 @@ has stalled, how long one may take in all.
   latency, times the share of requests answered), up to ``max_in_flight``.
   Signs of load halve it at once: a throttling answer (429, 503 SlowDown), a
   stalled request, or an answer far slower than usual (a connection dropped by a
-  full listen queue waits a second for TCP to try again); the limit where that
-  happened is tried again only after a while, longer each time. Errors that
+  full listen queue waits a second for TCP to try again), whenever the request
+  was sent since the last decrease (such an answer comes back seconds later,
+  when the limit may have grown twice since; a burst of them halves it once);
+  the limit where that happened is tried again only after a while, longer
+  each time. Errors that
   may or may not come from load (a plain 5xx, a connection reset or refused)
   count as load only where their share grows with the limit: a round whose
   share of failed requests is significantly above the share measured at the
@@ -23,9 +26,10 @@ has stalled, how long one may take in all.
 * :class:`LatencyBound`: what the store usually takes, from the last
   completed requests: a request not answered within ``stall_factor`` times
   their median (scaled by its size against theirs, between ``min_stall_s``
-  and ``max_stall_s``; ``first_stall_s`` until 3 requests have completed: the metadata reads) has
-  stalled: it is cancelled (which closes its connection) and sent again at
-  once, with its own bound doubled. One hung connection costs about
+  and ``max_stall_s``; until 8 requests have completed, 16 times the median
+  of the metadata reads, at most ``first_stall_s``) has stalled: it is
+  cancelled (which closes its connection), abandoned (never awaited) and sent
+  again at once, with its own bound doubled. One hung connection costs about
   ``min_stall_s`` on a store that answers in milliseconds. An answer
   ``slow_factor`` times slower than the median (and at least ``min_slow_s``)
   counts as congestion.
@@ -55,7 +59,7 @@ class RequestPolicy:
     timeout_s: float = 60.0  # one request, all its attempts: then the batch fails
     min_stall_s: float = 2.0  # a request is never called stalled before this
     max_stall_s: float = 30.0  # ... and always once this has passed
-    first_stall_s: float = 5.0  # the bound before 3 requests have told the usual latency
+    first_stall_s: float = 5.0  # the bound before any request has told the usual latency
     stall_factor: float = 16.0  # times the usual latency (the median)
     slow_factor: float = 8.0  # an answer this many times slower than usual: congestion
     min_slow_s: float = 0.5  # ... if it took at least this long
@@ -74,21 +78,30 @@ class RequestPolicy:
 
 class LatencyBound:
     """What the store usually takes, from the durations and sizes of the last
-    ``window`` completed requests: when a request counts as slow (a sign of
-    congestion) and when as stalled (cancelled and sent again)."""
+    ``window`` completed data requests (chunks, shard indexes): when a request
+    counts as slow (a sign of congestion) and when as stalled (cancelled and
+    sent again). Metadata reads (small documents, :meth:`record_first`) tell
+    only the stall bound until 8 data requests are known, unscaled by size (a
+    document's size says nothing of a chunk's)."""
 
-    known_after = 3  # completed requests (a group's and its arrays' zarr.json)
+    known_after = 8  # data requests completed before their median is trusted
+    first_after = 3  # metadata reads that set the stall bound until then
 
     def __init__(self, policy: RequestPolicy, window: int = 256) -> None:
         self.policy = policy
         self._seconds: collections.deque[float] = collections.deque(maxlen=window)
         self._nbytes: collections.deque[int] = collections.deque(maxlen=window)
+        self._first: collections.deque[float] = collections.deque(maxlen=16)
         self._usual: tuple[float, float] | None = None  # (median seconds, median bytes)
 
     def record(self, seconds: float, nbytes: int) -> None:
         self._seconds.append(seconds)
         self._nbytes.append(max(1, nbytes))
         self._usual = None
+
+    def record_first(self, seconds: float) -> None:
+        """A metadata read took ``seconds``: a first idea of the store's round trip."""
+        self._first.append(seconds)
 
     def _scaled_usual(self, nbytes: int) -> float | None:
         """The usual latency, scaled by the request's size against the usual size."""
@@ -103,8 +116,11 @@ class LatencyBound:
         """Seconds after which a request of ``nbytes`` has stalled."""
         p = self.policy
         usual = self._scaled_usual(nbytes)
-        if usual is None:  # not known yet
-            return p.first_stall_s
+        if usual is None:  # not known yet: from the metadata reads, if enough were made
+            if len(self._first) < self.first_after:
+                return p.first_stall_s
+            first = p.stall_factor * float(np.median(self._first))
+            return min(p.first_stall_s, max(p.min_stall_s, first))
         return min(p.max_stall_s, max(p.min_stall_s, p.stall_factor * usual))
 
     def slow(self, seconds: float, nbytes: int) -> bool:
@@ -160,6 +176,7 @@ class AdaptiveLimit:
         self.peak = 0
         self.decreases = 0
         self._round = 0  # bumped by each change of the limit
+        self._decreased_at = 0  # the round the last decrease started
         self._latencies: list[float] = []  # of this round
         self._failed = 0  # requests of this round that failed (errors not known to be load)
         self._fresh = False  # this round is the first at a limit it grew to
@@ -203,10 +220,14 @@ class AdaptiveLimit:
         nothing about load)."""
         busy = self.in_flight + len(self._waiters) >= self.limit
         self.in_flight -= 1
-        if self.adaptive and token == self._round:  # sent under the current limit
-            if outcome == "congested":
+        if self.adaptive and outcome == "congested":
+            # Sent since the last decrease (a slow answer comes back seconds after
+            # it was sent, when the limit may have grown since): halve. Sent
+            # before it: that burst was answered already.
+            if token >= self._decreased_at:
                 self._congested()
-            elif busy and outcome in ("ok", "failed"):
+        elif self.adaptive and token == self._round:  # sent under the current limit
+            if busy and outcome in ("ok", "failed"):
                 if outcome == "ok":
                     self._latencies.append(seconds)
                 else:
@@ -234,6 +255,7 @@ class AdaptiveLimit:
         self._latency.clear()
         self._stop_at(self.limit, congested=True)
         self._set(max(1, self.limit // 2), came_from=None)
+        self._decreased_at = self._round
 
     @staticmethod
     def errors_grew(here: tuple[int, int], below: tuple[int, int], z: float = 2.5) -> bool:
@@ -270,6 +292,7 @@ class AdaptiveLimit:
         self.slow_start = False
         self._stop_at(self.limit, congested=True)
         self._set(back, came_from=None)
+        self._decreased_at = self._round
         return True
 
     def _end_round(self) -> None:

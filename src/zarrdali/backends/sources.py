@@ -364,8 +364,9 @@ class RemoteSource:
 
     async def request(self, path: str, make: Callable[[], Any]) -> Any:
         """``await make()`` as one of this source's requests: under the in-flight
-        limit, re-sent when it stalls, retried, within ``policy.timeout_s``."""
-        return await self._request(path, make)
+        limit, re-sent when it stalls, retried, within ``policy.timeout_s``. For
+        metadata (small documents): their latency is not a chunk's usual one."""
+        return await self._request(path, make, metadata=True)
 
     # -- the engine ---------------------------------------------------------------
     def _run(self, calls: list[tuple[Callable, tuple]]) -> list[Any]:
@@ -404,7 +405,9 @@ class RemoteSource:
     async def _then(fn: Callable, args: tuple, callback: Callable, key: int) -> None:
         callback(key, await fn(*args))
 
-    async def _request(self, path: str, make: Callable[[], Any], nbytes: int = 0) -> Any:
+    async def _request(
+        self, path: str, make: Callable[[], Any], nbytes: int = 0, *, metadata: bool = False
+    ) -> Any:
         """One request under the in-flight limit: re-sent when it stalls, retried
         when it fails transiently, until ``policy.timeout_s`` has passed."""
         if _exiting:
@@ -412,7 +415,7 @@ class RemoteSource:
         me = asyncio.current_task()
         _requesting.add(me)
         try:
-            return await self._attempts(path, make, nbytes)
+            return await self._attempts(path, make, nbytes, metadata)
         except asyncio.CancelledError:
             if _exiting:  # abandoned at interpreter exit: a plain error, not a cancel
                 raise ObjectReadError(path, _EXIT_REASON, unavailable=True) from None
@@ -420,7 +423,9 @@ class RemoteSource:
         finally:
             _requesting.discard(me)
 
-    async def _attempts(self, path: str, make: Callable[[], Any], nbytes: int) -> Any:
+    async def _attempts(
+        self, path: str, make: Callable[[], Any], nbytes: int, metadata: bool
+    ) -> Any:
         loop = asyncio.get_running_loop()
         policy = self.policy
         bound = self.latency.bound(nbytes)
@@ -455,7 +460,8 @@ class RemoteSource:
                     try:
                         result = task.result()
                     except (FileNotFoundError, RangesIgnored):
-                        self._recent.append(True)  # an answer
+                        self.answered += 1  # an answer all the same
+                        self._recent.append(True)
                         raise
                     except Exception as err:
                         if is_access_error(err):
@@ -480,7 +486,10 @@ class RemoteSource:
                         took, size = loop.time() - now, max(nbytes, _nbytes(result))
                         outcome = "congested" if self.latency.slow(took, size) else "ok"
                         self.slow += outcome == "congested"
-                        self.latency.record(took, size)
+                        if metadata:
+                            self.latency.record_first(took)
+                        else:
+                            self.latency.record(took, size)
                         self.answered += 1
                         self._recent.append(True)
                         return result
@@ -488,10 +497,12 @@ class RemoteSource:
                 self.limit.release(token, outcome, took)
             now = loop.time()
             if now >= deadline:
+                tried = f"; {attempts} attempts, the last: {last}" if attempts > 1 else ""
+                if attempts == 1 and not last.startswith("no answer"):
+                    tried = f"; {last}"
                 raise ObjectReadError(
                     path,
-                    f"no answer within {policy.timeout_s:g} s (request_timeout; {attempts} "
-                    f"attempt{'s' * (attempts > 1)}, the last: {last})",
+                    f"no answer within {policy.timeout_s:g} s (request_timeout{tried})",
                     unavailable=True,
                 )
             self.retried += 1
