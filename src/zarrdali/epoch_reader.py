@@ -23,8 +23,9 @@ from .hostfeed import Finishing
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
 from .remote import StoreRef
 from .static import RingStaticTiles
-from .store import ArrayLayout, load_layouts
+from .store import ArrayLayout
 from .trace import annotate
+from .variables import VariableSelection
 
 
 def load_frames(
@@ -139,7 +140,7 @@ def load_into(
 @dataclass
 class EpochReader:
     store: StoreRef | str  # how to reopen the store (a path or URL alone, or with options)
-    variables: Sequence[str]
+    variables: VariableSelection | Sequence[str]  # the variables and levels served
     spec: SampleSpec
     candidates: SampleGrid | SampleTable
     sampler: Sampler
@@ -163,7 +164,11 @@ class EpochReader:
 
         ref = self.store if isinstance(self.store, StoreRef) else StoreRef(self.store)
         group, name, source = ref.open()
-        layouts = load_layouts(group, name, self.variables)
+        variables = self.variables
+        if not isinstance(variables, VariableSelection):
+            names = tuple(variables)
+            variables = VariableSelection(names, (None,) * len(names))
+        layouts = variables.layouts(group, name)
         samples = self.candidates.samples(self.sampler.seed, self.epoch)
         plan = self.sampler.epoch_plan(samples, self.epoch, self.resumed)
         backend = CpuBackend(

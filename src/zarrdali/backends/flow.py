@@ -226,14 +226,14 @@ class AdaptiveLimit:
             # before it: that burst was answered already.
             if token >= self._decreased_at:
                 self._congested()
-        elif self.adaptive and token == self._round:  # sent under the current limit
-            if busy and outcome in ("ok", "failed"):
-                if outcome == "ok":
-                    self._latencies.append(seconds)
-                else:
-                    self._failed += 1
-                if len(self._latencies) + self._failed >= self._round_size():
-                    self._end_round()
+        elif self.adaptive and token == self._round and busy and outcome in ("ok", "failed"):
+            # Sent under the current limit while it held others back: a measurement.
+            if outcome == "ok":
+                self._latencies.append(seconds)
+            else:
+                self._failed += 1
+            if len(self._latencies) + self._failed >= self._round_size():
+                self._end_round()
         self._wake()
 
     def _round_size(self) -> int:
