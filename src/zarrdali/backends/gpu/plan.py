@@ -30,7 +30,7 @@ validates what the kernel consumes on a machine without a GPU.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -310,6 +310,7 @@ class DecodeGroup:
     in_nbytes: np.ndarray
     out_offset: np.ndarray
     out_nbytes: np.ndarray
+    crc_row: np.ndarray | None = None  # row of BatchDescription.crc_jobs, or -1 (none)
 
 
 @dataclass(frozen=True, eq=False)
@@ -430,6 +431,9 @@ class BatchDescription:
     ``host_nbytes``. ``pack_jobs`` (copies inside staging that align payloads)
     and ``copy_jobs`` (uncompressed chunks, staging to decoded buffer) are
     ``[K, 3]`` rows of (source offset, destination offset, bytes).
+    ``crc_jobs`` (``[K, 2]``: staging offset of the stored chunk, bytes before
+    its trailing crc32c) are the staged chunks that carry a crc32c, checked on
+    the device before anything decodes them; ``crc_chunks`` their plan rows.
     """
 
     device_chunks: np.ndarray
@@ -444,6 +448,8 @@ class BatchDescription:
     copy_jobs: np.ndarray
     decode_groups: list[DecodeGroup]
     gather: GatherTables
+    crc_jobs: np.ndarray = field(default_factory=lambda: _NO_CRC)
+    crc_chunks: np.ndarray = field(default_factory=lambda: _NO_ROWS)
 
     @property
     def decoded_nbytes(self) -> int:
@@ -677,6 +683,17 @@ def describe_batch(
         packed = staging.payload_offset != raw
         pack_jobs = _copy_jobs(raw, staging.payload_offset, read_length, packed)
     copy_jobs = _copy_jobs(raw, device_slots[read], read_length, uncompressed[read])
+    # Staged chunks with a trailing crc32c: checked on the device before decoding
+    # (a payload from the cache passed its check when it was read).
+    crc_row = np.full(len(device), -1, dtype=np.int64)
+    crc_jobs, crc_chunks = _NO_CRC, _NO_ROWS
+    checked = cols.tail[dvar[read]] > 0
+    if checked.any():
+        stored = raw[checked] - skip[read][checked]  # where the stored chunk starts
+        crc_jobs = np.stack([stored, nbytes[read][checked] - 4], axis=1)
+        crc_chunks = device[read][checked]
+        rows = np.flatnonzero(read if hit is not None else np.ones(len(device), dtype=bool))
+        crc_row[rows[checked]] = np.arange(len(crc_chunks))
     # Where each device chunk's payload is for its decoder.
     if hit is None:
         in_source = np.zeros(len(device), dtype=np.int8)
@@ -698,9 +715,11 @@ def describe_batch(
         pack_jobs=pack_jobs,
         copy_jobs=copy_jobs,
         decode_groups=_decode_groups(
-            cols, device, dvar, in_source, in_offset, length, device_slots
+            cols, device, dvar, in_source, in_offset, length, device_slots, crc_row
         ),
         gather=gather_tables(plan, cols, slots),
+        crc_jobs=crc_jobs,
+        crc_chunks=crc_chunks,
     )
 
 
@@ -733,6 +752,7 @@ def cacheable_payloads(
 
 
 _NO_JOBS = np.empty((0, 3), dtype=np.int64)
+_NO_CRC = np.empty((0, 2), dtype=np.int64)
 
 
 def _copy_jobs(
@@ -752,6 +772,7 @@ def _decode_groups(
     in_offset: np.ndarray,
     length: np.ndarray,
     device_slots: np.ndarray,
+    crc_row: np.ndarray,
 ) -> list[DecodeGroup]:
     """One :class:`DecodeGroup` per nvCOMP algorithm of the device-decoded chunks."""
     algorithm = cols.algorithm[dvar]
@@ -771,6 +792,7 @@ def _decode_groups(
                 in_nbytes=length[mine],
                 out_offset=device_slots[mine],
                 out_nbytes=cols.chunk_nbytes[dvar[mine]],
+                crc_row=crc_row[mine],
             )
         )
     return groups
