@@ -394,6 +394,8 @@ static inline double __longlong_as_double(long long u) {
 // Rounded as their own operations (the host compiler contracts nothing here:
 // x86-64's baseline has no fused multiply-add).
 static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline double __dadd_rn(double a, double b) { return a + b; }
 static inline float __double2float_rn(double d) { return (float)d; }
 """

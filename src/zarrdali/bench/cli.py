@@ -33,6 +33,7 @@ DEFAULTS: dict[str, object] = {
     "storage_options": None,
     "out": "bench-out",
     "all": False,
+    "workload": "tiles",  # or "whole-field" (bench/wholefield.py: its own defaults)
 }
 
 
@@ -102,6 +103,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"zarrdali bench: error: {err}", file=sys.stderr)
         return 2
+    if o["workload"] == "whole-field":
+        from .wholefield import cmd_whole_field
+
+        return cmd_whole_field(args)
     if o["store"] and "://" in str(o["store"]):  # a URL: Path() would fold its "//"
         stores = [(str(o["store"]).rstrip("/").rsplit("/", 1)[-1], str(o["store"]))]
     elif o["store"]:
@@ -312,5 +317,11 @@ def register(sub) -> None:
         help='credentials and endpoint of a URL store, as JSON, e.g. \'{"region": "us-west-2"}\'',
     )
     p.add_argument("--out", help="output folder (default ./bench-out)")
+    p.add_argument(
+        "--workload",
+        choices=["tiles", "whole-field"],
+        help="tiles (default) or whole-field: whole fields with every level, batch 1-4, "
+        "on a WeatherBench2-layout store (written into --data-dir on first use)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench)

@@ -41,6 +41,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         codec=args.codec,
         level=args.level,
         unpack=args.unpack,
+        unpack_dtype=args.unpack_dtype,
         overwrite=args.overwrite,
         resume=args.resume,
         scheduler=args.scheduler,
@@ -62,6 +63,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         quantiles=args.quantiles,
         show_progress=not args.quiet,
         static=args.static or (),
+        raw=args.raw,
     )
     print(json.dumps(stats, indent=2))
     return 0
@@ -172,8 +174,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--unpack",
         action="store_true",
-        help="apply _FillValue, scale_factor and add_offset and store floats "
-        "(default: copy the stored values and their CF attributes)",
+        help="write xarray's decoded values (missing values NaN, scale/offset applied) "
+        "instead of the stored ones, CF-packed or not (default: the stored values and "
+        "their CF attributes)",
+    )
+    p.add_argument(
+        "--unpack-dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="dtype of the unpacked variables (float32 is what the loader serves)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.add_argument(
@@ -189,7 +198,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--verify",
         type=int,
         default=4,
-        help="time steps compared with the source at the end (0: none)",
+        help="time steps compared at the end, as xarray decodes source and output (0: none)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
@@ -200,7 +209,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Computes each variable's (and each level's) mean, standard deviation, "
         "minimum, maximum and NaN fraction in one dask pass, writes them to the array's "
         "'stats' attribute (ZarrLoader(normalize='store') uses them) and prints them as "
-        "JSON.",
+        "JSON. Statistics are of the values the loader serves: CF-decoded by default, "
+        "the stored ones with --raw (for decode_cf=False).",
     )
     p.add_argument("store", help="Zarr v3 store: a path or a URL")
     p.add_argument(
@@ -218,6 +228,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="Q",
         help="quantiles to add, in [0, 1], e.g. 0.01 0.99 (default: none)",
+    )
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="statistics of the stored values (for decode_cf=False), not of xarray's "
+        "decoded ones (scale_factor/add_offset applied); missing values are left out either way",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_stats)

@@ -177,6 +177,7 @@ __device__ __forceinline__ out_t zd_load(const unsigned char* p, const int code,
 #define FIN_OFFSET {FIN_OFFSET}
 #define PACK_SCALE {PACK_SCALE}
 #define PACK_OFFSET {PACK_OFFSET}
+#define PACK_FLOAT32 {PACK_FLOAT32}
 
 // What the elements of tile j share (the tile and variable table rows).
 struct zd_tile {
@@ -349,11 +350,18 @@ __device__ __forceinline__ bool zd_invalid(const unsigned char* p, const int cod
 // The value of the element at p as float: a C cast, or where the variable is
 // CF-packed (fin[FIN_PACKING]) x * scale_factor + add_offset in double, each
 // operation rounded on its own (no fused multiply-add: the CPU path's numpy
-// arithmetic), then rounded to float once.
+// arithmetic), then rounded to float once; in float with the attributes
+// rounded to float first where xarray unpacks so (PACK_FLOAT32, zarrdali/cf.py).
 __device__ __forceinline__ float zd_value(const unsigned char* p, const int code,
                                           const bool swap, const long long* fin) {
     const int packing = (int)fin[FIN_PACKING];
     if (!packing) return zd_load_as<float>(p, code, swap);
+    if (packing & PACK_FLOAT32) {  // a float32 variable xarray unpacks in float32
+        float f = zd_load_as<float>(p, code, swap);
+        if (packing & PACK_SCALE) f = __fmul_rn(f, (float)__longlong_as_double(fin[FIN_SCALE]));
+        if (packing & PACK_OFFSET) f = __fadd_rn(f, (float)__longlong_as_double(fin[FIN_OFFSET]));
+        return f;
+    }
     double d = zd_load_as<double>(p, code, swap);
     if (packing & PACK_SCALE) d = __dmul_rn(d, __longlong_as_double(fin[FIN_SCALE]));
     if (packing & PACK_OFFSET) d = __dadd_rn(d, __longlong_as_double(fin[FIN_OFFSET]));

@@ -107,6 +107,7 @@ FIN_OFFSET = FIN_PACKING + 2  # float64 bits of add_offset
 N_FIN_FIELDS = FIN_PACKING + 3
 PACK_SCALE = 1
 PACK_OFFSET = 2
+PACK_FLOAT32 = 4  # unpacked in float32 (a float32 variable xarray unpacks so), else float64
 
 _NO_ROWS = np.empty(0, dtype=np.int64)
 MISSING_SLOT = -1  # chunk slot of a chunk that does not exist: the kernel writes the fill
@@ -400,6 +401,13 @@ def finish_tables(layouts: Sequence[ArrayLayout], finish: Finish, masks: bool) -
             if packing.offset is not None:
                 flags |= PACK_OFFSET
                 table[v, FIN_OFFSET] = np.float64(packing.offset).view(np.int64)
+            if packing.dtype == "float32":
+                flags |= PACK_FLOAT32
+            elif packing.dtype != "float64":
+                raise NotImplementedError(
+                    f"the GPU path unpacks in float32 or float64, not {packing.dtype} "
+                    f"(variable {layout.name!r}); use device='cpu'"
+                )
             table[v, FIN_PACKING] = flags
     stats = np.zeros((channels, 2), dtype=np.float32)
     stats[:, 1] = 1
@@ -886,12 +894,13 @@ def gather_reference(
         for m in range(int(fin[FIN_N_MISSING])):
             bad |= stored == _fill_value(fin[FIN_MISSING0 + m], native)
         packing = int(fin[FIN_PACKING])
-        if packing:  # CF unpacking in float64, rounded once (as the CPU path)
-            unpacked = stored.astype(np.float64)
+        if packing:  # CF unpacking in float64 (or float32), rounded once (as the CPU path)
+            kind = np.float32 if packing & PACK_FLOAT32 else np.float64
+            unpacked = stored.astype(kind)
             if packing & PACK_SCALE:
-                unpacked = unpacked * np.int64(fin[FIN_SCALE]).view(np.float64)
+                unpacked = unpacked * kind(np.int64(fin[FIN_SCALE]).view(np.float64))
             if packing & PACK_OFFSET:
-                unpacked = unpacked + np.int64(fin[FIN_OFFSET]).view(np.float64)
+                unpacked = unpacked + kind(np.int64(fin[FIN_OFFSET]).view(np.float64))
             value = unpacked.astype(np.float32)
         else:
             value = stored.astype(np.float32)
