@@ -227,7 +227,8 @@ def register(sub) -> None:
         description="Runs zarrdali and the loaders you would use instead on the same store "
         "and the same samples, epoch by epoch in turn, and prints a table and a short "
         "verdict: zarrdali's samples/s against the torch DataLoader over xarray, the "
-        "fastest peer (TensorStore, zarr-python + zarrs) and the ceiling (reading and "
+        "fastest peer (TensorStore; --all adds zarr-python + zarrs and more) and the "
+        "ceiling (reading and "
         "decoding exactly the chunks each batch needs, nothing else). Writes bench.json, "
         "bench.md and throughput.png to the output folder. Without a store it writes "
         "the sample data once (about 1 GB) and runs on both its layouts (a few minutes on "
@@ -248,7 +249,7 @@ def register(sub) -> None:
         default=None,
         help="every loader and variant (zarrdali's options, more peers and decode "
         "ceilings), and every ratio; default: zarrdali, the ceiling, TensorStore, "
-        "zarr-python + zarrs and the torch DataLoader",
+        "and the torch DataLoader",
     )
     p.add_argument(
         "--device", choices=["cpu", "cuda"], help="only this zarrdali path (default: both)"
