@@ -8,6 +8,7 @@ import math
 import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,8 @@ from .missing import check_missing_options
 from .normalize import NormalizeArg, channel_stats
 from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
+from .ranks import process_group
+from .ranks import resolve as resolve_ranks
 from .remote import StoreRef, is_picklable
 from .resume import check_state, fingerprint, resume_point
 from .static import (
@@ -70,23 +73,6 @@ def _track_open(loader: ZarrLoader) -> None:
     atexit.unregister(_close_open_loaders)
     atexit.register(_close_open_loaders)
     _open_loaders.add(loader)
-
-
-def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Rank and world size from torch.distributed when initialized, else (0, 1)."""
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return (
-                dist.get_rank() if rank is None else rank,
-                dist.get_world_size() if world_size is None else world_size,
-            )
-    except ImportError:  # torch is a dependency, but keep planning usable without it
-        pass
-    return (0 if rank is None else rank), (1 if world_size is None else world_size)
 
 
 def _path_or_object(store: Any) -> Any:
@@ -271,15 +257,20 @@ class ZarrLoader:
             self.candidates = SampleGrid(self.spec, n_time, ny, nx)
         else:
             self.candidates = self._sample_table(index, n_time, ny, nx)
-        rank, world_size = _distributed_defaults(rank, world_size)
+        # torch.distributed, else a launcher's environment; unbound (0 of 1 for
+        # now): asked again when an epoch starts (a process group made later)
+        ranks = resolve_ranks(rank, world_size)
+        self._ranks_bound = ranks.bound
         self.sampler = Sampler(
             batch_size=batch_size,
             shuffle=shuffle,
             seed=seed,
             drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
         )
+        if ranks.source:
+            log.info("zarrdali: rank %d of %d from %s", ranks.rank, ranks.world_size, ranks.source)
         self.stats = channel_stats(normalize, self.layouts, self.store_name)
         # Missing values: NaN and the variables' CF missing values (None: not checked).
         self.missing = check_missing_options(nan_fill, masks, self.layouts, self.store_name)
@@ -349,6 +340,9 @@ class ZarrLoader:
         self._shared_static: SharedArray | None = None  # the workers' static fields
         _track_open(self)
         self._epoch = 0
+        # The next iteration serves self._epoch (a new loader, set_epoch, a state
+        # loaded); else the one after it, as torch reshuffles on every iter().
+        self._epoch_chosen = True
         self._served = 0  # batches handed to the user in the current epoch
         self._resume_from = 0
         # Parts of the current epoch served at other world sizes (elastic resume):
@@ -424,18 +418,60 @@ class ZarrLoader:
         return sum(layout.n_levels for layout in self.layouts)
 
     def __len__(self) -> int:
+        """Batches of a whole epoch on this rank (as torch's DataLoader counts them)."""
+        self._bind_ranks()
         per_rank = len(self.candidates) // self.sampler.world_size
         if self.sampler.drop_last:
             return per_rank // self.batch_size
         return math.ceil(per_rank / self.batch_size)
 
+    @property
+    def epoch(self) -> int:
+        """The epoch being served, or the last one served (``set_epoch``'s, or counted
+        up by each iteration)."""
+        return self._epoch
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shuffle (and random tile offsets) to serve next."""
+        """Serve ``epoch``'s order (and random tile offsets, augmentations) at the
+        next iteration; the iterations after it count on from there.
+
+        Without it every new ``iter()`` serves the next epoch, as torch's
+        ``DataLoader(shuffle=True)`` reshuffles on every ``iter()``: a new order
+        each time, also after a ``break``. Setting the epoch the loader's state
+        was loaded at (:meth:`load_state_dict`) keeps the resume point.
+        """
+        epoch = int(epoch)
+        if epoch < 0:
+            raise ConfigError(f"epoch must be >= 0, got {epoch}.")
         if epoch != self._epoch:
             self._resume_from = 0
             self._served = 0
             self._resume_segments = self._segments = []
         self._epoch = epoch
+        self._epoch_chosen = True
+
+    def _begin_epoch(self) -> None:
+        """At the start of an iteration: the epoch chosen, else the next one."""
+        self._bind_ranks()
+        if not self._epoch_chosen:
+            self._epoch += 1
+            self._resume_from = 0
+            self._served = 0
+            self._resume_segments = self._segments = []
+        self._epoch_chosen = False
+
+    def _bind_ranks(self) -> None:
+        """A loader that found no rank when it was made takes the process group's
+        once there is one (built before ``init_process_group`` or ``Trainer.fit``)."""
+        if self._ranks_bound:
+            return
+        found = process_group()
+        if found is None:
+            return
+        self._ranks_bound = True
+        if found != (self.sampler.rank, self.sampler.world_size):
+            log.info("zarrdali: rank %d of %d from torch.distributed", *found)
+            self.sampler = replace(self.sampler, rank=found[0], world_size=found[1])
 
     def state_dict(self) -> dict[str, Any]:
         """Where the loader stands: the epoch and how many batches the user has had.
@@ -446,6 +482,7 @@ class ZarrLoader:
         this epoch at earlier world sizes; ``fingerprint`` what decides the
         samples (checked by :meth:`load_state_dict`).
         """
+        self._bind_ranks()
         return {
             "epoch": self._epoch,
             "batches_served": self._served,
@@ -475,6 +512,9 @@ class ZarrLoader:
         self._resume_segments, self._resume_from = resume_point(state, self.sampler.world_size)
         # state_dict() before the next iteration says the same
         self._segments, self._served = self._resume_segments, self._resume_from
+        # The next iteration serves the rest of the state's epoch, or the next epoch
+        # where nothing is left of it (a state saved at the end of an epoch).
+        self._epoch_chosen = len(self.epoch_plan()) > self._resume_from
 
     # -- iteration ---------------------------------------------------------
     def epoch_plan(self, epoch: int | None = None) -> EpochPlan:
@@ -500,13 +540,18 @@ class ZarrLoader:
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        """The batches of the current epoch.
+        """The batches of an epoch: at its first ``next()``, the epoch chosen by
+        :meth:`set_epoch` or :meth:`load_state_dict` (the rest of it), else the
+        epoch after the last one started, as torch's ``DataLoader`` serves a new
+        order at every ``iter()``.
 
         The epoch's threads, pipeline (and worker processes or CUDA streams)
         are created at the first ``next()`` and released when the epoch ends:
         when it is exhausted, when the iterator is closed or dropped (``break``,
         an exception in the loop), when loading fails, when the next epoch of
-        this loader starts, or by :meth:`close`.
+        this loader starts, or by :meth:`close`; worker processes and the
+        buffers batches are made in are kept for the next epoch
+        (``persistent_workers``).
         """
         if self._closed:
             raise LoaderClosedError(
@@ -516,6 +561,9 @@ class ZarrLoader:
         return self._serve()
 
     def _serve(self) -> Iterator[dict[str, Any]]:
+        # Decided at the first next(), not at iter(): an iterator never started
+        # (Lightning calls iter() once to check a loader) does not count.
+        self._begin_epoch()
         plan = self.epoch_plan()
         start = self._resume_from
         self._resume_from = 0
