@@ -269,6 +269,8 @@ class BatchRing:
 
     def _lease_ended(self, slot: int) -> None:
         with self._lock:
+            if slot not in self._leased:  # a ring set aside in a forked child
+                return
             left = self._leased[slot] - 1
             if left:
                 self._leased[slot] = left
@@ -303,6 +305,18 @@ class BatchRing:
         mm, self._map = self._map, None
         if mm is not None:
             mm.close()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child, whose parent owns the ring: close this process's copy
+        of the descriptor, never unmap (arrays inherited from the parent may point
+        into the map, which stays shared with it), hand nothing out again."""
+        self._lock = threading.RLock()  # the parent's may have been held at the fork
+        self._closed = True
+        self._leased.clear()
+        self._free.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     @property
     def mapped(self) -> bool:

@@ -12,6 +12,7 @@ starts its processes) still reads its own share.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,10 +30,13 @@ class Ranks:
 
 
 def process_group() -> tuple[int, int] | None:
-    """``(rank, world_size)`` of the initialized default process group, else None."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # torch is a dependency, but keep planning usable without it
+    """``(rank, world_size)`` of the initialized default process group, else None.
+
+    No process group exists unless ``torch.distributed`` was imported: it is not
+    imported here (a first import of torch from a loader's constructor would
+    keep that frame, and the loader, alive until the collector runs)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None:
         return None
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
