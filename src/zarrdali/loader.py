@@ -28,6 +28,7 @@ from .hostring import BatchRing, SharedArray
 from .lifetime import LoaderResources
 from .missing import check_missing_options
 from .normalize import NormalizeArg, channel_stats
+from .pinning import check_pin_memory
 from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
 from .ranks import process_group
@@ -363,6 +364,9 @@ class ZarrLoader:
         # pinned memory, then one copy per batch to the device).
         self.workers = self._resolve_workers(workers, store)
         self.persistent_workers = bool(persistent_workers)
+        # page-locked batch buffers on the CPU path (the GPU path's batches are on
+        # the device); without CUDA a warning, as torch's DataLoader gives
+        self.pin_memory = bool(pin_memory) and self.device == "cpu" and check_pin_memory()
         # How the backend is made: again in a process forked from this one.
         self._backend_options = dict(
             num_threads=num_threads,
@@ -730,7 +734,9 @@ class ZarrLoader:
         ahead = batches_ahead(self.prefetch, self.batch_size, self.workers)
         res = self._resources
         if res.ring is None:  # the batches in flight, and two the user may hold
-            res.ring = BatchRing(layout.slots, ahead + 2, shared=bool(self.workers))
+            res.ring = BatchRing(
+                layout.slots, ahead + 2, shared=bool(self.workers), pin=self.pin_memory
+            )
         ring = res.ring
         if self.workers:
             reader = EpochReader(
@@ -969,6 +975,14 @@ class ZarrLoader:
                 )
             res.backend = self._make_backend()
             log.info("zarrdali: %s: a new backend in this process", where)
+            if self.pin_memory:
+                self.pin_memory = False
+                warnings.warn(
+                    f"{where}: CUDA cannot be used in a forked process, so its batch "
+                    "buffers are not page-locked (pin_memory) here.",
+                    UserWarning,
+                    stacklevel=4,
+                )
         if self.workers and multiprocessing.current_process().daemon:
             if not self._workers_auto:
                 raise ProcessContextError(_daemonic_workers_message(self.workers))
