@@ -72,6 +72,26 @@ def test_set_epoch_every_epoch_as_with_a_distributed_sampler(store):
             assert one_epoch(loader) == epoch_of(store, e)
 
 
+def test_the_samplers_set_epoch_sets_the_loaders(store):
+    """What Lightning calls at every epoch start (a DataLoader's sampler.set_epoch)."""
+    import pickle
+    from dataclasses import fields
+
+    from zarrdali.plan import Sampler
+
+    with loader_for(store, ["x"], batch_size=8) as loader:
+        loader.sampler.set_epoch(4)
+        assert one_epoch(loader) == epoch_of(store, 4)
+        plain = pickle.loads(pickle.dumps(loader.sampler))  # as worker processes get it
+        assert type(plain) is Sampler
+        assert [getattr(plain, f.name) for f in fields(Sampler)] == [
+            getattr(loader.sampler, f.name) for f in fields(Sampler)
+        ]
+        assert plain.epoch_plan(loader.candidates.samples(7, 4), 4).samples.tolist() == [
+            list(s) for s in epoch_of(store, 4)
+        ]
+
+
 def test_a_break_ends_the_epoch_and_the_next_iteration_starts_the_next(store):
     with loader_for(store, ["x"], batch_size=8) as loader:
         for k, _ in enumerate(loader):

@@ -10,7 +10,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -170,6 +170,24 @@ def _warn_inside_dataloader_worker(loader: ZarrLoader) -> None:
         "with rank=info.id, world_size=info.num_workers.",
         stacklevel=4,  # the user's loop over the loader
     )
+
+
+@dataclass(frozen=True)
+class LoaderSampler(Sampler):
+    """A loader's sampler: the plan's :class:`~zarrdali.plan.Sampler`, whose
+    ``set_epoch`` sets its loader's epoch, as ``DistributedSampler.set_epoch``
+    does a DataLoader's (PyTorch Lightning calls it at every epoch start, with
+    its own epoch count: also right after a resume from a checkpoint)."""
+
+    owner: weakref.ref | None = field(default=None, compare=False, repr=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        loader = self.owner() if self.owner is not None else None
+        if loader is not None:
+            loader.set_epoch(epoch)
+
+    def __reduce__(self):  # to worker processes: the plan's sampler alone
+        return Sampler, tuple(getattr(self, f.name) for f in fields(Sampler))
 
 
 class ZarrLoader:
@@ -332,13 +350,14 @@ class ZarrLoader:
         # now): asked again when an epoch starts (a process group made later)
         ranks = resolve_ranks(rank, world_size)
         self._ranks_bound = ranks.bound
-        self.sampler = Sampler(
+        self.sampler = LoaderSampler(
             batch_size=batch_size,
             shuffle=shuffle,
             seed=seed,
             drop_last=drop_last,
             rank=ranks.rank,
             world_size=ranks.world_size,
+            owner=weakref.ref(self),
         )
         if ranks.source:
             log.info("zarrdali: rank %d of %d from %s", ranks.rank, ranks.world_size, ranks.source)
