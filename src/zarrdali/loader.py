@@ -534,6 +534,10 @@ class ZarrLoader:
             backend = self._resources.backend
         return backend
 
+    @backend.setter
+    def backend(self, backend: Any) -> None:  # a wrapped backend (tests); close() closes it
+        self._resources.backend = backend
+
     @property
     def _ring(self) -> BatchRing | None:
         """The CPU path's batch buffers: made at the first epoch, reused by the
