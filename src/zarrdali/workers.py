@@ -311,6 +311,9 @@ class WorkerPool:
                 self._poll(min(left, _POLL_S))
         except WorkerDiedError:
             self.close()  # the rest of the pool too: the next epoch starts a new one
+        except BaseException:  # Ctrl-C while waiting: no worker may write the ring after
+            self.close()
+            raise
         finally:
             self._pending.clear()
             self._failed.clear()
