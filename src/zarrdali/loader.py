@@ -379,8 +379,6 @@ class ZarrLoader:
         self.device = _resolve_device(device)
         self.partial_decode = partial_decode
         self.memory_map = memory_map
-        # Both backends read remote stores through this source (the GPU backend into
-        # pinned memory, then one copy per batch to the device).
         self.workers = self._resolve_workers(workers, store)
         self.persistent_workers = bool(persistent_workers)
         # page-locked batch buffers on the CPU path (the GPU path's batches are on
@@ -499,7 +497,9 @@ class ZarrLoader:
 
     def _make_backend(self) -> Any:
         """The backend (threads, and CUDA resources) with its byte source; made
-        here, and again in a process forked from this one."""
+        here, and again in a process forked from this one. Both backends read
+        remote stores through the source (the GPU backend into pinned memory,
+        then one copy per batch to the device)."""
         opts = self._backend_options
         source = make_source(
             self.group,
