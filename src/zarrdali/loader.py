@@ -7,6 +7,7 @@ import logging
 import math
 import multiprocessing
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -156,9 +157,8 @@ def _warn_inside_dataloader_worker(loader: ZarrLoader) -> None:
     epoch: say so once per loader, unless the loader was given its share."""
     if loader._warned_dataloader_worker or (loader._ranks_bound and loader.sampler.world_size > 1):
         return
-    from torch.utils.data import get_worker_info
-
-    info = get_worker_info()
+    data = sys.modules.get("torch.utils.data")  # not imported: not in a DataLoader worker
+    info = data.get_worker_info() if data is not None else None
     if info is None or info.num_workers < 2:
         return
     loader._warned_dataloader_worker = True
