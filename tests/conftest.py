@@ -50,3 +50,23 @@ def make_store(tmp_path: Path) -> Callable[..., Path]:
         return write_store(path, specs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def packed_store(tmp_path_factory) -> Path:
+    """A CF-packed satellite-style store written by xarray (xarray_stores.py)."""
+    import warnings
+
+    from xarray_stores import write_packed_store
+
+    with warnings.catch_warnings():  # offset_only: packed without a _FillValue, on purpose
+        warnings.simplefilter("ignore")
+        return write_packed_store(tmp_path_factory.mktemp("packed") / "sat.zarr")
+
+
+@pytest.fixture(scope="session")
+def wb2_store(tmp_path_factory) -> Path:
+    """A WeatherBench2-layout store written by xarray (xarray_stores.py)."""
+    from xarray_stores import write_wb2_store
+
+    return write_wb2_store(tmp_path_factory.mktemp("wb2") / "wb2.zarr")

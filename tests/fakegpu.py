@@ -197,7 +197,7 @@ class FakeKernel:
             return
         finish = None
         if self.name == "zarrdali_gather_finish":
-            decoded, tiles, tile_chunks, slots, variables, fin, stats, *args = args
+            decoded, tiles, tile_chunks, slots, variables, levels, fin, stats, *args = args
             *args, normalize, fill_missing, nan_fill, write_mask, out, mask = args
             assert out.dtype == np.float32 and (not write_mask or mask.dtype == np.uint8)
             finish = GatherFinish(
@@ -207,16 +207,18 @@ class FakeKernel:
                 nan_fill=float(nan_fill) if fill_missing else None,
                 masks=bool(write_mask),
             )
-            args = (decoded, tiles, tile_chunks, slots, variables, *args, out)
+            args = (decoded, tiles, tile_chunks, slots, variables, levels, *args, out)
         else:
             assert self.name == "zarrdali_gather", self.name
-        decoded, tiles, tile_chunks, slots, variables, n_tiles, n_l, n_y, n_x, h, w, out = args
+        decoded, tiles, tile_chunks, slots, variables, levels, *args = args
+        n_tiles, n_l, n_y, n_x, h, w, out = args
         assert tuple(out.shape[-2:]) == (int(h), int(w))
         gather = GatherTables(
             tiles=np.asarray(tiles),
             tile_chunks=np.asarray(tile_chunks).reshape(int(n_tiles), int(n_l), int(n_y), int(n_x)),
             chunk_slots=np.asarray(slots),
             variables=np.asarray(variables),
+            levels=np.asarray(levels),
             out_shape=tuple(out.shape),
             out_dtype=out.dtype,
         )

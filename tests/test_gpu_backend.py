@@ -44,6 +44,8 @@ from zarrdali.backends.gpu.plan import (
     CTYPES,
     FALLBACK_INPUT_ALIGN,
     MISSING_SLOT,
+    N_LEVEL_FIELDS,
+    N_VAR_FIELDS,
     BatchDescription,
     GatherTables,
     aligned_offsets,
@@ -384,6 +386,11 @@ static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &
 static inline double __longlong_as_double(long long u) {
     double d; std::memcpy(&d, &u, 8); return d;
 }
+// Rounded as their own operations (the host compiler contracts nothing here:
+// x86-64's baseline has no fused multiply-add).
+static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline float __double2float_rn(double d) { return (float)d; }
 """
 
 _HOST_LOAD = r"""
@@ -417,6 +424,7 @@ int main(int argc, char** argv) {
     auto tile_chunks = load<int>((dir + "/tile_chunks").c_str());
     auto slots = load<long long>((dir + "/chunk_slots").c_str());
     auto variables = load<long long>((dir + "/variables").c_str());
+    auto levels = load<long long>((dir + "/levels").c_str());
     std::vector<out_t> out(out_size);
     gridDim = {(unsigned int)n_tiles, gy, 1};
     blockDim = {threads, 1, 1};
@@ -426,7 +434,8 @@ int main(int argc, char** argv) {
                 blockIdx = {bx, by, 0};
                 threadIdx = {tx, 0, 0};
                 zarrdali_gather(decoded.data(), tiles.data(), tile_chunks.data(), slots.data(),
-                                variables.data(), n_tiles, n_l, n_y, n_x, h, w, out.data());
+                                variables.data(), levels.data(), n_tiles, n_l, n_y, n_x, h, w,
+                                out.data());
             }
     FILE* f = std::fopen((dir + "/out").c_str(), "wb");
     std::fwrite(out.data(), sizeof(out_t), out.size(), f);
@@ -464,7 +473,9 @@ def host_kernel(tmp_path_factory):
         work.mkdir(exist_ok=True)
         decoded.tofile(work / "decoded")
         for field_name, array in zip(
-            ("tiles", "tile_chunks", "chunk_slots", "variables"), gather.arrays, strict=True
+            ("tiles", "tile_chunks", "chunk_slots", "variables", "levels"),
+            gather.arrays,
+            strict=True,
         ):
             np.ascontiguousarray(array).tofile(work / field_name)
         _, n_l, n_y, n_x = gather.tile_chunks.shape
@@ -564,7 +575,8 @@ def test_gather_tables_grow_with_tiles_not_copies(make_store):
     assert gather.tiles.shape == (n_tiles, 5)
     assert gather.tile_chunks.shape == (n_tiles, 2, 2, 2)  # levels, y, x chunks per tile
     assert gather.chunk_slots.shape == (plan.n_chunks,)
-    assert gather.variables.shape == (2, 9)
+    assert gather.variables.shape == (2, N_VAR_FIELDS)
+    assert gather.levels.shape == (1 + 3, N_LEVEL_FIELDS)  # a row per channel
     assert plan.n_pieces > n_tiles  # what the old descriptors had one row each for
 
 

@@ -114,6 +114,7 @@ int main(int argc, char** argv) {
     auto tile_chunks = load<int>((dir + "/tile_chunks").c_str());
     auto slots = load<long long>((dir + "/chunk_slots").c_str());
     auto variables = load<long long>((dir + "/variables").c_str());
+    auto levels = load<long long>((dir + "/levels").c_str());
     auto finish = load<long long>((dir + "/finish").c_str());
     auto stats = load<float>((dir + "/stats").c_str());
     std::vector<float> out(out_size);
@@ -126,7 +127,8 @@ int main(int argc, char** argv) {
                 blockIdx = {bx, by, 0};
                 threadIdx = {tx, 0, 0};
                 zarrdali_gather_finish(decoded.data(), tiles.data(), tile_chunks.data(),
-                                       slots.data(), variables.data(), finish.data(),
+                                       slots.data(), variables.data(), levels.data(),
+                                       finish.data(),
                                        stats.data(), n_tiles, n_l, n_y, n_x, h, w, normalize,
                                        fill_missing, nan_fill, write_mask, out.data(),
                                        mask.data());
@@ -163,7 +165,7 @@ def host_finish_kernel(tmp_path_factory):
         work = root / "run"
         work.mkdir(exist_ok=True)
         decoded.tofile(work / "decoded")
-        names = ("tiles", "tile_chunks", "chunk_slots", "variables")
+        names = ("tiles", "tile_chunks", "chunk_slots", "variables", "levels")
         for name, array in zip(names, gather.arrays, strict=True):
             np.ascontiguousarray(array).tofile(work / name)
         finish.variables.tofile(work / "finish")
@@ -353,7 +355,11 @@ def _all_options(augment) -> dict:
     )
 
 
-def check_missing(batches, oracle: MaskOracle, *, nan_fill, masks, stats, n_in=2, n_frames=3):
+def check_missing(
+    batches, oracle: MaskOracle, *, nan_fill, masks, stats, n_in=2, n_frames=3, decode_cf=True
+):
+    """Valid values are the stored ones normalized; missing ones ``nan_fill``, else
+    NaN (CF decoding, the default) or the stored ones (``decode_cf=False``)."""
     mean, std = (np.asarray(s, np.float32).reshape(1, -1, 1, 1) for s in stats)
     n_invalid = 0
     for k, batch in enumerate(batches):
@@ -364,6 +370,8 @@ def check_missing(batches, oracle: MaskOracle, *, nan_fill, masks, stats, n_in=2
             want = (values.astype(np.float32) - mean) / std
             if nan_fill is not None:
                 want[~valid] = np.float32(nan_fill)
+            elif decode_cf:
+                want[~valid] = np.nan
             if "augment" in batch:
                 want = apply_augmentations(want, batch["augment"][i])
                 valid = apply_augmentations(valid, batch["augment"][i])
@@ -404,16 +412,24 @@ def test_masks_fills_static_and_times_equal_the_oracles(make_store, sharded, aug
         )
 
 
-@pytest.mark.parametrize("nan_fill,masks", [(0.0, False), (None, True)])
-def test_each_option_alone(make_store, nan_fill, masks):
+@pytest.mark.parametrize("decode_cf", [True, False], ids=["decoded", "stored"])
+@pytest.mark.parametrize("nan_fill,masks", [(0.0, False), (None, True), (None, False)])
+def test_each_option_alone(make_store, nan_fill, masks, decode_cf):
+    """Each option alone, with CF decoding (missing values served as NaN where
+    not filled) and without (stored values where not filled)."""
     store = make_missing_store(make_store, sharded=True)
     variables = ["sst", "ir", "q"]
     kw = dict(frame_step=2, normalize=STATS, nan_fill=nan_fill, masks=masks, time=False)
-    with loader_for(store, variables, **kw) as loader:
+    with loader_for(store, variables, decode_cf=decode_cf, **kw) as loader:
         batches = run_epochs(loader, [0])[0]
     assert ("input_mask" in batches[0]) == masks and ("target_mask" in batches[0]) == masks
     check_missing(
-        batches, MaskOracle(store, variables), nan_fill=nan_fill, masks=masks, stats=CHANNEL_STATS
+        batches,
+        MaskOracle(store, variables),
+        nan_fill=nan_fill,
+        masks=masks,
+        stats=CHANNEL_STATS,
+        decode_cf=decode_cf,
     )
     if nan_fill is None:  # NaNs stay, masks beside them
         assert any(np.isnan(b["input"]).any() for b in batches)
@@ -516,7 +532,10 @@ def test_bad_missing_value_attributes_are_named(make_store, attrs, says):
     store = make_store(_spec("n", dtype="int16", attrs=attrs))
     with pytest.raises(ConfigError, match=says):
         loader_for(store, ["n"], masks=True)
-    with loader_for(store, ["n"]) as loader:  # without masks or nan_fill they are not read
+    with pytest.raises(ConfigError, match=says):  # CF decoding reads them too
+        loader_for(store, ["n"])
+    # serving stored values without masks or nan_fill, they are not read
+    with loader_for(store, ["n"], decode_cf=False) as loader:
         assert loader.missing is None
 
 

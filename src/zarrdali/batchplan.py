@@ -26,20 +26,37 @@ from .store import ArrayLayout
 
 def chunk_shape4(layout: ArrayLayout) -> tuple[int, int, int, int]:
     """The chunk shape as ``(t, level, y, x)``; one level for arrays without levels."""
-    cs = layout.chunk_shape
-    return (cs[0], cs[1], cs[2], cs[3]) if len(cs) == 4 else (cs[0], 1, cs[1], cs[2])
+    return layout.canonical(layout.chunk_shape)
 
 
 def chunk_grid4(layout: ArrayLayout) -> tuple[int, int, int, int]:
     """Chunks along ``(t, level, y, x)``."""
-    shape = layout.shape if len(layout.shape) == 4 else (layout.shape[0], 1, *layout.shape[1:])
+    shape = layout.canonical(layout.shape)
     return tuple(-(-n // c) for n, c in zip(shape, chunk_shape4(layout), strict=True))
 
 
 def natural_coords(layout: ArrayLayout, coords4: Sequence[int]) -> tuple[int, ...]:
     """Chunk grid coordinates in the array's own dimensions, from ``(t, level, y, x)``."""
-    t, level, y, x = (int(c) for c in coords4)
-    return (t, level, y, x) if len(layout.shape) == 4 else (t, y, x)
+    return layout.stored(coords4)
+
+
+def level_runs(layout: ArrayLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The served levels as runs that each lie in one chunk along the level axis:
+    per run its chunk (along levels), first level inside that chunk, first
+    channel (of the variable's) and length. Every level served, in store order,
+    is one run per chunk; chosen levels are runs of consecutive ascending
+    levels of one chunk, in the order chosen."""
+    cl = chunk_shape4(layout)[1]
+    if layout.levels is None:
+        chunk = np.arange(chunk_grid4(layout)[1], dtype=np.int64)
+        first = chunk * cl
+        return chunk, np.zeros_like(chunk), first, np.minimum(cl, layout.n_levels - first)
+    levels = np.array(layout.levels, dtype=np.int64)
+    starts = np.ones(len(levels), dtype=bool)
+    starts[1:] = (np.diff(levels) != 1) | (levels[1:] % cl == 0)
+    dst = np.flatnonzero(starts)
+    length = np.diff(np.append(dst, len(levels)))
+    return levels[dst] // cl, levels[dst] % cl, dst.astype(np.int64), length
 
 
 def channel_offsets(layouts: Sequence[ArrayLayout]) -> list[int]:
@@ -57,9 +74,10 @@ class LayoutTables:
 
     chunk_shapes: np.ndarray  # [V, 4] (t, level, y, x)
     chunk_grids: np.ndarray  # [V, 4]
+    element_strides: np.ndarray  # [V, 4]: of a decoded chunk, along (t, level, y, x)
     key_bases: np.ndarray  # [V + 1]
     channel_offsets: np.ndarray  # [V]
-    groups: tuple  # ((chunk shape, grid, n_levels), variables) of each distinct chunking
+    groups: tuple  # ((chunk shape, grid, level runs), variables) of each distinct chunking
 
 
 _TABLES: dict[tuple[int, ...], tuple[Sequence[ArrayLayout], LayoutTables]] = {}
@@ -72,15 +90,22 @@ def layout_tables(layouts: Sequence[ArrayLayout]) -> LayoutTables:
     if hit is not None and all(a is b for a, b in zip(hit[0], layouts, strict=True)):
         return hit[1]
     groups: dict[tuple, list[int]] = {}
+    runs: dict[tuple, tuple[np.ndarray, ...]] = {}
     for v, layout in enumerate(layouts):
-        chunking = (chunk_shape4(layout), chunk_grid4(layout), layout.n_levels)
+        lr = level_runs(layout)
+        runs_key = tuple(tuple(a.tolist()) for a in lr)
+        chunking = (chunk_shape4(layout), chunk_grid4(layout), runs_key)
+        runs[chunking] = lr
         groups.setdefault(chunking, []).append(v)
     tables = LayoutTables(
         chunk_shapes=np.array([chunk_shape4(lay) for lay in layouts], dtype=np.int64),
         chunk_grids=np.array([chunk_grid4(lay) for lay in layouts], dtype=np.int64),
+        element_strides=np.array([lay.element_strides4 for lay in layouts], dtype=np.int64),
         key_bases=key_bases(layouts),
         channel_offsets=np.array(channel_offsets(layouts), dtype=np.int64),
-        groups=tuple((k, np.array(v, dtype=np.int64)) for k, v in groups.items()),
+        groups=tuple(
+            ((k[0], k[1], runs[k]), np.array(v, dtype=np.int64)) for k, v in groups.items()
+        ),
     )
     if len(_TABLES) >= 64:
         _TABLES.pop(next(iter(_TABLES)))
@@ -188,20 +213,19 @@ class BatchPlan:
         return order, bounds
 
     def needed_nbytes(self, layouts: Sequence[ArrayLayout]) -> np.ndarray:
-        """Per chunk, the length of the decoded prefix (C order) its pieces read.
+        """Per chunk, the length of the decoded prefix (stored C order) its pieces read.
 
         A chunk's bytes past its last copied element are never looked at, so a
         streaming decoder may stop there: with field-sized chunks and small
         tiles that skips a large part of the decoding.
         """
-        shapes = layout_tables(layouts).chunk_shapes
+        strides = layout_tables(layouts).element_strides
         items = np.array([layout.dtype.itemsize for layout in layouts], dtype=np.int64)
         var = self.chunk_var[self.piece_chunk]
-        cs = shapes[var]
         last = self.piece_src.copy()
         last[:, 1:] += self.piece_extent - 1
-        end = ((last[:, 0] * cs[:, 1] + last[:, 1]) * cs[:, 2] + last[:, 2]) * cs[:, 3]
-        end += last[:, 3] + 1
+        # strides are positive: the piece's last byte is that of its far corner
+        end = (last * strides[var]).sum(axis=1) + 1
         needed = np.zeros(self.n_chunks, dtype=np.int64)
         np.maximum.at(needed, self.piece_chunk, end * items[var])
         return needed
@@ -215,13 +239,13 @@ class _PieceGroup:
     cells: tuple  # b, f, level, (b, y), (b, x) indices of each piece
     time: tuple  # out_of_frame [T], frame_in_out [T], tt [B, T]
     first_channel: np.ndarray  # per piece
-    spans: tuple  # ys, xs, yd, xd ([B, K]), le [L], ye, xe ([B, K])
+    spans: tuple  # ys, xs, yd, xd ([B, K]), ls, le [L], ye, xe ([B, K])
 
     def __call__(self) -> np.ndarray:
         b, f, lev, by, bx = self.cells
         out_of_frame, frame_in_out, tt = self.time
-        ys, xs, yd, xd, le, ye, xe = self.spans
-        columns = [out_of_frame[f], tt[b, f], 0, ys[by], xs[bx]]
+        ys, xs, yd, xd, ls, le, ye, xe = self.spans
+        columns = [out_of_frame[f], tt[b, f], ls[lev], ys[by], xs[bx]]
         columns += [b, frame_in_out[f], self.first_channel, yd[by], xd[bx]]
         columns += [le[lev], ye[by], xe[bx]]
         block = np.empty((len(b), len(columns)), dtype=np.int64)
@@ -235,8 +259,8 @@ def _check_samples(
 ) -> None:
     """Every sample's window and tile must lie inside every variable: a chunk key
     past an axis would name another chunk, or another variable's."""
-    n_time = min(layout.shape[0] for layout in layouts)
-    ny, nx = layouts[0].shape[-2:]
+    n_time = min(layout.n_time for layout in layouts)
+    ny, nx = layouts[0].grid_shape
     t0, y0, x0 = samples.T
     bad = (t0 < 0) | (t0 + span > n_time) | (y0 < 0) | (y0 + tile_hw[0] > ny)
     bad |= (x0 < 0) | (x0 + tile_hw[1] > nx)
@@ -312,13 +336,10 @@ def plan_batch(
     # variable axis: the loop runs once per chunking, not once per variable.
     keys, tiles_of, pieces = [], [], []
     max_lyx = [1, 1, 1]
-    for (cs4, grid, n_levels), vs in tables.groups:
-        ct_size, cl, cy, cx = cs4
+    for (cs4, grid, (lc, ls, ld, le)), vs in tables.groups:
+        ct_size, _, cy, cx = cs4
         yc, ys, yd, ye, yv = axis_spans(1, h, cy)
         xc, xs, xd, xe, xv = axis_spans(2, w, cx)
-        lc = np.arange(grid[1], dtype=np.int64)
-        ld = lc * cl
-        le = np.minimum(cl, n_levels - ld)
         n_l, n_y, n_x = len(lc), yc.shape[1], xc.shape[1]
         max_lyx = [max(a, b) for a, b in zip(max_lyx, (n_l, n_y, n_x), strict=True)]
         ct, tt = np.divmod(t, ct_size)  # [B, T]
@@ -337,11 +358,11 @@ def plan_batch(
                 cells=(b, f, lev, by, bx),
                 time=(out_of_frame, frame_in_out, tt),
                 first_channel=ld[lev] + offsets_arr[vs][g],
-                spans=(ys, xs, yd, xd, le, ye, xe),
+                spans=(ys, xs, yd, xd, ls, le, ye, xe),
             )
         )
         keys.append(
-            ((ct[b, f] * grid[1] + lev) * grid[2] + yc[by]) * grid[3] + xc[bx] + bases[vs][g]
+            ((ct[b, f] * grid[1] + lc[lev]) * grid[2] + yc[by]) * grid[3] + xc[bx] + bases[vs][g]
         )
 
     chunk_key, inverse = unique_inverse(np.concatenate(keys))

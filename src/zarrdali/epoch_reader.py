@@ -23,8 +23,9 @@ from .hostfeed import Finishing
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
 from .remote import StoreRef
 from .static import RingStaticTiles
-from .store import ArrayLayout, load_layouts
+from .store import ArrayLayout
 from .trace import annotate
+from .variables import VariableSelection
 
 
 def load_frames(
@@ -139,7 +140,7 @@ def load_into(
 @dataclass
 class EpochReader:
     store: StoreRef | str  # how to reopen the store (a path or URL alone, or with options)
-    variables: Sequence[str]
+    variables: VariableSelection | Sequence[str]  # the variables and levels served
     spec: SampleSpec
     candidates: SampleGrid | SampleTable
     sampler: Sampler
@@ -151,8 +152,7 @@ class EpochReader:
     finishing: Finishing | None = None  # cast, normalize, augment while assembling
     resumed: tuple[Segment, ...] = ()  # parts of the epoch served at other world sizes
     static: RingStaticTiles | None = None  # static tiles, written after the frames
-    _state: Any = field(default=None, init=False, repr=False)
-
+    _state: Any = field(default=None, init=False, repr=False)  # (layouts, backend)
     _plan: EpochPlan | None = field(default=None, init=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -190,7 +190,11 @@ class EpochReader:
 
         ref = self.store if isinstance(self.store, StoreRef) else StoreRef(self.store)
         group, name, source = ref.open()
-        layouts = load_layouts(group, name, self.variables)
+        variables = self.variables
+        if not isinstance(variables, VariableSelection):
+            names = tuple(variables)
+            variables = VariableSelection(names, (None,) * len(names))
+        layouts = variables.layouts(group, name)
         backend = CpuBackend(
             group,
             name,

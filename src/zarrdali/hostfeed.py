@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .backends.finish import Finish
+from .backends.finish import Finish, finish_of
+from .cf import Packing
 from .errors import LoaderClosedError
 from .hostring import BatchRing, SlotLayout
 from .missing import MissingValues
@@ -37,18 +38,14 @@ class Finishing:
     # batches of the epoch served before this plan's first (elastic resume): the
     # draws are numbered through the epoch
     batch_offset: int = 0
-    missing: MissingValues | None = None  # masks and nan_fill (None: both off)
+    missing: MissingValues | None = None  # masks, nan_fill, CF missing values (None: off)
+    packing: tuple[Packing | None, ...] | None = None  # CF unpacking per channel
 
     def batch(self, j: int, n: int) -> Finish:
         """The finish of batch ``j`` of the epoch (``n`` samples); with masks,
         the caller adds the batch's mask arrays (:func:`dataclasses.replace`)."""
         mean, std = self.stats if self.stats is not None else (None, None)
-        missing = self.missing
-        if missing is None:
-            return Finish(mean, std, self.flags(j, n))
-        return Finish(
-            mean, std, self.flags(j, n), nan_fill=missing.nan_fill, missing=missing.per_channel
-        )
+        return finish_of(mean, std, self.missing, self.packing, self.flags(j, n))
 
     def flags(self, j: int, n: int) -> np.ndarray | None:
         if not self.augment:

@@ -19,8 +19,10 @@ import zarr
 
 from .backends import make_backend
 from .backends.base import batch_dtype
-from .backends.finish import Finish
+from .backends.finish import Finish, finish_of
 from .backends.sources import make_source
+from .cf import channel_packing
+from .dims import check_dims_override
 from .epoch import BoolMasks, EpochRun, SourceHandle, release_frames
 from .epoch_reader import EpochReader, load_frames, load_into
 from .errors import ConfigError, LoaderClosedError, ProcessContextError
@@ -43,8 +45,9 @@ from .static import (
     StaticTiles,
     read_static_fields,
 )
-from .store import check_plan_fits, load_layouts, open_group
+from .store import check_plan_fits, open_group
 from .timecoord import FrameTimes, read_time_coordinate
+from .variables import resolve_variables
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +198,15 @@ class ZarrLoader:
 
     ``batch["input"][i]`` equals ``stack([ds[v][t0 : t0 + input_steps * frame_step :
     frame_step, y0 : y0 + H, x0 : x0 + W] for v in variables], axis=1)`` (then
-    normalized) with ``(t0, y0, x0) = batch["index"][i]``; variables with a level
-    axis contribute one channel per level. Values are the stored values (no CF
-    decoding); NaNs stay NaN.
+    normalized) with ``(t0, y0, x0) = batch["index"][i]`` and ``ds =
+    xarray.open_zarr(store)``: values CF-decoded as xarray decodes them
+    (``scale_factor``/``add_offset``, ``_FillValue``/``missing_value`` as NaN;
+    ``decode_cf=False`` serves stored values, see :mod:`zarrdali.cf`), axes found
+    by their dimension names in any stored order (``dims`` names others; see
+    :mod:`zarrdali.dims`). A variable with a level axis contributes one channel
+    per level, or per level chosen: ``variables=["t2m", ("t", [850, 500])]`` by
+    the level coordinate's values, ``("t", {"isel": [0, 3]})`` by index
+    (:mod:`zarrdali.variables`); :attr:`channels` names them.
 
     The CPU path decodes a chunk only as far as the last byte a batch copies
     from it (zstd, gzip, uncompressed); ``partial_decode=False`` decodes every
@@ -299,6 +308,8 @@ class ZarrLoader:
         time: bool | None = None,
         nan_fill: float | None = None,
         masks: bool = False,
+        decode_cf: bool = True,
+        dims: Mapping[str, str] | None = None,
         persistent_workers: bool = True,
         pin_memory: bool = False,
     ) -> None:
@@ -327,10 +338,16 @@ class ZarrLoader:
             request_timeout=request_timeout,
         )
         self.group, self.store_name = open_group(store, storage_options)
-        self.variables = [variables] if isinstance(variables, str) else list(variables)
-        self.layouts = load_layouts(self.group, self.store_name, self.variables)
+        if not isinstance(decode_cf, (bool, np.bool_)):
+            raise ConfigError(f"decode_cf must be True or False, got {decode_cf!r}.")
+        self.decode_cf = bool(decode_cf)
+        # Which arrays and levels are channels, their axes found by name.
+        self.selection, self.layouts, self.channels = resolve_variables(
+            variables, self.group, self.store_name, check_dims_override(dims), self.decode_cf
+        )
+        self.variables = list(self.selection.names)
         first = self.layouts[0]
-        n_time, ny, nx = first.shape[0], first.shape[-2], first.shape[-1]
+        n_time, (ny, nx) = first.n_time, first.grid_shape
         self.candidates: SampleGrid | SampleTable
         h, w = self.spec.tile or (ny, nx)
         channels = sum(layout.n_levels for layout in self.layouts)
@@ -361,12 +378,24 @@ class ZarrLoader:
         )
         if ranks.source:
             log.info("zarrdali: rank %d of %d from %s", ranks.rank, ranks.world_size, ranks.source)
-        self.stats = channel_stats(normalize, self.layouts, self.store_name)
-        # Missing values: NaN and the variables' CF missing values (None: not checked).
-        self.missing = check_missing_options(nan_fill, masks, self.layouts, self.store_name)
+        self.stats = channel_stats(normalize, self.layouts, self.store_name, self.decode_cf)
+        # Missing values: NaN and the variables' CF missing values (None: not checked),
+        # served as NaN with decode_cf; CF unpacking per channel (None: none packed).
+        self.missing = check_missing_options(
+            nan_fill, masks, self.layouts, self.store_name, self.decode_cf
+        )
+        self.packing = channel_packing(self.layouts, self.store_name) if self.decode_cf else None
         # Static fields and the time coordinate: read once, here.
         self.static = (
-            read_static_fields(self.group, self.store_name, static, self.layouts, normalize)
+            read_static_fields(
+                self.group,
+                self.store_name,
+                static,
+                self.layouts,
+                normalize,
+                decode_cf=self.decode_cf,
+                dims=check_dims_override(dims),
+            )
             if static
             else None
         )
@@ -750,7 +779,13 @@ class ZarrLoader:
         # batches numbered through the epoch, across world sizes (augmentation draws)
         served_before = sum(seg.batches for seg in self._segments)
         finishing = Finishing(
-            self.stats, self.augment, self.sampler.seed, self._epoch, served_before, self.missing
+            self.stats,
+            self.augment,
+            self.sampler.seed,
+            self._epoch,
+            served_before,
+            self.missing,
+            self.packing,
         )
         tile_hw = self.candidates.tile_hw
         layout = self._host_layout()
@@ -764,7 +799,7 @@ class ZarrLoader:
         if self.workers:
             reader = EpochReader(
                 self.store_ref,
-                self.variables,
+                self.selection,
                 self.spec,
                 self.candidates,
                 self.sampler,
@@ -917,17 +952,15 @@ class ZarrLoader:
         """What a backend that finishes batches in its gather applies (statistics,
         missing values; no flags: DALI augments); None for one that does not."""
         if not getattr(self.backend, "finishes_in_gather", False):
-            if self.missing is not None:
+            if self.missing is not None or self.packing is not None:
                 raise ConfigError(
-                    f"masks and nan_fill need the CPU path or the GPU backend; the "
-                    f"{type(self.backend).__name__} backend does not check missing values."
+                    f"masks, nan_fill and CF decoding need the CPU path or the GPU backend; "
+                    f"the {type(self.backend).__name__} backend does not do them "
+                    f"(decode_cf=False serves stored values)."
                 )
             return None
         mean, std = self.stats if self.stats is not None else (None, None)
-        missing = self.missing
-        if missing is None:
-            return Finish(mean, std)
-        return Finish(mean, std, nan_fill=missing.nan_fill, missing=missing.per_channel)
+        return finish_of(mean, std, self.missing, self.packing)
 
     def _batch_extras(self, feed: Any) -> tuple[list, list, list[str]]:
         """Outputs computed per batch from its samples (see ``BatchSource``):

@@ -88,7 +88,7 @@ def parse_array_metadata(doc: object, store: str, array: str) -> ArrayMetadata:
         raise fail(f"zarr.json describes a {doc.get('node_type')!r}, not an array")
     shape = _int_tuple(doc.get("shape"), "shape", fail, minimum=0)
     dtype = parse_data_type(doc.get("data_type"), fail)
-    chunk_shape = _regular_grid(doc.get("chunk_grid"), len(shape), fail)
+    chunk_shape = _regular_grid(doc.get("chunk_grid"), len(shape), fail, shape)
     encode_key = _chunk_key_encoding(doc.get("chunk_key_encoding"), fail)
     fill = parse_fill_value(doc.get("fill_value"), dtype, fail)
     codecs = parse_codec_list(doc.get("codecs"), "codecs", fail)
@@ -149,8 +149,12 @@ def parse_data_type(value: object, fail: _Fail) -> np.dtype:
     return np.dtype(DATA_TYPES[name])
 
 
-def _regular_grid(value: object, ndim: int, fail: _Fail) -> tuple[int, ...]:
+def _regular_grid(
+    value: object, ndim: int, fail: _Fail, shape: tuple[int, ...] = ()
+) -> tuple[int, ...]:
     name, config = _named(value, "chunk_grid", fail)
+    if name == "rectilinear":
+        return _rectilinear_as_regular(config, shape, fail)
     if name != "regular":
         raise fail(
             f"chunk grid {name!r} is not supported (only 'regular'); rechunk the store "
@@ -160,6 +164,48 @@ def _regular_grid(value: object, ndim: int, fail: _Fail) -> tuple[int, ...]:
     if len(chunks) != ndim:
         raise fail(f"chunk_shape {list(chunks)} has {len(chunks)} dimensions, the array {ndim}")
     return chunks
+
+
+def _rectilinear_as_regular(
+    config: Mapping, shape: tuple[int, ...], fail: _Fail
+) -> tuple[int, ...]:
+    """A rectilinear grid (zarr-python >= 3.2) whose chunks are regular after all
+    (along each dimension chunks of one size that tile it), as that regular
+    chunk shape. Other grids are refused: zarrdali plans each batch with chunk
+    arithmetic (chunk = index // size) on the host and in the GPU gather, which
+    variable sizes break."""
+    sizes = config.get("chunk_shapes")
+    if config.get("kind", "inline") != "inline" or not isinstance(sizes, list):
+        raise fail(f"rectilinear chunk grid {dict(config)!r} is not one zarrdali reads")
+    if len(sizes) != len(shape):
+        raise fail(f"rectilinear chunk_shapes has {len(sizes)} dimensions, the array {len(shape)}")
+    chunks = []
+    for axis, (spec, n) in enumerate(zip(sizes, shape, strict=True)):
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            edges = [spec] * max(1, -(-n // spec)) if spec > 0 else []
+        elif isinstance(spec, list):
+            edges = []
+            for item in spec:  # a size, or [size, repeats] (run-length encoded)
+                if isinstance(item, list) and len(item) == 2:
+                    edges += [item[0]] * item[1]
+                else:
+                    edges.append(item)
+        else:
+            edges = []
+        if not edges or not all(isinstance(e, int) and e >= 1 for e in edges):
+            raise fail(f"rectilinear chunk sizes {spec!r} of dimension {axis} are not sizes")
+        # a smaller last chunk is stored at its own size, not padded as a regular
+        # grid's edge chunk is: only chunks all of one size, tiling the axis, read alike
+        if not all(e == edges[0] for e in edges) or sum(edges) != n:
+            raise fail(
+                f"its rectilinear chunk grid has chunks of varying sizes along dimension "
+                f"{axis} ({edges[:8]}{'...' if len(edges) > 8 else ''}): zarrdali plans every "
+                f"batch's reads with chunk arithmetic on a regular grid (on the host and in the "
+                f"GPU gather), which variable-sized chunks break. Rechunk the store to regular "
+                f"chunks (`zarrdali prepare`)"
+            )
+        chunks.append(edges[0])
+    return tuple(chunks)
 
 
 def _chunk_key_encoding(value: object, fail: _Fail) -> Callable[[tuple[int, ...]], str]:

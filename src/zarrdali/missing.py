@@ -59,6 +59,10 @@ def _attribute_values(value: object, dtype: np.dtype) -> list[object]:
     return out
 
 
+def _is_nan(value: object) -> bool:
+    return isinstance(value, (float, np.floating)) and math.isnan(value)
+
+
 def _typed(value: object, dtype: np.dtype) -> np.generic:
     """``value`` as a ``dtype`` scalar, as numpy compares a Python number with an
     array of ``dtype``: a float rounded to the dtype; an integer that the dtype
@@ -86,12 +90,15 @@ def variable_missing_values(layout: ArrayLayout, store_name: str) -> np.ndarray:
         if raw is None:
             continue
         try:
-            values += [_typed(v, dtype) for v in _attribute_values(raw, dtype)]
+            # NaN is always missing; an integer variable's NaN can never match
+            # (xarray drops it too)
+            items = [v for v in _attribute_values(raw, dtype) if not _is_nan(v)]
+            values += [_typed(v, dtype) for v in items]
         except (ValueError, TypeError) as err:
             raise ConfigError(
                 f"the {attr} attribute {raw!r} of variable {layout.name!r} in {store_name!r} "
                 f"is not a value of its dtype {dtype} ({err}); fix the attribute, or leave "
-                f"masks and nan_fill off."
+                f"masks and nan_fill off and serve stored values with decode_cf=False."
             ) from err
     array = np.array(values, dtype=dtype)
     if dtype.kind == "f":
@@ -115,10 +122,11 @@ class MissingValues:
     masks: bool
     per_variable: tuple[np.ndarray, ...]
     levels: tuple[int, ...]  # channels of each variable
+    to_nan: bool = False  # CF decoding: missing values are served as NaN (or nan_fill)
 
     @property
     def active(self) -> bool:
-        return self.masks or self.nan_fill is not None
+        return self.masks or self.nan_fill is not None or self.to_nan
 
     @cached_property
     def per_channel(self) -> tuple[np.ndarray, ...]:
@@ -128,9 +136,15 @@ class MissingValues:
 
 
 def check_missing_options(
-    nan_fill: object, masks: object, layouts: Sequence[ArrayLayout], store_name: str
+    nan_fill: object,
+    masks: object,
+    layouts: Sequence[ArrayLayout],
+    store_name: str,
+    decode_cf: bool = False,
 ) -> MissingValues | None:
-    """The loader's ``nan_fill`` and ``masks``, checked (None: both off)."""
+    """The loader's ``nan_fill`` and ``masks`` (and with ``decode_cf`` the CF
+    missing values, served as NaN), checked. None: no value is ever checked
+    (neither option, and no variable has missing values to decode)."""
     if not isinstance(masks, (bool, np.bool_)):
         raise ConfigError(f"masks must be True or False, got {masks!r}.")
     if nan_fill is not None:
@@ -145,11 +159,15 @@ def check_missing_options(
                 f"nan_fill must be a finite float32 number (it replaces missing values), "
                 f"got {nan_fill!r}."
             )
-    if not masks and nan_fill is None:
+    if not masks and nan_fill is None and not decode_cf:
         return None
+    per_variable = tuple(variable_missing_values(layout, store_name) for layout in layouts)
+    if not masks and nan_fill is None and not any(len(v) for v in per_variable):
+        return None  # CF decoding alone, and nothing but NaN is missing
     return MissingValues(
         nan_fill=None if nan_fill is None else float(np.float32(nan_fill)),
         masks=bool(masks),
-        per_variable=tuple(variable_missing_values(layout, store_name) for layout in layouts),
+        per_variable=per_variable,
         levels=tuple(layout.n_levels for layout in layouts),
+        to_nan=bool(decode_cf),
     )

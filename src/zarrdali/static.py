@@ -13,13 +13,15 @@ work per batch does not grow with the number of samples.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
 
+from .cf import decoded_values
+from .dims import dimension_axes
 from .errors import ConfigError
 from .hostring import SharedArray
 from .normalize import NormalizeArg, channel_stats
@@ -28,25 +30,42 @@ from .store import ArrayLayout, find_arrays
 
 @dataclass(frozen=True)
 class StaticVariable:
-    """What :func:`~zarrdali.normalize.channel_stats` needs of a static array."""
+    """What :func:`~zarrdali.normalize.channel_stats` and CF decoding need of a
+    static array; ``axes`` are its stored axes of (level,) y and x."""
 
     name: str
     shape: tuple[int, ...]
     dims: tuple[str, ...]
     attrs: dict
+    dtype: np.dtype
+    fill_value: object
+    axes: tuple[int, ...]
 
     @property
     def n_levels(self) -> int:
-        return self.shape[0] if len(self.shape) == 3 else 1
+        return self.shape[self.axes[0]] if len(self.shape) == 3 else 1
+
+    @property
+    def levels(self) -> None:  # a static field serves all its levels
+        return None
+
+    @property
+    def level_size(self) -> int:
+        return self.n_levels
 
 
 def _check_static(
-    array: zarr.Array, name: str, store_name: str, layouts: Sequence[ArrayLayout]
+    array: zarr.Array,
+    name: str,
+    store_name: str,
+    layouts: Sequence[ArrayLayout],
+    dims_override: Mapping[str, str],
 ) -> StaticVariable:
     first = layouts[0]
-    time_dim = first.dims[0]
+    time_dim = first.time_dim
     shape = tuple(int(s) for s in array.shape)
-    dims = tuple(array.metadata.dimension_names or (f"dim_{i}" for i in range(len(shape))))
+    names = array.metadata.dimension_names
+    dims = tuple(names or (f"dim_{i}" for i in range(len(shape))))
     if time_dim in dims or len(shape) not in (2, 3):
         has_time = f"has a time axis ({time_dim!r}) " if time_dim in dims else ""
         raise ConfigError(
@@ -54,12 +73,25 @@ def _check_static(
             f"(shape {shape}); a static field is (y, x) or (level, y, x). Serve variables "
             f"with a time axis through `variables`, or store one time step of it."
         )
-    if shape[-2:] != tuple(first.shape[-2:]):
+    axes = dimension_axes(
+        names, len(shape), array=name, store=store_name, overrides=dims_override, static=True
+    )
+    grid = (shape[axes[-2]], shape[axes[-1]])
+    if grid != first.grid_shape:
         raise ConfigError(
-            f"static variable {name!r} of {store_name!r} is {shape[-2:]} but the variables' "
-            f"grid is {tuple(first.shape[-2:])} ({first.name!r}); regrid it to that grid."
+            f"static variable {name!r} of {store_name!r} is {grid} but the variables' "
+            f"grid is {first.grid_shape} ({first.name!r}); regrid it to that grid."
         )
-    return StaticVariable(name, shape, dims, dict(array.attrs))
+    fill = array.metadata.fill_value
+    return StaticVariable(
+        name,
+        shape,
+        dims,
+        dict(array.attrs),
+        np.dtype(array.dtype),
+        None if fill is None else np.asarray(fill).item(),
+        axes,
+    )
 
 
 def read_static_fields(
@@ -68,8 +100,13 @@ def read_static_fields(
     names: Sequence[str],
     layouts: Sequence[ArrayLayout],
     normalize: NormalizeArg,
+    *,
+    decode_cf: bool = True,
+    dims: Mapping[str, str] | None = None,
 ) -> StaticFields:
-    """Check, read (whole, once) and normalize the static variables ``names``."""
+    """Check, read (whole, once), CF-decode (with ``decode_cf``) and normalize the
+    static variables ``names``, their axes found by name (``dims``: see
+    :mod:`zarrdali.dims`)."""
     names = [names] if isinstance(names, str) else list(names)
     variables = {layout.name for layout in layouts}
     duplicated = sorted({n for n in names if names.count(n) > 1} | (set(names) & variables))
@@ -79,9 +116,15 @@ def read_static_fields(
             f"name each array once."
         )
     arrays = find_arrays(group, store_name, names, "static variable(s)")
-    described = [_check_static(arrays[n], n, store_name, layouts) for n in names]
-    stats = channel_stats(normalize, described, store_name)  # type: ignore[arg-type]
-    planes = [np.asarray(arrays[n][...]).reshape(-1, *arrays[n].shape[-2:]) for n in names]
+    described = [_check_static(arrays[n], n, store_name, layouts, dims or {}) for n in names]
+    stats = channel_stats(normalize, described, store_name, decode_cf)  # type: ignore[arg-type]
+    planes = []
+    for static in described:
+        values = np.asarray(arrays[static.name][...]).transpose(static.axes)
+        if decode_cf:
+            values = decoded_values(values, static, store_name)  # type: ignore[arg-type]
+        ny, nx = values.shape[-2:]
+        planes.append(values.reshape(-1, ny, nx))
     field = np.concatenate(planes).astype(np.float32)
     if stats is not None:  # float32 arithmetic, as the pipeline normalizes the variables
         mean, std = (s.reshape(-1, 1, 1) for s in stats)

@@ -24,6 +24,7 @@ import zarr
 
 from . import remote
 from .codecs import ChunkCodec, ShardLayout, parse_chunk_codecs, parse_sharding
+from .dims import dimension_axes
 from .errors import (
     ConfigError,
     MetadataError,
@@ -63,11 +64,85 @@ class ArrayLayout:
     encode_key: Callable[[tuple[int, ...]], str]
     attrs: dict
     key_prefix: str | None = None
+    # The stored axis of time, (level,) y and x (dims.py); () for the stored order
+    # (time, [level,] y, x).
+    axes: tuple[int, ...] = ()
+    # The store levels served, in channel order (None: every level, in store order).
+    levels: tuple[int, ...] | None = None
+
+    @property
+    def roles(self) -> tuple[int, ...]:
+        """The stored axis of time, (level,) y and x."""
+        return self.axes or tuple(range(len(self.shape)))
+
+    @cached_property
+    def transposed(self) -> bool:
+        """Whether the stored order is not (time, [level,] y, x)."""
+        return self.roles != tuple(range(len(self.shape)))
+
+    @property
+    def has_levels(self) -> bool:
+        return len(self.shape) == 4
+
+    @property
+    def n_time(self) -> int:
+        return self.shape[self.roles[0]]
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """``(ny, nx)``: the field's rows and columns."""
+        return self.shape[self.roles[-2]], self.shape[self.roles[-1]]
+
+    @property
+    def level_size(self) -> int:
+        """Levels the store holds (1 without a level axis)."""
+        return self.shape[self.roles[1]] if self.has_levels else 1
 
     @property
     def n_levels(self) -> int:
-        """Channels this variable contributes: 1, or the size of its level axis."""
-        return self.shape[1] if len(self.shape) == 4 else 1
+        """Channels this variable contributes: 1, or one per level served."""
+        return len(self.levels) if self.levels is not None else self.level_size
+
+    @property
+    def time_dim(self) -> str:
+        return self.dims[self.roles[0]]
+
+    @property
+    def level_dim(self) -> str | None:
+        return self.dims[self.roles[1]] if self.has_levels else None
+
+    def canonical(self, values: Sequence[int]) -> tuple[int, int, int, int]:
+        """Per-axis ``values`` (stored order) as ``(t, level, y, x)``; level 1 without one."""
+        r = self.roles
+        if self.has_levels:
+            return values[r[0]], values[r[1]], values[r[2]], values[r[3]]
+        return values[r[0]], 1, values[r[1]], values[r[2]]
+
+    def stored(self, coords4: Sequence[int]) -> tuple[int, ...]:
+        """``(t, level, y, x)`` coordinates in the array's own (stored) order."""
+        t, level, y, x = (int(c) for c in coords4)
+        by_role = (t, level, y, x) if self.has_levels else (t, y, x)
+        out = [0] * len(self.shape)
+        for axis, value in zip(self.roles, by_role, strict=True):
+            out[axis] = value
+        return tuple(out)
+
+    @cached_property
+    def element_strides4(self) -> tuple[int, int, int, int]:
+        """Elements between neighbours of a decoded chunk along ``(t, level, y, x)``
+        (its stored C order; 0 along a level axis it does not have)."""
+        strides = [1] * len(self.chunk_shape)
+        for axis in range(len(self.chunk_shape) - 2, -1, -1):
+            strides[axis] = strides[axis + 1] * self.chunk_shape[axis + 1]
+        t, level, y, x = self.canonical(strides)
+        return t, level if self.has_levels else 0, y, x
+
+    def chunk_view4(self, decoded: np.ndarray) -> np.ndarray:
+        """A decoded chunk (its elements, stored order) viewed as ``(t, level, y, x)``."""
+        chunk = decoded.reshape(self.chunk_shape)
+        if self.transposed:
+            chunk = chunk.transpose(self.roles)
+        return chunk if self.has_levels else chunk[:, None]
 
     @property
     def fast_path(self) -> bool:
@@ -151,10 +226,15 @@ def open_group(
     return group, name
 
 
-def describe_array(group: zarr.Group, name: str, store_name: str) -> ArrayLayout | None:
+def describe_array(
+    group: zarr.Group, name: str, store_name: str, dims: Mapping[str, str] | None = None
+) -> ArrayLayout | None:
     """The :class:`ArrayLayout` of array ``name`` of ``group``, from its ``zarr.json``
     (None: the group has no such array). Raises :class:`MetadataError` for
-    metadata that is invalid, unsupported, or more than this machine can hold."""
+    metadata that is invalid, unsupported, or more than this machine can hold.
+    With ``dims`` (see :mod:`zarrdali.dims`; ``{}``: names as they come) its time,
+    level, y and x axes are found by name; without, it is not a variable (its
+    axes are left as stored)."""
     zstore = group.store
     try:
         meta = read_array_metadata(zstore, group.path, name, store_name)
@@ -189,14 +269,19 @@ def describe_array(group: zarr.Group, name: str, store_name: str) -> ArrayLayout
         chunk_shape = meta.chunk_shape
     if codec is None:
         _check_zarr_python_reads(group, name, store_name)
-    dims = meta.dimension_names or (None,) * len(meta.shape)
+    names = meta.dimension_names or (None,) * len(meta.shape)
+    axes: tuple[int, ...] = ()
+    if dims is not None:
+        axes = dimension_axes(
+            meta.dimension_names, len(meta.shape), array=name, store=store_name, overrides=dims
+        )
     layout = ArrayLayout(
         name=name,
         shape=meta.shape,
         dtype=meta.dtype,
         chunk_shape=chunk_shape,
         fill_value=meta.fill_value,
-        dims=tuple(d if d is not None else f"dim_{i}" for i, d in enumerate(dims)),
+        dims=tuple(d if d is not None else f"dim_{i}" for i, d in enumerate(names)),
         codec=codec,
         shard=shard,
         shard_shape=shard_shape,
@@ -204,6 +289,7 @@ def describe_array(group: zarr.Group, name: str, store_name: str) -> ArrayLayout
         encode_key=meta.encode_key,
         attrs=meta.attributes,
         key_prefix=node_key(group.path, name, ""),
+        axes=axes if axes != tuple(range(len(meta.shape))) else (),
     )
     check_fits(layout, store_name)
     return layout
@@ -218,10 +304,27 @@ def _check_zarr_python_reads(group: zarr.Group, name: str, store_name: str) -> N
         cls = UnknownCodecError if "UnknownCodecError" in kinds else MetadataError
         raise cls(
             f"zarr-python cannot open the array, which zarrdali reads through it: "
-            f"{remote.short_message(err)}",
+            f"{remote.short_message(err)}{_newer_zarr_hint(err)}",
             store=store_name,
             array=name,
         ) from err
+
+
+# Codecs zarrdali reads through zarr-python, and the release that brought them.
+_NEWER_CODECS = {"scale_offset": "3.2", "cast_value": "3.2"}
+
+
+def _newer_zarr_hint(err: Exception) -> str:
+    text = str(err)
+    named = [codec for codec in _NEWER_CODECS if codec in text]
+    if not named:
+        return ""
+    version = _NEWER_CODECS[named[0]]
+    extra = " and the cast-value-rs package" if "cast_value" in named else ""
+    return (
+        f" (the {named[0]!r} codec needs zarr-python >= {version}, which needs Python >= "
+        f"3.12{extra}; zarr-python {zarr.__version__} is installed)"
+    )
 
 
 # A shard index is read whole and kept per shard a batch touches: past 4 GiB
@@ -288,7 +391,7 @@ def check_plan_fits(
     plan = n_samples * PLAN_BYTES_PER_SAMPLE
     if plan > memory // 2:
         raise MetadataError(
-            f"the store's time axis ({layouts[0].shape[0]:,} steps) and grid give "
+            f"the store's time axis ({layouts[0].n_time:,} steps) and grid give "
             f"{n_samples:,} candidate samples, whose epoch plan needs about {plan:,} bytes: "
             f"more than half of this machine's {memory:,} bytes of memory. Serve a subset "
             f"(index=, a sample table) or use a larger time_stride or tile_stride.",
@@ -336,15 +439,24 @@ def find_arrays(
     return arrays
 
 
-def load_layouts(group: zarr.Group, store_name: str, variables: Sequence[str]) -> list[ArrayLayout]:
-    """Describe the requested variables, checking they can be stacked as channels."""
+def load_layouts(
+    group: zarr.Group,
+    store_name: str,
+    variables: Sequence[str],
+    dims: Mapping[str, str] | None = None,
+) -> list[ArrayLayout]:
+    """Describe the requested variables, their axes found by name (``dims``:
+    role -> dimension name where the store names them otherwise), checking
+    they can be stacked as channels."""
     if isinstance(variables, str):
         variables = [variables]
     if not variables:
         raise ConfigError("`variables` is empty: name at least one array of the store.")
     found, missing = {}, []
     for v in variables:  # by key: stores served over plain HTTP cannot list
-        layout = describe_array(group, v, store_name)
+        if v in found:
+            continue
+        layout = describe_array(group, v, store_name, dims or {})
         if layout is None:
             missing.append(v)
         else:
@@ -352,24 +464,18 @@ def load_layouts(group: zarr.Group, store_name: str, variables: Sequence[str]) -
     if missing:
         raise _not_found(group, store_name, missing, "Variable(s)")
     layouts = [found[v] for v in variables]
-    for layout in layouts:
-        if len(layout.shape) not in (3, 4):
-            raise ConfigError(
-                f"Variable {layout.name!r} in {store_name!r} has dims {layout.dims} "
-                f"(shape {layout.shape}); expected (time, y, x) or (time, level, y, x)."
-            )
     first = layouts[0]
     for layout in layouts[1:]:
-        if layout.shape[0] != first.shape[0]:
+        if layout.n_time != first.n_time:
             raise ConfigError(
                 f"Variables have different time axes in {store_name!r}: "
-                f"{first.name!r} has {first.shape[0]} steps, {layout.name!r} has "
-                f"{layout.shape[0]}. Select variables that share a time axis."
+                f"{first.name!r} has {first.n_time} steps, {layout.name!r} has "
+                f"{layout.n_time}. Select variables that share a time axis."
             )
-        if layout.shape[-2:] != first.shape[-2:]:
+        if layout.grid_shape != first.grid_shape:
             raise ConfigError(
                 f"Variables have different grids in {store_name!r}: {first.name!r} is "
-                f"{first.shape[-2:]}, {layout.name!r} is {layout.shape[-2:]}. "
+                f"{first.grid_shape}, {layout.name!r} is {layout.grid_shape}. "
                 f"Regrid them to one grid first."
             )
     return layouts

@@ -83,7 +83,7 @@ def read_time_coordinate(
     """
     if time is False:
         return None
-    dim = layout.dims[0]
+    dim = layout.time_dim
     # `in` first, not group[dim] or group.get(dim): the KeyError they raise and
     # catch keeps this frame's callers (the loader) alive through its traceback
     # until the garbage collector runs.
@@ -96,9 +96,9 @@ def read_time_coordinate(
             )
         return None
     what = f"time coordinate {dim!r} of {store_name!r}"
-    if node.ndim != 1 or node.shape[0] != layout.shape[0]:
+    if node.ndim != 1 or node.shape[0] != layout.n_time:
         raise ConfigError(
-            f"{what} has shape {node.shape} but {layout.name!r} has {layout.shape[0]} time "
+            f"{what} has shape {node.shape} but {layout.name!r} has {layout.n_time} time "
             f"steps; fix the store or pass time=False."
         )
     return decode_times(np.asarray(node[...]), dict(node.attrs), what)

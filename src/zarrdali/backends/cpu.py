@@ -234,14 +234,18 @@ def decodes_in_place(
 
     That is when the chunk is exactly one piece (one time step, all of its
     levels, rows and columns), lands in a contiguous region of its output and
-    holds its values as the batch stores them (same dtype, native byte order):
+    holds its values as the batch stores them (same dtype, native byte order,
+    stored as (time, [level,] y, x)):
     with tiles aligned to inner chunks, most chunks of a sharded store.
     ``pieces`` are ``plan.pieces`` grouped by chunk (``plan.piece_order``);
     ``dtype`` is the batch's (default: :func:`batch_dtype`).
     """
     dtype = batch_dtype(layouts) if dtype is None else np.dtype(dtype)
     same = np.array(
-        [lay.fast_path and lay.codec.stored_dtype(lay.dtype) == dtype for lay in layouts]
+        [
+            lay.fast_path and lay.codec.stored_dtype(lay.dtype) == dtype and not lay.transposed
+            for lay in layouts
+        ]
     )
     shapes = layout_tables(layouts).chunk_shapes[plan.chunk_var]  # [N, 4]
     one = (np.diff(bounds) == 1) & same[plan.chunk_var] & (shapes[:, 0] == 1)
@@ -565,7 +569,12 @@ class CpuBackend:
         """Read, decode and copy every chunk of ``work`` into ``outs`` (finished
         as ``finish`` says, if given)."""
         locations = work.locations
-        shapes4 = [chunk_shape4(layout) for layout in layouts]
+        # a decoded chunk as (t, level, y, x): a reshape, or a transposed view of
+        # a chunk stored in another order
+        view4 = [
+            layout.chunk_view4 if layout.transposed else partial(np.reshape, shape=shape4)
+            for layout, shape4 in zip(layouts, map(chunk_shape4, layouts), strict=True)
+        ]
         stored = [  # zarr-python decodes arrays without a codec of ours in native order
             layout.codec.stored_dtype(layout.dtype) if layout.codec else layout.dtype
             for layout in layouts
@@ -576,7 +585,7 @@ class CpuBackend:
         in_place_finish = finish is not None and finish.changes_values
 
         def scatter(i: int, decoded: np.ndarray) -> None:
-            chunk = decoded.reshape(shapes4[work.chunk_var[i]])
+            chunk = view4[work.chunk_var[i]](decoded)
             pieces = work.pieces[work.piece_bounds[i] : work.piece_bounds[i + 1]]
             if finish is not None:
                 for o, t, sl, sy, sx, b, f, c, dy, dx, nl, ny, nx in pieces:

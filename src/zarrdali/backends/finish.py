@@ -12,16 +12,43 @@ step: its mask written beside it, ``nan_fill`` put in their place. So the
 batch is written once, by the worker that decoded it, and the training
 process gets it as it is.
 
+CF decoding (:mod:`zarrdali.cf`, on by default) happens in the same step:
+a packed variable's values are unpacked as xarray unpacks them (``x *
+scale_factor + add_offset`` in float64), and its missing values become NaN
+(or ``nan_fill``).
+
 The arithmetic is the GPU gather kernel's (``zarrdali_gather_finish``):
-float32 ``(float(x) - mean) / std`` per channel, whatever the stored dtype;
-the transforms those of :func:`zarrdali.pipeline.apply_augmentations`.
+float32 ``(float(x) - mean) / std`` per channel, whatever the stored dtype,
+with ``x`` unpacked in float64 and rounded to float32 once where the
+variable is packed; the transforms those of
+:func:`zarrdali.pipeline.apply_augmentations`.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..cf import Packing
+from ..missing import MissingValues
+
+
+class _Float64Scratch(threading.local):
+    """A float64 buffer per thread for unpacked values, grown on demand."""
+
+    def __init__(self) -> None:
+        self.buffer = np.empty(0, dtype=np.float64)
+
+    def array(self, shape: tuple[int, ...]) -> np.ndarray:
+        n = int(np.prod(shape))
+        if self.buffer.size < n:
+            self.buffer = np.empty(n, dtype=np.float64)
+        return self.buffer[:n].reshape(shape)
+
+
+_scratch = _Float64Scratch()
 
 
 @dataclass(frozen=True)
@@ -32,8 +59,11 @@ class Finish:
     ``missing`` (per channel: the stored values besides NaN that are not data;
     None: nothing checked) turns on the missing-value rule of
     :mod:`zarrdali.missing`: invalid values are replaced by ``nan_fill``
-    (after normalization) where it is given, and ``masks`` (one bool array per
-    frame output, shaped like it) get False there and True elsewhere.
+    (after normalization) where it is given, else by NaN with
+    ``missing_to_nan`` (CF decoding), and ``masks`` (one bool array per frame
+    output, shaped like it) get False there and True elsewhere. ``packing``
+    (per channel, None where not packed) unpacks stored values as
+    :mod:`zarrdali.cf` says.
     """
 
     mean: np.ndarray | None = None
@@ -42,12 +72,15 @@ class Finish:
     nan_fill: float | None = None
     missing: tuple[np.ndarray, ...] | None = None
     masks: tuple[np.ndarray, ...] | None = None
+    missing_to_nan: bool = False
+    packing: tuple[Packing | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.mean is None) != (self.std is None):
             raise ValueError("mean and std go together")
-        if (self.nan_fill is not None or self.masks is not None) and self.missing is None:
-            raise ValueError("nan_fill and masks need the channels' missing values")
+        needs_missing = self.nan_fill is not None or self.masks is not None or self.missing_to_nan
+        if needs_missing and self.missing is None:
+            raise ValueError("nan_fill, masks and missing_to_nan need the channels' missing values")
 
     @property
     def normalizes(self) -> bool:
@@ -55,13 +88,37 @@ class Finish:
 
     @property
     def checks(self) -> bool:
-        """Whether values are checked for being missing (masks or nan_fill)."""
+        """Whether values are checked for being missing (masks, nan_fill, CF decoding)."""
         return self.missing is not None
 
     @property
     def changes_values(self) -> bool:
         """Whether anything besides the cast happens to a value where it lands."""
-        return self.normalizes or self.checks
+        return self.normalizes or self.checks or self.packing is not None
+
+    def checks_channel(self, c: int) -> bool:
+        """Whether channel ``c``'s values must be checked: always with masks or
+        ``nan_fill``; for CF decoding alone only where it has missing values
+        besides NaN (a NaN is served as NaN anyway)."""
+        if self.missing is None:
+            return False
+        return self.masks is not None or self.nan_fill is not None or len(self.missing[c]) > 0
+
+    def unpacked(self, src: np.ndarray, c: int) -> np.ndarray:
+        """``src`` (stored values of channels ``c:``, one variable) unpacked in
+        float64 as xarray unpacks them (in this thread's scratch); ``src`` itself
+        where the variable is not packed."""
+        packing = self.packing[c] if self.packing is not None else None
+        if packing is None:
+            return src
+        out = _scratch.array(src.shape)
+        if packing.scale is not None:
+            np.multiply(src, packing.scale, out=out, dtype=np.float64)
+            if packing.offset is not None:
+                np.add(out, packing.offset, out=out)
+        else:
+            np.add(src, packing.offset, out=out, dtype=np.float64)
+        return out
 
     @property
     def moves(self) -> bool:
@@ -88,12 +145,16 @@ class Finish:
         """``region`` (``[n, H, W]`` float32, channels ``c:c+n`` of sample ``b``
         frame ``f`` of output ``o``, at rows ``dy``, columns ``dx``), decoded
         there as stored: checked for missing values, normalized in place."""
-        bad = self.invalid(region, c) if self.checks else None
+        checks = self.checks_channel(c)
+        bad = self.invalid(region, c) if checks else None
+        values = self.unpacked(region, c)
         if self.normalizes:
             mean, std = self.channel_stats(c, region.shape[0])
-            np.subtract(region, mean, out=region)
+            np.subtract(values, mean, out=region, dtype=np.float32)
             np.divide(region, std, out=region)
-        if self.checks:
+        elif values is not region:
+            region[...] = values
+        if checks:
             self._check_with(bad, o, b, f, c, dy, dx, region)
 
     def _check_with(self, bad, o: int, b: int, f: int, c: int, dy: int, dx: int, dst) -> None:
@@ -106,8 +167,9 @@ class Finish:
                 mask[...] = True
             else:
                 np.logical_not(bad, out=mask)
-        if self.nan_fill is not None and bad is not None:
-            np.copyto(dst, np.float32(self.nan_fill), where=bad)
+        fill = self.nan_fill if self.nan_fill is not None else np.nan
+        if bad is not None and (self.nan_fill is not None or self.missing_to_nan):
+            np.copyto(dst, np.float32(fill), where=bad)
 
     def place(
         self,
@@ -140,13 +202,35 @@ class Finish:
                 dx = w - dx - nx
         n, ny, nx = src.shape
         dst = out[b, f, c : c + n, dy : dy + ny, dx : dx + nx]
+        values = self.unpacked(src, c)
         if self.mean is None:
-            dst[...] = src
+            dst[...] = values
         else:
             # float32 arithmetic whatever the stored dtype (float64 and int32 would
             # promote to float64): the GPU kernel's ((float)x - mean) / std
             mean, std = self.channel_stats(c, n)
-            np.subtract(src, mean, out=dst, dtype=np.float32)
+            np.subtract(values, mean, out=dst, dtype=np.float32)
             np.divide(dst, std, out=dst)
-        if self.checks:
+        if self.checks_channel(c):
             self._check_with(self.invalid(src, c), o, b, f, c, dy, dx, dst)
+
+
+def finish_of(
+    mean: np.ndarray | None,
+    std: np.ndarray | None,
+    missing: MissingValues | None,
+    packing: tuple[Packing | None, ...] | None,
+    flags: np.ndarray | None = None,
+) -> Finish:
+    """The :class:`Finish` of the loader's statistics, missing values and packing."""
+    if missing is None:
+        return Finish(mean, std, flags, packing=packing)
+    return Finish(
+        mean,
+        std,
+        flags,
+        nan_fill=missing.nan_fill,
+        missing=missing.per_channel,
+        missing_to_nan=missing.to_nan,
+        packing=packing,
+    )

@@ -36,8 +36,18 @@ def storage_shape4(layout: ArrayLayout) -> tuple[int, int, int, int]:
     """Inner chunks per storage object along ``(t, level, y, x)`` (all ones unsharded)."""
     if layout.shard is None:
         return (1, 1, 1, 1)
-    cps = layout.shard.chunks_per_shard
-    return (cps[0], cps[1], cps[2], cps[3]) if len(cps) == 4 else (cps[0], 1, cps[1], cps[2])
+    return layout.canonical(layout.shard.chunks_per_shard)
+
+
+def inner_strides4(layout: ArrayLayout) -> tuple[int, int, int, int]:
+    """Entries of the shard index between neighbouring inner chunks along
+    ``(t, level, y, x)``: the index is in the shard's stored C order."""
+    per = layout.shard.chunks_per_shard if layout.shard is not None else (1,) * len(layout.shape)
+    strides = [1] * len(per)
+    for axis in range(len(per) - 2, -1, -1):
+        strides[axis] = strides[axis + 1] * per[axis + 1]
+    t, level, y, x = layout.canonical(strides)
+    return t, level if layout.has_levels else 0, y, x
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,6 +166,9 @@ class ChunkLocator:
         self.fast = np.array([layout.fast_path for layout in self.layouts], dtype=bool)
         # Per variable: inner chunks per object and objects along (t, level, y, x).
         self._per_object = np.array([storage_shape4(lay) for lay in self.layouts], dtype=np.int64)
+        self._inner_strides = np.array(
+            [inner_strides4(lay) for lay in self.layouts], dtype=np.int64
+        )
         grids = np.array([chunk_grid4(lay) for lay in self.layouts], dtype=np.int64)
         self._object_grid = -(-grids // self._per_object)
         sizes = np.where(self.fast, self._object_grid.prod(axis=1), 0)
@@ -163,6 +176,7 @@ class ChunkLocator:
         self._uniform = bool(
             (self._per_object == self._per_object[:1]).all()
             and (self._object_grid == self._object_grid[:1]).all()
+            and (self._inner_strides == self._inner_strides[:1]).all()
         )
         per = int(self._per_object.prod(axis=1).max()) if len(self.layouts) else 1
         self._table = _ObjectTable(
@@ -189,13 +203,15 @@ class ChunkLocator:
             var, coords = var[chunks], plan.chunk_coords[chunks]
         if self._uniform:  # every variable stored alike: one shape for all chunks
             per, grid = self._per_object[0], self._object_grid[0]
+            strides = self._inner_strides[0]
         else:
             per, grid = self._per_object[var], self._object_grid[var]
+            strides = self._inner_strides[var]
         outer, within = np.divmod(coords, per)
-        obj, inner = outer[..., 0], within[..., 0]
-        for axis in (1, 2, 3):  # C-order flat indices
+        obj = outer[..., 0]
+        for axis in (1, 2, 3):  # C-order flat index over (t, level, y, x)
             obj = obj * grid[..., axis] + outer[..., axis]
-            inner = inner * per[..., axis] + within[..., axis]
+        inner = (within * strides).sum(axis=-1)  # the shard index's own (stored) order
         obj = obj + self._object_base[var]
         table = self._table
         with self._lock:

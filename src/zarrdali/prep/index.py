@@ -52,6 +52,19 @@ def sampling_tag(spec: SamplingSpec) -> str:
     return "s" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
+def decoded_arrays(group, layouts) -> list:
+    """Each layout's array as xarray decodes it (what the loader serves by
+    default: CF-unpacked, missing values NaN), ``(time, [level,] y, x)``, dask."""
+    import warnings
+
+    import xarray as xr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # consolidated metadata, v3
+        ds = xr.open_zarr(group.store, group=group.path or None, consolidated=False)
+    return [ds[lay.name].transpose(*(lay.dims[axis] for axis in lay.roles)).data for lay in layouts]
+
+
 def build_index(
     store: str | os.PathLike,
     variables: Sequence[str],
@@ -69,10 +82,10 @@ def build_index(
     group, store_name = open_group(store)
     variables = list(variables)
     aggregate_variable = aggregate_variable or variables[0]
-    layouts = load_layouts(group, store_name, [*variables, aggregate_variable])
-    layouts = layouts[: len(variables)]  # the aggregate variable is read, not indexed
+    all_layouts = load_layouts(group, store_name, [*variables, aggregate_variable], {})
+    layouts = all_layouts[: len(variables)]  # the aggregate variable is read, not indexed
     first = layouts[0]
-    tiling.origins(first.shape[0], first.shape[-2], first.shape[-1])  # validate before work
+    tiling.origins(first.n_time, *first.grid_shape)  # validate before work
     dataset_id = dataset_id or dataset_id_of(store_name)
     out_dir = Path(out_dir) if out_dir is not None else Path(store_name).parent / "indexes"
     params = {
@@ -86,7 +99,8 @@ def build_index(
     }
     tid = tiling_id_of(dataset_id, tiling)
     params["tiling_id"] = tid
-    table = tiling_table(group, variables, aggregate_variable, aggregate, tiling, show_progress)
+    served = decoded_arrays(group, all_layouts)  # the values the loader serves
+    table = tiling_table(served[:-1], served[-1], aggregate, tiling, show_progress)
     paths = {f"tiling.{k}": v for k, v in write_index(table, params, out_dir, tid).items()}
     sampled, sid = None, None
     if sampling is not None:

@@ -16,7 +16,6 @@ import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
-import zarr
 
 from ..errors import ConfigError
 from ..plan import tile_origins
@@ -93,36 +92,34 @@ def _per_step(
     return out
 
 
-def _time_blocks(arr: zarr.Array) -> da.Array:
+def _time_blocks(arr: da.Array) -> da.Array:
     """The array in blocks of whole fields (all levels), several steps each."""
     step_bytes = int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
     steps = max(1, min(arr.shape[0], _TARGET_BLOCK_BYTES // max(step_bytes, 1)))
-    return da.from_zarr(arr).rechunk((steps, *arr.shape[1:]))
+    return arr.rechunk((steps, *arr.shape[1:]))
 
 
 def tiling_table(
-    group: zarr.Group,
-    variables: list[str],
-    aggregate_variable: str,
+    arrays: list[da.Array],
+    aggregate_array: da.Array,
     how: str,
     spec: TilingSpec,
     show_progress: bool = False,
 ) -> pd.DataFrame:
-    """Columns t0, y0, x0, valid_fraction, aggregate (NaN where no valid value)."""
+    """Columns t0, y0, x0, valid_fraction, aggregate (NaN where no valid value).
+
+    ``arrays`` (the variables) and ``aggregate_array`` are the values as served:
+    CF-decoded (missing values NaN), ``(time, [level,] y, x)``."""
     if how not in AGGREGATES:
         raise ConfigError(f"aggregate must be one of {AGGREGATES}, got {how!r}.")
-    first = group[variables[0]]
+    first = arrays[0]
     n_time, ny, nx = first.shape[0], first.shape[-2], first.shape[-1]
     t0, ys, xs = spec.origins(n_time, ny, nx)
-    arrays = [_time_blocks(group[v]) for v in variables]
+    arrays = [_time_blocks(a) for a in arrays]
     # one block size for all so block k covers the same steps in every array
     steps = min(a.chunks[0][0] for a in arrays)
     arrays = [a.rechunk((steps, *a.shape[1:])) for a in arrays]
-    agg = arrays[variables.index(aggregate_variable)] if aggregate_variable in variables else None
-    if agg is None:
-        agg = _time_blocks(group[aggregate_variable]).rechunk(
-            (steps, *group[aggregate_variable].shape[1:])
-        )
+    agg = _time_blocks(aggregate_array).rechunk((steps, *aggregate_array.shape[1:]))
     parts = []
     for k in range(len(arrays[0].chunks[0])):
         blocks = [a.blocks[k] for a in arrays]
@@ -143,7 +140,7 @@ def tiling_table(
             "sum": np.where(agg_count > 0, agg_sum, np.nan),
             "max": agg_max,
         }[how]
-    channels = sum(group[v].shape[1] if group[v].ndim == 4 else 1 for v in variables)
+    channels = sum(a.shape[1] if a.ndim == 4 else 1 for a in arrays)
     per_window = spec.n_frames * spec.tile[0] * spec.tile[1] * channels
     tt, yy, xx = np.meshgrid(t0, ys, xs, indexing="ij")
     return pd.DataFrame(

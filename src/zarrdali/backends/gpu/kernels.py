@@ -59,31 +59,37 @@ __device__ __forceinline__ unsigned long long zd_bswap64(unsigned long long v) {
 }
 
 // Load one element of dtype `code` (gpu_plan.DTYPE_CODES), swapping its bytes
-// when the chunk is big-endian, and convert it to the output type (a C cast,
-// as numpy's astype does).
+// when the chunk is big-endian, and convert it to T (a C cast, as numpy's
+// astype does).
+template <typename T>
+__device__ __forceinline__ T zd_load_as(const unsigned char* p, const int code,
+                                        const bool swap) {
+    switch (code) {
+    case 0: return (T)(*(const signed char*)p);
+    case 1: return (T)(*p);
+    case 2: { unsigned short u = *(const unsigned short*)p; if (swap) u = zd_bswap16(u);
+              return (T)(short)u; }
+    case 3: { unsigned short u = *(const unsigned short*)p; if (swap) u = zd_bswap16(u);
+              return (T)u; }
+    case 4: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
+              return (T)(int)u; }
+    case 5: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
+              return (T)u; }
+    case 6: { unsigned long long u = *(const unsigned long long*)p;
+              if (swap) u = zd_bswap64(u); return (T)(long long)u; }
+    case 7: { unsigned long long u = *(const unsigned long long*)p;
+              if (swap) u = zd_bswap64(u); return (T)u; }
+    case 8: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
+              return (T)__uint_as_float(u); }
+    case 9: { unsigned long long u = *(const unsigned long long*)p;
+              if (swap) u = zd_bswap64(u); return (T)__longlong_as_double((long long)u); }
+    }
+    return (T)0;
+}
+
 __device__ __forceinline__ out_t zd_load(const unsigned char* p, const int code,
                                          const bool swap) {
-    switch (code) {
-    case 0: return (out_t)(*(const signed char*)p);
-    case 1: return (out_t)(*p);
-    case 2: { unsigned short u = *(const unsigned short*)p; if (swap) u = zd_bswap16(u);
-              return (out_t)(short)u; }
-    case 3: { unsigned short u = *(const unsigned short*)p; if (swap) u = zd_bswap16(u);
-              return (out_t)u; }
-    case 4: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
-              return (out_t)(int)u; }
-    case 5: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
-              return (out_t)u; }
-    case 6: { unsigned long long u = *(const unsigned long long*)p;
-              if (swap) u = zd_bswap64(u); return (out_t)(long long)u; }
-    case 7: { unsigned long long u = *(const unsigned long long*)p;
-              if (swap) u = zd_bswap64(u); return (out_t)u; }
-    case 8: { unsigned int u = *(const unsigned int*)p; if (swap) u = zd_bswap32(u);
-              return (out_t)__uint_as_float(u); }
-    case 9: { unsigned long long u = *(const unsigned long long*)p;
-              if (swap) u = zd_bswap64(u); return (out_t)__longlong_as_double((long long)u); }
-    }
-    return (out_t)0;
+    return zd_load_as<out_t>(p, code, swap);
 }
 
 // Columns of the tables (gpu_plan.TILE_* and VAR_*).
@@ -103,22 +109,38 @@ __device__ __forceinline__ out_t zd_load(const unsigned char* p, const int code,
 #define VAR_SWAP {VAR_SWAP}
 #define VAR_ITEMSIZE {VAR_ITEMSIZE}
 #define VAR_FILL {VAR_FILL}
+#define VAR_ST {VAR_ST}
+#define VAR_SL {VAR_SL}
+#define VAR_SY {VAR_SY}
+#define VAR_SX {VAR_SX}
+#define VAR_LEVEL0 {VAR_LEVEL0}
+#define N_LEVEL_FIELDS {N_LEVEL_FIELDS}
+#define LEVEL_RUN {LEVEL_RUN}
+#define LEVEL_SRC {LEVEL_SRC}
 #define N_FIN_FIELDS {N_FIN_FIELDS}
 #define FIN_FILL {FIN_FILL}
 #define FIN_N_MISSING {FIN_N_MISSING}
 #define FIN_MISSING0 {FIN_MISSING0}
+#define FIN_PACKING {FIN_PACKING}
+#define FIN_SCALE {FIN_SCALE}
+#define FIN_OFFSET {FIN_OFFSET}
+#define PACK_SCALE {PACK_SCALE}
+#define PACK_OFFSET {PACK_OFFSET}
 
 // What the elements of tile j share (the tile and variable table rows).
 struct zd_tile {
-    const long long* var;  // its variable's row
-    const int* chunks;     // its row of tile_chunks
+    const long long* var;     // its variable's row
+    const long long* levels;  // its variable's rows of the level table
+    const int* chunks;        // its row of tile_chunks
     long long v, out0, total, item;  // v: its variable
-    int t, y0, x0, cl, cy, cx, channel0, code, hw, w, n_y, n_x;
+    long long st, sl, sy, sx;        // element strides of a decoded chunk
+    int t, y0, x0, cy, cx, channel0, code, hw, w, n_y, n_x;
     bool swap;
 };
 
 __device__ __forceinline__ zd_tile zd_tile_of(const long long* tiles,
                                               const long long* variables,
+                                              const long long* levels,
                                               const int* tile_chunks, const int j,
                                               const int n_l, const int n_y, const int n_x,
                                               const int h, const int w) {
@@ -126,12 +148,16 @@ __device__ __forceinline__ zd_tile zd_tile_of(const long long* tiles,
     const long long* tile = tiles + (long long)j * N_TILE_FIELDS;
     s.v = tile[TILE_VAR];
     s.var = variables + s.v * N_VAR_FIELDS;
+    s.levels = levels + s.var[VAR_LEVEL0] * N_LEVEL_FIELDS;
     s.chunks = tile_chunks + (long long)j * n_l * n_y * n_x;
     s.t = (int)tile[TILE_T];
     s.y0 = (int)tile[TILE_Y0];
     s.x0 = (int)tile[TILE_X0];
     s.out0 = tile[TILE_OUT0];
-    s.cl = (int)s.var[VAR_CL];
+    s.st = s.var[VAR_ST];
+    s.sl = s.var[VAR_SL];
+    s.sy = s.var[VAR_SY];
+    s.sx = s.var[VAR_SX];
     s.cy = (int)s.var[VAR_CY];
     s.cx = (int)s.var[VAR_CX];
     s.channel0 = (int)s.var[VAR_CHANNEL0];
@@ -148,10 +174,12 @@ __device__ __forceinline__ zd_tile zd_tile_of(const long long* tiles,
 
 // Element i = (level, y, x) of tile `s`: the slot of its chunk (< 0: missing),
 // its element offset in the chunk (`src`), its channel and its output offset
-// (`o`). The element is in chunk tile_chunks[j, level / cl, (y0 + y) / cy -
-// y0 / cy, (x0 + x) / cx - x0 / cx], at (t, level % cl, (y0 + y) % cy,
-// (x0 + x) % cx) inside it, and goes to out[b, frame, channel0 + level, y, x]
-// (tile_out0 holds (b, frame)).
+// (`o`). Channel `level` of the variable is in run levels[level].run of the
+// tile's level runs, at level levels[level].src of that run's chunk; the
+// element is in chunk tile_chunks[j, run, (y0 + y) / cy - y0 / cy, (x0 + x) /
+// cx - x0 / cx], at (t, src, (y0 + y) % cy, (x0 + x) % cx) inside it (through
+// the chunk's stored strides), and goes to out[b, frame, channel0 + level, y,
+// x] (tile_out0 holds (b, frame)).
 __device__ __forceinline__ long long zd_element(const zd_tile& s,
                                                 const long long* chunk_slots,
                                                 const long long i, long long* src,
@@ -161,9 +189,11 @@ __device__ __forceinline__ long long zd_element(const zd_tile& s,
     const int y = r / s.w;
     const int x = r - y * s.w;
     const int yy = s.y0 + y, xx = s.x0 + x;
-    const int cell = ((level / s.cl) * s.n_y + (yy / s.cy - s.y0 / s.cy)) * s.n_x
+    const long long* lv = s.levels + (long long)level * N_LEVEL_FIELDS;
+    const int cell = ((int)lv[LEVEL_RUN] * s.n_y + (yy / s.cy - s.y0 / s.cy)) * s.n_x
                      + (xx / s.cx - s.x0 / s.cx);
-    *src = (((long long)s.t * s.cl + level % s.cl) * s.cy + yy % s.cy) * s.cx + xx % s.cx;
+    *src = (long long)s.t * s.st + lv[LEVEL_SRC] * s.sl + (long long)(yy % s.cy) * s.sy
+           + (long long)(xx % s.cx) * s.sx;
     *channel = s.channel0 + level;
     *o = s.out0 + (long long)*channel * s.hw + r;
     return chunk_slots[s.chunks[cell]];
@@ -176,13 +206,15 @@ extern "C" __global__ void zarrdali_gather(const unsigned char* __restrict__ dec
                                            const int* __restrict__ tile_chunks,
                                            const long long* __restrict__ chunk_slots,
                                            const long long* __restrict__ variables,
+                                           const long long* __restrict__ levels,
                                            const int n_tiles,
                                            const int n_l, const int n_y, const int n_x,
                                            const int h, const int w,
                                            out_t* __restrict__ out) {
     const int j = blockIdx.x;
     if (j >= n_tiles) return;
-    const zd_tile s = zd_tile_of(tiles, variables, tile_chunks, j, n_l, n_y, n_x, h, w);
+    const zd_tile s = zd_tile_of(tiles, variables, levels, tile_chunks, j, n_l, n_y, n_x, h,
+                                 w);
     union { long long bits; out_t value; } fill;
     fill.bits = s.var[VAR_FILL];
     for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < s.total;
@@ -238,17 +270,33 @@ __device__ __forceinline__ bool zd_invalid(const unsigned char* p, const int cod
     return bad;
 }
 
+// The value of the element at p as float: a C cast, or where the variable is
+// CF-packed (fin[FIN_PACKING]) x * scale_factor + add_offset in double, each
+// operation rounded on its own (no fused multiply-add: the CPU path's numpy
+// arithmetic), then rounded to float once.
+__device__ __forceinline__ float zd_value(const unsigned char* p, const int code,
+                                          const bool swap, const long long* fin) {
+    const int packing = (int)fin[FIN_PACKING];
+    if (!packing) return zd_load_as<float>(p, code, swap);
+    double d = zd_load_as<double>(p, code, swap);
+    if (packing & PACK_SCALE) d = __dmul_rn(d, __longlong_as_double(fin[FIN_SCALE]));
+    if (packing & PACK_OFFSET) d = __dadd_rn(d, __longlong_as_double(fin[FIN_OFFSET]));
+    return __double2float_rn(d);
+}
+
 // The gather of zarrdali_gather, finishing each element as the CPU path does
-// (backends/finish.py): cast to float, (x - mean[c]) / std[c] in float when
-// `normalize`, an invalid value (zd_invalid) replaced by `nan_fill` when
-// `fill_missing`, and when `write_mask` mask = 1 where valid, 0 where not. A
-// missing chunk holds the fill value (fin[FIN_FILL]), finished the same way.
-// stats: [C, 2] (mean, std); finish: [V, N_FIN_FIELDS].
+// (backends/finish.py): cast to float (CF-unpacked: zd_value), (x - mean[c]) /
+// std[c] in float when `normalize`, an invalid value (zd_invalid) replaced by
+// `nan_fill` when `fill_missing` (NaN for CF decoding), and when `write_mask`
+// mask = 1 where valid, 0 where not. A missing chunk holds the fill value
+// (fin[FIN_FILL]), finished the same way. stats: [C, 2] (mean, std); finish:
+// [V, N_FIN_FIELDS].
 extern "C" __global__ void zarrdali_gather_finish(const unsigned char* __restrict__ decoded,
                                                   const long long* __restrict__ tiles,
                                                   const int* __restrict__ tile_chunks,
                                                   const long long* __restrict__ chunk_slots,
                                                   const long long* __restrict__ variables,
+                                                  const long long* __restrict__ levels,
                                                   const long long* __restrict__ finish,
                                                   const float* __restrict__ stats,
                                                   const int n_tiles,
@@ -260,7 +308,8 @@ extern "C" __global__ void zarrdali_gather_finish(const unsigned char* __restric
                                                   unsigned char* mask) {
     const int j = blockIdx.x;
     if (j >= n_tiles) return;
-    const zd_tile s = zd_tile_of(tiles, variables, tile_chunks, j, n_l, n_y, n_x, h, w);
+    const zd_tile s = zd_tile_of(tiles, variables, levels, tile_chunks, j, n_l, n_y, n_x, h,
+                                 w);
     const long long* fin = finish + s.v * N_FIN_FIELDS;
     const unsigned char* fill = (const unsigned char*)(fin + FIN_FILL);  // native order
     for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < s.total;
@@ -271,7 +320,7 @@ extern "C" __global__ void zarrdali_gather_finish(const unsigned char* __restric
         const bool missing = slot < 0;
         const unsigned char* p = missing ? fill : decoded + slot + src * s.item;
         const bool sw = missing ? false : s.swap;
-        float v = zd_load(p, s.code, sw);
+        float v = zd_value(p, s.code, sw, fin);
         const bool bad = zd_invalid(p, s.code, (int)s.item, sw, fin);
         if (normalize) v = (v - stats[2 * c]) / stats[2 * c + 1];
         if (fill_missing && bad) v = nan_fill;
@@ -284,7 +333,9 @@ extern "C" __global__ void zarrdali_gather_finish(const unsigned char* __restric
 _COLUMNS = {
     name: getattr(gpu_plan, name)
     for name in dir(gpu_plan)
-    if name.startswith(("TILE_", "VAR_", "N_TILE_", "N_VAR_", "FIN_", "N_FIN_"))
+    if name.startswith(
+        ("TILE_", "VAR_", "N_TILE_", "N_VAR_", "FIN_", "N_FIN_", "LEVEL_", "N_LEVEL_", "PACK_")
+    )
 }
 
 

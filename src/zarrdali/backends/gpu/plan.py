@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ...batchplan import BatchPlan, channel_offsets, chunk_shape4
+from ...batchplan import BatchPlan, channel_offsets, chunk_shape4, level_runs
 from ...codecs import ChunkCodec
 from ...errors import ChunkError
 from ...missing import MAX_MISSING
@@ -83,14 +83,30 @@ VAR_CODE = 5  # dtype code of its decoded bytes (DTYPE_CODES)
 VAR_SWAP = 6  # 1: decoded bytes are big-endian, swap them while loading
 VAR_ITEMSIZE = 7  # bytes per decoded element
 VAR_FILL = 8  # fill value bits in the output dtype (little-endian, zero-padded)
-N_VAR_FIELDS = 9
+VAR_ST = 9  # element strides of a decoded chunk along (t, level, y, x): its stored
+VAR_SL = 10  # C order, whatever the order of the array's dimensions
+VAR_SY = 11
+VAR_SX = 12
+VAR_LEVEL0 = 13  # its first row in the level table (GatherTables.levels)
+N_VAR_FIELDS = 14
+
+# The level table: per channel of each variable, the run of levels it is in
+# (the tile_chunks L index) and its level inside that run's chunk.
+LEVEL_RUN = 0
+LEVEL_SRC = 1
+N_LEVEL_FIELDS = 2
 
 # Columns of the finishing gather's per-variable table (GatherFinish.variables):
 # bits (little-endian, zero-padded) of values in the variable's decoded dtype.
 FIN_FILL = 0  # its fill value: what a missing chunk holds
 FIN_N_MISSING = 1  # how many missing values follow
 FIN_MISSING0 = 2  # the first of up to MAX_MISSING missing values
-N_FIN_FIELDS = FIN_MISSING0 + MAX_MISSING
+FIN_PACKING = FIN_MISSING0 + MAX_MISSING  # CF unpacking: 1 scale, 2 offset (bits)
+FIN_SCALE = FIN_PACKING + 1  # float64 bits of scale_factor
+FIN_OFFSET = FIN_PACKING + 2  # float64 bits of add_offset
+N_FIN_FIELDS = FIN_PACKING + 3
+PACK_SCALE = 1
+PACK_OFFSET = 2
 
 _NO_ROWS = np.empty(0, dtype=np.int64)
 MISSING_SLOT = -1  # chunk slot of a chunk that does not exist: the kernel writes the fill
@@ -308,6 +324,7 @@ class GatherTables:
     tile_chunks: np.ndarray
     chunk_slots: np.ndarray
     variables: np.ndarray
+    levels: np.ndarray  # [channels, N_LEVEL_FIELDS] int64: run and level of each channel
     out_shape: tuple[int, int, int, int, int]
     out_dtype: np.dtype
 
@@ -318,7 +335,7 @@ class GatherTables:
     @property
     def arrays(self) -> tuple[np.ndarray, ...]:
         """The arrays uploaded to the device, in the kernel's argument order."""
-        return (self.tiles, self.tile_chunks, self.chunk_slots, self.variables)
+        return (self.tiles, self.tile_chunks, self.chunk_slots, self.variables, self.levels)
 
     @property
     def max_tile_elements(self) -> int:
@@ -330,12 +347,13 @@ class GatherTables:
 @dataclass(frozen=True, eq=False)
 class GatherFinish:
     """What the finishing gather kernel (``zarrdali_gather_finish``) reads
-    besides the gather tables: it writes the batch in float32, normalized
-    (``normalize``: ``(x - stats[c, 0]) / stats[c, 1]`` in float32), missing
-    values (NaN, or one of ``variables``' missing values, compared in the
-    decoded dtype) replaced by ``nan_fill`` where given, and with ``masks`` a
-    uint8 mask, 1 where the value is valid. ``variables``: ``[V,
-    N_FIN_FIELDS]`` int64 (FIN_* columns)."""
+    besides the gather tables: it writes the batch in float32, CF-unpacked
+    where a variable is packed (``x * scale + offset`` in float64, rounded
+    once), normalized (``normalize``: ``(x - stats[c, 0]) / stats[c, 1]`` in
+    float32), missing values (NaN, or one of ``variables``' missing values,
+    compared in the decoded dtype) replaced by ``nan_fill`` where given (NaN:
+    CF decoding), and with ``masks`` a uint8 mask, 1 where the value is valid.
+    ``variables``: ``[V, N_FIN_FIELDS]`` int64 (FIN_* columns)."""
 
     variables: np.ndarray
     stats: np.ndarray  # [C, 2] float32: mean, std
@@ -372,15 +390,28 @@ def finish_tables(layouts: Sequence[ArrayLayout], finish: Finish, masks: bool) -
             table[v, FIN_N_MISSING] = len(values)
             bits = _value_bits(values.astype(stored), stored)
             table[v, FIN_MISSING0 : FIN_MISSING0 + len(bits)] = bits
+        packing = finish.packing[c] if finish.packing is not None else None
+        if packing is not None:
+            flags = 0
+            if packing.scale is not None:
+                flags |= PACK_SCALE
+                table[v, FIN_SCALE] = np.float64(packing.scale).view(np.int64)
+            if packing.offset is not None:
+                flags |= PACK_OFFSET
+                table[v, FIN_OFFSET] = np.float64(packing.offset).view(np.int64)
+            table[v, FIN_PACKING] = flags
     stats = np.zeros((channels, 2), dtype=np.float32)
     stats[:, 1] = 1
     if finish.normalizes:
         stats[:, 0], stats[:, 1] = finish.mean, finish.std
+    nan_fill = finish.nan_fill
+    if nan_fill is None and finish.missing_to_nan:
+        nan_fill = float("nan")  # CF decoding: a missing value is served as NaN
     return GatherFinish(
         variables=table,
         stats=np.ascontiguousarray(stats),
         normalize=finish.normalizes,
-        nan_fill=finish.nan_fill,
+        nan_fill=nan_fill,
         masks=masks and finish.missing is not None,
     )
 
@@ -432,6 +463,7 @@ class VariableColumns:
     skip: np.ndarray
     tail: np.ndarray
     table: np.ndarray  # the gather kernel's variable table
+    levels: np.ndarray  # its level table
     out_dtype: np.dtype
 
 
@@ -452,6 +484,18 @@ def variable_columns(layouts: Sequence[ArrayLayout]) -> VariableColumns:
     return columns
 
 
+def level_table(layout: ArrayLayout) -> np.ndarray:
+    """``[channels, N_LEVEL_FIELDS]``: per channel of ``layout`` the run of levels
+    it is in (:func:`~zarrdali.batchplan.level_runs`: the L index of its tiles'
+    ``tile_chunks``) and its level inside that run's chunk."""
+    table = np.empty((layout.n_levels, N_LEVEL_FIELDS), dtype=np.int64)
+    _, run_src, run_dst, run_len = level_runs(layout)
+    for r, (src, dst, n) in enumerate(zip(run_src, run_dst, run_len, strict=True)):
+        table[dst : dst + n, LEVEL_RUN] = r
+        table[dst : dst + n, LEVEL_SRC] = np.arange(src, src + n)
+    return table
+
+
 def describe_variables(layouts: Sequence[ArrayLayout]) -> VariableColumns:
     """The per-variable columns of :func:`describe_batch`.
 
@@ -460,13 +504,17 @@ def describe_variables(layouts: Sequence[ArrayLayout]) -> VariableColumns:
     """
     out_dtype = batch_dtype(layouts)
     table = np.zeros((len(layouts), N_VAR_FIELDS), dtype=np.int64)
+    levels = []
     for v, (layout, channel0) in enumerate(zip(layouts, channel_offsets(layouts), strict=True)):
         fallback = not layout.fast_path
         stored = layout.dtype if fallback else layout.codec.stored_dtype(layout.dtype)
         row = table[v]
         row[[VAR_CL, VAR_CY, VAR_CX]] = chunk_shape4(layout)[1:]
+        row[[VAR_ST, VAR_SL, VAR_SY, VAR_SX]] = layout.element_strides4
         row[VAR_LEVELS] = layout.n_levels
         row[VAR_CHANNEL0] = channel0
+        row[VAR_LEVEL0] = channel0  # one level-table row per channel
+        levels.append(level_table(layout))
         row[VAR_CODE] = dtype_code(stored)
         row[VAR_SWAP] = stored.itemsize > 1 and stored.byteorder == ">"
         row[VAR_ITEMSIZE] = stored.itemsize
@@ -484,6 +532,7 @@ def describe_variables(layouts: Sequence[ArrayLayout]) -> VariableColumns:
         skip=skip,
         tail=tail,
         table=table,
+        levels=np.ascontiguousarray(np.concatenate(levels), dtype=np.int64).reshape(-1, 2),
         out_dtype=out_dtype,
     )
 
@@ -546,6 +595,7 @@ def gather_tables(plan: BatchPlan, columns: VariableColumns, slots: np.ndarray) 
         tile_chunks=plan.tile_chunks.astype(np.int32),
         chunk_slots=slots,
         variables=columns.table,
+        levels=columns.levels,
         out_shape=plan.out_shape,
         out_dtype=columns.out_dtype,
     )
@@ -749,8 +799,9 @@ def gather_reference(
 
     With ``finish``, what ``zarrdali_gather_finish`` computes: float32
     ``(float(x) - mean) / std`` of the decoded value ``x`` (a missing chunk's
-    is its fill value), invalid values (NaN or one of the variable's missing
-    values, compared in the decoded dtype) replaced by ``nan_fill``; returns
+    is its fill value; CF-unpacked in float64 where the variable is packed),
+    invalid values (NaN or one of the variable's missing values, compared in
+    the decoded dtype) replaced by ``nan_fill``; returns
     ``(out, mask)`` (mask uint8, None without ``finish.masks``).
     """
     tiles, var_table = gather.tiles, gather.variables
@@ -765,7 +816,7 @@ def gather_reference(
     totals = var[:, VAR_LEVELS] * hw
     j = np.repeat(np.arange(n_tiles), totals)
     i = np.arange(len(j)) - np.repeat(np.cumsum(totals) - totals, totals)
-    cl, cy, cx = var[j, VAR_CL], var[j, VAR_CY], var[j, VAR_CX]
+    cy, cx = var[j, VAR_CY], var[j, VAR_CX]
     t, y0, x0 = tiles[j, TILE_T], tiles[j, TILE_Y0], tiles[j, TILE_X0]
 
     level = i // hw
@@ -773,14 +824,16 @@ def gather_reference(
     y = r // w
     x = r - y * w
     yy, xx = y0 + y, x0 + x
-    cell = ((level // cl) * n_y + (yy // cy - y0 // cy)) * n_x + (xx // cx - x0 // cx)
+    run, level_src = gather.levels[var[j, VAR_LEVEL0] + level].T
+    cell = (run * n_y + (yy // cy - y0 // cy)) * n_x + (xx // cx - x0 // cx)
     chunk = gather.tile_chunks.reshape(n_tiles, n_l * n_y * n_x)[j, cell]
     if np.any(chunk < 0):
         raise ValueError("an element's tile_chunks entry is -1")
     slot = gather.chunk_slots[chunk]
     channel = var[j, VAR_CHANNEL0] + level
     o = tiles[j, TILE_OUT0] + channel * hw + r
-    src = ((t * cl + level % cl) * cy + yy % cy) * cx + xx % cx
+    src = t * var[j, VAR_ST] + level_src * var[j, VAR_SL]
+    src += (yy % cy) * var[j, VAR_SY] + (xx % cx) * var[j, VAR_SX]
 
     for v in np.unique(tiles[:, TILE_VAR]).tolist():
         row = var_table[v]
@@ -810,7 +863,16 @@ def gather_reference(
         bad = np.isnan(stored) if native.kind == "f" else np.zeros(len(stored), dtype=bool)
         for m in range(int(fin[FIN_N_MISSING])):
             bad |= stored == _fill_value(fin[FIN_MISSING0 + m], native)
-        value = stored.astype(np.float32)
+        packing = int(fin[FIN_PACKING])
+        if packing:  # CF unpacking in float64, rounded once (as the CPU path)
+            unpacked = stored.astype(np.float64)
+            if packing & PACK_SCALE:
+                unpacked = unpacked * np.int64(fin[FIN_SCALE]).view(np.float64)
+            if packing & PACK_OFFSET:
+                unpacked = unpacked + np.int64(fin[FIN_OFFSET]).view(np.float64)
+            value = unpacked.astype(np.float32)
+        else:
+            value = stored.astype(np.float32)
         if finish.normalize:
             value = (value - finish.stats[c, 0]) / finish.stats[c, 1]
         if finish.nan_fill is not None:
