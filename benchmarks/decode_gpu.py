@@ -423,7 +423,7 @@ def _capi_row(args, ctx) -> dict:
                 calls.append((alg, n, ptrs, table_dev, actual, statuses, outs))
                 nbytes += int(outs.sum())
         # One temp for every call (they run one after the other on one stream),
-        # as the backend's DecodeTemp shares one: the largest call's need.
+        # as a backend stream's DecodeTemp serves its calls: the largest call's need.
         temp = cp.empty(temp_bytes, cp.uint8)
     if not calls:
         return _skipped("nvcomp-capi", "no chunk uses a codec nvCOMP decodes")

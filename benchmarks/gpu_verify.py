@@ -6,35 +6,50 @@
 Steps, ordered by what they prove (a later step is worth less if an earlier
 one failed, and a run cut short keeps the most important results), each in its
 own process group with its own timeout, every one run whatever happened to the
-one before; the timeouts add up to less than the budget (default 540 s):
+one before but the import check; the timeouts add up to the budget (default 560 s):
 
+    imports       every zarrdali module, the GPU test modules and what the steps
+                  import lazily (tqdm, PyYAML, toolz, cloudpickle, fsspec,
+                  psutil, dask.array, obstore, torch; the GPU stack with
+                  --require-gpu): what is missing is listed with its pip name,
+                  and no other step runs (seconds, not the budget)          30 s
     stack-check   ``gpu_stack_check.py`` (CuPy, kvikIO, nvCOMP's Python and C
-                  APIs, DALI fed by CuPy): the stack itself, before our code   45 s
-    pytest-gpu    ``pytest -m gpu -v`` with faulthandler (and pytest-timeout when
+                  APIs, DALI fed by CuPy): the stack itself, before our code   35 s
+    pytest-gpu    ``pytest -m "gpu and not corrupt_input" -v`` with
+                  faulthandler (and ``--timeout`` where pytest-timeout is
                   installed): the engine bit for bit against the CPU backend, the
                   feed on real streams, the loader against zarr-python on plain,
                   sharded, gzip, blosc (host), big-endian int16 and missing-chunk
                   stores, resume, ranks, 20 epochs and 50 loaders with the pool
                   total and threads flat, the collector at random points in a
-                  thread of its own throughout (junit XML)                    180 s
+                  thread of its own throughout (junit XML). It fails when no
+                  test ran                                                  140 s
     decode        ``decode_gpu.py`` at batch 64, zstd, 64 KiB and 1 MiB chunks:
                   nvCOMP's C API alone, zarrdali read + decode + gather, with
-                  the GPU cache warm, numcodecs on all cores                   50 s
-    decode-lz4    the same on LZ4 (64 KiB), with DALI's fn.decoders.inflate    30 s
-    sample-data   the embedded sample data (both layouts), unless already there 40 s
+                  the GPU cache warm, numcodecs on all cores                   35 s
+    decode-lz4    the same on LZ4 (64 KiB), with DALI's fn.decoders.inflate    20 s
+    sample-data   the embedded sample data (both layouts), unless already there 35 s
     bench-b64     ``zarrdali bench`` on the sharded store, batch 64:
-                  zarrdali[cuda] and the torch DataLoader over xarray, all cores 90 s
+                  zarrdali[cuda], the torch DataLoader over xarray and
+                  zarrdali[cpu], each on every core                          70 s
     small-batch   batches of 8 (4 + 2 frames of 128 x 128, every variable) on
                   device="cuda": ms per batch back to back through DALI, and
                   ``load_batch`` alone; the host time of each NVTX range of the
                   engine (describe, read, decode, gather, check) at 8 and 64  25 s
-    bench-wait    batch 64 with a simulated 20 ms training step: the wait      35 s
+    bench-wait    batch 64 with a simulated 5 ms training step: the wait       30 s
+    bench-b256    as bench-b64 at batch 256                                    70 s
+    bench-b8      as bench-b64 at batch 8                                      25 s
     remote-gpu    the GPU backend on the sharded store served by a local HTTP
                   server (ranges): read="pinned" and read="kvikio" (kvikIO's
                   remote file), every batch equal to the CPU backend's on the
-                  local copy, samples/s of each                              25 s
+                  local copy, samples/s of each                              20 s
+    pytest-gpu-corrupt  ``pytest -m "gpu and corrupt_input"``: the tests that
+                  feed corrupt chunks to the device path (nvCOMP's headers make
+                  corrupt input undefined behaviour, and a device fault is
+                  sticky), last, in a process of their own; fails when none ran 25 s
 
-``--steps`` also knows ``bench-b8`` (batch 8, both loaders), not run by default.
+``--steps`` also knows ``bench-wait-1`` and ``bench-wait-20`` (1 and 20 ms
+steps), not run by default.
 
 A step gets at most its own timeout and what is left of ``--budget-s``; a step
 that outlives it gets SIGABRT (faulthandler prints every thread's stack into
@@ -52,7 +67,8 @@ Output (``--out``; at most 8 files, as a device run returns at most 8):
                      versions, commit, tree hash, command, date
     summary.json     every step (command, status, seconds, why), the figures, the goals
     verify.log       the output of every step, one after the other
-    pytest-gpu.xml   junit XML of the GPU tests
+    pytest-gpu.xml   junit XML of the GPU tests (the corruption tests' stays in
+                     the scratch folder; their counts are in summary.json)
     bench.json       the bench runs' JSON, by run
     bench.md         the bench runs' tables, with the system header
     decode.json      the decode benchmarks (zstd and LZ4), by run
@@ -305,18 +321,26 @@ def provenance(args: argparse.Namespace, gpu: dict, argv: list[str]) -> dict:
 # (name, timeout s): the default run, in order. Their sum stays under the default
 # budget, so that each step gets its whole timeout even if all before it used theirs.
 DEFAULT_STEPS = (
-    ("stack-check", 45),
-    ("pytest-gpu", 180),
-    ("decode", 50),
-    ("decode-lz4", 30),
-    ("sample-data", 40),
-    ("bench-b64", 90),
+    ("imports", 30),
+    ("stack-check", 35),
+    ("pytest-gpu", 140),
+    ("decode", 35),
+    ("decode-lz4", 20),
+    ("sample-data", 35),
+    ("bench-b64", 70),
     ("small-batch", 25),
-    ("bench-wait", 35),
-    ("remote-gpu", 25),
+    ("bench-wait", 30),
+    ("bench-b256", 70),
+    ("bench-b8", 25),
+    ("remote-gpu", 20),
+    ("pytest-gpu-corrupt", 25),  # last, in a process of its own: see CORRUPT_MARKER
 )
-EXTRA_STEPS = (("bench-b8", 40),)
-DEFAULT_BUDGET_S = 540.0
+EXTRA_STEPS = (("bench-wait-1", 30), ("bench-wait-20", 30))
+DEFAULT_BUDGET_S = 560.0
+# Tests that feed corrupt input to the device decoder (nvCOMP: undefined
+# behaviour, and a device fault is sticky for the process): the GPU suite runs
+# without them, and they run last, in a pytest process of their own.
+CORRUPT_MARKER = "corrupt_input"
 SHARDED = "era5_sharded.zarr"
 
 
@@ -339,18 +363,25 @@ def plan_steps(args: argparse.Namespace, out: Path, scratch: Path) -> list[Step]
     timeouts = dict(DEFAULT_STEPS + EXTRA_STEPS)
     steps: dict[str, Step] = {}
 
+    imports = [py, "-X", "faulthandler", str(Path(__file__).resolve()), "--probe-imports"]
+    imports += ["--probe-json", str(scratch / "imports.json")]
+    imports += ["--require-gpu"] if args.require_gpu else []
+    steps["imports"] = Step("imports", imports, timeouts["imports"])
+
     checker = find_stack_check(args.stack_check)
     stack = [py, str(checker)] if checker else [py, "-c", "raise SystemExit(2)"]
     steps["stack-check"] = Step("stack-check", stack, timeouts["stack-check"], needs_gpu=True)
     if checker is None:
         steps["stack-check"].why = "gpu_stack_check.py not found: pass --stack-check PATH"
 
-    pytest = [py, "-X", "faulthandler", "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider"]
-    pytest += ["-o", "faulthandler_timeout=90", "-v", "-rfEs", "--tb=short"]
-    if importlib.util.find_spec("pytest_timeout") is not None:
-        pytest += ["-p", "pytest_timeout", "--timeout", "100"]  # a hung test fails, the rest run
-    pytest += ["--junitxml", str(out / "pytest-gpu.xml"), *gpu_test_files()]
-    steps["pytest-gpu"] = Step("pytest-gpu", pytest, timeouts["pytest-gpu"], needs_gpu=True)
+    timeout_plugin = importlib.util.find_spec("pytest_timeout") is not None
+    files = gpu_test_files()
+    for name, select, junit in (
+        ("pytest-gpu", f"gpu and not {CORRUPT_MARKER}", out / "pytest-gpu.xml"),
+        ("pytest-gpu-corrupt", f"gpu and {CORRUPT_MARKER}", scratch / "pytest-gpu-corrupt.xml"),
+    ):
+        cmd = pytest_command(py, select, junit, files, timeout_plugin=timeout_plugin)
+        steps[name] = Step(name, cmd, timeouts[name], needs_gpu=True)
 
     size = ["--time-steps", "4", "--batches", "2", "--repeats", "1", "--batch-size", "4"]
     size = size if tiny else ["--batch-size", "64", "--batches", "6", "--repeats", "3"]
@@ -368,13 +399,17 @@ def plan_steps(args: argparse.Namespace, out: Path, scratch: Path) -> list[Step]
 
     bench = [py, "-m", "zarrdali", "bench", str(data / SHARDED), "-q", "--loaders"]
     ours = ["zarrdali-cpu" if cpu else "zarrdali-cuda"]
-    peer = [] if cpu and tiny else ["torch-xarray"]
+    # the torch DataLoader over xarray and the CPU path, each on every core
+    peers = [] if cpu and tiny else ["torch-xarray"] + ([] if cpu else ["zarrdali-cpu"])
     shape = ["--tile", "8", "8", "--batches", "3", "--warmup", "1", "--epochs", "1"]
-    shape = shape if tiny else ["--batches", "20", "--warmup", "3", "--epochs", "2"]
+    shape = shape if tiny else ["--batches", "12", "--warmup", "3", "--epochs", "2"]
     for name, loaders, extra in (
-        ("bench-b64", ours + peer, ["--batch-size", "64"]),
-        ("bench-wait", ours, ["--batch-size", "64", "--step-ms", "20"]),
-        ("bench-b8", ours + peer, ["--batch-size", "8"]),
+        ("bench-b64", ours + peers, ["--batch-size", "64"]),
+        ("bench-b256", ours + peers, ["--batch-size", "256"]),
+        ("bench-b8", ours + peers, ["--batch-size", "8"]),
+        ("bench-wait", ours, ["--batch-size", "64", "--step-ms", "5"]),
+        ("bench-wait-1", ours, ["--batch-size", "64", "--step-ms", "1"]),
+        ("bench-wait-20", ours, ["--batch-size", "64", "--step-ms", "20"]),
     ):
         cmd = [*bench, *loaders, *shape, *extra, "--out", str(scratch / name)]
         steps[name] = Step(name, cmd, timeouts[name], needs_gpu=True, rehearsable=True)
@@ -399,6 +434,22 @@ def plan_steps(args: argparse.Namespace, out: Path, scratch: Path) -> list[Step]
         if unknown:
             raise SystemExit(f"unknown step(s) {unknown}; steps: {list(steps)}")
     return [steps[name] for name in names]
+
+
+def pytest_command(
+    py: str, select: str, junit: Path, files: list[str], *, timeout_plugin: bool
+) -> list[str]:
+    """``pytest -m SELECT -v`` over ``files`` with faulthandler and junit XML.
+
+    Where pytest-timeout is installed its entry point has loaded it already:
+    ``--timeout`` alone turns it on (``-p pytest_timeout`` would register it a
+    second time, under another name, and pytest would stop at start-up with
+    ``ValueError: Plugin already registered``, running no test)."""
+    cmd = [py, "-X", "faulthandler", "-m", "pytest", "-m", select, "-p", "no:cacheprovider"]
+    cmd += ["-o", "faulthandler_timeout=90", "-v", "-rfEs", "--tb=short"]
+    if timeout_plugin:
+        cmd += ["--timeout", "100"]  # a hung test fails, the rest run
+    return [*cmd, "--junitxml", str(junit), *files]
 
 
 def gpu_test_files(root: Path = REPO) -> list[str]:
@@ -535,18 +586,46 @@ def _goal(name: str, value: float | None, target: float, at_least: bool, unit: s
     return goal
 
 
+def tests_run(tests: dict | None) -> int | None:
+    """Tests that ran (passed, failed or in error: not skipped) by a pytest
+    step's figures (junit counts, or the ``-v`` lines of a run cut short); None
+    when the step left neither."""
+    if not tests:
+        return None
+    if "tests" in tests:
+        return int(tests["tests"]) - int(tests.get("skipped", 0))
+    if "counts" in tests:
+        counts = tests["counts"]
+        return sum(counts.get(k, 0) for k in ("passed", "failed", "error", "xfail", "xpass"))
+    return None
+
+
+def tests_failed(tests: dict | None) -> int | None:
+    if not tests:
+        return None
+    if "failures" in tests:
+        return int(tests["failures"]) + int(tests["errors"])
+    if "counts" in tests:
+        return tests["counts"].get("failed", 0) + tests["counts"].get("error", 0)
+    return None
+
+
+def _speedup(rows: list[dict] | None) -> tuple[float | None, dict | None]:
+    ours, peer = _row(rows, "zarrdali[cuda]"), _row(rows, "torch DataLoader + xarray")
+    if ours and peer and peer["samples_per_s"]:
+        return ours["samples_per_s"] / peer["samples_per_s"], ours
+    return None, ours
+
+
 def evaluate_goals(figures: dict) -> list[dict]:
     """The issue's figures, from what the steps measured so far."""
     goals = []
-    b64 = figures.get("bench-b64")
-    ours, peer = _row(b64, "zarrdali[cuda]"), _row(b64, "torch DataLoader + xarray")
-    speedup = None
-    if ours and peer and peer["samples_per_s"]:
-        speedup = ours["samples_per_s"] / peer["samples_per_s"]
-    goals.append(_goal("zarrdali[cuda] / torch DataLoader + xarray, batch 64, sharded", speedup,
-                       10.0, True, "x", stretch=20.0))  # fmt: skip
-    goals.append(_goal("zarrdali[cuda] decoded GB/s, batch 64, sharded",
-                       ours and ours["decoded_gb_per_s"], 30.0, True, "GB/s"))  # fmt: skip
+    for batch in (64, 256):
+        speedup, ours = _speedup(figures.get(f"bench-b{batch}"))
+        goals.append(_goal(f"zarrdali[cuda] / torch DataLoader + xarray, batch {batch}, sharded",
+                           speedup, 10.0, True, "x", stretch=20.0))  # fmt: skip
+        goals.append(_goal(f"zarrdali[cuda] decoded GB/s, batch {batch}, sharded",
+                           ours and ours["decoded_gb_per_s"], 30.0, True, "GB/s"))  # fmt: skip
     decode = figures.get("decode") or {}
     warm = [v["gb_per_s"] for k, v in decode.items() if "warm-cache" in k and v["gb_per_s"]]
     goals.append(_goal("zarrdali-gpu with the GPU cache warm (decode_gpu.py, best row)",
@@ -558,7 +637,7 @@ def evaluate_goals(figures: dict) -> list[dict]:
     worst = (small.get("goal") or {}).get("worst_back_to_back_ms")
     goals.append(_goal("ms per batch of 8, back to back through DALI", worst, 2.0, False, "ms"))
     wait = _row(figures.get("bench-wait"), "zarrdali[cuda]")
-    goals.append(_goal("share of a 20 ms step spent waiting, batch 64", wait and
+    goals.append(_goal("share of a 5 ms step spent waiting, batch 64", wait and
                        wait["wait_fraction"], 0.05, False, "fraction"))  # fmt: skip
     remote = figures.get("remote-gpu") or {}
     rows = [remote.get(r) for r in ("pinned", "kvikio") if isinstance(remote.get(r), dict)]
@@ -566,13 +645,21 @@ def evaluate_goals(figures: dict) -> list[dict]:
     goals.append({"goal": "remote GPU readers equal the CPU backend (value: the faster)",
                   "met": all(equal) if equal else None, "readers_ok": len(equal),
                   "value": remote.get("faster")})  # fmt: skip
-    tests = figures.get("pytest-gpu") or {}
-    bad = None
-    if "failures" in tests:
-        bad = tests["failures"] + tests["errors"]
-    elif "counts" in tests:
-        bad = tests["counts"].get("failed", 0) + tests["counts"].get("error", 0)
-    goals.append(_goal("GPU tests failed or in error", bad, 0, False, "tests"))
+    # The GPU tests: how many ran (zero is a failure, not a pass), how many failed.
+    failed, any_ran = None, False
+    for step in ("pytest-gpu", "pytest-gpu-corrupt"):
+        tests = figures.get(step)
+        ran = tests_run(tests)
+        if tests is not None or step == "pytest-gpu":
+            goals.append(_goal(f"{step}: tests run (not skipped)", ran, 1, True, "tests"))
+        bad = tests_failed(tests)
+        if bad is not None:
+            failed = (failed or 0) + bad
+        any_ran = any_ran or bool(ran)
+    goal = _goal("GPU tests failed or in error", failed, 0, False, "tests")
+    if not any_ran:  # nothing ran: no failure counted is no pass
+        goal.update(met=False if failed is not None else None, missed_by="no GPU test ran")
+    goals.append(goal)
     return goals
 
 
@@ -590,10 +677,18 @@ def write_summary(out: Path, steps: list[Step], figures: dict, started: float) -
 
 def collect(step: Step, out: Path, scratch: Path, log: Path, figures: dict, names: list) -> None:
     """The figures of ``step`` (and of the merged outputs it adds to)."""
-    if step.name == "pytest-gpu":
-        figures["pytest-gpu"] = junit_summary(out / "pytest-gpu.xml")
-        if figures["pytest-gpu"] is None or step.status == "timeout":  # cut short: the -v lines
-            figures["pytest-gpu"] = pytest_progress(_step_log(log, "pytest-gpu"))
+    if step.name in ("pytest-gpu", "pytest-gpu-corrupt"):
+        junit = (out if step.name == "pytest-gpu" else scratch) / f"{step.name}.xml"
+        tests = junit_summary(junit)
+        if tests is None or step.status == "timeout":  # cut short: the -v lines
+            tests = pytest_progress(_step_log(log, step.name))
+        figures[step.name] = tests
+        if step.status == "passed" and not tests_run(tests):  # zero tests is no pass
+            step.status = "failed"
+            step.why = "no test ran (none collected, all skipped, or pytest stopped at start-up)"
+    elif step.name == "imports":
+        path = scratch / "imports.json"
+        figures["imports"] = json.loads(path.read_text()) if path.is_file() else None
     elif step.name == "stack-check":
         lines = [ln for ln in _step_log(log, "stack-check").splitlines()]
         figures["stack-check"] = [ln for ln in lines if ln.startswith(("ok  ", "FAIL"))]
@@ -605,6 +700,103 @@ def collect(step: Step, out: Path, scratch: Path, log: Path, figures: dict, name
         figures["remote-gpu"] = json.loads((out / "remote.json").read_text())
     elif step.name.startswith("bench-"):
         figures.update(merge_bench(out, scratch, names))
+
+
+# -- the import check (the first step) ------------------------------------------------------
+# What the steps import besides every zarrdali module (whose own imports are
+# found by importing it): the packages its functions import lazily on the
+# verification's paths, and the GPU stack. A package missing on the GPU host
+# then fails in seconds, with its name, instead of one step after another.
+HOST_IMPORTS = (
+    "numpy", "zarr", "numcodecs", "crc32c", "zstandard", "xarray", "pandas",
+    "dask", "dask.array", "fsspec", "yaml", "toolz", "cloudpickle", "tqdm", "psutil",
+    "obstore", "torch", "pytest",
+)  # fmt: skip
+GPU_IMPORTS = (
+    "cupy", "cupyx", "kvikio", "nvidia.libnvcomp", "nvidia.nvcomp", "nvidia.dali",
+    "nvidia.dali.plugin.pytorch",
+)  # fmt: skip
+# pip names where they differ from the module's (for gpu_pack.py pack --extra)
+PIP_NAMES = {
+    "yaml": "pyyaml",
+    "cupy": "cupy-cuda13x",
+    "cupyx": "cupy-cuda13x",
+    "kvikio": "kvikio-cu13",
+    "nvidia.libnvcomp": "nvidia-libnvcomp-cu13",
+    "nvidia.nvcomp": "nvidia-nvcomp-cu13",
+    "nvidia.dali": "nvidia-dali-cuda130",
+    "google_crc32c": "google-crc32c",
+    "dateutil": "python-dateutil",
+}
+
+
+def _missing_name(err: ModuleNotFoundError, wanted: str) -> str:
+    """The module an import failed for: the top package, or ``nvidia.<x>``
+    (a namespace package shared by several wheels)."""
+    name = err.name or wanted
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "nvidia" and len(parts) > 1 else parts[0]
+
+
+def probe_imports(args: argparse.Namespace) -> int:
+    """Import every zarrdali module, the GPU test modules and what the steps
+    import lazily (``HOST_IMPORTS``, and ``GPU_IMPORTS`` with ``--require-gpu``);
+    list what is missing, with the pip names to add to the pack. Exit 1 if
+    anything required is missing or broken."""
+    import importlib
+    import traceback
+
+    missing: dict[str, list[str]] = {}  # module not found -> what needed it
+    broken: dict[str, str] = {}  # module -> error (found, but its import raised)
+    optional: dict[str, list[str]] = {}
+
+    def attempt(module: str, into: dict[str, list[str]]) -> None:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            into.setdefault(_missing_name(err, module), []).append(module)
+        except Exception as err:  # an installed package that cannot load (a .so, a driver)
+            broken[module] = f"{type(err).__name__}: {err}"
+            traceback.print_exc(limit=2)
+
+    spec = importlib.util.find_spec("zarrdali")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for path in sorted(root.rglob("*.py")):  # from the files: a package may fail to import
+        parts = ("zarrdali", *path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__main__":  # `python -m zarrdali`: runs the CLI
+            continue
+        attempt(".".join(parts[:-1] if parts[-1] == "__init__" else parts), missing)
+    for module in HOST_IMPORTS:
+        attempt(module, missing)
+    for module in GPU_IMPORTS:
+        attempt(module, missing if args.require_gpu else optional)
+    tests = REPO / "tests"
+    sys.path.insert(0, str(tests))
+    for name in ("conftest", *(Path(f).stem for f in gpu_test_files())):
+        attempt(name, missing)
+    pip = sorted({PIP_NAMES.get(m, m.replace("_", "-")) for m in missing})
+    result = {
+        "ok": not missing and not broken,
+        "missing": missing,
+        "broken": broken,
+        "optional_missing": optional,
+        "pip": pip,
+        "python": sys.version.split()[0],
+    }
+    for name, needed_by in sorted(missing.items()):
+        print(f"MISSING {name} (pip: {PIP_NAMES.get(name, name.replace('_', '-'))}), needed by "
+              + ", ".join(needed_by[:6]) + (" ..." if len(needed_by) > 6 else ""))  # fmt: skip
+    for module, err in sorted(broken.items()):
+        print(f"BROKEN  {module}: {err}")
+    for name in sorted(optional):
+        print(f"absent  {name} (the GPU path's; required with --require-gpu)")
+    if pip:
+        print("add them to the pack: python3 ../shared/tools/gpu_pack.py pack .stack --extra "
+              + " ".join(pip))  # fmt: skip
+    print(f"imports: {'ok' if result['ok'] else 'FAILED'}", flush=True)
+    if args.probe_json:
+        Path(args.probe_json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["ok"] else 1
 
 
 # -- the probes (each run as a step of its own) -------------------------------------------
@@ -987,6 +1179,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--scratch", type=Path, help="folder for raw bench output (default: temp)")
     # the probes, each run by its step in its own process
+    p.add_argument("--probe-imports", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--probe-small-batch", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--probe-remote", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--probe-json", help=argparse.SUPPRESS)
@@ -995,7 +1188,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--probe-warmup", type=int, default=5, help=argparse.SUPPRESS)
     p.add_argument("--probe-tile", type=int, default=128, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not (args.probe_small_batch or args.probe_remote) and args.out is None:
+    if not (args.probe_small_batch or args.probe_remote or args.probe_imports) and not args.out:
         p.error("--out is required")
     return args
 
@@ -1003,6 +1196,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    if args.probe_imports:
+        return probe_imports(args)
     if args.probe_small_batch:
         return probe_small_batch(args)
     if args.probe_remote:
@@ -1039,9 +1234,12 @@ def main(argv: list[str] | None = None) -> int:
 
     figures: dict = {}
     bench_names = [s.name for s in steps if s.name.startswith("bench-")]
+    stopped = ""  # why the steps after a failed import check do not run
     for step in steps:
         if args.dry_run:
             step.status, step.why = "planned", "; ".join(w for w in ("--dry-run", step.why) if w)
+        elif stopped:
+            step.status, step.why = "not run", stopped
         elif step.needs_gpu and args.rehearse_on_cpu and not step.rehearsable:
             step.status, step.why = "skipped", "--rehearse-on-cpu: this step needs the GPU"
         elif step.needs_gpu and missing and not args.rehearse_on_cpu:
@@ -1055,6 +1253,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {step.name} ...", flush=True)
             run_step(step, log, deadline, env, REPO)
             collect(step, out, scratch, log, figures, bench_names)
+            if step.name == "imports" and step.status != "passed":
+                found = figures.get("imports") or {}
+                what = ", ".join(sorted(found.get("missing", {})) + sorted(found.get("broken", {})))
+                stopped = f"the import check failed ({what or step.why}): see verify.log"
+                for name, needed_by in sorted(found.get("missing", {}).items()):
+                    pip = PIP_NAMES.get(name, name.replace("_", "-"))
+                    print(f"  MISSING {name} (pip: {pip}), needed by {', '.join(needed_by[:4])}")
+                if found.get("pip"):
+                    print("  add to the pack: python3 ../shared/tools/gpu_pack.py pack .stack "
+                          "--extra " + " ".join(found["pip"]))  # fmt: skip
         print(f"  {step.name}: {step.status} {step.why}".rstrip(), flush=True)
         write_summary(out, steps, figures, started)  # a run cut short still leaves its part
     summary = write_summary(out, steps, figures, started)

@@ -17,15 +17,29 @@ sys.path.insert(0, str(Path(__file__).parent))  # make `storefactory` importable
 
 from storefactory import VarSpec, write_store
 
+CORRUPT_INPUT = "corrupt_input"
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "gpu: needs a CUDA GPU with CuPy, kvikIO and nvCOMP (skipped elsewhere)"
     )
+    config.addinivalue_line(
+        "markers",
+        f"{CORRUPT_INPUT}: feeds corrupt chunks to the decode path (on a GPU: undefined "
+        "behaviour in nvCOMP, a sticky device fault); runs last, and in a process of its own "
+        "in benchmarks/gpu_verify.py",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip ``@pytest.mark.gpu`` tests unless the GPU path has all it needs."""
+    """Run ``corrupt_input`` tests after all others (a device fault they might
+    cause is sticky for the process); skip ``@pytest.mark.gpu`` tests unless the
+    GPU path has all it needs."""
+    corrupt = [item for item in items if item.get_closest_marker(CORRUPT_INPUT) is not None]
+    if corrupt:
+        rest = [item for item in items if item.get_closest_marker(CORRUPT_INPUT) is None]
+        items[:] = rest + corrupt
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
 import os
 import threading
 import types
 import weakref
 import zlib
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numcodecs
@@ -195,6 +197,9 @@ class FakeKernel:
             for s, d, k in np.asarray(jobs).reshape(int(n), 3).tolist():
                 dst[d : d + k] = src[s : s + k]
             return
+        if self.name == "zarrdali_crc_gate":
+            _crc_gate(*args)
+            return
         finish = None
         if self.name == "zarrdali_gather_finish":
             decoded, tiles, tile_chunks, slots, variables, levels, fin, stats, *args = args
@@ -230,6 +235,23 @@ class FakeKernel:
         if valid is not None:
             assert mask.shape == out.shape
             np.asarray(mask)[...] = valid
+
+
+def _crc_gate(staging, jobs, crcs, statuses, n, stand_ins, in_ptrs, in_bytes, bad) -> None:
+    """``zarrdali_crc_gate`` (kernels.CRC_GATE_SOURCE), element by element."""
+    n = int(n)
+    jobs = np.asarray(jobs).reshape(5, n)
+    staging = np.asarray(staging)
+    crcs, statuses = np.asarray(crcs).view(np.uint32), np.asarray(statuses)
+    in_ptrs, in_bytes, bad = np.asarray(in_ptrs), np.asarray(in_bytes), np.asarray(bad)
+    for k in range(n):
+        offset, nbytes, column, stand_in, stand_in_nbytes = (int(v) for v in jobs[:, k])
+        stored = int.from_bytes(staging[offset + nbytes : offset + nbytes + 4].tobytes(), "little")
+        failed = int(statuses[k]) != 0 or int(crcs[k]) != stored
+        bad[k] = int(failed)
+        if failed and column >= 0:
+            in_ptrs[column] = int(stand_ins) + stand_in
+            in_bytes[column] = stand_in_nbytes
 
 
 class FakeMemoryPool:
@@ -320,6 +342,7 @@ class FakeCuda:
         self.null_stream = FakeStream(self, null=True)
         self.default_stream = self.null_stream
         self.launches: list[str] = []
+        self.compiled: list[tuple[str, str, tuple]] = []
         self.host_waits = 0
         self.device_waits = 0
         self.allocated = 0
@@ -419,12 +442,45 @@ class FakeCuda:
         cp.asarray = asarray
         cp.zeros = lambda shape, dtype=np.float64: full(shape, 0, dtype)
         cp.full = full
-        for name in ("where", "arange", "count_nonzero", "add", "multiply", "concatenate"):
+        for name in (
+            "where", "arange", "count_nonzero", "add", "multiply", "concatenate", "take", "minimum",
+        ):  # fmt: skip
             setattr(cp, name, getattr(np, name))
         # views of "device" arrays stay "device" arrays (CuPy's as_strided gives CuPy's)
         strided = partial(np.lib.stride_tricks.as_strided, subok=True)
         cp.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(as_strided=strided))
-        cp.RawKernel = lambda source, name: FakeKernel(cuda, source, name)
+
+        # Compiles as CuPy 14 does: RawKernel and RawModule(code=...) append
+        # -ftz=true to the options (cupy/cuda/compiler.py); compile_using_nvrtc
+        # passes them as given; RawModule(path=...) loads, compiling nothing.
+        # ``cuda.compiled``: (how, source, options) of each compile.
+        def raw_kernel(source: str, name: str, options: tuple = ()) -> FakeKernel:
+            cuda.check()
+            cuda.compiled.append(("RawKernel", source, (*options, "-ftz=true")))
+            return FakeKernel(cuda, source, name)
+
+        class RawModule:
+            def __init__(self, *, code: str | None = None, path: str | None = None,
+                         options: tuple = ()) -> None:  # fmt: skip
+                cuda.check()
+                if (code is None) == (path is None):
+                    raise TypeError("Exactly one of `code` and `path` keyword arguments")
+                if code is not None:
+                    cuda.compiled.append(("RawModule", code, (*options, "-ftz=true")))
+                else:
+                    assert Path(path).read_bytes().startswith(b"FAKECUBIN"), path
+                self.code = code
+
+            def get_function(self, name: str) -> FakeKernel:
+                return FakeKernel(cuda, self.code, name)
+
+        def compile_using_nvrtc(source: str, options: tuple = (), arch: Any = None, **kw: Any):
+            cuda.check()
+            cuda.compiled.append(("nvrtc", source, tuple(options)))
+            return b"FAKECUBIN" + hashlib.sha256(source.encode()).digest(), {}
+
+        cp.RawKernel = raw_kernel
+        cp.RawModule = RawModule
         cp.get_default_memory_pool = lambda: _PoolOfCurrentDevice(cuda)
 
         def free_pinned_blocks() -> None:
@@ -480,6 +536,7 @@ class FakeCuda:
                     stream.complete()
 
         cp.cuda = types.SimpleNamespace(
+            compiler=types.SimpleNamespace(compile_using_nvrtc=compile_using_nvrtc),
             Stream=new_stream,
             Event=new_event,
             get_current_stream=cuda.current_stream,
@@ -540,11 +597,52 @@ def fake_kvikio(compat: bool = True, gds: bool = False) -> dict[str, types.Modul
 
 
 # -- nvCOMP's C API ----------------------------------------------------------------------
+def _lz4_block(src: bytes, capacity: int) -> bytes:
+    """A raw LZ4 block of any decoded size up to ``capacity`` (nvCOMP's contract;
+    numcodecs wants the exact size)."""
+    out, i, n = bytearray(), 0, len(src)
+    while i < n:
+        token = src[i]
+        i += 1
+        literals = token >> 4
+        if literals == 15:
+            while True:
+                literals += src[i]
+                i += 1
+                if src[i - 1] != 255:
+                    break
+        out += src[i : i + literals]
+        i += literals
+        if i >= n:
+            break
+        offset = src[i] | src[i + 1] << 8
+        i += 2
+        length = token & 15
+        if length == 15:
+            while True:
+                length += src[i]
+                i += 1
+                if src[i - 1] != 255:
+                    break
+        if not 0 < offset <= len(out):
+            raise ValueError("bad LZ4 match offset")
+        for _ in range(length + 4):
+            out.append(out[-offset])
+        if len(out) > capacity:
+            raise ValueError("LZ4 block larger than its buffer")
+    if len(out) > capacity:
+        raise ValueError("LZ4 block larger than its buffer")
+    return bytes(out)
+
+
 def _inflate(algorithm: str, payload: bytes, capacity: int) -> bytes:
     if algorithm == "Zstd":
         return bytes(numcodecs.zstd.decompress(payload))
-    if algorithm == "LZ4":  # a raw block: numcodecs wants the size prefix back
-        return bytes(numcodecs.lz4.decompress(capacity.to_bytes(4, "little") + payload))
+    if algorithm == "LZ4":  # a raw block: numcodecs wants its exact size in front
+        try:
+            return bytes(numcodecs.lz4.decompress(capacity.to_bytes(4, "little") + payload))
+        except Exception:  # a block decoding to fewer bytes than its buffer holds
+            return _lz4_block(payload, capacity)
     if algorithm == "Gzip":
         return zlib.decompress(payload, wbits=31)
     if algorithm == "Deflate":
@@ -583,7 +681,49 @@ class FakeCApi(gpu_decode.NvcompCApi):
     def __init__(self, lib=None) -> None:
         super().__init__(lib)
         self.calls: list[tuple[str, int, int]] = []
+        self.crc_calls: list[int] = []  # chunks per nvcompBatchedCRC32Async call
+        self.inputs: list[bytes] | None = None  # a list: every payload decompress reads
         self.cuda: FakeCuda | None = None
+
+    def _call(self, name: str, *args: Any) -> int:
+        """The CRC32 functions on host addresses (the real library needs a
+        device for them); the rest through the real library."""
+        if name == "nvcompBatchedCRC32GetHeuristicConf":
+            _, n, conf, max_bytes, _ = args
+            conf._obj.kernel_kind, conf._obj.bytes_per_read, conf._obj.blocks_per_msg = 0, 4, 1
+            return 0 if n > 0 and max_bytes > 0 else 10  # nvcompErrorInvalidValue
+        if name == "nvcompBatchedCRC32Async":
+            return self._crc32_async(*args)
+        return super()._call(name, *args)
+
+    def _crc32_async(self, in_ptrs, in_bytes, n, crcs, opts, segment_kind, statuses, stream):
+        """``nvcompBatchedCRC32Async``: each chunk's checksum by the spec in ``opts``
+        (CRC32-C: the crc32c package; CRC32/PKZIP: zlib), whole messages only."""
+        import crc32c
+
+        cuda = self.cuda
+        if cuda is not None:
+            cuda.check()
+        spec = opts.spec
+        preset = (spec.poly, spec.init, spec.ref_in, spec.ref_out, spec.xorout)
+        algorithms = {
+            (0x1EDC6F41, 0xFFFFFFFF, True, True, 0xFFFFFFFF): crc32c.crc32c,
+            (0x04C11DB7, 0xFFFFFFFF, True, True, 0xFFFFFFFF): zlib.crc32,
+        }
+        if preset not in algorithms or segment_kind != 0 or bytes(opts.reserved).strip(b"\0"):
+            return 10  # nvcompErrorInvalidValue (here: a spec the twin does not model)
+        checksum = algorithms[preset]
+        self.crc_calls.append(int(n))
+
+        def view(address: int, ctype: Any) -> np.ndarray:
+            return np.ctypeslib.as_array((ctype * int(n)).from_address(address))
+
+        ptrs, sizes = view(in_ptrs, ctypes.c_uint64), view(in_bytes, ctypes.c_uint64)
+        out, status = view(crcs, ctypes.c_uint32), view(statuses, ctypes.c_int32)
+        for i in range(int(n)):
+            out[i] = checksum(ctypes.string_at(int(ptrs[i]), int(sizes[i])))
+            status[i] = 0
+        return 0
 
     def decompress(
         self,
@@ -622,6 +762,8 @@ class FakeCApi(gpu_decode.NvcompCApi):
                 status[i], actual[i] = 17, 0  # nvcompErrorAlignment
                 continue
             payload = ctypes.string_at(int(ins[i]), int(in_n[i]))
+            if self.inputs is not None:
+                self.inputs.append(payload)
             try:
                 data = _inflate(algorithm, payload, int(out_n[i]))
             except Exception:

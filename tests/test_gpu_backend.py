@@ -38,7 +38,12 @@ import pytest
 from storefactory import COMPRESSORS, VarSpec, chunk_files, chunk_key, delete_chunks
 from zarrdali.backends.cpu import NumcodecsDecoder, PosixReader
 from zarrdali.backends.fallback import ZarrPythonChunkSource
-from zarrdali.backends.gpu.kernels import PACK_SOURCE, THREADS, gather_source, grid_y
+from zarrdali.backends.gpu.kernels import (
+    PACK_SOURCE,
+    gather_block,
+    gather_grid_y,
+    gather_source,
+)
 from zarrdali.backends.gpu.plan import (
     ALIGN,
     CTYPES,
@@ -389,6 +394,8 @@ static inline double __longlong_as_double(long long u) {
 // Rounded as their own operations (the host compiler contracts nothing here:
 // x86-64's baseline has no fused multiply-add).
 static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline double __dadd_rn(double a, double b) { return a + b; }
 static inline float __double2float_rn(double d) { return (float)d; }
 """
@@ -411,14 +418,14 @@ template <typename T> static std::vector<T> load(const char* path) {
 _HOST_MAIN = (
     _HOST_LOAD
     + r"""
-// argv: directory, n_tiles, n_l, n_y, n_x, h, w, out_size, grid_y, threads
+// argv: directory, n_tiles, n_l, n_y, n_x, h, w, out_size, grid_y, block x, block y
 int main(int argc, char** argv) {
-    if (argc != 11) return 1;
+    if (argc != 12) return 1;
     std::string dir = argv[1];
     int n_tiles = std::atoi(argv[2]), n_l = std::atoi(argv[3]), n_y = std::atoi(argv[4]);
     int n_x = std::atoi(argv[5]), h = std::atoi(argv[6]), w = std::atoi(argv[7]);
     long out_size = std::atol(argv[8]);
-    unsigned int gy = std::atoi(argv[9]), threads = std::atoi(argv[10]);
+    unsigned int gy = std::atoi(argv[9]), tbx = std::atoi(argv[10]), tby = std::atoi(argv[11]);
     auto decoded = load<unsigned char>((dir + "/decoded").c_str());
     auto tiles = load<long long>((dir + "/tiles").c_str());
     auto tile_chunks = load<int>((dir + "/tile_chunks").c_str());
@@ -427,12 +434,13 @@ int main(int argc, char** argv) {
     auto levels = load<long long>((dir + "/levels").c_str());
     std::vector<out_t> out(out_size);
     gridDim = {(unsigned int)n_tiles, gy, 1};
-    blockDim = {threads, 1, 1};
+    blockDim = {tbx, tby, 1};
     for (unsigned int bx = 0; bx < gridDim.x; ++bx)
         for (unsigned int by = 0; by < gridDim.y; ++by)
+            for (unsigned int ty = 0; ty < blockDim.y; ++ty)
             for (unsigned int tx = 0; tx < blockDim.x; ++tx) {
                 blockIdx = {bx, by, 0};
-                threadIdx = {tx, 0, 0};
+                threadIdx = {tx, ty, 0};
                 zarrdali_gather(decoded.data(), tiles.data(), tile_chunks.data(), slots.data(),
                                 variables.data(), levels.data(), n_tiles, n_l, n_y, n_x, h, w,
                                 out.data());
@@ -456,7 +464,8 @@ def host_kernel(tmp_path_factory):
     root = tmp_path_factory.mktemp("host_kernel")
     binaries: dict[str, Path] = {}
 
-    def run(decoded: np.ndarray, gather: GatherTables) -> np.ndarray:
+    def run(decoded: np.ndarray, gather: GatherTables, launch=None) -> np.ndarray:
+        """``launch``: ``(grid_y, block_x, block_y)`` (default: the backend's)."""
         key = np.dtype(gather.out_dtype).str
         if key not in binaries:
             source = root / f"gather{len(binaries)}.cpp"
@@ -481,8 +490,9 @@ def host_kernel(tmp_path_factory):
         _, n_l, n_y, n_x = gather.tile_chunks.shape
         h, w = gather.out_shape[-2:]
         size = int(np.prod(gather.out_shape))
-        gy = grid_y(gather.max_tile_elements)
-        args = [gather.n_tiles, n_l, n_y, n_x, h, w, size, gy, THREADS]
+        if launch is None:
+            launch = (gather_grid_y(gather.max_tile_elements // w, w), *gather_block(w))
+        args = [gather.n_tiles, n_l, n_y, n_x, h, w, size, *launch]
         subprocess.run([str(binaries[key]), str(work), *map(str, args)], check=True)
         out = np.fromfile(work / "out", dtype=gather.out_dtype)
         return out.reshape(gather.out_shape)
@@ -506,6 +516,26 @@ def test_gather_reproduces_cpu_backend(make_store, case, host_kernel):
     store = make_store(_spec("a", **kw), _spec("b", **kw, seed=3, fill_value=7))
     _delete_some(store, "b")  # missing chunks (or shards): fill value
     _check_against_cpu(*_plan(store, ["a", "b"]), host_kernel)
+
+
+@pytest.mark.parametrize("launch", [(1, 1, 1), (1, 4, 2), (2, 2, 64), (3, 32, 8)])
+def test_gather_strides_over_rows_and_columns(make_store, host_kernel, launch):
+    """Any launch shape covers every element once: fewer block rows than tile
+    rows and fewer threads than columns stride, more idle (levels: 3 x 8 rows)."""
+    if host_kernel is None:
+        pytest.skip("needs g++")
+    store = make_store(
+        _spec("lv", shape=(NT, 3, NY, NX), chunks=(2, 2, 8, 8), dtype="int16", endian="big"),
+        _spec("f", seed=2),
+    )
+    group, name, layouts, plan = _plan(store, ["lv", "f"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = _cpu_batch(group, name, layouts, plan)
+        decoded, gather = _described_batch(group, name, layouts, plan)
+    _assert_bitwise(host_kernel(decoded, gather, launch), want)
+    assert gather_block(8) == (8, 32) and gather_block(128) == (32, 8)
+    assert gather_block(1) == (1, 256) and gather_block(33) == (32, 8)
 
 
 # Stores mixing what the backends must agree on.

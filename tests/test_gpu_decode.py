@@ -392,3 +392,237 @@ def test_batched_decoder_grows_and_retires(make_store, monkeypatch):
     assert decoder._statuses is None and temp.nbytes > 0
     temp.close()
     assert temp.nbytes == 0
+
+
+# -- crc32c on the device: nvCOMP's batched CRC32 ---------------------------------------
+CRC32_KINDS = {
+    "nvcompBatchedCRC32Async": [
+        "ptr", "ptr", "size_t", "ptr", "nvcompBatchedCRC32Opts_t", "nvcompCRC32SegmentKind_t",
+        "ptr", "ptr",
+    ],
+    "nvcompBatchedCRC32GetHeuristicConf": [
+        "ptr", "size_t", "nvcompCRC32KernelConf_t*", "size_t", "ptr",
+    ],
+}  # fmt: skip
+_CRC_CTYPES = {
+    ctypes.c_void_p: "ptr",
+    ctypes.c_size_t: "size_t",
+    d.BatchedCRC32Opts: "nvcompBatchedCRC32Opts_t",
+    ctypes.c_int: "nvcompCRC32SegmentKind_t",  # an enum: a C int
+}
+
+
+@needs_headers
+def test_crc32_prototypes_match_the_header():
+    text = (INCLUDE / "nvcomp" / "crc32.h").read_text()
+    for function, argtypes in d.CRC32_PROTOTYPES.items():
+        params = _header_params(text, function)
+        kinds = []
+        for ctype, name in params:
+            if ctype.replace("const", "").strip() in (
+                "nvcompBatchedCRC32Opts_t",
+                "nvcompCRC32SegmentKind_t",
+                "size_t",
+            ):
+                kinds.append(ctype.replace("const", "").strip())
+            elif name == "kernel_conf":  # a host pointer the function writes
+                kinds.append("nvcompCRC32KernelConf_t*")
+            else:
+                assert "*" in ctype or ctype == "cudaStream_t", (function, ctype)
+                kinds.append("ptr")
+        assert kinds == CRC32_KINDS[function], (function, params)
+        got = [
+            "nvcompCRC32KernelConf_t*"
+            if getattr(t, "_type_", None) is d.CRC32KernelConf
+            else _CRC_CTYPES[t]
+            for t in argtypes
+        ]
+        assert got == kinds, function
+
+
+@needs_headers
+def test_crc32_binding_compiles_against_the_header(tmp_path):
+    """g++: the function types, the three structs' sizes and offsets, the
+    CRC32-C preset's fields and the enum values the binding passes."""
+    cuda = _cuda_include()
+    if shutil.which("g++") is None or cuda is None:
+        pytest.skip("needs g++ and the CUDA runtime headers")
+    lines = [
+        "#include <cstdio>",
+        "#include <cstddef>",
+        "#include <type_traits>",
+        '#include "nvcomp/crc32.h"',
+        "int main() {",
+        "static_assert(std::is_same<decltype(&nvcompBatchedCRC32Async), nvcompStatus_t (*)("
+        "const void* const*, const size_t*, size_t, uint32_t*, nvcompBatchedCRC32Opts_t, "
+        'nvcompCRC32SegmentKind_t, nvcompStatus_t*, cudaStream_t)>::value, "Async");',
+        "static_assert(std::is_same<decltype(&nvcompBatchedCRC32GetHeuristicConf), "
+        "nvcompStatus_t (*)(const size_t*, size_t, nvcompCRC32KernelConf_t*, size_t, "
+        'cudaStream_t)>::value, "GetHeuristicConf");',
+        'std::printf("segment_kind %zu\\n", sizeof(nvcompCRC32SegmentKind_t));',
+        'std::printf("nvcompCRC32OnlySegment %d\\n", (int)nvcompCRC32OnlySegment);',
+        'std::printf("c.poly %u\\n", nvcompCRC32_C.poly);',
+        'std::printf("c.init %u\\n", nvcompCRC32_C.init);',
+        'std::printf("c.ref_in %d\\n", (int)nvcompCRC32_C.ref_in);',
+        'std::printf("c.ref_out %d\\n", (int)nvcompCRC32_C.ref_out);',
+        'std::printf("c.xorout %u\\n", nvcompCRC32_C.xorout);',
+    ]
+    structs = {
+        d.CRC32Spec: "nvcompCRC32Spec_t",
+        d.CRC32KernelConf: "nvcompCRC32KernelConf_t",
+        d.BatchedCRC32Opts: "nvcompBatchedCRC32Opts_t",
+    }
+    for struct, name in structs.items():
+        lines.append(f'std::printf("{name} %zu\\n", sizeof({name}));')
+        for field, *_ in struct._fields_:
+            lines.append(f'std::printf("{name}.{field} %zu\\n", offsetof({name}, {field}));')
+    lines += ["return 0;", "}"]
+    source = tmp_path / "crc.cpp"
+    source.write_text("\n".join(lines) + "\n")
+    binary = tmp_path / "crc"
+    subprocess.run(
+        ["g++", "-std=c++17", f"-I{INCLUDE}", f"-I{cuda}", "-o", str(binary), str(source)],
+        check=True,
+    )
+    out = dict(
+        line.rsplit(" ", 1)
+        for line in subprocess.check_output([str(binary)]).decode().split("\n")
+        if line
+    )
+    for struct, name in structs.items():
+        assert int(out[name]) == ctypes.sizeof(struct), name
+        for field, *_ in struct._fields_:
+            assert int(out[f"{name}.{field}"]) == getattr(struct, field).offset, (name, field)
+    assert ctypes.sizeof(d.BatchedCRC32Opts) == 128
+    assert int(out["segment_kind"]) == ctypes.sizeof(ctypes.c_int)
+    assert int(out["nvcompCRC32OnlySegment"]) == d.CRC32_ONLY_SEGMENT
+    assert {k: int(out[f"c.{k}"]) for k in d.CRC32_C} == {k: int(v) for k, v in d.CRC32_C.items()}
+
+
+@needs_headers
+def test_crc32_calls_reach_the_library_without_a_device():
+    """Through the real libnvcomp.so.5: both functions are bound and, without a
+    device, answer nvcompErrorCudaError (the 128-byte opts passed by value)."""
+    import numpy as np
+
+    api = d.NvcompCApi()
+    with pytest.raises(RuntimeError, match="nvcompErrorCudaError"):
+        api.crc32_conf(4, 1 << 16)
+    data = np.frombuffer(b"123456789", np.uint8)
+    ptrs, sizes = np.array([data.ctypes.data], np.uint64), np.array([9], np.uint64)
+    out, statuses = np.zeros(1, np.uint32), np.full(1, -1, np.int32)
+    conf = d.CRC32KernelConf(kernel_kind=0, bytes_per_read=4, blocks_per_msg=1)
+    status = api._call(
+        "nvcompBatchedCRC32Async", ptrs.ctypes.data, sizes.ctypes.data, 1, out.ctypes.data,
+        d.crc32c_opts(conf), d.CRC32_ONLY_SEGMENT, statuses.ctypes.data, None,
+    )  # fmt: skip
+    assert d.status_name(status) == "nvcompErrorCudaError"
+
+
+@needs_headers
+def test_the_stand_ins_twin_computes_crc32c_as_the_cpu_path():
+    """The CPU stand-in's CRC32 (``fakegpu``) through the binding's own opts:
+    CRC32-C checksums as the ``crc32c`` package (the CPU path's) computes them;
+    the check value of "123456789" is 0xE3069283."""
+    import crc32c
+
+    api = fakegpu.FakeCApi()
+    chunks = [b"123456789", b"", bytes(range(256)) * 5]
+    bufs = [np.frombuffer(c or b"\0", np.uint8) for c in chunks]
+    ptrs = np.array([b.ctypes.data for b in bufs], np.uint64)
+    sizes = np.array([len(c) for c in chunks], np.uint64)
+    out, statuses = np.zeros(3, np.uint32), np.full(3, -1, np.int32)
+    status = api.crc32(
+        ptrs.ctypes.data, sizes.ctypes.data, 3, out.ctypes.data, statuses.ctypes.data, 0, 1280
+    )
+    assert status == 0 and statuses.tolist() == [0, 0, 0]
+    assert out.tolist() == [crc32c.crc32c(c) for c in chunks]
+    assert out[0] == 0xE3069283
+
+
+def test_stand_ins_decode_to_one_byte():
+    """What the decoder reads in place of a chunk that fails its crc32c: a valid
+    stream of its algorithm, decoding to one byte (so the size check flags it
+    too), laid out aligned for every decoder's input alignment."""
+    import zlib
+
+    import numcodecs
+
+    assert numcodecs.zstd.decompress(d.STAND_INS["Zstd"]) == b"\0"
+    assert numcodecs.lz4.decompress((1).to_bytes(4, "little") + d.STAND_INS["LZ4"]) == b"\0"
+    assert zlib.decompress(d.STAND_INS["Gzip"], wbits=31) == b"\0"
+    assert zlib.decompress(d.STAND_INS["Deflate"], wbits=-15) == b"\0"
+    blob, where = d.stand_in_layout()
+    assert set(where) == set(d.DECOMPRESS_OPTS)
+    for algorithm, (offset, n) in where.items():
+        assert blob[offset : offset + n] == d.STAND_INS[algorithm]
+        assert offset % max(FALLBACK_INPUT_ALIGN.values()) == 0
+
+
+def test_crc_table_maps_checked_chunks_to_their_decode_columns(make_store):
+    """The crc32c jobs of a batch: each checked chunk's staged bytes, its decode
+    column (-1 for an uncompressed one) and its algorithm's stand-in."""
+    specs = [
+        VarSpec("z", shape=(12, 21, 33), chunks=(2, 8, 8), checksum=True),
+        VarSpec("l", shape=(12, 21, 33), chunks=(2, 8, 8), compressor="lz4", checksum=True),
+        VarSpec("n", shape=(12, 21, 33), chunks=(2, 8, 8), compressor="none", checksum=True),
+        VarSpec("g", shape=(12, 21, 33), chunks=(2, 8, 8), compressor="gzip"),  # no crc32c
+    ]
+    store = make_store(*specs)
+    group, name = open_group(store)
+    layouts = load_layouts(group, name, ["z", "l", "n", "g"])
+    samples = np.array([[0, 0, 0], [3, 13, 25]], dtype=np.int64)
+    plan = plan_batch(layouts, samples, n_frames=3, frame_step=2, tile_hw=(8, 8))
+    locations = ChunkLocator(name, layouts).locate(plan)
+    desc = describe_batch(layouts, plan, locations, store_name=name)
+    groups = desc.decode_groups
+    _, bounds = d.decode_table(groups)
+    table = d.crc_table(desc.crc_jobs, groups, bounds)
+    checked = np.isin(plan.chunk_var[desc.crc_chunks], [0, 1, 2])
+    assert checked.all() and len(desc.crc_chunks) == int(np.isin(plan.chunk_var, [0, 1, 2]).sum())
+    _, where = d.stand_in_layout()
+    for k, row in enumerate(desc.crc_chunks.tolist()):
+        var = int(plan.chunk_var[row])
+        assert table[d.CRC_NBYTES, k] == locations.nbytes[row] - 4
+        column = int(table[d.CRC_COLUMN, k])
+        if var == 2:  # uncompressed: checked, decoded by no one
+            assert column == -1
+            continue
+        g = int(np.searchsorted(bounds, column, side="right")) - 1
+        assert groups[g].chunks[column - bounds[g]] == row
+        algorithm = groups[g].algorithm
+        assert tuple(table[d.CRC_STAND_IN : d.CRC_STAND_IN_NBYTES + 1, k]) == where[algorithm]
+    # cached payloads (read by an earlier batch, checked then) are not checked again
+    compressed = desc.crc_chunks[plan.chunk_var[desc.crc_chunks] < 2]
+    cached = np.full(plan.n_chunks, -1, dtype=np.int64)
+    cached[compressed[::2]] = np.arange(len(compressed[::2])) * 4096
+    again = describe_batch(layouts, plan, locations, store_name=name, cached=cached)
+    assert not np.isin(again.crc_chunks, compressed[::2]).any()
+    assert np.isin(desc.crc_chunks, np.concatenate([again.crc_chunks, compressed[::2]])).all()
+    again_groups = again.decode_groups
+    for group in again_groups:  # a cached payload: no crc32c row
+        hit = group.in_source == d.IN_CACHE
+        assert (group.crc_row[hit] == -1).all()
+        checked = plan.chunk_var[group.chunks[~hit]] < 2  # "g" carries no crc32c
+        assert ((group.crc_row[~hit] >= 0) == checked).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from([0, 0, 12]), st.integers(1, 3)), max_size=20),
+    st.lists(st.sampled_from([0, 0, 1]), max_size=20),
+)
+def test_batch_check(rows, crc):
+    n = len(rows)
+    statuses = np.array([r[0] for r in rows], dtype=np.int32)
+    actual = np.array([r[1] for r in rows], dtype=np.uint64)
+    expected = np.full(n, 2, dtype=np.uint64)
+    crc_bad = np.array(crc, dtype=np.int32)
+    got = d.batch_check(np, statuses, actual, expected, crc_bad).tolist()
+    bad = [i for i, (s, a) in enumerate(rows) if s != 0 or a != 2]
+    assert got[d.CHECK_FIRST : d.CHECK_COUNT + 1] == ([bad[0], len(bad)] if bad else [n, 0])
+    if bad:
+        assert got[d.CHECK_STATUS] == rows[bad[0]][0] and got[d.CHECK_ACTUAL] == rows[bad[0]][1]
+    failed = [i for i, c in enumerate(crc) if c]
+    want = [failed[0], len(failed)] if failed else [len(crc) if crc else 0, 0]
+    assert got[d.CHECK_CRC_FIRST : d.CHECK_CRC_COUNT + 1] == want

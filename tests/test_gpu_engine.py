@@ -180,9 +180,10 @@ def test_engine_mixed_codecs_and_fallbacks(engine, make_store):
 
 @pytest.mark.parametrize("read", READS)
 def test_decode_in_calls_under_a_temp_budget(engine, make_store, read):
-    """nvCOMP's zstd temp is about 3x the decoded bytes: with a budget a quarter
-    of one call's need, a batch's zstd group is decoded in several calls into
-    one temp buffer, the batch unchanged (sharded: payloads decoded unpacked)."""
+    """nvCOMP's zstd temp is about 3x the decoded bytes: with a stream's share
+    of the budget a quarter of one call's need, a batch's zstd group is decoded
+    in several calls into the stream's temp buffer, the batch unchanged
+    (sharded: payloads decoded unpacked)."""
     store = make_store(
         _spec("z", shards=(4, 16, 16)), _spec("y", seed=4), _spec("l", compressor="lz4", seed=5)
     )
@@ -193,11 +194,15 @@ def test_decode_in_calls_under_a_temp_budget(engine, make_store, read):
     api = engine.cuda.api if engine.cuda is not None else nvcomp_capi()
     size = layouts[0].chunk_nbytes
     n = int(np.sum(plan.chunk_var <= 1))
+    from zarrdali.backends.gpu.backend import DECODE_STREAMS
+
     budget = api.temp_bytes("Zstd", n, size, n * size) // 4
-    backend = engine.backend(group, name, read=read, decode_temp_budget=budget)
+    backend = engine.backend(group, name, read=read, decode_temp_budget=budget * DECODE_STREAMS)
+    assert backend.decode_temp_share == budget
     for _ in range(2):
         _assert_bitwise(engine.load(backend, layouts, plan), want)
-    assert 0 < backend._decode_temp.nbytes <= budget
+    (state,) = backend._states
+    assert 0 < state.temp.nbytes <= budget
     if engine.cuda is not None:
         calls = [c for c in engine.cuda.api.calls if c[0] == "Zstd"]
         assert len(calls) >= 2 * 4 and sum(c[1] for c in calls) == 2 * n
@@ -222,6 +227,7 @@ def break_zstd_magic(store, array: str, key: str, sharded: bool) -> None:
     path.write_bytes(bytes(raw))
 
 
+@pytest.mark.corrupt_input
 @pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
 def test_corrupted_zstd_frame_raises_chunk_error(engine, make_store, sharded):
     shards = (4, 16, 16) if sharded else None
@@ -241,6 +247,71 @@ def test_corrupted_zstd_frame_raises_chunk_error(engine, make_store, sharded):
     good = _plan(store, ["ok"])
     got = engine.load(backend, good[2], good[3])
     _assert_bitwise(got, _cpu_batch(*good))
+
+
+def flip_a_payload_byte(store, array: str, key: str, sharded: bool) -> bytes:
+    """Flip one byte in the middle of a stored chunk (a shard's first stored inner
+    chunk), before its crc32c: the chunk's stored bytes, as they were."""
+    path = Path(store) / array / key
+    raw = bytearray(path.read_bytes())
+    start, end = 0, len(raw)
+    if sharded:
+        index = shard_index(store, array, key)
+        start, n = min((int(o), int(n)) for o, n in index.tolist() if n and o != 2**64 - 1)
+        end = start + n
+    original = bytes(raw[start:end])
+    raw[start + (end - start - 4) // 2] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    return original
+
+
+@pytest.mark.corrupt_input
+@pytest.mark.parametrize("cache", [None, "gpu"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+@pytest.mark.parametrize("compressor", ["zstd", "lz4", "gzip", "none"])
+def test_a_chunk_failing_its_crc32c_is_reported_and_never_decoded(
+    engine, make_store, compressor, sharded, cache
+):
+    """A byte flipped inside a chunk that carries a crc32c: the CPU path reports
+    a checksum mismatch for it; so does the GPU path, checked on the device
+    (nvCOMP's batched CRC32-C), in the same bad-chunk report, and the chunk's
+    bytes never reach nvCOMP's decoder (undefined behaviour: on the stand-in a
+    sticky device fault). The backend goes on; with the GPU cache the chunk is
+    not kept (the same batch fails again, read again)."""
+    shards = (4, 16, 16) if sharded else None
+    kw = dict(compressor=compressor, shards=shards, checksum=True)
+    store = make_store(_spec("ok", **kw), _spec("bad", seed=2, **kw))
+    path = chunk_files(store, "bad")[0]
+    key = chunk_key(store, "bad", path)
+    stored = bytearray(flip_a_payload_byte(store, "bad", key, sharded))
+    stored[(len(stored) - 4) // 2] ^= 0x5A  # as it is now
+    payload = bytes(stored[4 if compressor == "lz4" else 0 : -4])  # what a decoder would read
+    group, name, layouts, plan = _plan(store, ["ok", "bad"])
+    with pytest.raises(ChunkError, match="crc32c checksum mismatch") as cpu:
+        _cpu_batch(group, name, layouts, plan)
+    if engine.cuda is not None:
+        engine.cuda.api.inputs = []
+    backend = engine.backend(group, name, cache=cache)
+    for _ in range(2 if cache else 1):
+        with pytest.raises(ChunkError) as info:
+            engine.load(backend, layouts, plan)
+        err = info.value
+        assert "crc32c checksum mismatch" in str(err) and "checked on the GPU" in str(err)
+        assert (err.array, err.key) == (cpu.value.array, cpu.value.key)
+        assert err.key.startswith(key)
+    if engine.cuda is not None:
+        assert engine.cuda.fault is None
+        assert engine.cuda.api.crc_calls, "no crc32c computed on the device"
+        inputs = engine.cuda.api.inputs
+        assert payload not in inputs
+        if compressor != "none":
+            from zarrdali.backends.gpu.decode import STAND_INS
+
+            algorithm = {"zstd": "Zstd", "lz4": "LZ4", "gzip": "Gzip"}[compressor]
+            assert STAND_INS[algorithm] in inputs  # what the decoder got instead
+    # The backend is still usable: a batch without the bad chunk loads.
+    good = _plan(store, ["ok"])
+    _assert_bitwise(engine.load(backend, good[2], good[3]), _cpu_batch(*good))
 
 
 # -- the GPU chunk cache ----------------------------------------------------------------
@@ -323,6 +394,63 @@ def test_cache_off_by_default_and_validated(engine, make_store):
     assert backend.cache is None and backend.cache_stats() is None
     with pytest.raises(ValueError, match="cache"):
         engine.backend(group, name, cache="host")
+
+
+@pytest.mark.corrupt_input
+def test_crc32c_is_checked_before_nvcomps_python_api_decodes(engine, make_store, monkeypatch):
+    """``decode="python"`` (nvCOMP's Python API): the crc32c of the staged chunks
+    is computed by the C API's CRC32 and checked on the host before anything is
+    decoded; a chunk that fails raises, and the Python API sees no chunk."""
+    if engine.kind != "fake":
+        pytest.skip("the stand-in shows what reaches the Python API")
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "nvidia.nvcomp", types.ModuleType("nvidia.nvcomp"))
+    store = make_store(_spec("z", checksum=True), _spec("l", compressor="lz4", checksum=True))
+    key = chunk_key(store, "l", chunk_files(store, "l")[0])
+    flip_a_payload_byte(store, "l", key, sharded=False)
+    group, name, layouts, plan = _plan(store, ["z", "l"])
+    backend = engine.backend(group, name, decode="python")
+    assert backend.decode_mode == "python"
+    decoded = []
+    monkeypatch.setattr(
+        "zarrdali.backends.gpu.decode.PythonApiDecoder.decode",
+        lambda self, *args: decoded.append(args),
+    )
+    with pytest.raises(ChunkError, match="crc32c checksum mismatch") as info:
+        engine.load(backend, layouts, plan)
+    assert info.value.array == "l" and info.value.key.startswith(key)
+    assert not decoded and engine.cuda.api.crc_calls
+
+
+# -- host-to-device traffic ----------------------------------------------------------------
+@pytest.mark.parametrize("finish", [False, True], ids=["raw", "finished"])
+def test_a_batchs_tables_go_to_the_device_in_one_copy(engine, make_store, finish):
+    """The decode table, crc32c jobs, copy jobs (uncompressed chunks, cache
+    admissions), the four gather tables and the finishing kernel's two: one
+    host-to-device copy per batch (each had its own upload), the batch as the
+    CPU backend's."""
+    from zarrdali.backends.finish import Finish
+
+    store = make_store(
+        _spec("z", checksum=True),
+        _spec("l", compressor="lz4", shards=(4, 16, 16), seed=4),
+        _spec("n", compressor="none", dtype="int16", seed=5),
+    )
+    group, name, layouts, plan = _plan(store, ["z", "l", "n"])
+    want = _cpu_batch(group, name, layouts, plan)
+    backend = engine.backend(group, name, cache="gpu")
+    kw = {}
+    if finish:
+        channels = plan.out_shape[2]
+        mean, std = np.full(channels, 0.5, np.float32), np.full(channels, 2.0, np.float32)
+        kw["finish"] = Finish(mean, std)
+        want = (want.astype(np.float32) - np.float32(0.5)) / np.float32(2.0)
+    for epoch in range(2):  # the second from the GPU cache
+        before = backend.transfers.snapshot()["control_to_device"]
+        _assert_bitwise(engine.load(backend, layouts, plan, **kw), want)
+        assert backend.transfers.snapshot()["control_to_device"] - before == 1, epoch
 
 
 # -- the stream and out contract ---------------------------------------------------------

@@ -8,7 +8,9 @@ does, per-thread current devices and streams, device checks on every call).
   do not pile up.
 * No object owning GPU memory or a stream sits in a reference cycle: a closed
   and a dropped backend are freed by reference counting alone.
-* nvCOMP's temp memory is one buffer per backend, each call held to a budget.
+* nvCOMP's temp memory is one buffer per loading thread, each within its share
+  of the budget: no loading thread's decode waits for another's; the batch's
+  check is read where the batch is handed on, not by the loading threads.
 * ``decode="auto"`` falls back to the Python API when libnvcomp does not load.
 * Every thread working for a backend (prefetch threads, host pool, the
   caller's) works on the backend's device (``torchrun``: ``LOCAL_RANK``).
@@ -24,6 +26,7 @@ import threading
 import types
 import warnings
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,11 +204,26 @@ def test_no_gpu_owning_object_in_a_reference_cycle(store, monkeypatch, close, re
     assert cuda.fault is None
 
 
-# -- nvCOMP's temp -----------------------------------------------------------------------
-def test_nvcomp_temp_is_one_buffer_and_each_call_fits_the_budget(store, monkeypatch):
-    """A budget below the batch's zstd temp (about 3x its decoded bytes): the
-    group is decoded in several calls, each needing at most the budget, into
-    one temp buffer shared by the backend's threads; batches unchanged."""
+# -- decodes that overlap ------------------------------------------------------------------
+def _record_waits(monkeypatch) -> list[tuple[object, object]]:
+    """Every ``stream.wait_event(event)``: (the waiting stream, the event's stream)."""
+    waits: list[tuple[object, object]] = []
+    wait = fakegpu.FakeStream.wait_event
+
+    def recording(stream, event):
+        waits.append((stream, event.stream))
+        return wait(stream, event)
+
+    monkeypatch.setattr(fakegpu.FakeStream, "wait_event", recording)
+    return waits
+
+
+def test_each_loading_thread_decodes_with_its_own_temp(store, monkeypatch):
+    """Two loading threads, each with its own nvCOMP temp buffer within its
+    share of the budget (a quarter of one call's need: the group is decoded in
+    several calls): no loading stream waits for another's work, only for the
+    feed stream (DALI's copy of the buffer it writes next). One shared temp
+    made each thread's decode wait for the other's last one."""
     cuda = fakegpu.install(monkeypatch)
     group, name = open_group(store)
     layouts = load_layouts(group, name, ["z", "l", "b"])
@@ -215,20 +233,140 @@ def test_nvcomp_temp_is_one_buffer_and_each_call_fits_the_budget(store, monkeypa
     size = layouts[0].chunk_nbytes
     zstd_chunks = int(np.sum(plan.chunk_var == 0))
     one_call = api.temp_bytes("Zstd", zstd_chunks, size, zstd_chunks * size)
-    budget = one_call // 4
-    backend = _backend(group, name, decode_temp_budget=budget)
-    run_epoch(backend, layouts, want=want)  # two prefetch threads, two states
+    from zarrdali.backends.gpu.backend import DECODE_STREAMS
+
+    share = one_call // 4
+    backend = _backend(group, name, decode_temp_budget=share * DECODE_STREAMS)
+    assert backend.decode_temp_share == share
+    waits = _record_waits(monkeypatch)
+    feed = backend.batch_source(_load_for(backend, layouts), len(BATCHES), depth=2, batch_size=5)
+    feed_stream = feed.stream
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for k in range(len(BATCHES)):
+                (window,), _ = feed.get(k)
+                assert np.array(window).tobytes() == want[k].tobytes(), f"batch {k}"
+                del window
+    finally:
+        feed.close()
     zstd = [c for c in api.calls if c[0] == "Zstd"]
     assert len(zstd) >= 4 * len(BATCHES)  # every batch's group split
-    for _, n, temp in zstd:
-        assert api.temp_bytes("Zstd", n, size, n * size) <= budget
-        assert temp == backend._decode_temp.nbytes
-    assert backend._decode_temp.nbytes <= budget
-    assert len({id(s.decoder.temp) for s in backend._states}) == 1
-    assert len(backend._states) >= 2
+    for _, n, _ in zstd:
+        assert api.temp_bytes("Zstd", n, size, n * size) <= share
+    states = backend._states
+    assert len(states) >= 2
+    temps = [s.temp for s in states]
+    assert len({id(t) for t in temps}) == len(states)  # one per loading thread
+    assert all(0 < t.nbytes <= share for t in temps)
+    loading = [(a, b) for a, b in waits if feed_stream not in (a, b)]  # DALI's side: fine
+    cross = [(a, b) for a, b in loading if b is not None and b is not a]
+    assert not cross, f"{len(cross)} waits of a loading stream for another loading stream"
     backend.close()
     with pytest.raises(ValueError, match="decode_temp_budget"):
         _backend(group, name, decode_temp_budget=0)
+
+
+def test_the_batch_check_is_read_where_the_batch_is_handed_on(store, monkeypatch):
+    """The loading threads enqueue a batch and go on: the batch's check (crc32c
+    and decode statuses) is waited for by the thread that hands the batch to
+    DALI, batch by batch, never by a loading thread."""
+    from zarrdali.backends.gpu import decode as gpu_decode
+
+    fakegpu.install(monkeypatch)
+    group, name = open_group(store)
+    layouts = load_layouts(group, name, ["z", "l"])
+    checked: list[str] = []
+    raise_if_bad = gpu_decode.DecodeCheck.raise_if_bad
+
+    def recording(check):
+        checked.append(threading.current_thread().name)
+        return raise_if_bad(check)
+
+    monkeypatch.setattr(gpu_decode.DecodeCheck, "raise_if_bad", recording)
+    backend = _backend(group, name)
+    try:
+        run_epoch(backend, layouts)
+    finally:
+        backend.close()
+    assert checked == [threading.current_thread().name] * len(BATCHES)
+
+
+@pytest.mark.corrupt_input
+@pytest.mark.parametrize("damage", ["zstd-magic", "crc32c"])
+def test_a_bad_chunk_raises_when_its_batch_is_handed_on(make_store, monkeypatch, damage):
+    """A bad chunk in batch 1 only (a zstd frame with a broken magic number,
+    which nvCOMP rejects; or a flipped byte its crc32c catches): ``get(0)``
+    hands batch 0 over, ``get(1)`` raises the ChunkError naming the chunk, the
+    feed closes cleanly; so does the next epoch's."""
+    from storefactory import chunk_key
+    from test_gpu_engine import break_zstd_magic, flip_a_payload_byte
+    from zarrdali.errors import ChunkError
+
+    crc = damage == "crc32c"
+    store = make_store(VarSpec("z", shape=(NT, NY, NX), chunks=(2, 8, 8), checksum=crc))
+    group, name = open_group(store)
+    layouts = load_layouts(group, name, ["z"])
+    plans = [_plan(layouts, b) for b in BATCHES[:2]]
+    only_second = set(map(tuple, plans[1].chunk_coords.tolist())) - set(
+        map(tuple, plans[0].chunk_coords.tolist())
+    )
+    t, _, y, x = sorted(only_second)[0]
+    key = f"c/{t}/{y}/{x}"
+    (break_zstd_magic if not crc else flip_a_payload_byte)(store, "z", key, sharded=False)
+    cuda = fakegpu.install(monkeypatch)
+    backend = _backend(group, name)
+    try:
+        for _ in range(2):  # two epochs
+            feed = backend.batch_source(_load_for(backend, layouts), 2, depth=2, batch_size=5)
+            try:
+                (window,), _ = feed.get(0)
+                del window
+                with pytest.raises(ChunkError) as info:
+                    feed.get(1)
+                assert info.value.array == "z" and info.value.key.startswith(key)
+                what = "crc32c checksum mismatch" if crc else "nvcompErrorCannotDecompress"
+                assert what in str(info.value)
+            finally:
+                feed.close()
+    finally:
+        backend.close()
+    assert cuda.fault is None
+    assert chunk_key(store, "z", Path(store) / "z" / key) == key
+
+
+@pytest.mark.corrupt_input
+def test_a_batch_whose_deferred_check_fails_keeps_nothing_in_the_cache(make_store, monkeypatch):
+    """A load inside ``deferring_checks`` returns without waiting for its check;
+    the cache keeps the batch's payloads only once the check has passed: a
+    chunk that failed its crc32c is read (and checked) again by the next batch,
+    not served from the cache unchecked."""
+    from test_gpu_engine import flip_a_payload_byte
+    from zarrdali.backends.gpu.feed import deferring_checks
+    from zarrdali.errors import ChunkError
+
+    store = make_store(VarSpec("z", shape=(NT, NY, NX), chunks=(2, 8, 8), checksum=True))
+    group, name = open_group(store)
+    layouts = load_layouts(group, name, ["z"])
+    plan = _plan(layouts, BATCHES[0])
+    t, _, y, x = plan.chunk_coords[0].tolist()
+    flip_a_payload_byte(store, "z", f"c/{t}/{y}/{x}", sharded=False)
+    cuda = fakegpu.install(monkeypatch)
+    backend = _backend(group, name, cache="gpu")
+    stream = cuda.cupy.cuda.Stream(non_blocking=True)
+    try:
+        for attempt in range(3):
+            with deferring_checks() as checks:
+                backend.load_batch(layouts, plan, stream=stream)  # returns: nothing raised
+            assert len(checks) == 1, attempt
+            stream.synchronize()
+            with pytest.raises(ChunkError, match="crc32c checksum mismatch"):
+                checks[0].raise_if_bad()
+        stats = backend.cache_stats()
+        assert stats["inserts"] == 0 and stats["hits"] == 0
+    finally:
+        backend.close()
+    assert cuda.fault is None
 
 
 # -- decode="auto" without libnvcomp -------------------------------------------------------
@@ -250,7 +388,7 @@ def test_decode_auto_falls_back_when_load_library_finds_no_libnvcomp(store, monk
     with pytest.warns(RuntimeWarning, match="C API is unavailable.*load_library"):
         backend = _backend(group, name)
     try:
-        assert backend.decode_mode == "python" and backend._decode_temp is None
+        assert backend.decode_mode == "python" and backend.decode_temp_share > 0
         assert backend.input_align == {"Zstd": 8, "LZ4": 1, "Gzip": 8, "Deflate": 4}
     finally:
         backend.close()
@@ -327,3 +465,45 @@ def test_the_wait_for_the_ring_buffer_comes_after_decode_before_gather(store, mo
     assert "zarrdali_gather" not in launches  # the gather, which writes `out`, is not
     assert cuda.launches[-1] == "zarrdali_gather"
     backend.close()
+
+
+# -- the batch's tables: one upload ---------------------------------------------------------
+def test_a_batch_upload_packs_its_tables_into_one_copy(monkeypatch):
+    """``BatchUpload``: the added tables in one pinned buffer (of the thread's
+    ring of two, reused once the copy's event has passed) and one device
+    buffer, one copy; each table's device view equals it; a table not added (or
+    not contiguous) is uploaded alone, counted too."""
+    from zarrdali.backends.gpu.lifetimes import GuardedBuffers
+    from zarrdali.backends.gpu.upload import ALIGN, BatchUpload
+
+    cuda = fakegpu.install(monkeypatch)
+    cp = cuda.cupy
+    pinned = GuardedBuffers(lambda n: cuda.cupyx.empty_pinned(n, dtype=np.uint8), n=2)
+    counted: list[int] = []
+    stream = cp.cuda.Stream(non_blocking=True)
+    tables = [
+        np.arange(15, dtype=np.int64).reshape(5, 3),
+        np.arange(7, dtype=np.int32),
+        np.linspace(0, 1, 6, dtype=np.float32).reshape(3, 2),
+        np.empty((5, 0), dtype=np.int64),
+    ]
+    strided = np.arange(20, dtype=np.int64).reshape(4, 5)[:, 1]
+    for batch in range(3):
+        upload = BatchUpload(cp, pinned, counted.append)
+        upload.add(*tables, None, strided)
+        copies = len(cuda.copies)
+        with stream:
+            device = upload.send(stream)
+        assert len(cuda.copies) == copies + 1 and cuda.copies[-1] == (1, upload.nbytes)
+        assert device.nbytes == upload.nbytes == 160 + 6 * 4  # 120 bytes, 28 at 128, 24 at 160
+        for table in tables:
+            got = upload(table)
+            assert got.dtype == table.dtype and got.shape == table.shape
+            assert np.array_equal(np.asarray(got), table)
+            if table.size:
+                assert got.data.ptr % ALIGN == 0
+        assert counted == [upload.nbytes] * (batch + 1)
+        alone = upload(np.ascontiguousarray(strided))  # not added as it was: its own copy
+        assert np.array_equal(np.asarray(alone), strided) and counted[-1] == strided.nbytes
+        counted.pop()
+    assert cuda.pinned == 2  # the ring's two pinned buffers, reused

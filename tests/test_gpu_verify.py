@@ -30,8 +30,10 @@ def verify():
     sys.modules.pop("gpu_verify", None)
 
 
-def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+def run(
+    *args: str, timeout: float = 300, path: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*path, *sys.path]))
     out = Path(args[args.index("--out") + 1])
     if "--scratch" not in args:  # not a new folder under /tmp per run
         args = (*args, "--scratch", str(out.parent / f"{out.name}-scratch"))
@@ -60,8 +62,9 @@ def test_without_a_gpu_the_gpu_steps_are_skipped_with_the_reason(tmp_path, verif
     assert done.returncode == 0, done.stdout + done.stderr
     steps = steps_of(out)
     assert steps["sample-data"]["status"] == "passed"
-    gpu_steps = [name for name in steps if name != "sample-data"]
-    assert len(gpu_steps) == 8
+    assert steps["imports"]["status"] == "passed"  # the GPU stack is not required here
+    gpu_steps = [name for name in steps if name not in ("sample-data", "imports")]
+    assert len(gpu_steps) == 11
     for name in gpu_steps:
         assert steps[name]["status"] == "skipped"
         assert steps[name]["why"].startswith("no GPU here: the GPU path needs")
@@ -81,8 +84,12 @@ def test_without_a_gpu_the_gpu_steps_are_skipped_with_the_reason(tmp_path, verif
         "--out", str(tmp_path / "o3"), "--data-dir", str(tmp_path / "data"), "--require-gpu"
     )
     assert strict.returncode == 1
-    assert steps_of(tmp_path / "o3")["pytest-gpu"]["status"] == "failed"
-    assert steps_of(tmp_path / "o3")["stack-check"]["status"] == "failed"
+    strict_steps = steps_of(tmp_path / "o3")
+    # the GPU stack is missing here: the import check says what, and nothing else runs
+    assert strict_steps["imports"]["status"] == "failed"
+    assert "MISSING cupy (pip: cupy-cuda13x)" in strict.stdout
+    assert all(s["status"] == "not run" for n, s in strict_steps.items() if n != "imports")
+    assert "the import check failed (cupy" in strict_steps["pytest-gpu"]["why"]
 
 
 def test_dry_run_plans_every_step_in_order_within_the_budget(tmp_path, verify):
@@ -92,6 +99,7 @@ def test_dry_run_plans_every_step_in_order_within_the_budget(tmp_path, verify):
     steps = steps_of(out)
     # what they prove: the stack, the GPU tests, decode, the end-to-end bench, the rest
     assert list(steps) == [
+        "imports",
         "stack-check",
         "pytest-gpu",
         "decode",
@@ -100,17 +108,23 @@ def test_dry_run_plans_every_step_in_order_within_the_budget(tmp_path, verify):
         "bench-b64",
         "small-batch",
         "bench-wait",
+        "bench-b256",
+        "bench-b8",
         "remote-gpu",
+        "pytest-gpu-corrupt",  # last: see test_corruption_tests_run_last_in_their_own_process
     ]
     assert all(s["status"] == "planned" for s in steps.values())
     assert all(s["why"].startswith("--dry-run") for s in steps.values())
     # each step gets its whole timeout even when every one before used all of its own
     assert sum(s["timeout_s"] for s in steps.values()) <= verify.DEFAULT_BUDGET_S
-    bench = steps["bench-b64"]["command"]
-    assert "era5_sharded.zarr" in bench and "--batch-size 64" in bench
-    assert "zarrdali-cuda torch-xarray" in bench
-    assert "--batch-size 64 --step-ms 20" in steps["bench-wait"]["command"]
-    assert "-m gpu" in steps["pytest-gpu"]["command"] and " -v " in steps["pytest-gpu"]["command"]
+    for batch in (8, 64, 256):
+        bench = steps[f"bench-b{batch}"]["command"]
+        assert "era5_sharded.zarr" in bench and f"--batch-size {batch}" in bench
+        assert "zarrdali-cuda torch-xarray zarrdali-cpu" in bench
+    assert "--batch-size 64 --step-ms 5" in steps["bench-wait"]["command"]
+    assert "--probe-imports" in steps["imports"]["command"]
+    assert "-m 'gpu and not corrupt_input'" in steps["pytest-gpu"]["command"]
+    assert " -v " in steps["pytest-gpu"]["command"]
     assert "tests/test_gpu_loader.py" in steps["pytest-gpu"]["command"]
     assert "tests/test_gpu_engine.py" in steps["pytest-gpu"]["command"]
     assert "tests/test_feed_gpu.py" in steps["pytest-gpu"]["command"]
@@ -138,8 +152,8 @@ def test_find_stack_check(tmp_path, verify, monkeypatch):
     # a clean clone without ../shared: the step says so (and fails when run)
     monkeypatch.setattr(verify, "find_stack_check", lambda *a: None)
     args = verify.parse(["--out", str(tmp_path / "o"), "--dry-run"])
-    step = verify.plan_steps(args, tmp_path, tmp_path)[0]
-    assert step.name == "stack-check" and "gpu_stack_check.py not found" in step.why
+    step = next(s for s in verify.plan_steps(args, tmp_path, tmp_path) if s.name == "stack-check")
+    assert "gpu_stack_check.py not found" in step.why
 
 
 def test_cpu_rehearsal_runs_the_steps_and_collects_their_figures(tmp_path, verify):
@@ -172,7 +186,7 @@ def test_cpu_rehearsal_runs_the_steps_and_collects_their_figures(tmp_path, verif
     assert {r["store"] for r in rows} == {"era5_sharded.zarr"}
     assert all(r["status"] == "ok" and 0 <= r["wait_fraction"] <= 1 for r in rows)
     bench = json.loads((out / "bench.json").read_text())
-    assert list(bench) == ["bench-wait"] and bench["bench-wait"]["spec"]["step_ms"] == 20
+    assert list(bench) == ["bench-wait"] and bench["bench-wait"]["spec"]["step_ms"] == 5
     assert "## bench-wait" in (out / "bench.md").read_text()
     remote = figures["remote-gpu"]
     assert remote["pinned"]["status"] == "ok" and remote["pinned"]["equal"] is True
@@ -298,7 +312,7 @@ def test_goals_say_what_is_met_and_by_how_much_a_figure_is_missed(verify):
     warm = goals["zarrdali-gpu with the GPU cache warm (decode_gpu.py, best row)"]
     assert warm["value"] == 30.0 and warm["met"] is False
     assert goals["nvCOMP C API, zstd, 64 KiB chunks"]["met"] is True
-    assert goals["share of a 20 ms step spent waiting, batch 64"]["met"] is True
+    assert goals["share of a 5 ms step spent waiting, batch 64"]["met"] is True
     assert goals["ms per batch of 8, back to back through DALI"]["missed_by"] == "not measured"
     assert goals["GPU tests failed or in error"]["met"] is False
 
@@ -318,6 +332,176 @@ def test_a_timed_out_pytest_step_keeps_its_finished_tests(tmp_path, verify):
     assert figures["pytest-gpu"]["counts"] == {"passed": 1}
     summary = verify.write_summary(out, [step], figures, time.monotonic())
     assert summary["ok"] is False and summary["figures"]["pytest-gpu"]["counts"]["passed"] == 1
+
+
+# -- the GPU test steps: they count what ran --------------------------------------------
+def _fake_pytest_timeout(root: Path) -> Path:
+    """A stand-in for pytest-timeout installed as pip installs it: a module and a
+    distribution whose ``pytest11`` entry point names it (pytest loads it at
+    start-up), adding ``--timeout``."""
+    root.mkdir()
+    (root / "pytest_timeout.py").write_text(
+        "def pytest_addoption(parser):\n"
+        "    parser.addoption('--timeout', type=float, default=None)\n"
+    )
+    info = root / "pytest_timeout-2.4.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pytest-timeout\nVersion: 2.4.0\n")
+    (info / "entry_points.txt").write_text("[pytest11]\ntimeout = pytest_timeout\n")
+    return root
+
+
+def test_the_pytest_command_runs_tests_where_pytest_timeout_is_installed(tmp_path, verify):
+    """Where pytest-timeout is installed its entry point loads it: adding ``-p
+    pytest_timeout`` registered it twice and pytest ran nothing (the GPU host's
+    first verification). ``--timeout`` alone is what the command passes."""
+    plugin = _fake_pytest_timeout(tmp_path / "site")
+    marker = "@pytest.mark." + "gpu"  # spelt apart: gpu_test_files() reads this file's text
+    (tmp_path / "test_one.py").write_text(f"import pytest\n\n{marker}\ndef test_x():\n    pass\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin), *sys.path]))
+    env.pop("PYTEST_DISABLE_PLUGIN_AUTOLOAD", None)
+    junit = tmp_path / "junit.xml"
+    cmd = verify.pytest_command(sys.executable, "gpu", junit, ["test_one.py"], timeout_plugin=True)
+    assert "pytest_timeout" not in cmd and cmd[cmd.index("--timeout") + 1] == "100"
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert verify.junit_summary(junit)["tests"] == 1
+    # the command as it was: pytest stops at start-up and runs no test
+    twice = [*cmd[:5], "-p", "pytest_timeout", *cmd[5:]]
+    junit.unlink()
+    done = subprocess.run(twice, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Plugin already registered" in done.stdout + done.stderr
+    assert verify.junit_summary(junit) is None
+
+
+@pytest.mark.parametrize("step_name", ["pytest-gpu", "pytest-gpu-corrupt"])
+@pytest.mark.parametrize(
+    "junit",
+    [
+        None,  # pytest stopped before writing it
+        '<testsuites><testsuite tests="0" failures="0" errors="0" skipped="0"/></testsuites>',
+        '<testsuites><testsuite tests="2" failures="0" errors="0" skipped="2">'
+        '<testcase classname="t" name="a"><skipped/></testcase>'
+        '<testcase classname="t" name="b"><skipped/></testcase></testsuite></testsuites>',
+    ],
+    ids=["no-junit", "zero-tests", "all-skipped"],
+)
+def test_a_gpu_test_step_that_ran_no_test_fails(tmp_path, verify, step_name, junit):
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    out.mkdir()
+    scratch.mkdir()
+    log = out / "verify.log"
+    log.write_text(f"\n===== {step_name}: pytest (limit 100 s)\n===== {step_name}: passed\n")
+    if junit is not None:
+        folder = out if step_name == "pytest-gpu" else scratch
+        (folder / f"{step_name}.xml").write_text(junit)
+    step = verify.Step(step_name, ["pytest"], 100, status="passed", returncode=0)
+    figures: dict = {}
+    verify.collect(step, out, scratch, log, figures, [])
+    assert step.status == "failed" and step.why.startswith("no test ran")
+    summary = verify.write_summary(out, [step], figures, time.monotonic())
+    assert summary["ok"] is False
+    goals = {g["goal"]: g for g in summary["goals"]}
+    assert goals[f"{step_name}: tests run (not skipped)"]["met"] is False
+    failed = goals["GPU tests failed or in error"]
+    assert failed["met"] is not True and failed["missed_by"] == "no GPU test ran"
+
+
+def test_gpu_test_counts_that_ran_meet_the_goals(tmp_path, verify):
+    figures = {
+        "pytest-gpu": {"tests": 12, "failures": 0, "errors": 0, "skipped": 2},
+        "pytest-gpu-corrupt": {"counts": {"passed": 3}},
+    }
+    goals = {g["goal"]: g for g in verify.evaluate_goals(figures)}
+    assert goals["pytest-gpu: tests run (not skipped)"]["value"] == 10
+    assert goals["pytest-gpu-corrupt: tests run (not skipped)"]["met"] is True
+    assert goals["GPU tests failed or in error"]["met"] is True
+    figures["pytest-gpu-corrupt"] = {"counts": {"passed": 2, "failed": 1}}
+    goals = {g["goal"]: g for g in verify.evaluate_goals(figures)}
+    assert goals["GPU tests failed or in error"]["value"] == 1
+
+
+def _collected(*args: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode in (0, 5), done.stdout + done.stderr  # 5: none selected
+    return [line for line in done.stdout.splitlines() if "::" in line]
+
+
+def test_gpu_test_files_are_the_ones_with_gpu_tests(verify):
+    files = verify.gpu_test_files()
+    assert "tests/test_gpu_engine.py" in files and "tests/test_loader_oracle.py" in files
+    assert "tests/test_gpu_verify.py" not in files and "tests/test_gpu_decode.py" not in files
+
+
+def test_corruption_tests_run_last_in_their_own_process(tmp_path, verify):
+    """The GPU tests that feed corrupt chunks to the device path carry the
+    ``corrupt_input`` marker: the GPU suite's step runs without them, and a
+    step of their own runs them in another process, after every other step
+    (a device fault is sticky for the process that caught it)."""
+    args = verify.parse(["--out", str(tmp_path), "--dry-run"])
+    steps = verify.plan_steps(args, tmp_path, tmp_path)
+    assert steps[-1].name == "pytest-gpu-corrupt"
+    main, corrupt = (
+        next(s for s in steps if s.name == n) for n in ("pytest-gpu", "pytest-gpu-corrupt")
+    )
+    select = {s.name: s.command[s.command.index("-m", 4) + 1] for s in (main, corrupt)}
+    assert select == {
+        "pytest-gpu": "gpu and not corrupt_input",
+        "pytest-gpu-corrupt": "gpu and corrupt_input",
+    }
+    assert (
+        main.command[main.command.index("--junitxml") + 1]
+        != corrupt.command[corrupt.command.index("--junitxml") + 1]
+    )
+    files = ["tests/test_gpu_engine.py"]
+    corrupt_ids = _collected("-m", select["pytest-gpu-corrupt"], *files)
+    assert corrupt_ids and all("corrupt" in i or "crc32c" in i for i in corrupt_ids)
+    assert any("test_corrupted_zstd_frame_raises_chunk_error[cuda" in i for i in corrupt_ids)
+    assert not set(corrupt_ids) & set(_collected("-m", select["pytest-gpu"], *files))
+    # in any run, they come last (on the stand-in too)
+    everything = _collected(*files)
+    marked = set(_collected("-m", "corrupt_input", *files))
+    assert set(corrupt_ids) < marked
+    assert set(everything[-len(marked) :]) == marked
+
+
+def test_the_import_check_fails_fast_naming_what_is_missing(tmp_path, verify):
+    """A package the steps import that the machine lacks (here tqdm and PyYAML,
+    hidden) fails the first step in seconds, names the modules that need it
+    and the pip names to add to the pack, and no other step runs. (The whole
+    run here takes a minute at most; on the GPU host about ten seconds.)"""
+    hide = tmp_path / "hide"
+    for name in ("tqdm", "yaml"):
+        (hide / name).mkdir(parents=True)
+        (hide / name / "__init__.py").write_text(
+            f'raise ModuleNotFoundError("No module named {name!r}", name={name!r})\n'
+        )
+    out = tmp_path / "out"
+    t = time.monotonic()
+    done = run(
+        "--out", str(out), "--data-dir", str(tmp_path / "data"), "--steps",
+        "imports,sample-data", path=(str(hide),),
+    )  # fmt: skip
+    assert time.monotonic() - t < 120
+    assert done.returncode == 1, done.stdout + done.stderr
+    steps = steps_of(out)
+    assert steps["imports"]["status"] == "failed"
+    assert steps["sample-data"]["status"] == "not run"
+    assert "the import check failed (tqdm, yaml)" in steps["sample-data"]["why"]
+    found = json.loads((out / "summary.json").read_text())["figures"]["imports"]
+    assert "zarrdali" in found["missing"]["yaml"]  # zarr's config (donfig) needs PyYAML
+    assert found["pip"] == ["pyyaml", "tqdm"]
+    log = (out / "verify.log").read_text()
+    assert "MISSING tqdm (pip: tqdm), needed by" in log
+    assert "gpu_pack.py pack .stack --extra pyyaml tqdm" in log
+    assert not (tmp_path / "data").exists()
 
 
 # -- the remote probe -----------------------------------------------------------------------
@@ -368,3 +552,75 @@ def test_remote_probe_runs_the_gpu_backend_over_http(tmp_path, verify, monkeypat
     assert got["pinned"]["status"] == "ok" and got["pinned"]["read"] == "pinned"
     assert got["pinned"]["equal"] is True and got["pinned"]["server"]["GET"] > 0
     assert got["kvikio"]["status"] == "skipped" and got["faster"] == "pinned"
+
+
+def test_the_host_run_script_stages_unpacks_and_runs_the_verification(tmp_path, verify):
+    """``benchmarks/gpu_host_run.sh``: two parts staged by ``stage``, the last
+    by ``run``, which unpacks them with the pack's own ``gpu_pack.py`` (its
+    checksums) and runs the verification with ``--require-gpu`` and the commit
+    into ``$OUT`` (here a dry run)."""
+    import hashlib
+    import shutil
+    import tarfile
+
+    tool = REPO.parent / "shared" / "tools" / "gpu_pack.py"
+    if not tool.is_file():
+        tool = Path("/work/shared/tools/gpu_pack.py")
+    if not tool.is_file():
+        pytest.skip("gpu_pack.py (../shared/tools) is not beside this checkout")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "packed_module.py").write_text("VALUE = 1\n")
+    archive = tmp_path / "stack.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(tree, arcname=".")
+    blob = archive.read_bytes()
+    half = len(blob) // 2
+    sums = []
+    for k, piece in enumerate((blob[:half], blob[half:])):
+        part = tmp_path / ".stack" / f"p{k + 1}"
+        part.mkdir(parents=True)
+        name = f"stack.tar.xz.part-{k:02d}"
+        (part / name).write_bytes(piece)
+        sums.append(f"{hashlib.sha256(piece).hexdigest()}  {name}\n")
+    last = tmp_path / ".stack" / "p2"
+    (last / "SHA256SUMS").write_text("".join(sums))
+    shutil.copy(tool, last / "gpu_pack.py")
+    (last / "gpu_stack_check.py").write_text("print('ok')\n")
+    script = REPO / "benchmarks" / "gpu_host_run.sh"
+    out = tmp_path / "out"
+    env = dict(
+        os.environ,
+        STAGE=str(tmp_path / "stage"),
+        SITE=str(tmp_path / "site"),
+        DATA=str(tmp_path / "data"),
+        OUT=str(out),
+        PYTHON=sys.executable,
+        PYTHONPATH=os.pathsep.join(sys.path),
+    )
+    first = subprocess.run(
+        ["bash", str(script), "stage", str(tmp_path / ".stack" / "p1")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    done = subprocess.run(
+        ["bash", str(script), "run", "abc1234", str(last), "--dry-run"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "site" / "packed_module.py").read_text() == "VALUE = 1\n"
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["commit"] == "abc1234" and prov["commit_source"] == "--commit"
+    assert "--require-gpu" in prov["command"] and prov["stack_check"].endswith(
+        "p2/gpu_stack_check.py"
+    )
+    steps = steps_of(out)
+    assert next(iter(steps)) == "imports" and "--require-gpu" in steps["imports"]["command"]
+    # a part missing: unpack names it, and nothing runs
+    (tmp_path / "stage" / "stack.tar.xz.part-00").unlink()
+    again = subprocess.run(
+        ["bash", str(script), "run", "abc1234", str(last), "--dry-run"],
+        cwd=REPO, env=dict(env, OUT=str(tmp_path / "o2")), capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert again.returncode != 0 and "stack.tar.xz.part-00" in again.stdout + again.stderr

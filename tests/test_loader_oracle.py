@@ -553,8 +553,12 @@ def test_xarray_oracle(make_store):
 
 
 @pytest.mark.skipif(not ERA_INTERIM.exists(), reason=f"real data file {ERA_INTERIM} is absent")
-def test_real_era_interim_data(tmp_path):
-    """ERA-Interim u/v/z on pressure levels, converted to Zarr v3 with xarray."""
+@pytest.mark.parametrize("decode_cf", [True, False], ids=["decoded", "stored"])
+def test_real_era_interim_data(tmp_path, decode_cf):
+    """ERA-Interim u/v/z on pressure levels, converted to Zarr v3 with xarray: u
+    and v packed int16 as the file holds them. Its time axis is named ``month``
+    (monthly means), which ``dims`` names; the oracle is xarray's view, decoded
+    (the default) or stored (``decode_cf=False``)."""
     xr = pytest.importorskip("xarray")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # non-conforming _FillValue for int16 in the file
@@ -565,7 +569,9 @@ def test_real_era_interim_data(tmp_path):
     for name in sub.variables:
         sub[name].encoding = {}
         sub[name].attrs.pop("_FillValue", None)  # NaN fill for int16 cannot be written
-    # z as physical float32 values; u and v stay packed int16 (stored values, no CF decoding)
+    # z as float32 physical values that keep the file's scale_factor/add_offset (xarray
+    # keeps attributes through the arithmetic): xarray unpacks it once more, in float32
+    # (zarrdali/cf.py); u and v stay packed int16, unpacked in float64
     z = sub["z"]
     z_phys = (z.astype("float64") * z.attrs["scale_factor"] + z.attrs["add_offset"]).astype(
         "float32"
@@ -580,6 +586,8 @@ def test_real_era_interim_data(tmp_path):
     sub.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
 
     variables = ["z", "u", "v"]
+    with pytest.raises(zarrdali.ConfigError, match=r"'month' is none of time"):
+        loader_for(path, variables)
     loader = loader_for(
         path,
         variables,
@@ -588,10 +596,14 @@ def test_real_era_interim_data(tmp_path):
         tile=(16, 24),
         batch_size=4,
         num_threads=2,
+        dims={"time": "month"},
+        decode_cf=decode_cf,
     )
     assert loader.num_channels == 9
-    ds = xr.open_zarr(path, consolidated=False, mask_and_scale=False)
-    assert ds["u"].dtype == np.int16 and ds["z"].dtype == np.float32
+    assert loader.channels == [f"{v}@{p}" for v in variables for p in (200, 500, 850)]
+    ds = xr.open_zarr(path, consolidated=False, mask_and_scale=decode_cf)
+    assert ds["u"].dtype == (np.float64 if decode_cf else np.int16)
+    assert ds["z"].dtype == np.float32
     for epoch in (0, 1):
         loader.set_epoch(epoch)
         batches = [to_numpy(b) for b in loader]

@@ -39,7 +39,7 @@ from test_static_time import StaticOracle, check_static_and_time, xarray_times
 from zarrdali import ConfigError
 from zarrdali.backends.cpu import CpuBackend
 from zarrdali.backends.finish import Finish
-from zarrdali.backends.gpu.kernels import THREADS, finish_source, grid_y
+from zarrdali.backends.gpu.kernels import finish_source, gather_block, gather_grid_y
 from zarrdali.backends.gpu.plan import GatherFinish, finish_tables, gather_reference
 from zarrdali.batchplan import plan_batch
 from zarrdali.missing import check_missing_options, variable_missing_values
@@ -97,18 +97,19 @@ CHANNEL_STATS = (
 _HOST_FINISH_MAIN = (
     _HOST_LOAD
     + r"""
-// argv: directory, n_tiles, n_l, n_y, n_x, h, w, out_size, grid_y, threads,
-//       normalize, fill_missing, nan_fill, write_mask
+// argv: directory, n_tiles, n_l, n_y, n_x, h, w, out_size, grid_y, block x,
+//       normalize, fill_missing, nan_fill, write_mask, block y
 int main(int argc, char** argv) {
-    if (argc != 15) return 1;
+    if (argc != 16) return 1;
     std::string dir = argv[1];
     int n_tiles = std::atoi(argv[2]), n_l = std::atoi(argv[3]), n_y = std::atoi(argv[4]);
     int n_x = std::atoi(argv[5]), h = std::atoi(argv[6]), w = std::atoi(argv[7]);
     long out_size = std::atol(argv[8]);
-    unsigned int gy = std::atoi(argv[9]), threads = std::atoi(argv[10]);
+    unsigned int gy = std::atoi(argv[9]), tbx = std::atoi(argv[10]);
     int normalize = std::atoi(argv[11]), fill_missing = std::atoi(argv[12]);
     float nan_fill = std::strtof(argv[13], nullptr);
     int write_mask = std::atoi(argv[14]);
+    unsigned int tby = std::atoi(argv[15]);
     auto decoded = load<unsigned char>((dir + "/decoded").c_str());
     auto tiles = load<long long>((dir + "/tiles").c_str());
     auto tile_chunks = load<int>((dir + "/tile_chunks").c_str());
@@ -120,12 +121,13 @@ int main(int argc, char** argv) {
     std::vector<float> out(out_size);
     std::vector<unsigned char> mask(out_size, 7);
     gridDim = {(unsigned int)n_tiles, gy, 1};
-    blockDim = {threads, 1, 1};
+    blockDim = {tbx, tby, 1};
     for (unsigned int bx = 0; bx < gridDim.x; ++bx)
         for (unsigned int by = 0; by < gridDim.y; ++by)
+            for (unsigned int ty = 0; ty < blockDim.y; ++ty)
             for (unsigned int tx = 0; tx < blockDim.x; ++tx) {
                 blockIdx = {bx, by, 0};
-                threadIdx = {tx, 0, 0};
+                threadIdx = {tx, ty, 0};
                 zarrdali_gather_finish(decoded.data(), tiles.data(), tile_chunks.data(),
                                        slots.data(), variables.data(), levels.data(),
                                        finish.data(),
@@ -173,9 +175,11 @@ def host_finish_kernel(tmp_path_factory):
         _, n_l, n_y, n_x = gather.tile_chunks.shape
         h, w = gather.out_shape[-2:]
         size = int(np.prod(gather.out_shape))
-        args = [gather.n_tiles, n_l, n_y, n_x, h, w, size, grid_y(gather.max_tile_elements)]
-        args += [THREADS, int(finish.normalize), int(finish.nan_fill is not None)]
-        args += [repr(0.0 if finish.nan_fill is None else finish.nan_fill), int(finish.masks)]
+        bx, by = gather_block(w)
+        args = [gather.n_tiles, n_l, n_y, n_x, h, w, size]
+        args += [gather_grid_y(gather.max_tile_elements // w, w)]
+        args += [bx, int(finish.normalize), int(finish.nan_fill is not None)]
+        args += [repr(0.0 if finish.nan_fill is None else finish.nan_fill), int(finish.masks), by]
         subprocess.run([str(binary), str(work), *map(str, args)], check=True)
         out = np.fromfile(work / "out", dtype=np.float32).reshape(gather.out_shape)
         mask = np.fromfile(work / "mask", dtype=np.uint8).reshape(gather.out_shape)

@@ -11,13 +11,18 @@ import pytest
 import xarray as xr
 import zarr
 
-from test_loader_oracle import check_loader
+from test_loader_oracle import check_loader, loader_for
 from test_prep_index import precip_field
-from zarrdali.errors import ConfigError, StoreNotFoundError, VariableNotFoundError
-from zarrdali.prep.prepare import PROGRESS_FILE, prepare
+from test_user_stores import batches_of, check_against_xarray
+from zarrdali.errors import ConfigError, StoreNotFoundError, VariableNotFoundError, ZarrDaliError
+from zarrdali.prep.prepare import PROGRESS_FILE, prepare, verify
 from zarrdali.store import load_layouts, open_group
 
-DATA_DIR = Path(__file__).parents[2] / "shared" / "data"
+# the checkout's ../shared/data (a worktree's is further up)
+DATA_DIR = next(
+    (p / "shared" / "data" for p in Path(__file__).parents if (p / "shared" / "data").is_dir()),
+    Path(__file__).parents[2] / "shared" / "data",
+)
 ERA_INTERIM = DATA_DIR / "eraint_uvz.nc"
 
 
@@ -71,12 +76,20 @@ def test_real_data_roundtrip_and_loader(tmp_path):
     assert_same(ERA_INTERIM, dst)
     assert not (dst / PROGRESS_FILE).exists()
     group, name = open_group(dst)
-    layouts = load_layouts(group, name, ["u", "v", "z"])
+    month = {"time": "month"}  # ERA-Interim's time axis is named "month"
+    layouts = load_layouts(group, name, ["u", "v", "z"], dims=month)
     assert all(layout.fast_path and layout.shard is not None for layout in layouts)
     assert layouts[0].chunk_shape == (1, 3, 64, 64)
-    check_loader(
-        dst, ["u", "z"], input_steps=1, target_steps=1, tile=(64, 64), batch_size=8, epochs=(0,)
-    )
+    # the loader on the prepared store serves what xarray decodes from the NetCDF
+    kw = dict(input_steps=1, target_steps=1, tile=(64, 64), batch_size=8)
+    with loader_for(dst, ["u", "z"], dims=month, **kw) as loader:
+        batches = batches_of(loader)
+    source = decoded(ERA_INTERIM).rename(month="time")
+    check_against_xarray(batches, source, ["u", "z"], **kw_of(kw))
+
+
+def kw_of(kw: dict) -> dict:
+    return {k: kw[k] for k in ("input_steps", "target_steps", "tile")}
 
 
 @pytest.mark.parametrize("codec", ["zstd", "lz4"])
@@ -174,3 +187,185 @@ def test_bad_input_refused_before_work(tmp_path):
         prepare(src, dst, progress=False)
     prepare(src, dst, overwrite=True, tile=(8, 8), progress=False)
     assert_same(src, dst)
+
+
+# --- CF-packed sources: the output decodes as the source decodes -------------------
+
+
+def write_packed_nc(path: Path, nt: int = 10, scale_type: type = np.float64) -> Path:
+    """Satellite-style brightness temperatures packed as int16 (``scale_factor``,
+    ``add_offset``, ``_FillValue``) with missing pixels, a float variable whose
+    ``_FillValue`` is a number (not NaN), times with units and a calendar, and a
+    packed static field."""
+    rng = np.random.default_rng(7)
+    ny, nx = 18, 32
+    tb = 200.0 + 100.0 * rng.random((nt, ny, nx))
+    tb[rng.random(tb.shape) < 0.08] = np.nan  # scattered dropouts
+    tb[1, :6, :9] = np.nan  # a swath gap
+    rr = precip_field(nt=nt, ny=ny, nx=nx)
+    grid = ("time", "lat", "lon")
+    time_attrs = {"units": "minutes since 2024-07-01", "calendar": "standard"}
+    ds = xr.Dataset(
+        {
+            "tb": (grid, tb, {"units": "K", "long_name": "brightness temperature"}),
+            "rr": (grid, rr, {"units": "mm h-1"}),
+            "elev": (("lat", "lon"), 3000 * rng.random((ny, nx)), {"units": "m"}),
+        },
+        coords={
+            "time": ("time", np.arange(nt) * 15, time_attrs),
+            "lat": ("lat", np.linspace(-9, 9, ny), {"units": "degrees_north"}),
+            "lon": ("lon", np.linspace(100, 125, nx), {"units": "degrees_east"}),
+        },
+    )
+    ds["tb"].encoding = {
+        "dtype": "int16",
+        "scale_factor": scale_type(0.01),
+        "add_offset": scale_type(250.0),
+        "_FillValue": np.int16(-32768),
+    }
+    ds["rr"].encoding = {"dtype": "float32", "_FillValue": np.float32(-999.0)}
+    ds["elev"].encoding = {"dtype": "int16", "scale_factor": 0.1, "_FillValue": np.int16(-1)}
+    ds["time"].encoding = {"dtype": "int32"}
+    ds.to_netcdf(path)
+    return path
+
+
+def decoded(path) -> xr.Dataset:
+    """What users see: xarray's default decoding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if str(path).endswith(".zarr"):
+            return xr.open_zarr(path, consolidated=False).load()
+        return xr.open_dataset(path).load()
+
+
+def test_packed_source_roundtrip_keeps_missing_values(tmp_path):
+    src = write_packed_nc(tmp_path / "tb.nc")
+    dst = prepare(src, tmp_path / "tb.zarr", tile=(9, 16), shard_steps=4, progress=False)
+    want, got = decoded(src), decoded(dst)
+    n_missing = int(np.isnan(want["tb"].values).sum())
+    assert n_missing > 100 and int(np.isnan(got["tb"].values).sum()) == n_missing
+    for v in ("tb", "rr", "elev"):
+        assert got[v].dtype == want[v].dtype  # float64 scale_factor: float64 both sides
+        np.testing.assert_array_equal(got[v].values, want[v].values)  # NaNs in the same places
+        assert got[v].attrs["units"] == want[v].attrs["units"]
+    np.testing.assert_array_equal(got["time"].values, want["time"].values)  # decoded datetimes
+    # stored values and CF attributes as they were, the Zarr fill value the CF one
+    raw_src, raw_dst = open_raw(src), open_raw(dst)
+    np.testing.assert_array_equal(raw_dst["tb"].values, raw_src["tb"].values)
+    assert raw_dst["tb"].dtype == np.int16
+    group = zarr.open_group(dst, mode="r")
+    attrs = group["tb"].attrs.asdict()
+    assert (attrs["_FillValue"], attrs["scale_factor"], attrs["add_offset"]) == (
+        -32768,
+        0.01,
+        250.0,
+    )
+    assert group["tb"].fill_value == -32768  # a chunk never written reads as missing
+    assert group["rr"].fill_value == -999.0 and group["elev"].fill_value == -1
+    assert group["time"].attrs["calendar"] == "standard"
+    assert group["time"].attrs["units"] == "minutes since 2024-07-01"
+    # the loader serves float32 of what xarray decodes from the source, NaN where missing
+    kw = dict(input_steps=2, target_steps=1, tile=(9, 16), batch_size=4)
+    with loader_for(dst, ["tb", "rr"], **kw) as loader:
+        batches = batches_of(loader)
+    check_against_xarray(batches, want, ["tb", "rr"], **kw_of(kw))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_unpacked_roundtrip(tmp_path, dtype):
+    src = write_packed_nc(tmp_path / "tb.nc")
+    kw = {} if dtype == "float32" else {"unpack_dtype": dtype}  # float32 by default
+    dst = prepare(src, tmp_path / "tb.zarr", tile=(9, 16), unpack=True, progress=False, **kw)
+    want, got = decoded(src), decoded(dst)
+    group = zarr.open_group(dst, mode="r")
+    for v in ("tb", "rr", "elev"):
+        assert group[v].dtype == np.dtype(dtype)
+        assert not {"scale_factor", "add_offset", "missing_value"} & set(group[v].attrs)
+        assert np.isnan(group[v].fill_value)
+        # the source's decoded values cast to the output's dtype, NaN where missing
+        np.testing.assert_array_equal(got[v].values, want[v].values.astype(dtype))
+        assert got[v].attrs["units"] == want[v].attrs["units"]
+    assert np.isnan(got["tb"].values).sum() > 100
+    assert np.isnan(got["rr"].values).sum() == np.isnan(want["rr"].values).sum() > 0
+    np.testing.assert_array_equal(got["time"].values, want["time"].values)
+    assert group["time"].attrs["calendar"] == "standard"
+    with pytest.raises(ConfigError, match="float dtype"):
+        prepare(src, tmp_path / "x.zarr", unpack=True, unpack_dtype="int16", progress=False)
+
+
+def test_float32_packing_decodes_within_float32_rounding(tmp_path):
+    """float32 scale_factor/add_offset: xarray decodes the NetCDF in float32, the
+    Zarr copy (JSON numbers) in float64. The stored integers are the same; the
+    decoded values differ by float32 rounding, which the verification allows."""
+    src = write_packed_nc(tmp_path / "tb.nc", scale_type=np.float32)
+    dst = prepare(src, tmp_path / "tb.zarr", tile=(9, 16), progress=False)
+    np.testing.assert_array_equal(open_raw(dst)["tb"].values, open_raw(src)["tb"].values)
+    want, got = decoded(src)["tb"].values, decoded(dst)["tb"].values
+    assert (want.dtype, got.dtype) == (np.float32, np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    differ = want != got.astype(np.float32)
+    valid = ~np.isnan(want)
+    assert differ[valid].any()  # float32 arithmetic rounds differently...
+    np.testing.assert_allclose(
+        got[valid], want[valid], rtol=2 * np.finfo(np.float32).eps
+    )  # ...by an ulp
+
+
+def test_fill_value_and_missing_value_both_kept(tmp_path):
+    src = tmp_path / "mv.nc"
+    data = np.arange(2 * 6 * 8, dtype=np.int16).reshape(2, 6, 8)
+    data[0, 0, :3] = -1  # _FillValue
+    data[1, 2, :2] = 9999  # missing_value
+    attrs = {"_FillValue": np.int16(-1), "missing_value": np.int16(9999)}
+    xr.Dataset({"v": (("time", "y", "x"), data, attrs)}, coords={"time": [0, 1]}).to_netcdf(src)
+    dst = prepare(src, tmp_path / "mv.zarr", tile=(6, 8), progress=False)
+    attrs = zarr.open_group(dst, mode="r")["v"].attrs
+    assert (attrs["_FillValue"], attrs["missing_value"]) == (-1, 9999)
+    got = decoded(dst)["v"].values
+    assert np.isnan(got).sum() == 5
+    np.testing.assert_array_equal(got, decoded(src)["v"].values)
+
+
+def test_verification_fails_on_lost_fill_value(tmp_path, monkeypatch):
+    """The old corruption: the output lost ``_FillValue``, so the source's missing
+    values became valid numbers, and a comparison of stored values passed."""
+    import zarrdali.prep.prepare as prep
+
+    src = write_packed_nc(tmp_path / "tb.nc")
+    good = prepare(src, tmp_path / "good.zarr", tile=(9, 16), progress=False)
+    assert verify(src, good) > 0
+    # a store written without _FillValue (stored values unchanged) against its source
+    group = zarr.open_group(good, mode="r+")
+    del group["tb"].attrs["_FillValue"]
+    np.testing.assert_array_equal(open_raw(good)["tb"].values, open_raw(src)["tb"].values)
+    with pytest.raises(
+        ZarrDaliError, match=r"'tb' \(time=0\).* missing values of the source are valid"
+    ):
+        verify(src, good)
+    # and prepare itself refuses to finish such a store
+    for_writing = prep._for_writing
+
+    def lose_fill_values(ds, unpack):
+        out = for_writing(ds, unpack)
+        out["tb"].attrs.pop("_FillValue")
+        return out
+
+    monkeypatch.setattr(prep, "_for_writing", lose_fill_values)
+    with pytest.raises(ZarrDaliError, match="Verification failed: 'tb'"):
+        prepare(src, tmp_path / "bad.zarr", tile=(9, 16), progress=False)
+    assert (tmp_path / "bad.zarr" / PROGRESS_FILE).exists()  # visibly unfinished
+
+
+def test_verification_catches_changed_values_and_units(tmp_path):
+    src = write_packed_nc(tmp_path / "tb.nc")
+    dst = prepare(src, tmp_path / "tb.zarr", tile=(9, 16), progress=False)
+    group = zarr.open_group(dst, mode="r+")
+    group["rr"][0, 3, 4] = group["rr"][0, 3, 4] + 1
+    with pytest.raises(ZarrDaliError, match=r"'rr' \(time=0\).*1 values differ"):
+        verify(src, dst, variables=["rr"])
+    group["rr"][0, 3, 4] = group["rr"][0, 3, 4] - 1
+    assert verify(src, dst, variables=["rr"]) > 0
+    group["time"].attrs["units"] = "hours since 2024-07-01"
+    with pytest.raises(ZarrDaliError, match="'time'"):
+        verify(src, dst, variables=["rr"])

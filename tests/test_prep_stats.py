@@ -57,6 +57,7 @@ def test_stats_equal_numpy(make_store):
 
 
 def test_stats_real_data(tmp_path):
+    """ERA-Interim is CF-packed int16: statistics of the decoded values."""
     from test_prep_prepare import ERA_INTERIM, require_era_interim
 
     require_era_interim()
@@ -66,12 +67,97 @@ def test_stats_real_data(tmp_path):
 
     dst = prepare(ERA_INTERIM, tmp_path / "era.zarr", tile=(64, 64), progress=False)
     result = compute_stats(dst, ["u", "z"])
-    src = xr.open_dataset(ERA_INTERIM, mask_and_scale=False)
+    src = xr.open_dataset(ERA_INTERIM)
     for name in ("u", "z"):
         want = _numpy_stats(src[name].values, (0, 2, 3))
-        np.testing.assert_allclose(result[name]["mean"], want["mean"], rtol=1e-10)
-        np.testing.assert_allclose(result[name]["std"], want["std"], rtol=1e-10)
+        for key in ("mean", "std", "min", "max"):
+            np.testing.assert_allclose(result[name][key], want[key], rtol=1e-10)
         assert len(result[name]["mean"]) == 3  # one per level
+        assert result[name]["decoded"] is True
+
+
+def write_packed_zarr(path, nt: int = 9, ny: int = 14, nx: int = 22):
+    """A CF-packed Zarr v3 store written with xarray as users write one: int16 with
+    ``scale_factor``, ``add_offset`` and ``_FillValue``, missing values, a level
+    variable packed per the whole array, dimension names and coordinates."""
+    import xarray as xr
+
+    rng = np.random.default_rng(11)
+    tb = 180.0 + 140.0 * rng.random((nt, ny, nx))
+    tb[rng.random(tb.shape) < 0.1] = np.nan
+    tb[2, :5, :7] = np.nan
+    t = np.stack([200 + 10 * k + 5 * rng.random((nt, ny, nx)) for k in range(3)], axis=1)
+    t[0, 1] = np.nan  # level 1 of a whole step missing
+    rr = np.where(rng.random((nt, ny, nx)) < 0.2, np.nan, rng.random((nt, ny, nx)))
+    ds = xr.Dataset(
+        {"tb": (("time", "lat", "lon"), tb, {"units": "K"}),
+         "t": (("time", "level", "lat", "lon"), t, {"units": "K"}),
+         "rr": (("time", "lat", "lon"), rr.astype(np.float32), {"units": "mm h-1"})},
+        coords={"time": np.arange(nt), "level": [850, 500, 250],
+                "lat": np.linspace(-6, 6, ny), "lon": np.linspace(0, 21, nx)},
+    )  # fmt: skip
+    packed = {"dtype": "int16", "scale_factor": 0.005, "add_offset": 250.0, "_FillValue": -32768}
+    ds.to_zarr(
+        path, zarr_format=3, consolidated=False,
+        encoding={"tb": {**packed, "chunks": (2, 7, 11)}, "t": {**packed, "chunks": (1, 3, 7, 11)},
+                  "rr": {"_FillValue": np.float32(-999.0)}},  # base64 in zarr.json
+    )  # fmt: skip
+    return path
+
+
+def test_stats_of_cf_packed_store_are_of_decoded_values(tmp_path):
+    import xarray as xr
+
+    store = write_packed_zarr(tmp_path / "packed.zarr")
+    result = compute_stats(store, quantiles=[0.5])
+    ds = xr.open_zarr(store, consolidated=False)  # the loader's default view
+    raw = xr.open_zarr(store, consolidated=False, mask_and_scale=False)
+    group = zarr.open_group(store, mode="r")
+    assert (raw["rr"].values == -999).any()
+    rr = _numpy_stats(ds["rr"].values, (0, 1, 2))
+    for key in ("mean", "min", "nan_fraction"):
+        np.testing.assert_allclose(result["rr"][key], rr[key], rtol=1e-10)
+    assert result["rr"]["min"] >= 0
+    for name, axes in (("tb", (0, 1, 2)), ("t", (0, 2, 3))):
+        values = ds[name].values
+        assert np.isnan(values).any() and (raw[name].values == -32768).any()
+        want = _numpy_stats(values, axes)
+        for key, value in want.items():
+            np.testing.assert_allclose(
+                result[name][key], value, rtol=1e-10, err_msg=f"{name}.{key}"
+            )
+        assert np.min(result[name]["min"]) > 180  # the fill value -32768 is not data
+        assert result[name]["decoded"] is True
+        assert group[name].attrs["stats"] == result[name]
+        np.testing.assert_allclose(
+            result[name]["quantiles"]["0.5"], np.nanmedian(values, axis=axes), atol=5
+        )
+    assert result["t"]["nan_fraction"][1] > result["t"]["nan_fraction"][0]
+
+    # raw: the stored integers, the fill value still left out
+    stored = compute_stats(store, raw=True, write=False)
+    for name, axes in (("tb", (0, 1, 2)), ("t", (0, 2, 3))):
+        ints = raw[name].values.astype(np.float64)
+        ints[ints == -32768] = np.nan
+        want = _numpy_stats(ints, axes)
+        for key, value in want.items():
+            np.testing.assert_allclose(
+                stored[name][key], value, rtol=1e-10, err_msg=f"{name}.{key}"
+            )
+        assert stored[name]["decoded"] is False
+    assert group["tb"].attrs["stats"]["decoded"] is True  # write=False left it alone
+
+
+def test_stats_cli_raw(tmp_path, capsys):
+    import json
+
+    from zarrdali.cli import main
+
+    store = write_packed_zarr(tmp_path / "packed.zarr")
+    assert main(["stats", str(store), "--variables", "tb", "--raw", "-q"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["tb"]["decoded"] is False and printed["tb"]["min"] > -32768
+    assert zarr.open_group(store, mode="r")["tb"].attrs["stats"] == printed["tb"]
 
 
 def test_normalize_store_uses_stats(make_store):

@@ -75,7 +75,7 @@ def check_against_xarray(
 
 
 # -- CF decoding --------------------------------------------------------------------------
-PACKED = ["ir", "cloud", "count", "offset_only"]
+PACKED = ["ir", "cloud", "count", "offset_only", "radiance"]
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -106,6 +106,7 @@ def test_packed_store_with_normalize_nan_fill_masks_and_augment(packed_store):
         "cloud": (0.5, 0.3),
         "count": (50.0, 30.0),
         "offset_only": (1e5, 600.0),
+        "radiance": (60000.0, 2000.0),
     }
     with zarrdali.ZarrLoader(
         packed_store,

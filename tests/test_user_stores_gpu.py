@@ -29,7 +29,7 @@ from zarrdali.backends.gpu.plan import describe_batch, finish_tables, gather_ref
 from zarrdali.backends.locate import ChunkLocator
 from zarrdali.batchplan import plan_batch
 
-PACKED = ["ir", "cloud", "count", "offset_only"]
+PACKED = ["ir", "cloud", "count", "offset_only", "radiance"]
 SAMPLES = np.array([[0, 0, 0], [3, 8, 16], [7, 12, 4], [8, 5, 9]])
 
 
@@ -58,6 +58,7 @@ CASES = {
                 "cloud": (0.5, 0.3),
                 "count": (50.0, 30.0),
                 "offset_only": (1e5, 600.0),
+                "radiance": (60000.0, 2000.0),
             }
         ),
     ),

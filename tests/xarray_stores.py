@@ -36,7 +36,9 @@ def write_packed_store(path: Path, *, nt: int = 10, ny: int = 20, nx: int = 24) 
     """``ir`` int16 packed (scale 0.01, offset 250, _FillValue -32768) with NaN
     gaps, chunks (1, 8, 8); ``cloud`` float32 with _FillValue -999 marking gaps
     (no packing); ``count`` uint8 with scale_factor only; ``offset_only`` int32
-    with add_offset only. Chunks of ``ir`` past time 8 are never written."""
+    with add_offset only; ``radiance`` float32 with scale attributes and
+    xarray's NaN _FillValue (unpacked in float32). Chunks of ``ir`` past time 8
+    are never written."""
     rng = np.random.default_rng(3)
     ir = (250 + 60 * rng.random((nt, ny, nx))).astype(np.float32)
     ir[1, 2:7, 3:11] = np.nan
@@ -45,12 +47,21 @@ def write_packed_store(path: Path, *, nt: int = 10, ny: int = 20, nx: int = 24) 
     cloud[2, 5:9, 5:9] = np.nan
     count = rng.integers(0, 200, (nt, ny, nx)).astype(np.float32) * 0.5
     offset_only = rng.integers(-1000, 1000, (nt, ny, nx)).astype(np.float64) + 1e5
+    # float32 values that keep scale attributes (as a variable does after
+    # arithmetic on a packed one): xarray unpacks them in float32
+    radiance = (rng.random((nt, ny, nx)) * 3000 - 1500).astype(np.float32)
+    radiance[3, :4, :4] = np.nan
     ds = xr.Dataset(
         {
             "ir": (("time", "lat", "lon"), ir),
             "cloud": (("time", "lat", "lon"), cloud),
             "count": (("time", "lat", "lon"), count),
             "offset_only": (("time", "lat", "lon"), offset_only),
+            "radiance": (
+                ("time", "lat", "lon"),
+                radiance,
+                {"scale_factor": -1.7250274674967954, "add_offset": 66825.5},
+            ),
         },
         coords={
             "time": _times(nt),

@@ -10,12 +10,20 @@ xarray decodes a variable's stored values by its CF attributes
 
 zarrdali does the same in the pass that casts and normalizes each value (CPU:
 where each piece lands, :mod:`zarrdali.backends.finish`; GPU: in the gather
-kernel). Attributes read from Zarr JSON are Python floats, so xarray computes
-``float64(x) * scale_factor``, then ``+ add_offset``, in float64 (for every
-stored dtype); zarrdali does exactly that, then rounds to float32 once, so a
-served value equals ``float32`` of xarray's decoded value bit for bit (then
-normalized in float32). Only the operations present are applied: a variable
-with ``add_offset`` alone is not multiplied by 1.
+kernel), in the dtype xarray unpacks in, so a served value equals ``float32``
+of xarray's decoded value bit for bit (then normalized in float32). xarray
+(2026.9, ``coding/variables.py``) picks that dtype as follows, and attributes
+read from Zarr JSON are Python floats:
+
+* a float variable whose ``_FillValue``/``missing_value`` are all NaN (what
+  xarray writes for every float variable) is unpacked in its own dtype: the
+  mask coder leaves it alone and ``data *= scale_factor`` runs in float32 with
+  the attribute rounded to float32 (numpy's rules for Python scalars);
+* every other packed variable is unpacked in float64: ``float64(x) *
+  scale_factor``, then ``+ add_offset``, each rounded on its own.
+
+Only the operations present are applied: a variable with ``add_offset``
+alone is not multiplied by 1.
 """
 
 from __future__ import annotations
@@ -33,10 +41,11 @@ PACKING_ATTRIBUTES = ("scale_factor", "add_offset")
 
 @dataclass(frozen=True)
 class Packing:
-    """``x * scale + offset`` in float64 (either may be None: not applied)."""
+    """``x * scale + offset`` in ``dtype`` (either may be None: not applied)."""
 
     scale: float | None
     offset: float | None
+    dtype: str = "float64"  # the arithmetic's: float64, or a float variable's own
 
 
 def _number(value: object, attr: str, layout: ArrayLayout, store_name: str) -> float:
@@ -67,7 +76,18 @@ def packing_of(layout: ArrayLayout, store_name: str) -> Packing | None:
             f"scale_factor/add_offset; only numbers are unpacked (decode_cf=False serves "
             f"it as stored)."
         )
-    return Packing(scale, offset)
+    return Packing(scale, offset, _unpacking_dtype(layout, store_name))
+
+
+def _unpacking_dtype(layout: ArrayLayout, store_name: str) -> str:
+    """The dtype xarray unpacks ``layout``'s values in (see the module docstring)."""
+    from .missing import variable_missing_values
+
+    fill_attrs = any(layout.attrs.get(a) is not None for a in ("_FillValue", "missing_value"))
+    only_nan = fill_attrs and not len(variable_missing_values(layout, store_name))
+    if layout.dtype.kind == "f" and only_nan:
+        return np.dtype(layout.dtype).newbyteorder("=").name
+    return "float64"
 
 
 def unsigned_view(layout: ArrayLayout) -> ArrayLayout:
@@ -111,11 +131,12 @@ def decoded_values(values: np.ndarray, layout: ArrayLayout, store_name: str) -> 
     packing = packing_of(layout, store_name)
     out = values
     if packing is not None:
-        out = values.astype(np.float64)
+        dtype = np.dtype(packing.dtype)
+        out = values.astype(dtype)
         if packing.scale is not None:
-            out *= packing.scale
+            out *= dtype.type(packing.scale)
         if packing.offset is not None:
-            out += packing.offset
+            out += dtype.type(packing.offset)
     out = out.astype(np.float32)
     if bad is not None:
         out[bad] = np.nan

@@ -36,16 +36,16 @@ from ..missing import MissingValues
 
 
 class _Float64Scratch(threading.local):
-    """A float64 buffer per thread for unpacked values, grown on demand."""
+    """A buffer per thread for unpacked values, grown on demand."""
 
     def __init__(self) -> None:
         self.buffer = np.empty(0, dtype=np.float64)
 
-    def array(self, shape: tuple[int, ...]) -> np.ndarray:
+    def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         n = int(np.prod(shape))
         if self.buffer.size < n:
             self.buffer = np.empty(n, dtype=np.float64)
-        return self.buffer[:n].reshape(shape)
+        return self.buffer[:n].view(np.uint8)[: n * dtype.itemsize].view(dtype).reshape(shape)
 
 
 _scratch = _Float64Scratch()
@@ -105,19 +105,20 @@ class Finish:
         return self.masks is not None or self.nan_fill is not None or len(self.missing[c]) > 0
 
     def unpacked(self, src: np.ndarray, c: int) -> np.ndarray:
-        """``src`` (stored values of channels ``c:``, one variable) unpacked in
-        float64 as xarray unpacks them (in this thread's scratch); ``src`` itself
-        where the variable is not packed."""
+        """``src`` (stored values of channels ``c:``, one variable) unpacked as
+        xarray unpacks them (in this thread's scratch, in the packing's dtype:
+        :mod:`zarrdali.cf`); ``src`` itself where the variable is not packed."""
         packing = self.packing[c] if self.packing is not None else None
         if packing is None:
             return src
-        out = _scratch.array(src.shape)
+        dtype = np.dtype(packing.dtype)
+        out = _scratch.array(src.shape, dtype)
         if packing.scale is not None:
-            np.multiply(src, packing.scale, out=out, dtype=np.float64)
+            np.multiply(src, dtype.type(packing.scale), out=out, dtype=dtype)
             if packing.offset is not None:
-                np.add(out, packing.offset, out=out)
+                np.add(out, dtype.type(packing.offset), out=out)
         else:
-            np.add(src, packing.offset, out=out, dtype=np.float64)
+            np.add(src, dtype.type(packing.offset), out=out, dtype=dtype)
         return out
 
     @property

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, object] = {
     "cold": False,
     "storage_options": None,
     "out": "bench-out",
+    "workload": "tiles",  # or "whole-field" (bench/wholefield.py: its own defaults)
 }
 
 
@@ -80,6 +81,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"zarrdali bench: {err}", file=sys.stderr)
         return 2
+    if o["workload"] == "whole-field":
+        from .wholefield import cmd_whole_field
+
+        return cmd_whole_field(args)
     if o["store"] and "://" in str(o["store"]):  # a URL: Path() would fold its "//"
         stores = [(str(o["store"]).rstrip("/").rsplit("/", 1)[-1], str(o["store"]))]
     elif o["store"]:
@@ -233,5 +238,11 @@ def register(sub) -> None:
         help='JSON for a URL store, e.g. \'{"endpoint_url": "...", "anon": true}\'',
     )
     p.add_argument("--out", help="output folder (default ./bench-out)")
+    p.add_argument(
+        "--workload",
+        choices=["tiles", "whole-field"],
+        help="tiles (default) or whole-field: whole fields with every level, batch 1-4, "
+        "on a WeatherBench2-layout store (written into --data-dir on first use)",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench)

@@ -404,6 +404,23 @@ def decode_ceiling_runner(
         loader.close()
 
 
+def small_parts(items: list, nbytes: list[int], most: int = 8, budget: int = 512 << 10) -> list:
+    """``items`` cut in order into parts of at most ``most`` items and about
+    ``budget`` decoded bytes (at least one item each): the tasks a ceiling's
+    threads take. Tile-sized chunks (64 KiB) go 8 to a part; whole-field
+    chunks (MBs each) one to a part, else a thread could be left idle at the end
+    of each batch while another decodes a part of 8 of them."""
+    parts, start, size = [], 0, 0
+    for i, n in enumerate(nbytes):
+        if i > start and (i - start == most or size + n > budget):
+            parts.append(items[start:i])
+            start, size = i, 0
+        size += n
+    if start < len(items):
+        parts.append(items[start:])
+    return parts
+
+
 def file_ceiling_runner(
     spec: BenchSpec, result: RunResult, *, zstd_contexts: bool = False
 ) -> Runner:
@@ -489,7 +506,7 @@ def file_ceiling_runner(
             with PeakMemory(exclude=foreign) as mem:
                 for items in work:
                     # small parts that idle threads take: a slowed core holds up little
-                    parts = [items[k : k + 8] for k in range(0, len(items), 8)]
+                    parts = small_parts(items, [item[0].chunk_nbytes for item in items])
                     n, wall, used = _decode_round(pool, read_decode, parts, foreign)
                     nbytes, seconds, cpu = nbytes + n, seconds + wall, cpu + used
             _record_ceiling_epoch(result, seconds, cpu, mem.peak, batches, nbytes)

@@ -41,6 +41,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         codec=args.codec,
         level=args.level,
         unpack=args.unpack,
+        unpack_dtype=args.unpack_dtype,
         overwrite=args.overwrite,
         resume=args.resume,
         scheduler=args.scheduler,
@@ -62,6 +63,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         quantiles=args.quantiles,
         show_progress=not args.quiet,
         static=args.static or (),
+        raw=args.raw,
     )
     print(json.dumps(stats, indent=2))
     return 0
@@ -127,11 +129,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-mb", type=float, default=64.0)
     p.add_argument("--codec", choices=["zstd", "lz4"], default="zstd")
     p.add_argument("--level", type=int, default=3, help="zstd level")
-    p.add_argument("--unpack", action="store_true", help="apply fill/scale/offset (floats)")
+    p.add_argument(
+        "--unpack",
+        action="store_true",
+        help="write xarray's decoded values (missing values NaN, scale/offset applied) "
+        "instead of the stored ones, CF-packed or not",
+    )
+    p.add_argument(
+        "--unpack-dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="dtype of the unpacked variables (default float32, what the loader serves)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="finish an interrupted prepare")
     p.add_argument("--scheduler", help="dask.distributed scheduler address")
-    p.add_argument("--verify", type=int, default=4, help="time steps compared at the end")
+    p.add_argument(
+        "--verify",
+        type=int,
+        default=4,
+        help="time steps compared at the end, as xarray decodes source and output",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_prepare)
 
@@ -140,6 +158,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variables", nargs="+")
     p.add_argument("--static", nargs="+", help="static fields too: (y, x) or (level, y, x) arrays")
     p.add_argument("--quantiles", nargs="*", type=float, default=[])
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="statistics of the stored values (for decode_cf=False), not of xarray's "
+        "decoded ones (scale_factor/add_offset applied); missing values are left out either way",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_stats)
 

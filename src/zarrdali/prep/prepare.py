@@ -5,11 +5,20 @@ Order of work, chosen so an interruption never leaves a store that looks
 complete: (1) everything is validated; (2) metadata, coordinates and attributes
 are written (``to_zarr(compute=False)``) together with a progress file
 ``.zarrdali-prepare.json`` in DST; (3) shard-aligned time regions are written one
-after the other with ``to_zarr(region=...)``, each recorded in the progress file
+after the other with ``dask.array.store``, each recorded in the progress file
 once written (a region interrupted midway is simply written again); (4) a
 sample of regions is compared with the source; (5) the progress file is removed.
-Values are copied as stored (no CF masking or scaling), so fill values,
-``scale_factor`` and friends keep their meaning.
+
+Values are copied as stored and every attribute with them: xarray's Zarr writer
+carries ``scale_factor``, ``add_offset``, ``_FillValue``, ``missing_value``,
+``units`` and ``calendar`` (of coordinates too) as it writes them for Zarr v3
+(``_FillValue`` of a floating variable as a base64 double), and the arrays'
+``fill_value`` is the CF missing value, so a chunk never written reads as
+missing. ``unpack`` writes instead what xarray decodes (missing values NaN,
+scale and offset applied) as float32 (or ``unpack_dtype``).
+
+The verification compares what users see: xarray's decoded views of source and
+output (the same missing values, the same values; see :func:`compare_decoded`).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +42,7 @@ from tqdm.auto import tqdm
 from .. import remote
 from ..errors import ConfigError, StoreNotFoundError, VariableNotFoundError, ZarrDaliError
 from ._dask import connect
+from .cf_attributes import decode_variable, drop_nonconforming_fills, zarr_fill_value
 from .layout import Layout, field_step_bytes, plan_layout
 
 log = logging.getLogger(__name__)
@@ -39,21 +50,18 @@ log = logging.getLogger(__name__)
 PROGRESS_FILE = ".zarrdali-prepare.json"
 
 
-def open_source(
-    src: str | os.PathLike, unpack: bool = False, storage_options: Mapping | None = None
-) -> xr.Dataset:
+def open_source(src: str | os.PathLike, storage_options: Mapping | None = None) -> xr.Dataset:
     """Open ``src`` lazily (no dask yet): NetCDF, Zarr v2/v3, GRIB; a path or a URL.
 
-    Stored values by default; ``unpack`` applies fill values and scale/offset
-    (packed int16 becomes floats, what a model wants to see). A Zarr URL is read
-    with obstore where installed (``storage_options`` as for ``ZarrLoader``),
-    else fsspec.
+    Stored values, CF attributes as attributes (``mask_and_scale=False``, times
+    undecoded): what ``prepare`` copies. A Zarr URL is read with obstore where
+    installed (``storage_options`` as for ``ZarrLoader``), else fsspec.
     """
     name = os.fspath(src)
     is_url = "://" in name
     if not is_url and not Path(name).exists():
         raise StoreNotFoundError(f"Source {name!r} does not exist.")
-    raw = {"mask_and_scale": unpack, "decode_times": False, "decode_timedelta": False}
+    raw = {"mask_and_scale": False, "decode_times": False, "decode_timedelta": False}
     local = Path(name)
     is_zarr = name.rstrip("/").endswith(".zarr") or (
         not is_url
@@ -111,17 +119,39 @@ def _time_dim(ds: xr.Dataset, names: list[str], time_dim: str | None) -> tuple[s
     return time_dim, names
 
 
-def _reset_encodings(ds: xr.Dataset) -> None:
-    """Write stored values with the source's attributes, not the source's encoding.
+def _unpack_dtype(unpack: bool, unpack_dtype: str | np.dtype) -> np.dtype | None:
+    if not unpack:
+        return None
+    try:
+        dtype = np.dtype(unpack_dtype)
+    except TypeError as err:
+        raise ConfigError(f"unpack_dtype {unpack_dtype!r} is not a dtype.") from err
+    if dtype.kind != "f":
+        raise ConfigError(f"unpack_dtype must be a float dtype (float32, float64), got {dtype}.")
+    return dtype
 
-    Raw-opened variables keep ``scale_factor``/``add_offset``/units as attributes
-    (so xarray decodes the copy as it decodes the source); the source's encoding
-    (its chunks, its compression, the same keys again) must not be re-applied.
-    ``_FillValue`` moves from the attributes to the encoding: the Zarr fill value.
+
+def _for_writing(ds: xr.Dataset, unpack: np.dtype | None) -> xr.Dataset:
+    """The dataset ``prepare`` writes, from the raw-opened source.
+
+    Stored values with their CF attributes as attributes, which xarray's Zarr
+    writer carries over as they are (the source's storage encoding, its chunks
+    and compression, is dropped). With ``unpack``, data variables are decoded
+    as xarray decodes them (the attributes decoding consumes are dropped) and
+    the floating ones are cast to ``unpack``; coordinates stay as stored.
     """
-    for var in ds.variables.values():
-        fill = var.attrs.pop("_FillValue", None)
-        var.encoding = {} if fill is None else {"_FillValue": fill}
+    out = ds.copy()
+    for name, var in out.variables.items():
+        var.encoding = {}
+        drop_nonconforming_fills(str(name), var)
+    if unpack is None:
+        return out
+    for name in list(out.data_vars):
+        decoded = decode_variable(str(name), out[name].variable)
+        if decoded.dtype.kind == "f":
+            decoded = decoded.astype(unpack)
+        out[name] = decoded
+    return out
 
 
 def _fingerprint(src: str, names: list[str], ds: xr.Dataset, layout: Layout) -> str:
@@ -130,6 +160,7 @@ def _fingerprint(src: str, names: list[str], ds: xr.Dataset, layout: Layout) -> 
             "src": src,
             "variables": names,
             "shapes": {v: list(ds[v].shape) for v in names},
+            "dtypes": {v: str(ds[v].dtype) for v in names},  # unpack or not
             "layout": repr(layout),
         },
         sort_keys=True,
@@ -204,26 +235,131 @@ def _regions(n_time: int, shard_steps: int, shards_per_region: int) -> list[tupl
     return [(a, min(a + step, n_time)) for a in range(0, n_time, step)]
 
 
+def decoded_views(source: xr.Dataset, output: xr.Dataset) -> tuple[xr.Dataset, xr.Dataset]:
+    """Both raw-opened datasets as ``xarray.open_dataset``/``open_zarr`` show them.
+
+    Times are decoded where xarray can decode the source's (else both stay numbers).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", xr.SerializationWarning)
+        try:
+            return xr.decode_cf(source), xr.decode_cf(output)
+        except (ValueError, TypeError, OverflowError):
+            kw = {"decode_times": False, "decode_timedelta": False}
+            return xr.decode_cf(source, **kw), xr.decode_cf(output, **kw)
+
+
+def compare_decoded(want: np.ndarray, got: np.ndarray, add_offset: float = 0.0) -> str | None:
+    """Why a decoded output differs from the decoded source, or None where it does not.
+
+    The missing values (NaN) must be the same. The values must be equal once the
+    source's are cast to the output's dtype (exact for copied values and for
+    ``unpack``), except where the two sides decode in different float precisions:
+    a source whose ``scale_factor``/``add_offset`` are float32 decodes in float32
+    while zarr.json's JSON numbers decode in float64; there they may differ by the
+    float32 rounding of ``stored * scale_factor + add_offset``, at most
+    ``eps * (2 |value| + |add_offset|)`` of the coarser type (one stored step of
+    any sensibly packed variable is far larger).
+    """
+    if want.shape != got.shape:
+        return f"shape {want.shape} != {got.shape}"
+    if want.dtype.kind not in "fc" or got.dtype.kind not in "fc":
+        if want.dtype.kind in "mM" and got.dtype.kind in "mM":
+            want, got = want.astype("datetime64[ns]"), got.astype("datetime64[ns]")
+        same = np.array_equal(want, got, equal_nan=want.dtype.kind in "fcmM")
+        return None if same else f"{int(np.count_nonzero(want != got))} values differ"
+    lost = np.isnan(want) & ~np.isnan(got)
+    gained = ~np.isnan(want) & np.isnan(got)
+    if lost.any() or gained.any():
+        return (
+            f"{int(lost.sum())} missing values of the source are valid numbers in the "
+            f"output and {int(gained.sum())} valid values are missing"
+        )
+    valid = ~np.isnan(want)
+    a, b = want[valid], got[valid]
+    same = a.astype(b.dtype) == b
+    if not same.all() and want.dtype != got.dtype:
+        coarse = max(want.dtype, got.dtype, key=lambda d: np.finfo(d).eps)
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        bound = np.finfo(coarse).eps * (2 * np.abs(b64) + abs(float(add_offset)))
+        same |= np.abs(a64 - b64) <= bound
+    if same.all():
+        return None
+    worst = float(np.max(np.abs(a[~same].astype(np.float64) - b[~same].astype(np.float64))))
+    return f"{int((~same).sum())} values differ (by up to {worst:.6g})"
+
+
 def _verify(
-    src_ds: xr.Dataset, dst: Destination, names: list[str], time_dim: str, n: int, seed: int = 0
+    source: xr.Dataset,
+    dst: Destination,
+    names: list[str],
+    time_dim: str,
+    n: int,
+    seed: int = 0,
 ) -> int:
-    """Compare ``n`` random time steps of every variable with the source; returns checks."""
-    group = zarr.open_group(dst.target, mode="r")
-    n_time = src_ds.sizes[time_dim]
+    """Compare xarray's decoded views of ``n`` random time steps of every variable,
+    of the static variables and of the coordinates; returns the checks made."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # consolidated metadata absent
+        output = xr.open_zarr(
+            dst.target, consolidated=False, chunks=None, mask_and_scale=False,
+            decode_times=False, decode_timedelta=False,
+        )  # fmt: skip
+    shared = [v for v in output.data_vars if v in source.data_vars]
+    src, out = decoded_views(source[shared], output[shared])
+    n_time = src.sizes[time_dim]
     rng = np.random.default_rng(seed)
     steps = sorted({0, n_time - 1, *rng.integers(0, n_time, size=max(n - 2, 0)).tolist()})
-    checks = 0
-    for v in names:
-        for t in steps[:n] if n else []:
-            want = np.asarray(src_ds[v].isel({time_dim: t}).values)
-            got = group[v][t]
-            if want.shape != got.shape or not np.array_equal(want, got, equal_nan=True):
-                raise ZarrDaliError(
-                    f"Verification failed: {v!r} at {time_dim}={t} differs between the "
-                    f"source and {dst.name!r}. Re-run with overwrite=True."
-                )
-            checks += 1
-    return checks
+    checks: list[tuple[str, str, dict[str, int]]] = [
+        (v, f"{time_dim}={t}", {time_dim: t}) for v in names for t in (steps[:n] if n else [])
+    ]
+    checks += [
+        (str(v), "everywhere", {})
+        for v in out.variables
+        if v in out.coords or time_dim not in out[v].dims
+    ]
+    for v, where, index in checks:
+        offset = source[v].attrs.get("add_offset", 0.0)
+        want = src[v].transpose(*out[v].dims).isel(index)
+        problem = compare_decoded(
+            np.asarray(want.values), np.asarray(out[v].isel(index).values),
+            np.asarray(offset, dtype=np.float64).ravel()[0],
+        )  # fmt: skip
+        for attr in ("units", "calendar"):
+            if problem is None and src[v].attrs.get(attr) != out[v].attrs.get(attr):
+                problem = f"{attr} {src[v].attrs.get(attr)!r} became {out[v].attrs.get(attr)!r}"
+        if problem is not None:
+            raise ZarrDaliError(
+                f"Verification failed: {v!r} ({where}) differs between the source and "
+                f"{dst.name!r} as xarray decodes them: {problem}. Re-run with overwrite=True."
+            )
+    return len(checks)
+
+
+def verify(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    variables: Sequence[str] | None = None,
+    rename: Mapping[str, str] | None = None,
+    time_dim: str | None = None,
+    steps: int = 4,
+    seed: int = 0,
+    storage_options: Mapping[str, Any] | None = None,
+    dst_storage_options: Mapping[str, Any] | None = None,
+) -> int:
+    """Compare a written store with its source as xarray decodes both (what
+    ``prepare`` does at its end): ``steps`` time steps of every variable, the
+    static variables and the coordinates. Raises :class:`ZarrDaliError` naming the
+    variable and what differs; returns the number of comparisons made.
+    """
+    target = Destination(
+        dst, storage_options if dst_storage_options is None else dst_storage_options
+    )
+    source = open_source(src, storage_options)
+    ds, names = _select(source, variables, rename)
+    tdim, names = _time_dim(ds, names, time_dim)
+    return _verify(ds, target, names, tdim, steps, seed)
 
 
 def prepare(
@@ -241,6 +377,7 @@ def prepare(
     codec: str = "zstd",
     level: int = 3,
     unpack: bool = False,
+    unpack_dtype: str | np.dtype = "float32",
     overwrite: bool = False,
     resume: bool = False,
     scheduler: str | None = None,
@@ -257,14 +394,18 @@ def prepare(
     ``storage_options`` and ``dst_storage_options``, default the same, as for
     ``ZarrLoader``). ``on_region(i, (t_start, t_stop))`` is called after region
     ``i`` is recorded as done (progress hooks, and tests that simulate an
-    interruption). Returns the destination's path (or URL).
+    interruption). ``unpack`` writes xarray's decoded values (missing values NaN,
+    scale and offset applied) as ``unpack_dtype`` instead of the stored ones.
+    Returns the destination's path (or URL).
     """
     dst = Destination(dst, storage_options if dst_storage_options is None else dst_storage_options)
     src_name = os.fspath(src)
-    source = open_source(src, unpack, storage_options)
+    out_dtype = _unpack_dtype(unpack, unpack_dtype)
+    source = open_source(src, storage_options)
     ds, names = _select(source, variables, rename)
     tdim, names = _time_dim(ds, names, time_dim)
     ds = ds.assign({v: ds[v].transpose(tdim, ...) for v in names})
+    ds = _for_writing(ds, out_dtype)
     n_time = ds.sizes[tdim]
     first = ds[names[0]]
     field = (first.shape[-2], first.shape[-1])
@@ -288,12 +429,13 @@ def prepare(
     done = _claim_destination(dst, fingerprint, overwrite, resume)
     client = connect(scheduler)  # None: dask's local threaded scheduler
 
-    _reset_encodings(ds)
     # Variables without a time axis (coordinates, masks) are small: load and write once.
     for name in list(ds.variables):
         if tdim not in ds[name].dims:
             ds[name] = ds[name].load()
-    encoding = {}
+    # to_zarr's `encoding` replaces a variable's encoding (it is not merged): the
+    # CF attributes stay attributes, which xarray writes as they are.
+    encoding: dict[str, dict[str, Any]] = {str(v): {} for v in ds.data_vars}
     for v in names:
         n_lev = ds[v].shape[1] if ds[v].ndim == 4 else None
         encoding[v] = {
@@ -301,6 +443,10 @@ def prepare(
             "shards": layout.shards(n_lev),
             "compressors": layout.compressors(),
         }
+    for v, enc in encoding.items():
+        fill = zarr_fill_value(ds[v].variable)
+        if fill is not None:
+            enc["fill_value"] = fill
     # dask blocks of whole shards in time (whole field in space): each task writes
     # whole shard files, so parallel writes never share a file; memory per task is
     # one shard, whatever the dataset's size.
@@ -328,7 +474,8 @@ def prepare(
     regions = _regions(n_time, layout.shard_steps, per_region)
     # Regions are written with dask.array.store into the arrays xarray created:
     # xarray's region mode re-applies the CF encoding read back from the store
-    # (scale_factor, ...), which would re-encode stored values.
+    # (scale_factor, ...), which would re-encode stored values. The values are
+    # those xarray's writer would store: no variable carries a CF encoding.
     group = zarr.open_group(dst.target, mode="r+")
     data = {v: lazy[v].data for v in names}
     todo = [i for i in range(len(regions)) if list(regions[i]) not in done]
@@ -347,7 +494,7 @@ def prepare(
             bar.update()
             if on_region is not None:
                 on_region(i, (a, b))
-    checks = _verify(source.rename(dict(rename or {})), dst, names, tdim, verify)
+    checks = _verify(_select(source, variables, rename)[0], dst, names, tdim, verify)
     log.info("prepare: verified %d fields of %s against %s", checks, dst.name, src_name)
     group.attrs["zarrdali_prepare"] = {"source": src_name, "fingerprint": fingerprint}
     dst.remove_progress()

@@ -5,6 +5,13 @@ Results go into each array's attributes under ``"stats"`` (what
 ``(time, y, x)`` arrays, one value per level for ``(time, level, y, x)`` arrays.
 Static fields (``static=``: ``(y, x)`` or ``(level, y, x)`` arrays, the
 loader's ``static`` option) get the same, per level for ``(level, y, x)``.
+
+Statistics are of the values the loader serves by default: xarray's
+``mask_and_scale`` view (``scale_factor``/``add_offset`` applied), with the
+missing values (``_FillValue``, ``missing_value``, NaN) left out and counted by
+``nan_fraction``. ``raw=True`` computes them on the stored values instead (for a
+loader reading with ``decode_cf=False``), missing values still left out. The
+attribute says which: ``"decoded": true`` or ``false``.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+import xarray as xr
 import zarr
 
-from ..errors import ConfigError, StoreNotFoundError, VariableNotFoundError
+from ..errors import ConfigError, MetadataError, StoreNotFoundError, VariableNotFoundError
 from ._dask import progress
+from .cf_attributes import decode_variable, zarr_cf_attrs
 
 # Blocks smaller than this are merged along time: fewer, larger dask tasks.
 _TARGET_BLOCK_BYTES = 32 * 2**20
@@ -53,6 +62,18 @@ def _as_dask(arr: zarr.Array) -> da.Array:
         block[0] *= 2
     block[0] = min(block[0], arr.shape[0])
     return da.from_zarr(arr, chunks=tuple(block))
+
+
+def _values(store: str, name: str, arr: zarr.Array, raw: bool) -> da.Array:
+    """The array as xarray decodes it (``raw``: masked but not scaled), lazily."""
+    try:
+        attrs = zarr_cf_attrs(arr.attrs.asdict(), np.dtype(arr.dtype))
+    except ValueError as err:
+        raise MetadataError(
+            f"{store!r}, array {name!r}: bad missing-value attribute: {err}"
+        ) from err
+    var = xr.Variable(_dims(arr), _as_dask(arr), attrs)
+    return decode_variable(name, var, scale=not raw).data
 
 
 def _reductions(x: da.Array, quantiles: Sequence[float], level_axis: int | None) -> dict[str, Any]:
@@ -94,11 +115,14 @@ def compute_stats(
     write: bool = True,
     show_progress: bool = False,
     static: Sequence[str] = (),
+    raw: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Mean, std, min, max and NaN fraction (and quantiles) of ``variables``.
 
-    All statistics of all variables are computed in one ``dask.compute`` so each
-    chunk is read once. With ``write`` they are stored in ``attrs["stats"]``.
+    Of xarray's decoded values, missing values left out (``raw``: of the stored
+    values, missing values left out); see the module docstring. All statistics
+    of all variables are computed in one ``dask.compute`` so each chunk is read
+    once. With ``write`` they are stored in ``attrs["stats"]``.
     """
     group = _open_rw(store)
     available = data_variables(group)
@@ -126,8 +150,10 @@ def compute_stats(
     # the level axis: 1 of (time, level, y, x), 0 of a static (level, y, x)
     level_axis = {v: 1 if group[v].ndim == 4 else None for v in variables}
     level_axis.update({v: 0 if group[v].ndim == 3 else None for v in static})
+    name = os.fspath(store)
     lazy = {
-        v: _reductions(_as_dask(group[v]), list(quantiles), axis) for v, axis in level_axis.items()
+        v: _reductions(_values(name, v, group[v], raw), list(quantiles), axis)
+        for v, axis in level_axis.items()
     }
     with warnings.catch_warnings(), progress(show_progress):
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN levels give NaN
@@ -137,6 +163,7 @@ def compute_stats(
         per_level = axis is not None
         stats = {k: _to_attr(computed[v][k], per_level) for k in computed[v] if k != "quantiles"}
         stats["count"] = int(np.prod(group[v].shape))
+        stats["decoded"] = not raw  # the loader checks it against its decode_cf
         if quantiles:
             table = np.asarray(computed[v]["quantiles"])  # [level, q]
             stats["quantiles"] = {

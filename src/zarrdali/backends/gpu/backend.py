@@ -26,10 +26,14 @@ One batch consumes the same array plan as the CPU backend
    raw deflate needs it) and uncompressed chunks copied, by one copy kernel
    each; admitted payloads copied into the cache arena; then nvCOMP's batched
    C API per algorithm (``decode="capi"``; ``"python"``: nvCOMP's Python API),
-   in calls whose temp fits ``decode_temp_budget``, into one temp buffer the
-   backend's streams share in event order, and one status check per batch:
-   a bad chunk raises :class:`~zarrdali.errors.ChunkError` naming its array
-   and key, and no batch holding it is returned. Chunks nvCOMP
+   in calls whose temp fits the stream's share of ``decode_temp_budget``, into
+   a temp buffer of the stream's own (two threads' decodes overlap). Before
+   that, the crc32c of every staged chunk that carries one is computed by
+   nvCOMP's batched CRC32-C and compared on the device: a chunk that fails it
+   never reaches the decoder (a stand-in stream does: corrupt input is undefined
+   behaviour in nvCOMP). One check per batch: a bad chunk (checksum or decode)
+   raises :class:`~zarrdali.errors.ChunkError` naming its array and key, and no
+   batch holding it is returned. Chunks nvCOMP
    cannot decode (Blosc) and arrays the fast path cannot read are decoded on
    the CPU into pinned memory and copied once per batch, with a one-time warning.
 4. **gather** (:mod:`.gather`, sources in :mod:`.kernels`): one launch
@@ -47,9 +51,12 @@ freed by reference counting, never by the collector. ``load_batch(..., stream=s)
 device operation of the batch on ``s`` and returns without synchronizing it;
 the batch's temporary buffers are held in the state's in-flight ring
 (:mod:`.lifetimes`) until an event recorded after the batch has completed.
-The host waits only where it must: for its reads, and for the 16-byte status
-word of the decode (the gather is already enqueued then), so that a corrupt
-chunk raises here instead of reaching the caller.
+The host waits only where it must: for its reads, and for the batch's check
+(48 bytes the device writes after the crc32c and the decode; the gather is
+already enqueued then), so that a corrupt chunk raises instead of reaching the
+caller; in the GPU feed's loading threads not even for that: the feed reads
+the check when it hands the batch to DALI (:func:`~.feed.deferring_checks`).
+The batch's small tables reach the device in one copy (:mod:`.upload`).
 
 VERIFICATION STATUS: restructured on a machine without a GPU. The host side
 is unit-tested on the CPU (``tests/test_gpu_backend.py``,
@@ -99,14 +106,17 @@ from .decode import (
     DEFAULT_TEMP_BUDGET,
     BatchedDecoder,
     CApiUnavailableError,
+    CrcWork,
     DecodeCheck,
     DecodeTemp,
     PythonApiDecoder,
     bad_chunk_error,
+    crc_chunk_error,
+    crc_table,
     decode_table,
     nvcomp_capi,
 )
-from .feed import CudaSourceRole, FeedStreams, cuda_device_id
+from .feed import CudaSourceRole, FeedStreams, check_sink, cuda_device_id
 from .gather import Kernels, launch_copies, launch_gather
 from .lifetimes import GuardedBuffers, InFlight
 from .plan import (
@@ -132,6 +142,7 @@ from .read import (
     resolve_read_mode,
     source_error,
 )
+from .upload import BatchUpload
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +199,11 @@ class TransferCounter:
 
     ``host_to_device``/``device_to_host``: copies of array data: the pinned
     reader's one staging copy per batch, the CPU-decoded fallback chunks' one
-    copy per batch. ``control_to_device``: small uploads of work lists (copy
-    jobs, the decode table: 40 bytes per chunk, and four gather tables per
-    batch: about 72 bytes per tile plus 8 per chunk and 4 per entry of
-    ``tile_chunks``). File reads are counted as ``file_reads`` (coalesced
+    copy per batch. ``control_to_device``: uploads of the batch's work lists,
+    one per batch (:class:`~.upload.BatchUpload`: the copy jobs, the decode
+    table: 40 bytes per chunk, the crc32c jobs: 40 per checked chunk, the four
+    gather tables: about 72 bytes per tile plus 8 per chunk and 4 per entry of
+    ``tile_chunks``, the finishing tables). File reads are counted as ``file_reads`` (coalesced
     reads; kvikIO's go storage→device, through its own bounce buffers in its
     compatibility mode).
     """
@@ -279,6 +291,7 @@ def kvikio_io_mode() -> str:
 
 
 DECODE_MODES = ("auto", "capi", "python")
+DECODE_STREAMS = 2  # the feed's loading threads: decode_temp_budget is split among them
 _capi_warned = False
 
 
@@ -297,8 +310,11 @@ class _ThreadState:
     reader: Any = None
     staging: GuardedBuffers | None = None  # kvikIO: device staging written off-stream
     host_pinned: GuardedBuffers | None = None  # the CPU-decoded region's pinned buffers
+    control: GuardedBuffers | None = None  # pinned staging of the batch's packed tables
     decoder: BatchedDecoder | None = None
     py_decoder: PythonApiDecoder | None = None
+    checksums: BatchedDecoder | None = None  # with the Python API: crc32c through the C API
+    temp: DecodeTemp | None = None  # this stream's nvCOMP temp
     inflight: InFlight = field(default_factory=InFlight)
     last_event: Any = None
     last_stream: Any = None
@@ -316,20 +332,59 @@ class _ThreadState:
         for step in (
             self.inflight.drain,
             stream.synchronize,
-            *(x.close for x in (self.staging, self.host_pinned, self.reader) if x is not None),
-            *(x.close for x in (self.decoder, self.py_decoder) if x is not None),
+            *(
+                x.close
+                for x in (self.staging, self.host_pinned, self.control, self.reader)
+                if x is not None
+            ),
+            *(x.close for x in (self.decoder, self.py_decoder, self.checksums) if x is not None),
+            *([self.temp.close] if self.temp is not None else []),
         ):
             try:
                 step()
             except BaseException as err:  # raised below, once everything is released
                 errors.append(err)
-        self.staging = self.host_pinned = self.reader = None
-        self.decoder = self.py_decoder = None
+        self.staging = self.host_pinned = self.control = self.reader = None
+        self.decoder = self.py_decoder = self.checksums = self.temp = None
         self.last_event = self.last_stream = None
         self.thread = None
         self.stream = None
         if errors:
             raise errors[0]
+
+
+@dataclass(frozen=True, eq=False)
+class _Tables:
+    """A batch's host-built decode inputs (see ``GpuBackend._tables``)."""
+
+    decode: np.ndarray | None  # [N_ROWS, N] decode table (C API), None with the Python API
+    bounds: np.ndarray  # its groups' column bounds
+    crc: np.ndarray | None  # [N_CRC_FIELDS, K] crc32c jobs, None: none to check
+    crc_max: int  # the largest chunk they read
+    insert: np.ndarray | None  # [K, 3] cache admissions, None without a cache
+
+
+def _finish_ticket(book: Any, ticket: Any, ok: bool, check: DecodeCheck | None) -> None:
+    """The cache's ``finish`` once the batch's stream has passed it: its
+    admissions are kept only if no chunk of the batch failed (a deferred check
+    has been written by then)."""
+    book.finish(ticket, ok and (check is None or not check.failed()))
+
+
+_crc_warned_stores: set[str] = set()
+
+
+def _warn_crc_unchecked(store_name: str) -> None:
+    if store_name in _crc_warned_stores:
+        return
+    _crc_warned_stores.add(store_name)
+    warnings.warn(
+        f"zarrdali: the crc32c of {store_name!r}'s chunks is not checked on the GPU path: "
+        f"nvCOMP's C API (libnvcomp, for its batched CRC32-C) is unavailable. A corrupt chunk "
+        f"is then undefined behaviour in nvCOMP's decoder.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _retire_on_current_stream(cp: Any, inflight: InFlight, buffers: list[Any]) -> None:
@@ -360,8 +415,10 @@ class GpuBackend(CudaSourceRole):
     in pages of ``cache_page_size`` bytes (payloads above it are not cached).
     ``max_in_flight``: batches per thread whose buffers may be held while
     their stream runs (past it, the host waits for the oldest).
-    ``decode_temp_budget``: bytes of nvCOMP temp one decode call may use (a
-    batch's group is split into calls that fit; one buffer for all threads).
+    ``decode_temp_budget``: bytes of nvCOMP temp for the decoding streams
+    together: each thread's stream has its own buffer, of
+    ``decode_temp_budget // DECODE_STREAMS`` (the feed's two loading threads;
+    a batch's group is split into calls that fit).
     ``device_id``: the GPU (default: ``LOCAL_RANK`` under torchrun, else the
     calling thread's current device); every thread working for the backend
     makes it current.
@@ -451,10 +508,10 @@ class GpuBackend(CudaSourceRole):
         log.info("zarrdali GPU backend: %s reads, kvikIO %s", self.read_mode, self.io)
         self.decode_mode = self._decode_mode(decode)
         self.input_align = self._input_alignments()
-        # nvCOMP's temp: one buffer for all streams, each call's share bounded.
-        self._decode_temp: DecodeTemp | None = None
-        if self.decode_mode == "capi":
-            self._decode_temp = DecodeTemp(cupy, decode_temp_budget)
+        # nvCOMP's temp: a buffer per stream, each of an equal share of the budget.
+        if decode_temp_budget < 1:
+            raise ValueError(f"decode_temp_budget must be positive, got {decode_temp_budget}")
+        self.decode_temp_share = max(1, int(decode_temp_budget) // DECODE_STREAMS)
         self._preconfigure = preconfigure
         self._config_cache_size = config_cache_size
         self._kernels = Kernels(cupy)
@@ -593,11 +650,17 @@ class GpuBackend(CudaSourceRole):
                 on_copy=self.transfers.host_to_device_copy,
             )
 
+        state.control = GuardedBuffers(
+            lambda n: cupyx.empty_pinned(align_up(n, 1 << 16), dtype=np.uint8), n=2
+        )
+        # The decoder refers to the state's in-flight ring, not to the state
+        # (which holds the decoder): no reference cycle.
+        retire = partial(_retire_on_current_stream, cp, state.inflight)
         if self.decode_mode == "capi":
-            # The decoder refers to the state's in-flight ring, not to the state
-            # (which holds the decoder): no reference cycle.
-            retire = partial(_retire_on_current_stream, cp, state.inflight)
-            state.decoder = BatchedDecoder(cp, nvcomp_capi(), retire, self._decode_temp)
+            state.temp = DecodeTemp(cp, self.decode_temp_share)
+            state.decoder = BatchedDecoder(
+                cp, nvcomp_capi(), retire, state.temp, kernels=self._kernels
+            )
         else:
             state.py_decoder = PythonApiDecoder(
                 cp,
@@ -605,11 +668,14 @@ class GpuBackend(CudaSourceRole):
                 preconfigure=self._preconfigure,
                 config_cache_size=self._config_cache_size,
             )
+            try:  # crc32c: nvCOMP's C API, where it loads (the decoder is its Python API)
+                api = nvcomp_capi()
+            except CApiUnavailableError:
+                api = None
+            if api is not None:
+                state.temp = DecodeTemp(cp, 1)
+                state.checksums = BatchedDecoder(cp, api, retire, state.temp, kernels=self._kernels)
         return state
-
-    def _upload(self, array: np.ndarray) -> Any:
-        self.transfers.control_upload(array.nbytes)
-        return self._cp.asarray(array)
 
     # -- public API ------------------------------------------------------------
     def locator(self, layouts: Sequence[ArrayLayout]) -> ChunkLocator:
@@ -691,7 +757,14 @@ class GpuBackend(CudaSourceRole):
         normalized and checked for missing values in the gather kernel's pass,
         as the CPU path finishes its pieces; ``finish.masks`` (one uint8 array
         shaped like the batch) gets the validity mask in the same pass.
-        Raises :class:`ChunkError` for a chunk that cannot be read or decoded.
+        Raises :class:`ChunkError` for a chunk that cannot be read, fails its
+        crc32c or cannot be decoded: after the gather is enqueued, the host
+        waits for the batch's check (a few bytes written after the decode).
+        With ``stream``, inside :func:`~.feed.deferring_checks` (the GPU feed's
+        prefetch threads), it does not: the :class:`~.decode.DecodeCheck` goes
+        to that list, and whoever hands the batch on raises for it (the feed,
+        when DALI asks for the batch), so that loading threads never wait for
+        their decodes.
         """
         if plan.frame_split is not None:  # the GPU pipeline slices input/target itself
             raise ValueError("the GPU backend assembles the whole window: plan without frame_split")
@@ -731,12 +804,20 @@ class GpuBackend(CudaSourceRole):
                 cached[rows] = ticket.hit_offset
             try:
                 desc = self.describe(layouts, plan, locations, cached)
+                tables = self._tables(state, plan, desc, ticket, rows, lengths)
             except BaseException:
                 if ticket is not None:  # nothing enqueued: its slots are free at once
                     self.cache.book.finish(ticket, ok=False)
                 raise
+            # Every small table of the batch, in one host-to-device copy.
+            upload = BatchUpload(cp, state.control, self.transfers.control_upload)
+            upload.add(
+                *desc.gather.arrays, *(() if gather_finish is None else gather_finish.arrays)
+            )
+            upload.add(tables.decode, tables.crc, tables.insert, desc.pack_jobs, desc.copy_jobs)
         keep: list[Any] = []
         staged: int | None = None  # the kvikIO staging ring's buffer this batch holds
+        check: DecodeCheck | None = None
         ok = False
         with stream:
             try:
@@ -745,14 +826,13 @@ class GpuBackend(CudaSourceRole):
                 state.inflight.retire()
                 if state.last_event is not None and state.last_stream is not stream:
                     stream.wait_event(state.last_event)  # the decoder's arrays are shared
+                keep.append(upload.send(stream))
                 decoded = cp.empty(max(desc.decoded_nbytes, 8), dtype=cp.uint8)
                 keep.append(decoded)
                 out = self._output(plan, desc, out, finish is not None)
                 if mask is not None:
                     self._check_mask(plan, mask)
-                check = None
                 if len(desc.device_chunks):
-                    cached_rows = None if ticket is None else (ticket, rows, lengths)
                     staged, check = self._read_and_decode(
                         state,
                         layouts,
@@ -762,7 +842,8 @@ class GpuBackend(CudaSourceRole):
                         decoded,
                         stream,
                         keep,
-                        cached_rows,
+                        tables,
+                        upload,
                         prefetched,
                     )
                 if desc.host_nbytes:
@@ -777,20 +858,26 @@ class GpuBackend(CudaSourceRole):
                         desc.gather,
                         decoded,
                         out,
-                        self._upload,
+                        upload,
                         finish=gather_finish,
                         mask=mask,
                     )
-                if check is not None:  # the one host wait on the device: 16 bytes
-                    with annotate("zarrdali.check"):
-                        check.raise_if_bad()
+                if check is not None:
+                    sink = None if own else check_sink()
+                    if sink is not None:  # raised for where the batch is handed on
+                        sink.append(check)
+                    else:  # the one host wait on the device: a few bytes
+                        with annotate("zarrdali.check"):
+                            check.raise_if_bad()
                 ok = True
             finally:
                 event = stream.record()
                 state.last_event, state.last_stream = event, stream
                 if staged is not None:
                     state.staging.release(staged, event)
-                done = None if ticket is None else partial(self.cache.book.finish, ticket, ok)
+                done = None
+                if ticket is not None:
+                    done = partial(_finish_ticket, self.cache.book, ticket, ok, check)
                 state.inflight.push(event, keep, done)
         if own:
             stream.synchronize()
@@ -799,6 +886,44 @@ class GpuBackend(CudaSourceRole):
             self.peak_device_bytes, int(cp.get_default_memory_pool().total_bytes())
         )
         return out
+
+    def _tables(
+        self,
+        state: _ThreadState,
+        plan: BatchPlan,
+        desc: BatchDescription,
+        ticket: Any,
+        rows: np.ndarray | None,
+        lengths: np.ndarray | None,
+    ) -> _Tables:
+        """The batch's decode table, crc32c jobs and cache admissions, on the host."""
+        groups = desc.decode_groups
+        table, bounds = decode_table(groups)
+        crc, crc_max = None, 0
+        if len(desc.crc_jobs):
+            if state.decoder is not None or state.checksums is not None:
+                # with the Python API nothing is gated: the check comes before its decode
+                crc = crc_table(desc.crc_jobs, groups if state.decoder is not None else [], bounds)
+                crc_max = int(desc.crc_jobs[:, 1].max())
+            else:
+                _warn_crc_unchecked(self._store)
+        insert = None
+        if ticket is not None:
+            insert = insert_jobs(
+                plan.n_chunks,
+                desc.read_chunks,
+                desc.staging.payload_offset,
+                rows,
+                ticket.insert_offset,
+                lengths,
+            )
+        return _Tables(
+            decode=table if state.decoder is not None else None,
+            bounds=bounds,
+            crc=crc,
+            crc_max=crc_max,
+            insert=insert,
+        )
 
     def close(self) -> None:
         """Release the backend's GPU resources, in dependency order; idempotent.
@@ -835,8 +960,6 @@ class GpuBackend(CudaSourceRole):
                 step(state.release)
             states.clear()
             step(self.feed_streams.close)
-            if self._decode_temp is not None:
-                step(self._decode_temp.close)
             if self.cache is not None:
                 step(self.cache.close)
             self._kernels.clear()
@@ -947,11 +1070,13 @@ class GpuBackend(CudaSourceRole):
         decoded: Any,
         stream: Any,
         keep: list[Any],
-        cached_rows: tuple[Any, np.ndarray, np.ndarray] | None,
+        tables: _Tables,
+        upload: BatchUpload,
         prefetched: dict[int, Any] | None = None,
     ) -> tuple[int | None, DecodeCheck | None]:
         """Read the batch's payloads into staging, pack them, copy admitted ones
-        into the cache, decode every group; ``(staging ring slot, check)``."""
+        into the cache, check crc32c and decode every group; ``(staging ring
+        slot, check)``."""
         cp = self._cp
         s = desc.staging
         staged = None
@@ -972,29 +1097,46 @@ class GpuBackend(CudaSourceRole):
                     raise
         arena = None if self.cache is None else self.cache.arena
         with annotate("zarrdali.decode"):
-            up, kernels = self._upload, self._kernels
-            keep.append(launch_copies(kernels, staging, staging, desc.pack_jobs, up))
-            keep.append(launch_copies(kernels, staging, decoded, desc.copy_jobs, up))
-            if cached_rows is not None:  # (ticket, rows, payload lengths) of the cache
-                ticket, rows, lengths = cached_rows
-                n = plan.n_chunks
-                offsets = ticket.insert_offset
-                jobs = insert_jobs(n, desc.read_chunks, s.payload_offset, rows, offsets, lengths)
-                keep.append(launch_copies(kernels, staging, arena, jobs, up))
+            kernels = self._kernels
+            keep.append(launch_copies(kernels, staging, staging, desc.pack_jobs, upload))
+            keep.append(launch_copies(kernels, staging, decoded, desc.copy_jobs, upload))
+            if tables.insert is not None:
+                keep.append(launch_copies(kernels, staging, arena, tables.insert, upload))
             groups = desc.decode_groups
-            if not groups:
-                return staged, None
-            if state.decoder is None:
-                state.py_decoder.decode(layouts, plan, groups, (staging, arena), decoded, stream)
-                return staged, None
-            table, bounds = decode_table(groups)
-            table_dev = self._upload(table)
+            crc = None
+            if tables.crc is not None:
+                explain_crc = partial(crc_chunk_error, self._store, layouts, plan, desc.crc_chunks)
+                n = len(desc.crc_chunks)
+                crc = CrcWork(upload(tables.crc), n, staging, tables.crc_max, explain_crc)
+            explain = partial(bad_chunk_error, self._store, layouts, plan, groups, tables.bounds)
             bases = tuple(0 if b is None else b.data.ptr for b in (staging, arena))
-            explain = partial(bad_chunk_error, self._store, layouts, plan, groups, bounds)
+            if state.decoder is None:  # nvCOMP's Python API
+                if crc is not None:  # its crc32c checked first, on the host's word
+                    table, bounds = decode_table([])
+                    check, buffers = state.checksums.decode(
+                        [], upload(table), bounds, bases, decoded.data.ptr, stream, explain, crc
+                    )
+                    keep += buffers
+                    with annotate("zarrdali.check"):
+                        check.raise_if_bad()
+                if groups:
+                    state.py_decoder.decode(
+                        layouts, plan, groups, (staging, arena), decoded, stream
+                    )
+                return staged, None
+            if not groups and crc is None:
+                return staged, None
             check, buffers = state.decoder.decode(
-                groups, table_dev, bounds, bases, decoded.data.ptr, stream, explain
+                groups,
+                upload(tables.decode),
+                tables.bounds,
+                bases,
+                decoded.data.ptr,
+                stream,
+                explain,
+                crc,
             )
-            keep += [table_dev, *buffers]
+            keep += buffers
             return staged, check
 
     def _decode_on_host(

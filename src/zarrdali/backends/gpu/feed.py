@@ -31,6 +31,14 @@ One batch ``k``, with ``depth`` batches loaded ahead:
    returned (the external source is built with ``no_copy=False`` and
    ``cuda_stream=F``).
 
+The batch's check (crc32c and decode statuses, a few bytes the device writes
+after the decode: :class:`~.decode.DecodeCheck`) is read in step 2, not in
+step 1: a load in a prefetch thread runs inside :func:`deferring_checks`, so
+the backend hands the check over instead of waiting for it, and the callback
+raises for a bad chunk of batch ``k`` before handing ``k`` over. The loading
+threads never wait for their own decodes; the callback waits only for batch
+``k``'s, loaded ``depth`` batches ahead.
+
 Why that is enough. DALI's ``Pipeline._run_input_callbacks`` calls the callbacks
 of an iteration and then feeds their data (``_feed_input`` →
 ``SetExternalTLInput``) before it returns, so batch ``k`` is fed before DALI
@@ -89,6 +97,27 @@ from ...errors import LoaderClosedError
 from ...prefetch import BatchPrefetcher
 from ...trace import annotate
 from ..base import LoadFn
+
+_deferred = threading.local()
+
+
+@contextlib.contextmanager
+def deferring_checks():
+    """Inside: a backend's ``load_batch`` on a given stream puts its batch check
+    (``DecodeCheck``) in the yielded list instead of waiting for it; whoever
+    hands the batch on calls ``raise_if_bad()`` on each (this thread only)."""
+    checks: list[Any] = []
+    outer = getattr(_deferred, "checks", None)
+    _deferred.checks = checks
+    try:
+        yield checks
+    finally:
+        _deferred.checks = outer
+
+
+def check_sink() -> list[Any] | None:
+    """The list of the innermost :func:`deferring_checks` of this thread, or None."""
+    return getattr(_deferred, "checks", None)
 
 
 def ring_size(depth: int) -> int:
@@ -368,6 +397,9 @@ class _SideStreams:
         return streams
 
 
+Loaded = tuple[tuple[Any, ...], np.ndarray, Slot, tuple[Any, ...]]  # frames, samples, slot, checks
+
+
 def _load_into_slot(
     k: int,
     *,
@@ -376,16 +408,15 @@ def _load_into_slot(
     streams: _SideStreams,
     batch_size: int,
     device: Callable[[], Any],
-) -> tuple[tuple[Any, ...], np.ndarray, Slot]:
+) -> Loaded:
     """In a prefetch thread: batch ``k`` assembled in a ring slot on this thread's
-    stream, and the slot (its ``ready`` event recorded after the batch)."""
+    stream, the slot (its ``ready`` event recorded after the batch), and the
+    batch's checks, not yet waited for."""
     with device():
         return _load_on_device(k, load, ring, streams.current(), batch_size)
 
 
-def _load_on_device(
-    k: int, load: LoadFn, ring: BufferRing, stream: Any, batch_size: int
-) -> tuple[tuple[Any, ...], np.ndarray, Slot]:
+def _load_on_device(k: int, load: LoadFn, ring: BufferRing, stream: Any, batch_size: int) -> Loaded:
     taken: list[Slot] = []
     waited: list[Slot] = []
 
@@ -405,7 +436,7 @@ def _load_on_device(
                 waited.append(slot)
 
     try:
-        with stream:
+        with stream, deferring_checks() as checks:
             frames, samples = load(k, out_for=out_for, stream=stream, before_write=before_write)
         if not taken:
             raise RuntimeError("the GPU feed's load did not assemble the batch in a ring slot")
@@ -418,7 +449,7 @@ def _load_on_device(
             slot.free.record(stream)
             ring.release(slot)
         raise
-    return frames, samples, taken[0]
+    return frames, samples, taken[0], tuple(checks)
 
 
 class CudaFeed:
@@ -475,12 +506,13 @@ class CudaFeed:
         )
 
     def get(self, k: int) -> tuple[tuple[Any, ...], np.ndarray]:
-        """DALI's callback for batch ``k``: order the feed stream after it (no host
-        wait) and hand the frames over naming the feed stream."""
+        """DALI's callback for batch ``k``: order the feed stream after it, raise
+        for a bad chunk of it (the host waits for batch ``k``'s check, written
+        after its decode) and hand the frames over naming the feed stream."""
         prefetcher = self._prefetcher
         if self._closed or prefetcher is None:
             raise LoaderClosedError("the epoch's CUDA feed is closed")
-        frames, samples, slot = prefetcher.get(k)
+        frames, samples, slot, checks = prefetcher.get(k)
         with annotate("zarrdali.hand_over"), self._device():
             # DALI fed the batches handed over before this callback, so their
             # copies are enqueued on the feed stream: free once they have run.
@@ -489,6 +521,13 @@ class CudaFeed:
                 done.free.record(self.stream)
                 self.ring.release(done)
             self.stream.wait_event(slot.ready)
+            try:
+                for check in checks:
+                    check.raise_if_bad()
+            except BaseException:  # not handed over: free once the batch's writes are done
+                slot.free.record(self.stream)
+                self.ring.release(slot)
+                raise
             self._handed.append(slot)
             frames = tuple(hand_over(f, self.stream) for f in frames)
         return frames, samples

@@ -1,8 +1,9 @@
 """Gather stage of the GPU engine: the launches of the pack and gather kernels.
 
 The CUDA sources are in :mod:`zarrdali.backends.gpu.kernels`; this module
-compiles them once per backend (:class:`Kernels`, NVRTC through
-``cupy.RawKernel``) and launches them on the current CuPy stream:
+compiles them once per process and device (:class:`Kernels`: NVRTC with
+IEEE float arithmetic, :data:`NVRTC_OPTIONS`, loaded with
+``cupy.RawModule(path=...)``) and launches them on the current CuPy stream:
 
 * :func:`launch_copies`: ``[K, 3]`` byte copies (source offset, destination
   offset, bytes) between two device buffers, one launch: payload packing inside
@@ -26,21 +27,98 @@ without a GPU: the launches themselves (NVRTC, grid sizes on a device).
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import shutil
+import tempfile
 import threading
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .kernels import PACK_SOURCE, THREADS, finish_source, gather_source, grid_y
+from .kernels import (
+    PACK_SOURCE,
+    THREADS,
+    finish_source,
+    gather_block,
+    gather_grid_y,
+    gather_source,
+    grid_y,
+)
 from .plan import GatherFinish, GatherTables
+
+# NVRTC options of every kernel: float arithmetic as numpy does it on the CPU
+# (denormals kept, no fused multiply-add, IEEE division and square root), so
+# that the GPU path's batches equal the CPU path's bit for bit. CuPy's
+# RawKernel/RawModule(code=...) append ``-ftz=true`` to whatever they are given
+# (``cupy/cuda/compiler.py``, ``_compile_with_cache_cuda``), which flushes
+# denormals to zero in every float subtract, divide, convert and compare (a
+# float64 -> float32 denormal became 0, and a denormal compared equal to a
+# missing value of 0.0). Hence NVRTC here and the binary loaded with
+# ``RawModule(path=...)``, which compiles nothing.
+NVRTC_OPTIONS = ("--ftz=false", "--prec-div=true", "--prec-sqrt=true", "--fmad=false")
+
+_binaries: dict[tuple[str, int], Path] = {}  # (source, device) -> the compiled module's file
+_binaries_lock = threading.Lock()
+_binary_dir: Path | None = None
+_ftz_warned = False
+
+
+def _binary_folder() -> Path:
+    """This process's folder of compiled kernels (removed when it exits)."""
+    global _binary_dir
+    if _binary_dir is None:
+        _binary_dir = Path(tempfile.mkdtemp(prefix="zarrdali-kernels-"))
+        atexit.register(shutil.rmtree, _binary_dir, True)
+    return _binary_dir
+
+
+def compile_kernel(cp: Any, name: str, source: str) -> Any:
+    """Kernel ``name`` of ``source``, compiled by NVRTC with :data:`NVRTC_OPTIONS`
+    for the current device (once per process and device) and loaded with
+    ``cupy.RawModule(path=...)``.
+
+    A CuPy without ``cupy.cuda.compiler.compile_using_nvrtc`` gets
+    ``cupy.RawKernel`` (denormals flushed to zero), with a warning."""
+    global _ftz_warned
+    compile_using_nvrtc = getattr(getattr(cp.cuda, "compiler", None), "compile_using_nvrtc", None)
+    if compile_using_nvrtc is None or not hasattr(cp, "RawModule"):
+        if not _ftz_warned:
+            _ftz_warned = True
+            warnings.warn(
+                "zarrdali: this CuPy has no cupy.cuda.compiler.compile_using_nvrtc; the GPU "
+                "kernels are compiled by cupy.RawKernel, which flushes float denormals to zero "
+                "(the GPU path's batches may then differ from the CPU path's on denormals).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return cp.RawKernel(source, name)
+    device = int(cp.cuda.Device().id)
+    with _binaries_lock:
+        path = _binaries.get((source, device))
+        if path is None:
+            binary, _ = compile_using_nvrtc(source, options=NVRTC_OPTIONS)
+            if isinstance(binary, str):
+                binary = binary.encode()
+            digest = hashlib.sha256(binary).hexdigest()[:32]
+            path = _binary_folder() / f"{digest}.bin"
+            if not path.exists():
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(binary)
+                tmp.replace(path)
+            _binaries[(source, device)] = path
+    return cp.RawModule(path=str(path)).get_function(name)
 
 
 class Kernels:
     """Compiled kernels, by source (thread-safe); :meth:`clear` drops them."""
 
-    def __init__(self, cp: Any) -> None:
+    def __init__(self, cp: Any, compile: Callable[[Any, str, str], Any] = compile_kernel) -> None:
         self._cp = cp
+        self._compile = compile
         self._kernels: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
@@ -48,7 +126,7 @@ class Kernels:
         with self._lock:
             kernel = self._kernels.get((name, source))
             if kernel is None:
-                kernel = self._kernels[(name, source)] = self._cp.RawKernel(source, name)
+                kernel = self._kernels[(name, source)] = self._compile(self._cp, name, source)
         return kernel
 
     def clear(self) -> None:
@@ -93,10 +171,13 @@ def launch_gather(
     _, n_l, n_y, n_x = gather.tile_chunks.shape
     h, w = gather.out_shape[-2:]
     sizes = tuple(np.int32(n) for n in (gather.n_tiles, n_l, n_y, n_x, h, w))
-    grid = (gather.n_tiles, grid_y(gather.max_tile_elements))
+    if gather.max_tile_elements >= 1 << 31:
+        raise ValueError("a tile of 2**31 elements or more: the gather indexes them as int")
+    block = gather_block(w)
+    grid = (gather.n_tiles, gather_grid_y(gather.max_tile_elements // w, w))
     if finish is None:
         kernel = kernels.get("zarrdali_gather", gather_source(gather.out_dtype))
-        kernel(grid, (THREADS,), (decoded, *tables, *sizes, out))
+        kernel(grid, block, (decoded, *tables, *sizes, out))
         return tables
     if finish.masks and mask is None:
         raise ValueError("a finish with masks needs the mask array")
@@ -110,5 +191,5 @@ def launch_gather(
     )
     # without masks the kernel never writes through its mask pointer: any array will do
     target = mask if finish.masks else out
-    kernel(grid, (THREADS,), (decoded, *tables, *extra, *sizes, *flags, out, target))
+    kernel(grid, block, (decoded, *tables, *extra, *sizes, *flags, out, target))
     return tables + extra

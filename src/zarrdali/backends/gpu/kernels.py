@@ -3,10 +3,13 @@
 Header-free C++: NVRTC compiles them without the CUDA runtime headers.
 
 * ``zarrdali_pack``: byte copies ``(source offset, destination offset, bytes)``,
-  one block row per job: aligns payloads in the staging buffer and copies
-  uncompressed chunks to their decoded slots.
+  one block row per job, 16 bytes per load and store between the destination's
+  16-byte boundaries: aligns payloads in the staging buffer, copies
+  uncompressed chunks to their decoded slots and payloads into the GPU cache.
 * ``zarrdali_gather``: assembles the batch ``[B, T, C, H, W]`` from the decoded
-  chunks, one block row per tile (variable, sample, frame); each thread derives
+  chunks, one block column per tile (variable, sample, frame), its threads over
+  the tile's rows (``zd_row_of``, three integer divisions a row) and columns
+  (``zd_element``, one a column); each thread derives
   its element's source chunk and offset from the gather tables of
   :func:`zarrdali.backends.gpu.plan.gather_tables` (column numbers as there),
   loads it with a byte swap for big-endian chunks, casts it to the batch dtype,
@@ -29,17 +32,65 @@ from .plan import CTYPES, dtype_key
 THREADS = 256  # threads per block of both kernels
 
 PACK_SOURCE = r"""
+// 16 bytes, aligned as a 16-byte load and store need.
+struct alignas(16) zd_bytes16 {
+    unsigned int w[4];
+};
+
+__device__ __forceinline__ unsigned int zd_funnel(const unsigned int lo, const unsigned int hi,
+                                                  const unsigned int bits) {
+    return (unsigned int)((((unsigned long long)hi << 32) | lo) >> bits);
+}
+
+// Bytes [shift, shift + 16) of the 32 bytes a, b (shift in 1..15), in registers.
+__device__ __forceinline__ zd_bytes16 zd_shifted(const zd_bytes16& a, const zd_bytes16& b,
+                                                 const unsigned int shift) {
+    unsigned int w0, w1, w2, w3, w4;  // the five words the 16 bytes span
+    switch (shift >> 2) {
+    case 0: w0 = a.w[0]; w1 = a.w[1]; w2 = a.w[2]; w3 = a.w[3]; w4 = b.w[0]; break;
+    case 1: w0 = a.w[1]; w1 = a.w[2]; w2 = a.w[3]; w3 = b.w[0]; w4 = b.w[1]; break;
+    case 2: w0 = a.w[2]; w1 = a.w[3]; w2 = b.w[0]; w3 = b.w[1]; w4 = b.w[2]; break;
+    default: w0 = a.w[3]; w1 = b.w[0]; w2 = b.w[1]; w3 = b.w[2]; w4 = b.w[3]; break;
+    }
+    const unsigned int bits = (shift & 3) * 8;
+    zd_bytes16 r;
+    r.w[0] = zd_funnel(w0, w1, bits);
+    r.w[1] = zd_funnel(w1, w2, bits);
+    r.w[2] = zd_funnel(w2, w3, bits);
+    r.w[3] = zd_funnel(w3, w4, bits);
+    return r;
+}
+
+// jobs: [n_jobs, 3] (source offset, destination offset, bytes); one block row per
+// job. The destination's bytes up to its first 16-byte boundary and after its
+// last are copied one by one; those between, 16 at a time: aligned 16-byte
+// stores of 16-byte loads (two aligned loads, shifted, when the source is not
+// aligned as the destination; both lie within the 16-byte words holding the
+// job's source bytes, hence within its buffer).
 extern "C" __global__ void zarrdali_pack(const unsigned char* __restrict__ src,
                                          unsigned char* __restrict__ dst,
                                          const long long* __restrict__ jobs,
                                          const int n_jobs) {
-    // jobs: [n_jobs, 3] (source offset, destination offset, bytes)
     const int j = blockIdx.x;
     if (j >= n_jobs) return;
     const long long s = jobs[3 * j], d = jobs[3 * j + 1], n = jobs[3 * j + 2];
-    for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.y * blockDim.x) {
-        dst[d + i] = src[s + i];
+    const long long first = (long long)blockIdx.y * blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.y * blockDim.x;
+    long long head = (long long)((16 - ((unsigned long long)(dst + d) & 15)) & 15);
+    if (head > n) head = n;
+    const long long words = (n - head) >> 4;
+    const long long tail = head + words * 16;
+    for (long long i = first; i < head; i += stride) dst[d + i] = src[s + i];
+    for (long long i = tail + first; i < n; i += stride) dst[d + i] = src[s + i];
+    const unsigned char* from = src + s + head;
+    zd_bytes16* to = (zd_bytes16*)(dst + d + head);
+    const unsigned int shift = (unsigned int)((unsigned long long)from & 15);
+    const zd_bytes16* aligned = (const zd_bytes16*)(from - shift);
+    if (shift == 0) {
+        for (long long i = first; i < words; i += stride) to[i] = aligned[i];
+    } else {
+        for (long long i = first; i < words; i += stride)
+            to[i] = zd_shifted(aligned[i], aligned[i + 1], shift);
     }
 }
 """
@@ -126,6 +177,7 @@ __device__ __forceinline__ out_t zd_load(const unsigned char* p, const int code,
 #define FIN_OFFSET {FIN_OFFSET}
 #define PACK_SCALE {PACK_SCALE}
 #define PACK_OFFSET {PACK_OFFSET}
+#define PACK_FLOAT32 {PACK_FLOAT32}
 
 // What the elements of tile j share (the tile and variable table rows).
 struct zd_tile {
@@ -134,7 +186,8 @@ struct zd_tile {
     const int* chunks;        // its row of tile_chunks
     long long v, out0, total, item;  // v: its variable
     long long st, sl, sy, sx;        // element strides of a decoded chunk
-    int t, y0, x0, cy, cx, channel0, code, hw, w, n_y, n_x;
+    int t, y0, x0, cy, cx, channel0, code, hw, h, w, n_y, n_x;
+    int y0q, x0q;  // y0 / cy, x0 / cx: the tile's first chunk row and column
     bool swap;
 };
 
@@ -165,42 +218,62 @@ __device__ __forceinline__ zd_tile zd_tile_of(const long long* tiles,
     s.swap = s.var[VAR_SWAP] != 0;
     s.item = s.var[VAR_ITEMSIZE];
     s.hw = h * w;
+    s.h = h;
     s.w = w;
     s.n_y = n_y;
     s.n_x = n_x;
+    s.y0q = s.y0 / s.cy;
+    s.x0q = s.x0 / s.cx;
     s.total = s.var[VAR_LEVELS] * s.hw;
     return s;
 }
 
-// Element i = (level, y, x) of tile `s`: the slot of its chunk (< 0: missing),
-// its element offset in the chunk (`src`), its channel and its output offset
-// (`o`). Channel `level` of the variable is in run levels[level].run of the
-// tile's level runs, at level levels[level].src of that run's chunk; the
-// element is in chunk tile_chunks[j, run, (y0 + y) / cy - y0 / cy, (x0 + x) /
-// cx - x0 / cx], at (t, src, (y0 + y) % cy, (x0 + x) % cx) inside it (through
-// the chunk's stored strides), and goes to out[b, frame, channel0 + level, y,
-// x] (tile_out0 holds (b, frame)).
-__device__ __forceinline__ long long zd_element(const zd_tile& s,
-                                                const long long* chunk_slots,
-                                                const long long i, long long* src,
-                                                int* channel, long long* o) {
-    const int level = (int)(i / s.hw);
-    const int r = (int)(i - (long long)level * s.hw);
-    const int y = r / s.w;
-    const int x = r - y * s.w;
-    const int yy = s.y0 + y, xx = s.x0 + x;
+// What the elements of row `row` = (level, y) of tile `s` share, for row in
+// [0, levels * H): its row of chunk cells in tile_chunks, its element offset in
+// those chunks at x = 0 (less the column's), its channel, its output offset at
+// x = 0. Channel `level` of the variable is in run levels[level].run of the
+// tile's level runs, at level levels[level].src of that run's chunk.
+struct zd_row {
+    int cell, channel;
+    long long src, o;
+};
+
+__device__ __forceinline__ zd_row zd_row_of(const zd_tile& s, const int row) {
+    zd_row r;
+    const int level = row / s.h;
+    const int y = row - level * s.h;
+    const int yy = s.y0 + y;
+    const int yq = yy / s.cy;
     const long long* lv = s.levels + (long long)level * N_LEVEL_FIELDS;
-    const int cell = ((int)lv[LEVEL_RUN] * s.n_y + (yy / s.cy - s.y0 / s.cy)) * s.n_x
-                     + (xx / s.cx - s.x0 / s.cx);
-    *src = (long long)s.t * s.st + lv[LEVEL_SRC] * s.sl + (long long)(yy % s.cy) * s.sy
-           + (long long)(xx % s.cx) * s.sx;
-    *channel = s.channel0 + level;
-    *o = s.out0 + (long long)*channel * s.hw + r;
-    return chunk_slots[s.chunks[cell]];
+    r.cell = ((int)lv[LEVEL_RUN] * s.n_y + (yq - s.y0q)) * s.n_x;
+    r.src = (long long)s.t * s.st + lv[LEVEL_SRC] * s.sl + (long long)(yy - yq * s.cy) * s.sy;
+    r.channel = s.channel0 + level;
+    r.o = s.out0 + (long long)r.channel * s.hw + (long long)y * s.w;
+    return r;
 }
 
-// One block row (blockIdx.x) per tile j; blockIdx.y and the threads stride over
-// its elements i = (level, y, x) in [0, levels * H * W) (zd_element).
+// Element (level, y, x) of tile `s`, in its row `r` (zd_row_of): the slot of its
+// chunk (< 0: missing), its element offset in the chunk (`src`), its channel and
+// its output offset (`o`). The element is in chunk tile_chunks[j, run, (y0 + y) /
+// cy - y0 / cy, (x0 + x) / cx - x0 / cx], at (t, src, (y0 + y) % cy, (x0 + x) %
+// cx) inside it (through the chunk's stored strides), and goes to out[b, frame,
+// channel0 + level, y, x] (tile_out0 holds (b, frame)). One integer division per
+// element.
+__device__ __forceinline__ long long zd_element(const zd_tile& s,
+                                                const long long* chunk_slots, const zd_row& r,
+                                                const int x, long long* src, int* channel,
+                                                long long* o) {
+    const int xx = s.x0 + x;
+    const int xq = xx / s.cx;
+    *src = r.src + (long long)(xx - xq * s.cx) * s.sx;
+    *channel = r.channel;
+    *o = r.o + x;
+    return chunk_slots[s.chunks[r.cell + xq - s.x0q]];
+}
+
+// One block column (blockIdx.x) per tile j; blockIdx.y and threadIdx.y stride
+// over its rows (level, y) (zd_row_of), threadIdx.x over the columns x of a row
+// (zd_element): launched with gather_block(W) threads (kernels.py).
 extern "C" __global__ void zarrdali_gather(const unsigned char* __restrict__ decoded,
                                            const long long* __restrict__ tiles,
                                            const int* __restrict__ tile_chunks,
@@ -217,16 +290,20 @@ extern "C" __global__ void zarrdali_gather(const unsigned char* __restrict__ dec
                                  w);
     union { long long bits; out_t value; } fill;
     fill.bits = s.var[VAR_FILL];
-    for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < s.total;
-         i += (long long)gridDim.y * blockDim.x) {
-        long long src, o;
-        int c;
-        const long long slot = zd_element(s, chunk_slots, i, &src, &c, &o);
-        if (slot < 0) {  // missing chunk
-            out[o] = fill.value;
-            continue;
+    const int rows = (int)s.var[VAR_LEVELS] * s.h;
+    for (int row = blockIdx.y * blockDim.y + threadIdx.y; row < rows;
+         row += gridDim.y * blockDim.y) {
+        const zd_row r = zd_row_of(s, row);
+        for (int x = threadIdx.x; x < s.w; x += blockDim.x) {
+            long long src, o;
+            int c;
+            const long long slot = zd_element(s, chunk_slots, r, x, &src, &c, &o);
+            if (slot < 0) {  // missing chunk
+                out[o] = fill.value;
+                continue;
+            }
+            out[o] = zd_load(decoded + slot + src * s.item, s.code, s.swap);
         }
-        out[o] = zd_load(decoded + slot + src * s.item, s.code, s.swap);
     }
 }
 """
@@ -273,11 +350,18 @@ __device__ __forceinline__ bool zd_invalid(const unsigned char* p, const int cod
 // The value of the element at p as float: a C cast, or where the variable is
 // CF-packed (fin[FIN_PACKING]) x * scale_factor + add_offset in double, each
 // operation rounded on its own (no fused multiply-add: the CPU path's numpy
-// arithmetic), then rounded to float once.
+// arithmetic), then rounded to float once; in float with the attributes
+// rounded to float first where xarray unpacks so (PACK_FLOAT32, zarrdali/cf.py).
 __device__ __forceinline__ float zd_value(const unsigned char* p, const int code,
                                           const bool swap, const long long* fin) {
     const int packing = (int)fin[FIN_PACKING];
     if (!packing) return zd_load_as<float>(p, code, swap);
+    if (packing & PACK_FLOAT32) {  // a float32 variable xarray unpacks in float32
+        float f = zd_load_as<float>(p, code, swap);
+        if (packing & PACK_SCALE) f = __fmul_rn(f, (float)__longlong_as_double(fin[FIN_SCALE]));
+        if (packing & PACK_OFFSET) f = __fadd_rn(f, (float)__longlong_as_double(fin[FIN_OFFSET]));
+        return f;
+    }
     double d = zd_load_as<double>(p, code, swap);
     if (packing & PACK_SCALE) d = __dmul_rn(d, __longlong_as_double(fin[FIN_SCALE]));
     if (packing & PACK_OFFSET) d = __dadd_rn(d, __longlong_as_double(fin[FIN_OFFSET]));
@@ -312,20 +396,55 @@ extern "C" __global__ void zarrdali_gather_finish(const unsigned char* __restric
                                  w);
     const long long* fin = finish + s.v * N_FIN_FIELDS;
     const unsigned char* fill = (const unsigned char*)(fin + FIN_FILL);  // native order
-    for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < s.total;
-         i += (long long)gridDim.y * blockDim.x) {
-        long long src, o;
-        int c;
-        const long long slot = zd_element(s, chunk_slots, i, &src, &c, &o);
-        const bool missing = slot < 0;
-        const unsigned char* p = missing ? fill : decoded + slot + src * s.item;
-        const bool sw = missing ? false : s.swap;
-        float v = zd_value(p, s.code, sw, fin);
-        const bool bad = zd_invalid(p, s.code, (int)s.item, sw, fin);
-        if (normalize) v = (v - stats[2 * c]) / stats[2 * c + 1];
-        if (fill_missing && bad) v = nan_fill;
-        out[o] = v;
-        if (write_mask) mask[o] = bad ? 0 : 1;
+    const int rows = (int)s.var[VAR_LEVELS] * s.h;
+    for (int row = blockIdx.y * blockDim.y + threadIdx.y; row < rows;
+         row += gridDim.y * blockDim.y) {
+        const zd_row r = zd_row_of(s, row);
+        for (int x = threadIdx.x; x < s.w; x += blockDim.x) {
+            long long src, o;
+            int c;
+            const long long slot = zd_element(s, chunk_slots, r, x, &src, &c, &o);
+            const bool missing = slot < 0;
+            const unsigned char* p = missing ? fill : decoded + slot + src * s.item;
+            const bool sw = missing ? false : s.swap;
+            float v = zd_value(p, s.code, sw, fin);
+            const bool bad = zd_invalid(p, s.code, (int)s.item, sw, fin);
+            if (normalize) v = (v - stats[2 * c]) / stats[2 * c + 1];
+            if (fill_missing && bad) v = nan_fill;
+            out[o] = v;
+            if (write_mask) mask[o] = bad ? 0 : 1;
+        }
+    }
+}
+"""
+
+# The crc32c gate (decode.BatchedDecoder._check_crc): after nvCOMP's batched
+# CRC32-C of the staged chunks, compare each with the 4 bytes stored after it
+# (little-endian) and keep a chunk that fails (or whose CRC call failed) from the
+# decoder: its decode input becomes its algorithm's stand-in stream, valid and
+# decoding to one byte (corrupt input to nvCOMP is undefined behaviour).
+# ``jobs``: [5, n] int64, rows as decode.CRC_*: staged offset of the stored chunk,
+# bytes before its crc32c, decode-table column (-1: none), stand-in offset and size.
+CRC_GATE_SOURCE = r"""
+extern "C" __global__ void zarrdali_crc_gate(const unsigned char* __restrict__ staging,
+                                             const long long* __restrict__ jobs,
+                                             const unsigned int* __restrict__ crcs,
+                                             const int* __restrict__ statuses, const int n,
+                                             const unsigned long long stand_ins,
+                                             unsigned long long* __restrict__ in_ptrs,
+                                             unsigned long long* __restrict__ in_bytes,
+                                             int* __restrict__ bad) {
+    const int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n) return;
+    const unsigned char* p = staging + jobs[k] + jobs[n + k];
+    const unsigned int stored = (unsigned int)p[0] | ((unsigned int)p[1] << 8)
+                                | ((unsigned int)p[2] << 16) | ((unsigned int)p[3] << 24);
+    const int failed = statuses[k] != 0 || crcs[k] != stored;
+    bad[k] = failed;
+    const long long column = jobs[2 * n + k];
+    if (failed && column >= 0) {
+        in_ptrs[column] = stand_ins + (unsigned long long)jobs[3 * n + k];
+        in_bytes[column] = (unsigned long long)jobs[4 * n + k];
     }
 }
 """
@@ -362,3 +481,17 @@ def finish_source() -> str:
 def grid_y(max_items: int) -> int:
     """Block rows along y for jobs of up to ``max_items`` items (about 4 per thread)."""
     return int(min(max(1, -(-max_items // (THREADS * 4))), 65535))
+
+
+def gather_block(w: int) -> tuple[int, int]:
+    """Threads of a gather block, ``(x, y)``: up to a warp across a row of ``w``
+    columns (the power of two at or above ``w``, at most 32), the rest of
+    :data:`THREADS` down the rows."""
+    bx = 1 << min(5, max(0, (int(w) - 1).bit_length()))
+    return bx, THREADS // bx
+
+
+def gather_grid_y(max_rows: int, w: int) -> int:
+    """Block rows of the gather for tiles of up to ``max_rows`` rows (levels x H)."""
+    by = gather_block(w)[1]
+    return int(min(max(1, -(-int(max_rows) // by)), 65535))

@@ -30,7 +30,7 @@ validates what the kernel consumes on a machine without a GPU.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -107,6 +107,7 @@ FIN_OFFSET = FIN_PACKING + 2  # float64 bits of add_offset
 N_FIN_FIELDS = FIN_PACKING + 3
 PACK_SCALE = 1
 PACK_OFFSET = 2
+PACK_FLOAT32 = 4  # unpacked in float32 (a float32 variable xarray unpacks so), else float64
 
 _NO_ROWS = np.empty(0, dtype=np.int64)
 MISSING_SLOT = -1  # chunk slot of a chunk that does not exist: the kernel writes the fill
@@ -310,6 +311,7 @@ class DecodeGroup:
     in_nbytes: np.ndarray
     out_offset: np.ndarray
     out_nbytes: np.ndarray
+    crc_row: np.ndarray | None = None  # row of BatchDescription.crc_jobs, or -1 (none)
 
 
 @dataclass(frozen=True, eq=False)
@@ -399,6 +401,13 @@ def finish_tables(layouts: Sequence[ArrayLayout], finish: Finish, masks: bool) -
             if packing.offset is not None:
                 flags |= PACK_OFFSET
                 table[v, FIN_OFFSET] = np.float64(packing.offset).view(np.int64)
+            if packing.dtype == "float32":
+                flags |= PACK_FLOAT32
+            elif packing.dtype != "float64":
+                raise NotImplementedError(
+                    f"the GPU path unpacks in float32 or float64, not {packing.dtype} "
+                    f"(variable {layout.name!r}); use device='cpu'"
+                )
             table[v, FIN_PACKING] = flags
     stats = np.zeros((channels, 2), dtype=np.float32)
     stats[:, 1] = 1
@@ -430,6 +439,9 @@ class BatchDescription:
     ``host_nbytes``. ``pack_jobs`` (copies inside staging that align payloads)
     and ``copy_jobs`` (uncompressed chunks, staging to decoded buffer) are
     ``[K, 3]`` rows of (source offset, destination offset, bytes).
+    ``crc_jobs`` (``[K, 2]``: staging offset of the stored chunk, bytes before
+    its trailing crc32c) are the staged chunks that carry a crc32c, checked on
+    the device before anything decodes them; ``crc_chunks`` their plan rows.
     """
 
     device_chunks: np.ndarray
@@ -444,6 +456,8 @@ class BatchDescription:
     copy_jobs: np.ndarray
     decode_groups: list[DecodeGroup]
     gather: GatherTables
+    crc_jobs: np.ndarray = field(default_factory=lambda: _NO_CRC)
+    crc_chunks: np.ndarray = field(default_factory=lambda: _NO_ROWS)
 
     @property
     def decoded_nbytes(self) -> int:
@@ -677,6 +691,17 @@ def describe_batch(
         packed = staging.payload_offset != raw
         pack_jobs = _copy_jobs(raw, staging.payload_offset, read_length, packed)
     copy_jobs = _copy_jobs(raw, device_slots[read], read_length, uncompressed[read])
+    # Staged chunks with a trailing crc32c: checked on the device before decoding
+    # (a payload from the cache passed its check when it was read).
+    crc_row = np.full(len(device), -1, dtype=np.int64)
+    crc_jobs, crc_chunks = _NO_CRC, _NO_ROWS
+    checked = cols.tail[dvar[read]] > 0
+    if checked.any():
+        stored = raw[checked] - skip[read][checked]  # where the stored chunk starts
+        crc_jobs = np.stack([stored, nbytes[read][checked] - 4], axis=1)
+        crc_chunks = device[read][checked]
+        rows = np.flatnonzero(read if hit is not None else np.ones(len(device), dtype=bool))
+        crc_row[rows[checked]] = np.arange(len(crc_chunks))
     # Where each device chunk's payload is for its decoder.
     if hit is None:
         in_source = np.zeros(len(device), dtype=np.int8)
@@ -698,9 +723,11 @@ def describe_batch(
         pack_jobs=pack_jobs,
         copy_jobs=copy_jobs,
         decode_groups=_decode_groups(
-            cols, device, dvar, in_source, in_offset, length, device_slots
+            cols, device, dvar, in_source, in_offset, length, device_slots, crc_row
         ),
         gather=gather_tables(plan, cols, slots),
+        crc_jobs=crc_jobs,
+        crc_chunks=crc_chunks,
     )
 
 
@@ -733,6 +760,7 @@ def cacheable_payloads(
 
 
 _NO_JOBS = np.empty((0, 3), dtype=np.int64)
+_NO_CRC = np.empty((0, 2), dtype=np.int64)
 
 
 def _copy_jobs(
@@ -752,6 +780,7 @@ def _decode_groups(
     in_offset: np.ndarray,
     length: np.ndarray,
     device_slots: np.ndarray,
+    crc_row: np.ndarray,
 ) -> list[DecodeGroup]:
     """One :class:`DecodeGroup` per nvCOMP algorithm of the device-decoded chunks."""
     algorithm = cols.algorithm[dvar]
@@ -771,6 +800,7 @@ def _decode_groups(
                 in_nbytes=length[mine],
                 out_offset=device_slots[mine],
                 out_nbytes=cols.chunk_nbytes[dvar[mine]],
+                crc_row=crc_row[mine],
             )
         )
     return groups
@@ -864,12 +894,13 @@ def gather_reference(
         for m in range(int(fin[FIN_N_MISSING])):
             bad |= stored == _fill_value(fin[FIN_MISSING0 + m], native)
         packing = int(fin[FIN_PACKING])
-        if packing:  # CF unpacking in float64, rounded once (as the CPU path)
-            unpacked = stored.astype(np.float64)
+        if packing:  # CF unpacking in float64 (or float32), rounded once (as the CPU path)
+            kind = np.float32 if packing & PACK_FLOAT32 else np.float64
+            unpacked = stored.astype(kind)
             if packing & PACK_SCALE:
-                unpacked = unpacked * np.int64(fin[FIN_SCALE]).view(np.float64)
+                unpacked = unpacked * kind(np.int64(fin[FIN_SCALE]).view(np.float64))
             if packing & PACK_OFFSET:
-                unpacked = unpacked + np.int64(fin[FIN_OFFSET]).view(np.float64)
+                unpacked = unpacked + kind(np.int64(fin[FIN_OFFSET]).view(np.float64))
             value = unpacked.astype(np.float32)
         else:
             value = stored.astype(np.float32)
