@@ -127,16 +127,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--s3-limits", default="adaptive,16,64")
     p.add_argument("--delays-ms", default="5,20")
     p.add_argument("--out", default=None)
+    p.add_argument("--only", choices=["small", "s3"], default=None, help="one kind of server")
     args = p.parse_args(argv)
     data = Path(args.data_dir)
     if not sample_data_exists(data):
         write_sample_data(data, SampleDataSpec(), progress=False)
     results = {}
-    small = SmallHTTPServer(data)
-    try:
-        results["small"] = scenario("small", small.url, None, args.small_limits.split(","), args)
-    finally:
-        small.close()
+    if args.only != "s3":
+        small = SmallHTTPServer(data)
+        try:
+            limits = args.small_limits.split(",")
+            results["small"] = scenario("small", small.url, None, limits, args)
+        finally:
+            small.close()
+    if args.only == "small":
+        if args.out:
+            spec = {**SPEC, "variables": VARIABLES, "batches": args.batches, "reps": args.reps}
+            write_results(args.out, "in_flight.json", results, spec=spec)
+        return
     with RemoteS3Server() as s3:
         upload(s3.endpoint, "bench", data / SHARDED, SHARDED)
         url = f"s3://bench/{SHARDED}"

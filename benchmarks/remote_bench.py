@@ -21,6 +21,20 @@ sharded store, and for each delay measures on the reference sample spec
 Prints a table and writes ``remote.json`` and ``remote.md`` to ``--out``.
 
     python benchmarks/remote_bench.py --out benchmarks/results/remote-cpu-2core
+
+``--faults`` measures what failures cost instead (``faults.json`` in ``--out``):
+
+- a flaky server: ``http.server`` in its own process serving the sharded store,
+  answering 503 to one GET in three and resetting one connection in seven, at
+  random (``--fail-rate``, ``--reset-rate``), against the same server without
+  faults: the constructor plus ``--flaky-batches`` batches of the reference spec
+  (24 x 8 = 192 samples), runs interleaved (clean, flaky, flaky, clean, ...),
+  ``--repeats`` of each; reported: the median seconds of each and their ratio;
+- a store that accepts connections and never answers: how long the constructor
+  takes to fail, for each ``--dead-timeouts`` value of ``request_timeout``, and
+  what it raises.
+
+    python benchmarks/remote_bench.py --faults --out benchmarks/results/remote-faults-2core
 """
 
 from __future__ import annotations
@@ -250,6 +264,127 @@ def versions() -> dict:
     return out
 
 
+class HTTPServerProcess:
+    """``python -m zarrdali.bench.objectserver --http DIR`` in its own process (it then
+    shares no GIL with the loader), with random faults."""
+
+    def __init__(self, directory: Path, fail_rate: float = 0.0, reset_rate: float = 0.0):
+        command = [sys.executable, "-m", "zarrdali.bench.objectserver", "--http", str(directory)]
+        rates = ["--fail-rate", str(fail_rate), "--reset-rate", str(reset_rate)]
+        self._proc = subprocess.Popen([*command, *rates], stdout=subprocess.PIPE, text=True)
+        port = int(self._proc.stdout.readline().split()[1])
+        self.url = f"http://127.0.0.1:{port}/{SHARDED}"
+
+    def close(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=10)
+
+
+def timed_epoch(url: str, batches: int, args) -> dict:
+    """Seconds from the constructor to the end of ``batches`` batches (a user's view),
+    and what the source counted."""
+    t0 = time.perf_counter()
+    loader = zarrdali.ZarrLoader(url, VARIABLES, **SPEC, seed=args.seed, device="cpu", workers=0)
+    try:
+        built = time.perf_counter() - t0
+        n = 0
+        for n, _ in enumerate(loader, 1):
+            if n == batches:
+                break
+        seconds = time.perf_counter() - t0
+        stats = loader.backend.stats()
+    finally:
+        loader.close()
+    keep = ("requests", "retries", "timeouts", "transient_errors", "slow_answers")
+    keep += ("in_flight_limit", "in_flight_decreases", "peak_in_flight")
+    return {
+        "seconds": seconds,
+        "constructor_seconds": built,
+        "batches": n,
+        **{k: stats.get(k) for k in keep},
+    }
+
+
+def dead_endpoint(timeout_s: float) -> dict:
+    """How long the constructor takes to fail against a server that never answers."""
+    from zarrdali.bench.objectserver import SilentServer
+
+    with SilentServer() as silent:
+        t0 = time.perf_counter()
+        try:
+            zarrdali.ZarrLoader(
+                f"{silent.url}/{SHARDED}",
+                VARIABLES,
+                **SPEC,
+                device="cpu",
+                workers=0,
+                request_timeout=timeout_s,
+            ).close()
+            error = None
+        except Exception as err:  # what the user gets is what is measured
+            error = f"{type(err).__module__}.{type(err).__name__}: {err}"
+        seconds = time.perf_counter() - t0
+    return {"request_timeout": timeout_s, "seconds": seconds, "error": error}
+
+
+def faults_main(args) -> dict:
+    if not sample_data_exists(args.data_dir):
+        write_sample_data(args.data_dir, SampleDataSpec(n_time=args.n_time), progress=False)
+    servers = {
+        "clean": HTTPServerProcess(args.data_dir),
+        "flaky": HTTPServerProcess(args.data_dir, args.fail_rate, args.reset_rate),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in servers}
+    try:
+        timed_epoch(servers["clean"].url, 2, args)  # imports and first-use costs, untimed
+        for rep in range(args.repeats):
+            order = ["clean", "flaky"] if rep % 2 == 0 else ["flaky", "clean"]
+            for name in order:
+                r = timed_epoch(servers[name].url, args.flaky_batches, args)
+                runs[name].append(r)
+                print(f"{name}: {json.dumps(r)}", flush=True)
+    finally:
+        for server in servers.values():
+            server.close()
+    median = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
+    dead = [dead_endpoint(t) for t in args.dead_timeouts]
+    for d in dead:
+        print(f"dead endpoint: {json.dumps(d)}", flush=True)
+    return {
+        "flaky": {
+            "fail_rate": args.fail_rate,
+            "reset_rate": args.reset_rate,
+            "samples": args.flaky_batches * SPEC["batch_size"],
+            "median_seconds": median,
+            "flaky_over_clean": median["flaky"] / median["clean"],
+            "runs": runs,
+        },
+        "dead_endpoint": dead,
+    }
+
+
+def faults_markdown(result: dict) -> str:
+    f = result["flaky"]
+    lines = [
+        f"Flaky server ({f['fail_rate']:.3g} of GETs 503, {f['reset_rate']:.3g} of connections "
+        f"reset), {f['samples']} samples, constructor included:",
+        "",
+        "| server | median s | runs (s) |",
+        "|---|---|---|",
+    ]
+    for name, rs in f["runs"].items():
+        each = ", ".join(f"{r['seconds']:.1f}" for r in rs)
+        lines.append(f"| {name} | {f['median_seconds'][name]:.2f} | {each} |")
+    lines += ["", f"flaky / clean: {f['flaky_over_clean']:.2f}x", ""]
+    lines += [
+        "| never answers, request_timeout | constructor fails after | error |",
+        "|---|---|---|",
+    ]
+    for d in result["dead_endpoint"]:
+        lines.append(f"| {d['request_timeout']:g} s | {d['seconds']:.2f} s | {d['error']} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=Path("sample-data-remote"))
@@ -264,8 +399,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="zarrdali's worker processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-out/remote"))
+    p.add_argument("--faults", action="store_true", help="what failures cost (see above)")
+    p.add_argument("--fail-rate", type=float, default=1 / 3)
+    p.add_argument("--reset-rate", type=float, default=1 / 7)
+    p.add_argument("--flaky-batches", type=int, default=24)
+    p.add_argument("--dead-timeouts", type=float, nargs="+", default=[2.0, 5.0])
     args = p.parse_args(argv)
     commit = _commit()  # at the start: the code that runs
+    if args.faults:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = faults_main(args)
+        payload = {
+            "command": " ".join([sys.executable, *sys.argv]),
+            "commit": commit,
+            "versions": versions(),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "load_average": os.getloadavg(),
+            "spec": {**SPEC, "variables": VARIABLES},
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            **result,
+        }
+        (args.out / "faults.json").write_text(json.dumps(payload, indent=2) + "\n")
+        table = faults_markdown(result)
+        (args.out / "faults.md").write_text(table + "\n")
+        print(table)
+        return 0
 
     if args.workers:
         raise SystemExit("--workers > 0: the source's byte counts live in the workers; use 0")

@@ -1,7 +1,9 @@
 """The remote source's flow control (``backends/flow.py``), driven with made-up
 latencies: the in-flight limit grows to ``max_in_flight`` where latency does not
 grow with load, settles near a server's capacity where it does, halves once per
-round on congestion; the latency bound follows what the store usually takes."""
+round on congestion; failures that strike a fixed share of requests leave it
+alone, failures that grow with it keep it down; the latency bound follows what
+the store usually takes."""
 
 from __future__ import annotations
 
@@ -27,6 +29,57 @@ def run_rounds(limit: AdaptiveLimit, latency, rounds: int) -> list[int]:
         limit.in_flight = 0
         seen.append(limit.limit)
     return seen
+
+
+def run_failing_rounds(limit: AdaptiveLimit, share, rounds: int, seed: int = 0) -> list[int]:
+    """Like :func:`run_rounds`, latency flat (10 ms), each request failing with
+    probability ``share(n)`` at limit ``n`` (failed requests count in the round)."""
+    rng = random.Random(seed)
+    seen = []
+    for _ in range(rounds):
+        token, n = limit._round, limit.limit
+        for _ in range(max(limit.min_round, n)):
+            limit.in_flight = n
+            failed = rng.random() < share(n)
+            limit.release(token, "failed" if failed else "ok", 0.01)
+        limit.in_flight = 0
+        seen.append(limit.limit)
+    return seen
+
+
+def test_failures_at_a_fixed_share_leave_the_limit_alone():
+    """A flaky proxy: 3 requests in 7 fail (503s, resets) whatever the load. The
+    limit grows to the maximum as without failures (one step down, at first, to
+    tell) and ends there; halving on each failure would end it at 1. A run whose
+    shares happen to differ by chance goes back once and grows again (2 seeds in
+    20: the test is two-sided chance at 2.5 standard errors)."""
+    went_back = 0
+    for seed in range(20):
+        limit = AdaptiveLimit(64)
+        seen = run_failing_rounds(limit, lambda n: 3 / 7, 300, seed)
+        assert seen[-1] == 64 and min(seen[10:]) >= 8, (seed, seen)
+        went_back += limit.decreases > 0
+        assert limit.decreases <= 1 and (limit.decreases or max(seen[:10]) == 64), seed
+    assert went_back <= 2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_failures_that_grow_with_the_limit_keep_it_down(seed):
+    """A server with 6 connections resets the rest: at ``n`` in flight, ``n - 6`` of
+    every ``n`` requests fail. The limit stays near 6 (at most twice that, most of
+    the time), far from the 64 it would reach if failures were ignored."""
+    limit = AdaptiveLimit(64)
+    seen = run_failing_rounds(limit, lambda n: max(0, n - 6) / n, 400, seed)
+    assert limit.decreases >= 1
+    assert np.median(seen) <= 12 and max(seen) <= 32, seen
+
+
+def test_a_round_with_no_answer_halves():
+    """A store that fails every request of a round (down, or refusing all): fewer
+    requests, as after congestion."""
+    limit = AdaptiveLimit(64, initial=32)
+    run_failing_rounds(limit, lambda n: 1.0, 1)
+    assert limit.limit == 16 and limit.decreases == 1
 
 
 def test_grows_to_the_maximum_where_latency_does_not_grow():
@@ -59,6 +112,21 @@ def test_congestion_halves_once_per_round():
     limit.in_flight = 1
     limit.release(limit._round, "congested")
     assert limit.limit == 8 and limit.decreases == 2
+
+
+def test_a_late_sign_of_congestion_still_halves():
+    """A slow answer comes back seconds after it was sent (a dropped connect waits
+    for TCP's retransmission), when the limit has grown since: it halves the limit
+    it finds; answers sent before that decrease do not halve it again."""
+    limit = AdaptiveLimit(64)
+    early = limit._round  # sent at 4
+    run_rounds(limit, lambda n: 0.01, 2)
+    assert limit.limit == 16
+    limit.in_flight = 2
+    limit.release(early, "congested")
+    assert limit.limit == 8 and limit.decreases == 1
+    limit.release(early, "congested")  # the same burst
+    assert limit.limit == 8 and limit.decreases == 1
 
 
 def test_a_fixed_limit_stays():

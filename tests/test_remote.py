@@ -129,7 +129,7 @@ def test_fsspec_when_obstore_is_missing(s3, local_store, monkeypatch):
     monkeypatch.setattr("zarrdali.remote.obstore_available", lambda: False)
     loader = zarrdali.ZarrLoader(URL, ["sharded"], storage_options=s3.storage_options(), **KW)
     assert isinstance(loader.backend.source, ZarrStoreSource)
-    assert type(loader.group.store).__name__ == "FsspecStore"
+    assert type(loader.group.store.inner).__name__ == "FsspecStore"
     check_epoch(loader, zarr.open_group(str(local_store), mode="r"), ["sharded"])
     assert all(rng for _, rng in data_gets(s3, "sharded")), "no whole-shard GET"
 

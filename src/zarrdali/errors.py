@@ -20,6 +20,21 @@ class StoreAccessError(ZarrDaliError, PermissionError):
     """The store refused access: denied, or the credentials are missing or wrong."""
 
 
+class StoreUnavailableError(ZarrDaliError, ConnectionError):
+    """The store could not be read: its host does not resolve or cannot be
+    reached, the connection is refused or its TLS handshake fails, it did not
+    answer within ``request_timeout``, or it keeps answering with an error. The
+    message names the store and the cause; ``store`` and ``cause`` hold them."""
+
+    def __init__(self, message: str, *, store: str = "", cause: str = "") -> None:
+        super().__init__(message)
+        self.store = store
+        self.cause = cause
+
+    def __reduce__(self):  # keyword-only fields: pickled by name
+        return _store_unavailable, (str(self), self.store, self.cause)
+
+
 class VariableNotFoundError(ZarrDaliError, KeyError):
     """A requested variable is not an array of the store."""
 
@@ -90,3 +105,7 @@ class ProcessContextError(ZarrDaliError, RuntimeError):
 
 def _chunk_error(message: str, store: str, array: str, key: str) -> ChunkError:
     return ChunkError(message, store=store, array=array, key=key)
+
+
+def _store_unavailable(message: str, store: str, cause: str) -> StoreUnavailableError:
+    return StoreUnavailableError(message, store=store, cause=cause)

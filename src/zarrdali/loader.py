@@ -337,7 +337,9 @@ class ZarrLoader:
             max_in_flight=max_in_flight,
             request_timeout=request_timeout,
         )
-        self.group, self.store_name = open_group(store, storage_options)
+        self.group, self.store_name = open_group(
+            store, storage_options, request_timeout=request_timeout, max_in_flight=max_in_flight
+        )
         if not isinstance(decode_cf, (bool, np.bool_)):
             raise ConfigError(f"decode_cf must be True or False, got {decode_cf!r}.")
         self.decode_cf = bool(decode_cf)

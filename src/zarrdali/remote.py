@@ -4,11 +4,13 @@ A URL (``s3://``, ``gs://``, ``az://``, ``http(s)://``) is opened with obstore
 when it is installed (one client for metadata and chunk bytes), else with
 fsspec through zarr-python. A zarr ``Store`` object (obstore-backed,
 fsspec-backed, an Icechunk session's store) is used as given. zarr-python reads
-the metadata either way; :mod:`zarrdali.backends.sources` reads the chunks.
+the metadata either way, each of its reads a request of zarrdali's engine
+(:mod:`zarrdali.backends.bounded`); :mod:`zarrdali.backends.sources` reads the chunks.
 
 Also here: the translation of fsspec-style ``storage_options`` to obstore's
 names, and how errors of the storage libraries are told apart (access refused,
-transient, missing), so every caller words them alike.
+throttling, transient, a connection that never reached the store) and described
+in a few words, so every caller words them alike.
 """
 
 from __future__ import annotations
@@ -159,20 +161,6 @@ def zarr_store_for(
         f"cannot open a store from {type(store).__name__}: pass a path, a URL, a zarr.Group, "
         f"a zarr Store (e.g. an Icechunk session's store) or an obstore store."
     )
-
-
-def bucket_missing(zstore: Any) -> bool:
-    """Whether a store that holds no group lacks its bucket (zarr-python does not say)."""
-    inner = getattr(zstore, "store", None)
-    if not type(inner).__module__.startswith("obstore"):
-        return False
-    import obstore
-
-    try:
-        obstore.get_range(inner, "zarr.json", start=0, length=1)  # GET: 404 with a body
-    except Exception as err:  # the answer is in the message; any other failure: unknown
-        return "NoSuchBucket" in str(err)
-    return False
 
 
 def store_label(zstore: Any) -> str:
@@ -361,6 +349,135 @@ def is_transient(err: BaseException) -> bool:
     return any(word in text for word in _TRANSIENT_WORDS)
 
 
+# What a store says when it asks for fewer requests (S3: 503 SlowDown; GCS: 429
+# rateLimitExceeded; Azure: 503 ServerBusy): load, unlike a plain 5xx or a reset.
+_THROTTLING_WORDS = (
+    "SlowDown",
+    "Slow Down",
+    "Too Many Requests",
+    "TooManyRequests",
+    "Throttl",
+    "RequestLimitExceeded",
+    "rateLimitExceeded",
+    "ServerBusy",
+    "reduce your request rate",
+)
+
+
+def is_throttling(err: BaseException) -> bool:
+    """The store answered that it is throttling this client (429, 503 SlowDown, ...)."""
+    if _status(err) == 429:
+        return True
+    text = str(err)
+    return any(word in text for word in _THROTTLING_WORDS)
+
+
+# Connection failures, told from the text of the error chain (obstore prints the
+# whole chain of reqwest/hyper/rustls errors; aiohttp and Python name the OS error).
+_DNS_WORDS = (
+    "dns error",
+    "failed to lookup address",
+    "Name or service not known",
+    "nodename nor servname",
+    "No address associated with hostname",
+    "getaddrinfo failed",
+    "Cannot connect to host",  # (aiohttp: with one of the words above)
+)
+_DNS_TEMPORARY = ("Temporary failure in name resolution", "EAI_AGAIN")
+_TLS_WORDS = (
+    "InvalidContentType",
+    "InvalidCertificate",
+    "invalid peer certificate",
+    "certificate verify failed",
+    "CERTIFICATE_VERIFY_FAILED",
+    "UnknownIssuer",
+    "NotValidForName",
+    "WRONG_VERSION_NUMBER",
+    "wrong version number",
+    "SSLError",
+    "tls handshake",
+    "TLS handshake",
+    "HandshakeFailure",
+    "AlertReceived",
+)
+_REFUSED_WORDS = ("Connection refused", "ConnectionRefused", "connection refused")
+_UNREACHABLE_WORDS = (
+    "No route to host",
+    "Network is unreachable",
+    "Host is unreachable",
+    "HostUnreachable",
+    "NetworkUnreachable",
+)
+_RESET_WORDS = (
+    "Connection reset",
+    "connection reset",
+    "ConnectionReset",
+    "connection closed before message completed",
+    "connection closed",
+    "Broken pipe",
+    "IncompleteMessage",
+    "error decoding response body",
+)
+
+
+def _chain_text(err: BaseException) -> str:
+    """The text of ``err`` and of the errors it was raised from."""
+    parts, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        parts.append(f"{type(err).__name__}: {err}")
+        err = err.__cause__ or err.__context__
+    return "\n".join(parts)
+
+
+def connect_failure(err: BaseException) -> str | None:
+    """What kept a request from reaching the store, if that is what failed:
+    ``"dns"`` (the host name does not resolve), ``"tls"`` (the TLS handshake
+    failed), ``"refused"`` (nothing listens there) or ``"unreachable"`` (no route
+    to the host); None for anything else."""
+    text = _chain_text(err)
+    names = {cls.__name__ for cls in type(err).__mro__}
+    if any(w in text for w in _DNS_TEMPORARY):
+        return None  # the resolver hiccuped: worth another try
+    if "gaierror" in names or any(w in text for w in _DNS_WORDS[:-1]):
+        return "dns"
+    if names & {"SSLError", "ClientSSLError", "ClientConnectorCertificateError"} or any(
+        w in text for w in _TLS_WORDS
+    ):
+        return "tls"
+    if "ConnectionRefusedError" in names or any(w in text for w in _REFUSED_WORDS):
+        return "refused"
+    if any(w in text for w in _UNREACHABLE_WORDS):
+        return "unreachable"
+    return None
+
+
+def describe_failure(err: BaseException) -> str:
+    """The cause of a failed request in a few words, for messages: what a user
+    can act on, without the storage client's pages of debug output."""
+    kind = connect_failure(err)
+    if kind == "dns":
+        return "the host name does not resolve (DNS lookup failed)"
+    if kind == "tls":
+        found = next((w for w in _TLS_WORDS if w in _chain_text(err)), "")
+        detail = f" ({found})" if found and found not in ("SSLError", "tls handshake") else ""
+        return f"the TLS handshake failed{detail}: is it an https:// URL of a TLS server?"
+    if kind == "refused":
+        return "the connection was refused (nothing listens at that host and port)"
+    if kind == "unreachable":
+        return "the host is unreachable (no route to it)"
+    status = _status(err)
+    if status is not None:
+        code = next((w for w in _ACCESS_WORDS + _THROTTLING_WORDS if w in str(err)), "")
+        return f"HTTP {status}" + (f" ({code})" if code and str(status) not in code else "")
+    text = _chain_text(err)
+    if any(w in text for w in _RESET_WORDS):
+        return "the connection was reset or closed before the answer was complete"
+    if isinstance(err, (TimeoutError, asyncio.TimeoutError)) or "timed out" in text:
+        return "the request timed out"
+    return short_message(err)
+
+
 def short_message(err: BaseException) -> str:
     """The first line of an error (obstore appends pages of debug output)."""
     text = str(err).strip().splitlines()
@@ -396,7 +513,12 @@ class StoreRef:
         from .backends.sources import make_source
         from .store import open_group
 
-        group, name = open_group(self.store, self.storage_options)
+        group, name = open_group(
+            self.store,
+            self.storage_options,
+            request_timeout=self.request_timeout,
+            max_in_flight=self.max_in_flight,
+        )
         source = make_source(
             group,
             name,

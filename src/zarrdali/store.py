@@ -30,10 +30,17 @@ from .errors import (
     MetadataError,
     StoreAccessError,
     StoreNotFoundError,
+    StoreUnavailableError,
     UnknownCodecError,
     VariableNotFoundError,
 )
-from .metadata import available_memory, local_directory, node_key, read_array_metadata
+from .metadata import (
+    available_memory,
+    local_directory,
+    node_key,
+    read_array_metadata,
+    read_document,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,16 +185,40 @@ class ArrayLayout:
 def open_group(
     store: str | os.PathLike | zarr.Group | Any,
     storage_options: Mapping[str, Any] | None = None,
+    *,
+    request_timeout: float | None = None,
+    max_in_flight: int = 64,
 ) -> tuple[zarr.Group, str]:
     """Open ``store`` read-only; returns the group and a name for messages.
 
     ``store`` is a local path, a URL (``s3://``, ``gs://``, ``https://``, ...;
     ``storage_options`` go to obstore or fsspec), a ``zarr.Group``, a zarr
     ``Store`` (an Icechunk session's store, an ``FsspecStore``, ...) or an
-    obstore store.
+    obstore store. A remote group's store is a
+    :class:`~zarrdali.backends.bounded.BoundedStore`: every read zarr-python
+    makes of it (this one first) is a request of zarrdali's engine, answered
+    within ``request_timeout`` seconds (default 60) or failed with a named
+    error: :class:`StoreNotFoundError` (no group there), :class:`StoreAccessError`
+    (credentials refused), :class:`~zarrdali.errors.StoreUnavailableError`
+    (unreachable, refused, DNS or TLS failure, no answer).
     """
+    from zarr.storage import LocalStore
+
+    from .backends.sources import bounded_store
+
     if isinstance(store, zarr.Group):
-        return store, str(store.store_path)
+        name = str(store.store_path)
+        if isinstance(store.store, LocalStore):
+            return store, name
+        # The same group (its metadata is in hand) over a bounded view of its store.
+        from zarr.core.group import AsyncGroup
+        from zarr.storage import StorePath
+
+        bounded = bounded_store(
+            store.store, name, max_in_flight=max_in_flight, request_timeout=request_timeout
+        )
+        path = StorePath(bounded, store.path)
+        return zarr.Group(AsyncGroup(metadata=store.metadata, store_path=path)), name
     if isinstance(store, (str, os.PathLike)) and not remote.is_url(os.fspath(store)):
         name = os.fspath(store)
         if not Path(name.removeprefix("file://")).exists():
@@ -195,22 +226,45 @@ def open_group(
                 f"Zarr store {name!r} does not exist. Check the path, or create the sample "
                 f"data with `zarrdali sample-data DIR`."
             )
-        target: Any = name
-    else:
-        target = remote.zarr_store_for(store, storage_options)
-        name = remote.redact_url(store) if isinstance(store, str) else remote.store_label(target)
+        return _open_zarr_group(name, name, zarr_format=None), name
+    target = remote.zarr_store_for(store, storage_options)
+    name = remote.redact_url(store) if isinstance(store, str) else remote.store_label(target)
+    if isinstance(target, LocalStore):
+        return _open_zarr_group(target, name, zarr_format=None), name
+    bounded = bounded_store(
+        target, name, max_in_flight=max_in_flight, request_timeout=request_timeout
+    )
     try:
-        group = zarr.open_group(target, mode="r")
+        return _open_zarr_group(bounded, name, zarr_format=3), name
+    except StoreNotFoundError:
+        # No Zarr v3 group: a v2 one (opened, and its arrays refused by name
+        # later), or nothing (the v2 keys are asked for only to tell).
+        if read_document(bounded, ".zgroup") is None:
+            raise
+        return _open_zarr_group(bounded, name, zarr_format=2), name
+
+
+def _open_zarr_group(target: Any, name: str, zarr_format: int | None) -> zarr.Group:
+    """``zarr.open_group(target, mode="r")``, its errors named (see :func:`open_group`)."""
+    try:
+        return zarr.open_group(target, mode="r", zarr_format=zarr_format)
+    except (StoreAccessError, StoreUnavailableError):
+        raise
     except (
         FileNotFoundError,
         zarr.errors.GroupNotFoundError,
         zarr.errors.ContainsArrayError,
         KeyError,
     ) as err:
-        missing_bucket = "NoSuchBucket" in str(err) or remote.bucket_missing(target)
-        hint = " (the bucket does not exist)" if missing_bucket else ""
+        if isinstance(err, zarr.errors.ContainsArrayError):
+            raise StoreNotFoundError(
+                f"{name!r} is a Zarr array, not a group: pass the group that holds the variables."
+            ) from err
+        hint = " (the bucket does not exist)" if _bucket_missing(target, err) else ""
+        what = "zarr.json" if zarr_format == 3 else "Zarr metadata"
         raise StoreNotFoundError(
-            f"{name!r} is not a Zarr group{hint}: {remote.short_message(err)}"
+            f"{name!r} is not a Zarr group{hint}: it has no {what} at its root. Check the "
+            f"URL or path (and the bucket and prefix)."
         ) from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MetadataError(
@@ -219,11 +273,37 @@ def open_group(
     except Exception as err:
         if remote.is_access_error(err):
             raise StoreAccessError(
-                f"access to store {name!r} was refused: {remote.short_message(err)}. Check "
+                f"access to store {name!r} was refused: {remote.describe_failure(err)}. Check "
                 f"the credentials (storage_options or the environment) and the permissions."
             ) from err
-        raise
-    return group, name
+        raise MetadataError(
+            f"zarr-python cannot open the group: {remote.short_message(err)}",
+            store=name,
+            array="",
+        ) from err
+
+
+def _bucket_missing(target: Any, err: BaseException) -> bool:
+    """Whether a store that holds no group lacks its bucket (zarr-python does not
+    say; S3 answers NoSuchBucket), asked through the engine when it has one."""
+    if "NoSuchBucket" in str(err):
+        return True
+    from .backends.bounded import BoundedStore
+
+    if not isinstance(target, BoundedStore):
+        return False
+    inner = getattr(target.inner, "store", None)  # an ObjectStore's obstore client
+    if not type(inner).__module__.startswith("obstore"):
+        return False
+    import obstore
+    from zarr.core.sync import sync
+
+    probe = lambda: obstore.get_range_async(inner, "zarr.json", start=0, length=1)  # noqa: E731
+    try:
+        sync(target.source.request("zarr.json", probe))  # GET: a 404 with a body
+    except Exception as found:  # the answer is in the message; any other failure: unknown
+        return "NoSuchBucket" in str(found)
+    return False
 
 
 def describe_array(
@@ -238,13 +318,13 @@ def describe_array(
     zstore = group.store
     try:
         meta = read_array_metadata(zstore, group.path, name, store_name)
-    except MetadataError:
+    except (MetadataError, StoreAccessError, StoreUnavailableError):
         raise
     except Exception as err:  # the store's own errors (remote stores)
         if remote.is_access_error(err):
             raise StoreAccessError(
                 f"access to store {store_name!r} was refused reading the metadata of "
-                f"{name!r}: {remote.short_message(err)}. Check the credentials "
+                f"{name!r}: {remote.describe_failure(err)}. Check the credentials "
                 f"(storage_options or the environment) and the permissions."
             ) from err
         raise MetadataError(

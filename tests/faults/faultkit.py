@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 
@@ -25,3 +29,30 @@ def check_batches(loader, store: Path, variables) -> int:
             np.testing.assert_array_equal(frames[i], want, err_msg=f"sample {(t0, y0, x0)}")
         n += 1
     return n
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: int):
+    """A tmpfs of ``size`` bytes mounted at ``path`` for the block (a small disk
+    that fills up, or is remounted read-only: :func:`remount`). Yields ``path``,
+    or None where this process may not mount (not root, no CAP_SYS_ADMIN)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        yield None
+        return
+    options = f"size={size},mode=0700"
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "zarrdali-test", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount(path: Path, mode: str) -> None:
+    """Remount the tmpfs at ``path`` ``"ro"`` or ``"rw"``."""
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True, capture_output=True)

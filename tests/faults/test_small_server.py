@@ -3,7 +3,8 @@ static-file server at its connection limit does (HTTP/1.0: a connection per
 request). With a fixed 64 requests in flight most requests are refused and
 retried (a queue of 5 that overflows costs seconds per dropped connect instead,
 see ``benchmarks/in_flight_bench.py``); the adaptive limit backs off to what
-the server sustains, with exact batches and no tuning.
+the server sustains (the share of reset connections grows with it), with exact
+batches and no tuning.
 """
 
 from __future__ import annotations
@@ -41,4 +42,8 @@ def test_requests_in_flight_adapt_to_a_small_server(remote_store):
     assert stats["transient_errors"] == refused, "every reset connection counted"
     assert stats["retries"] >= refused, "... and retried"
     assert fixed_refused > 4 * max(refused, 1), (refused, fixed_refused)
-    assert refused <= stats["requests"] // 10, (refused, stats["requests"])
+    # Resets count as load where their share grows with the limit (issue 28: a
+    # flaky proxy's random resets must not halve it), so the limit settles at the
+    # server's 4 connections and keeps the few resets of connections overlapping
+    # there (about 1 request in 10), retried at once, instead of halving below it.
+    assert refused <= stats["requests"] // 5, (refused, stats["requests"])

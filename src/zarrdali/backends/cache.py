@@ -26,22 +26,34 @@ relative to that directory's descriptor, held until :meth:`DiskCache.close`.
 Entries are never revalidated against the store: an object rewritten in place
 under the same key keeps its cached bytes until evicted. Icechunk stores are
 cached per snapshot, so a new commit does not see old bytes.
+
+The cache degrades, it never fails a batch: a write that fails (a full disk,
+a file system that is or became read-only, a quota, any ``OSError``) removes
+its temporary file and stops all writing to this cache, with one
+``RuntimeWarning`` naming the directory and the error; the loader keeps
+reading those ranges from the store. Reads go on: a read-only cache still
+hits (the time of a hit is updated where the file system lets it), and a
+cache directory that cannot be made at all is a cache that misses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import os
 import stat
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import crc32c
 
 from ..errors import ConfigError
 
+log = logging.getLogger(__name__)
 DEFAULT_CACHE_BYTES = 8 << 30
 _TMP = ".tmp-"
 _STALE_TMP_S = 3600.0
@@ -80,6 +92,8 @@ class DiskCache:
 
     ``budget_bytes`` bounds everything this user caches under ``directory``
     (all stores). :meth:`close` releases the directory's descriptor.
+    ``writing`` turns False for good at the first write that fails (see the
+    module's text).
     """
 
     def __init__(self, directory: str | os.PathLike, namespace: str, budget_bytes: int) -> None:
@@ -92,13 +106,39 @@ class DiskCache:
         self._lock = threading.Lock()
         self._since_scan = 0
         self.hits = self.misses = self.bytes_written = self.evicted = self.dropped = 0
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _private_dir(str(self.root))
-        self._fd: int | None = os.open(self.root, _OPEN_DIR)
+        self.write_errors = 0
+        self.writing = True
+        self._closed = False
+        self._fd: int | None = None
         self._subdirs: set[str] = set()  # checked private
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private_dir(str(self.root))
+        except ConfigError:
+            raise
+        except OSError as err:  # read-only, full, not ours to write: a cache that misses
+            self._stop_writing(err, "cannot create the cache's directory")
+        with contextlib.suppress(OSError):  # (absent: every read misses)
+            self._fd = os.open(self.root, _OPEN_DIR)
+
+    def _stop_writing(self, err: OSError, what: str) -> None:
+        """A write failed: no more writes to this cache (once, with a warning)."""
+        with self._lock:
+            self.write_errors += 1
+            if not self.writing:
+                return
+            self.writing = False
+        code = errno.errorcode.get(err.errno, str(err.errno)) if err.errno else type(err).__name__
+        message = (
+            f"cache_dir {str(self.directory)!r}: {what} ({code}: {err.strerror or err}); "
+            f"zarrdali stops writing to this cache and reads what is not in it from the "
+            f"store (entries already cached are still read)."
+        )
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _fd_or_raise(self) -> int:
-        if self._fd is None:
+        if self._closed:
             raise RuntimeError(f"the disk cache {str(self.root)!r} was closed")
         return self._fd
 
@@ -117,6 +157,8 @@ class DiskCache:
         name, identity = self._name(key, start, nbytes)
         root = self._fd_or_raise()
         try:
+            if root is None:  # no directory: nothing cached
+                raise FileNotFoundError(name)
             fd = os.open(name, _OPEN_READ, dir_fd=root)
         except FileNotFoundError:  # never cached, or evicted (maybe by another process)
             with self._lock:
@@ -138,7 +180,10 @@ class DiskCache:
             view = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
             if got != st.st_size or not self._valid(view, identity):
                 return self._drop(name)
-            os.utime(fd)  # most recently used
+            with contextlib.suppress(OSError):  # a read-only file system: a hit all the same
+                os.utime(fd)  # most recently used
+        except OSError:  # the disk failed under the read: fetched again
+            return self._drop(name)
         finally:
             os.close(fd)
         with self._lock:
@@ -155,8 +200,9 @@ class DiskCache:
         return crc32c.crc32c(entry[16:]) == int.from_bytes(entry[4:8], "little")
 
     def _drop(self, name: str) -> None:
-        """Delete a damaged entry (the caller fetches the range again)."""
-        with contextlib.suppress(FileNotFoundError):
+        """Delete a damaged entry (the caller fetches the range again; on a
+        read-only file system it stays, and is dropped again when read)."""
+        with contextlib.suppress(OSError):
             os.unlink(name, dir_fd=self._fd_or_raise())
         with self._lock:
             self.dropped += 1
@@ -164,25 +210,41 @@ class DiskCache:
         return None
 
     def put(self, key: str, start: int, nbytes: int, data) -> None:
-        name, identity = self._name(key, start, nbytes)
+        """Cache ``data`` as the range ``(key, start, nbytes)``; a write that fails
+        stops this cache's writing instead of raising (see the module's text)."""
         root = self._fd_or_raise()
+        if not self.writing or root is None:
+            return
+        name, identity = self._name(key, start, nbytes)
         sub = name[:2]
-        if sub not in self._subdirs:
-            _private_dir(sub, dir_fd=root)
-            self._subdirs.add(sub)
         payload = memoryview(data).cast("B")
         size = payload.nbytes
         crc = crc32c.crc32c(payload, crc32c.crc32c(identity))
         header = _MAGIC + crc.to_bytes(4, "little") + size.to_bytes(8, "little") + identity
         tmp = f"{sub}/{_TMP}{os.getpid()}-{threading.get_ident()}-{name[3:]}"
-        fd = os.open(tmp, _OPEN_WRITE, 0o600, dir_fd=root)
         try:
-            with open(fd, "wb", closefd=False) as f:
-                f.write(header)
-                f.write(payload)
-        finally:
-            os.close(fd)
-        os.replace(tmp, name, src_dir_fd=root, dst_dir_fd=root)
+            if sub not in self._subdirs:
+                _private_dir(sub, dir_fd=root)
+                self._subdirs.add(sub)
+            fd = os.open(tmp, _OPEN_WRITE, 0o600, dir_fd=root)
+        except ConfigError:
+            raise
+        except OSError as err:
+            self._stop_writing(err, "cannot write an entry")
+            return
+        try:
+            try:
+                with open(fd, "wb", closefd=False) as f:
+                    f.write(header)
+                    f.write(payload)
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=root, dst_dir_fd=root)
+        except OSError as err:  # no half-written entry stays behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=root)
+            self._stop_writing(err, "cannot write an entry")
+            return
         with self._lock:
             self.bytes_written += size
             self._since_scan += size
@@ -218,7 +280,7 @@ class DiskCache:
         stale = time.time() - _STALE_TMP_S
         for mtime, _, path, tmp in entries:
             if tmp and mtime < stale:  # left by a writer that died before its rename
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.unlink(path)
         entries = [e for e in entries if not (e[3] and e[0] < stale)]
         total = sum(size for _, size, _, _ in entries)
@@ -234,6 +296,8 @@ class DiskCache:
                 os.unlink(path)
             except FileNotFoundError:  # another process evicted it first
                 continue
+            except OSError:  # read-only now: nothing more to evict
+                return
             total -= size
             with self._lock:
                 self.evicted += 1
@@ -245,10 +309,11 @@ class DiskCache:
             "cache_bytes_written": self.bytes_written,
             "cache_evicted": self.evicted,
             "cache_dropped": self.dropped,
+            "cache_write_errors": self.write_errors,
         }
 
     def close(self) -> None:
         """Release the store directory's descriptor (idempotent)."""
-        fd, self._fd = self._fd, None
+        fd, self._fd, self._closed = self._fd, None, True
         if fd is not None:
             os.close(fd)

@@ -22,14 +22,21 @@ import random
 import threading
 import time
 import warnings
-from collections import OrderedDict
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
 from ..errors import StoreAccessError, ZarrDaliError
-from ..remote import is_access_error, is_transient, short_message
+from ..remote import (
+    connect_failure,
+    describe_failure,
+    is_access_error,
+    is_throttling,
+    is_transient,
+)
 from .cache import DEFAULT_CACHE_BYTES, DiskCache
 from .flow import AdaptiveLimit, LatencyBound, RequestPolicy
 from .ranges import coalesce_arrays
@@ -48,12 +55,17 @@ OnReady = Callable[[list[int], list[Any]], None]  # (chunk positions, their buff
 
 
 class ObjectReadError(ZarrDaliError, OSError):
-    """Reading one object failed; callers name its array and key (``ChunkError``)."""
+    """Reading one object failed; callers name its array and key (``ChunkError``),
+    or the store (:class:`~zarrdali.errors.StoreUnavailableError`).
 
-    def __init__(self, path: str, reason: str) -> None:
+    ``unavailable``: the store could not be reached or did not answer (rather
+    than answering something wrong about this object)."""
+
+    def __init__(self, path: str, reason: str, *, unavailable: bool = False) -> None:
         super().__init__(reason)
         self.path = path
         self.reason = reason
+        self.unavailable = unavailable
 
 
 class ByteSource(Protocol):
@@ -178,23 +190,39 @@ class RangesIgnored(Exception):
 
 
 def _nbytes(result: Any) -> int:
+    """Bytes of an answer: a buffer, ``(buffer, size)``, a zarr ``Buffer``; else 0."""
     data = result[0] if isinstance(result, tuple) else result
-    return 0 if data is None else memoryview(data).nbytes
+    if data is None or isinstance(data, (bool, int)):
+        return 0
+    try:
+        return memoryview(data).nbytes
+    except TypeError:  # a zarr Buffer (zarr-python's reads): its length in bytes
+        return len(data) if hasattr(data, "__len__") else 0
 
 
 class RemoteSource:
     """Concurrent byte-range reads from an object store (the async engine).
 
     Subclasses implement one request: :meth:`_get_range`, :meth:`_get_whole`,
-    :meth:`_get_index`. Requests run on zarr-python's event loop (the one that
-    already serves the store's metadata). How many are in flight adapts to
-    what the store sustains (:class:`~zarrdali.backends.flow.AdaptiveLimit`,
-    at most ``max_in_flight``); a request that stalls past what the store
-    usually takes is cancelled and sent again; transient errors (429, 503
-    SlowDown, 5xx, dropped connections, timeouts) are retried here with
-    exponential backoff and jitter (the storage client's own retries are off,
-    so every retry is counted); a request not answered within
-    ``policy.timeout_s`` in all fails its batch (see :mod:`~zarrdali.backends.flow`).
+    :meth:`_get_index`; :meth:`request` runs any other (zarr-python's metadata
+    reads, through :class:`~zarrdali.backends.bounded.BoundedStore`), so every
+    request of a loader has the same deadline and flow control. Requests run on
+    zarr-python's event loop (the one that serves zarr-python's own calls). How
+    many are in flight adapts to what the store sustains
+    (:class:`~zarrdali.backends.flow.AdaptiveLimit`, at most
+    ``max_in_flight``); a request that stalls past what the store usually takes
+    is cancelled, abandoned (never awaited: its connection closes behind it) and
+    sent again; transient errors are retried here (the storage client's own
+    retries are off, so every retry is counted): throttling (429, 503 SlowDown)
+    with exponential backoff and jitter, other errors (a plain 5xx, a reset
+    connection) at once while the store answers most requests, with backoff
+    when it fails most. A refused connection, an unreachable host, a name that
+    does not resolve or a failed TLS handshake fails at once while the store has
+    never answered (a wrong URL), and is retried once it has (a restart). A
+    request not answered within ``policy.timeout_s`` in all fails its batch (see
+    :mod:`~zarrdali.backends.flow`). At interpreter exit every request in
+    flight is abandoned and later ones fail at once, so no thread waiting on one
+    keeps the process alive.
     A server that ignores ``Range`` is read whole object by whole object, each
     fetched once while it fits the last ``whole_bytes`` kept in memory, with a
     one-time warning. ``max_gap``: see ``REMOTE_MAX_GAP``.
@@ -221,7 +249,10 @@ class RemoteSource:
         self.latency = LatencyBound(self.policy)
         self._lock = threading.Lock()
         self.requests = self.bytes = self.retried = self.timeouts = self.errors = self.slow = 0
+        self.throttled = self.answered = 0
+        self._recent: deque[bool] = deque(maxlen=64)  # last attempts: answered or failed
         self.seconds = 0.0
+        _watch_for_exit(self)
         self.ranges_ignored = False
         self.whole_bytes = whole_bytes
         self._whole: OrderedDict[str, Buffer] = OrderedDict()  # path -> object (LRU)
@@ -305,6 +336,7 @@ class RemoteSource:
             "retries": self.retried,
             "timeouts": self.timeouts,
             "transient_errors": self.errors,
+            "throttled": self.throttled,
             "slow_answers": self.slow,
             "peak_in_flight": self.limit.peak,
             "max_in_flight": self.max_in_flight,
@@ -319,6 +351,23 @@ class RemoteSource:
         self._whole.clear()
         self._whole_held = 0
 
+    def configure(self, max_in_flight: int, policy: RequestPolicy) -> None:
+        """Use these settings from now on (a source made to read the metadata,
+        then given the loader's ``max_in_flight``; the latencies learnt stay)."""
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        if max_in_flight != self.max_in_flight:
+            self.max_in_flight = max_in_flight
+            self.limit = AdaptiveLimit(max_in_flight, policy.initial_in_flight)
+        self.policy = policy
+        self.latency.policy = policy
+
+    async def request(self, path: str, make: Callable[[], Any]) -> Any:
+        """``await make()`` as one of this source's requests: under the in-flight
+        limit, re-sent when it stalls, retried, within ``policy.timeout_s``. For
+        metadata (small documents): their latency is not a chunk's usual one."""
+        return await self._request(path, make, metadata=True)
+
     # -- the engine ---------------------------------------------------------------
     def _run(self, calls: list[tuple[Callable, tuple]]) -> list[Any]:
         """Run ``fn(*args)`` coroutines concurrently; results in order. The first
@@ -327,6 +376,8 @@ class RemoteSource:
             return []
         from zarr.core.sync import sync
 
+        if _exiting:
+            raise ObjectReadError(str(calls[0][1][0]), _EXIT_REASON, unavailable=True)
         t0 = time.perf_counter()
         try:
             return sync(self._gather(calls))
@@ -354,9 +405,27 @@ class RemoteSource:
     async def _then(fn: Callable, args: tuple, callback: Callable, key: int) -> None:
         callback(key, await fn(*args))
 
-    async def _request(self, path: str, make: Callable[[], Any], nbytes: int = 0) -> Any:
+    async def _request(
+        self, path: str, make: Callable[[], Any], nbytes: int = 0, *, metadata: bool = False
+    ) -> Any:
         """One request under the in-flight limit: re-sent when it stalls, retried
         when it fails transiently, until ``policy.timeout_s`` has passed."""
+        if _exiting:
+            raise ObjectReadError(path, _EXIT_REASON, unavailable=True)
+        me = asyncio.current_task()
+        _requesting.add(me)
+        try:
+            return await self._attempts(path, make, nbytes, metadata)
+        except asyncio.CancelledError:
+            if _exiting:  # abandoned at interpreter exit: a plain error, not a cancel
+                raise ObjectReadError(path, _EXIT_REASON, unavailable=True) from None
+            raise
+        finally:
+            _requesting.discard(me)
+
+    async def _attempts(
+        self, path: str, make: Callable[[], Any], nbytes: int, metadata: bool
+    ) -> Any:
         loop = asyncio.get_running_loop()
         policy = self.policy
         bound = self.latency.bound(nbytes)
@@ -370,19 +439,20 @@ class RemoteSource:
                 deadline = now + policy.timeout_s
             attempts += 1
             self.requests += 1
-            outcome, stalled, took = "other", False, 0.0
+            outcome, stalled, throttled, took = "other", False, False, 0.0
             task = asyncio.ensure_future(make())
             try:
                 wait = max(0.0, min(bound, deadline - now))
                 try:
                     done, _ = await asyncio.wait({task}, timeout=wait)
                 except BaseException:  # this batch was cancelled (another request failed)
-                    task.cancel()
+                    _abandon(task)
                     raise
-                if not done:  # stalled: cancelling closes its connection
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                if not done and wait < bound:  # the deadline came first: no stall
+                    _abandon(task)
+                    last = last or f"no answer in {wait:.1f} s"
+                elif not done:  # stalled: abandoned (cancelling closes its connection)
+                    _abandon(task)
                     self.timeouts += 1
                     outcome, stalled = "congested", True
                     last = f"no answer in {wait:.1f} s"
@@ -390,40 +460,69 @@ class RemoteSource:
                     try:
                         result = task.result()
                     except (FileNotFoundError, RangesIgnored):
+                        self.answered += 1  # an answer all the same
+                        self._recent.append(True)
                         raise
                     except Exception as err:
                         if is_access_error(err):
                             raise StoreAccessError(
                                 f"access to store {self.name!r} was refused reading {path!r}: "
-                                f"{short_message(err)}. Check the credentials (storage_options "
-                                f"or the environment) and the permissions on the bucket."
+                                f"{describe_failure(err)}. Check the credentials "
+                                f"(storage_options or the environment) and the permissions "
+                                f"on the bucket."
                             ) from err
-                        if not is_transient(err):
-                            raise ObjectReadError(path, short_message(err)) from err
+                        cause, unreachable = describe_failure(err), connect_failure(err)
+                        if unreachable in ("dns", "tls") or (unreachable and not self.answered):
+                            # A wrong URL, not a restart: no use waiting for it.
+                            raise ObjectReadError(path, cause, unavailable=True) from err
+                        if not unreachable and not is_transient(err):
+                            raise ObjectReadError(path, cause) from err
                         self.errors += 1
-                        outcome, last = "congested", short_message(err)
+                        self._recent.append(False)
+                        throttled = is_throttling(err)
+                        self.throttled += throttled
+                        outcome, last = ("congested" if throttled else "failed"), cause
                     else:
                         took, size = loop.time() - now, max(nbytes, _nbytes(result))
                         outcome = "congested" if self.latency.slow(took, size) else "ok"
                         self.slow += outcome == "congested"
-                        self.latency.record(took, size)
+                        if metadata:
+                            self.latency.record_first(took)
+                        else:
+                            self.latency.record(took, size)
+                        self.answered += 1
+                        self._recent.append(True)
                         return result
             finally:
                 self.limit.release(token, outcome, took)
             now = loop.time()
             if now >= deadline:
+                tried = f"; {attempts} attempts, the last: {last}" if attempts > 1 else ""
+                if attempts == 1 and not last.startswith("no answer"):
+                    tried = f"; {last}"
                 raise ObjectReadError(
                     path,
-                    f"no answer within {policy.timeout_s:g} s (request_timeout; {attempts} "
-                    f"attempts, the last: {last})",
+                    f"no answer within {policy.timeout_s:g} s (request_timeout{tried})",
+                    unavailable=True,
                 )
             self.retried += 1
             if stalled:  # sent again at once, with more patience
                 bound = min(policy.max_stall_s, 2 * bound)
                 continue
+            if not throttled and self._answering():
+                # The store answers: this failure is bad luck more likely than load
+                # (that is for the in-flight limit to tell): try again now.
+                await asyncio.sleep(0)
+                continue
             delay = min(backoff, deadline - now) * (0.5 + random.random() / 2)  # jitter
             backoff = min(policy.max_backoff_s, 2 * backoff)
             await asyncio.sleep(delay)
+
+    def _answering(self) -> bool:
+        """Whether the store answers (at least a quarter of the last attempts, of 8
+        or more): then a failure is retried at once; a store that fails nearly
+        everything (down, or refusing most connections) gets backoff instead."""
+        return len(self._recent) >= 8 and 4 * sum(self._recent) >= len(self._recent)
 
     def _ignore_ranges(self) -> None:
         if not self.ranges_ignored:
@@ -506,6 +605,50 @@ class RemoteSource:
             return None  # a shard never written: every inner chunk is the fill value
         raw = whole[max(0, len(whole) - nbytes) :] if at_end else whole[:nbytes]
         return raw, len(whole)  # a short one: the locator names the broken shard
+
+
+def _abandon(task: asyncio.Future) -> None:
+    """Cancel a request and leave it: its connection closes as it unwinds, and
+    nobody waits for that (its outcome, if any, is read so none is reported)."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+# -- at interpreter exit ------------------------------------------------------------
+# Interpreter shutdown joins every thread of a ThreadPoolExecutor (threading's own
+# exit hooks, before atexit's). A thread of a loader waiting on a request would hold
+# the process for up to request_timeout, and a queued batch would start new ones. A
+# hook registered with threading after concurrent.futures' (they run in reverse)
+# abandons every request in flight and fails every later one at once.
+_EXIT_REASON = "abandoned: the interpreter is exiting"
+_exiting = False
+_requesting: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()  # tasks inside _request
+_watched = False
+_watch_lock = threading.Lock()
+
+
+def _watch_for_exit(source: RemoteSource) -> None:
+    global _watched
+    with _watch_lock:
+        if _watched:
+            return
+        register = getattr(threading, "_register_atexit", None)
+        if register is None:  # not CPython: threads are joined as they end
+            _watched = True
+            return
+        try:
+            register(_abandon_requests)
+        except RuntimeError:  # already shutting down
+            return
+        _watched = True
+
+
+def _abandon_requests() -> None:
+    global _exiting
+    _exiting = True
+    for task in list(_requesting):
+        with contextlib.suppress(RuntimeError):  # its loop closed: nothing waits on it
+            task.get_loop().call_soon_threadsafe(task.cancel)
 
 
 def _range_refused(err: BaseException) -> bool:
@@ -677,9 +820,39 @@ class CachedSource:
 
 def cache_namespace(zstore: Any, name: str) -> str:
     """What cached bytes belong to: the store, and for Icechunk its snapshot."""
-    session = getattr(zstore, "session", None)
+    from .bounded import unwrap
+
+    session = getattr(unwrap(zstore), "session", None)
     snapshot = getattr(session, "snapshot_id", None)
     return f"{name}@{snapshot}" if snapshot else name
+
+
+def _policy(request_timeout: float | None) -> RequestPolicy:
+    return RequestPolicy(**({} if request_timeout is None else {"timeout_s": request_timeout}))
+
+
+def bounded_store(
+    zstore: Any, name: str, *, max_in_flight: int = 64, request_timeout: float | None = None
+):
+    """``zstore`` (a remote zarr store) as a :class:`~zarrdali.backends.bounded.BoundedStore`:
+    zarr-python's reads become requests of the :class:`RemoteSource` that will
+    also read the chunks (``make_source`` takes it from there)."""
+    from zarr.storage import ObjectStore
+
+    from ..remote import obstore_for_requests
+    from .bounded import BoundedStore
+
+    policy = _policy(request_timeout)
+    kw = dict(max_in_flight=max_in_flight, policy=policy)
+    if isinstance(zstore, ObjectStore):
+        # One client that never retries by itself, for zarr-python's reads and ours.
+        client = obstore_for_requests(zstore.store, policy.timeout_s)
+        source: RemoteSource = ObstoreSource(client, name, **kw)
+        if client is not zstore.store:
+            zstore = ObjectStore(client, read_only=True)
+    else:
+        source = ZarrStoreSource(zstore, name, **kw)
+    return BoundedStore(zstore, source)
 
 
 def make_source(
@@ -692,24 +865,33 @@ def make_source(
     request_timeout: float | None = None,
     map_fn: Callable[[Callable, Iterable], Iterable] = map,
 ) -> ByteSource:
-    """The byte source of the store a zarr group was opened from.
+    """The byte source of the store a zarr group was opened from. A group opened
+    by :func:`~zarrdali.store.open_group` on a remote store already has one (its
+    metadata was read through it): that one, set to ``max_in_flight`` and
+    ``request_timeout`` (when given).
 
     ``request_timeout``: the most seconds one remote request may take, retries
     included, before its batch fails (default :class:`RequestPolicy`'s)."""
     from zarr.storage import LocalStore, ObjectStore
 
     from ..remote import obstore_for_requests
+    from .bounded import BoundedStore
 
     zstore = group.store
     if isinstance(zstore, LocalStore):
         return LocalSource(name, map_fn)
-    policy = RequestPolicy(**({} if request_timeout is None else {"timeout_s": request_timeout}))
-    kw = dict(max_in_flight=max_in_flight, policy=policy)
-    if isinstance(zstore, ObjectStore):
-        store = obstore_for_requests(zstore.store, policy.timeout_s)
-        source: RemoteSource = ObstoreSource(store, name, **kw)
+    if isinstance(zstore, BoundedStore):
+        source = zstore.source
+        policy = source.policy if request_timeout is None else _policy(request_timeout)
+        source.configure(max_in_flight, policy)
     else:
-        source = ZarrStoreSource(zstore, name, **kw)
+        policy = _policy(request_timeout)
+        kw = dict(max_in_flight=max_in_flight, policy=policy)
+        if isinstance(zstore, ObjectStore):
+            store = obstore_for_requests(zstore.store, policy.timeout_s)
+            source = ObstoreSource(store, name, **kw)
+        else:
+            source = ZarrStoreSource(zstore, name, **kw)
     if cache_dir is None:
         return source
     budget = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes

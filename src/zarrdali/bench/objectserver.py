@@ -12,7 +12,10 @@ and read.
 :class:`RangeHTTPServer` is ``http.server`` serving a directory with HTTP range
 requests (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``), as static-file servers of
 Zarr stores do, with faults to inject (:class:`HTTPFaults`: 503s, requests
-never answered, Range ignored, a connection limit, a small listen queue).
+never answered, Range ignored, a connection limit, a small listen queue; 503s
+and connection resets at random, as a busy object store or proxy gives; an
+answer such as 401 or 403 for every request). :class:`SilentServer` accepts
+connections and never answers.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import http.server
 import json
 import logging
 import os
+import random
 import re
 import socket
 import struct
@@ -317,6 +321,9 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
             over = faults.max_connections and faults.connections > faults.max_connections
             if over:
                 faults.refused += 1
+            elif faults.reset_rate and faults.rng.random() < faults.reset_rate:
+                over = True  # a connection reset at random (a proxy, a flaky link)
+                faults.resets += 1
         try:
             if over:  # at its connection limit: reset the connection, as a full server does
                 self.connection.setsockopt(
@@ -334,7 +341,18 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
             faults.requests.append((self.path, self.headers.get("Range")))
             hang = _take(faults.hang, self.path)
             fail = _take(faults.fail, self.path)
+            throttle = _take(faults.throttle, self.path)
+            if not fail and faults.fail_rate and faults.rng.random() < faults.fail_rate:
+                fail = True
+                faults.failed_at_random += 1
+            status = next((code for part, code in faults.status.items() if part in self.path), 0)
             delay = faults.delay_s
+        if status:  # e.g. 401, 403: what a store answers a client it does not let in
+            self.send_error(status)
+            return None
+        if throttle:  # what a store says to a client it asks for fewer requests
+            self.send_error(429, "Too Many Requests")
+            return None
         if hang:  # never answered: the connection stays open until the server closes
             faults.closing.wait()
             return None
@@ -411,14 +429,25 @@ class _Limited:
 class HTTPFaults:
     """What :class:`RangeHTTPServer` does wrong, changeable while it serves.
 
-    ``fail``/``hang``: path part -> how many of its next GETs answer 503 / are never
-    answered; ``ignore_range``: answer every GET with the whole file (200);
+    ``fail``/``hang``/``throttle``: path part -> how many of its next GETs answer 503
+    / are never answered / answer 429; ``ignore_range``: answer every GET with the whole file (200);
     ``max_connections``: connections past it are reset at once; ``delay_s``: before
-    each answer. ``requests`` logs (path, Range) of every GET; ``refused`` counts resets.
+    each answer. ``fail_rate``/``reset_rate``: the share of GETs answered 503 / of
+    connections reset, drawn at random (``rng``, seeded: runs repeat); ``status``:
+    path part -> the status every GET of it gets (401, 403, ...). ``requests`` logs
+    (path, Range) of every GET; ``refused`` counts resets at the connection limit,
+    ``resets`` and ``failed_at_random`` the random ones.
     """
 
     fail: dict[str, int] = field(default_factory=dict)
     hang: dict[str, int] = field(default_factory=dict)
+    throttle: dict[str, int] = field(default_factory=dict)
+    fail_rate: float = 0.0
+    reset_rate: float = 0.0
+    status: dict[str, int] = field(default_factory=dict)
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+    resets: int = 0
+    failed_at_random: int = 0
     ignore_range: bool = False
     max_connections: int = 0
     delay_s: float = 0.0
@@ -471,14 +500,53 @@ class RangeHTTPServer:
         self._thread.join()
 
 
+class SilentServer:
+    """Accepts TCP connections on 127.0.0.1 and never answers (a hung endpoint: a
+    process stopped under its listening socket, a proxy whose backend is gone).
+    ``url``: ``http://127.0.0.1:PORT``; ``connections``: how many were accepted."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            self.connections += 1
+            self._held.append(conn)  # open, unread, unanswered
+
+    def __enter__(self) -> SilentServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._thread.join(timeout=5)
+        for conn in self._held:
+            conn.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="moto S3 server on 127.0.0.1 with zarrdali's knobs")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--http", metavar="DIRECTORY", help="serve DIRECTORY over HTTP/1.0 instead")
     p.add_argument("--backlog", type=int, default=256, help="listen queue of --http")
+    p.add_argument("--fail-rate", type=float, default=0.0, help="--http: share of GETs 503")
+    p.add_argument("--reset-rate", type=float, default=0.0, help="--http: connections reset")
+    p.add_argument("--seed", type=int, default=0, help="--http: of the random faults")
     args = p.parse_args(argv)
     if args.http:
         http = RangeHTTPServer(args.http, backlog=args.backlog)
+        http.faults.fail_rate, http.faults.reset_rate = args.fail_rate, args.reset_rate
+        http.faults.rng.seed(args.seed)
         print(f"port {http.url.rsplit(':', 1)[1]}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             http._server.serve_forever()
