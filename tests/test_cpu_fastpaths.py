@@ -326,7 +326,7 @@ def test_memory_map_false_reaches_the_worker_processes(make_store):
         )
         reader = pickle.loads(pickle.dumps(reader))  # as DALI hands it to a worker
         frames, samples = reader(0)  # (input,) or (input, target)
-        backend = reader._state[2]
+        backend = reader._state[1]  # (layouts, backend)
         try:
             assert backend.maps is None
             window = np.concatenate(frames, axis=1)

@@ -203,8 +203,8 @@ def test_failed_load_in_a_prefetch_thread_leaves_no_reference_cycle(no_collector
 
 
 # -- worker processes -----------------------------------------------------------
-def test_worker_processes_end_with_their_epoch(store, no_collector, epochs):
-    loader = loader_for(store, ["a", "b"], workers=2, batch_size=4)
+def test_worker_processes_end_with_their_epoch_unless_persistent(store, no_collector, epochs):
+    loader = loader_for(store, ["a", "b"], workers=2, batch_size=4, persistent_workers=False)
     for k, _ in enumerate(loader):
         if k == 1:
             break
@@ -214,6 +214,23 @@ def test_worker_processes_end_with_their_epoch(store, no_collector, epochs):
         assert len(multiprocessing.active_children()) == 2
     assert multiprocessing.active_children() == []
     loader.close()
+
+
+def test_persistent_workers_outlive_the_epoch_not_the_loader(store, no_collector, epochs):
+    """The epoch's feed and iterator go with the epoch; the processes stay for the
+    next epoch and end with close()."""
+    loader = loader_for(store, ["a", "b"], workers=2, batch_size=4)
+    for k, _ in enumerate(loader):
+        if k == 1:
+            break
+    _assert_dead(epochs[-1])
+    pids = {p.pid for p in multiprocessing.active_children()}
+    assert len(pids) == 2
+    assert sum(1 for _ in loader) == len(loader)
+    _assert_dead(epochs[-1])
+    assert {p.pid for p in multiprocessing.active_children()} == pids
+    loader.close()
+    assert multiprocessing.active_children() == []
 
 
 def test_workers_end_and_buffers_go_even_while_something_holds_the_feed(store, monkeypatch):
@@ -230,7 +247,7 @@ def test_workers_end_and_buffers_go_even_while_something_holds_the_feed(store, m
             super().close(because)
 
     monkeypatch.setattr(zarrdali.loader, "EpochRun", Holding)
-    loader = loader_for(store, ["a", "b"], workers=2, batch_size=4)
+    loader = loader_for(store, ["a", "b"], workers=2, batch_size=4, persistent_workers=False)
     kept = []
     for k, batch in enumerate(loader):
         kept.append(batch)
@@ -253,16 +270,25 @@ def test_workers_end_and_buffers_go_even_while_something_holds_the_feed(store, m
     assert first.shape[0] == 4
 
 
-def test_worker_processes_end_when_a_worker_fails(make_store, no_collector, epochs):
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_failed_part_ends_the_epoch_and_keeps_healthy_workers(
+    make_store, no_collector, epochs, persistent
+):
     store = make_store(*VARS)
     corrupt_chunk(store, "a", "c/3/0/0")
-    loader = loader_for(store, ["a"], workers=2, batch_size=4, shuffle=False)
+    loader = loader_for(
+        store, ["a"], workers=2, batch_size=4, shuffle=False, persistent_workers=persistent
+    )
     with pytest.raises(ChunkError):
         for _ in loader:
             pass
-    assert multiprocessing.active_children() == []
     _assert_dead(epochs[-1])
+    assert len(multiprocessing.active_children()) == (2 if persistent else 0)
+    with pytest.raises(ChunkError):  # the next epoch: the same workers, the same error
+        for _ in loader:
+            pass
     loader.close()
+    assert multiprocessing.active_children() == []
 
 
 # -- the loader's lifetime ------------------------------------------------------

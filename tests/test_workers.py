@@ -94,13 +94,61 @@ def test_in_process_error_keeps_type_and_traceback(store, monkeypatch):
     assert any(entry.name == "failing" for entry in info.traceback)
 
 
-def test_breaking_out_leaves_no_worker_processes(store):
+def test_workers_are_kept_from_epoch_to_epoch_until_close(store):
+    """Persistent workers (torch's ``persistent_workers=True``): a break, a new
+    epoch, set_epoch and a resumed state all keep the same processes and ring;
+    close() ends them."""
     loader = loader_for(store, ["a", "b"], workers=2, batch_size=4)
     for k, _ in enumerate(loader):
         if k == 2:
             break
+    pids = sorted(p.pid for p in multiprocessing.active_children())
+    ring = loader._ring
+    assert len(pids) == 2
+    state = loader.state_dict()
+    for epoch in range(3):
+        if epoch == 1:
+            loader.set_epoch(7)
+        if epoch == 2:
+            loader.load_state_dict(state)
+        served = sum(1 for _ in loader)
+        assert served == len(loader) - (2 + 1) * (epoch == 2)
+        assert sorted(p.pid for p in multiprocessing.active_children()) == pids
+        assert loader._ring is ring
+    loader.close()
+    assert multiprocessing.active_children() == []
+
+
+def test_workers_not_persistent_end_with_each_epoch(store):
+    loader = loader_for(store, ["a", "b"], workers=2, batch_size=4, persistent_workers=False)
+    for k, _ in enumerate(loader):
+        assert len(multiprocessing.active_children()) == 2
+        if k == 2:
+            break
     gc.collect()
     assert multiprocessing.active_children() == []
+    assert sum(1 for _ in loader) == len(loader)
+    assert multiprocessing.active_children() == []
+    loader.close()
+
+
+def test_a_break_leaves_the_next_epoch_nothing_of_the_last(store):
+    """Parts still queued when an epoch is broken off are dropped, not loaded into
+    the next epoch's slots: every batch after a break equals the in-process path."""
+    kw = dict(batch_size=4, prefetch=4)
+    with (
+        loader_for(store, ["a", "b"], workers=2, **kw) as loader,
+        loader_for(store, ["a", "b"], workers=0, **kw) as reference,
+    ):
+        for epoch in range(3):
+            for k, _ in enumerate(loader):
+                if k == epoch:
+                    break
+            loader.set_epoch(10 + epoch)
+            reference.set_epoch(10 + epoch)
+            for got, want in zip(loader, reference, strict=True):
+                for key in ("input", "target", "index"):
+                    np.testing.assert_array_equal(got[key].numpy(), want[key].numpy())
 
 
 def test_workers_normalize_and_augment_as_the_in_process_path(store):

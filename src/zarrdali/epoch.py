@@ -146,6 +146,7 @@ class EpochRun:
         self.pipeline: Any = None  # DALI pipeline: executor threads, worker processes
         self.batches: Any = None  # DALIGenericIterator over the pipeline
         self.closed_because: str | None = None
+        self._abandoned: BaseException | None = None  # what next() raises (abandon)
 
     @property
     def closed(self) -> bool:
@@ -155,6 +156,8 @@ class EpochRun:
         return self
 
     def __next__(self) -> dict[str, Any]:
+        if self._abandoned is not None:
+            raise type(self._abandoned)(*self._abandoned.args)
         if self.closed_because is not None:
             raise LoaderClosedError(f"{self.name} is closed: {self.closed_because}.")
         return next(self.batches)[0]
@@ -193,6 +196,12 @@ class EpochRun:
         self.source = None
         if errors:
             raise errors[0]
+
+    def abandon(self, error: BaseException) -> None:
+        """Closed without releasing anything (a forked child, where the parts are
+        the parent's): iterating raises ``error``."""
+        self.closed_because = str(error)
+        self._abandoned = error
 
     def __repr__(self) -> str:
         state = f"closed: {self.closed_because}" if self.closed else "open"

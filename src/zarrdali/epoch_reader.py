@@ -152,14 +152,40 @@ class EpochReader:
     finishing: Finishing | None = None  # cast, normalize, augment while assembling
     resumed: tuple[Segment, ...] = ()  # parts of the epoch served at other world sizes
     static: RingStaticTiles | None = None  # static tiles, written after the frames
-    _state: Any = field(default=None, init=False, repr=False)
+    _state: Any = field(default=None, init=False, repr=False)  # (layouts, backend)
+    _plan: EpochPlan | None = field(default=None, init=False, repr=False)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_state"] = None  # rebuilt in the worker
+        state["_state"] = state["_plan"] = None  # rebuilt in the worker
         return state
 
-    def _open(self) -> tuple[list[ArrayLayout], EpochPlan, Any]:
+    def begin(
+        self,
+        *,
+        epoch: int,
+        start: int,
+        sampler: Sampler,
+        finishing: Finishing | None,
+        resumed: tuple[Segment, ...],
+    ) -> None:
+        """Serve another epoch (a persistent worker's next one): the store and the
+        backend stay open, the plan is made anew."""
+        self.epoch, self.start, self.sampler = epoch, start, sampler
+        self.finishing, self.resumed = finishing, tuple(resumed)
+        self._plan = None
+
+    def epoch_update(self) -> dict[str, Any]:
+        """What :meth:`begin` takes to serve this reader's epoch (sent to workers)."""
+        return {
+            "epoch": self.epoch,
+            "start": self.start,
+            "sampler": self.sampler,
+            "finishing": self.finishing,
+            "resumed": self.resumed,
+        }
+
+    def _open(self) -> tuple[list[ArrayLayout], Any]:
         from .backends.cpu import CpuBackend
 
         ref = self.store if isinstance(self.store, StoreRef) else StoreRef(self.store)
@@ -169,8 +195,6 @@ class EpochReader:
             names = tuple(variables)
             variables = VariableSelection(names, (None,) * len(names))
         layouts = variables.layouts(group, name)
-        samples = self.candidates.samples(self.sampler.seed, self.epoch)
-        plan = self.sampler.epoch_plan(samples, self.epoch, self.resumed)
         backend = CpuBackend(
             group,
             name,
@@ -179,7 +203,16 @@ class EpochReader:
             source=source,
             memory_map=self.memory_map,
         )
-        return layouts, plan, backend
+        return layouts, backend
+
+    def _ready(self) -> tuple[list[ArrayLayout], EpochPlan, Any]:
+        if self._state is None:
+            self._state = self._open()
+        if self._plan is None:
+            samples = self.candidates.samples(self.sampler.seed, self.epoch)
+            self._plan = self.sampler.epoch_plan(samples, self.epoch, self.resumed)
+        layouts, backend = self._state
+        return layouts, self._plan, backend
 
     def __call__(self, k: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
         """Frames and samples ``[B, 3]`` of batch ``start + k``.
@@ -187,9 +220,7 @@ class EpochReader:
         The frames are ``(input, target)`` (or ``(input,)`` without target
         steps), each assembled in its own array so DALI need not slice them.
         """
-        if self._state is None:
-            self._state = self._open()
-        layouts, plan, backend = self._state
+        layouts, plan, backend = self._ready()
         samples = plan.batch(self.start + k)
         frames = load_frames(backend, layouts, self.spec, self.candidates.tile_hw, samples)
         return frames, samples
@@ -198,9 +229,7 @@ class EpochReader:
         """Samples ``rows`` of batch ``start + k`` into their rows of ``outs`` (the
         batch's arrays in its ring slot: frames, then static tiles), finished as
         ``finishing`` says."""
-        if self._state is None:
-            self._state = self._open()
-        layouts, plan, backend = self._state
+        layouts, plan, backend = self._ready()
         j = self.start + k
         samples = plan.batch(j)
         finish = None if self.finishing is None else self.finishing.batch(j, len(samples))
@@ -221,9 +250,10 @@ class EpochReader:
         """Release the backend this reader opened (threads, maps, files), and a
         worker's map of the static fields. Idempotent."""
         state, self._state = self._state, None
+        self._plan = None
         try:
             if state is not None:
-                state[2].close()
+                state[1].close()
         finally:
             if self.static is not None:
                 self.static.close()

@@ -96,6 +96,13 @@ class WorkerDiedError(ZarrDaliError, RuntimeError):
     a signal, such as the out-of-memory killer's SIGKILL, or exited)."""
 
 
+class ProcessContextError(ZarrDaliError, RuntimeError):
+    """A loader used where its threads, worker processes or store client cannot
+    exist: after ``os.fork()`` (a forked torch ``DataLoader`` worker), sent to
+    another process, or starting worker processes inside a daemonic process.
+    The message says what to do instead."""
+
+
 def _chunk_error(message: str, store: str, array: str, key: str) -> ChunkError:
     return ChunkError(message, store=store, array=array, key=key)
 

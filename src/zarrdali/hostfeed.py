@@ -206,10 +206,11 @@ class HostFeed:
 def torch_batch(
     names: Sequence[str], frames: Sequence[np.ndarray], meta: Sequence[np.ndarray]
 ) -> dict[str, Any]:
-    """The batch as the user gets it: torch tensors over the frame arrays (no copy)."""
+    """The batch as the user gets it: torch tensors over the frame arrays (no copy;
+    frames already tensors, a ring's pinned copies, as they are)."""
     import torch
 
-    tensors = [torch.from_numpy(a) for a in frames]
+    tensors = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in frames]
     tensors += [torch.from_numpy(np.ascontiguousarray(m)) for m in meta]
     return dict(zip(names, tensors, strict=True))
 

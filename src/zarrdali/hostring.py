@@ -113,6 +113,17 @@ class SlotViews:
         return out
 
 
+def _fence() -> object | None:
+    """A StreamFence on the current CUDA stream, or None where none can be made
+    (CUDA torn down at exit: nothing copies then)."""
+    from .pinning import StreamFence
+
+    try:
+        return StreamFence()
+    except Exception:
+        return None
+
+
 def map_shared(fd: int, nbytes: int) -> tuple[mmap.mmap, int]:
     """Map ``nbytes`` of shared memory ``fd`` read-write; the map and its address."""
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
@@ -204,7 +215,9 @@ class BatchRing:
     safe: leases end in whichever thread drops the last reference.
     """
 
-    def __init__(self, layout: SlotLayout, n_slots: int, *, shared: bool, keep: int = 2) -> None:
+    def __init__(
+        self, layout: SlotLayout, n_slots: int, *, shared: bool, keep: int = 2, pin: bool = False
+    ) -> None:
         if n_slots < keep + 1:
             raise ValueError(f"a ring of {n_slots} slots cannot lend {keep} and still load")
         self.layout = layout
@@ -223,6 +236,21 @@ class BatchRing:
         else:
             self._map = mmap.mmap(-1, nbytes)
             address = _address(self._map)
+        # pin: page-locked for CUDA (see pinning.py); a slot handed out is written
+        # again only after the copies enqueued before its release are done
+        self._registration = None
+        if pin:
+            from .pinning import HostRegistration
+
+            try:
+                self._registration = HostRegistration(address, nbytes)
+            except BaseException:
+                self._map.close()
+                if self.fd >= 0:
+                    os.close(self.fd)
+                raise
+        self._fences: dict[int, object] = {}  # slot -> StreamFence to pass before reuse
+        self.pinned = pin
         self.nbytes = nbytes
         self.shared = shared
         self.views = SlotViews(layout, address, n_slots)
@@ -238,7 +266,13 @@ class BatchRing:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the batch ring is closed")
-            return self._free.popleft() if self._free else None
+            if not self._free:
+                return None
+            slot = self._free.popleft()
+            fence = self._fences.pop(slot, None)
+        if fence is not None:  # copies from its last batch are done before it is written
+            fence.synchronize()
+        return slot
 
     def give_back(self, slot: int) -> None:
         """Return a slot that was taken but not handed out (a failed or unused load)."""
@@ -261,7 +295,12 @@ class BatchRing:
                     # the token dies with the last array (and torch tensor) made from it
                     weakref.finalize(a.base, self._lease_ended, slot).atexit = False
                 return arrays
-        arrays = [a.copy() for a in self.views.arrays(slot, 0, n)]
+        if self.pinned:
+            from .pinning import pinned_copy
+
+            arrays = [pinned_copy(a) for a in self.views.arrays(slot, 0, n)]
+        else:
+            arrays = [a.copy() for a in self.views.arrays(slot, 0, n)]
         with self._lock:
             self.copies += 1
             self._free.append(slot)
@@ -269,11 +308,15 @@ class BatchRing:
 
     def _lease_ended(self, slot: int) -> None:
         with self._lock:
+            if slot not in self._leased:  # a ring set aside in a forked child
+                return
             left = self._leased[slot] - 1
             if left:
                 self._leased[slot] = left
                 return
             del self._leased[slot]
+            if self.pinned and not self._closed:
+                self._fences[slot] = _fence()
             self._free.append(slot)
             if self._closed and not self._leased:
                 self._unmap()
@@ -300,9 +343,28 @@ class BatchRing:
             self.fd = -1
 
     def _unmap(self) -> None:
-        mm, self._map = self._map, None
-        if mm is not None:
+        if self._map is None:
+            return
+        try:
+            if self._registration is not None:
+                self._registration.close()  # unregistered while still mapped
+        finally:
+            mm, self._map = self._map, None
             mm.close()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child, whose parent owns the ring: close this process's copy
+        of the descriptor, never unmap (arrays inherited from the parent may point
+        into the map, which stays shared with it), hand nothing out again."""
+        self._lock = threading.RLock()  # the parent's may have been held at the fork
+        self._closed = True
+        self._registration = None  # the parent's; CUDA is not usable in a forked child
+        self._fences.clear()
+        self._leased.clear()
+        self._free.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     @property
     def mapped(self) -> bool:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import multiprocessing
 import operator
 import os
+import sys
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -22,13 +26,17 @@ from .cf import channel_packing
 from .dims import check_dims_override
 from .epoch import BoolMasks, EpochRun, SourceHandle, release_frames
 from .epoch_reader import EpochReader, load_frames, load_into
-from .errors import ConfigError, LoaderClosedError
+from .errors import ConfigError, LoaderClosedError, ProcessContextError
 from .hostfeed import BatchLayout, Finishing, HostBatches, HostFeed, ThreadProducer
 from .hostring import BatchRing, SharedArray
+from .lifetime import LoaderResources
 from .missing import check_missing_options
 from .normalize import NormalizeArg, channel_stats
+from .pinning import check_pin_memory
 from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
+from .ranks import process_group
+from .ranks import resolve as resolve_ranks
 from .remote import StoreRef, is_picklable, is_url
 from .resume import check_state, fingerprint, resume_point
 from .static import (
@@ -61,6 +69,20 @@ def _close_open_loaders() -> None:
         raise errors[0]
 
 
+def _set_aside_after_fork() -> None:
+    """In a forked child: every open loader sets what it inherited aside (threads
+    and worker processes exist only in the parent; see lifetime.py)."""
+    for loader in list(_open_loaders):
+        try:
+            loader._resources.after_fork()
+        except Exception:  # never fail a fork; the loader raises when it is used
+            log.debug("zarrdali: a loader could not be set aside after fork", exc_info=True)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_set_aside_after_fork)
+
+
 def _track_open(loader: ZarrLoader, uses_dali: bool) -> None:
     """Remember ``loader`` for the exit hook, and make the hook run first.
 
@@ -77,23 +99,6 @@ def _track_open(loader: ZarrLoader, uses_dali: bool) -> None:
     atexit.unregister(_close_open_loaders)
     atexit.register(_close_open_loaders)
     _open_loaders.add(loader)
-
-
-def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Rank and world size from torch.distributed when initialized, else (0, 1)."""
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return (
-                dist.get_rank() if rank is None else rank,
-                dist.get_world_size() if world_size is None else world_size,
-            )
-    except ImportError:  # torch is a dependency, but keep planning usable without it
-        pass
-    return (0 if rank is None else rank), (1 if world_size is None else world_size)
 
 
 def _path_or_object(store: Any) -> Any:
@@ -168,6 +173,54 @@ def _resolve_device(device: str) -> str:
     raise ConfigError(f"device must be 'cuda', 'cpu' or 'auto', got {device!r}.")
 
 
+def _daemonic_workers_message(workers: int) -> str:
+    return (
+        f"workers={workers} starts worker processes, which a daemonic process (such as a "
+        f"torch DataLoader worker, {multiprocessing.current_process().name}) cannot have. "
+        "Pass workers=0 (or leave it unset) to load in this process, or iterate the "
+        "ZarrLoader in the main process in place of the DataLoader: it loads batches in "
+        "its own worker processes."
+    )
+
+
+def _warn_inside_dataloader_worker(loader: ZarrLoader) -> None:
+    """Each worker of a torch DataLoader that iterates a loader serves the whole
+    epoch: say so once per loader, unless the loader was given its share."""
+    if loader._warned_dataloader_worker or (loader._ranks_bound and loader.sampler.world_size > 1):
+        return
+    data = sys.modules.get("torch.utils.data")  # not imported: not in a DataLoader worker
+    info = data.get_worker_info() if data is not None else None
+    if info is None or info.num_workers < 2:
+        return
+    loader._warned_dataloader_worker = True
+    warnings.warn(
+        f"{loader!r} is iterated in torch DataLoader worker {info.id} of "
+        f"{info.num_workers}: every worker serves the whole epoch, each sample "
+        f"{info.num_workers} times. Iterate the ZarrLoader itself in place of the "
+        "DataLoader (it has its own worker processes), or build it in each worker "
+        "with rank=info.id, world_size=info.num_workers.",
+        stacklevel=4,  # the user's loop over the loader
+    )
+
+
+@dataclass(frozen=True)
+class LoaderSampler(Sampler):
+    """A loader's sampler: the plan's :class:`~zarrdali.plan.Sampler`, whose
+    ``set_epoch`` sets its loader's epoch, as ``DistributedSampler.set_epoch``
+    does a DataLoader's (PyTorch Lightning calls it at every epoch start, with
+    its own epoch count: also right after a resume from a checkpoint)."""
+
+    owner: weakref.ref | None = field(default=None, compare=False, repr=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        loader = self.owner() if self.owner is not None else None
+        if loader is not None:
+            loader.set_epoch(epoch)
+
+    def __reduce__(self):  # to worker processes: the plan's sampler alone
+        return Sampler, tuple(getattr(self, f.name) for f in fields(Sampler))
+
+
 class ZarrLoader:
     """Batches of space-time tiles from a Zarr v3 store, as a dict of torch tensors.
 
@@ -224,6 +277,26 @@ class ZarrLoader:
                         ...
         ```
 
+    Epochs, as torch's ``DataLoader``: every ``iter()`` serves the next epoch
+    (a new order when shuffled) unless ``set_epoch()`` or
+    ``load_state_dict()`` chose one; ``len()`` counts a whole epoch's
+    batches, the last one shorter unless ``drop_last``. ``rank`` and
+    ``world_size`` default to ``torch.distributed``'s, or to a launcher's
+    environment (``torchrun``'s ``RANK``/``WORLD_SIZE``, Lightning's
+    ``LOCAL_RANK``/``WORLD_SIZE``) where no process group exists yet. The CPU
+    path's worker processes (``workers``; default one per core) and its batch
+    buffers are kept from epoch to epoch (``persistent_workers=False``: started
+    anew every epoch) until ``close()``, the end of a ``with`` block, the
+    interpreter's exit, or the loader being dropped. ``pin_memory=True``
+    page-locks the CPU path's batch buffers, so that
+    ``batch["input"].to("cuda", non_blocking=True)`` copies asynchronously
+    (ignored with a warning where CUDA is not available, as torch does). In a
+    process forked from the one that made it (a forked torch ``DataLoader``
+    worker) a loader on a local store starts its own threads at its next
+    iteration (in-process if the process is daemonic); a GPU or remote loader
+    raises ``ProcessContextError``: build loaders in the
+    process that iterates them.
+
     Args:
         store: The Zarr v3 store: a local path (``~`` is expanded), a URL
             (``s3://``, ``gs://``, ``az://``, ``https://``; credentials in
@@ -276,10 +349,12 @@ class ZarrLoader:
         drop_last: Leave out each rank's last batch of an epoch when it is
             shorter than ``batch_size``, as torch's ``drop_last``.
         rank: This process's rank among ``world_size``. Default: from
-            ``torch.distributed`` when it is initialized, else 0.
+            ``torch.distributed`` when it is initialized, else from a
+            launcher's environment (``RANK``, ``LOCAL_RANK``), else 0.
         world_size: The number of ranks sharing each epoch: every rank serves
             a disjoint share, in the same number of batches. Default: from
-            ``torch.distributed`` when it is initialized, else 1.
+            ``torch.distributed`` when it is initialized, else from
+            ``WORLD_SIZE``, else 1.
         num_threads: Threads that read and decode in this process (the CPU
             path with ``workers=0``, the GPU path's host reads). Default: one
             per core. Worker processes read with one thread each.
@@ -352,6 +427,14 @@ class ZarrLoader:
             the usual ones (``time``, ``valid_time``, ``level``,
             ``isobaricInhPa``, ``lat``, ``latitude``, ``lon``, ``x``, ...),
             e.g. ``{"time": "forecast_time"}``.
+        persistent_workers: Keep the CPU path's worker processes and batch
+            buffers from epoch to epoch, as torch's ``persistent_workers``
+            (the first batch of a later epoch then costs no process start);
+            False starts them anew every epoch.
+        pin_memory: Page-lock the CPU path's batch buffers, so that
+            ``batch["input"].to("cuda", non_blocking=True)`` copies
+            asynchronously (ignored with a warning where CUDA is not
+            available, as torch does).
 
     Raises:
         ConfigError: An option that is invalid or that the store cannot
@@ -406,6 +489,8 @@ class ZarrLoader:
         masks: bool = False,
         decode_cf: bool = True,
         dims: Mapping[str, str] | None = None,
+        persistent_workers: bool = True,
+        pin_memory: bool = False,
     ) -> None:
         # Everything is validated here, before any chunk is read.
         store = _path_or_object(store)
@@ -464,15 +549,21 @@ class ZarrLoader:
             self.candidates = SampleGrid(self.spec, n_time, ny, nx)
         else:
             self.candidates = self._sample_table(index, n_time, ny, nx)
-        rank, world_size = _distributed_defaults(rank, world_size)
-        self.sampler = Sampler(
+        # torch.distributed, else a launcher's environment; unbound (0 of 1 for
+        # now): asked again when an epoch starts (a process group made later)
+        ranks = resolve_ranks(rank, world_size)
+        self._ranks_bound = ranks.bound
+        self.sampler = LoaderSampler(
             batch_size=batch_size,
             shuffle=shuffle,
             seed=seed,
             drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+            owner=weakref.ref(self),
         )
+        if ranks.source:
+            log.info("zarrdali: rank %d of %d from %s", ranks.rank, ranks.world_size, ranks.source)
         self.stats = channel_stats(normalize, self.layouts, self.store_name, self.decode_cf)
         # Missing values: NaN and the variables' CF missing values (None: not checked),
         # served as NaN with decode_cf; CF unpacking per channel (None: none packed).
@@ -503,58 +594,53 @@ class ZarrLoader:
         self.device = _resolve_device(device)
         self.partial_decode = partial_decode
         self.memory_map = memory_map
-        # Both backends read remote stores through this source (the GPU backend into
-        # pinned memory, then one copy per batch to the device).
-        source = make_source(
-            self.group,
-            self.store_name,
+        self.workers = self._resolve_workers(workers, store)
+        self.persistent_workers = bool(persistent_workers)
+        # page-locked batch buffers on the CPU path (the GPU path's batches are on
+        # the device); without CUDA a warning, as torch's DataLoader gives
+        self.pin_memory = bool(pin_memory) and self.device == "cpu" and check_pin_memory()
+        # How the backend is made: again in a process forked from this one.
+        self._backend_options = dict(
+            num_threads=num_threads,
+            cache=cache,
+            cache_budget=cache_budget,
             max_in_flight=max_in_flight,
             request_timeout=request_timeout,
             cache_dir=cache_dir,
             cache_bytes=cache_bytes,
         )
-        self.workers = self._resolve_workers(workers, store)
-        # The backend's threads (and CUDA resources) are released by close().
-        try:
-            self.backend = make_backend(
-                self.device,
-                self.group,
-                self.store_name,
-                num_threads,
-                partial_decode,
-                source=source,
-                memory_map=memory_map,
-                cache=cache,
-                cache_budget=cache_budget,
-            )
-        except BaseException:
-            source.close()  # the backend owns it once made
-            raise
-        if source.remote:
+        # Everything that outlives an epoch: released by close(), or when the loader
+        # is dropped (the finalizer), never in a process forked from this one.
+        self._resources = LoaderResources(f"{self!r}")
+        backend = self._resources.backend = self._make_backend()
+        self._remote = bool(getattr(backend, "remote", False))
+        if self._remote:
             try:
-                self.backend.probe(self.layouts)  # access errors now, not mid-epoch
+                backend.probe(self.layouts)  # access errors now, not mid-epoch
             except BaseException:
-                self.backend.close()
+                self._resources.release("the loader could not be made")
                 raise
         # On a GPU pipeline the static fields are cut in device memory; close() frees them.
-        self._device_static: DeviceStaticFields | None = None
-        if self.static is not None and self.backend.dali_device == "gpu":
+        if self.static is not None and backend.dali_device == "gpu":
             try:
-                self._device_static = DeviceStaticFields(self.static, self.backend.dali_device_id())
+                self._resources.device_static = DeviceStaticFields(
+                    self.static, backend.dali_device_id()
+                )
             except BaseException:
-                self.backend.close()
+                self._resources.release("the loader could not be made")
                 raise
         self._closed = False
-        # Weak: the epoch's generator owns the run; this reference lets the
-        # loader close it (next epoch, close(), exit) without a reference cycle.
-        self._live_epoch: weakref.ref[EpochRun] | None = None
-        # The CPU path's batch buffers: made at the first epoch, reused by the next
-        # ones (no page faults again), released by close().
-        self._ring: BatchRing | None = None
-        self._shared_static: SharedArray | None = None  # the workers' static fields
+        self._warned_dataloader_worker = False
+        self._finalizer = weakref.finalize(
+            self, self._resources.release, "the loader was dropped without close()"
+        )
+        self._finalizer.atexit = False  # the exit hook closes loaders in its order
         # the CPU path hands batches over itself; other backends through DALI
         _track_open(self, uses_dali=not getattr(self.backend, "host_ring", False))
         self._epoch = 0
+        # The next iteration serves self._epoch (a new loader, set_epoch, a state
+        # loaded); else the one after it, as torch reshuffles on every iter().
+        self._epoch_chosen = True
         self._served = 0  # batches handed to the user in the current epoch
         self._resume_from = 0
         # Parts of the current epoch served at other world sizes (elastic resume):
@@ -596,15 +682,18 @@ class ZarrLoader:
         scale; worker processes do. By default one per core this process may run
         on (no more than can share the batches read ahead). They need a store they
         can reopen: a path, a URL, or a store object that pickles (obstore and
-        Icechunk stores do).
+        Icechunk stores do). A daemonic process (a torch DataLoader worker) cannot
+        have children: none by default there, and asking for some is an error.
         """
+        self._workers_auto = workers is None
         reopenable = not isinstance(store, zarr.Group) and (
             isinstance(store, (str, os.PathLike)) or is_picklable(store)
         )
         if workers is None and os.environ.get("ZARRDALI_WORKERS"):
             workers = int(os.environ["ZARRDALI_WORKERS"])
+        daemonic = multiprocessing.current_process().daemon
         if workers is None:
-            auto = self.device == "cpu" and reopenable
+            auto = self.device == "cpu" and reopenable and not daemonic
             return default_workers(self.batch_size, self.prefetch) if auto else 0
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, got {workers}.")
@@ -618,7 +707,58 @@ class ZarrLoader:
                 "workers > 0 needs the store as a path, a URL or a picklable store object "
                 f"(worker processes reopen it); got {what}. Pass the path or URL, or workers=0."
             )
+        if workers and daemonic:
+            raise ProcessContextError(_daemonic_workers_message(workers))
         return workers
+
+    def _make_backend(self) -> Any:
+        """The backend (threads, and CUDA resources) with its byte source; made
+        here, and again in a process forked from this one. Both backends read
+        remote stores through the source (the GPU backend into pinned memory,
+        then one copy per batch to the device)."""
+        opts = self._backend_options
+        source = make_source(
+            self.group,
+            self.store_name,
+            max_in_flight=opts["max_in_flight"],
+            request_timeout=opts["request_timeout"],
+            cache_dir=opts["cache_dir"],
+            cache_bytes=opts["cache_bytes"],
+        )
+        try:
+            return make_backend(
+                self.device,
+                self.group,
+                self.store_name,
+                opts["num_threads"],
+                self.partial_decode,
+                source=source,
+                memory_map=self.memory_map,
+                cache=opts["cache"],
+                cache_budget=opts["cache_budget"],
+            )
+        except BaseException:
+            source.close()  # the backend owns it once made
+            raise
+
+    @property
+    def backend(self) -> Any:
+        """The backend that reads, decodes and assembles batches in this process."""
+        backend = self._resources.backend
+        if backend is None:
+            self._ready_in_this_process()
+            backend = self._resources.backend
+        return backend
+
+    @backend.setter
+    def backend(self, backend: Any) -> None:  # a wrapped backend (tests); close() closes it
+        self._resources.backend = backend
+
+    @property
+    def _ring(self) -> BatchRing | None:
+        """The CPU path's batch buffers: made at the first epoch, reused by the
+        next ones (no page faults again), released by close()."""
+        return self._resources.ring
 
     # -- torch conventions -------------------------------------------------
     @property
@@ -632,29 +772,64 @@ class ZarrLoader:
         return sum(layout.n_levels for layout in self.layouts)
 
     def __len__(self) -> int:
-        """Batches of an epoch on this rank, as ``len()`` of torch's DataLoader."""
+        """Batches of a whole epoch on this rank (as torch's DataLoader counts them)."""
+        self._bind_ranks()
         per_rank = len(self.candidates) // self.sampler.world_size
         if self.sampler.drop_last:
             return per_rank // self.batch_size
         return math.ceil(per_rank / self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration serves, as torch's ``DistributedSampler``.
+    @property
+    def epoch(self) -> int:
+        """The epoch being served, or the last one served (``set_epoch``'s, or counted
+        up by each iteration)."""
+        return self._epoch
 
-        The epoch decides the order of a shuffled loader, random tile origins
-        and augmentations (with ``seed``); every rank must be given the same
-        epoch. Selecting another epoch than the current one drops a resume
-        point set by ``load_state_dict()``.
+    def set_epoch(self, epoch: int) -> None:
+        """Serve ``epoch``'s order (and random tile offsets, augmentations) at the
+        next iteration; the iterations after it count on from there.
+
+        Without it every new ``iter()`` serves the next epoch, as torch's
+        ``DataLoader(shuffle=True)`` reshuffles on every ``iter()``: a new order
+        each time, also after a ``break``. Setting the epoch the loader's state
+        was loaded at (``load_state_dict()``) keeps the resume point.
 
         Args:
             epoch: The epoch number, usually the training loop's counter
-                (0, 1, 2, ...).
+                (0, 1, 2, ...); the same on every rank.
         """
+        epoch = int(epoch)
+        if epoch < 0:
+            raise ConfigError(f"epoch must be >= 0, got {epoch}.")
         if epoch != self._epoch:
             self._resume_from = 0
             self._served = 0
             self._resume_segments = self._segments = []
         self._epoch = epoch
+        self._epoch_chosen = True
+
+    def _begin_epoch(self) -> None:
+        """At the start of an iteration: the epoch chosen, else the next one."""
+        self._bind_ranks()
+        if not self._epoch_chosen:
+            self._epoch += 1
+            self._resume_from = 0
+            self._served = 0
+            self._resume_segments = self._segments = []
+        self._epoch_chosen = False
+
+    def _bind_ranks(self) -> None:
+        """A loader that found no rank when it was made takes the process group's
+        once there is one (built before ``init_process_group`` or ``Trainer.fit``)."""
+        if self._ranks_bound:
+            return
+        found = process_group()
+        if found is None:
+            return
+        self._ranks_bound = True
+        if found != (self.sampler.rank, self.sampler.world_size):
+            log.info("zarrdali: rank %d of %d from torch.distributed", *found)
+            self.sampler = replace(self.sampler, rank=found[0], world_size=found[1])
 
     def state_dict(self) -> dict[str, Any]:
         """Where the loader stands, to save with a checkpoint and resume exactly.
@@ -672,6 +847,7 @@ class ZarrLoader:
                 served of this epoch at earlier world sizes) and ``fingerprint``
                 (what decides the samples, checked by ``load_state_dict()``).
         """
+        self._bind_ranks()
         return {
             "epoch": self._epoch,
             "batches_served": self._served,
@@ -712,6 +888,9 @@ class ZarrLoader:
         self._resume_segments, self._resume_from = resume_point(state, self.sampler.world_size)
         # state_dict() before the next iteration says the same
         self._segments, self._served = self._resume_segments, self._resume_from
+        # The next iteration serves the rest of the state's epoch, or the next epoch
+        # where nothing is left of it (a state saved at the end of an epoch).
+        self._epoch_chosen = len(self.epoch_plan()) > self._resume_from
 
     # -- iteration ---------------------------------------------------------
     def epoch_plan(self, epoch: int | None = None) -> EpochPlan:
@@ -756,13 +935,18 @@ class ZarrLoader:
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        """The batches of the current epoch (see the class description for their keys).
+        """The batches of an epoch: at its first ``next()``, the epoch chosen by
+        ``set_epoch()`` or ``load_state_dict()`` (the rest of it), else the
+        epoch after the last one started, as torch's ``DataLoader`` serves a new
+        order at every ``iter()``.
 
         The epoch's threads, pipeline (and worker processes or CUDA streams)
         are created at the first ``next()`` and released when the epoch ends:
         when it is exhausted, when the iterator is closed or dropped (``break``,
         an exception in the loop), when loading fails, when the next epoch of
-        this loader starts, or by ``close()``.
+        this loader starts, or by ``close()``; worker processes and the
+        buffers batches are made in are kept for the next epoch
+        (``persistent_workers``).
         """
         if self._closed:
             raise LoaderClosedError(
@@ -772,6 +956,9 @@ class ZarrLoader:
         return self._serve()
 
     def _serve(self) -> Iterator[dict[str, Any]]:
+        # Decided at the first next(), not at iter(): an iterator never started
+        # (Lightning calls iter() once to check a loader) does not count.
+        self._begin_epoch()
         plan = self.epoch_plan()
         start = self._resume_from
         self._resume_from = 0
@@ -780,9 +967,10 @@ class ZarrLoader:
         n = len(plan) - start
         if n <= 0:
             return
-        self._close_live_epoch("a new epoch of the same loader started")
+        self._ready_in_this_process()
+        self._resources.close_live_epoch("a new epoch of the same loader started")
         run: EpochRun | None = EpochRun(f"epoch {self._epoch} of {self!r}")
-        self._live_epoch = weakref.ref(run)
+        self._resources.live_epoch = weakref.ref(run)
         try:
             self._open_epoch(run, plan, start, n)
             for batch in run:
@@ -832,9 +1020,12 @@ class ZarrLoader:
         tile_hw = self.candidates.tile_hw
         layout = self._host_layout()
         ahead = batches_ahead(self.prefetch, self.batch_size, self.workers)
-        if self._ring is None:  # the batches in flight, and two the user may hold
-            self._ring = BatchRing(layout.slots, ahead + 2, shared=bool(self.workers))
-        ring = self._ring
+        res = self._resources
+        if res.ring is None:  # the batches in flight, and two the user may hold
+            res.ring = BatchRing(
+                layout.slots, ahead + 2, shared=bool(self.workers), pin=self.pin_memory
+            )
+        ring = res.ring
         if self.workers:
             reader = EpochReader(
                 self.store_ref,
@@ -850,13 +1041,19 @@ class ZarrLoader:
                 resumed=tuple(self._segments),
                 static=self._ring_static(shared=True),
             )
-            producer = WorkerPool(
-                WorkerJob(reader, layout.slots, ring.n_slots),
-                ring,
-                self.workers,
-                samples_of=lambda k: plan.batch(start + k),
-                parts_per_batch=parts_per_batch(self.workers, ahead),
+            if res.pool is None or res.pool.closed:  # kept from epoch to epoch
+                res.pool = WorkerPool(
+                    WorkerJob(reader, layout.slots, ring.n_slots),
+                    ring,
+                    self.workers,
+                    parts_per_batch=parts_per_batch(self.workers, ahead),
+                    name=f"zarrdali epoch {self._epoch}",
+                )
+            producer = res.pool.begin_epoch(
+                reader.epoch_update(),
+                lambda k: plan.batch(start + k),
                 name=f"zarrdali epoch {self._epoch}",
+                close_after=not self.persistent_workers,
             )
         else:
             static = self._ring_static(shared=False)
@@ -909,9 +1106,9 @@ class ZarrLoader:
             return None
         field: SharedArray | Any = self.static.field
         if shared:
-            if self._shared_static is None:
-                self._shared_static = SharedArray.of(self.static.field)
-            field = self._shared_static
+            if self._resources.shared_static is None:
+                self._resources.shared_static = SharedArray.of(self.static.field)
+            field = self._resources.shared_static
         return RingStaticTiles(field, tuple(self.candidates.tile_hw))
 
     def _open_dali_epoch(self, run: EpochRun, plan: EpochPlan, start: int, n: int) -> None:
@@ -1002,9 +1199,10 @@ class ZarrLoader:
         device: dict[str, Any] = {}
         if self.static is not None:
             tile_hw = tuple(self.candidates.tile_hw)
-            if self._device_static is not None:
+            device_static = self._resources.device_static
+            if device_static is not None:
                 stream_of = lambda: feed.stream  # noqa: E731  (the feed DALI copies on)
-                device["static"] = DeviceStaticTiles(self._device_static, tile_hw, stream_of)
+                device["static"] = DeviceStaticTiles(device_static, tile_hw, stream_of)
             else:
                 host["static"] = StaticTiles(self.static, tile_hw)
         if self.times is not None:
@@ -1012,37 +1210,74 @@ class ZarrLoader:
         # the pipeline's outputs: host extras, then device ones (build_pipeline)
         return list(host.values()), list(device.values()), [*host, *device]
 
-    def _close_live_epoch(self, because: str) -> None:
-        run = self._live_epoch() if self._live_epoch is not None else None
-        self._live_epoch = None
-        if run is not None:
-            run.close(because)
-
     # -- lifetime ----------------------------------------------------------
     def close(self) -> None:
-        """Release everything the loader holds, now, in order.
-
-        The live epoch's threads, worker processes, DALI pipeline and CUDA
-        streams, then the batch buffers (batches still held stay valid) and
-        the backend. Idempotent; iterating a closed loader raises
-        ``LoaderClosedError``. Also called on leaving a ``with`` block and at
-        interpreter exit."""
+        """Release the live epoch (pipeline, threads, CUDA streams and buffers),
+        the worker processes, the batch buffers (unmapped once the user drops the
+        batches still held), then the backend. Idempotent; a closed loader cannot
+        be iterated. Also called by ``with``, at interpreter exit, and (by a
+        finalizer) when the loader is dropped without it."""
         if self._closed:
             return
         self._closed = True
         _open_loaders.discard(self)
-        try:
-            self._close_live_epoch(f"{self!r} was closed")
-        finally:
-            try:
-                if self._ring is not None:  # unmapped now, or once the user drops its batches
-                    self._ring.close()
-                if self._shared_static is not None:  # the workers (ended) had their own maps
-                    self._shared_static.close()
-                if self._device_static is not None:
-                    self._device_static.close()
-            finally:
-                self.backend.close()
+        self._finalizer.detach()
+        self._resources.release(f"{self!r} was closed")
+
+    def __reduce__(self):
+        raise ProcessContextError(
+            f"{self!r} cannot be sent to another process (pickled): its threads, batch "
+            "buffers and worker processes belong to this one. Build the loader in the "
+            "process that iterates it (in a Dataset's __iter__ or a worker_init_fn), or "
+            "iterate the ZarrLoader itself in place of a torch DataLoader: it loads "
+            "batches in its own worker processes."
+        )
+
+    def _ready_in_this_process(self) -> None:
+        """In a process forked from the one that made the loader (its resources set
+        aside there): make a new backend, or say why it cannot be."""
+        res = self._resources
+        if self._closed:
+            raise LoaderClosedError(
+                f"{self!r} is closed: it released its threads, pipeline and buffers; "
+                "create a new ZarrLoader to iterate again."
+            )
+        if res.backend is None:
+            where = (
+                f"{self!r} was made in process {res.forked_from} and is used in process "
+                f"{os.getpid()}, forked from it"
+            )
+            if self.device == "cuda":
+                raise ProcessContextError(
+                    f"{where}: CUDA cannot be used in a forked process. Build the loader "
+                    "in the process that iterates it, or start that process with 'spawn' "
+                    "(a torch DataLoader's multiprocessing_context='spawn')."
+                )
+            if self._remote:
+                raise ProcessContextError(
+                    f"{where}: the clients of a remote store (their threads and "
+                    "connections) do not survive os.fork(). Build the loader in the "
+                    "process that iterates it, or start that process with 'spawn'."
+                )
+            res.backend = self._make_backend()
+            log.info("zarrdali: %s: a new backend in this process", where)
+            if self.pin_memory:
+                self.pin_memory = False
+                warnings.warn(
+                    f"{where}: CUDA cannot be used in a forked process, so its batch "
+                    "buffers are not page-locked (pin_memory) here.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+        if self.workers and multiprocessing.current_process().daemon:
+            if not self._workers_auto:
+                raise ProcessContextError(_daemonic_workers_message(self.workers))
+            log.info("zarrdali: a daemonic process has no children: loading in-process")
+            self.workers = 0
+            ring, res.ring = res.ring, None  # a shared ring for workers no more
+            if ring is not None:
+                ring.close()
+        _warn_inside_dataloader_worker(self)
 
     def __enter__(self) -> ZarrLoader:
         return self
