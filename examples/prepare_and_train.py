@@ -3,6 +3,8 @@
     python examples/prepare_and_train.py                 # writes a synthetic radar NetCDF
     python examples/prepare_and_train.py --src FILE.nc --variable rr
 
+Needs a NetCDF library for xarray: pip install 'zarrdali[netcdf]' (netCDF4).
+
 The same with the command line:
 
     zarrdali prepare radar.nc radar.zarr --tile 32x32
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +55,13 @@ def synthetic_radar(path: Path, nt: int = 48, ny: int = 96, nx: int = 128) -> Pa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    if not any(find_spec(name) for name in ("netCDF4", "h5netcdf", "scipy")):
+        raise SystemExit(
+            "this example reads and writes NetCDF: pip install 'zarrdali[netcdf]' (netCDF4)"
+        )
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--src", type=Path, help="a NetCDF file (default: synthetic radar)")
     parser.add_argument("--variable", default="rr")
     parser.add_argument("--workdir", type=Path)

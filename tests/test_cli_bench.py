@@ -109,7 +109,7 @@ def _tiny(out: Path, *extra: str) -> list[str]:
 def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     # one worker per DataLoader: spawning workers is most of this test's time
-    tiny = _tiny(out, "--step-ms", "1", "--threads", "1")
+    tiny = _tiny(out, "--step-ms", "1", "--threads", "1", "--all")
     args = ["bench", "--data-dir", str(sample_dir), *tiny]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -169,6 +169,32 @@ def test_bench_writes_table_json_and_plot(sample_dir, tmp_path, capsys):
     assert payload["plots"] == ["throughput.png", "wait.png"]
     assert (out / "throughput.png").stat().st_size > 1000
     assert (out / "wait.png").stat().st_size > 1000
+
+
+def test_a_bare_bench_runs_the_rows_that_answer_the_question(sample_dir, tmp_path, capsys):
+    """Without --all: zarrdali, the ceiling, the fast peers and the torch
+    DataLoader, and a verdict that compares zarrdali with each of them."""
+    from zarrdali.bench.main import DEFAULT_LOADERS
+
+    out = tmp_path / "bench"
+    args = ["bench", "--data-dir", str(sample_dir), *_tiny(out, "--threads", "1")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    payload = json.loads((out / "bench.json").read_text())
+    assert sorted((r["store_label"], r["loader"]) for r in payload["results"]) == sorted(
+        (label, name) for label in ("plain", "sharded") for name in DEFAULT_LOADERS
+    )
+    verdict = payload["verdict"]
+    assert [line.split(":")[0] for line in verdict] == ["plain, batch 4", "sharded, batch 4"]
+    for line in verdict:
+        assert "zarrdali[cpu]" in line and "x the ceiling" in line
+        assert "x the torch DataLoader" in line
+        if HAVE_TENSORSTORE:
+            assert "x the best peer" in line
+    assert "verdict (median samples/s):" in printed and verdict[0] in printed
+    assert "zarrdali bench --all" in printed
+    assert "/ numcodecs ceiling (GB/s): " not in printed  # the full list of ratios: --all
+    assert verdict[0] in (out / "bench.md").read_text()
 
 
 def test_bench_at_several_batch_sizes(sample_dir, tmp_path):

@@ -6,6 +6,7 @@ import atexit
 import logging
 import math
 import multiprocessing
+import operator
 import os
 import sys
 import warnings
@@ -36,7 +37,7 @@ from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
 from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
 from .ranks import process_group
 from .ranks import resolve as resolve_ranks
-from .remote import StoreRef, is_picklable
+from .remote import StoreRef, is_picklable, is_url
 from .resume import check_state, fingerprint, resume_point
 from .static import (
     DeviceStaticFields,
@@ -82,15 +83,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_set_aside_after_fork)
 
 
-def _track_open(loader: ZarrLoader) -> None:
+def _track_open(loader: ZarrLoader, uses_dali: bool) -> None:
     """Remember ``loader`` for the exit hook, and make the hook run first.
 
     atexit runs hooks last-registered first. The hook is registered once, and
     moved to the end of the list as loaders are created, after the libraries a
-    loader uses (DALI, torch; CuPy, kvikIO, nvCOMP on the GPU path) have been
-    imported and registered their own hooks, so it runs before theirs.
+    loader uses (torch; DALI, CuPy, kvikIO, nvCOMP on the GPU path) have been
+    imported and registered their own hooks, so it runs before theirs. DALI is
+    imported here only for a loader whose epochs run a DALI pipeline (the GPU
+    path): the CPU path neither needs nor imports it.
     """
-    import nvidia.dali.plugin.pytorch  # noqa: F401  (its exit hooks first)
+    if uses_dali:
+        import nvidia.dali.plugin.pytorch  # noqa: F401  (its exit hooks first)
 
     atexit.unregister(_close_open_loaders)
     atexit.register(_close_open_loaders)
@@ -98,8 +102,32 @@ def _track_open(loader: ZarrLoader) -> None:
 
 
 def _path_or_object(store: Any) -> Any:
-    """A path as a string (picklable, reopenable); store objects as they are."""
-    return os.fspath(store) if isinstance(store, os.PathLike) else store
+    """A local path as a string with ``~`` expanded (picklable, reopenable);
+    URLs and store objects as they are."""
+    if isinstance(store, (str, os.PathLike)):
+        text = os.fspath(store)
+        return text if is_url(text) else os.path.expanduser(text)
+    return store
+
+
+def _pair(name: str, value: Any) -> tuple[int, int] | None:
+    """``(H, W)`` of a tile or stride: None, an int ``n`` (``(n, n)``) or two ints."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, (int, np.integer)):
+            return (int(value), int(value))
+        pair = tuple(operator.index(v) for v in value)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 1:
+        raise ConfigError(
+            f"{name} must be (height, width) in grid points, both >= 1, or one int for a "
+            f"square, got {value!r}."
+        )
+    return pair
 
 
 def usable_cores() -> int:
@@ -194,69 +222,71 @@ class LoaderSampler(Sampler):
 
 
 class ZarrLoader:
-    """Batches of ``(input, target, index)`` tiles from a Zarr v3 store, through DALI.
+    """Batches of space-time tiles from a Zarr v3 store, as a dict of torch tensors.
 
-    ``batch["input"][i]`` equals ``stack([ds[v][t0 : t0 + input_steps * frame_step :
-    frame_step, y0 : y0 + H, x0 : x0 + W] for v in variables], axis=1)`` (then
-    normalized) with ``(t0, y0, x0) = batch["index"][i]`` and ``ds =
-    xarray.open_zarr(store)``: values CF-decoded as xarray decodes them
+    A drop-in for ``torch.utils.data.DataLoader`` in a training loop: iterate it
+    for the batches of an epoch, ``len()`` is the number of batches,
+    ``set_epoch()``, ``state_dict()`` and ``load_state_dict()`` follow
+    torch's conventions. A sample is a window of ``input_steps + target_steps``
+    frames (``frame_step`` store steps apart) of every variable, cut at a
+    spatial tile. Each batch holds:
+
+    - ``batch["input"]``: float32 ``[B, input_steps, C, H, W]``, on the device;
+    - ``batch["target"]``: float32 ``[B, target_steps, C, H, W]`` (only when
+      ``target_steps > 0``);
+    - ``batch["index"]``: int64 ``[B, 3]``, the ``(t0, y0, x0)`` of each sample
+      in the store;
+    - ``batch["augment"]`` (with ``augment``), ``batch["static"]`` (with
+      ``static``), ``batch["time"]`` (where the store has a time coordinate),
+      ``batch["input_mask"]`` and ``batch["target_mask"]`` (with ``masks``).
+
+    ``batch["input"][i]`` equals ``stack([ds[v][t0 : t0 + input_steps *
+    frame_step : frame_step, y0 : y0 + H, x0 : x0 + W] for v in variables],
+    axis=1)`` (then normalized) with ``(t0, y0, x0) = batch["index"][i]`` and
+    ``ds = xarray.open_zarr(store)``: values CF-decoded as xarray decodes them
     (``scale_factor``/``add_offset``, ``_FillValue``/``missing_value`` as NaN;
-    ``decode_cf=False`` serves stored values, see :mod:`zarrdali.cf`), axes found
+    ``decode_cf=False`` serves stored values, see ``zarrdali.cf``), axes found
     by their dimension names in any stored order (``dims`` names others; see
-    :mod:`zarrdali.dims`). A variable with a level axis contributes one channel
+    ``zarrdali.dims``). A variable with a level axis contributes one channel
     per level, or per level chosen: ``variables=["t2m", ("t", [850, 500])]`` by
     the level coordinate's values, ``("t", {"isel": [0, 3]})`` by index
-    (:mod:`zarrdali.variables`); :attr:`channels` names them.
+    (``zarrdali.variables``); the ``channels`` attribute names them. A chunk
+    never written reads as the array's fill value.
 
-    The CPU path decodes a chunk only as far as the last byte a batch copies
-    from it (zstd, gzip, uncompressed); ``partial_decode=False`` decodes every
-    chunk whole, so every compressor checks every chunk completely. It reads a
-    local store's files with ``pread`` (a file rewritten while it is read gives
-    a ``ChunkError`` or its old or new bytes); ``memory_map=True`` decodes
-    straight from memory maps instead (no copy of the encoded bytes, about 10%
-    less CPU per sample), but a file that shrinks under a map kills the process
-    (SIGBUS): only for stores nobody rewrites while they are read.
+    ``device="cpu"`` decodes with numcodecs in worker processes straight into
+    shared-memory batch buffers that torch gets without a copy; the workers are
+    spawned, so keep the training code under ``if __name__ == "__main__":``.
+    ``device="cuda"`` reads with kvikIO, decodes with nvCOMP and assembles the
+    batch in one kernel, handing it to torch through DALI (the ``cuda12`` or
+    ``cuda13`` extra). Resources (threads, worker processes, buffers, CUDA
+    streams) are released by ``close()``, by ``with``, or at interpreter exit.
 
-    ``store`` may be a path, a URL (``s3://``, ``gs://``, ``az://``, ``https://``;
-    credentials and endpoint in ``storage_options``, obstore's or fsspec's
-    names), a ``zarr.Group``, a zarr ``Store`` (an Icechunk session's store, an
-    ``FsspecStore``) or an obstore store. Both paths read remote chunks
-    themselves: the byte ranges of a batch coalesced and fetched concurrently, as
-    many at a time as the store sustains (at most ``max_in_flight`` per
-    process), a stalled request sent again after a few seconds, transient errors
-    retried; a request not answered within ``request_timeout`` seconds in all
-    fails its batch with a ``ChunkError``. ``cache_dir`` keeps what was read in local files (at most
-    ``cache_bytes``, least recently used evicted), shared by processes and ranks.
-    On ``device="cuda"`` the responses land in pinned host memory and go to the
-    device in one copy per batch (not yet run on a GPU).
+    Example:
+        ```python
+        import zarrdali
 
-    ``static`` names time-invariant arrays (``(y, x)`` or ``(level, y, x)``),
-    read once, normalized like the variables and served as ``batch["static"]``
-    ``[B, S, H, W]`` float32 with each sample's tile, flips and quarter turns.
-    Where the store has a coordinate array named like the time dimension,
-    ``batch["time"]`` is int64 ``[B, T]``: each frame's time in nanoseconds
-    since 1970-01-01, CF-decoded as xarray decodes it (``time=False``: left
-    out; ``True``: required). :meth:`load_state_dict` also resumes a state
-    saved at another world size.
-
-    Missing values (NaN, or a variable's CF ``_FillValue``/``missing_value``,
-    compared in its stored dtype; see :mod:`zarrdali.missing`):
-    ``nan_fill`` replaces them in input and target after normalization;
-    ``masks=True`` serves ``batch["input_mask"]`` and ``batch["target_mask"]``,
-    bool, shaped like the frames, True where the value is valid. Both paths
-    compute them in the pass that casts and normalizes (CPU: as pieces land;
-    GPU: in the gather kernel), bit for bit alike.
+        if __name__ == "__main__":
+            loader = zarrdali.ZarrLoader(
+                "era5.zarr", ["t2m", "u10"], input_steps=4, target_steps=2,
+                tile=(128, 128), batch_size=8, shuffle=True, normalize="store",
+            )
+            with loader:
+                for epoch in range(10):
+                    loader.set_epoch(epoch)
+                    for batch in loader:
+                        ...
+        ```
 
     Epochs, as torch's ``DataLoader``: every ``iter()`` serves the next epoch
-    (a new order when shuffled) unless :meth:`set_epoch` or
-    :meth:`load_state_dict` chose one; ``len()`` counts a whole epoch's
+    (a new order when shuffled) unless ``set_epoch()`` or
+    ``load_state_dict()`` chose one; ``len()`` counts a whole epoch's
     batches, the last one shorter unless ``drop_last``. ``rank`` and
     ``world_size`` default to ``torch.distributed``'s, or to a launcher's
     environment (``torchrun``'s ``RANK``/``WORLD_SIZE``, Lightning's
     ``LOCAL_RANK``/``WORLD_SIZE``) where no process group exists yet. The CPU
     path's worker processes (``workers``; default one per core) and its batch
     buffers are kept from epoch to epoch (``persistent_workers=False``: started
-    anew every epoch) until :meth:`close`, the end of a ``with`` block, the
+    anew every epoch) until ``close()``, the end of a ``with`` block, the
     interpreter's exit, or the loader being dropped. ``pin_memory=True``
     page-locks the CPU path's batch buffers, so that
     ``batch["input"].to("cuda", non_blocking=True)`` copies asynchronously
@@ -264,17 +294,166 @@ class ZarrLoader:
     process forked from the one that made it (a forked torch ``DataLoader``
     worker) a loader on a local store starts its own threads at its next
     iteration (in-process if the process is daemonic); a GPU or remote loader
-    raises :class:`~zarrdali.errors.ProcessContextError`: build loaders in the
+    raises ``ProcessContextError``: build loaders in the
     process that iterates them.
+
+    Args:
+        store: The Zarr v3 store: a local path (``~`` is expanded), a URL
+            (``s3://``, ``gs://``, ``az://``, ``https://``; credentials in
+            ``storage_options``), a ``zarr.Group``, a zarr ``Store`` (an
+            Icechunk session's store, an ``FsspecStore``) or an obstore store.
+            A NetCDF or GRIB file is not a Zarr store: convert it with
+            ``zarrdali prepare``.
+        variables: The array name, or a list of them, stacked as channels
+            ``C`` in this order; an entry ``(name, levels)`` serves only the
+            levels chosen, by the level coordinate's values (``("t", [850,
+            500])``) or by index (``("t", {"isel": [0, 3]})``). Each array has
+            a time, y and x axis and optionally a level axis, found by their
+            dimension names in any order, on one grid. A dict or a set is
+            refused (its order would decide the channels).
+        input_steps: Frames of history per sample (``batch["input"]``), >= 1.
+        target_steps: Frames after them served as ``batch["target"]``; 0
+            leaves the key out.
+        tile: The spatial tile ``(H, W)`` in grid points (an int ``n`` is
+            ``(n, n)``); None serves the whole field.
+        batch_size: Samples per batch. The last batch of an epoch is shorter
+            unless ``drop_last``.
+        shuffle: Serve the samples in a random order, a new one every epoch
+            (see ``set_epoch()``), drawn from ``seed``; False serves them by
+            time, then tile.
+        seed: Seeds the order, random tile offsets and augmentations: the same
+            seed and epoch give the same batches on every run and both paths.
+        device: ``"cpu"`` (numpy and numcodecs, worker processes), ``"cuda"``
+            (the GPU path; its libraries come with the ``cuda13`` or ``cuda12``
+            extra and a missing one is named with how to install it) or
+            ``"auto"`` (the GPU path where all it needs is present, else the
+            CPU path).
+        normalize: None serves the values unscaled; ``{variable: (mean,
+            std)}`` serves ``(x - mean) / std`` in float32 (a sequence per
+            level for a variable with levels); ``"store"`` takes them from each
+            array's ``stats`` attribute, written by ``zarrdali stats`` (of the
+            values served: decoded, or stored with ``decode_cf=False``).
+        frame_step: Store time steps between consecutive frames of a sample
+            (6 on hourly data: frames 6 hours apart).
+        time_stride: Store time steps between the first frames of consecutive
+            candidate windows (1: every step starts one).
+        tile_stride: Grid points ``(dy, dx)`` between the origins of
+            consecutive tiles of the regular grid (an int ``n`` is ``(n, n)``);
+            None: the tile size, so tiles do not overlap.
+        tile_sampling: ``"grid"``: tiles on the regular grid, the same set
+            every epoch; ``"random"``: each sample's tile origin drawn anew
+            every epoch, anywhere in the field (from ``seed`` and the epoch).
+        cover_edges: Where the grid of tiles stops short of the field's far
+            edge, add a row or column of tiles flush with that edge, so every
+            grid point is served; False leaves the strip out.
+        drop_last: Leave out each rank's last batch of an epoch when it is
+            shorter than ``batch_size``, as torch's ``drop_last``.
+        rank: This process's rank among ``world_size``. Default: from
+            ``torch.distributed`` when it is initialized, else from a
+            launcher's environment (``RANK``, ``LOCAL_RANK``), else 0.
+        world_size: The number of ranks sharing each epoch: every rank serves
+            a disjoint share, in the same number of batches. Default: from
+            ``torch.distributed`` when it is initialized, else from
+            ``WORLD_SIZE``, else 1.
+        num_threads: Threads that read and decode in this process (the CPU
+            path with ``workers=0``, the GPU path's host reads). Default: one
+            per core. Worker processes read with one thread each.
+        prefetch: Batches loaded ahead of the one the training loop holds,
+            >= 1. The CPU path loads more for small batches on many workers (at
+            least 8 samples per worker in flight); its buffers hold about
+            ``batch_size * (prefetch + 2)`` samples.
+        workers: Worker processes of the CPU path, reading, decoding and
+            assembling batches into shared memory. Default: one per core this
+            process may run on (the environment variable ``ZARRDALI_WORKERS``
+            overrides it); 0 loads in this process's threads. They need a store
+            they can reopen: a path, a URL or a store object that pickles.
+        dali_threads: CPU threads of the GPU path's DALI pipeline, which only
+            slices, flips and turns the batch (1 is enough).
+        index: A sampling index (the ``.samples.parquet`` file
+            ``zarrdali index`` writes, or a ``SampleTable``): serve exactly its
+            samples (drawn by weight where it has weights) instead of the
+            regular grid. Its tile must be ``tile``.
+        augment: ``"flip"`` and/or ``"rot90"``: random flips of rows and
+            columns and quarter turns per sample, the same for input, target,
+            masks and static fields, reported in ``batch["augment"]`` as int32
+            ``[B, 3]`` (transpose, flip rows, flip columns). ``"rot90"`` needs a
+            square tile.
+        partial_decode: CPU path: decode a chunk only down to the last row a
+            batch copies from it (zstd, gzip, uncompressed chunks). False
+            decodes every chunk whole, so every compressor's own checks run
+            over all of it.
+        memory_map: CPU path, local stores: decode straight from memory maps
+            of the files (about 10% less CPU per sample) instead of ``pread``
+            copies. A file truncated while it is mapped kills the process
+            (SIGBUS): only for stores nobody rewrites while they are read.
+        storage_options: Credentials and endpoint of a URL store, obstore's
+            names or fsspec's (``key``, ``secret``, ``endpoint_url``,
+            ``client_kwargs``, ``anon``).
+        cache_dir: A local folder where the byte ranges read from a remote
+            store are kept (verified on every read, shared by processes and
+            ranks), so later epochs read the network once. None: no cache.
+        cache_bytes: Budget of ``cache_dir`` in bytes, least recently used
+            entries evicted past it (default 8 GiB).
+        max_in_flight: The most requests to a remote store in flight at once
+            per process; the loader adapts below it to what the store sustains.
+        request_timeout: Seconds a remote request may take in all, retries
+            included, before its batch fails with ``ChunkError``.
+        cache: ``"gpu"`` (GPU path): keep the chunks' compressed bytes in
+            device memory after their first read, so later epochs read no file
+            bytes. None: no device cache.
+        cache_budget: Bytes of device memory for ``cache="gpu"``, least
+            recently used chunks out past it (default: a quarter of the free
+            device memory).
+        static: Names of time-invariant arrays (``(y, x)`` or
+            ``(level, y, x)``, on the variables' grid: land-sea mask,
+            orography), read once, normalized like the variables and served as
+            ``batch["static"]``, float32 ``[B, S, H, W]``, cut at each sample's
+            tile with its flips and turns.
+        time: ``batch["time"]``, int64 ``[B, T]``: each frame's time in
+            nanoseconds since 1970-01-01, CF-decoded from the store's time
+            coordinate. None: served where the store has one; True: required;
+            False: left out.
+        nan_fill: Replace every missing value of input and target (NaN, or a
+            variable's CF ``_FillValue``/``missing_value``) by this finite
+            number after normalization. None: served as they are.
+        masks: Serve ``batch["input_mask"]`` and ``batch["target_mask"]``,
+            bool, shaped like the frames, True where the value is valid.
+        decode_cf: Serve the values as ``xarray.open_zarr`` shows them:
+            ``scale_factor``/``add_offset`` applied, ``_FillValue`` and
+            ``missing_value`` as NaN, ``_Unsigned`` integers unsigned. False
+            serves the stored values (zarr-python's view).
+        dims: Names of the dimensions that play the roles ``"time"``,
+            ``"level"``, ``"y"`` and ``"x"`` where the store's names are not
+            the usual ones (``time``, ``valid_time``, ``level``,
+            ``isobaricInhPa``, ``lat``, ``latitude``, ``lon``, ``x``, ...),
+            e.g. ``{"time": "forecast_time"}``.
+        persistent_workers: Keep the CPU path's worker processes and batch
+            buffers from epoch to epoch, as torch's ``persistent_workers``
+            (the first batch of a later epoch then costs no process start);
+            False starts them anew every epoch.
+        pin_memory: Page-lock the CPU path's batch buffers, so that
+            ``batch["input"].to("cuda", non_blocking=True)`` copies
+            asynchronously (ignored with a warning where CUDA is not
+            available, as torch does).
+
+    Raises:
+        ConfigError: An option that is invalid or that the store cannot
+            satisfy; the message says which and how to fix it.
+        StoreNotFoundError: The store does not exist or is not a Zarr group.
+        StoreAccessError: The store refused access (credentials, permissions).
+        VariableNotFoundError: A variable or static field is not in the store.
+        MetadataError: An array's ``zarr.json`` is invalid or unsupported.
+        BackendUnavailableError: ``device="cuda"`` where the GPU path lacks
+            a library or a GPU; the message names what to install.
     """
 
     def __init__(
         self,
         store: str | os.PathLike | zarr.Group | Any,
-        variables: Sequence[str] | str,
+        variables: Sequence[str | tuple[str, Any]] | str,
         input_steps: int = 1,
         target_steps: int = 0,
-        tile: tuple[int, int] | None = None,
+        tile: int | tuple[int, int] | None = None,
         batch_size: int = 1,
         shuffle: bool = False,
         seed: int = 0,
@@ -283,7 +462,7 @@ class ZarrLoader:
         *,
         frame_step: int = 1,
         time_stride: int = 1,
-        tile_stride: tuple[int, int] | None = None,
+        tile_stride: int | tuple[int, int] | None = None,
         tile_sampling: str = "grid",
         cover_edges: bool = True,
         drop_last: bool = False,
@@ -314,13 +493,18 @@ class ZarrLoader:
         pin_memory: bool = False,
     ) -> None:
         # Everything is validated here, before any chunk is read.
+        store = _path_or_object(store)
+        if cache_dir is not None:
+            cache_dir = os.path.expanduser(os.fspath(cache_dir))
+        if isinstance(index, (str, os.PathLike)):
+            index = os.path.expanduser(os.fspath(index))
         self.spec = SampleSpec(
             input_steps=input_steps,
             target_steps=target_steps,
             frame_step=frame_step,
             time_stride=time_stride,
-            tile=tuple(tile) if tile is not None else None,
-            tile_stride=tuple(tile_stride) if tile_stride is not None else None,
+            tile=_pair("tile", tile),
+            tile_stride=_pair("tile_stride", tile_stride),
             tile_sampling=tile_sampling,
             cover_edges=cover_edges,
         )
@@ -330,9 +514,9 @@ class ZarrLoader:
             raise ConfigError(f"request_timeout must be > 0 seconds, got {request_timeout}.")
         # How this process and DALI's worker processes open the store.
         self.store_ref = StoreRef(
-            _path_or_object(store),
+            store,
             storage_options=dict(storage_options) if storage_options else None,
-            cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
+            cache_dir=cache_dir,
             cache_bytes=cache_bytes,
             max_in_flight=max_in_flight,
             request_timeout=request_timeout,
@@ -451,7 +635,8 @@ class ZarrLoader:
             self, self._resources.release, "the loader was dropped without close()"
         )
         self._finalizer.atexit = False  # the exit hook closes loaders in its order
-        _track_open(self)
+        # the CPU path hands batches over itself; other backends through DALI
+        _track_open(self, uses_dali=not getattr(self.backend, "host_ring", False))
         self._epoch = 0
         # The next iteration serves self._epoch (a new loader, set_epoch, a state
         # loaded); else the one after it, as torch reshuffles on every iter().
@@ -578,10 +763,12 @@ class ZarrLoader:
     # -- torch conventions -------------------------------------------------
     @property
     def batch_size(self) -> int:
+        """Samples per batch (the last batch of an epoch may hold fewer)."""
         return self.sampler.batch_size
 
     @property
     def num_channels(self) -> int:
+        """Channels ``C`` of a frame: one per variable, one per level of a variable with levels."""
         return sum(layout.n_levels for layout in self.layouts)
 
     def __len__(self) -> int:
@@ -605,7 +792,11 @@ class ZarrLoader:
         Without it every new ``iter()`` serves the next epoch, as torch's
         ``DataLoader(shuffle=True)`` reshuffles on every ``iter()``: a new order
         each time, also after a ``break``. Setting the epoch the loader's state
-        was loaded at (:meth:`load_state_dict`) keeps the resume point.
+        was loaded at (``load_state_dict()``) keeps the resume point.
+
+        Args:
+            epoch: The epoch number, usually the training loop's counter
+                (0, 1, 2, ...); the same on every rank.
         """
         epoch = int(epoch)
         if epoch < 0:
@@ -641,13 +832,20 @@ class ZarrLoader:
             self.sampler = replace(self.sampler, rank=found[0], world_size=found[1])
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the loader stands: the epoch and how many batches the user has had.
+        """Where the loader stands, to save with a checkpoint and resume exactly.
 
         Ranks step in lockstep (as under DDP), so every rank's state is the same
         but for ``rank``: any one of them resumes all ranks, at this or another
-        world size. ``segments`` lists the ``(world_size, batches)`` served of
-        this epoch at earlier world sizes; ``fingerprint`` what decides the
-        samples (checked by :meth:`load_state_dict`).
+        world size. The state counts the batches handed to the training loop,
+        not those loaded ahead.
+
+        Returns:
+            A dict of plain Python values (it pickles and serializes to JSON):
+                ``epoch``, ``batches_served`` (batches of that epoch handed out so
+                far), ``seed``, ``batch_size``, ``rank``, ``world_size``,
+                ``num_candidates``, ``segments`` (the ``[world_size, batches]``
+                served of this epoch at earlier world sizes) and ``fingerprint``
+                (what decides the samples, checked by ``load_state_dict()``).
         """
         self._bind_ranks()
         return {
@@ -665,14 +863,25 @@ class ZarrLoader:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume exactly after the last batch served when ``state`` was taken.
 
+        The next iteration serves the rest of the state's epoch; the epochs
+        after it are whole epochs.
+
         At another ``world_size`` than the state's, the samples of its epoch
         that the old ranks had not served are served once each across the new
         ranks, in the same number of batches on every rank (batches may be
         smaller than ``batch_size``; with ``drop_last`` only full batches, the
         rest left out, and with ``batch_size=1`` or fewer samples left than
         ranks, the few that cannot be split evenly). Later epochs are whole
-        epochs at the new world size. A state saved for another seed, store,
-        sample spec or batch size is refused, naming what differs.
+        epochs at the new world size.
+
+        Args:
+            state: A dict from ``state_dict()``, of this loader or of any
+                rank of the same job (also at another world size).
+
+        Raises:
+            ConfigError: The state was saved for another seed, store, sample
+                spec or batch size (the message lists what differs), or is
+                not a state of this loader.
         """
         check_state(state, self.state_dict())
         self._epoch = int(state["epoch"])
@@ -685,15 +894,34 @@ class ZarrLoader:
 
     # -- iteration ---------------------------------------------------------
     def epoch_plan(self, epoch: int | None = None) -> EpochPlan:
-        """The samples this rank serves in ``epoch`` (default: the current one)."""
+        """The samples this rank serves in an epoch, batch by batch, without reading.
+
+        Args:
+            epoch: The epoch (default: the one the next iteration serves,
+                resume point included).
+
+        Returns:
+            The plan: ``len(plan)`` batches, ``plan.batch(k)`` the ``[B, 3]``
+                ``(t0, y0, x0)`` of batch ``k``.
+        """
         resumed: list[Segment] = []
         if epoch is None:
             epoch, resumed = self._epoch, self._resume_segments
         samples = self.candidates.samples(self.sampler.seed, epoch)
         return self.sampler.epoch_plan(samples, epoch, resumed)
 
-    def load_batch(self, samples) -> Any:
-        """Read, decode and assemble the window ``[B, T, C, H, W]`` of ``samples``."""
+    def load_batch(self, samples: np.ndarray) -> Any:
+        """Read, decode and assemble the samples' windows, outside an epoch.
+
+        Args:
+            samples: int64 ``[B, 3]`` array of ``(t0, y0, x0)``, as
+                ``batch["index"]`` or ``epoch_plan()`` give them.
+
+        Returns:
+            The windows ``[B, input_steps + target_steps, C, H, W]`` in the
+                stored dtype (not normalized): a numpy array on the CPU path,
+                a device array on the GPU path.
+        """
         return self._load_frames(samples, split=False)[0]
 
     def _load_frames(self, samples, split: bool = True, **device_args) -> tuple[Any, ...]:
@@ -708,7 +936,7 @@ class ZarrLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The batches of an epoch: at its first ``next()``, the epoch chosen by
-        :meth:`set_epoch` or :meth:`load_state_dict` (the rest of it), else the
+        ``set_epoch()`` or ``load_state_dict()`` (the rest of it), else the
         epoch after the last one started, as torch's ``DataLoader`` serves a new
         order at every ``iter()``.
 
@@ -716,7 +944,7 @@ class ZarrLoader:
         are created at the first ``next()`` and released when the epoch ends:
         when it is exhausted, when the iterator is closed or dropped (``break``,
         an exception in the loop), when loading fails, when the next epoch of
-        this loader starts, or by :meth:`close`; worker processes and the
+        this loader starts, or by ``close()``; worker processes and the
         buffers batches are made in are kept for the next epoch
         (``persistent_workers``).
         """
@@ -873,7 +1101,7 @@ class ZarrLoader:
 
     def _ring_static(self, shared: bool) -> RingStaticTiles | None:
         """The static tiles' writer for the CPU path; with ``shared`` the field in
-        shared memory the workers map (made once, freed by :meth:`close`)."""
+        shared memory the workers map (made once, freed by ``close()``)."""
         if self.static is None:
             return None
         field: SharedArray | Any = self.static.field

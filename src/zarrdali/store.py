@@ -182,6 +182,33 @@ class ArrayLayout:
         return f"{key} (inner chunk {tuple(chunk)})"
 
 
+# Files xarray reads that zarrdali does not: `zarrdali prepare` converts them.
+_CONVERTIBLE = {
+    ".nc": "NetCDF",
+    ".nc4": "NetCDF",
+    ".netcdf": "NetCDF",
+    ".cdf": "NetCDF",
+    ".h5": "HDF5",
+    ".hdf5": "HDF5",
+    ".he5": "HDF5",
+    ".grib": "GRIB",
+    ".grb": "GRIB",
+    ".grib2": "GRIB",
+    ".grb2": "GRIB",
+}
+
+
+def _convert_hint(name: str, any_file: bool = False) -> str:
+    """How to turn a NetCDF/HDF5/GRIB file (or any file) into a Zarr v3 store."""
+    suffix = Path(name.rstrip("/")).suffix.lower()
+    kind = _CONVERTIBLE.get(suffix)
+    if kind is None and not any_file:
+        return ""
+    what = f"a {kind} file" if kind else "a file xarray opens"
+    out = str(Path(name.rstrip("/")).with_suffix(".zarr").name)
+    return f" For {what}, convert it once with `zarrdali prepare {name} {out}`."
+
+
 def open_group(
     store: str | os.PathLike | zarr.Group | Any,
     storage_options: Mapping[str, Any] | None = None,
@@ -220,11 +247,16 @@ def open_group(
         path = StorePath(bounded, store.path)
         return zarr.Group(AsyncGroup(metadata=store.metadata, store_path=path)), name
     if isinstance(store, (str, os.PathLike)) and not remote.is_url(os.fspath(store)):
-        name = os.fspath(store)
-        if not Path(name.removeprefix("file://")).exists():
+        name = os.path.expanduser(os.fspath(store))
+        path = Path(name.removeprefix("file://"))
+        if not path.exists():
             raise StoreNotFoundError(
                 f"Zarr store {name!r} does not exist. Check the path, or create the sample "
-                f"data with `zarrdali sample-data DIR`."
+                f"data with `zarrdali sample-data DIR`.{_convert_hint(name)}"
+            )
+        if path.is_file():
+            raise StoreNotFoundError(
+                f"{name!r} is a file, not a Zarr store (a directory).{_convert_hint(name, True)}"
             )
         return _open_zarr_group(name, name, zarr_format=None), name
     target = remote.zarr_store_for(store, storage_options)
@@ -264,7 +296,7 @@ def _open_zarr_group(target: Any, name: str, zarr_format: int | None) -> zarr.Gr
         what = "zarr.json" if zarr_format == 3 else "Zarr metadata"
         raise StoreNotFoundError(
             f"{name!r} is not a Zarr group{hint}: it has no {what} at its root. Check the "
-            f"URL or path (and the bucket and prefix)."
+            f"URL or path (and the bucket and prefix).{_convert_hint(name)}"
         ) from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MetadataError(

@@ -75,6 +75,11 @@ def parse_variables(variables: object) -> list[VariableRequest]:
         items: list = [variables] if isinstance(variables, str) else list(variables)
     elif isinstance(variables, tuple):
         items = [variables]
+    elif isinstance(variables, (set, frozenset)):
+        raise ConfigError(
+            f"variables must be a list of array names (their order is the channels' "
+            f"order), not a set: got {variables!r}. Pass a list, e.g. {sorted(variables)!r}."
+        )
     elif isinstance(variables, Mapping):
         raise ConfigError(
             f"variables must be a list of array names (or (name, levels) pairs), not a "

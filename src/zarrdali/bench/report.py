@@ -341,17 +341,63 @@ def plot_throughput(path: Path, rows: list[dict]) -> bool:
         ax.grid(axis="x", which="major", alpha=0.3)
     axes[-1, 0].set_xlabel("samples / s (median, whiskers min–max; log scale)")
     handles = [Patch(color=c, label=k) for k, c in KIND_COLORS.items()]
-    fig.legend(handles=handles, loc="upper right", fontsize=8, ncols=3, frameon=False)
     fig.suptitle("zarrdali bench: throughput per loader", x=0.01, ha="left", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=120)
+    # below the panels, never on the data
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        fontsize=8,
+        ncols=3,
+        frameon=False,
+    )
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 
 
+# Line colours, never one twice in a plot: zarrdali's rows in blues (its default
+# row the strongest, drawn thick and on top), the peers in warm and other hues,
+# the ceilings in greys (dashed).
+_PALETTES = {
+    "zarrdali": ["#0b3d91", "#3f7fe0", "#00a0b0", "#7fb3ff", "#1d6f9f", "#5f4bb6"],
+    "peer": ["#e66100", "#2ca02c", "#c2185b", "#8c564b", "#bcbd22", "#d62728", "#ff9da7"],
+    "ceiling": ["#000000", "#6b6b6b", "#a0a0a0", "#3d3d3d", "#c7c7c7"],
+}
+_EXTRA_COLORS = ["#17becf", "#9467bd", "#aec7e8", "#ffbb78", "#98df8a", "#f7b6d2", "#dbdb8d"]
+# zarrdali's own row, the one the plot is about
+MAIN_ROW = "zarrdali[cpu]"
+
+
+def line_colors(names: list[str]) -> dict[str, str]:
+    """A distinct colour per loader name, by kind (see ``_PALETTES``); zarrdali's
+    main row always gets the strongest blue."""
+    colors: dict[str, str] = {}
+    used: set[str] = set()
+    spare = iter(_EXTRA_COLORS)
+    for name in sorted(dict.fromkeys(names), key=_row_order):
+        free = [c for c in _PALETTES[row_kind(name)] if c not in used]
+        color = free[0] if free else next(c for c in spare if c not in used)
+        colors[name] = color
+        used.add(color)
+    return colors
+
+
+def _row_order(name: str) -> tuple[int, int]:
+    """Legend order: zarrdali's rows, then peers, then ceilings; the main row first."""
+    kind = {"zarrdali": 0, "peer": 1, "ceiling": 2}[row_kind(name)]
+    return kind, 0 if name == MAIN_ROW else 1
+
+
 def plot_batch_sizes(path: Path, rows: list[dict]) -> bool:
     """Median samples/s against batch size, one line per loader, one panel per store
-    (whiskers: min–max), log-log; False without matplotlib or data."""
+    (whiskers: min–max), log-log; False without matplotlib or data.
+
+    Every loader has its own colour, the same in every panel; zarrdali's default
+    row is drawn thick and on top; the legend sits beside the panels, never on
+    the data.
+    """
     try:
         import matplotlib
 
@@ -363,17 +409,21 @@ def plot_batch_sizes(path: Path, rows: list[dict]) -> bool:
     if not ok:
         return False
     stores = list(dict.fromkeys(r["store_label"] for r in ok))
-    fig, axes = plt.subplots(1, len(stores), figsize=(6.5 * len(stores), 4.8), squeeze=False)
+    names = sorted(dict.fromkeys(r["summary"]["name"] for r in ok), key=_row_order)
+    colors = line_colors(names)
+    fig, axes = plt.subplots(1, len(stores), figsize=(5.2 * len(stores), 4.6), squeeze=False)
     markers = {"zarrdali": "o", "peer": "s", "ceiling": "^"}
+    lines = {}
     for ax, store in zip(axes[0], stores, strict=True):
         mine = [r for r in ok if r["store_label"] == store]
-        names = list(dict.fromkeys(r["summary"]["name"] for r in mine))
         for name in names:
             pts = sorted(
                 (r["batch_size"], r["summary"]["samples_per_s"])
                 for r in mine
                 if r["summary"]["name"] == name
             )
+            if not pts:
+                continue
             sizes = [b for b, _ in pts]
             med = [st["median"] for _, st in pts]
             err = [
@@ -381,27 +431,44 @@ def plot_batch_sizes(path: Path, rows: list[dict]) -> bool:
                 [st["max"] - m for m, (_, st) in zip(med, pts, strict=True)],
             ]
             kind = row_kind(name)
-            ax.errorbar(
+            main = name == MAIN_ROW
+            lines[name] = ax.errorbar(
                 sizes,
                 med,
                 yerr=err,
+                color=colors[name],
                 marker=markers[kind],
+                markersize=8 if main else 5,
+                linewidth=3.2 if main else 1.4,
                 linestyle="--" if kind == "ceiling" else "-",  # ceilings: dashed
                 capsize=3,
+                zorder=10 if main else 2,
                 label=name,
             )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(sorted({r["batch_size"] for r in mine}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        # plain numbers (20, 50, 100), not 2x10^1, on major and the labelled minor ticks
+        ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter())
+        ax.yaxis.set_minor_formatter(
+            matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
+        )
         ax.set_xlabel("batch size")
-        ax.set_ylabel("samples / s (median, whiskers min–max)")
         ax.set_title(store, loc="left", fontsize=10, fontweight="bold")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="best")
+    axes[0, 0].set_ylabel("samples / s (median, whiskers min–max)")
     fig.suptitle("zarrdali bench: samples/s against batch size", x=0.01, ha="left", fontsize=10)
+    fig.legend(
+        [lines[n] for n in names if n in lines],
+        [n for n in names if n in lines],
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize=8,
+        frameon=False,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend beside the panels
     plt.close(fig)
     return True
 

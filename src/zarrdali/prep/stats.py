@@ -28,6 +28,7 @@ import xarray as xr
 import zarr
 
 from ..errors import ConfigError, MetadataError, StoreNotFoundError, VariableNotFoundError
+from ..store import open_group
 from ._dask import progress
 from .cf_attributes import decode_variable, zarr_cf_attrs
 
@@ -37,8 +38,9 @@ _TARGET_BLOCK_BYTES = 32 * 2**20
 
 def _open_rw(store: str | os.PathLike) -> zarr.Group:
     name = os.fspath(store)
-    if "://" not in name and not os.path.exists(name):
-        raise StoreNotFoundError(f"Zarr store {name!r} does not exist.")
+    if "://" not in name:
+        name = os.path.expanduser(name)
+        open_group(name)  # read-only first: a missing store, or a file, named with a hint
     try:
         return zarr.open_group(name, mode="r+")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as err:

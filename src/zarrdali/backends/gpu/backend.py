@@ -152,7 +152,7 @@ _INSTALL_HINT = "pip install 'zarrdali[cuda13]' (CUDA 13 driver) or 'zarrdali[cu
 def _has_module(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
+    except ImportError:  # a parent package missing, or one that fails to import
         return False
 
 
@@ -164,6 +164,8 @@ def missing_gpu_requirements() -> list[str]:
         (("kvikio",), "kvikIO"),
         # the C API (libnvcomp, DALI's dependency) or the Python bindings (fallback)
         (("nvidia.libnvcomp", "nvidia.nvcomp"), "nvCOMP"),
+        # hands the batches to torch (not a dependency of the CPU path)
+        (("nvidia.dali",), "DALI"),
     ):
         if not any(_has_module(m) for m in modules):
             names = " or ".join(repr(m) for m in modules)
