@@ -23,8 +23,8 @@ import zarrdali
 from fakecuda import FakeDevice, check_reuse_order
 from storefactory import VarSpec
 from test_loader_oracle import loader_for, to_numpy
-from zarrdali.backends.gpu.feed import CudaFeed, ring_size
-from zarrdali.prefetch import PrefetchSource
+from zarrdali.gpu.feed import CudaFeed, ring_size
+from zarrdali.gpu.prefetch import PrefetchSource
 
 VARS = [
     VarSpec("a", shape=(20, 21, 33), chunks=(1, 21, 33)),
@@ -233,8 +233,8 @@ def test_an_epoch_broken_off_closes_the_cuda_feed(store):
 def test_the_gpu_backend_fills_the_source_role():
     import inspect
 
-    from zarrdali.backends.gpu import GpuBackend
-    from zarrdali.backends.gpu.feed import CudaSourceRole
+    from zarrdali.gpu import GpuBackend
+    from zarrdali.gpu.feed import CudaSourceRole
 
     assert issubclass(GpuBackend, CudaSourceRole)
     params = inspect.signature(GpuBackend.load_batch).parameters

@@ -22,10 +22,10 @@ import pytest
 
 import zarrdali
 from storefactory import VarSpec, open_arrays
-from zarrdali.backends.mapped import MappedFiles
-from zarrdali.backends.zstdctx import ZstdContexts, ZstdFrameError
-from zarrdali.epoch_reader import EpochReader
+from zarrdali.batch.zstdctx import ZstdContexts, ZstdFrameError
+from zarrdali.cpu.reader import EpochReader
 from zarrdali.errors import ChunkError
+from zarrdali.io.mapped import MappedFiles
 
 CONTEXTS = ZstdContexts.create()
 needs_contexts = pytest.mark.skipif(

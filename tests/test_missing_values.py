@@ -37,14 +37,14 @@ from test_gpu_backend import _HOST_LOAD, _HOST_SHIM, NT, NX, NY, SAMPLES, _descr
 from test_loader_oracle import loader_for, run_epochs
 from test_static_time import StaticOracle, check_static_and_time, xarray_times
 from zarrdali import ConfigError
-from zarrdali.backends.cpu import CpuBackend
-from zarrdali.backends.finish import Finish
-from zarrdali.backends.gpu.kernels import finish_source, gather_block, gather_grid_y
-from zarrdali.backends.gpu.plan import GatherFinish, finish_tables, gather_reference
-from zarrdali.batchplan import plan_batch
-from zarrdali.missing import check_missing_options, variable_missing_values
-from zarrdali.pipeline import apply_augmentations
-from zarrdali.store import load_layouts, open_group
+from zarrdali.batch.finish import Finish
+from zarrdali.batch.plan import plan_batch
+from zarrdali.cpu.backend import CpuBackend
+from zarrdali.gpu.describe import GatherFinish, finish_tables, gather_reference
+from zarrdali.gpu.kernels import finish_source, gather_block, gather_grid_y
+from zarrdali.gpu.pipeline import apply_augmentations
+from zarrdali.store.missing import check_missing_options, variable_missing_values
+from zarrdali.store.open import load_layouts, open_group
 
 FILL16 = -32768
 
@@ -280,7 +280,7 @@ def cupy_module(request, monkeypatch):
 
 @pytest.mark.parametrize("how", ["fill+masks", "raw+fill+masks", "normalize-only"])
 def test_gpu_engine_finishes_as_the_cpu_path(make_store, cupy_module, how):
-    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.gpu import GpuBackend
 
     store = make_store(*missing_store_specs(sharded=True))
     group, name, layouts, plan = _layouts_and_plan(store, ["sst", "ir", "q"])
@@ -456,14 +456,14 @@ def test_gpu_path_on_the_stand_in_equals_the_cpu_path(make_store, monkeypatch, a
     CUDA feed with both arrays of a batch in one ring buffer, and the GPU path's
     DALI graph run on the CPU (slicing input and target out of the window and
     its mask, flips and quarter turns of both, uint8 masks seen as bool)."""
-    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.gpu import GpuBackend
 
     store = make_missing_store(make_store, sharded=True)
     variables = ["sst", "ir", "q"]
     kw = _all_options(augment)
     with loader_for(store, variables, **kw) as cpu_loader:
         want = run_epochs(cpu_loader, [0, 1])
-    from zarrdali.backends.gpu import feed
+    from zarrdali.gpu import feed
 
     cuda = fakegpu.install(monkeypatch)
     monkeypatch.setattr(GpuBackend, "dali_device", "cpu")  # DALI's graph, on the CPU

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import (
+from zarrdali.errors import (
     BackendUnavailableError,
     ChunkError,
     ConfigError,
@@ -18,8 +18,8 @@ from .errors import (
     WorkerDiedError,
     ZarrDaliError,
 )
-from .loader import ZarrLoader
-from .plan import SampleSpec
+from zarrdali.loader import ZarrLoader
+from zarrdali.sampling.epochs import SampleSpec
 
 __version__ = "0.1.0"
 

@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ProcessContextError
+from zarrdali.errors import ProcessContextError
 
 log = logging.getLogger(__name__)
 

@@ -18,37 +18,44 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .backends import make_backend
-from .backends.base import batch_dtype
-from .backends.finish import Finish, finish_of
-from .backends.sources import make_source
-from .cf import channel_packing
-from .dims import check_dims_override
-from .epoch import BoolMasks, EpochRun, SourceHandle, release_frames
-from .epoch_reader import EpochReader, load_frames, load_into
-from .errors import ConfigError, LoaderClosedError, ProcessContextError
-from .hostfeed import BatchLayout, Finishing, HostBatches, HostFeed, ThreadProducer
-from .hostring import BatchRing, SharedArray
-from .lifetime import LoaderResources
-from .missing import check_missing_options
-from .normalize import NormalizeArg, channel_stats
-from .pinning import check_pin_memory
-from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
-from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
-from .ranks import process_group
-from .ranks import resolve as resolve_ranks
-from .remote import StoreRef, is_picklable, is_url
-from .resume import check_state, fingerprint, resume_point
-from .static import (
+from zarrdali.batch.backend import batch_dtype
+from zarrdali.batch.backends import make_backend
+from zarrdali.batch.epoch import BoolMasks, EpochRun, SourceHandle, release_frames
+from zarrdali.batch.finish import Finish, finish_of
+from zarrdali.batch.static import (
     DeviceStaticFields,
     DeviceStaticTiles,
     RingStaticTiles,
     StaticTiles,
     read_static_fields,
 )
-from .store import check_plan_fits, open_group
-from .timecoord import FrameTimes, read_time_coordinate
-from .variables import resolve_variables
+from zarrdali.cpu.feed import BatchLayout, Finishing, HostBatches, HostFeed, ThreadProducer
+from zarrdali.cpu.pinning import check_pin_memory
+from zarrdali.cpu.reader import EpochReader, load_frames, load_into
+from zarrdali.cpu.ring import BatchRing, SharedArray
+from zarrdali.errors import ConfigError, LoaderClosedError, ProcessContextError
+from zarrdali.gpu.pipeline import AUGMENTATIONS, BatchSource, build_pipeline
+from zarrdali.io.remote import StoreRef, is_picklable, is_url
+from zarrdali.io.sources import make_source
+from zarrdali.lifetime import LoaderResources
+from zarrdali.sampling.epochs import (
+    EpochPlan,
+    SampleGrid,
+    Sampler,
+    SampleSpec,
+    SampleTable,
+    Segment,
+)
+from zarrdali.sampling.ranks import process_group
+from zarrdali.sampling.ranks import resolve as resolve_ranks
+from zarrdali.sampling.resume import check_state, fingerprint, resume_point
+from zarrdali.store.cf import channel_packing
+from zarrdali.store.dims import check_dims_override
+from zarrdali.store.missing import check_missing_options
+from zarrdali.store.normalize import NormalizeArg, channel_stats
+from zarrdali.store.open import check_plan_fits, open_group
+from zarrdali.store.timecoord import FrameTimes, read_time_coordinate
+from zarrdali.store.variables import resolve_variables
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +170,7 @@ def _resolve_device(device: str) -> str:
     if device in ("cpu", "cuda"):
         return device
     if device == "auto":
-        from .backends.gpu import missing_gpu_requirements
+        from zarrdali.gpu import missing_gpu_requirements
 
         missing = missing_gpu_requirements()
         if missing:
@@ -205,7 +212,7 @@ def _warn_inside_dataloader_worker(loader: ZarrLoader) -> None:
 
 @dataclass(frozen=True)
 class LoaderSampler(Sampler):
-    """A loader's sampler: the plan's :class:`~zarrdali.plan.Sampler`, whose
+    """A loader's sampler: the plan's :class:`~zarrdali.sampling.epochs.Sampler`, whose
     ``set_epoch`` sets its loader's epoch, as ``DistributedSampler.set_epoch``
     does a DataLoader's (PyTorch Lightning calls it at every epoch start, with
     its own epoch count: also right after a resume from a checkpoint)."""
@@ -245,12 +252,12 @@ class ZarrLoader:
     axis=1)`` (then normalized) with ``(t0, y0, x0) = batch["index"][i]`` and
     ``ds = xarray.open_zarr(store)``: values CF-decoded as xarray decodes them
     (``scale_factor``/``add_offset``, ``_FillValue``/``missing_value`` as NaN;
-    ``decode_cf=False`` serves stored values, see ``zarrdali.cf``), axes found
+    ``decode_cf=False`` serves stored values, see ``zarrdali.store.cf``), axes found
     by their dimension names in any stored order (``dims`` names others; see
-    ``zarrdali.dims``). A variable with a level axis contributes one channel
+    ``zarrdali.store.dims``). A variable with a level axis contributes one channel
     per level, or per level chosen: ``variables=["t2m", ("t", [850, 500])]`` by
     the level coordinate's values, ``("t", {"isel": [0, 3]})`` by index
-    (``zarrdali.variables``); the ``channels`` attribute names them. A chunk
+    (``zarrdali.store.variables``); the ``channels`` attribute names them. A chunk
     never written reads as the array's fill value.
 
     ``device="cpu"`` decodes with numcodecs in worker processes straight into
@@ -664,7 +671,7 @@ class ZarrLoader:
     def _sample_table(self, index, n_time: int, ny: int, nx: int) -> SampleTable:
         """The samples an index lists, checked against this store and window."""
         if not isinstance(index, SampleTable):
-            from .prep.sample_index import load_sample_index
+            from zarrdali.prep.sample_index import load_sample_index
 
             index = load_sample_index(index, self.store_name, self.layouts, self.spec)
         if self.spec.tile is not None and tuple(index.tile_hw) != tuple(self.spec.tile):
@@ -1004,7 +1011,7 @@ class ZarrLoader:
         handed to torch as they are (see hostfeed.py, hostring.py, workers.py).
         Static tiles are cut into the slot by whoever loads the samples; index,
         flags and timestamps are computed here from the plan (a gather per batch)."""
-        from .workers import WorkerJob, WorkerPool
+        from zarrdali.cpu.workers import WorkerJob, WorkerPool
 
         # batches numbered through the epoch, across world sizes (augmentation draws)
         served_before = sum(seg.batches for seg in self._segments)

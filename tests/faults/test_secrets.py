@@ -10,7 +10,7 @@ import pickle
 import pytest
 
 import zarrdali
-from zarrdali.epoch_reader import EpochReader
+from zarrdali.cpu.reader import EpochReader
 
 pytest.importorskip("obstore")
 pytest.importorskip("moto")
@@ -20,7 +20,7 @@ BUCKET = "secrets"
 
 
 def test_redacted_options_keep_settings_and_hide_the_rest():
-    from zarrdali.remote import StoreRef, redact_argv, redact_options
+    from zarrdali.io.remote import StoreRef, redact_argv, redact_options
 
     options = {
         "secret_access_key": "HIDDEN-1",

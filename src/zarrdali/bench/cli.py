@@ -64,7 +64,7 @@ def resolve(args: argparse.Namespace) -> dict:
 
 
 def _ensure_sample_data(directory: Path) -> list[tuple[str, str]]:
-    from ..sample_data import PLAIN, SHARDED, sample_data_exists, write_sample_data
+    from zarrdali.sample_data import PLAIN, SHARDED, sample_data_exists, write_sample_data
 
     if not sample_data_exists(directory):
         print(f"writing the sample data to {directory} (once)", file=sys.stderr)
@@ -85,9 +85,9 @@ def missing_requirements() -> list[str]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ..remote import redact_argv
-    from .main import DEFAULT_LOADERS, LOADERS, run_bench
-    from .spec import BenchSpec
+    from zarrdali.bench.main import DEFAULT_LOADERS, LOADERS, run_bench
+    from zarrdali.bench.spec import BenchSpec
+    from zarrdali.io.remote import redact_argv
 
     missing = missing_requirements()
     if missing:
@@ -104,7 +104,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"zarrdali bench: error: {err}", file=sys.stderr)
         return 2
     if o["workload"] == "whole-field":
-        from .wholefield import cmd_whole_field
+        from zarrdali.bench.wholefield import cmd_whole_field
 
         return cmd_whole_field(args)
     if o["store"] and "://" in str(o["store"]):  # a URL: Path() would fold its "//"
@@ -122,7 +122,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ]
     variables = o["variables"]
     if not variables:
-        from ..store import open_group
+        from zarrdali.store.open import open_group
 
         group, _ = open_group(stores[0][1], o["storage_options"])
         variables = [name for name, arr in group.arrays() if arr.ndim >= 3]
@@ -162,7 +162,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_host(args: argparse.Namespace) -> int:
-    from .host import run_host_bench
+    from zarrdali.bench.host import run_host_bench
 
     if args.store:
         stores = [(Path(args.store).name, args.store)]

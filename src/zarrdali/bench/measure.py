@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from .runners import RunResult
-    from .spec import BenchSpec
+    from zarrdali.bench.runners import RunResult
+    from zarrdali.bench.spec import BenchSpec
 
 T = TypeVar("T")
 

@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.cpu import partial_decode_prefixes
-from ..backends.zstdctx import ZstdContexts
-from ..batchplan import plan_batch
-from ..loader import ZarrLoader
-from ..store import ArrayLayout
-from .measure import PeakMemory, cpu_seconds, time_epoch
-from .spec import BenchSpec
+from zarrdali.batch.plan import plan_batch
+from zarrdali.batch.zstdctx import ZstdContexts
+from zarrdali.bench.measure import PeakMemory, cpu_seconds, time_epoch
+from zarrdali.bench.spec import BenchSpec
+from zarrdali.cpu.backend import partial_decode_prefixes
+from zarrdali.loader import ZarrLoader
+from zarrdali.store.open import ArrayLayout
 
 
 @dataclass
@@ -160,8 +160,8 @@ def _decoded_nbytes(loader: ZarrLoader, batches: Sequence[np.ndarray]) -> tuple[
 
 def _zarrdali_loader(spec: BenchSpec, device: str, **kw) -> ZarrLoader:
     if device == "cuda":
-        from ..backends.gpu import missing_gpu_requirements
-        from ..errors import BackendUnavailableError
+        from zarrdali.errors import BackendUnavailableError
+        from zarrdali.gpu import missing_gpu_requirements
 
         missing = missing_gpu_requirements()
         if missing:
@@ -174,7 +174,7 @@ def _zarrdali_loader(spec: BenchSpec, device: str, **kw) -> ZarrLoader:
 
 
 def _require_static(spec: BenchSpec, static: Sequence[str]) -> None:
-    from ..store import open_group
+    from zarrdali.store.open import open_group
 
     group, name = open_group(spec.store, spec.storage_options)
     missing = [v for v in static if v not in group]
