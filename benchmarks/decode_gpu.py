@@ -242,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _section(args, label: str, store: Path, variables, missing: list[str]) -> dict:
     """Every row on one store."""
+    from zarrdali.batch.host import PosixReader
     from zarrdali.batch.locate import ChunkLocator
     from zarrdali.batch.plan import plan_batch
-    from zarrdali.cpu.backend import CpuBackend, PosixReader
+    from zarrdali.cpu.backend import CpuBackend
     from zarrdali.gpu.describe import describe_batch
     from zarrdali.store.open import load_layouts, open_group
 

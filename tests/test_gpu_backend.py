@@ -37,9 +37,9 @@ import pytest
 
 from storefactory import COMPRESSORS, VarSpec, chunk_files, chunk_key, delete_chunks
 from zarrdali.batch.fallback import ZarrPythonChunkSource
+from zarrdali.batch.host import NumcodecsDecoder, PosixReader
 from zarrdali.batch.locate import ChunkLocations, ChunkLocator
 from zarrdali.batch.plan import natural_coords, plan_batch
-from zarrdali.cpu.backend import NumcodecsDecoder, PosixReader
 from zarrdali.errors import BackendUnavailableError, ChunkError
 from zarrdali.gpu.describe import (
     ALIGN,
@@ -116,8 +116,8 @@ def test_import_touches_no_gpu_library():
 
 
 def test_gpu_backend_says_what_is_missing(make_store):
-    from zarrdali.batch.backends import make_backend
     from zarrdali.gpu import missing_gpu_requirements
+    from zarrdali.paths import make_backend
 
     missing = missing_gpu_requirements()
     if not missing:

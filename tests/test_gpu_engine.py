@@ -552,8 +552,8 @@ def test_python_api_fallback_matches_cpu(make_store, compressor):
 
 
 def test_make_backend_passes_gpu_options(engine, make_store):
-    from zarrdali.batch.backends import make_backend
     from zarrdali.errors import ConfigError
+    from zarrdali.paths import make_backend
 
     store = make_store(_spec("z"))
     group, name = open_group(store)

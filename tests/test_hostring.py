@@ -81,7 +81,7 @@ def test_a_shared_array_is_mapped_by_spawned_processes_not_copied():
     import multiprocessing
     import pickle
 
-    from zarrdali.cpu.ring import SharedArray
+    from zarrdali.batch.shared import SharedArray
 
     field = np.arange(3 * 50 * 70, dtype=np.float32).reshape(3, 50, 70)
     shared = SharedArray.of(field)

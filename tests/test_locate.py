@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from storefactory import VarSpec, chunk_files, chunk_key, delete_chunks, shard_index
+from zarrdali.batch.host import PosixReader
 from zarrdali.batch.locate import ChunkLocator
 from zarrdali.batch.plan import natural_coords, plan_batch
-from zarrdali.cpu.backend import PosixReader
 from zarrdali.store.open import load_layouts, open_group
 
 NT, NY, NX = 12, 21, 33

@@ -42,7 +42,7 @@ from zarrdali.batch.plan import plan_batch
 from zarrdali.cpu.backend import CpuBackend
 from zarrdali.gpu.describe import GatherFinish, finish_tables, gather_reference
 from zarrdali.gpu.kernels import finish_source, gather_block, gather_grid_y
-from zarrdali.gpu.pipeline import apply_augmentations
+from zarrdali.sampling.augment import apply_augmentations
 from zarrdali.store.missing import check_missing_options, variable_missing_values
 from zarrdali.store.open import load_layouts, open_group
 

@@ -19,9 +19,11 @@ import fakegpu
 from storefactory import VarSpec, add_coordinate, add_static
 from test_loader_oracle import Oracle, check_batches, loader_for, run_epochs
 from zarrdali import ConfigError, VariableNotFoundError
-from zarrdali.batch.static import DeviceStaticFields, StaticFields
-from zarrdali.gpu.pipeline import BatchSource, apply_augmentations, draw_augmentations
-from zarrdali.store.timecoord import NAT, decode_times
+from zarrdali.batch.static import StaticFields
+from zarrdali.gpu.pipeline import BatchSource
+from zarrdali.gpu.static import DeviceStaticFields
+from zarrdali.sampling.augment import apply_augmentations, draw_augmentations
+from zarrdali.sampling.times import NAT, decode_times
 
 NT, NY, NX = 20, 21, 33
 HOUR = 3_600_000_000_000  # ns

@@ -19,25 +19,22 @@ import numpy as np
 import zarr
 
 from zarrdali.batch.backend import batch_dtype
-from zarrdali.batch.backends import make_backend
 from zarrdali.batch.epoch import BoolMasks, EpochRun, SourceHandle, release_frames
 from zarrdali.batch.finish import Finish, finish_of
-from zarrdali.batch.static import (
-    DeviceStaticFields,
-    DeviceStaticTiles,
-    RingStaticTiles,
-    StaticTiles,
-    read_static_fields,
-)
+from zarrdali.batch.shared import SharedArray
+from zarrdali.batch.static import RingStaticTiles, StaticTiles, read_static_fields
 from zarrdali.cpu.feed import BatchLayout, Finishing, HostBatches, HostFeed, ThreadProducer
 from zarrdali.cpu.pinning import check_pin_memory
 from zarrdali.cpu.reader import EpochReader, load_frames, load_into
-from zarrdali.cpu.ring import BatchRing, SharedArray
+from zarrdali.cpu.ring import BatchRing
 from zarrdali.errors import ConfigError, LoaderClosedError, ProcessContextError
-from zarrdali.gpu.pipeline import AUGMENTATIONS, BatchSource, build_pipeline
-from zarrdali.io.remote import StoreRef, is_picklable, is_url
+from zarrdali.gpu.pipeline import BatchSource, build_pipeline
+from zarrdali.gpu.static import DeviceStaticFields, DeviceStaticTiles
+from zarrdali.io.remote import is_picklable, is_url
 from zarrdali.io.sources import make_source
 from zarrdali.lifetime import LoaderResources
+from zarrdali.paths import make_backend
+from zarrdali.sampling.augment import AUGMENTATIONS
 from zarrdali.sampling.epochs import (
     EpochPlan,
     SampleGrid,
@@ -49,12 +46,12 @@ from zarrdali.sampling.epochs import (
 from zarrdali.sampling.ranks import process_group
 from zarrdali.sampling.ranks import resolve as resolve_ranks
 from zarrdali.sampling.resume import check_state, fingerprint, resume_point
+from zarrdali.sampling.times import FrameTimes, read_time_coordinate
 from zarrdali.store.cf import channel_packing
 from zarrdali.store.dims import check_dims_override
 from zarrdali.store.missing import check_missing_options
 from zarrdali.store.normalize import NormalizeArg, channel_stats
-from zarrdali.store.open import check_plan_fits, open_group
-from zarrdali.store.timecoord import FrameTimes, read_time_coordinate
+from zarrdali.store.open import StoreRef, check_plan_fits, open_group
 from zarrdali.store.variables import resolve_variables
 
 log = logging.getLogger(__name__)

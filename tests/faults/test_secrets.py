@@ -20,7 +20,8 @@ BUCKET = "secrets"
 
 
 def test_redacted_options_keep_settings_and_hide_the_rest():
-    from zarrdali.io.remote import StoreRef, redact_argv, redact_options
+    from zarrdali.io.remote import redact_argv, redact_options
+    from zarrdali.store.open import StoreRef
 
     options = {
         "secret_access_key": "HIDDEN-1",

@@ -21,7 +21,7 @@ The arithmetic is the GPU gather kernel's (``zarrdali_gather_finish``):
 float32 ``(float(x) - mean) / std`` per channel, whatever the stored dtype,
 with ``x`` unpacked in float64 and rounded to float32 once where the
 variable is packed; the transforms those of
-:func:`zarrdali.gpu.pipeline.apply_augmentations`.
+:func:`zarrdali.sampling.augment.apply_augmentations`.
 """
 
 from __future__ import annotations

@@ -13,14 +13,14 @@ work per batch does not grow with the number of samples.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
 
-from zarrdali.cpu.ring import SharedArray
+from zarrdali.batch.shared import SharedArray
 from zarrdali.errors import ConfigError
 from zarrdali.store.cf import decoded_values
 from zarrdali.store.dims import dimension_axes
@@ -143,7 +143,7 @@ def cut_tiles(
 
     ``xp`` is numpy or CuPy (``field`` lives there); ``samples`` ``[B, 3]`` and
     ``flags`` ``[B, 3]`` (transpose, flip rows, flip columns; see
-    :func:`zarrdali.gpu.pipeline.draw_augmentations`) are host arrays. Values are
+    :func:`zarrdali.sampling.augment.draw_augmentations`) are host arrays. Values are
     copied, never computed, so both array modules give the same bits.
     """
     n_channels, ny, nx = field.shape
@@ -234,53 +234,3 @@ class RingStaticTiles:
         process's shared field is its loader's to close)."""
         if isinstance(self.field, SharedArray) and self.field.attached:
             self.field.close()
-
-
-class DeviceStaticFields:
-    """The static fields in device memory (GPU path), owned by the loader.
-
-    Uploaded once, to GPU ``device_id``, when the loader is built; :meth:`close`
-    drops the device array (the loader calls it before closing its backend).
-    Tiles are cut on the stream DALI copies the batch on (the feed stream, which
-    lives as long as the backend), so the copy is ordered after the cut and the
-    tiles' memory is reused only in that stream's order; they are handed to DALI
-    as the feed hands the frames (:func:`~zarrdali.gpu.feed.hand_over`:
-    their CUDA array interface names that stream).
-    """
-
-    def __init__(self, static: StaticFields, device_id: int, cupy: Any = None) -> None:
-        if cupy is None:
-            import cupy
-        self._cp = cupy
-        self._device_id = device_id
-        with cupy.cuda.Device(device_id):
-            # On the device's default stream, which lives as long as the process:
-            # CuPy's pool keeps a block in the arena of the stream it was made on.
-            self._field = cupy.asarray(static.field)
-            cupy.cuda.get_current_stream().synchronize()  # before a side stream reads it
-
-    def tiles(self, samples: np.ndarray, flags: np.ndarray | None, tile_hw, stream: Any) -> Any:
-        from zarrdali.gpu.feed import hand_over
-
-        field = self._field
-        if field is None:
-            raise ConfigError("the loader's static fields were released (loader closed)")
-        with self._cp.cuda.Device(self._device_id), stream:
-            tiles = cut_tiles(self._cp, field, samples, flags, tile_hw)
-            return hand_over(tiles, stream)
-
-    def close(self) -> None:
-        self._field = None
-
-
-@dataclass(frozen=True)
-class DeviceStaticTiles:
-    """A device batch output: the static tiles cut in device memory on the
-    stream ``stream_of()`` returns (the epoch feed's, which DALI copies on)."""
-
-    static: DeviceStaticFields
-    tile_hw: tuple[int, int]
-    stream_of: Callable[[], Any]
-
-    def __call__(self, samples: np.ndarray, flags: np.ndarray | None) -> Any:
-        return self.static.tiles(samples, flags, self.tile_hw, self.stream_of())

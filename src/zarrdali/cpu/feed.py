@@ -21,7 +21,7 @@ import numpy as np
 from zarrdali.batch.finish import Finish, finish_of
 from zarrdali.cpu.ring import BatchRing, SlotLayout
 from zarrdali.errors import LoaderClosedError
-from zarrdali.gpu.pipeline import draw_augmentations
+from zarrdali.sampling.augment import draw_augmentations
 from zarrdali.store.cf import Packing
 from zarrdali.store.missing import MissingValues
 

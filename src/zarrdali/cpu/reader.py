@@ -21,7 +21,6 @@ from zarrdali.batch.finish import Finish
 from zarrdali.batch.plan import plan_batch
 from zarrdali.batch.static import RingStaticTiles
 from zarrdali.cpu.feed import Finishing
-from zarrdali.io.remote import StoreRef
 from zarrdali.sampling.epochs import (
     EpochPlan,
     SampleGrid,
@@ -30,7 +29,7 @@ from zarrdali.sampling.epochs import (
     SampleTable,
     Segment,
 )
-from zarrdali.store.open import ArrayLayout
+from zarrdali.store.open import ArrayLayout, StoreRef
 from zarrdali.store.variables import VariableSelection
 from zarrdali.trace import annotate
 

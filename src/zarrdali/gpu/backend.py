@@ -476,7 +476,7 @@ class GpuBackend(CudaSourceRole):
         import cupy
 
         from zarrdali.batch.fallback import ZarrPythonChunkSource
-        from zarrdali.cpu.backend import NumcodecsDecoder, PosixReader
+        from zarrdali.batch.host import NumcodecsDecoder, PosixReader
 
         self._cp = cupy
         self._store = store_name

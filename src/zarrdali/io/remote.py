@@ -20,7 +20,6 @@ import json
 import pickle
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -482,49 +481,3 @@ def short_message(err: BaseException) -> str:
     """The first line of an error (obstore appends pages of debug output)."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".strip()
-
-
-@dataclass(frozen=True)
-class StoreRef:
-    """How to (re)open a store: all a worker process needs, picklable.
-
-    ``store`` is a path, a URL or a picklable zarr/obstore store object. Its
-    ``repr`` shows the storage options redacted (:func:`redact_options`).
-    """
-
-    store: Any
-    storage_options: Mapping[str, Any] | None = None
-    cache_dir: str | None = None
-    cache_bytes: int | None = None
-    max_in_flight: int = 64
-    request_timeout: float | None = None
-
-    def __repr__(self) -> str:
-        store = redact_url(self.store) if isinstance(self.store, str) else self.store
-        return (
-            f"StoreRef(store={store!r}, storage_options="
-            f"{redact_options(self.storage_options)!r}, cache_dir={self.cache_dir!r}, "
-            f"cache_bytes={self.cache_bytes!r}, max_in_flight={self.max_in_flight!r}, "
-            f"request_timeout={self.request_timeout!r})"
-        )
-
-    def open(self):
-        """``(group, name, source)``: the group, a name for messages, its byte source."""
-        from zarrdali.io.sources import make_source
-        from zarrdali.store.open import open_group
-
-        group, name = open_group(
-            self.store,
-            self.storage_options,
-            request_timeout=self.request_timeout,
-            max_in_flight=self.max_in_flight,
-        )
-        source = make_source(
-            group,
-            name,
-            max_in_flight=self.max_in_flight,
-            cache_dir=self.cache_dir,
-            cache_bytes=self.cache_bytes,
-            request_timeout=self.request_timeout,
-        )
-        return group, name, source

@@ -6,7 +6,7 @@ a remote source for the bytes of all chunks of a batch. Every call covers a
 whole batch, so a remote source fetches everything at once with many requests
 in flight (bounded by ``max_in_flight``), each byte range coalesced across
 neighbouring inner chunks of a shard. Local stores keep the CPU backend's own
-``os.pread`` path (:class:`~zarrdali.cpu.backend.PosixReader`); the
+``os.pread`` path (:class:`~zarrdali.batch.host.PosixReader`); the
 :class:`LocalSource` here only reads their shard indexes and sizes.
 
 Objects are named by *paths*: a file path for a local store, a key relative to

@@ -32,6 +32,7 @@ from zarrdali.errors import (
     VariableNotFoundError,
 )
 from zarrdali.io import remote
+from zarrdali.io.remote import redact_options, redact_url
 from zarrdali.store.codecs import ChunkCodec, ShardLayout, parse_chunk_codecs, parse_sharding
 from zarrdali.store.dims import dimension_axes
 from zarrdali.store.metadata import (
@@ -591,3 +592,48 @@ def load_layouts(
                 f"Regrid them to one grid first."
             )
     return layouts
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """How to (re)open a store: all a worker process needs, picklable.
+
+    ``store`` is a path, a URL or a picklable zarr/obstore store object. Its
+    ``repr`` shows the storage options redacted (:func:`redact_options`).
+    """
+
+    store: Any
+    storage_options: Mapping[str, Any] | None = None
+    cache_dir: str | None = None
+    cache_bytes: int | None = None
+    max_in_flight: int = 64
+    request_timeout: float | None = None
+
+    def __repr__(self) -> str:
+        store = redact_url(self.store) if isinstance(self.store, str) else self.store
+        return (
+            f"StoreRef(store={store!r}, storage_options="
+            f"{redact_options(self.storage_options)!r}, cache_dir={self.cache_dir!r}, "
+            f"cache_bytes={self.cache_bytes!r}, max_in_flight={self.max_in_flight!r}, "
+            f"request_timeout={self.request_timeout!r})"
+        )
+
+    def open(self):
+        """``(group, name, source)``: the group, a name for messages, its byte source."""
+        from zarrdali.io.sources import make_source
+
+        group, name = open_group(
+            self.store,
+            self.storage_options,
+            request_timeout=self.request_timeout,
+            max_in_flight=self.max_in_flight,
+        )
+        source = make_source(
+            group,
+            name,
+            max_in_flight=self.max_in_flight,
+            cache_dir=self.cache_dir,
+            cache_bytes=self.cache_bytes,
+            request_timeout=self.request_timeout,
+        )
+        return group, name, source

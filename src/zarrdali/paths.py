@@ -1,4 +1,4 @@
-"""Backends that read, decode and assemble batches: ``cpu`` and ``gpu``."""
+"""The two paths, cpu and gpu: the one place that picks a backend for a device."""
 
 from __future__ import annotations
 
