@@ -34,8 +34,8 @@ import pytest
 import fakegpu
 from storefactory import VarSpec, chunk_files
 from zarrdali.batch.backend import batch_dtype
+from zarrdali.batch.load import load_frames
 from zarrdali.batch.plan import plan_batch
-from zarrdali.cpu.reader import load_frames
 from zarrdali.errors import BackendUnavailableError
 from zarrdali.sampling.epochs import SampleSpec
 from zarrdali.store.open import load_layouts, open_group

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from zarrdali.batch.backend import Backend, ChunkDecoder, Locator
+import logging
+
+from zarrdali.batch.backend import Backend, ChunkDecoder, Locator, PathTraits
+from zarrdali.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Backend", "ChunkDecoder", "Locator", "make_backend"]
 
@@ -49,4 +54,31 @@ def make_backend(
         from zarrdali.gpu import GpuBackend
 
         return GpuBackend(group, store_name, num_threads, source=source, **options)
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def resolve_device(device: str) -> str:
+    if device in ("cpu", "cuda"):
+        return device
+    if device == "auto":
+        from zarrdali.gpu import missing_gpu_requirements
+
+        missing = missing_gpu_requirements()
+        if missing:
+            log.info("zarrdali: using the CPU path (GPU path needs: %s)", "; ".join(missing))
+            return "cpu"
+        return "cuda"
+    raise ConfigError(f"device must be 'cuda', 'cpu' or 'auto', got {device!r}.")
+
+
+def traits_of(device: str) -> PathTraits:
+    """What the path of ``device`` ("cpu" or "cuda") declares, before a backend is made."""
+    if device == "cpu":
+        from zarrdali.cpu.backend import CPU_TRAITS
+
+        return CPU_TRAITS
+    if device == "cuda":
+        from zarrdali.gpu.feed import GPU_TRAITS
+
+        return GPU_TRAITS
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

@@ -1,29 +1,29 @@
-"""The roles every backend fills: locate, read, decode, assemble.
+"""The contract between the loader and a path: what every backend does and declares.
 
 A backend is an object passed down (like zarr-python's buffer prototypes), not a
-flag tested throughout the code. Both satisfy :class:`Backend` and consume the
-same :class:`~zarrdali.batch.plan.BatchPlan` (arrays, one per batch) and the
-same :class:`~zarrdali.batch.locate.ChunkLocations` (where each chunk's
+flag tested throughout the code: ``ZarrLoader`` calls only what
+:class:`Backend` names, and never asks which path it runs. Both paths consume
+the same :class:`~zarrdali.batch.plan.BatchPlan` (arrays, one per batch) and
+the same :class:`~zarrdali.batch.locate.ChunkLocations` (where each chunk's
 bytes are, also arrays). The CPU backend (numpy, numcodecs) reads, decodes and
-copies chunk by chunk in its threads; the GPU backend (CuPy, kvikIO, nvCOMP)
-reads a batch into one device buffer, decodes it in batched nvCOMP calls and
-gathers it with one kernel launch.
+copies chunk by chunk in its threads and worker processes; the GPU backend
+(CuPy, kvikIO, nvCOMP) reads a batch into one device buffer, decodes it in
+batched nvCOMP calls and gathers it with one kernel launch.
 
-A backend also says how its batches reach DALI, so the loader never asks which
-device it runs on: where the pipeline's operators run (``dali_device``, and
-``dali_device_id()``), whether a batch is one window the pipeline slices into
-input and target (``whole_window``), and, per epoch, the
-:class:`EpochSource` that loads batches ahead of DALI (``batch_source``): on
-the CPU a :class:`~zarrdali.gpu.prefetch.PrefetchSource` (threads), on the GPU a
-:class:`~zarrdali.gpu.feed.CudaFeed` (threads, side streams, events,
-a ring of device buffers).
+Where the paths differ, a backend *declares* it (:class:`PathTraits`), and it
+opens each epoch itself (:meth:`Backend.open_epoch`): the CPU path a ring of
+host buffers fed by threads or worker processes (:mod:`zarrdali.cpu.epoch`),
+the GPU path a feed of device buffers and a DALI pipeline
+(:mod:`zarrdali.gpu.epoch`). The loader hands it an :class:`EpochRequest`: all
+the epoch needs, as values.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -52,31 +52,89 @@ class ChunkDecoder(Protocol):
 # ``load(k, out_for=None, stream=None) -> (frames, samples)``: batch ``k`` of the
 # epoch, planned and loaded. A device source passes ``out_for(shape, dtype)``,
 # which returns the buffer to assemble the batch in, and the stream to enqueue
-# the batch's device work on (see :func:`zarrdali.cpu.reader.load_frames`).
+# the batch's device work on (see :func:`zarrdali.batch.load.load_frames`).
 LoadFn = Callable[..., tuple[tuple[Any, ...], np.ndarray]]
 
 
-class EpochSource(Protocol):
-    """The batches of one epoch, loaded ahead of DALI; owned by the epoch, closed by it.
+@dataclass(frozen=True)
+class PathTraits:
+    """What a path declares where the paths differ, known before a backend is made.
 
-    ``get(k)`` is called by DALI's external source, in order, from one thread;
-    it returns ``(frames, samples)``. ``cuda_stream`` is what DALI's GPU
-    external source copies the frames on (None: not a device source).
-    ``close()`` is called once the pipeline is shut down: it stops and joins
-    the loading threads and releases what the source owns, in order.
+    ``host_batches``: batches are host arrays made in a ring of reused buffers
+    (``pin_memory`` applies); ``worker_processes``: it may load in worker
+    processes (``workers``); ``forkable``: a process forked from the one that
+    made the loader may build a new backend (CUDA cannot be used after a fork);
+    ``uses_dali``: batches reach the user through a DALI iterator (the exit hook
+    closes such loaders before DALI's own hooks run).
     """
 
-    cuda_stream: Any
-
-    def get(self, k: int) -> tuple[tuple[Any, ...], np.ndarray]: ...
-
-    def close(self) -> None: ...
-
-
-class Backend(Protocol):
     device: str
-    dali_device: str  # where the pipeline's operators run: "cpu" or "gpu"
-    whole_window: bool  # True: load_batch assembles [B, T, C, H, W] in one array
+    host_batches: bool
+    worker_processes: bool
+    forkable: bool
+    uses_dali: bool
+
+
+@dataclass(frozen=True)
+class EpochRequest:
+    """Everything one epoch of a loader needs, as the loader knows it at the epoch's start.
+
+    ``plan`` is the epoch's plan on this rank; batches ``start`` to
+    ``start + n`` of it are served. ``first_batch`` numbers the first of them
+    through the whole epoch, across world sizes (the augmentation draws'
+    batch number); ``segments`` are the parts of the epoch served before at
+    other world sizes. ``resources`` are the loader's long-lived ones (a
+    :class:`~zarrdali.lifetime.LoaderResources`): a path keeps what outlives an
+    epoch there (the CPU path's ring and worker processes), for the loader to
+    release in order.
+    """
+
+    plan: Any  # EpochPlan
+    start: int
+    n: int
+    epoch: int
+    first_batch: int
+    segments: tuple[Any, ...]  # Segment
+    layouts: tuple[ArrayLayout, ...]
+    spec: Any  # SampleSpec
+    tile_hw: tuple[int, int]
+    batch_size: int
+    prefetch: int
+    stats: Any  # (mean, std) per channel, or None
+    missing: Any  # MissingValues, or None
+    packing: Any  # ChannelPacking (CF decoding), or None
+    augment: tuple[str, ...]
+    seed: int
+    static: Any  # StaticFields, or None
+    times: Any  # the store's time coordinate, or None
+    resources: Any  # LoaderResources
+    # the CPU path's
+    store_ref: Any = None  # StoreRef: how worker processes reopen the store
+    selection: Any = None  # VariableSelection
+    candidates: Any = None  # SampleGrid or SampleTable
+    sampler: Any = None  # Sampler
+    workers: int = 0
+    persistent_workers: bool = True
+    pin_memory: bool = False
+    partial_decode: bool = True
+    memory_map: bool = False
+    num_channels: int = 0
+    # the GPU path's
+    dali_threads: int = 2
+
+    @property
+    def masks(self) -> bool:
+        """Whether batches carry masks of their missing values."""
+        return self.missing is not None and self.missing.masks
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the loader calls; both paths implement it (see tests/test_backend_contract.py)."""
+
+    traits: PathTraits
+    remote: bool  # reads an object store over the network
+    whole_window: bool  # load_batch assembles [B, T, C, H, W] in one array
 
     def load_batch(self, layouts: Sequence[ArrayLayout], plan: BatchPlan, **device_args) -> Any:
         """Read, decode and assemble one batch: the window, or one array per output.
@@ -84,13 +142,19 @@ class Backend(Protocol):
         A device backend takes ``out`` (the array to assemble in) and ``stream``
         (enqueue everything on it, return without synchronizing)."""
 
-    def dali_device_id(self) -> int | None:
-        """The ``device_id`` of the DALI pipeline (None: a CPU-only pipeline)."""
+    def hold_static(self, static: Any) -> Any:
+        """The static fields as this path cuts them (the GPU path's device copy,
+        freed by the loader before the backend), or None: cut from the host copy."""
 
-    def batch_source(
-        self, load: LoadFn, n_batches: int, *, depth: int, batch_size: int
-    ) -> EpochSource:
-        """A new source of one epoch's ``n_batches`` batches, ``depth`` loaded ahead."""
+    def open_epoch(self, request: EpochRequest, run: Any) -> None:
+        """Build one epoch's pieces into ``run`` (an :class:`~zarrdali.batch.epoch.EpochRun`),
+        each as soon as it exists, so that ``run.close()`` releases whatever was
+        made when building fails half-way; ``run.batches`` then yields the batches."""
+
+    def probe(self, layouts: Sequence[ArrayLayout]) -> None:
+        """Read one chunk of each array now: access errors at construction, not mid-epoch."""
+
+    def stats(self) -> dict[str, int]: ...
 
     def close(self) -> None: ...
 

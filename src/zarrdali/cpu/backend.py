@@ -24,10 +24,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 
-from zarrdali.batch.backend import LoadFn, batch_dtype, finish_all
+from zarrdali.batch.backend import EpochRequest, PathTraits, batch_dtype, finish_all
+from zarrdali.batch.epoch import EpochRun
 from zarrdali.batch.fallback import ZarrPythonChunkSource
 from zarrdali.batch.finish import Finish
 from zarrdali.batch.host import NumcodecsDecoder, PosixReader, describe_chunk
@@ -43,7 +45,6 @@ from zarrdali.batch.plan import (
 )
 from zarrdali.batch.zstdctx import ZstdContexts, ZstdFrameError
 from zarrdali.errors import ChunkError
-from zarrdali.gpu.prefetch import PrefetchSource
 from zarrdali.io.mapped import MapLease, MappedFiles
 from zarrdali.io.ranges import CoalescedReads, within
 from zarrdali.io.sources import ByteSource, ObjectReadError, OnReady, make_source
@@ -156,6 +157,11 @@ def _in_place_offsets(
     return out, offset
 
 
+CPU_TRAITS = PathTraits(
+    device="cpu", host_batches=True, worker_processes=True, forkable=True, uses_dali=False
+)
+
+
 class CpuBackend:
     """Read → decode → assemble on the host. Thread count defaults to the cores.
 
@@ -173,12 +179,11 @@ class CpuBackend:
     addresses, straight into the batch where a chunk is one whole piece.
     """
 
-    device = "cpu"
-    dali_device = "cpu"  # a CPU-only DALI pipeline
-    whole_window = False  # input and target frames assembled apart: DALI need not slice
     # Batches are finished (cast, normalized, augmented) as they are assembled in a
-    # ring of reused buffers and handed to torch as they are, not through DALI.
-    host_ring = True
+    # ring of reused buffers and handed to torch as they are (cpu/epoch.py).
+    traits = CPU_TRAITS
+    device = "cpu"
+    whole_window = False  # input and target frames assembled apart
     tasks_per_thread = 4
 
     def __init__(
@@ -561,14 +566,15 @@ class CpuBackend:
             return
         finish_all([self._pool.submit(task) for task in tasks])
 
-    def dali_device_id(self) -> None:
+    def hold_static(self, static: Any) -> None:
+        """Nothing: the CPU path cuts static tiles from the host copy."""
         return None
 
-    def batch_source(
-        self, load: LoadFn, n_batches: int, *, depth: int, batch_size: int
-    ) -> PrefetchSource:
-        """Batches loaded ``depth`` ahead in two threads (each uses this backend's pool)."""
-        return PrefetchSource(load, n_batches, depth=depth, workers=2)
+    def open_epoch(self, request: EpochRequest, run: EpochRun) -> None:
+        """A ring of host buffers fed by threads or worker processes (cpu/epoch.py)."""
+        from zarrdali.cpu.epoch import open_host_epoch
+
+        open_host_epoch(self, request, run)
 
     def fetch(
         self,

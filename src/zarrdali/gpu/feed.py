@@ -93,7 +93,7 @@ from typing import Any
 
 import numpy as np
 
-from zarrdali.batch.backend import LoadFn
+from zarrdali.batch.backend import EpochRequest, LoadFn, PathTraits
 from zarrdali.errors import LoaderClosedError
 from zarrdali.gpu.prefetch import BatchPrefetcher
 from zarrdali.trace import annotate
@@ -581,6 +581,11 @@ def _step(errors: list[BaseException], step: Callable[[], Any]) -> None:
         errors.append(err)
 
 
+GPU_TRAITS = PathTraits(
+    device="cuda", host_batches=False, worker_processes=False, forkable=False, uses_dali=True
+)
+
+
 class CudaSourceRole:
     """What a CUDA backend tells the loader: DALI runs on the backend's GPU
     (``device_id``), a batch is one window (the pipeline slices input and
@@ -589,6 +594,7 @@ class CudaSourceRole:
     made by the backend and closed by it). ``GpuBackend`` takes it as a base
     class."""
 
+    traits = GPU_TRAITS
     dali_device = "gpu"
     whole_window = True
     device_id: int
@@ -596,6 +602,18 @@ class CudaSourceRole:
 
     def dali_device_id(self) -> int:
         return self.device_id
+
+    def hold_static(self, static: Any) -> Any:
+        """The static fields in this GPU's memory, cut per batch on the feed stream."""
+        from zarrdali.gpu.static import DeviceStaticFields
+
+        return DeviceStaticFields(static, self.device_id)
+
+    def open_epoch(self, request: EpochRequest, run: Any) -> None:
+        """A feed of device buffers and a DALI pipeline on this GPU (gpu/epoch.py)."""
+        from zarrdali.gpu.epoch import open_dali_epoch
+
+        open_dali_epoch(self, request, run)
 
     def batch_source(self, load: LoadFn, n_batches: int, *, depth: int, batch_size: int):
         return CudaFeed(

@@ -61,22 +61,3 @@ class BatchPrefetcher:
         self._pool.shutdown(wait=True, cancel_futures=True)
         futures.clear()  # batches loaded ahead, released once no thread runs
         self._load = None
-
-
-class PrefetchSource:
-    """The CPU path's :class:`~zarrdali.batch.backend.EpochSource`: batches loaded
-    ahead in threads by a :class:`BatchPrefetcher`, handed over as they are."""
-
-    cuda_stream = None
-
-    def __init__(
-        self, load: Callable[[int], Any], n_batches: int, depth: int = 2, workers: int = 2
-    ) -> None:
-        self._prefetcher = BatchPrefetcher(load, n_batches, depth=depth, workers=workers)
-
-    def get(self, k: int) -> Any:
-        return self._prefetcher.get(k)
-
-    def close(self) -> None:
-        """Cancel the loads not started, join the threads. Idempotent."""
-        self._prefetcher.close()
