@@ -480,7 +480,7 @@ def test_buffers_in_flight_are_held_until_their_event(engine, make_store):
     cuda = engine.cuda
     store = make_store(_spec("z"))
     group, name, layouts, plan = _plan(store, ["z"])
-    backend = engine.backend(group, name, max_in_flight=3)
+    backend = engine.backend(group, name, batches_per_thread=3)
     stream = cuda.cupy.cuda.Stream(non_blocking=True)
     cuda.hold_events = True  # the stream "runs" until the test completes it
     for k in range(5):

@@ -209,7 +209,7 @@ def _cpu_finished(group, name, layouts, plan, finish: Finish):
     if mask is not None:
         mask.view(np.uint8)[...] = 7  # poison: every element must be written
         finish = Finish(
-            finish.mean, finish.std, None, finish.nan_fill, finish.missing, masks=(mask,)
+            finish.mean, finish.std, None, finish.nan_fill, finish.missing, mask_arrays=(mask,)
         )
     backend = CpuBackend(group, name, 1)
     try:
@@ -292,7 +292,7 @@ def test_gpu_engine_finishes_as_the_cpu_path(make_store, cupy_module, how):
         mask = cupy_module.full(plan.out_shape, 7, dtype=cupy_module.uint8) if masks else None
         if mask is not None:
             finish = Finish(
-                finish.mean, finish.std, None, finish.nan_fill, finish.missing, masks=(mask,)
+                finish.mean, finish.std, None, finish.nan_fill, finish.missing, mask_arrays=(mask,)
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -301,7 +301,7 @@ def test_gpu_engine_finishes_as_the_cpu_path(make_store, cupy_module, how):
         if masks:
             assert mask.get().tobytes() == want_mask.view(np.uint8).tobytes()
             with pytest.raises(ValueError, match="mask must be"):  # float32, not uint8
-                bad = Finish(finish.mean, finish.std, None, 0.0, finish.missing, masks=(got,))
+                bad = Finish(finish.mean, finish.std, None, 0.0, finish.missing, mask_arrays=(got,))
                 backend.load_batch(layouts, plan, finish=bad)
     finally:
         backend.close()

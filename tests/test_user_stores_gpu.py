@@ -140,7 +140,7 @@ def test_finishing_kernel_source_unpacks_strides_and_picks_levels(
     masks = np.zeros(plan.out_shape, dtype=bool)
     backend = CpuBackend(group, name, 1)
     try:
-        want = backend.load_batch(layouts, plan, finish=replace(finish, masks=(masks,)))
+        want = backend.load_batch(layouts, plan, finish=replace(finish, mask_arrays=(masks,)))
     finally:
         backend.close()
     locations = ChunkLocator(name, layouts).locate(plan)

@@ -19,6 +19,7 @@ from zarrdali.errors import (
     ZarrDaliError,
 )
 from zarrdali.loader import ZarrLoader
+from zarrdali.options import GpuOptions, LoadingOptions, RemoteOptions
 from zarrdali.sampling.epochs import SampleSpec
 
 __version__ = "0.1.0"
@@ -27,9 +28,12 @@ __all__ = [
     "BackendUnavailableError",
     "ChunkError",
     "ConfigError",
+    "GpuOptions",
     "LoaderClosedError",
+    "LoadingOptions",
     "MetadataError",
     "ProcessContextError",
+    "RemoteOptions",
     "SampleSpec",
     "StoreAccessError",
     "StoreNotFoundError",

@@ -24,7 +24,6 @@ from zarrdali.cpu.pinning import check_pin_memory
 from zarrdali.cpu.ring import BatchRing
 from zarrdali.errors import ConfigError, LoaderClosedError, ProcessContextError
 from zarrdali.io.remote import is_picklable
-from zarrdali.io.sources import make_source
 from zarrdali.lifetime import (
     LoaderResources,
     daemonic_workers_message,
@@ -32,7 +31,15 @@ from zarrdali.lifetime import (
     track_open,
     warn_inside_dataloader_worker,
 )
-from zarrdali.options import pair_option, path_or_object
+from zarrdali.options import (
+    GpuOptions,
+    LoadingOptions,
+    RemoteOptions,
+    grouped_option_names,
+    merge_option_groups,
+    pair_option,
+    path_or_object,
+)
 from zarrdali.paths import make_backend, resolve_device, traits_of
 from zarrdali.sampling.augment import AUGMENTATIONS
 from zarrdali.sampling.epochs import (
@@ -51,7 +58,7 @@ from zarrdali.store.cf import channel_packing
 from zarrdali.store.dims import check_dims_override
 from zarrdali.store.missing import check_missing_options
 from zarrdali.store.normalize import NormalizeArg, channel_stats
-from zarrdali.store.open import StoreRef, check_plan_fits, open_group
+from zarrdali.store.open import StoreRef, check_plan_fits
 from zarrdali.store.variables import resolve_variables
 
 log = logging.getLogger(__name__)
@@ -289,6 +296,17 @@ class ZarrLoader:
             ``batch["input"].to("cuda", non_blocking=True)`` copies
             asynchronously (ignored with a warning where CUDA is not
             available, as torch does).
+        loading: The loading options (``workers``, ``num_threads``,
+            ``prefetch``, ``persistent_workers``, ``pin_memory``,
+            ``partial_decode``, ``memory_map``) as one
+            :class:`~zarrdali.LoadingOptions`, in place of the flat arguments.
+        remote: The remote-store options (``storage_options``,
+            ``cache_dir``, ``cache_bytes``, ``max_in_flight``,
+            ``request_timeout``) as one :class:`~zarrdali.RemoteOptions`.
+        gpu: The GPU path's options (``cache``, ``cache_budget``,
+            ``dali_threads``) as one :class:`~zarrdali.GpuOptions`. A flat
+            argument and its group's field both set to different values is
+            a ``ConfigError``.
 
     Raises:
         ConfigError: An option that is invalid or that the store cannot
@@ -345,8 +363,28 @@ class ZarrLoader:
         dims: Mapping[str, str] | None = None,
         persistent_workers: bool = True,
         pin_memory: bool = False,
+        loading: LoadingOptions | None = None,
+        remote: RemoteOptions | None = None,
+        gpu: GpuOptions | None = None,
     ) -> None:
         # Everything is validated here, before any chunk is read.
+        # The rarer options also come grouped; one value each from here on.
+        args = locals()
+        grouped = merge_option_groups(
+            {"loading": loading, "remote": remote, "gpu": gpu},
+            {name: args[name] for name in grouped_option_names()},
+        )
+        workers, num_threads, prefetch = (
+            grouped[k] for k in ("workers", "num_threads", "prefetch")
+        )
+        persistent_workers, pin_memory = grouped["persistent_workers"], grouped["pin_memory"]
+        partial_decode, memory_map = grouped["partial_decode"], grouped["memory_map"]
+        storage_options, cache_dir = grouped["storage_options"], grouped["cache_dir"]
+        cache_bytes, max_in_flight = grouped["cache_bytes"], grouped["max_in_flight"]
+        request_timeout = grouped["request_timeout"]
+        cache, cache_budget, dali_threads = (
+            grouped[k] for k in ("cache", "cache_budget", "dali_threads")
+        )
         store = path_or_object(store)
         if cache_dir is not None:
             cache_dir = os.path.expanduser(os.fspath(cache_dir))
@@ -375,9 +413,7 @@ class ZarrLoader:
             max_in_flight=max_in_flight,
             request_timeout=request_timeout,
         )
-        self.group, self.store_name = open_group(
-            store, storage_options, request_timeout=request_timeout, max_in_flight=max_in_flight
-        )
+        self.group, self.store_name = self.store_ref.open_group()
         if not isinstance(decode_cf, (bool, np.bool_)):
             raise ConfigError(f"decode_cf must be True or False, got {decode_cf!r}.")
         self.decode_cf = bool(decode_cf)
@@ -455,14 +491,9 @@ class ZarrLoader:
         # the device); without CUDA a warning, as torch's DataLoader gives
         self.pin_memory = bool(pin_memory) and self.traits.host_batches and check_pin_memory()
         # How the backend is made: again in a process forked from this one.
+        # (the byte source from self.store_ref)
         self._backend_options = dict(
-            num_threads=num_threads,
-            cache=cache,
-            cache_budget=cache_budget,
-            max_in_flight=max_in_flight,
-            request_timeout=request_timeout,
-            cache_dir=cache_dir,
-            cache_bytes=cache_bytes,
+            num_threads=num_threads, cache=cache, cache_budget=cache_budget
         )
         # Everything that outlives an epoch: released by close(), or when the loader
         # is dropped (the finalizer), never in a process forked from this one.
@@ -569,14 +600,7 @@ class ZarrLoader:
         remote stores through the source (the GPU backend into pinned memory,
         then one copy per batch to the device)."""
         opts = self._backend_options
-        source = make_source(
-            self.group,
-            self.store_name,
-            max_in_flight=opts["max_in_flight"],
-            request_timeout=opts["request_timeout"],
-            cache_dir=opts["cache_dir"],
-            cache_bytes=opts["cache_bytes"],
-        )
+        source = self.store_ref.make_source(self.group, self.store_name)
         try:
             return make_backend(
                 self.device,

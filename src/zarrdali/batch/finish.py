@@ -60,8 +60,8 @@ class Finish:
     None: nothing checked) turns on the missing-value rule of
     :mod:`zarrdali.store.missing`: invalid values are replaced by ``nan_fill``
     (after normalization) where it is given, else by NaN with
-    ``missing_to_nan`` (CF decoding), and ``masks`` (one bool array per frame
-    output, shaped like it) get False there and True elsewhere. ``packing``
+    ``missing_to_nan`` (CF decoding), and ``mask_arrays`` (one bool array per
+    frame output, shaped like it) get False there and True elsewhere. ``packing``
     (per channel, None where not packed) unpacks stored values as
     :mod:`zarrdali.store.cf` says.
     """
@@ -71,16 +71,20 @@ class Finish:
     flags: np.ndarray | None = None
     nan_fill: float | None = None
     missing: tuple[np.ndarray, ...] | None = None
-    masks: tuple[np.ndarray, ...] | None = None
+    mask_arrays: tuple[np.ndarray, ...] | None = None
     missing_to_nan: bool = False
     packing: tuple[Packing | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.mean is None) != (self.std is None):
             raise ValueError("mean and std go together")
-        needs_missing = self.nan_fill is not None or self.masks is not None or self.missing_to_nan
+        needs_missing = (
+            self.nan_fill is not None or self.mask_arrays is not None or self.missing_to_nan
+        )
         if needs_missing and self.missing is None:
-            raise ValueError("nan_fill, masks and missing_to_nan need the channels' missing values")
+            raise ValueError(
+                "nan_fill, mask_arrays and missing_to_nan need the channels' missing values"
+            )
 
     @property
     def normalizes(self) -> bool:
@@ -102,7 +106,7 @@ class Finish:
         besides NaN (a NaN is served as NaN anyway)."""
         if self.missing is None:
             return False
-        return self.masks is not None or self.nan_fill is not None or len(self.missing[c]) > 0
+        return self.mask_arrays is not None or self.nan_fill is not None or len(self.missing[c]) > 0
 
     def unpacked(self, src: np.ndarray, c: int) -> np.ndarray:
         """``src`` (stored values of channels ``c:``, one variable) unpacked as
@@ -161,9 +165,9 @@ class Finish:
     def _check_with(self, bad, o: int, b: int, f: int, c: int, dy: int, dx: int, dst) -> None:
         """Mask (``bad``: :meth:`invalid` of the piece's stored values) and fill
         the finished piece ``dst`` at its place."""
-        if self.masks is not None:
+        if self.mask_arrays is not None:
             n, ny, nx = dst.shape
-            mask = self.masks[o][b, f, c : c + n, dy : dy + ny, dx : dx + nx]
+            mask = self.mask_arrays[o][b, f, c : c + n, dy : dy + ny, dx : dx + nx]
             if bad is None:
                 mask[...] = True
             else:

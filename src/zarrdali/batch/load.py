@@ -37,7 +37,7 @@ def load_frames(
     outs: Sequence[np.ndarray] | None = None,
     finish: Finish | None = None,
     rows: np.ndarray | None = None,
-    device_masks: bool = False,
+    masks: bool = False,
 ) -> tuple[Any, ...]:
     """The frames of ``samples`` as the pipeline takes them.
 
@@ -51,7 +51,7 @@ def load_frames(
     without synchronizing, and ``before_write``, which the backend calls just
     before it enqueues the first write of that buffer. With ``finish`` (the GPU
     path's: no flags) the window is float32, finished in the gather, and with
-    ``device_masks`` its uint8 mask is assembled beside it and returned after
+    ``masks`` its uint8 mask is assembled beside it and returned after
     it: ``(window, mask)``. A host source passes
     ``outs`` (one array per frame output, assembled in place) and ``finish``
     (cast, normalize, augment while assembling; see
@@ -68,14 +68,14 @@ def load_frames(
             frame_split=spec.input_steps if split and spec.target_steps else None,
         )
     device_args: dict[str, Any] = {}
-    masks: tuple[Any, ...] = ()
+    mask_arrays: tuple[Any, ...] = ()
     if out_for is not None:
         if finish is None:
             device_args["out"] = out_for(read_plan.out_shape, batch_dtype(layouts))
-        elif device_masks:
+        elif masks:
             device_args["out"], mask = out_for(read_plan.out_shape, np.float32, np.uint8)
-            masks = (mask,)
-            finish = replace(finish, masks=masks)
+            mask_arrays = (mask,)
+            finish = replace(finish, mask_arrays=mask_arrays)
         else:
             device_args["out"] = out_for(read_plan.out_shape, np.float32)
     if stream is not None:
@@ -90,7 +90,7 @@ def load_frames(
         device_args["rows"] = rows
     with annotate("zarrdali.load"):
         frames = backend.load_batch(layouts, read_plan, **device_args)
-    return ((frames,) if read_plan.frame_split is None else tuple(frames)) + masks
+    return ((frames,) if read_plan.frame_split is None else tuple(frames)) + mask_arrays
 
 
 def load_into(
@@ -114,7 +114,7 @@ def load_into(
     n_static = int(static is not None)
     masks = outs[n_frames + n_static :]
     if masks:  # one per frame output, written where each piece lands
-        finish = replace(finish, masks=tuple(masks))
+        finish = replace(finish, mask_arrays=tuple(masks))
     load_frames(
         backend,
         layouts,

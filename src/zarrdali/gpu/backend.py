@@ -422,7 +422,7 @@ class GpuBackend(CudaSourceRole):
     compressed chunk bytes on the device across batches and epochs, in at most
     ``cache_budget`` bytes (default: a quarter of the free device memory),
     in pages of ``cache_page_size`` bytes (payloads above it are not cached).
-    ``max_in_flight``: batches per thread whose buffers may be held while
+    ``batches_per_thread``: batches per thread whose buffers may be held while
     their stream runs (past it, the host waits for the oldest).
     ``decode_temp_budget``: bytes of nvCOMP temp for the decoding streams
     together: each thread's stream has its own buffer, of
@@ -456,7 +456,7 @@ class GpuBackend(CudaSourceRole):
         max_gap: int | None = None,
         preconfigure: bool = True,
         config_cache_size: int = 64,
-        max_in_flight: int = 4,
+        batches_per_thread: int = 4,
         source: ByteSource | None = None,
         decode_temp_budget: int = DEFAULT_TEMP_BUDGET,
         device_id: int | None = None,
@@ -485,7 +485,7 @@ class GpuBackend(CudaSourceRole):
         self.device_id = cuda_device_id(cupy) if device_id is None else int(device_id)
         self._on_device = partial(cupy.cuda.Device, self.device_id)
         self.num_threads = num_threads or os.cpu_count() or 1
-        self.max_in_flight = max_in_flight
+        self.batches_per_thread = batches_per_thread
         self._pool = ThreadPoolExecutor(
             self.num_threads,
             thread_name_prefix="zarrdali-gpu-host",
@@ -623,7 +623,7 @@ class GpuBackend(CudaSourceRole):
 
         cp = self._cp
         state = _ThreadState(stream=cp.cuda.Stream(non_blocking=True))
-        state.inflight.max_entries = self.max_in_flight
+        state.inflight.max_entries = self.batches_per_thread
 
         def pinned(n: int) -> np.ndarray:
             return cupyx.empty_pinned(align_up(n, 1 << 20), dtype=np.uint8)
@@ -764,7 +764,7 @@ class GpuBackend(CudaSourceRole):
         stream wait there for DALI's copy of the buffer's previous batch.
         ``finish`` (no flags: DALI augments): the batch is float32, cast,
         normalized and checked for missing values in the gather kernel's pass,
-        as the CPU path finishes its pieces; ``finish.masks`` (one uint8 array
+        as the CPU path finishes its pieces; ``finish.mask_arrays`` (one uint8 array
         shaped like the batch) gets the validity mask in the same pass.
         Raises :class:`ChunkError` for a chunk that cannot be read, fails its
         crc32c or cannot be decoded: after the gather is enqueued, the host
@@ -793,7 +793,7 @@ class GpuBackend(CudaSourceRole):
         state = self._state()
         gather_finish, mask = None, None
         if finish is not None:  # checked before anything is enqueued
-            masks = finish.masks or ()
+            masks = finish.mask_arrays or ()
             gather_finish = finish_tables(layouts, finish, masks=bool(masks))
             mask = masks[0] if masks else None
         own = stream is None

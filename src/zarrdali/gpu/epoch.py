@@ -73,7 +73,7 @@ def open_dali_epoch(backend: Any, request: EpochRequest, run: EpochRun) -> None:
     def load(k: int, **device_args):
         samples = plan.batch(start + k)
         if finish is not None:
-            device_args.update(finish=finish, device_masks=masks)
+            device_args.update(finish=finish, masks=masks)
         frames = load_frames(
             backend, request.layouts, spec, request.tile_hw, samples, split, **device_args
         )
@@ -113,7 +113,7 @@ def open_dali_epoch(backend: Any, request: EpochRequest, run: EpochRun) -> None:
         whole_window=backend.whole_window,
         n_extras=len(extras),
         n_device_extras=len(device_extras),
-        with_masks=masks,
+        masks=masks,
     )
     run.pipeline.build()
     frame_names = ["input", "target"] if with_target else ["input"]

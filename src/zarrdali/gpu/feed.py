@@ -604,9 +604,12 @@ class CudaSourceRole:
         return self.device_id
 
     def hold_static(self, static: Any) -> Any:
-        """The static fields in this GPU's memory, cut per batch on the feed stream."""
+        """The static fields in this GPU's memory, cut per batch on the feed stream
+        (None where the pipeline runs on the CPU: cut from the host copy)."""
         from zarrdali.gpu.static import DeviceStaticFields
 
+        if self.dali_device != "gpu":
+            return None
         return DeviceStaticFields(static, self.device_id)
 
     def open_epoch(self, request: EpochRequest, run: Any) -> None:

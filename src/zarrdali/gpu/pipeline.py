@@ -121,7 +121,7 @@ def build_pipeline(
     whole_window: bool | None = None,
     n_extras: int = 0,
     n_device_extras: int = 0,
-    with_masks: bool = False,
+    masks: bool = False,
 ):
     """A DALI pipeline: external source → float32 → per-channel ``(x - mean) / std``.
 
@@ -146,7 +146,7 @@ def build_pipeline(
     the index and flags: outputs ``(*frames, index, [flags], *extras,
     *device_extras)``.
 
-    ``with_masks`` (with ``whole_window``: the GPU path's): the source gives
+    ``masks`` (with ``whole_window``: the GPU path's): the source gives
     the window's uint8 validity mask after the window (the backend made both
     in its gather, already finished: pass ``stats=None`` and float32); it is
     sliced, flipped and turned as the frames are and follows them:
@@ -157,9 +157,9 @@ def build_pipeline(
     needs_cast = np.dtype(input_dtype) != np.float32
     if whole_window is None:
         whole_window = device == "gpu"
-    if with_masks and not whole_window:
+    if masks and not whole_window:
         raise ValueError("masks come with the GPU path's window (the CPU path has no DALI)")
-    n_windows = 1 + with_masks  # the window, and its mask
+    n_windows = 1 + masks  # the window, and its mask
 
     @pipeline_def(
         batch_size=batch_size,
@@ -195,27 +195,27 @@ def build_pipeline(
                 device="cpu",
             )
             device_extras = list(frames[n_windows:])
-            masks = list(frames[1:n_windows])
+            mask_outs = list(frames[1:n_windows])
             outs = [frames[0], *meta]
         else:
             outs = fn.external_source(
                 source=source,
-                num_outputs=n_frames + with_masks + n_meta,
+                num_outputs=n_frames + masks + n_meta,
                 batch=True,
                 batch_info=True,
                 device=device,
-                layout=["FCHW"] * (n_frames + with_masks) + [None] * n_meta,
+                layout=["FCHW"] * (n_frames + masks) + [None] * n_meta,
             )
-            masks = list(outs[n_frames : n_frames + with_masks])
-            outs = [*outs[:n_frames], *outs[n_frames + with_masks :]]
+            mask_outs = list(outs[n_frames : n_frames + masks])
+            outs = [*outs[:n_frames], *outs[n_frames + masks :]]
         frames, rest = list(outs[:n_frames]), list(outs[n_frames:])
         if with_target and n_frames == 1:  # one window: slice input and target apart
             frames = [frames[0][0:input_steps], frames[0][input_steps:]]
-            if with_masks:
-                masks = [masks[0][0:input_steps], masks[0][input_steps:]]
+            if masks:
+                mask_outs = [mask_outs[0][0:input_steps], mask_outs[0][input_steps:]]
         n_out = len(frames)
-        if with_masks:  # the frames' masks: sliced, flipped and turned as they are
-            frames += masks
+        if masks:  # the frames' masks: sliced, flipped and turned as they are
+            frames += mask_outs
         result = []
         for i, x in enumerate(frames):
             if i >= n_out:  # a mask

@@ -620,15 +620,23 @@ class StoreRef:
 
     def open(self):
         """``(group, name, source)``: the group, a name for messages, its byte source."""
-        from zarrdali.io.sources import make_source
+        group, name = self.open_group()
+        return group, name, self.make_source(group, name)
 
-        group, name = open_group(
+    def open_group(self):
+        """``(group, name)``: the store's root group and a name for messages."""
+        return open_group(
             self.store,
             self.storage_options,
             request_timeout=self.request_timeout,
             max_in_flight=self.max_in_flight,
         )
-        source = make_source(
+
+    def make_source(self, group, name: str):
+        """A new byte source of the opened store (its owner closes it)."""
+        from zarrdali.io.sources import make_source
+
+        return make_source(
             group,
             name,
             max_in_flight=self.max_in_flight,
@@ -636,4 +644,3 @@ class StoreRef:
             cache_bytes=self.cache_bytes,
             request_timeout=self.request_timeout,
         )
-        return group, name, source
