@@ -107,7 +107,7 @@ def gpu_run(url, opts, args, read: str) -> dict:
     "kvikio": kvikIO's remote file into device memory), or why it was skipped."""
     from zarrdali.batch.plan import plan_batch
     from zarrdali.gpu import backend as gpu_backend
-    from zarrdali.io.sources import make_source
+    from zarrdali.io.connect import make_source
     from zarrdali.store.open import load_layouts, open_group
 
     missing = gpu_backend.missing_gpu_requirements()

@@ -253,7 +253,7 @@ def test_the_gpu_backend_fills_the_source_role():
     import inspect
 
     from zarrdali.gpu import GpuBackend
-    from zarrdali.gpu.feed import CudaSourceRole
+    from zarrdali.gpu.epoch import CudaSourceRole
 
     assert issubclass(GpuBackend, CudaSourceRole)
     params = inspect.signature(GpuBackend.load_batch).parameters

@@ -323,6 +323,7 @@ def test_memory_map_false_reaches_the_worker_processes(make_store):
             0,
             0,
             memory_map=ld.memory_map,
+            backend_type=type(ld.backend),
         )
         reader = pickle.loads(pickle.dumps(reader))  # as DALI hands it to a worker
         frames, samples = reader(0)  # (input,) or (input, target)

@@ -325,7 +325,14 @@ def test_icechunk_repository(tmp_path):
     from zarrdali.cpu.reader import EpochReader
 
     reader = EpochReader(
-        loader.store_ref, loader.variables, loader.spec, loader.candidates, loader.sampler, 0, 0
+        loader.store_ref,
+        loader.variables,
+        loader.spec,
+        loader.candidates,
+        loader.sampler,
+        0,
+        0,
+        backend_type=type(loader.backend),
     )
     (inputs, targets), samples = pickle.loads(pickle.dumps(reader))(1)
     expected = loader._load_frames(samples)

@@ -78,7 +78,7 @@ def traits_of(device: str) -> PathTraits:
 
         return CPU_TRAITS
     if device == "cuda":
-        from zarrdali.gpu.feed import GPU_TRAITS
+        from zarrdali.gpu.epoch import GPU_TRAITS
 
         return GPU_TRAITS
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

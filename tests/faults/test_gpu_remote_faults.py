@@ -13,7 +13,7 @@ import fakegpu
 from zarrdali.batch.plan import plan_batch
 from zarrdali.bench.objectserver import RangeHTTPServer
 from zarrdali.cpu.backend import CpuBackend
-from zarrdali.io.sources import make_source
+from zarrdali.io.connect import make_source
 from zarrdali.store.open import load_layouts, open_group
 
 pytest.importorskip("obstore")

@@ -69,6 +69,7 @@ def test_bench_json_and_reprs_hold_no_secret(tmp_path):
                 loader.sampler,
                 0,
                 0,
+                backend_type=type(loader.backend),
             )
             shown = " ".join(
                 [repr(loader), repr(loader.store_ref), repr(reader), str(loader.stats)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from zarrdali.bench.measure import child_pids
+from zarrdali.bench.measure import RunResult, child_pids
 from zarrdali.bench.report import (
     BASELINE,
     header_text,
@@ -25,7 +25,6 @@ from zarrdali.bench.report import (
 )
 from zarrdali.bench.runners import (
     Runner,
-    RunResult,
     Skipped,
     decode_ceiling_runner,
     file_ceiling_runner,

@@ -10,7 +10,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from zarrdali.bench.runners import RunResult
+from zarrdali.bench.measure import RunResult
 
 
 def _version(dist: str) -> str | None:

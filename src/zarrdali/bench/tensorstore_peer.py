@@ -16,15 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from zarrdali.bench.measure import time_epoch
-from zarrdali.bench.runners import (
-    Runner,
-    RunResult,
-    Skipped,
-    _tile_hw,
-    compare_views,
-    epoch_batches,
-)
+from zarrdali.bench.measure import RunResult, time_epoch
+from zarrdali.bench.runners import Runner, Skipped, _tile_hw, compare_views, epoch_batches
 from zarrdali.bench.spec import BenchSpec
 
 

@@ -195,8 +195,8 @@ def run_whole_field(
 
 def cmd_whole_field(args: argparse.Namespace) -> int:
     """``zarrdali bench --workload whole-field``: its defaults, then --config, then flags."""
-    from zarrdali.bench.cli import DEFAULTS as TILE_DEFAULTS
-    from zarrdali.bench.cli import load_config
+    from zarrdali.bench.options import DEFAULTS as TILE_DEFAULTS
+    from zarrdali.bench.options import load_config
     from zarrdali.io.remote import redact_argv
 
     o = {**TILE_DEFAULTS, **DEFAULTS}

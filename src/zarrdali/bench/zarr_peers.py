@@ -27,10 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from zarrdali.bench.measure import time_epoch
+from zarrdali.bench.measure import RunResult, time_epoch
 from zarrdali.bench.runners import (
     Runner,
-    RunResult,
     Skipped,
     StoreMismatch,
     _decoded_nbytes,

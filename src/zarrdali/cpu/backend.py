@@ -45,9 +45,10 @@ from zarrdali.batch.plan import (
 )
 from zarrdali.batch.zstdctx import ZstdContexts, ZstdFrameError
 from zarrdali.errors import ChunkError
+from zarrdali.io.connect import make_source
 from zarrdali.io.mapped import MapLease, MappedFiles
 from zarrdali.io.ranges import CoalescedReads, within
-from zarrdali.io.sources import ByteSource, ObjectReadError, OnReady, make_source
+from zarrdali.io.sources import ByteSource, ObjectReadError, OnReady
 from zarrdali.store.codecs import MIN_PARTIAL_SKIP
 from zarrdali.store.open import ArrayLayout
 

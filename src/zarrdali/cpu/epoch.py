@@ -95,6 +95,7 @@ def open_host_epoch(backend: Any, request: EpochRequest, run: EpochRun) -> None:
             finishing=finishing,
             resumed=tuple(request.segments),
             static=ring_static(request, shared=True),
+            backend_type=type(backend),
         )
         if res.pool is None or res.pool.closed:  # kept from epoch to epoch
             res.pool = WorkerPool(

@@ -46,6 +46,9 @@ class EpochReader:
     finishing: Finishing | None = None  # cast, normalize, augment while assembling
     resumed: tuple[Segment, ...] = ()  # parts of the epoch served at other world sizes
     static: RingStaticTiles | None = None  # static tiles, written after the frames
+    # The backend each process builds (the CPU backend; passed in, not imported:
+    # cpu/backend.py opens the epochs that make readers).
+    backend_type: type | None = None
     _state: Any = field(default=None, init=False, repr=False)  # (layouts, backend)
     _plan: EpochPlan | None = field(default=None, init=False, repr=False)
 
@@ -80,8 +83,8 @@ class EpochReader:
         }
 
     def _open(self) -> tuple[list[ArrayLayout], Any]:
-        from zarrdali.cpu.backend import CpuBackend
-
+        if self.backend_type is None:
+            raise TypeError("EpochReader needs backend_type (the CpuBackend class)")
         ref = self.store if isinstance(self.store, StoreRef) else StoreRef(self.store)
         group, name, source = ref.open()
         variables = self.variables
@@ -89,7 +92,7 @@ class EpochReader:
             names = tuple(variables)
             variables = VariableSelection(names, (None,) * len(names))
         layouts = variables.layouts(group, name)
-        backend = CpuBackend(
+        backend = self.backend_type(
             group,
             name,
             self.num_threads,

@@ -121,7 +121,8 @@ from zarrdali.gpu.describe import (
     describe_batch,
     finish_tables,
 )
-from zarrdali.gpu.feed import CudaSourceRole, FeedStreams, check_sink, cuda_device_id
+from zarrdali.gpu.epoch import CudaSourceRole
+from zarrdali.gpu.feed import FeedStreams, check_sink, cuda_device_id
 from zarrdali.gpu.gather import Kernels, launch_copies, launch_gather
 from zarrdali.gpu.lifetimes import GuardedBuffers, InFlight
 from zarrdali.gpu.read import (
@@ -140,14 +141,8 @@ from zarrdali.gpu.read import (
     source_error,
 )
 from zarrdali.gpu.upload import BatchUpload
-from zarrdali.io.sources import (
-    MISSING,
-    REMOTE_MAX_GAP,
-    WHOLE,
-    ByteSource,
-    ObjectReadError,
-    make_source,
-)
+from zarrdali.io.connect import make_source
+from zarrdali.io.sources import MISSING, REMOTE_MAX_GAP, WHOLE, ByteSource, ObjectReadError
 from zarrdali.store.open import ArrayLayout
 from zarrdali.trace import annotate
 

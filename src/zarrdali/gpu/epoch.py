@@ -7,7 +7,7 @@ hands the batches to torch. A backend that finishes batches in its gather (the
 GPU backend) casts, normalizes, decodes CF packing and masks there.
 
 What a backend must offer to run such an epoch is :class:`DaliSource`
-(``GpuBackend`` has it from :class:`~zarrdali.gpu.feed.CudaSourceRole`).
+(``GpuBackend`` has it from :class:`~zarrdali.gpu.epoch.CudaSourceRole`).
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from zarrdali.batch.backend import EpochRequest, LoadFn, batch_dtype
+from zarrdali.batch.backend import EpochRequest, LoadFn, PathTraits, batch_dtype
 from zarrdali.batch.epoch import BoolMasks, EpochRun, SourceHandle
 from zarrdali.batch.finish import Finish, finish_of
 from zarrdali.batch.load import load_frames
 from zarrdali.batch.static import StaticTiles
 from zarrdali.errors import ConfigError
+from zarrdali.gpu.feed import CudaFeed, FeedStreams
 from zarrdali.gpu.pipeline import BatchSource, build_pipeline
-from zarrdali.gpu.static import DeviceStaticTiles
+from zarrdali.gpu.static import DeviceStaticFields, DeviceStaticTiles
 from zarrdali.sampling.times import FrameTimes
 
 
@@ -160,3 +161,42 @@ def batch_extras(request: EpochRequest, feed: Any) -> tuple[list, list, list[str
         host["time"] = FrameTimes.for_spec(request.times, request.spec)
     # the pipeline's outputs: host extras, then device ones (build_pipeline)
     return list(host.values()), list(device.values()), [*host, *device]
+
+
+GPU_TRAITS = PathTraits(
+    device="cuda", host_batches=False, worker_processes=False, forkable=False, uses_dali=True
+)
+
+
+class CudaSourceRole:
+    """What a CUDA backend tells the loader: DALI runs on the backend's GPU
+    (``device_id``), a batch is one window (the pipeline slices input and
+    target on the device), and each epoch's batches come from a
+    :class:`CudaFeed` on the backend's :class:`FeedStreams` (``feed_streams``,
+    made by the backend and closed by it). ``GpuBackend`` takes it as a base
+    class."""
+
+    traits = GPU_TRAITS
+    dali_device = "gpu"
+    whole_window = True
+    device_id: int
+    feed_streams: FeedStreams
+
+    def dali_device_id(self) -> int:
+        return self.device_id
+
+    def hold_static(self, static: Any) -> Any:
+        """The static fields in this GPU's memory, cut per batch on the feed stream
+        (None where the pipeline runs on the CPU: cut from the host copy)."""
+        if self.dali_device != "gpu":
+            return None
+        return DeviceStaticFields(static, self.device_id)
+
+    def open_epoch(self, request: EpochRequest, run: Any) -> None:
+        """A feed of device buffers and a DALI pipeline on this GPU (gpu/epoch.py)."""
+        open_dali_epoch(self, request, run)
+
+    def batch_source(self, load: LoadFn, n_batches: int, *, depth: int, batch_size: int):
+        return CudaFeed(
+            load, n_batches, depth=depth, batch_size=batch_size, streams=self.feed_streams
+        )

@@ -93,7 +93,7 @@ from typing import Any
 
 import numpy as np
 
-from zarrdali.batch.backend import EpochRequest, LoadFn, PathTraits
+from zarrdali.batch.backend import LoadFn
 from zarrdali.errors import LoaderClosedError
 from zarrdali.gpu.prefetch import BatchPrefetcher
 from zarrdali.trace import annotate
@@ -579,49 +579,6 @@ def _step(errors: list[BaseException], step: Callable[[], Any]) -> None:
         step()
     except BaseException as err:  # raised by close() once every step has run
         errors.append(err)
-
-
-GPU_TRAITS = PathTraits(
-    device="cuda", host_batches=False, worker_processes=False, forkable=False, uses_dali=True
-)
-
-
-class CudaSourceRole:
-    """What a CUDA backend tells the loader: DALI runs on the backend's GPU
-    (``device_id``), a batch is one window (the pipeline slices input and
-    target on the device), and each epoch's batches come from a
-    :class:`CudaFeed` on the backend's :class:`FeedStreams` (``feed_streams``,
-    made by the backend and closed by it). ``GpuBackend`` takes it as a base
-    class."""
-
-    traits = GPU_TRAITS
-    dali_device = "gpu"
-    whole_window = True
-    device_id: int
-    feed_streams: FeedStreams
-
-    def dali_device_id(self) -> int:
-        return self.device_id
-
-    def hold_static(self, static: Any) -> Any:
-        """The static fields in this GPU's memory, cut per batch on the feed stream
-        (None where the pipeline runs on the CPU: cut from the host copy)."""
-        from zarrdali.gpu.static import DeviceStaticFields
-
-        if self.dali_device != "gpu":
-            return None
-        return DeviceStaticFields(static, self.device_id)
-
-    def open_epoch(self, request: EpochRequest, run: Any) -> None:
-        """A feed of device buffers and a DALI pipeline on this GPU (gpu/epoch.py)."""
-        from zarrdali.gpu.epoch import open_dali_epoch
-
-        open_dali_epoch(self, request, run)
-
-    def batch_source(self, load: LoadFn, n_batches: int, *, depth: int, batch_size: int):
-        return CudaFeed(
-            load, n_batches, depth=depth, batch_size=batch_size, streams=self.feed_streams
-        )
 
 
 def cuda_device_id(cuda: Any = None) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 
 from zarrdali.batch.static import StaticFields, cut_tiles
 from zarrdali.errors import ConfigError
-from zarrdali.gpu.feed import hand_over
+from zarrdali.gpu import feed
 
 
 class DeviceStaticFields:
@@ -42,7 +42,7 @@ class DeviceStaticFields:
             raise ConfigError("the loader's static fields were released (loader closed)")
         with self._cp.cuda.Device(self._device_id), stream:
             tiles = cut_tiles(self._cp, field, samples, flags, tile_hw)
-            return hand_over(tiles, stream)
+            return feed.hand_over(tiles, stream)  # looked up per call (tests replace it)
 
     def close(self) -> None:
         self._field = None

@@ -232,7 +232,7 @@ def open_group(
     """
     from zarr.storage import LocalStore
 
-    from zarrdali.io.sources import bounded_store
+    from zarrdali.io.connect import bounded_store
 
     if isinstance(store, zarr.Group):
         name = str(store.store_path)
@@ -634,7 +634,7 @@ class StoreRef:
 
     def make_source(self, group, name: str):
         """A new byte source of the opened store (its owner closes it)."""
-        from zarrdali.io.sources import make_source
+        from zarrdali.io.connect import make_source
 
         return make_source(
             group,
