@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import multiprocessing
 import os
 import sys
 import warnings
@@ -177,16 +176,6 @@ def track_open(loader: ZarrLoader, uses_dali: bool) -> None:
     atexit.unregister(close_open_loaders)
     atexit.register(close_open_loaders)
     open_loaders.add(loader)
-
-
-def daemonic_workers_message(workers: int) -> str:
-    return (
-        f"workers={workers} starts worker processes, which a daemonic process (such as a "
-        f"torch DataLoader worker, {multiprocessing.current_process().name}) cannot have. "
-        "Pass workers=0 (or leave it unset) to load in this process, or iterate the "
-        "ZarrLoader in the main process in place of the DataLoader: it loads batches in "
-        "its own worker processes."
-    )
 
 
 def warn_inside_dataloader_worker(loader: ZarrLoader) -> None:

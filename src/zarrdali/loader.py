@@ -19,14 +19,12 @@ from zarrdali.batch.backend import EpochRequest
 from zarrdali.batch.epoch import EpochRun, release_frames
 from zarrdali.batch.load import load_frames
 from zarrdali.batch.static import read_static_fields
-from zarrdali.cpu.epoch import default_workers
+from zarrdali.cpu.epoch import daemonic_workers_message, resolve_workers
 from zarrdali.cpu.pinning import check_pin_memory
 from zarrdali.cpu.ring import BatchRing
 from zarrdali.errors import ConfigError, LoaderClosedError, ProcessContextError
-from zarrdali.io.remote import is_picklable
 from zarrdali.lifetime import (
     LoaderResources,
-    daemonic_workers_message,
     open_loaders,
     track_open,
     warn_inside_dataloader_worker,
@@ -485,7 +483,8 @@ class ZarrLoader:
         self.traits = traits_of(self.device)  # what the path declares
         self.partial_decode = partial_decode
         self.memory_map = memory_map
-        self.workers = self._resolve_workers(workers, store)
+        self._workers_auto = workers is None
+        self.workers = resolve_workers(workers, store, self.traits, self.batch_size, self.prefetch)
         self.persistent_workers = bool(persistent_workers)
         # page-locked batch buffers on the CPU path (the GPU path's batches are on
         # the device); without CUDA a warning, as torch's DataLoader gives
@@ -557,42 +556,6 @@ class ZarrLoader:
             )
         index.check_bounds(self.spec, n_time, ny, nx)
         return index
-
-    def _resolve_workers(self, workers: int | None, store: object) -> int:
-        """Worker processes for the CPU path (0: read in this process's threads).
-
-        Per-chunk work holds the GIL for part of the time, so threads alone do not
-        scale; worker processes do. By default one per core this process may run
-        on (no more than can share the batches read ahead). They need a store they
-        can reopen: a path, a URL, or a store object that pickles (obstore and
-        Icechunk stores do). A daemonic process (a torch DataLoader worker) cannot
-        have children: none by default there, and asking for some is an error.
-        """
-        self._workers_auto = workers is None
-        reopenable = not isinstance(store, zarr.Group) and (
-            isinstance(store, (str, os.PathLike)) or is_picklable(store)
-        )
-        if workers is None and os.environ.get("ZARRDALI_WORKERS"):
-            workers = int(os.environ["ZARRDALI_WORKERS"])
-        daemonic = multiprocessing.current_process().daemon
-        if workers is None:
-            auto = self.traits.worker_processes and reopenable and not daemonic
-            return default_workers(self.batch_size, self.prefetch) if auto else 0
-        if workers < 0:
-            raise ConfigError(f"workers must be >= 0, got {workers}.")
-        if workers and not self.traits.worker_processes:
-            raise ConfigError("workers > 0 is for the CPU path; the GPU path reads in-process.")
-        if workers and not reopenable:
-            what = "a zarr.Group"
-            if not isinstance(store, zarr.Group):
-                what = "a store that cannot be pickled"
-            raise ConfigError(
-                "workers > 0 needs the store as a path, a URL or a picklable store object "
-                f"(worker processes reopen it); got {what}. Pass the path or URL, or workers=0."
-            )
-        if workers and daemonic:
-            raise ProcessContextError(daemonic_workers_message(workers))
-        return workers
 
     def _make_backend(self) -> Any:
         """The backend (threads, and CUDA resources) with its byte source; made

@@ -1,10 +1,10 @@
 """One epoch of a :class:`~zarrdali.ZarrLoader`: everything it runs, owned by one object.
 
-An epoch builds its backend's batch source (an
-:class:`~zarrdali.batch.backend.EpochSource`: prefetch threads, and on the GPU
-path CUDA streams, events and the ring of device buffers DALI copies from), the
-DALI external source, pipeline (executor threads; on the CPU path with
-``workers``, worker processes) and the DALI iterator. :class:`EpochRun` holds
+A backend opens each epoch into an :class:`EpochRun` (``Backend.open_epoch``):
+on the CPU path the feed of the batch ring (threads, or the loader's worker
+processes, which outlive the epoch); on the GPU path the feed (threads, CUDA
+streams, events and the ring of device buffers DALI copies from), the DALI
+external source, pipeline and iterator. :class:`EpochRun` holds
 them and :meth:`EpochRun.close` releases them explicitly, in dependency order,
 whichever way the epoch ends. Nothing here waits for ``__del__`` or the garbage
 collector: a finalizer run by the collector may run at any point, in any thread,
@@ -138,7 +138,7 @@ class EpochRun:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        # The backend's EpochSource: threads loading ahead (GPU: and streams,
+        # The epoch's feed: threads loading ahead (GPU: and streams,
         # events, the buffers DALI copies from; the CPU path: its ring feed).
         self.feed: Any = None
         self.source: Any = None  # BatchSource, fetching from the feed or the workers

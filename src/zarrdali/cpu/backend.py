@@ -1,7 +1,9 @@
 """CPU backend: ``os.pread`` (or memory-mapped files), numcodecs, numpy, in threads.
 
-Reads and decodes release the GIL, so a thread pool the size of the core count
-keeps every core busy without worker processes. The three roles (reader,
+One backend per process: in each worker process of the CPU path (one thread
+there: the processes are the parallelism, since per-chunk work holds the GIL
+part of the time), or in the training process with ``workers=0`` (a thread
+pool the size of ``num_threads``). The three roles (reader,
 decoder, assembler) run fused per chunk inside one task: a chunk's bytes are
 read with ``pread`` into a thread-local buffer (coalesced with its neighbours)
 or, with ``memory_map=True``, decoded straight from the page cache through a

@@ -7,10 +7,13 @@ batch is cut are decided here too.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from typing import Any
 
-from zarrdali.batch.backend import EpochRequest
+import zarr
+
+from zarrdali.batch.backend import EpochRequest, PathTraits
 from zarrdali.batch.epoch import EpochRun
 from zarrdali.batch.load import load_into
 from zarrdali.batch.shared import SharedArray
@@ -18,6 +21,8 @@ from zarrdali.batch.static import RingStaticTiles
 from zarrdali.cpu.feed import BatchLayout, Finishing, HostBatches, HostFeed, ThreadProducer
 from zarrdali.cpu.reader import EpochReader
 from zarrdali.cpu.ring import BatchRing
+from zarrdali.errors import ConfigError, ProcessContextError
+from zarrdali.io.remote import is_picklable
 from zarrdali.sampling.times import FrameTimes
 
 
@@ -48,6 +53,44 @@ def parts_per_batch(workers: int, ahead: int) -> int:
     """How many parts a batch is cut into so that the ``ahead + 1`` batches in
     flight give every worker about two parts to work on (balance without waits)."""
     return max(1, -(-2 * workers // (ahead + 1)))
+
+
+def resolve_workers(
+    workers: int | None, store: object, traits: PathTraits, batch_size: int, prefetch: int
+) -> int:
+    """Worker processes for a path that has them (0: read in this process's threads).
+
+    Per-chunk work holds the GIL for part of the time, so threads alone do not
+    scale; worker processes do. By default one per core this process may run
+    on (no more than can share the batches read ahead). They need a store they
+    can reopen: a path, a URL, or a store object that pickles (obstore and
+    Icechunk stores do). A daemonic process (a torch DataLoader worker) cannot
+    have children: none by default there, and asking for some is an error.
+    """
+    reopenable = not isinstance(store, zarr.Group) and (
+        isinstance(store, (str, os.PathLike)) or is_picklable(store)
+    )
+    if workers is None and os.environ.get("ZARRDALI_WORKERS"):
+        workers = int(os.environ["ZARRDALI_WORKERS"])
+    daemonic = multiprocessing.current_process().daemon
+    if workers is None:
+        auto = traits.worker_processes and reopenable and not daemonic
+        return default_workers(batch_size, prefetch) if auto else 0
+    if workers < 0:
+        raise ConfigError(f"workers must be >= 0, got {workers}.")
+    if workers and not traits.worker_processes:
+        raise ConfigError("workers > 0 is for the CPU path; the GPU path reads in-process.")
+    if workers and not reopenable:
+        what = "a zarr.Group"
+        if not isinstance(store, zarr.Group):
+            what = "a store that cannot be pickled"
+        raise ConfigError(
+            "workers > 0 needs the store as a path, a URL or a picklable store object "
+            f"(worker processes reopen it); got {what}. Pass the path or URL, or workers=0."
+        )
+    if workers and daemonic:
+        raise ProcessContextError(daemonic_workers_message(workers))
+    return workers
 
 
 def open_host_epoch(backend: Any, request: EpochRequest, run: EpochRun) -> None:
@@ -170,3 +213,13 @@ def ring_static(request: EpochRequest, shared: bool) -> RingStaticTiles | None:
             res.shared_static = SharedArray.of(static.field)
         field = res.shared_static
     return RingStaticTiles(field, tuple(request.tile_hw))
+
+
+def daemonic_workers_message(workers: int) -> str:
+    return (
+        f"workers={workers} starts worker processes, which a daemonic process (such as a "
+        f"torch DataLoader worker, {multiprocessing.current_process().name}) cannot have. "
+        "Pass workers=0 (or leave it unset) to load in this process, or iterate the "
+        "ZarrLoader in the main process in place of the DataLoader: it loads batches in "
+        "its own worker processes."
+    )

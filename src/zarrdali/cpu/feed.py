@@ -5,8 +5,9 @@ A :class:`HostFeed` keeps the batches after the one the user asked for loading
 through a *producer*: threads of this process (:class:`ThreadProducer`) or
 worker processes (:class:`~zarrdali.cpu.workers.WorkerPool`). Batches are
 decoded, cast, normalized and augmented in their slot (see
-:mod:`zarrdali.batch.finish`), and :meth:`HostFeed.next_batch` wraps the
-slot in torch tensors without a copy.
+:mod:`zarrdali.batch.finish`); :meth:`HostFeed.get` hands a finished slot's
+arrays over, and :class:`HostBatches` wraps them in torch tensors without a
+copy.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Its stages sit in their own modules, beside the CPU backend's
 (:mod:`zarrdali.cpu.backend`):
 
-- :mod:`.plan`: the batch's device work as numpy arrays (staging, decoded slots,
-  decode groups, gather tables), computed on the host without a GPU;
+- :mod:`.describe`: the batch's device work as numpy arrays (staging, decoded
+  slots, decode groups, gather tables), computed on the host without a GPU;
+- :mod:`.upload`: those tables in one host-to-device copy per batch;
 - :mod:`.read`: compressed bytes into device staging: kvikIO, or preads into
   pinned memory and one host-to-device copy; kvikIO's settings and GDS mode;
 - :mod:`.decode`: nvCOMP's batched C API through ctypes, one call per codec
@@ -14,7 +15,11 @@ Its stages sit in their own modules, beside the CPU backend's
 - :mod:`.cache`: the GPU chunk cache (compressed chunks kept on the device);
 - :mod:`.lifetimes`: in-flight buffers released by events, never by the collector;
 - :mod:`.backend`: :class:`GpuBackend`, which runs the stages for a batch;
-- :mod:`.feed`: :class:`CudaFeed`, side streams and events handing batches to DALI.
+- :mod:`.feed`: :class:`CudaFeed`, side streams and events handing batches to DALI;
+- :mod:`.pipeline`: the DALI pipeline (slicing, flips, turns) and its source;
+- :mod:`.epoch`: one epoch (feed, pipeline, iterator) and what a backend
+  offers to run it (:class:`~zarrdali.gpu.epoch.CudaSourceRole`);
+- :mod:`.static`: static fields in device memory.
 
 Importing this package never touches a GPU: CuPy, kvikIO and nvCOMP are
 imported inside functions.

@@ -453,7 +453,7 @@ def _load_on_device(k: int, load: LoadFn, ring: BufferRing, stream: Any, batch_s
 
 
 class CudaFeed:
-    """The GPU path's :class:`~zarrdali.batch.backend.EpochSource` (see the module doc).
+    """The GPU path's :class:`~zarrdali.gpu.epoch.EpochSource` (see the module doc).
 
     ``cuda`` is the CuPy module (tests pass a fake with ``cuda.Stream``,
     ``cuda.Event`` and ``empty``).
