@@ -299,6 +299,23 @@ DECODE_STREAMS = 2  # the feed's loading threads: decode_temp_budget is split am
 _capi_warned = False
 
 
+@dataclass(frozen=True)
+class _BatchWork:
+    """One batch on one loading thread: what its read, decode and host-decode
+    stages all take (the thread's state, the batch's plan, where its chunks
+    are, its device description, the decoded buffer, the stream it runs on,
+    the remote bytes fetched ahead)."""
+
+    state: _ThreadState
+    layouts: Sequence[ArrayLayout]
+    plan: BatchPlan
+    locations: ChunkLocations
+    desc: BatchDescription
+    decoded: Any
+    stream: Any
+    prefetched: dict[int, Any] | None = None
+
+
 # -- the backend --------------------------------------------------------------
 @dataclass(eq=False)
 class _ThreadState:
@@ -836,24 +853,13 @@ class GpuBackend(CudaSourceRole):
                 out = self._output(plan, desc, out, finish is not None)
                 if mask is not None:
                     self._check_mask(plan, mask)
+                work = _BatchWork(
+                    state, layouts, plan, locations, desc, decoded, stream, prefetched
+                )
                 if len(desc.device_chunks):
-                    staged, check = self._read_and_decode(
-                        state,
-                        layouts,
-                        plan,
-                        locations,
-                        desc,
-                        decoded,
-                        stream,
-                        keep,
-                        tables,
-                        upload,
-                        prefetched,
-                    )
+                    staged, check = self._read_and_decode(work, keep, tables, upload)
                 if desc.host_nbytes:
-                    self._decode_on_host(
-                        state, layouts, plan, locations, desc, decoded, stream, prefetched
-                    )
+                    self._decode_on_host(work)
                 with annotate("zarrdali.gather"):
                     if before_write is not None:
                         before_write()
@@ -1065,22 +1071,13 @@ class GpuBackend(CudaSourceRole):
             )
 
     def _read_and_decode(
-        self,
-        state: _ThreadState,
-        layouts: Sequence[ArrayLayout],
-        plan: BatchPlan,
-        locations: ChunkLocations,
-        desc: BatchDescription,
-        decoded: Any,
-        stream: Any,
-        keep: list[Any],
-        tables: _Tables,
-        upload: BatchUpload,
-        prefetched: dict[int, Any] | None = None,
+        self, work: _BatchWork, keep: list[Any], tables: _Tables, upload: BatchUpload
     ) -> tuple[int | None, DecodeCheck | None]:
         """Read the batch's payloads into staging, pack them, copy admitted ones
         into the cache, check crc32c and decode every group; ``(staging ring
         slot, check)``."""
+        state, layouts, plan, locations = work.state, work.layouts, work.plan, work.locations
+        desc, decoded, stream, prefetched = work.desc, work.decoded, work.stream, work.prefetched
         cp = self._cp
         s = desc.staging
         staged = None
@@ -1143,19 +1140,11 @@ class GpuBackend(CudaSourceRole):
             keep += buffers
             return staged, check
 
-    def _decode_on_host(
-        self,
-        state: _ThreadState,
-        layouts: Sequence[ArrayLayout],
-        plan: BatchPlan,
-        locations: ChunkLocations,
-        desc: BatchDescription,
-        decoded: Any,
-        stream: Any,
-        prefetched: dict[int, Any] | None = None,
-    ) -> None:
+    def _decode_on_host(self, work: _BatchWork) -> None:
         """Decode the host region (numcodecs' and zarr-python's chunks) into one
         pinned host buffer, then one copy to the device."""
+        state, layouts, plan, locations = work.state, work.layouts, work.plan, work.locations
+        desc, decoded, stream, prefetched = work.desc, work.decoded, work.stream, work.prefetched
         region_start, region_nbytes = desc.device_nbytes, desc.host_nbytes
         k, host = state.host_pinned.acquire(region_nbytes)
         chunk_var = plan.chunk_var
