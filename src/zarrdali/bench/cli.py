@@ -4,54 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 
-DEFAULT_DATA_DIR = Path(os.environ.get("ZARRDALI_DATA", "sample-data"))
-
-# Defaults of the options a --config file may also set; flags given override both.
-DEFAULTS: dict[str, object] = {
-    "store": None,
-    "data_dir": str(DEFAULT_DATA_DIR),
-    "device": None,
-    "loaders": None,
-    "variables": None,
-    "input_steps": 4,
-    "target_steps": 2,
-    "tile": [128, 128],
-    "batch_size": [8, 64],
-    "samples": 512,
-    "batches": None,
-    "epochs": 3,
-    "warmup": None,
-    "threads": None,
-    "seed": 0,
-    "step_ms": 0.0,
-    "cold": False,
-    "storage_options": None,
-    "out": "bench-out",
-    "all": False,
-    "workload": "tiles",  # or "whole-field" (bench/wholefield.py: its own defaults)
-}
-
-
-def load_config(path: str | Path) -> dict:
-    """Options from a TOML file (keys as the flags, ``-`` or ``_``); unknown keys are errors."""
-    import tomllib
-
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
-    values = {key.replace("-", "_"): value for key, value in raw.items()}
-    unknown = sorted(set(values) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}"
-        )
-    if isinstance(values.get("tile"), str) and values["tile"].lower() == "none":
-        values["tile"] = None  # TOML has no null: tile = "none" asks for the whole field
-    return values
+from zarrdali.bench.options import DEFAULT_DATA_DIR, DEFAULTS, load_config
 
 
 def resolve(args: argparse.Namespace) -> dict:
@@ -64,7 +21,7 @@ def resolve(args: argparse.Namespace) -> dict:
 
 
 def _ensure_sample_data(directory: Path) -> list[tuple[str, str]]:
-    from ..sample_data import PLAIN, SHARDED, sample_data_exists, write_sample_data
+    from zarrdali.sample_data import PLAIN, SHARDED, sample_data_exists, write_sample_data
 
     if not sample_data_exists(directory):
         print(f"writing the sample data to {directory} (once)", file=sys.stderr)
@@ -85,9 +42,9 @@ def missing_requirements() -> list[str]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ..remote import redact_argv
-    from .main import DEFAULT_LOADERS, LOADERS, run_bench
-    from .spec import BenchSpec
+    from zarrdali.bench.main import DEFAULT_LOADERS, LOADERS, run_bench
+    from zarrdali.bench.spec import BenchSpec
+    from zarrdali.io.remote import redact_argv
 
     missing = missing_requirements()
     if missing:
@@ -104,7 +61,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"zarrdali bench: error: {err}", file=sys.stderr)
         return 2
     if o["workload"] == "whole-field":
-        from .wholefield import cmd_whole_field
+        from zarrdali.bench.wholefield import cmd_whole_field
 
         return cmd_whole_field(args)
     if o["store"] and "://" in str(o["store"]):  # a URL: Path() would fold its "//"
@@ -122,7 +79,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ]
     variables = o["variables"]
     if not variables:
-        from ..store import open_group
+        from zarrdali.store.open import open_group
 
         group, _ = open_group(stores[0][1], o["storage_options"])
         variables = [name for name, arr in group.arrays() if arr.ndim >= 3]
@@ -162,7 +119,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_host(args: argparse.Namespace) -> int:
-    from .host import run_host_bench
+    from zarrdali.bench.host import run_host_bench
 
     if args.store:
         stores = [(Path(args.store).name, args.store)]
