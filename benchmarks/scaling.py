@@ -323,17 +323,17 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for col, sweep in enumerate(("batch size", "channels")):
         x_key = "batch_size" if sweep == "batch size" else "channels"
-        for workload, marker in zip(WORKLOADS, ("o", "s"), strict=True):
+        for workload, marker, color in zip(WORKLOADS, "os", ("C0", "C1"), strict=True):
             sel = [r for r in rows if r["workload"] == workload and r["sweep"] == sweep]
             if not sel:
                 continue
             x = [r[x_key] for r in sel]
-            axes[0, col].plot(x, [r["samples_per_s"] for r in sel], marker=marker, label=workload)
-            axes[1, col].plot(
-                x, [r["zarrdali_peak_mib"] for r in sel], marker=marker, label=workload
-            )
+            style = dict(marker=marker, color=color)
+            axes[0, col].plot(x, [r["samples_per_s"] for r in sel], **style, label=workload)
+            peak = [r["zarrdali_peak_mib"] for r in sel]
+            axes[1, col].plot(x, peak, **style, label=f"{workload}: zarrdali's peak")
             one_batch = [r["batch_mib"] for r in sel]
-            axes[1, col].plot(x, one_batch, ls=":", marker=marker, label=f"{workload}: 1 batch")
+            axes[1, col].plot(x, one_batch, ls=":", **style, label=f"{workload}: one batch")
         for row in (0, 1):
             axes[row, col].set_xscale("log", base=2)
             axes[row, col].set_yscale("log")
@@ -395,9 +395,15 @@ def main(argv: list[str] | None = None) -> int:
         "and the highest peak memory (a busy machine only ever slows a point down)",
     )
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--report", type=Path, help="only redo the table and plot of this scaling.json")
     args = p.parse_args(argv)
     if args.child:
         child_main(json.loads(args.child))
+        return 0
+    if args.report:
+        rows = json.loads(args.report.read_text())["rows"]
+        (args.report.parent / "scaling.md").write_text(markdown(rows) + "\n")
+        plot(rows, args.report.parent / "scaling.png")
         return 0
     commit = _commit()
     stores = ensure_stores(args.data_dir)
