@@ -573,8 +573,7 @@ def markdown(results: list[dict]) -> str:
         lines.append(
             f"| {d} | zarrdali (fast path; peak {zd['peak_in_flight']} in flight) | "
             f"{z['median']:.1f} ({z['min']:.1f}–{z['max']:.1f}) | "
-            f"{zd['network_mb_per_s']:.1f} | "
-            f"{zd['client_cpu_ms_per_mb']:.2f}, {zd['server_cpu_ms_per_mb']:.2f} |"
+            f"{zd['network_mb_per_s']:.1f} | {_cpu(zd)} |"
         )
         for read, g in r.get("zarrdali_gpu", {}).items():
             what = f"{g['samples_per_s']:.1f}" if g["status"] == "ok" else f"skipped: {g['reason']}"
@@ -592,14 +591,20 @@ def markdown(results: list[dict]) -> str:
         raw = r["plain_range_get_client"]
         lines.append(
             f"| {d} | plain range-GET client (same ranges, no decode) | – | "
-            f"{raw['mb_per_s']:.1f} ({raw['requests_per_s']:.0f} requests/s) | "
-            f"{raw['client_cpu_ms_per_mb']:.2f}, {raw['server_cpu_ms_per_mb']:.2f} |"
+            f"{raw['mb_per_s']:.1f} ({raw['requests_per_s']:.0f} requests/s) | {_cpu(raw)} |"
         )
     lines.append("")
     for r in results:
         ratios = ", ".join(f"{k}: {v:.2f}x" for k, v in r["ratios"].items())
         lines.append(f"- {r['delay_ms']:g} ms: {ratios}")
     return "\n".join(lines)
+
+
+def _cpu(row: dict) -> str:
+    """CPU ms per MB of a row's client and of the server, or – where not measured."""
+    if "client_cpu_ms_per_mb" not in row:
+        return "–"
+    return f"{row['client_cpu_ms_per_mb']:.2f}, {row.get('server_cpu_ms_per_mb', float('nan')):.2f}"
 
 
 def _commit() -> str | None:
