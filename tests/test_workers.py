@@ -28,9 +28,10 @@ def store(make_store):
     return make_store(*VARS)
 
 
-def test_workers_serve_the_same_batches_as_threads(store):
-    with_workers = loader_for(store, ["a", "b"], workers=2, batch_size=16)
-    in_process = loader_for(store, ["a", "b"], workers=0, batch_size=16)
+@pytest.mark.parametrize("batch_size", [16, 32])  # whole batches per worker; two parts
+def test_workers_serve_the_same_batches_as_threads(store, batch_size):
+    with_workers = loader_for(store, ["a", "b"], workers=2, batch_size=batch_size)
+    in_process = loader_for(store, ["a", "b"], workers=0, batch_size=batch_size)
     got = run_epochs(with_workers, [0, 3])
     want = run_epochs(in_process, [0, 3])
     oracle = Oracle(store, ["a", "b"])

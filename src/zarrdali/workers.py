@@ -90,7 +90,7 @@ class WorkerJob:
     """What each worker gets when it starts: a reader (it opens the store and a
     backend once; each epoch's message rebuilds its plan) and the ring's layout."""
 
-    reader: Any  # an EpochReader: begin(**epoch), load_part(k, rows, outs), close()
+    reader: Any  # an EpochReader: begin(**epoch), load_part(k, rows or None, outs), close()
     layout: SlotLayout
     n_slots: int
 
@@ -321,7 +321,10 @@ class WorkerPool:
     # -- producer (through PoolEpoch) ----------------------------------------
     def _start(self, gen: int, k: int, slot: int, n: int) -> None:
         self._check(gen)
-        parts = time_ordered_parts(self._samples_of(k), self.parts_per_batch)
+        if self.parts_per_batch == 1:  # the whole batch to one worker: no rows to send
+            parts: list[np.ndarray | None] = [None]
+        else:
+            parts = list(time_ordered_parts(self._samples_of(k), self.parts_per_batch))
         self._pending[k] = len(parts)
         for rows in parts:
             i = min(range(len(self._procs)), key=self._queued.__getitem__)
