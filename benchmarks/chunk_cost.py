@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from numcodecs import zstd
 
-from zarrdali.backends.zstdctx import ZstdContexts
+from zarrdali.batch.zstdctx import ZstdContexts
 
 
 def chunk_files(array: Path, n: int) -> list[Path]:

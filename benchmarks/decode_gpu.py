@@ -191,15 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from zarrdali.backends.gpu import missing_gpu_requirements
     from zarrdali.bench.report import header_text, system_info
+    from zarrdali.gpu import missing_gpu_requirements
 
     info = system_info()
     missing = missing_gpu_requirements()
     info["gpu_stack"] = "ok" if not missing else "missing: " + "; ".join(missing)
     if not missing:
         try:
-            from zarrdali.backends.gpu import io_details
+            from zarrdali.gpu import io_details
 
             info["kvikio"] = io_details()
         except Exception as err:  # reported, not fatal
@@ -242,11 +242,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _section(args, label: str, store: Path, variables, missing: list[str]) -> dict:
     """Every row on one store."""
-    from zarrdali.backends.cpu import CpuBackend, PosixReader
-    from zarrdali.backends.gpu.plan import describe_batch
-    from zarrdali.backends.locate import ChunkLocator
-    from zarrdali.batchplan import plan_batch
-    from zarrdali.store import load_layouts, open_group
+    from zarrdali.batch.host import PosixReader
+    from zarrdali.batch.locate import ChunkLocator
+    from zarrdali.batch.plan import plan_batch
+    from zarrdali.cpu.backend import CpuBackend
+    from zarrdali.gpu.describe import describe_batch
+    from zarrdali.store.open import load_layouts, open_group
 
     group, store_name = open_group(store)
     if not variables:
@@ -360,7 +361,7 @@ def _guarded(make, args, ctx, *more) -> dict:
 def _device_payloads(cp, layouts, plans, encoded):
     """Per batch: ``{algorithm: (payload buffer, in offsets, in sizes, out sizes, shapes)}``,
     payloads at 8-byte-aligned offsets of one device buffer (outside any clock)."""
-    from zarrdali.backends.gpu.plan import (
+    from zarrdali.gpu.describe import (
         NVCOMP_ALGORITHMS,
         aligned_offsets,
         payload_bounds,
@@ -399,8 +400,8 @@ def _capi_row(args, ctx) -> dict:
     """nvCOMP's batched C API alone: one call per batch per codec, pointers prepared."""
     import cupy as cp
 
-    from zarrdali.backends.gpu.decode import IN_STAGING, N_ROWS, device_pointers, nvcomp_capi
-    from zarrdali.backends.gpu.plan import aligned_offsets
+    from zarrdali.gpu.decode import IN_STAGING, N_ROWS, device_pointers, nvcomp_capi
+    from zarrdali.gpu.describe import aligned_offsets
 
     api = nvcomp_capi()
     stream = cp.cuda.Stream(non_blocking=True)
@@ -574,7 +575,7 @@ _dali_inflate_row.row_name = "dali-inflate"
 
 def _zarrdali_gpu_row(args, ctx, read: str, warm: bool, decoded_bytes: int) -> dict:
     """zarrdali's GPU backend: read + decode + gather, per batch, synchronized."""
-    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.gpu import GpuBackend
 
     layouts, plans = ctx["layouts"], ctx["plans"]
     name = f"zarrdali-gpu[{read}{',warm-cache' if warm else ''}]"

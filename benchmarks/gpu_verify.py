@@ -216,7 +216,7 @@ def _stop(proc: subprocess.Popen) -> None:
 # -- provenance ------------------------------------------------------------------
 _GPU_PROBE = r"""
 import json
-from zarrdali.backends.gpu import missing_gpu_requirements, gpu_description
+from zarrdali.gpu import missing_gpu_requirements, gpu_description
 out = {"missing": missing_gpu_requirements(), "nvidia_smi": gpu_description()}
 if not out["missing"]:
     import cupy
@@ -227,13 +227,13 @@ if not out["missing"]:
                memory_bytes=int(p["totalGlobalMem"]), devices=rt.getDeviceCount(),
                cuda_runtime=rt.runtimeGetVersion(), cuda_driver=rt.driverGetVersion())
     try:
-        from zarrdali.backends.gpu import kvikio_io_mode
+        from zarrdali.gpu import kvikio_io_mode
         out["kvikio_io_mode"] = kvikio_io_mode()
     except Exception as err:
         out["kvikio_io_mode"] = f"unknown ({type(err).__name__}: {err})"
 try:  # host calls, no device: what the engine packs payloads by
     from nvidia import libnvcomp
-    from zarrdali.backends.gpu.decode import nvcomp_capi
+    from zarrdali.gpu.decode import nvcomp_capi
     out["nvcomp"] = {"version": libnvcomp.__version__,
                      "decompress_alignments": nvcomp_capi().alignments}
 except Exception as err:
@@ -1055,9 +1055,9 @@ def probe_remote(args: argparse.Namespace) -> int:
     ``read="pinned"`` and ``read="kvikio"``, every batch equal to the CPU
     backend's on the local copy, samples/s of each; remote.json."""
     import zarrdali
-    from zarrdali.backends.cpu import CpuBackend
-    from zarrdali.batchplan import plan_batch
-    from zarrdali.store import load_layouts, open_group
+    from zarrdali.batch.plan import plan_batch
+    from zarrdali.cpu.backend import CpuBackend
+    from zarrdali.store.open import load_layouts, open_group
 
     local = Path(args.data_dir) / SHARDED
     variables = _variables(local)
@@ -1100,19 +1100,19 @@ def _remote_reader_row(args, url, read, variables, batches, want, n_frames, tile
     """One reader of the remote probe: equal to ``want``, samples/s (no DALI)."""
     import numpy as np
 
-    from zarrdali.batchplan import plan_batch
-    from zarrdali.store import load_layouts, open_group
+    from zarrdali.batch.plan import plan_batch
+    from zarrdali.store.open import load_layouts, open_group
 
     group, name = open_group(url)
     layouts = load_layouts(group, name, variables)
     if args.probe_device == "cpu":  # the rehearsal: the server and the source, on the CPU
-        from zarrdali.backends.cpu import CpuBackend
+        from zarrdali.cpu.backend import CpuBackend
 
         if read != "pinned":
             return {"status": "skipped", "reason": "the CPU rehearsal reads through the source"}
         backend, to_host = CpuBackend(group, name, 4), np.asarray
     else:
-        from zarrdali.backends.gpu import backend as gpu_backend
+        from zarrdali.gpu import backend as gpu_backend
 
         missing = gpu_backend.missing_gpu_requirements()
         if missing:

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import zarrdali
-from zarrdali.backends.flow import AdaptiveLimit
 from zarrdali.bench.objectserver import RemoteS3Server, upload
 from zarrdali.bench.report import write_results
+from zarrdali.io.flow import AdaptiveLimit
 from zarrdali.sample_data import SHARDED, SampleDataSpec, sample_data_exists, write_sample_data
 
 VARIABLES = ["t2m", "u10", "v10", "msl"]

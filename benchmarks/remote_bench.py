@@ -105,10 +105,10 @@ def gpu_run(url, opts, args, read: str) -> dict:
     """Samples/s of the GPU backend's ``load_batch`` (read, decode, gather; no DALI)
     with ``read`` ("pinned": the byte source into pinned memory, one copy per batch;
     "kvikio": kvikIO's remote file into device memory), or why it was skipped."""
-    from zarrdali.backends.gpu import backend as gpu_backend
-    from zarrdali.backends.sources import make_source
-    from zarrdali.batchplan import plan_batch
-    from zarrdali.store import load_layouts, open_group
+    from zarrdali.batch.plan import plan_batch
+    from zarrdali.gpu import backend as gpu_backend
+    from zarrdali.io.connect import make_source
+    from zarrdali.store.open import load_layouts, open_group
 
     missing = gpu_backend.missing_gpu_requirements()
     if missing:

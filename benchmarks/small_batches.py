@@ -5,7 +5,7 @@ to skip), batch 8 trailed the ceiling. Each batch used to be cut into parts
 for every worker (at batch 8 on 2 workers: parts of 4 samples), each part
 costing its worker a plan, a locate and its lists and the training process a
 wake-up. Now a batch under 2 x 16 samples goes whole to one worker and more
-batches are loaded ahead (``zarrdali.loader.parts_per_batch``).
+batches are loaded ahead (``zarrdali.cpu.epoch.parts_per_batch``).
 
 This runs, epoch by epoch in turn as ``zarrdali bench`` does (the same
 runners, samples and timing): the file ceiling, TensorStore, zarrdali with
@@ -28,7 +28,7 @@ import shlex
 import sys
 from collections.abc import Iterator
 
-import zarrdali.loader as loader_module
+import zarrdali.cpu.epoch as loader_module
 from zarrdali.bench.main import LOADERS, run_bench
 from zarrdali.bench.runners import Runner, RunResult, zarrdali_runner
 from zarrdali.bench.spec import BenchSpec

@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return
-    from zarrdali.backends.gpu import missing_gpu_requirements
+    from zarrdali.gpu import missing_gpu_requirements
 
     missing = missing_gpu_requirements()
     if not missing:

@@ -33,8 +33,8 @@ from typing import Any
 import numcodecs
 import numpy as np
 
-from zarrdali.backends.gpu import decode as gpu_decode
-from zarrdali.backends.gpu.plan import GatherFinish, GatherTables, gather_reference
+from zarrdali.gpu import decode as gpu_decode
+from zarrdali.gpu.describe import GatherFinish, GatherTables, gather_reference
 
 
 class _Ptr:
@@ -787,7 +787,7 @@ def install(
     """Put the fakes in place of CuPy, kvikIO and nvCOMP's C API for one test."""
     import sys
 
-    from zarrdali.backends.gpu import backend
+    from zarrdali.gpu import backend
 
     cuda = FakeCuda(n_devices)
     monkeypatch.setitem(sys.modules, "cupy", cuda.cupy)
@@ -808,7 +808,7 @@ def gpu_owning_types(*extra: type) -> tuple[type, ...]:
     through what they hold): the engine's, the fakes', and ``extra`` (CuPy's
     own on a real GPU). Not ``feed.StreamHandle``: DALI's graph keeps it in its
     reference cycles by design, and once its feed is closed it holds nothing."""
-    from zarrdali.backends.gpu import backend, cache, decode, feed, lifetimes, read
+    from zarrdali.gpu import backend, cache, decode, feed, lifetimes, read
 
     return (
         backend.GpuBackend,

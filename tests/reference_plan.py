@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zarrdali.store import ArrayLayout
+from zarrdali.store.open import ArrayLayout
 
 
 @dataclass(frozen=True)

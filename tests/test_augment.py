@@ -8,7 +8,7 @@ import pytest
 from storefactory import VarSpec
 from test_loader_oracle import Oracle, loader_for, run_epochs
 from zarrdali import ConfigError
-from zarrdali.pipeline import apply_augmentations, draw_augmentations
+from zarrdali.sampling.augment import apply_augmentations, draw_augmentations
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_unknown_augmentation(store):
 
 
 def test_rot90_flags_are_quarter_turns():
-    from zarrdali.pipeline import _ROT90
+    from zarrdali.sampling.augment import _ROT90
 
     x = np.arange(2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
     for k in range(4):

@@ -1,7 +1,8 @@
-"""The loader asks its backend for each epoch's batch source and uses it as is.
+"""A DALI epoch (gpu/epoch.py) takes its batch source from its backend and uses it as is.
 
-``ZarrLoader`` does not test the device: the backend says where DALI runs,
-whether a batch is one window, and builds the epoch's source. Here fake
+``ZarrLoader`` does not test the device: it asks the backend to open the epoch,
+and a backend whose batches go through DALI says where DALI runs, whether a
+batch is one window, and builds the epoch's source. Here fake
 backends (a CPU backend underneath) bring their own sources: a recording one,
 and the GPU path's :class:`CudaFeed` over fake CUDA streams, run through a real
 (CPU) DALI pipeline whose feeding is recorded as the copy DALI would enqueue on
@@ -23,8 +24,9 @@ import zarrdali
 from fakecuda import FakeDevice, check_reuse_order
 from storefactory import VarSpec
 from test_loader_oracle import loader_for, to_numpy
-from zarrdali.backends.gpu.feed import CudaFeed, ring_size
-from zarrdali.prefetch import PrefetchSource
+from zarrdali.gpu.epoch import open_dali_epoch
+from zarrdali.gpu.feed import CudaFeed, ring_size
+from zarrdali.gpu.prefetch import BatchPrefetcher
 
 VARS = [
     VarSpec("a", shape=(20, 21, 33), chunks=(1, 21, 33)),
@@ -39,7 +41,7 @@ class RecordingSource:
     cuda_stream = None
 
     def __init__(self, load, n_batches: int, depth: int, log: list) -> None:
-        self._inner = PrefetchSource(load, n_batches, depth=depth)
+        self._inner = BatchPrefetcher(load, n_batches, depth=depth, workers=2)
         self.log = log
         log.append(("created", n_batches, depth))
 
@@ -52,7 +54,24 @@ class RecordingSource:
         self._inner.close()
 
 
-class OwnSourceBackend:
+class DaliEpochs:
+    """Epochs through a DALI pipeline (on the CPU here): what GpuBackend does."""
+
+    finishes_in_gather = False
+    remote = False
+
+    @property
+    def traits(self):
+        return self.inner.traits
+
+    def hold_static(self, static):
+        return None
+
+    def open_epoch(self, request, run) -> None:
+        open_dali_epoch(self, request, run)
+
+
+class OwnSourceBackend(DaliEpochs):
     """A CPU backend that builds its epochs' sources itself."""
 
     def __init__(self, inner) -> None:
@@ -77,7 +96,7 @@ class OwnSourceBackend:
         self.inner.close()
 
 
-class FakeCudaBackend:
+class FakeCudaBackend(DaliEpochs):
     """The GPU path's shape on the CPU: one window per batch, assembled into the
     feed's ring buffer, its "gather" enqueued on the stream it is given."""
 
@@ -233,8 +252,8 @@ def test_an_epoch_broken_off_closes_the_cuda_feed(store):
 def test_the_gpu_backend_fills_the_source_role():
     import inspect
 
-    from zarrdali.backends.gpu import GpuBackend
-    from zarrdali.backends.gpu.feed import CudaSourceRole
+    from zarrdali.gpu import GpuBackend
+    from zarrdali.gpu.epoch import CudaSourceRole
 
     assert issubclass(GpuBackend, CudaSourceRole)
     params = inspect.signature(GpuBackend.load_batch).parameters

@@ -1,4 +1,4 @@
-"""Property tests for ``zarrdali.batchplan.plan_batch``: simulate the array plan
+"""Property tests for ``zarrdali.batch.plan.plan_batch``: simulate the array plan
 with numpy, and check it against the object plan it replaced (tests/reference_plan.py)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference_plan
-from zarrdali.batchplan import BatchPlan, channel_offsets, chunk_shape4, plan_batch
-from zarrdali.store import ArrayLayout
+from zarrdali.batch.plan import BatchPlan, channel_offsets, chunk_shape4, plan_batch
+from zarrdali.store.open import ArrayLayout
 
 FILL = -1  # arrays hold values >= 0, so padding that leaks into the output shows
 

@@ -10,10 +10,10 @@ import types
 
 import pytest
 
-from zarrdali.bench.cli import DEFAULTS, load_config, resolve
-from zarrdali.bench.measure import drop_page_cache, time_epoch
+from zarrdali.bench.cli import resolve
+from zarrdali.bench.measure import RunResult, drop_page_cache, time_epoch
+from zarrdali.bench.options import DEFAULTS, load_config
 from zarrdali.bench.report import markdown_table, summarize
-from zarrdali.bench.runners import RunResult
 from zarrdali.bench.spec import BenchSpec
 from zarrdali.cli import main
 from zarrdali.sample_data import PLAIN, SampleDataSpec, write_sample_data

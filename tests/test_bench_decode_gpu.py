@@ -31,7 +31,7 @@ def _rows(out: Path) -> dict[tuple[str, str], dict]:
 
 
 def test_cpu_only_mode(tmp_path, monkeypatch):
-    from zarrdali.backends import gpu
+    from zarrdali import gpu
 
     monkeypatch.setattr(gpu, "missing_gpu_requirements", lambda: ["a CUDA GPU (none visible)"])
     out = tmp_path / "b.json"
@@ -47,8 +47,8 @@ def test_cpu_only_mode(tmp_path, monkeypatch):
 @pytest.mark.skipif(importlib.util.find_spec("nvidia.libnvcomp") is None, reason="no libnvcomp")
 @pytest.mark.parametrize("codec", ["zstd", "lz4"])
 def test_gpu_rows_on_the_fake_device(tmp_path, monkeypatch, codec):
-    from zarrdali.backends import gpu
-    from zarrdali.backends.gpu import decode
+    from zarrdali import gpu
+    from zarrdali.gpu import decode
 
     cuda = fakegpu.install(monkeypatch)
     monkeypatch.setattr(gpu, "missing_gpu_requirements", lambda: [])

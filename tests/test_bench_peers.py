@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from zarrdali import ZarrLoader
+from zarrdali.bench.measure import RunResult
 from zarrdali.bench.runners import (
     ChunkArena,
-    RunResult,
     Skipped,
     StoreMismatch,
     XarraySampleDataset,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from zarrdali.bench import zarr_peers
-from zarrdali.bench.runners import RunResult, Skipped, StoreMismatch, epoch_batches
+from zarrdali.bench.measure import RunResult
+from zarrdali.bench.runners import Skipped, StoreMismatch, epoch_batches
 from zarrdali.bench.spec import BenchSpec
 from zarrdali.sample_data import PLAIN, SHARDED, SampleDataSpec, write_sample_data
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from zarrdali.backends.cache import DiskCache
+from zarrdali.io.cache import DiskCache
 
 
 def entries(directory) -> list:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from zarrdali.backends.zstdctx import zstd_library
+from zarrdali.batch.zstdctx import zstd_library
 
 try:
     import tensorstore  # noqa: F401

@@ -22,10 +22,10 @@ import pytest
 
 import zarrdali
 from storefactory import VarSpec, open_arrays
-from zarrdali.backends.mapped import MappedFiles
-from zarrdali.backends.zstdctx import ZstdContexts, ZstdFrameError
-from zarrdali.epoch_reader import EpochReader
+from zarrdali.batch.zstdctx import ZstdContexts, ZstdFrameError
+from zarrdali.cpu.reader import EpochReader
 from zarrdali.errors import ChunkError
+from zarrdali.io.mapped import MappedFiles
 
 CONTEXTS = ZstdContexts.create()
 needs_contexts = pytest.mark.skipif(
@@ -323,6 +323,7 @@ def test_memory_map_false_reaches_the_worker_processes(make_store):
             0,
             0,
             memory_map=ld.memory_map,
+            backend_type=type(ld.backend),
         )
         reader = pickle.loads(pickle.dumps(reader))  # as DALI hands it to a worker
         frames, samples = reader(0)  # (input,) or (input, target)

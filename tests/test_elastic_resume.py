@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from storefactory import VarSpec
 from test_loader_oracle import Oracle, check_batches, loader_for, to_numpy
 from zarrdali import ConfigError
-from zarrdali.plan import Sampler, Segment
+from zarrdali.sampling.epochs import Sampler, Segment
 
 NT, NY, NX = 12, 21, 33
 
@@ -280,7 +280,7 @@ def test_augmentation_draws_continue_through_the_resumed_epoch(store, workers):
     """Batch k of the rest of an epoch resumed after ``s`` batches per rank draws
     its flips and turns as batch ``s + k`` of the epoch, and its frames (cut in
     the ring by workers or threads) are the oracle's with those flags."""
-    from zarrdali.pipeline import apply_augmentations, draw_augmentations
+    from zarrdali.sampling.augment import apply_augmentations, draw_augmentations
 
     augment = ("flip", "rot90")
     _, state = _run_ranks(store, 2, 1, stop_after=3, augment=augment)

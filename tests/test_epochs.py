@@ -17,7 +17,7 @@ import zarrdali.loader
 from storefactory import VarSpec
 from test_loader_oracle import loader_for, to_numpy
 from zarrdali import ConfigError
-from zarrdali.ranks import from_environment
+from zarrdali.sampling.ranks import from_environment
 
 NT, NY, NX = 12, 16, 24  # 10 t0 x 6 tiles = 60 samples
 
@@ -77,7 +77,7 @@ def test_the_samplers_set_epoch_sets_the_loaders(store):
     import pickle
     from dataclasses import fields
 
-    from zarrdali.plan import Sampler
+    from zarrdali.sampling.epochs import Sampler
 
     with loader_for(store, ["x"], batch_size=8) as loader:
         loader.sampler.set_epoch(4)
@@ -270,8 +270,8 @@ def test_a_loader_made_before_the_process_group_takes_its_ranks(store, launcher_
 
 def test_a_process_group_wins_over_the_environment(store, launcher_env, monkeypatch):
     launcher_env(RANK=0, WORLD_SIZE=4)
-    import zarrdali.ranks
+    import zarrdali.sampling.ranks
 
-    monkeypatch.setattr(zarrdali.ranks, "process_group", lambda: (1, 2))
+    monkeypatch.setattr(zarrdali.sampling.ranks, "process_group", lambda: (1, 2))
     with loader_for(store, ["x"], batch_size=8) as loader:
         assert (loader.sampler.rank, loader.sampler.world_size) == (1, 2)

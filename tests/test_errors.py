@@ -33,7 +33,8 @@ NT, NY, NX = 12, 21, 33
 @pytest.fixture
 def no_chunk_reads(monkeypatch):
     """Any attempt to read or decode a chunk fails the test."""
-    from zarrdali.backends import cpu, fallback
+    from zarrdali.batch import fallback
+    from zarrdali.cpu import backend as cpu
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a chunk was read before the configuration error was raised")
@@ -156,7 +157,7 @@ def test_zarr_v2_store_is_refused(tmp_path, no_chunk_reads):
 
 
 def test_cuda_unavailable(store, no_chunk_reads):
-    from zarrdali.backends.gpu import missing_gpu_requirements
+    from zarrdali.gpu import missing_gpu_requirements
 
     missing = missing_gpu_requirements()
     if not missing:
@@ -307,7 +308,7 @@ def test_failed_batch_returns_only_when_no_task_still_writes():
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from zarrdali.backends.base import finish_all
+    from zarrdali.batch.backend import finish_all
 
     wrote = threading.Event()
     started = threading.Event()

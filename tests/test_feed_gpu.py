@@ -15,7 +15,7 @@ import faulthandler
 import numpy as np
 import pytest
 
-from zarrdali.backends.gpu.feed import CudaFeed, ring_size
+from zarrdali.gpu.feed import CudaFeed, ring_size
 
 pytestmark = pytest.mark.gpu
 
@@ -83,7 +83,7 @@ def test_close_mid_epoch_releases_the_ring():
 def test_backend_streams_are_reused_by_the_next_epoch():
     import cupy as cp
 
-    from zarrdali.backends.gpu.feed import FeedStreams
+    from zarrdali.gpu.feed import FeedStreams
 
     streams = FeedStreams(cp)
     pool = cp.get_default_memory_pool()

@@ -19,7 +19,7 @@ import pytest
 
 from fakecuda import FakeDevice, check_reuse_order, happens_before
 from zarrdali import LoaderClosedError
-from zarrdali.backends.gpu.feed import BufferRing, CudaFeed, FeedStreams, ring_size
+from zarrdali.gpu.feed import BufferRing, CudaFeed, FeedStreams, ring_size
 
 SHAPE = (4, 3, 2, 8, 8)  # [B, T, C, H, W] of a full batch
 

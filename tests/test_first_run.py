@@ -158,7 +158,7 @@ def test_the_cpu_path_runs_without_dali(store, tmp_path):
 
 
 def test_the_gpu_requirements_name_dali(monkeypatch):
-    from zarrdali.backends.gpu import backend
+    from zarrdali.gpu import backend
 
     monkeypatch.setattr(backend, "_has_module", lambda name: not name.startswith("nvidia.dali"))
     assert backend.missing_gpu_requirements()[0] == "DALI (module 'nvidia.dali')"

@@ -14,7 +14,7 @@ import random
 import numpy as np
 import pytest
 
-from zarrdali.backends.flow import AdaptiveLimit, LatencyBound, RequestPolicy
+from zarrdali.io.flow import AdaptiveLimit, LatencyBound, RequestPolicy
 
 
 def run_rounds(limit: AdaptiveLimit, latency, rounds: int) -> list[int]:

@@ -4,7 +4,7 @@ Without a GPU: importing it needs nothing, asking for it says what is missing,
 and its host-side planning is checked: payload bounds (LZ4 prefix, crc32c),
 the staging layout (aligned, disjoint, payloads where their bytes land), the
 decoded slots and fill bits. The device path is then emulated on the CPU from
-:func:`~zarrdali.backends.gpu.plan.describe_batch` alone (staging reads, the
+:func:`~zarrdali.gpu.describe.describe_batch` alone (staging reads, the
 pack and copy jobs, each decode group's payloads decoded as nvCOMP would) and
 the gather tables are executed twice: by the numpy model of the kernel, and by
 the kernel's own CUDA source compiled as host C++; both equal the CPU backend
@@ -36,15 +36,12 @@ import numpy as np
 import pytest
 
 from storefactory import COMPRESSORS, VarSpec, chunk_files, chunk_key, delete_chunks
-from zarrdali.backends.cpu import NumcodecsDecoder, PosixReader
-from zarrdali.backends.fallback import ZarrPythonChunkSource
-from zarrdali.backends.gpu.kernels import (
-    PACK_SOURCE,
-    gather_block,
-    gather_grid_y,
-    gather_source,
-)
-from zarrdali.backends.gpu.plan import (
+from zarrdali.batch.fallback import ZarrPythonChunkSource
+from zarrdali.batch.host import NumcodecsDecoder, PosixReader
+from zarrdali.batch.locate import ChunkLocations, ChunkLocator
+from zarrdali.batch.plan import natural_coords, plan_batch
+from zarrdali.errors import BackendUnavailableError, ChunkError
+from zarrdali.gpu.describe import (
     ALIGN,
     CTYPES,
     FALLBACK_INPUT_ALIGN,
@@ -61,11 +58,14 @@ from zarrdali.backends.gpu.plan import (
     payload_trims,
     plan_staging,
 )
-from zarrdali.backends.locate import ChunkLocations, ChunkLocator
-from zarrdali.batchplan import natural_coords, plan_batch
-from zarrdali.codecs import ChunkCodec
-from zarrdali.errors import BackendUnavailableError, ChunkError
-from zarrdali.store import load_layouts, open_group
+from zarrdali.gpu.kernels import (
+    PACK_SOURCE,
+    gather_block,
+    gather_grid_y,
+    gather_source,
+)
+from zarrdali.store.codecs import ChunkCodec
+from zarrdali.store.open import load_layouts, open_group
 
 NT, NY, NX = 12, 21, 33
 # (t0, y0, x0); windows of 3 frames 2 steps apart end inside NT (t0 <= 7).
@@ -106,8 +106,8 @@ def _delete_some(store, array: str, n: int = 2) -> None:
 # -- no GPU needed ----------------------------------------------------------------
 def test_import_touches_no_gpu_library():
     code = (
-        "import sys, zarrdali, zarrdali.backends.gpu, zarrdali.backends.gpu.plan\n"
-        "import zarrdali.backends.gpu.kernels\n"
+        "import sys, zarrdali, zarrdali.gpu, zarrdali.gpu.describe\n"
+        "import zarrdali.gpu.kernels\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('cupy', 'cupyx', 'kvikio')"
         " or m.startswith('nvidia.nvcomp')]\n"
         "assert not bad, bad\n"
@@ -116,8 +116,8 @@ def test_import_touches_no_gpu_library():
 
 
 def test_gpu_backend_says_what_is_missing(make_store):
-    from zarrdali.backends import make_backend
-    from zarrdali.backends.gpu import missing_gpu_requirements
+    from zarrdali.gpu import missing_gpu_requirements
+    from zarrdali.paths import make_backend
 
     missing = missing_gpu_requirements()
     if not missing:
@@ -351,7 +351,7 @@ def _described_batch(group, name, layouts, plan) -> tuple[np.ndarray, GatherTabl
 
 
 def _cpu_batch(group, name, layouts, plan) -> np.ndarray:
-    from zarrdali.backends.cpu import CpuBackend
+    from zarrdali.cpu.backend import CpuBackend
 
     backend = CpuBackend(group, name, 1)
     try:
@@ -637,7 +637,7 @@ def test_kernel_sources_compile_with_nvcc(tmp_path, out):
 
 # -- with a GPU -------------------------------------------------------------------
 def _gpu_batch(group, name, layouts, plan, **kw):
-    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.gpu import GpuBackend
 
     backend = GpuBackend(group, name, **kw)
     try:
@@ -696,7 +696,7 @@ def test_gpu_matches_cpu_mixed(make_store, specs, decode):
 
 @pytest.mark.gpu
 def test_gpu_blosc_warns_once_and_names_prepare(make_store):
-    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.gpu import GpuBackend
 
     store = make_store(_spec("bl", compressor="blosc"))
     group, name, layouts, plan = _plan(store, ["bl"])

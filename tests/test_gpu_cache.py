@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zarrdali.backends.gpu.cache import (
+from zarrdali.gpu.cache import (
     KEY_BITS,
     ChunkCache,
     chunk_keys,
@@ -195,10 +195,10 @@ def test_size_classes_and_validation():
 
 def test_chunk_keys_and_insert_jobs(make_store):
     from storefactory import VarSpec
-    from zarrdali.backends.gpu.plan import cacheable_payloads, describe_batch
-    from zarrdali.backends.locate import ChunkLocator
-    from zarrdali.batchplan import plan_batch
-    from zarrdali.store import load_layouts, open_group
+    from zarrdali.batch.locate import ChunkLocator
+    from zarrdali.batch.plan import plan_batch
+    from zarrdali.gpu.describe import cacheable_payloads, describe_batch
+    from zarrdali.store.open import load_layouts, open_group
 
     store = make_store(
         VarSpec("a", shape=(12, 21, 33), chunks=(2, 8, 8)),

@@ -1,6 +1,6 @@
 """The decode stage's C API binding and arithmetic, checked without a GPU.
 
-* The ctypes prototypes of :mod:`zarrdali.backends.gpu.decode` against the
+* The ctypes prototypes of :mod:`zarrdali.gpu.decode` against the
   nvCOMP 5.3 headers of the ``nvidia-libnvcomp`` wheel: the header text parsed
   (every parameter's kind), and a C++ program compiled with g++ against the
   headers (function types, ``sizeof``/``offsetof`` of the opts structs, the
@@ -31,12 +31,12 @@ from hypothesis import strategies as st
 
 import fakegpu
 from storefactory import VarSpec
-from zarrdali.backends.gpu import decode as d
-from zarrdali.backends.gpu.plan import ALIGN, FALLBACK_INPUT_ALIGN, describe_batch
-from zarrdali.backends.locate import ChunkLocator
-from zarrdali.batchplan import plan_batch
+from zarrdali.batch.locate import ChunkLocator
+from zarrdali.batch.plan import plan_batch
 from zarrdali.errors import ChunkError
-from zarrdali.store import load_layouts, open_group
+from zarrdali.gpu import decode as d
+from zarrdali.gpu.describe import ALIGN, FALLBACK_INPUT_ALIGN, describe_batch
+from zarrdali.store.open import load_layouts, open_group
 
 
 def _include_dir() -> Path | None:

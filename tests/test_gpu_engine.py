@@ -32,9 +32,9 @@ import pytest
 
 import fakegpu
 from storefactory import VarSpec, chunk_files, chunk_key, shard_index
-from zarrdali.batchplan import plan_batch
+from zarrdali.batch.plan import plan_batch
 from zarrdali.errors import BackendUnavailableError, ChunkError, LoaderClosedError
-from zarrdali.store import load_layouts, open_group
+from zarrdali.store.open import load_layouts, open_group
 
 NT, NY, NX = 12, 21, 33
 SAMPLES = np.array(
@@ -56,7 +56,7 @@ def _plan(store, names, samples=SAMPLES):
 
 
 def _cpu_batch(group, name, layouts, plan) -> np.ndarray:
-    from zarrdali.backends.cpu import CpuBackend
+    from zarrdali.cpu.backend import CpuBackend
 
     backend = CpuBackend(group, name, 1)
     try:
@@ -80,7 +80,7 @@ class Engine:
     backends: list
 
     def backend(self, group, name, **kw):
-        from zarrdali.backends.gpu import GpuBackend
+        from zarrdali.gpu import GpuBackend
 
         kw.setdefault("num_threads", 2)
         backend = GpuBackend(group, name, **kw)
@@ -189,12 +189,12 @@ def test_decode_in_calls_under_a_temp_budget(engine, make_store, read):
     )
     group, name, layouts, plan = _plan(store, ["z", "y", "l"])
     want = _cpu_batch(group, name, layouts, plan)
-    from zarrdali.backends.gpu.decode import nvcomp_capi
+    from zarrdali.gpu.decode import nvcomp_capi
 
     api = engine.cuda.api if engine.cuda is not None else nvcomp_capi()
     size = layouts[0].chunk_nbytes
     n = int(np.sum(plan.chunk_var <= 1))
-    from zarrdali.backends.gpu.backend import DECODE_STREAMS
+    from zarrdali.gpu.backend import DECODE_STREAMS
 
     budget = api.temp_bytes("Zstd", n, size, n * size) // 4
     backend = engine.backend(group, name, read=read, decode_temp_budget=budget * DECODE_STREAMS)
@@ -305,7 +305,7 @@ def test_a_chunk_failing_its_crc32c_is_reported_and_never_decoded(
         inputs = engine.cuda.api.inputs
         assert payload not in inputs
         if compressor != "none":
-            from zarrdali.backends.gpu.decode import STAND_INS
+            from zarrdali.gpu.decode import STAND_INS
 
             algorithm = {"zstd": "Zstd", "lz4": "LZ4", "gzip": "Gzip"}[compressor]
             assert STAND_INS[algorithm] in inputs  # what the decoder got instead
@@ -373,7 +373,7 @@ def test_cache_serves_identical_batches_across_epochs(engine, make_store, budget
 
 def _uncompressed_read_bytes(backend, layouts, plans) -> int:
     """What a batch reads besides cacheable payloads: the uncompressed chunks."""
-    from zarrdali.backends.gpu.plan import plan_staging
+    from zarrdali.gpu.describe import plan_staging
 
     total = 0
     for p in plans:
@@ -415,7 +415,7 @@ def test_crc32c_is_checked_before_nvcomps_python_api_decodes(engine, make_store,
     assert backend.decode_mode == "python"
     decoded = []
     monkeypatch.setattr(
-        "zarrdali.backends.gpu.decode.PythonApiDecoder.decode",
+        "zarrdali.gpu.decode.PythonApiDecoder.decode",
         lambda self, *args: decoded.append(args),
     )
     with pytest.raises(ChunkError, match="crc32c checksum mismatch") as info:
@@ -431,7 +431,7 @@ def test_a_batchs_tables_go_to_the_device_in_one_copy(engine, make_store, finish
     admissions), the four gather tables and the finishing kernel's two: one
     host-to-device copy per batch (each had its own upload), the batch as the
     CPU backend's."""
-    from zarrdali.backends.finish import Finish
+    from zarrdali.batch.finish import Finish
 
     store = make_store(
         _spec("z", checksum=True),
@@ -480,7 +480,7 @@ def test_buffers_in_flight_are_held_until_their_event(engine, make_store):
     cuda = engine.cuda
     store = make_store(_spec("z"))
     group, name, layouts, plan = _plan(store, ["z"])
-    backend = engine.backend(group, name, max_in_flight=3)
+    backend = engine.backend(group, name, batches_per_thread=3)
     stream = cuda.cupy.cuda.Stream(non_blocking=True)
     cuda.hold_events = True  # the stream "runs" until the test completes it
     for k in range(5):
@@ -521,8 +521,8 @@ def test_memory_stats_report_a_peak(engine, make_store):
 def test_decode_capi_required_but_missing(engine, make_store, monkeypatch):
     if engine.kind != "fake":
         pytest.skip("the C API is present on a GPU host")
-    from zarrdali.backends.gpu import backend as gpu_backend
-    from zarrdali.backends.gpu.decode import CApiUnavailableError
+    from zarrdali.gpu import backend as gpu_backend
+    from zarrdali.gpu.decode import CApiUnavailableError
 
     def missing():
         raise CApiUnavailableError("libnvcomp lacks nvcompBatchedZstdDecompressAsync")
@@ -539,7 +539,7 @@ def test_decode_capi_required_but_missing(engine, make_store, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("compressor", ["zstd", "lz4", "gzip"])
 def test_python_api_fallback_matches_cpu(make_store, compressor):
-    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.gpu import GpuBackend
 
     store = make_store(_spec("a", compressor=compressor, shards=(4, 16, 16)))
     group, name, layouts, plan = _plan(store, ["a"])
@@ -552,8 +552,8 @@ def test_python_api_fallback_matches_cpu(make_store, compressor):
 
 
 def test_make_backend_passes_gpu_options(engine, make_store):
-    from zarrdali.backends import make_backend
     from zarrdali.errors import ConfigError
+    from zarrdali.paths import make_backend
 
     store = make_store(_spec("z"))
     group, name = open_group(store)

@@ -6,7 +6,7 @@ compile (``cupy/cuda/compiler.py``): float subtract, divide, convert and
 compare then flush denormals to zero (``sub.ftz.f32``, ``cvt.rn.ftz.f32.f64``,
 ``setp.eq.ftz.f32`` in the PTX), so a float64 -> float32 denormal became 0 and
 a denormal compared equal to a missing value of 0.0, unlike the CPU path.
-The backend compiles with NVRTC and :data:`~zarrdali.backends.gpu.gather.NVRTC_OPTIONS`
+The backend compiles with NVRTC and :data:`~zarrdali.gpu.gather.NVRTC_OPTIONS`
 and loads the binary with ``RawModule(path=...)``. Checked here: which
 compile the backend asks for (on the CPU stand-in of CuPy, which compiles as
 CuPy 14 does), and the PTX those exact options give, from the real NVRTC
@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 import fakegpu
-from zarrdali.backends.gpu import gather as gpu_gather
-from zarrdali.backends.gpu.kernels import (
+from zarrdali.gpu import gather as gpu_gather
+from zarrdali.gpu.kernels import (
     CRC_GATE_SOURCE,
     PACK_SOURCE,
     finish_source,

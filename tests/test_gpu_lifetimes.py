@@ -33,12 +33,12 @@ import pytest
 
 import fakegpu
 from storefactory import VarSpec, chunk_files
-from zarrdali.backends.base import batch_dtype
-from zarrdali.batchplan import plan_batch
-from zarrdali.epoch_reader import load_frames
+from zarrdali.batch.backend import batch_dtype
+from zarrdali.batch.load import load_frames
+from zarrdali.batch.plan import plan_batch
 from zarrdali.errors import BackendUnavailableError
-from zarrdali.plan import SampleSpec
-from zarrdali.store import load_layouts, open_group
+from zarrdali.sampling.epochs import SampleSpec
+from zarrdali.store.open import load_layouts, open_group
 
 NT, NY, NX = 12, 21, 33
 SPEC = SampleSpec(input_steps=2, target_steps=1, frame_step=2, tile=(8, 8))
@@ -68,7 +68,7 @@ def store(make_store):
 
 
 def _cpu_windows(group, name, layouts) -> list[np.ndarray]:
-    from zarrdali.backends.cpu import CpuBackend
+    from zarrdali.cpu.backend import CpuBackend
 
     backend = CpuBackend(group, name, 1)
     try:
@@ -84,7 +84,7 @@ def _plan(layouts, samples):
 
 
 def _backend(group, name, **kw):
-    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.gpu import GpuBackend
 
     kw.setdefault("num_threads", 2)
     return GpuBackend(group, name, **kw)
@@ -233,7 +233,7 @@ def test_each_loading_thread_decodes_with_its_own_temp(store, monkeypatch):
     size = layouts[0].chunk_nbytes
     zstd_chunks = int(np.sum(plan.chunk_var == 0))
     one_call = api.temp_bytes("Zstd", zstd_chunks, size, zstd_chunks * size)
-    from zarrdali.backends.gpu.backend import DECODE_STREAMS
+    from zarrdali.gpu.backend import DECODE_STREAMS
 
     share = one_call // 4
     backend = _backend(group, name, decode_temp_budget=share * DECODE_STREAMS)
@@ -271,7 +271,7 @@ def test_the_batch_check_is_read_where_the_batch_is_handed_on(store, monkeypatch
     """The loading threads enqueue a batch and go on: the batch's check (crc32c
     and decode statuses) is waited for by the thread that hands the batch to
     DALI, batch by batch, never by a loading thread."""
-    from zarrdali.backends.gpu import decode as gpu_decode
+    from zarrdali.gpu import decode as gpu_decode
 
     fakegpu.install(monkeypatch)
     group, name = open_group(store)
@@ -342,8 +342,8 @@ def test_a_batch_whose_deferred_check_fails_keeps_nothing_in_the_cache(make_stor
     chunk that failed its crc32c is read (and checked) again by the next batch,
     not served from the cache unchecked."""
     from test_gpu_engine import flip_a_payload_byte
-    from zarrdali.backends.gpu.feed import deferring_checks
     from zarrdali.errors import ChunkError
+    from zarrdali.gpu.feed import deferring_checks
 
     store = make_store(VarSpec("z", shape=(NT, NY, NX), chunks=(2, 8, 8), checksum=True))
     group, name = open_group(store)
@@ -374,8 +374,8 @@ def test_decode_auto_falls_back_when_load_library_finds_no_libnvcomp(store, monk
     """``nvidia.libnvcomp.load_library()`` returns None (it swallows the loader's
     OSError): the C API is unavailable, and ``decode="auto"`` uses the Python API."""
     libnvcomp = pytest.importorskip("nvidia.libnvcomp")
-    from zarrdali.backends.gpu import backend as gpu_backend
-    from zarrdali.backends.gpu import decode as gpu_decode
+    from zarrdali.gpu import backend as gpu_backend
+    from zarrdali.gpu import decode as gpu_decode
 
     fakegpu.install(monkeypatch)
     monkeypatch.setattr(libnvcomp, "load_library", lambda: None)
@@ -433,7 +433,7 @@ def test_every_thread_works_on_the_backends_device(store, monkeypatch):
 
 
 def test_local_rank_with_one_visible_gpu_is_device_0(monkeypatch):
-    from zarrdali.backends.gpu.feed import cuda_device_id
+    from zarrdali.gpu.feed import cuda_device_id
 
     cuda = fakegpu.FakeCuda(n_devices=1)
     monkeypatch.setenv("LOCAL_RANK", "3")  # a launcher that sets CUDA_VISIBLE_DEVICES per rank
@@ -473,8 +473,8 @@ def test_a_batch_upload_packs_its_tables_into_one_copy(monkeypatch):
     ring of two, reused once the copy's event has passed) and one device
     buffer, one copy; each table's device view equals it; a table not added (or
     not contiguous) is uploaded alone, counted too."""
-    from zarrdali.backends.gpu.lifetimes import GuardedBuffers
-    from zarrdali.backends.gpu.upload import ALIGN, BatchUpload
+    from zarrdali.gpu.lifetimes import GuardedBuffers
+    from zarrdali.gpu.upload import ALIGN, BatchUpload
 
     cuda = fakegpu.install(monkeypatch)
     cp = cuda.cupy

@@ -90,7 +90,7 @@ def collect_between_tests(request):
 def collector(monkeypatch) -> RandomCollector:
     """Collections in the prefetch threads, before and after every batch load
     (patched on the class: an instance attribute would make a reference cycle)."""
-    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.gpu import GpuBackend
 
     collector = RandomCollector()
     load_batch = GpuBackend.load_batch
@@ -280,7 +280,7 @@ def test_no_gpu_owning_object_left_to_the_collector(store, close):
 
 
 def test_read_error_surfaces_in_the_loop(store, collector, monkeypatch):
-    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.gpu import GpuBackend
 
     calls = {"n": 0}
     load_batch = GpuBackend.load_batch

@@ -26,13 +26,13 @@ import pytest
 
 import fakegpu
 from storefactory import VarSpec, chunk_files, chunk_key
-from zarrdali.backends.gpu import read as gpu_read
-from zarrdali.backends.gpu.lifetimes import GuardedBuffers, InFlight
-from zarrdali.backends.gpu.plan import describe_batch
-from zarrdali.backends.locate import ChunkLocator
-from zarrdali.batchplan import plan_batch
+from zarrdali.batch.locate import ChunkLocator
+from zarrdali.batch.plan import plan_batch
 from zarrdali.errors import ChunkError
-from zarrdali.store import load_layouts, open_group
+from zarrdali.gpu import read as gpu_read
+from zarrdali.gpu.describe import describe_batch
+from zarrdali.gpu.lifetimes import GuardedBuffers, InFlight
+from zarrdali.store.open import load_layouts, open_group
 
 
 def _kvikio(monkeypatch, compat, gds):

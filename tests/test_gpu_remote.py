@@ -25,12 +25,12 @@ import pytest
 
 import fakegpu
 from storefactory import VarSpec, chunk_files, chunk_key, delete_chunks, write_store
-from zarrdali.backends.locate import ChunkLocator
-from zarrdali.backends.ranges import coalesce_arrays
-from zarrdali.backends.sources import ObstoreSource
-from zarrdali.batchplan import plan_batch
+from zarrdali.batch.locate import ChunkLocator
+from zarrdali.batch.plan import plan_batch
 from zarrdali.errors import ChunkError, StoreAccessError
-from zarrdali.store import load_layouts, open_group
+from zarrdali.io.ranges import coalesce_arrays
+from zarrdali.io.sources import ObstoreSource
+from zarrdali.store.open import load_layouts, open_group
 
 pytest.importorskip("obstore")
 pytest.importorskip("moto")
@@ -81,7 +81,7 @@ def device(request, monkeypatch):
     if request.param == "fake":
         fakegpu.install(monkeypatch)
     else:
-        from zarrdali.backends.gpu import missing_gpu_requirements
+        from zarrdali.gpu import missing_gpu_requirements
 
         if missing_gpu_requirements():
             pytest.skip(f"no GPU: {missing_gpu_requirements()}")
@@ -101,7 +101,7 @@ def _plans(layouts):
 
 
 def _gpu(group, name, backends, **kw):
-    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.gpu import GpuBackend
 
     backend = GpuBackend(group, name, num_threads=2, **kw)
     backends.append(backend)
@@ -116,7 +116,7 @@ def _load(backend, layouts, plan) -> np.ndarray:
 
 
 def _cpu_batches(group, name, layouts, plans, backends) -> list[np.ndarray]:
-    from zarrdali.backends.cpu import CpuBackend
+    from zarrdali.cpu.backend import CpuBackend
 
     cpu = CpuBackend(group, name, 2)
     backends.append(cpu)
@@ -371,7 +371,7 @@ def test_remote_bench_gpu_rows(s3, tmp_path, monkeypatch):
     upload(s3.endpoint, BUCKET, data / SHARDED, f"bench/{SHARDED}")
     url, opts = f"s3://{BUCKET}/bench/{SHARDED}", s3.storage_options()
     args = argparse.Namespace(seed=0, warmup=1, batches=2, max_in_flight=8)
-    from zarrdali.backends.gpu import missing_gpu_requirements
+    from zarrdali.gpu import missing_gpu_requirements
 
     if missing_gpu_requirements():
         row = bench.gpu_run(url, opts, args, "pinned")

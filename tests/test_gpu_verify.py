@@ -53,7 +53,7 @@ def steps_of(out: Path) -> dict[str, dict]:
 
 
 def test_without_a_gpu_the_gpu_steps_are_skipped_with_the_reason(tmp_path, verify):
-    from zarrdali.backends.gpu import missing_gpu_requirements
+    from zarrdali.gpu import missing_gpu_requirements
 
     if not missing_gpu_requirements():
         pytest.skip("a GPU is here: the GPU steps would run")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from zarrdali.hostring import BatchRing, SlotLayout
+from zarrdali.cpu.ring import BatchRing, SlotLayout
 
 LAYOUT = SlotLayout.of([(4, 2, 3, 8, 8), (4, 1, 3, 8, 8)], np.float32)
 
@@ -81,7 +81,7 @@ def test_a_shared_array_is_mapped_by_spawned_processes_not_copied():
     import multiprocessing
     import pickle
 
-    from zarrdali.hostring import SharedArray
+    from zarrdali.batch.shared import SharedArray
 
     field = np.arange(3 * 50 * 70, dtype=np.float32).reshape(3, 50, 70)
     shared = SharedArray.of(field)

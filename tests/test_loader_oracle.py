@@ -571,7 +571,7 @@ def test_real_era_interim_data(tmp_path, decode_cf):
         sub[name].attrs.pop("_FillValue", None)  # NaN fill for int16 cannot be written
     # z as float32 physical values that keep the file's scale_factor/add_offset (xarray
     # keeps attributes through the arithmetic): xarray unpacks it once more, in float32
-    # (zarrdali/cf.py); u and v stay packed int16, unpacked in float64
+    # (zarrdali/store/cf.py); u and v stay packed int16, unpacked in float64
     z = sub["z"]
     z_phys = (z.astype("float64") * z.attrs["scale_factor"] + z.attrs["add_offset"]).astype(
         "float32"
@@ -660,8 +660,8 @@ def test_stored_files_sanity(make_store):
 def test_chunks_decoded_in_place_equal_the_oracle(make_store, specs, tile):
     """Tiles aligned with t=1 inner chunks: whole chunks go straight into the batch
     where their bytes are the batch's (same dtype, native order); the rest are copied."""
-    from zarrdali.backends.cpu import decodes_in_place
-    from zarrdali.batchplan import chunk_shape4, plan_batch
+    from zarrdali.batch.plan import chunk_shape4, plan_batch
+    from zarrdali.cpu.backend import decodes_in_place
 
     store = make_store(*specs)
     names = [s.name for s in specs]

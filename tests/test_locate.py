@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from storefactory import VarSpec, chunk_files, chunk_key, delete_chunks, shard_index
-from zarrdali.backends.cpu import PosixReader
-from zarrdali.backends.locate import ChunkLocator
-from zarrdali.batchplan import natural_coords, plan_batch
-from zarrdali.store import load_layouts, open_group
+from zarrdali.batch.host import PosixReader
+from zarrdali.batch.locate import ChunkLocator
+from zarrdali.batch.plan import natural_coords, plan_batch
+from zarrdali.store.open import load_layouts, open_group
 
 NT, NY, NX = 12, 21, 33
 SPECS = [

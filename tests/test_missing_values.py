@@ -37,14 +37,14 @@ from test_gpu_backend import _HOST_LOAD, _HOST_SHIM, NT, NX, NY, SAMPLES, _descr
 from test_loader_oracle import loader_for, run_epochs
 from test_static_time import StaticOracle, check_static_and_time, xarray_times
 from zarrdali import ConfigError
-from zarrdali.backends.cpu import CpuBackend
-from zarrdali.backends.finish import Finish
-from zarrdali.backends.gpu.kernels import finish_source, gather_block, gather_grid_y
-from zarrdali.backends.gpu.plan import GatherFinish, finish_tables, gather_reference
-from zarrdali.batchplan import plan_batch
-from zarrdali.missing import check_missing_options, variable_missing_values
-from zarrdali.pipeline import apply_augmentations
-from zarrdali.store import load_layouts, open_group
+from zarrdali.batch.finish import Finish
+from zarrdali.batch.plan import plan_batch
+from zarrdali.cpu.backend import CpuBackend
+from zarrdali.gpu.describe import GatherFinish, finish_tables, gather_reference
+from zarrdali.gpu.kernels import finish_source, gather_block, gather_grid_y
+from zarrdali.sampling.augment import apply_augmentations
+from zarrdali.store.missing import check_missing_options, variable_missing_values
+from zarrdali.store.open import load_layouts, open_group
 
 FILL16 = -32768
 
@@ -209,7 +209,7 @@ def _cpu_finished(group, name, layouts, plan, finish: Finish):
     if mask is not None:
         mask.view(np.uint8)[...] = 7  # poison: every element must be written
         finish = Finish(
-            finish.mean, finish.std, None, finish.nan_fill, finish.missing, masks=(mask,)
+            finish.mean, finish.std, None, finish.nan_fill, finish.missing, mask_arrays=(mask,)
         )
     backend = CpuBackend(group, name, 1)
     try:
@@ -280,7 +280,7 @@ def cupy_module(request, monkeypatch):
 
 @pytest.mark.parametrize("how", ["fill+masks", "raw+fill+masks", "normalize-only"])
 def test_gpu_engine_finishes_as_the_cpu_path(make_store, cupy_module, how):
-    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.gpu import GpuBackend
 
     store = make_store(*missing_store_specs(sharded=True))
     group, name, layouts, plan = _layouts_and_plan(store, ["sst", "ir", "q"])
@@ -292,7 +292,7 @@ def test_gpu_engine_finishes_as_the_cpu_path(make_store, cupy_module, how):
         mask = cupy_module.full(plan.out_shape, 7, dtype=cupy_module.uint8) if masks else None
         if mask is not None:
             finish = Finish(
-                finish.mean, finish.std, None, finish.nan_fill, finish.missing, masks=(mask,)
+                finish.mean, finish.std, None, finish.nan_fill, finish.missing, mask_arrays=(mask,)
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -301,7 +301,7 @@ def test_gpu_engine_finishes_as_the_cpu_path(make_store, cupy_module, how):
         if masks:
             assert mask.get().tobytes() == want_mask.view(np.uint8).tobytes()
             with pytest.raises(ValueError, match="mask must be"):  # float32, not uint8
-                bad = Finish(finish.mean, finish.std, None, 0.0, finish.missing, masks=(got,))
+                bad = Finish(finish.mean, finish.std, None, 0.0, finish.missing, mask_arrays=(got,))
                 backend.load_batch(layouts, plan, finish=bad)
     finally:
         backend.close()
@@ -456,14 +456,14 @@ def test_gpu_path_on_the_stand_in_equals_the_cpu_path(make_store, monkeypatch, a
     CUDA feed with both arrays of a batch in one ring buffer, and the GPU path's
     DALI graph run on the CPU (slicing input and target out of the window and
     its mask, flips and quarter turns of both, uint8 masks seen as bool)."""
-    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.gpu import GpuBackend
 
     store = make_missing_store(make_store, sharded=True)
     variables = ["sst", "ir", "q"]
     kw = _all_options(augment)
     with loader_for(store, variables, **kw) as cpu_loader:
         want = run_epochs(cpu_loader, [0, 1])
-    from zarrdali.backends.gpu import feed
+    from zarrdali.gpu import feed
 
     cuda = fakegpu.install(monkeypatch)
     monkeypatch.setattr(GpuBackend, "dali_device", "cpu")  # DALI's graph, on the CPU

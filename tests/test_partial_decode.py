@@ -21,9 +21,9 @@ import zstandard
 
 import zarrdali
 from storefactory import VarSpec, open_arrays
-from zarrdali import codecs
-from zarrdali.codecs import ChunkCodec
 from zarrdali.errors import ChunkError
+from zarrdali.store import codecs
+from zarrdali.store.codecs import ChunkCodec
 
 RAW = np.random.default_rng(7).normal(size=(300, 300)).astype("<f4")  # 360 kB: 3 zstd blocks
 NBYTES = RAW.nbytes

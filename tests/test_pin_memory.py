@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-import zarrdali.hostring
-import zarrdali.pinning
+import zarrdali.cpu.pinning
+import zarrdali.cpu.ring
 from storefactory import VarSpec
 from test_loader_oracle import loader_for
-from zarrdali.hostring import BatchRing, SlotLayout
+from zarrdali.cpu.ring import BatchRing, SlotLayout
 
 LAYOUT = SlotLayout.of([(4, 2, 3, 8, 8), (4, 1, 3, 8, 8)], np.float32)
 
@@ -102,10 +102,10 @@ def fake_cuda(monkeypatch):
         copies.append(out)
         return out
 
-    monkeypatch.setattr(zarrdali.pinning, "cuda_available", lambda: True)
+    monkeypatch.setattr(zarrdali.cpu.pinning, "cuda_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(zarrdali.pinning, "pinned_copy", pinned_copy)
+    monkeypatch.setattr(zarrdali.cpu.pinning, "pinned_copy", pinned_copy)
     real_init = BatchRing.__init__
 
     def init(self, *args, **kw):

@@ -1,4 +1,4 @@
-"""Property tests for the pure epoch planning in ``zarrdali.plan``."""
+"""Property tests for the pure epoch planning in ``zarrdali.sampling.epochs``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from zarrdali.errors import ConfigError
-from zarrdali.plan import EpochPlan, SampleGrid, Sampler, SampleSpec, tile_origins
+from zarrdali.sampling.epochs import EpochPlan, SampleGrid, Sampler, SampleSpec, tile_origins
 
 FAST = settings(max_examples=100, deadline=None)
 

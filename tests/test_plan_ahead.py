@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import zarrdali
-import zarrdali.epoch_reader as epoch_reader
+import zarrdali.cpu.reader as epoch_reader
 from storefactory import VarSpec
 
 

@@ -18,7 +18,7 @@ from zarrdali.prep.index import build_index
 from zarrdali.prep.sample_index import load_sample_index, read_index
 from zarrdali.prep.sampling import SamplingSpec
 from zarrdali.prep.tiling import TilingSpec
-from zarrdali.store import load_layouts, open_group
+from zarrdali.store.open import load_layouts, open_group
 
 NT, NY, NX = 14, 24, 36
 
@@ -235,7 +235,7 @@ def test_loader_serves_exactly_the_index_across_ranks(tmp_path):
         assert set(seen[0]) | set(seen[1]) == want
     # CSV carries the same samples (parameters from the sidecar JSON)
     group, name = open_group(store)
-    from zarrdali.plan import SampleSpec
+    from zarrdali.sampling.epochs import SampleSpec
 
     spec = SampleSpec(input_steps=1, target_steps=1, tile=(6, 6))
     table = load_sample_index(

@@ -16,7 +16,7 @@ from test_prep_index import precip_field
 from test_user_stores import batches_of, check_against_xarray
 from zarrdali.errors import ConfigError, StoreNotFoundError, VariableNotFoundError, ZarrDaliError
 from zarrdali.prep.prepare import PROGRESS_FILE, prepare, verify
-from zarrdali.store import load_layouts, open_group
+from zarrdali.store.open import load_layouts, open_group
 
 # the checkout's ../shared/data (a worktree's is further up)
 DATA_DIR = next(

@@ -1,4 +1,4 @@
-"""Property tests for byte-range coalescing (``zarrdali.backends.ranges``).
+"""Property tests for byte-range coalescing (``zarrdali.io.ranges``).
 
 ``coalesce`` below, one file at a time with a Python loop, is the reference the
 vectorized ``coalesce_arrays`` is checked against."""
@@ -13,7 +13,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zarrdali.backends.ranges import coalesce_arrays
+from zarrdali.io.ranges import coalesce_arrays
 
 
 @dataclass(frozen=True)

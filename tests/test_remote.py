@@ -20,11 +20,11 @@ import zarr
 
 import zarrdali
 from storefactory import VarSpec, chunk_files, chunk_key, delete_chunks, write_store
-from zarrdali.backends.locate import ChunkLocator
-from zarrdali.backends.ranges import coalesce_arrays
-from zarrdali.backends.sources import ObstoreSource, ZarrStoreSource
-from zarrdali.batchplan import plan_batch
-from zarrdali.store import load_layouts, open_group
+from zarrdali.batch.locate import ChunkLocator
+from zarrdali.batch.plan import plan_batch
+from zarrdali.io.ranges import coalesce_arrays
+from zarrdali.io.sources import ObstoreSource, ZarrStoreSource
+from zarrdali.store.open import load_layouts, open_group
 
 pytest.importorskip("obstore")
 pytest.importorskip("moto")
@@ -126,7 +126,7 @@ def test_fsspec_when_obstore_is_missing(s3, local_store, monkeypatch):
     """Without obstore, a URL is opened with fsspec (s3fs) and read through its async
     range requests."""
     pytest.importorskip("s3fs")
-    monkeypatch.setattr("zarrdali.remote.obstore_available", lambda: False)
+    monkeypatch.setattr("zarrdali.io.remote.obstore_available", lambda: False)
     loader = zarrdali.ZarrLoader(URL, ["sharded"], storage_options=s3.storage_options(), **KW)
     assert isinstance(loader.backend.source, ZarrStoreSource)
     assert type(loader.group.store.inner).__name__ == "FsspecStore"
@@ -284,7 +284,7 @@ def test_missing_chunks_read_as_fill_value(s3, tmp_path):
 def test_https_style_store_with_range_requests(local_store, client, monkeypatch):
     if client == "fsspec":
         pytest.importorskip("aiohttp")
-        monkeypatch.setattr("zarrdali.remote.obstore_available", lambda: False)
+        monkeypatch.setattr("zarrdali.io.remote.obstore_available", lambda: False)
     with RangeHTTPServer(local_store.parent) as http:
         url = f"{http.url}/{local_store.name}"
         loader = zarrdali.ZarrLoader(url, ["sharded", "plain"], **KW)
@@ -322,10 +322,17 @@ def test_icechunk_repository(tmp_path):
     # What a worker process gets: the pickled reader reopens the session's store.
     import pickle
 
-    from zarrdali.epoch_reader import EpochReader
+    from zarrdali.cpu.reader import EpochReader
 
     reader = EpochReader(
-        loader.store_ref, loader.variables, loader.spec, loader.candidates, loader.sampler, 0, 0
+        loader.store_ref,
+        loader.variables,
+        loader.spec,
+        loader.candidates,
+        loader.sampler,
+        0,
+        0,
+        backend_type=type(loader.backend),
     )
     (inputs, targets), samples = pickle.loads(pickle.dumps(reader))(1)
     expected = loader._load_frames(samples)

@@ -10,7 +10,7 @@ import pytest
 from storefactory import VarSpec
 from test_loader_oracle import Oracle, check_batches, loader_for, run_epochs
 from zarrdali import ConfigError
-from zarrdali.plan import SampleTable
+from zarrdali.sampling.epochs import SampleTable
 
 ROWS = np.array([[0, 0, 0], [3, 5, 7], [10, 13, 25], [15, 2, 9], [7, 8, 8], [1, 13, 0]])
 

@@ -19,9 +19,11 @@ import fakegpu
 from storefactory import VarSpec, add_coordinate, add_static
 from test_loader_oracle import Oracle, check_batches, loader_for, run_epochs
 from zarrdali import ConfigError, VariableNotFoundError
-from zarrdali.pipeline import BatchSource, apply_augmentations, draw_augmentations
-from zarrdali.static import DeviceStaticFields, StaticFields
-from zarrdali.timecoord import NAT, decode_times
+from zarrdali.batch.static import StaticFields
+from zarrdali.gpu.pipeline import BatchSource
+from zarrdali.gpu.static import DeviceStaticFields
+from zarrdali.sampling.augment import apply_augmentations, draw_augmentations
+from zarrdali.sampling.times import NAT, decode_times
 
 NT, NY, NX = 20, 21, 33
 HOUR = 3_600_000_000_000  # ns
@@ -308,7 +310,7 @@ def test_cut_tiles_is_numpy_slicing_and_apply_augmentations():
 def test_device_cut_equals_the_host_cut_bit_for_bit(monkeypatch):
     """On the CPU stand-in of CuPy (two devices): uploaded to the loader's device,
     cut there on the feed stream, handed to DALI naming that stream."""
-    from zarrdali.backends.gpu.feed import FedArray
+    from zarrdali.gpu.feed import FedArray
 
     cuda = fakegpu.install(monkeypatch, n_devices=2)
     import cupy

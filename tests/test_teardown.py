@@ -28,8 +28,8 @@ import zarrdali.loader
 from storefactory import VarSpec, corrupt_chunk
 from test_loader_oracle import loader_for
 from zarrdali import ChunkError, LoaderClosedError
-from zarrdali.epoch import EpochRun
-from zarrdali.prefetch import BatchPrefetcher
+from zarrdali.batch.epoch import EpochRun
+from zarrdali.gpu.prefetch import BatchPrefetcher
 
 VARS = [
     VarSpec("a", shape=(20, 21, 33), chunks=(1, 21, 33)),

@@ -20,7 +20,7 @@ import xarray as xr
 import zarrdali
 from xarray_stores import LEVELS_HPA, write_ordered_store, xarray_window
 from zarrdali import ConfigError
-from zarrdali.batchplan import plan_batch
+from zarrdali.batch.plan import plan_batch
 
 
 def open_xarray(store) -> xr.Dataset:

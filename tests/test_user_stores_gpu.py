@@ -23,11 +23,11 @@ from test_missing_values import _same_batches, host_finish_kernel  # noqa: F401 
 from test_user_stores import WB2_VARIABLES, open_xarray
 from xarray_stores import write_ordered_store, xarray_window
 from zarrdali import ZarrLoader
-from zarrdali.backends.cpu import CpuBackend
-from zarrdali.backends.finish import finish_of
-from zarrdali.backends.gpu.plan import describe_batch, finish_tables, gather_reference
-from zarrdali.backends.locate import ChunkLocator
-from zarrdali.batchplan import plan_batch
+from zarrdali.batch.finish import finish_of
+from zarrdali.batch.locate import ChunkLocator
+from zarrdali.batch.plan import plan_batch
+from zarrdali.cpu.backend import CpuBackend
+from zarrdali.gpu.describe import describe_batch, finish_tables, gather_reference
 
 PACKED = ["ir", "cloud", "count", "offset_only", "radiance"]
 SAMPLES = np.array([[0, 0, 0], [3, 8, 16], [7, 12, 4], [8, 5, 9]])
@@ -40,7 +40,7 @@ def _loader_kw(**kw):
 
 def _on_the_stand_in(monkeypatch):
     """The GPU backend on fake CuPy, DALI's graph on the CPU (as test_missing_values)."""
-    from zarrdali.backends.gpu import GpuBackend, feed
+    from zarrdali.gpu import GpuBackend, feed
 
     cuda = fakegpu.install(monkeypatch)
     monkeypatch.setattr(GpuBackend, "dali_device", "cpu")
@@ -140,7 +140,7 @@ def test_finishing_kernel_source_unpacks_strides_and_picks_levels(
     masks = np.zeros(plan.out_shape, dtype=bool)
     backend = CpuBackend(group, name, 1)
     try:
-        want = backend.load_batch(layouts, plan, finish=replace(finish, masks=(masks,)))
+        want = backend.load_batch(layouts, plan, finish=replace(finish, mask_arrays=(masks,)))
     finally:
         backend.close()
     locations = ChunkLocator(name, layouts).locate(plan)

@@ -1,4 +1,4 @@
-"""The CPU path with worker processes (zarrdali.workers, shared batch buffers).
+"""The CPU path with worker processes (zarrdali.cpu.workers, shared batch buffers).
 
 Workers rebuild the epoch plan from the seed, so they must serve exactly what
 the in-process path serves; their errors must reach the loop with their type.
@@ -209,8 +209,8 @@ def test_a_worker_error_carries_the_worker_traceback(store):
 def test_time_ordered_parts_of_a_batch_assemble_it_as_loaded_whole(store):
     """A worker loads a part of a batch (samples of neighbouring times) into its
     rows of the batch: the parts together are the batch loaded whole."""
-    from zarrdali.hostfeed import Finishing
-    from zarrdali.workers import time_ordered_parts
+    from zarrdali.cpu.feed import Finishing
+    from zarrdali.cpu.workers import time_ordered_parts
 
     normalize = {"a": (0.5, 2.0), "b": (1.0, 3.0)}
     loader = loader_for(store, ["a", "b"], workers=0, batch_size=16, normalize=normalize)
@@ -240,7 +240,7 @@ def test_small_batches_go_whole_to_a_worker_with_more_loaded_ahead(workers, batc
     wake-up: a batch is cut into parts of at least MIN_PART_SAMPLES samples (a
     smaller one goes whole to one worker), and enough batches are loaded ahead
     that every worker has about two parts in flight."""
-    from zarrdali.loader import MIN_PART_SAMPLES, batches_ahead, parts_per_batch
+    from zarrdali.cpu.epoch import MIN_PART_SAMPLES, batches_ahead, parts_per_batch
 
     ahead = batches_ahead(2, batch_size, workers)
     parts = parts_per_batch(workers, ahead, batch_size)

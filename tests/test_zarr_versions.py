@@ -21,7 +21,7 @@ import zarr
 
 import zarrdali
 from version_stores import FIXTURES, all_specs, expected
-from zarrdali.store import load_layouts, open_group
+from zarrdali.store.open import load_layouts, open_group
 
 STORES = sorted(FIXTURES.glob("zarr-*/store.zarr"))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import (
+from zarrdali.errors import (
     BackendUnavailableError,
     ChunkError,
     ConfigError,
@@ -18,8 +18,9 @@ from .errors import (
     WorkerDiedError,
     ZarrDaliError,
 )
-from .loader import ZarrLoader
-from .plan import SampleSpec
+from zarrdali.loader import ZarrLoader
+from zarrdali.options import GpuOptions, LoadingOptions, RemoteOptions
+from zarrdali.sampling.epochs import SampleSpec
 
 __version__ = "0.1.0"
 
@@ -27,9 +28,12 @@ __all__ = [
     "BackendUnavailableError",
     "ChunkError",
     "ConfigError",
+    "GpuOptions",
     "LoaderClosedError",
+    "LoadingOptions",
     "MetadataError",
     "ProcessContextError",
+    "RemoteOptions",
     "SampleSpec",
     "StoreAccessError",
     "StoreNotFoundError",

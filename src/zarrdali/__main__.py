@@ -1,3 +1,3 @@
-from .cli import main
+from zarrdali.cli import main
 
 raise SystemExit(main())

@@ -49,7 +49,7 @@ class TopHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
 
 
 def _cmd_sample_data(args: argparse.Namespace) -> int:
-    from .sample_data import SampleDataSpec, write_sample_data
+    from zarrdali.sample_data import SampleDataSpec, write_sample_data
 
     spec = SampleDataSpec(
         n_time=args.n_time,
@@ -64,7 +64,7 @@ def _cmd_sample_data(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
-    from . import __version__
+    from zarrdali import __version__
 
     return __version__
 
@@ -119,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sample_data)
 
-    from .bench.cli import register as register_bench
+    from zarrdali.bench.cli import register as register_bench
 
     register_bench(sub)
-    from .prep.cli import register as register_prep
+    from zarrdali.prep.cli import register as register_prep
 
     register_prep(sub)
     for command in sub.choices.values():

@@ -22,13 +22,19 @@ apart from the loader, so that they are released
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
+import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import ProcessContextError
+from zarrdali.errors import ProcessContextError
+
+if TYPE_CHECKING:
+    from zarrdali.loader import ZarrLoader
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +131,72 @@ class LoaderResources:
         self.forked_from = self.pid
         self.set_aside()
         self.pid = os.getpid()
+
+
+# Loaders not closed yet, closed by one exit hook (weak: they are not kept alive).
+open_loaders: weakref.WeakSet[ZarrLoader] = weakref.WeakSet()
+
+
+def close_open_loaders() -> None:
+    """At interpreter exit: close every loader still open, while CUDA, DALI and
+    the thread pools are all still there. The first error is raised at the end."""
+    errors = []
+    for loader in list(open_loaders):
+        try:
+            loader.close()
+        except Exception as err:  # the others are still closed; atexit reports it
+            errors.append(err)
+    if errors:
+        raise errors[0]
+
+
+def set_aside_after_fork() -> None:
+    """In a forked child: every open loader sets what it inherited aside (threads
+    and worker processes exist only in the parent; see lifetime.py)."""
+    for loader in list(open_loaders):
+        try:
+            loader._resources.after_fork()
+        except Exception:  # never fail a fork; the loader raises when it is used
+            log.debug("zarrdali: a loader could not be set aside after fork", exc_info=True)
+
+
+def track_open(loader: ZarrLoader, uses_dali: bool) -> None:
+    """Remember ``loader`` for the exit hook, and make the hook run first.
+
+    atexit runs hooks last-registered first. The hook is registered once, and
+    moved to the end of the list as loaders are created, after the libraries a
+    loader uses (torch; DALI, CuPy, kvikIO, nvCOMP on the GPU path) have been
+    imported and registered their own hooks, so it runs before theirs. DALI is
+    imported here only for a loader whose epochs run a DALI pipeline (the GPU
+    path): the CPU path neither needs nor imports it.
+    """
+    if uses_dali:
+        import nvidia.dali.plugin.pytorch  # noqa: F401  (its exit hooks first)
+
+    atexit.unregister(close_open_loaders)
+    atexit.register(close_open_loaders)
+    open_loaders.add(loader)
+
+
+def warn_inside_dataloader_worker(loader: ZarrLoader) -> None:
+    """Each worker of a torch DataLoader that iterates a loader serves the whole
+    epoch: say so once per loader, unless the loader was given its share."""
+    if loader._warned_dataloader_worker or (loader._ranks_bound and loader.sampler.world_size > 1):
+        return
+    data = sys.modules.get("torch.utils.data")  # not imported: not in a DataLoader worker
+    info = data.get_worker_info() if data is not None else None
+    if info is None or info.num_workers < 2:
+        return
+    loader._warned_dataloader_worker = True
+    warnings.warn(
+        f"{loader!r} is iterated in torch DataLoader worker {info.id} of "
+        f"{info.num_workers}: every worker serves the whole epoch, each sample "
+        f"{info.num_workers} times. Iterate the ZarrLoader itself in place of the "
+        "DataLoader (it has its own worker processes), or build it in each worker "
+        "with rank=info.id, world_size=info.num_workers.",
+        stacklevel=4,  # the user's loop over the loader
+    )
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=set_aside_after_fork)

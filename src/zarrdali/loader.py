@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import math
 import multiprocessing
-import operator
 import os
-import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,209 +15,56 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .backends import make_backend
-from .backends.base import batch_dtype
-from .backends.finish import Finish, finish_of
-from .backends.sources import make_source
-from .cf import channel_packing
-from .dims import check_dims_override
-from .epoch import BoolMasks, EpochRun, SourceHandle, release_frames
-from .epoch_reader import EpochReader, load_frames, load_into
-from .errors import ConfigError, LoaderClosedError, ProcessContextError
-from .hostfeed import BatchLayout, Finishing, HostBatches, HostFeed, ThreadProducer
-from .hostring import BatchRing, SharedArray
-from .lifetime import LoaderResources
-from .missing import check_missing_options
-from .normalize import NormalizeArg, channel_stats
-from .pinning import check_pin_memory
-from .pipeline import AUGMENTATIONS, BatchSource, build_pipeline
-from .plan import EpochPlan, SampleGrid, Sampler, SampleSpec, SampleTable, Segment
-from .ranks import process_group
-from .ranks import resolve as resolve_ranks
-from .remote import StoreRef, is_picklable, is_url
-from .resume import check_state, fingerprint, resume_point
-from .static import (
-    DeviceStaticFields,
-    DeviceStaticTiles,
-    RingStaticTiles,
-    StaticTiles,
-    read_static_fields,
+from zarrdali.batch.backend import EpochRequest
+from zarrdali.batch.epoch import EpochRun, release_frames
+from zarrdali.batch.load import load_frames
+from zarrdali.batch.static import read_static_fields
+from zarrdali.cpu.epoch import daemonic_workers_message, resolve_workers
+from zarrdali.cpu.pinning import check_pin_memory
+from zarrdali.cpu.ring import BatchRing
+from zarrdali.errors import ConfigError, LoaderClosedError, ProcessContextError
+from zarrdali.lifetime import (
+    LoaderResources,
+    open_loaders,
+    track_open,
+    warn_inside_dataloader_worker,
 )
-from .store import check_plan_fits, open_group
-from .timecoord import FrameTimes, read_time_coordinate
-from .variables import resolve_variables
+from zarrdali.options import (
+    GpuOptions,
+    LoadingOptions,
+    RemoteOptions,
+    grouped_option_names,
+    merge_option_groups,
+    pair_option,
+    path_or_object,
+)
+from zarrdali.paths import make_backend, resolve_device, traits_of
+from zarrdali.sampling.augment import AUGMENTATIONS
+from zarrdali.sampling.epochs import (
+    EpochPlan,
+    SampleGrid,
+    Sampler,
+    SampleSpec,
+    SampleTable,
+    Segment,
+)
+from zarrdali.sampling.ranks import process_group
+from zarrdali.sampling.ranks import resolve as resolve_ranks
+from zarrdali.sampling.resume import check_state, fingerprint, resume_point
+from zarrdali.sampling.times import read_time_coordinate
+from zarrdali.store.cf import channel_packing
+from zarrdali.store.dims import check_dims_override
+from zarrdali.store.missing import check_missing_options
+from zarrdali.store.normalize import NormalizeArg, channel_stats
+from zarrdali.store.open import StoreRef, check_plan_fits
+from zarrdali.store.variables import resolve_variables
 
 log = logging.getLogger(__name__)
-
-# Loaders not closed yet, closed by one exit hook (weak: they are not kept alive).
-_open_loaders: weakref.WeakSet[ZarrLoader] = weakref.WeakSet()
-
-
-def _close_open_loaders() -> None:
-    """At interpreter exit: close every loader still open, while CUDA, DALI and
-    the thread pools are all still there. The first error is raised at the end."""
-    errors = []
-    for loader in list(_open_loaders):
-        try:
-            loader.close()
-        except Exception as err:  # the others are still closed; atexit reports it
-            errors.append(err)
-    if errors:
-        raise errors[0]
-
-
-def _set_aside_after_fork() -> None:
-    """In a forked child: every open loader sets what it inherited aside (threads
-    and worker processes exist only in the parent; see lifetime.py)."""
-    for loader in list(_open_loaders):
-        try:
-            loader._resources.after_fork()
-        except Exception:  # never fail a fork; the loader raises when it is used
-            log.debug("zarrdali: a loader could not be set aside after fork", exc_info=True)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_set_aside_after_fork)
-
-
-def _track_open(loader: ZarrLoader, uses_dali: bool) -> None:
-    """Remember ``loader`` for the exit hook, and make the hook run first.
-
-    atexit runs hooks last-registered first. The hook is registered once, and
-    moved to the end of the list as loaders are created, after the libraries a
-    loader uses (torch; DALI, CuPy, kvikIO, nvCOMP on the GPU path) have been
-    imported and registered their own hooks, so it runs before theirs. DALI is
-    imported here only for a loader whose epochs run a DALI pipeline (the GPU
-    path): the CPU path neither needs nor imports it.
-    """
-    if uses_dali:
-        import nvidia.dali.plugin.pytorch  # noqa: F401  (its exit hooks first)
-
-    atexit.unregister(_close_open_loaders)
-    atexit.register(_close_open_loaders)
-    _open_loaders.add(loader)
-
-
-def _path_or_object(store: Any) -> Any:
-    """A local path as a string with ``~`` expanded (picklable, reopenable);
-    URLs and store objects as they are."""
-    if isinstance(store, (str, os.PathLike)):
-        text = os.fspath(store)
-        return text if is_url(text) else os.path.expanduser(text)
-    return store
-
-
-def _pair(name: str, value: Any) -> tuple[int, int] | None:
-    """``(H, W)`` of a tile or stride: None, an int ``n`` (``(n, n)``) or two ints."""
-    if value is None:
-        return None
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        if isinstance(value, (int, np.integer)):
-            return (int(value), int(value))
-        pair = tuple(operator.index(v) for v in value)
-    except TypeError:
-        pair = ()
-    if len(pair) != 2 or min(pair) < 1:
-        raise ConfigError(
-            f"{name} must be (height, width) in grid points, both >= 1, or one int for a "
-            f"square, got {value!r}."
-        )
-    return pair
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity), else the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def default_workers(batch_size: int, prefetch: int) -> int:
-    """Worker processes of the CPU path: one per usable core, but no more than the
-    samples of the batches in flight (each worker needs a part of one)."""
-    return max(1, min(usable_cores(), batch_size * (prefetch + 1)))
-
-
-# A part of a batch (what one worker loads at a time) has at least this many
-# samples: each part costs its worker a plan, a locate and its lists (about
-# 0.4 ms on the 2-core machine, a tenth of a part of 4 tiles of 4 variables),
-# and the training process a message and a wake-up. Smaller batches go whole
-# to one worker each, and more of them are loaded ahead instead.
-MIN_PART_SAMPLES = 16
-
-
-def max_parts(batch_size: int, workers: int) -> int:
-    """The most parts a batch is cut into: one per worker, of at least
-    ``MIN_PART_SAMPLES`` samples (1: whole batches, one per worker)."""
-    return max(1, min(workers, batch_size // MIN_PART_SAMPLES))
-
-
-def batches_ahead(prefetch: int, batch_size: int, workers: int) -> int:
-    """Batches the CPU path loads ahead of the one handed out: ``prefetch``, or
-    more where batches are cut into fewer parts than twice the workers, so
-    that every worker has about two parts in flight, the next one queued while
-    it loads one (no more than 64 batches ahead). Memory is then
-    ``batch_size * (ahead + 2)`` samples."""
-    return max(prefetch, min(64, -(-2 * workers // max_parts(batch_size, workers)) - 1))
-
-
-def parts_per_batch(workers: int, ahead: int, batch_size: int) -> int:
-    """How many parts a batch is cut into so that the ``ahead + 1`` batches in
-    flight give every worker about two parts to work on (balance without
-    waits), each of at least ``MIN_PART_SAMPLES`` samples."""
-    return max(1, min(-(-2 * workers // (ahead + 1)), max_parts(batch_size, workers)))
-
-
-def _resolve_device(device: str) -> str:
-    if device in ("cpu", "cuda"):
-        return device
-    if device == "auto":
-        from .backends.gpu import missing_gpu_requirements
-
-        missing = missing_gpu_requirements()
-        if missing:
-            log.info("zarrdali: using the CPU path (GPU path needs: %s)", "; ".join(missing))
-            return "cpu"
-        return "cuda"
-    raise ConfigError(f"device must be 'cuda', 'cpu' or 'auto', got {device!r}.")
-
-
-def _daemonic_workers_message(workers: int) -> str:
-    return (
-        f"workers={workers} starts worker processes, which a daemonic process (such as a "
-        f"torch DataLoader worker, {multiprocessing.current_process().name}) cannot have. "
-        "Pass workers=0 (or leave it unset) to load in this process, or iterate the "
-        "ZarrLoader in the main process in place of the DataLoader: it loads batches in "
-        "its own worker processes."
-    )
-
-
-def _warn_inside_dataloader_worker(loader: ZarrLoader) -> None:
-    """Each worker of a torch DataLoader that iterates a loader serves the whole
-    epoch: say so once per loader, unless the loader was given its share."""
-    if loader._warned_dataloader_worker or (loader._ranks_bound and loader.sampler.world_size > 1):
-        return
-    data = sys.modules.get("torch.utils.data")  # not imported: not in a DataLoader worker
-    info = data.get_worker_info() if data is not None else None
-    if info is None or info.num_workers < 2:
-        return
-    loader._warned_dataloader_worker = True
-    warnings.warn(
-        f"{loader!r} is iterated in torch DataLoader worker {info.id} of "
-        f"{info.num_workers}: every worker serves the whole epoch, each sample "
-        f"{info.num_workers} times. Iterate the ZarrLoader itself in place of the "
-        "DataLoader (it has its own worker processes), or build it in each worker "
-        "with rank=info.id, world_size=info.num_workers.",
-        stacklevel=4,  # the user's loop over the loader
-    )
 
 
 @dataclass(frozen=True)
 class LoaderSampler(Sampler):
-    """A loader's sampler: the plan's :class:`~zarrdali.plan.Sampler`, whose
+    """A loader's sampler: the plan's :class:`~zarrdali.sampling.epochs.Sampler`, whose
     ``set_epoch`` sets its loader's epoch, as ``DistributedSampler.set_epoch``
     does a DataLoader's (PyTorch Lightning calls it at every epoch start, with
     its own epoch count: also right after a resume from a checkpoint)."""
@@ -260,12 +104,12 @@ class ZarrLoader:
     axis=1)`` (then normalized) with ``(t0, y0, x0) = batch["index"][i]`` and
     ``ds = xarray.open_zarr(store)``: values CF-decoded as xarray decodes them
     (``scale_factor``/``add_offset``, ``_FillValue``/``missing_value`` as NaN;
-    ``decode_cf=False`` serves stored values, see ``zarrdali.cf``), axes found
+    ``decode_cf=False`` serves stored values, see ``zarrdali.store.cf``), axes found
     by their dimension names in any stored order (``dims`` names others; see
-    ``zarrdali.dims``). A variable with a level axis contributes one channel
+    ``zarrdali.store.dims``). A variable with a level axis contributes one channel
     per level, or per level chosen: ``variables=["t2m", ("t", [850, 500])]`` by
     the level coordinate's values, ``("t", {"isel": [0, 3]})`` by index
-    (``zarrdali.variables``); the ``channels`` attribute names them. A chunk
+    (``zarrdali.store.variables``); the ``channels`` attribute names them. A chunk
     never written reads as the array's fill value.
 
     ``device="cpu"`` decodes with numcodecs in worker processes straight into
@@ -374,9 +218,9 @@ class ZarrLoader:
             path with ``workers=0``, the GPU path's host reads). Default: one
             per core. Worker processes read with one thread each.
         prefetch: Batches loaded ahead of the one the training loop holds,
-            >= 1. The CPU path loads more where batches are small (under 16
-            samples per worker each goes whole to one worker, and every worker
-            has about two in flight); its buffers hold about
+            >= 1. The CPU path loads more where batches are small (a batch
+            too small to give each worker 16 samples goes whole to one worker,
+            and every worker gets about two in flight); its buffers hold about
             ``batch_size * (prefetch + 2)`` samples.
         workers: Worker processes of the CPU path, reading, decoding and
             assembling batches into shared memory. Default: one per core this
@@ -451,6 +295,17 @@ class ZarrLoader:
             ``batch["input"].to("cuda", non_blocking=True)`` copies
             asynchronously (ignored with a warning where CUDA is not
             available, as torch does).
+        loading: The loading options (``workers``, ``num_threads``,
+            ``prefetch``, ``persistent_workers``, ``pin_memory``,
+            ``partial_decode``, ``memory_map``) as one
+            :class:`~zarrdali.LoadingOptions`, in place of the flat arguments.
+        remote: The remote-store options (``storage_options``,
+            ``cache_dir``, ``cache_bytes``, ``max_in_flight``,
+            ``request_timeout``) as one :class:`~zarrdali.RemoteOptions`.
+        gpu: The GPU path's options (``cache``, ``cache_budget``,
+            ``dali_threads``) as one :class:`~zarrdali.GpuOptions`. A flat
+            argument and its group's field both set to different values is
+            a ``ConfigError``.
 
     Raises:
         ConfigError: An option that is invalid or that the store cannot
@@ -507,9 +362,29 @@ class ZarrLoader:
         dims: Mapping[str, str] | None = None,
         persistent_workers: bool = True,
         pin_memory: bool = False,
+        loading: LoadingOptions | None = None,
+        remote: RemoteOptions | None = None,
+        gpu: GpuOptions | None = None,
     ) -> None:
         # Everything is validated here, before any chunk is read.
-        store = _path_or_object(store)
+        # The rarer options also come grouped; one value each from here on.
+        args = locals()
+        grouped = merge_option_groups(
+            {"loading": loading, "remote": remote, "gpu": gpu},
+            {name: args[name] for name in grouped_option_names()},
+        )
+        workers, num_threads, prefetch = (
+            grouped[k] for k in ("workers", "num_threads", "prefetch")
+        )
+        persistent_workers, pin_memory = grouped["persistent_workers"], grouped["pin_memory"]
+        partial_decode, memory_map = grouped["partial_decode"], grouped["memory_map"]
+        storage_options, cache_dir = grouped["storage_options"], grouped["cache_dir"]
+        cache_bytes, max_in_flight = grouped["cache_bytes"], grouped["max_in_flight"]
+        request_timeout = grouped["request_timeout"]
+        cache, cache_budget, dali_threads = (
+            grouped[k] for k in ("cache", "cache_budget", "dali_threads")
+        )
+        store = path_or_object(store)
         if cache_dir is not None:
             cache_dir = os.path.expanduser(os.fspath(cache_dir))
         if isinstance(index, (str, os.PathLike)):
@@ -519,8 +394,8 @@ class ZarrLoader:
             target_steps=target_steps,
             frame_step=frame_step,
             time_stride=time_stride,
-            tile=_pair("tile", tile),
-            tile_stride=_pair("tile_stride", tile_stride),
+            tile=pair_option("tile", tile),
+            tile_stride=pair_option("tile_stride", tile_stride),
             tile_sampling=tile_sampling,
             cover_edges=cover_edges,
         )
@@ -537,9 +412,7 @@ class ZarrLoader:
             max_in_flight=max_in_flight,
             request_timeout=request_timeout,
         )
-        self.group, self.store_name = open_group(
-            store, storage_options, request_timeout=request_timeout, max_in_flight=max_in_flight
-        )
+        self.group, self.store_name = self.store_ref.open_group()
         if not isinstance(decode_cf, (bool, np.bool_)):
             raise ConfigError(f"decode_cf must be True or False, got {decode_cf!r}.")
         self.decode_cf = bool(decode_cf)
@@ -607,41 +480,36 @@ class ZarrLoader:
             raise ConfigError(f"prefetch must be >= 1 batch, got {prefetch}.")
         self.prefetch = prefetch
         self.dali_threads = dali_threads
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
+        self.traits = traits_of(self.device)  # what the path declares
         self.partial_decode = partial_decode
         self.memory_map = memory_map
-        self.workers = self._resolve_workers(workers, store)
+        self._workers_auto = workers is None
+        self.workers = resolve_workers(workers, store, self.traits, self.batch_size, self.prefetch)
         self.persistent_workers = bool(persistent_workers)
         # page-locked batch buffers on the CPU path (the GPU path's batches are on
         # the device); without CUDA a warning, as torch's DataLoader gives
-        self.pin_memory = bool(pin_memory) and self.device == "cpu" and check_pin_memory()
+        self.pin_memory = bool(pin_memory) and self.traits.host_batches and check_pin_memory()
         # How the backend is made: again in a process forked from this one.
+        # (the byte source from self.store_ref)
         self._backend_options = dict(
-            num_threads=num_threads,
-            cache=cache,
-            cache_budget=cache_budget,
-            max_in_flight=max_in_flight,
-            request_timeout=request_timeout,
-            cache_dir=cache_dir,
-            cache_bytes=cache_bytes,
+            num_threads=num_threads, cache=cache, cache_budget=cache_budget
         )
         # Everything that outlives an epoch: released by close(), or when the loader
         # is dropped (the finalizer), never in a process forked from this one.
         self._resources = LoaderResources(f"{self!r}")
         backend = self._resources.backend = self._make_backend()
-        self._remote = bool(getattr(backend, "remote", False))
+        self._remote = bool(backend.remote)
         if self._remote:
             try:
                 backend.probe(self.layouts)  # access errors now, not mid-epoch
             except BaseException:
                 self._resources.release("the loader could not be made")
                 raise
-        # On a GPU pipeline the static fields are cut in device memory; close() frees them.
-        if self.static is not None and backend.dali_device == "gpu":
+        # The GPU path cuts the static fields in device memory; close() frees them.
+        if self.static is not None:
             try:
-                self._resources.device_static = DeviceStaticFields(
-                    self.static, backend.dali_device_id()
-                )
+                self._resources.device_static = backend.hold_static(self.static)
             except BaseException:
                 self._resources.release("the loader could not be made")
                 raise
@@ -651,8 +519,7 @@ class ZarrLoader:
             self, self._resources.release, "the loader was dropped without close()"
         )
         self._finalizer.atexit = False  # the exit hook closes loaders in its order
-        # the CPU path hands batches over itself; other backends through DALI
-        _track_open(self, uses_dali=not getattr(self.backend, "host_ring", False))
+        track_open(self, uses_dali=self.traits.uses_dali)
         self._epoch = 0
         # The next iteration serves self._epoch (a new loader, set_epoch, a state
         # loaded); else the one after it, as torch reshuffles on every iter().
@@ -680,7 +547,7 @@ class ZarrLoader:
     def _sample_table(self, index, n_time: int, ny: int, nx: int) -> SampleTable:
         """The samples an index lists, checked against this store and window."""
         if not isinstance(index, SampleTable):
-            from .prep.sample_index import load_sample_index
+            from zarrdali.prep.sample_index import load_sample_index
 
             index = load_sample_index(index, self.store_name, self.layouts, self.spec)
         if self.spec.tile is not None and tuple(index.tile_hw) != tuple(self.spec.tile):
@@ -691,56 +558,13 @@ class ZarrLoader:
         index.check_bounds(self.spec, n_time, ny, nx)
         return index
 
-    def _resolve_workers(self, workers: int | None, store: object) -> int:
-        """Worker processes for the CPU path (0: read in this process's threads).
-
-        Per-chunk work holds the GIL for part of the time, so threads alone do not
-        scale; worker processes do. By default one per core this process may run
-        on (no more than can share the batches read ahead). They need a store they
-        can reopen: a path, a URL, or a store object that pickles (obstore and
-        Icechunk stores do). A daemonic process (a torch DataLoader worker) cannot
-        have children: none by default there, and asking for some is an error.
-        """
-        self._workers_auto = workers is None
-        reopenable = not isinstance(store, zarr.Group) and (
-            isinstance(store, (str, os.PathLike)) or is_picklable(store)
-        )
-        if workers is None and os.environ.get("ZARRDALI_WORKERS"):
-            workers = int(os.environ["ZARRDALI_WORKERS"])
-        daemonic = multiprocessing.current_process().daemon
-        if workers is None:
-            auto = self.device == "cpu" and reopenable and not daemonic
-            return default_workers(self.batch_size, self.prefetch) if auto else 0
-        if workers < 0:
-            raise ConfigError(f"workers must be >= 0, got {workers}.")
-        if workers and self.device != "cpu":
-            raise ConfigError("workers > 0 is for the CPU path; the GPU path reads in-process.")
-        if workers and not reopenable:
-            what = "a zarr.Group"
-            if not isinstance(store, zarr.Group):
-                what = "a store that cannot be pickled"
-            raise ConfigError(
-                "workers > 0 needs the store as a path, a URL or a picklable store object "
-                f"(worker processes reopen it); got {what}. Pass the path or URL, or workers=0."
-            )
-        if workers and daemonic:
-            raise ProcessContextError(_daemonic_workers_message(workers))
-        return workers
-
     def _make_backend(self) -> Any:
         """The backend (threads, and CUDA resources) with its byte source; made
         here, and again in a process forked from this one. Both backends read
         remote stores through the source (the GPU backend into pinned memory,
         then one copy per batch to the device)."""
         opts = self._backend_options
-        source = make_source(
-            self.group,
-            self.store_name,
-            max_in_flight=opts["max_in_flight"],
-            request_timeout=opts["request_timeout"],
-            cache_dir=opts["cache_dir"],
-            cache_bytes=opts["cache_bytes"],
-        )
+        source = self.store_ref.make_source(self.group, self.store_name)
         try:
             return make_backend(
                 self.device,
@@ -1008,223 +832,42 @@ class ZarrLoader:
             run = None
 
     def _open_epoch(self, run: EpochRun, plan: EpochPlan, start: int, n: int) -> None:
-        """Build the epoch's pieces into ``run``, each as soon as it exists."""
-        if getattr(self.backend, "host_ring", False):
-            self._open_host_epoch(run, plan, start, n)
-        else:
-            self._open_dali_epoch(run, plan, start, n)
-
-    def _open_host_epoch(self, run: EpochRun, plan: EpochPlan, start: int, n: int) -> None:
-        """The CPU path: batches decoded, cast, normalized and augmented straight
-        into a ring of reused buffers (shared with the worker processes), and
-        handed to torch as they are (see hostfeed.py, hostring.py, workers.py).
-        Static tiles are cut into the slot by whoever loads the samples; index,
-        flags and timestamps are computed here from the plan (a gather per batch)."""
-        from .workers import WorkerJob, WorkerPool
-
-        # batches numbered through the epoch, across world sizes (augmentation draws)
+        """Have the backend build the epoch's pieces into ``run``."""
         served_before = sum(seg.batches for seg in self._segments)
-        finishing = Finishing(
-            self.stats,
-            self.augment,
-            self.sampler.seed,
-            self._epoch,
-            served_before,
-            self.missing,
-            self.packing,
-        )
-        tile_hw = self.candidates.tile_hw
-        layout = self._host_layout()
-        ahead = batches_ahead(self.prefetch, self.batch_size, self.workers)
-        res = self._resources
-        if res.ring is None:  # the batches in flight, and two the user may hold
-            res.ring = BatchRing(
-                layout.slots, ahead + 2, shared=bool(self.workers), pin=self.pin_memory
-            )
-        ring = res.ring
-        if self.workers:
-            reader = EpochReader(
-                self.store_ref,
-                self.selection,
-                self.spec,
-                self.candidates,
-                self.sampler,
-                self._epoch,
-                start,
-                partial_decode=self.partial_decode,
-                memory_map=self.memory_map,
-                finishing=finishing,
-                resumed=tuple(self._segments),
-                static=self._ring_static(shared=True),
-            )
-            if res.pool is None or res.pool.closed:  # kept from epoch to epoch
-                res.pool = WorkerPool(
-                    WorkerJob(reader, layout.slots, ring.n_slots),
-                    ring,
-                    self.workers,
-                    parts_per_batch=parts_per_batch(self.workers, ahead, self.batch_size),
-                    name=f"zarrdali epoch {self._epoch}",
-                )
-            producer = res.pool.begin_epoch(
-                reader.epoch_update(),
-                lambda k: plan.batch(start + k),
-                name=f"zarrdali epoch {self._epoch}",
-                close_after=not self.persistent_workers,
-            )
-        else:
-            static = self._ring_static(shared=False)
-
-            def load(k: int, outs: list) -> None:
-                samples = plan.batch(start + k)
-                finish = finishing.batch(start + k, len(samples))
-                load_into(
-                    self.backend,
-                    self.layouts,
-                    self.spec,
-                    tile_hw,
-                    samples,
-                    outs,
-                    finish,
-                    static=static,
-                )
-
-            producer = ThreadProducer(load, ring, threads=2)
-        sizes = [len(plan.batch(start + k)) for k in range(n)]
-        run.feed = HostFeed(producer, ring, sizes, ahead=ahead)
-        times = FrameTimes.for_spec(self.times, self.spec) if self.times is not None else None
-
-        def meta(k: int) -> list:
-            samples = plan.batch(start + k)
-            flags = finishing.flags(start + k, len(samples))
-            out = [samples] if flags is None else [samples, flags]
-            return out if times is None else [*out, times(samples, flags)]
-
-        meta_names = ["index", *(["augment"] if self.augment else [])]
-        meta_names += ["time"] if times is not None else []
-        run.batches = HostBatches(run.feed, [*layout.names, *meta_names], n, meta)
-
-    def _host_layout(self) -> BatchLayout:
-        """What a ring slot holds: the frames, the static tiles and the masks
-        where served."""
-        return BatchLayout.of(
-            self.spec,
-            self.num_channels,
-            self.candidates.tile_hw,
-            self.batch_size,
-            static_channels=0 if self.static is None else self.static.n_channels,
-            masks=self.missing is not None and self.missing.masks,
-        )
-
-    def _ring_static(self, shared: bool) -> RingStaticTiles | None:
-        """The static tiles' writer for the CPU path; with ``shared`` the field in
-        shared memory the workers map (made once, freed by ``close()``)."""
-        if self.static is None:
-            return None
-        field: SharedArray | Any = self.static.field
-        if shared:
-            if self._resources.shared_static is None:
-                self._resources.shared_static = SharedArray.of(self.static.field)
-            field = self._resources.shared_static
-        return RingStaticTiles(field, tuple(self.candidates.tile_hw))
-
-    def _open_dali_epoch(self, run: EpochRun, plan: EpochPlan, start: int, n: int) -> None:
-        """The GPU path: the backend's own batch source (threads, streams, events,
-        a ring of device buffers) feeding a DALI pipeline on the device. A
-        backend that finishes batches in its gather (the GPU backend) casts,
-        normalizes and masks there; DALI slices, flips and turns."""
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
-        with_target = self.spec.target_steps > 0
-        backend = self.backend
-        finish = self._gather_finish()
-        masks = self.missing is not None and self.missing.masks
-
-        def load(k: int, **device_args):
-            samples = plan.batch(start + k)
-            if finish is not None:
-                device_args.update(finish=finish, device_masks=masks)
-            return self._load_frames(samples, **device_args), samples
-
-        feed = run.feed = backend.batch_source(
-            load, n, depth=self.prefetch, batch_size=self.batch_size
-        )
-        extras, device_extras, extra_names = self._batch_extras(feed)
-        run.source = BatchSource(
-            feed.get,
-            n,
-            self.spec.input_steps,
-            with_target,
-            augment=self.augment,
-            seed=self.sampler.seed,
+        request = EpochRequest(
+            plan=plan,
+            start=start,
+            n=n,
             epoch=self._epoch,
             # batches numbered through the epoch, across world sizes (augmentation draws)
-            first_batch=start + sum(seg.batches for seg in self._segments),
-            extras=extras,
-            device_extras=device_extras,
-        )
-        run.source_handle = SourceHandle(run.source)
-        run.pipeline = build_pipeline(
-            run.source_handle,
+            first_batch=start + served_before,
+            segments=tuple(self._segments),
+            layouts=tuple(self.layouts),
+            spec=self.spec,
+            tile_hw=tuple(self.candidates.tile_hw),
             batch_size=self.batch_size,
-            input_steps=self.spec.input_steps,
-            with_target=with_target,
-            stats=None if finish is not None else self.stats,
-            input_dtype=np.float32 if finish is not None else batch_dtype(self.layouts),
-            device_id=backend.dali_device_id(),
-            num_threads=self.dali_threads,
-            prefetch_queue_depth=self.prefetch,
-            device=backend.dali_device,
+            prefetch=self.prefetch,
+            stats=self.stats,
+            missing=self.missing,
+            packing=self.packing,
             augment=self.augment,
-            samples_of=lambda k: plan.batch(start + k),
-            cuda_stream=getattr(run.feed, "cuda_stream", None),
-            whole_window=backend.whole_window,
-            n_extras=len(extras),
-            n_device_extras=len(device_extras),
-            with_masks=masks,
+            seed=self.sampler.seed,
+            static=self.static,
+            times=self.times,
+            resources=self._resources,
+            store_ref=self.store_ref,
+            selection=self.selection,
+            candidates=self.candidates,
+            sampler=self.sampler,
+            workers=self.workers,
+            persistent_workers=self.persistent_workers,
+            pin_memory=self.pin_memory,
+            partial_decode=self.partial_decode,
+            memory_map=self.memory_map,
+            num_channels=self.num_channels,
+            dali_threads=self.dali_threads,
         )
-        run.pipeline.build()
-        frame_names = ["input", "target"] if with_target else ["input"]
-        mask_names = [f"{name}_mask" for name in frame_names] if masks else []
-        meta_names = ["index", *(["augment"] if self.augment else [])]
-        iterator = DALIGenericIterator(
-            run.pipeline,
-            [*frame_names, *mask_names, *meta_names, *extra_names],
-            auto_reset=False,
-            last_batch_policy=LastBatchPolicy.PARTIAL,
-        )
-        run.batches = BoolMasks(iterator, mask_names) if masks else iterator
-
-    def _gather_finish(self) -> Finish | None:
-        """What a backend that finishes batches in its gather applies (statistics,
-        missing values; no flags: DALI augments); None for one that does not."""
-        if not getattr(self.backend, "finishes_in_gather", False):
-            if self.missing is not None or self.packing is not None:
-                raise ConfigError(
-                    f"masks, nan_fill and CF decoding need the CPU path or the GPU backend; "
-                    f"the {type(self.backend).__name__} backend does not do them "
-                    f"(decode_cf=False serves stored values)."
-                )
-            return None
-        mean, std = self.stats if self.stats is not None else (None, None)
-        return finish_of(mean, std, self.missing, self.packing)
-
-    def _batch_extras(self, feed: Any) -> tuple[list, list, list[str]]:
-        """Outputs computed per batch from its samples (see ``BatchSource``):
-        host ones, device ones (the GPU pipeline's), and all their names."""
-        host: dict[str, Any] = {}
-        device: dict[str, Any] = {}
-        if self.static is not None:
-            tile_hw = tuple(self.candidates.tile_hw)
-            device_static = self._resources.device_static
-            if device_static is not None:
-                stream_of = lambda: feed.stream  # noqa: E731  (the feed DALI copies on)
-                device["static"] = DeviceStaticTiles(device_static, tile_hw, stream_of)
-            else:
-                host["static"] = StaticTiles(self.static, tile_hw)
-        if self.times is not None:
-            host["time"] = FrameTimes.for_spec(self.times, self.spec)
-        # the pipeline's outputs: host extras, then device ones (build_pipeline)
-        return list(host.values()), list(device.values()), [*host, *device]
+        self.backend.open_epoch(request, run)
 
     # -- lifetime ----------------------------------------------------------
     def close(self) -> None:
@@ -1236,7 +879,7 @@ class ZarrLoader:
         if self._closed:
             return
         self._closed = True
-        _open_loaders.discard(self)
+        open_loaders.discard(self)
         self._finalizer.detach()
         self._resources.release(f"{self!r} was closed")
 
@@ -1263,7 +906,7 @@ class ZarrLoader:
                 f"{self!r} was made in process {res.forked_from} and is used in process "
                 f"{os.getpid()}, forked from it"
             )
-            if self.device == "cuda":
+            if not self.traits.forkable:
                 raise ProcessContextError(
                     f"{where}: CUDA cannot be used in a forked process. Build the loader "
                     "in the process that iterates it, or start that process with 'spawn' "
@@ -1287,13 +930,13 @@ class ZarrLoader:
                 )
         if self.workers and multiprocessing.current_process().daemon:
             if not self._workers_auto:
-                raise ProcessContextError(_daemonic_workers_message(self.workers))
+                raise ProcessContextError(daemonic_workers_message(self.workers))
             log.info("zarrdali: a daemonic process has no children: loading in-process")
             self.workers = 0
             ring, res.ring = res.ring, None  # a shared ring for workers no more
             if ring is not None:
                 ring.close()
-        _warn_inside_dataloader_worker(self)
+        warn_inside_dataloader_worker(self)
 
     def __enter__(self) -> ZarrLoader:
         return self

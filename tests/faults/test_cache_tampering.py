@@ -16,9 +16,9 @@ import pytest
 from faultkit import check_batches
 
 import zarrdali
-from zarrdali.backends.cache import DiskCache
 from zarrdali.bench.objectserver import RangeHTTPServer
 from zarrdali.errors import ConfigError
+from zarrdali.io.cache import DiskCache
 
 A = ("sharded/c/0/0/0", 100, 1000)
 B = ("sharded/c/0/0/1", 100, 1000)

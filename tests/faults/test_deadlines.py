@@ -15,8 +15,8 @@ import pytest
 from faultkit import check_batches
 
 import zarrdali
-from zarrdali.backends.flow import RequestPolicy
 from zarrdali.bench.objectserver import RangeHTTPServer, SilentServer
+from zarrdali.io.flow import RequestPolicy
 
 pytest.importorskip("obstore")
 

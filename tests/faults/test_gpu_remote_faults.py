@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import fakegpu
-from zarrdali.backends.cpu import CpuBackend
-from zarrdali.backends.sources import make_source
-from zarrdali.batchplan import plan_batch
+from zarrdali.batch.plan import plan_batch
 from zarrdali.bench.objectserver import RangeHTTPServer
-from zarrdali.store import load_layouts, open_group
+from zarrdali.cpu.backend import CpuBackend
+from zarrdali.io.connect import make_source
+from zarrdali.store.open import load_layouts, open_group
 
 pytest.importorskip("obstore")
 
@@ -32,7 +32,7 @@ def _batches(backend, layouts) -> list[bytes]:
 
 
 def _gpu(group, name, **source_options):
-    from zarrdali.backends.gpu import GpuBackend
+    from zarrdali.gpu import GpuBackend
 
     source = make_source(group, name, **source_options)
     return GpuBackend(group, name, num_threads=2, source=source, read="pinned")

@@ -165,8 +165,8 @@ def test_unknown_data_type_names_the_variable(tmp_path):
 def test_bounds_hold_on_machines_with_much_memory(tmp_path, monkeypatch):
     """A shard index of 32 GB is refused even with 1 TB of memory; the other bounds
     scale with memory: a 4 GB chunk passes there, and is refused with 8 GB."""
-    from zarrdali import store
-    from zarrdali.store import check_fits, load_layouts, open_group
+    import zarrdali.store.open as store
+    from zarrdali.store.open import check_fits, load_layouts, open_group
 
     monkeypatch.setattr(store, "available_memory", lambda: 1 << 40)  # 1 TiB
 

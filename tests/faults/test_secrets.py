@@ -10,7 +10,7 @@ import pickle
 import pytest
 
 import zarrdali
-from zarrdali.epoch_reader import EpochReader
+from zarrdali.cpu.reader import EpochReader
 
 pytest.importorskip("obstore")
 pytest.importorskip("moto")
@@ -20,7 +20,8 @@ BUCKET = "secrets"
 
 
 def test_redacted_options_keep_settings_and_hide_the_rest():
-    from zarrdali.remote import StoreRef, redact_argv, redact_options
+    from zarrdali.io.remote import redact_argv, redact_options
+    from zarrdali.store.open import StoreRef
 
     options = {
         "secret_access_key": "HIDDEN-1",
@@ -68,6 +69,7 @@ def test_bench_json_and_reprs_hold_no_secret(tmp_path):
                 loader.sampler,
                 0,
                 0,
+                backend_type=type(loader.backend),
             )
             shown = " ".join(
                 [repr(loader), repr(loader.store_ref), repr(reader), str(loader.stats)]

@@ -27,7 +27,7 @@ def _epoch(store, fixed: int | None = None) -> tuple[dict, int]:
         http.faults.delay_s = 0.02  # requests overlap, as on a busy server
         with zarrdali.ZarrLoader(f"{http.url}/{store.name}", variables, **KW) as loader:
             if fixed is not None:  # the loader before the limit adapted
-                from zarrdali.backends.flow import AdaptiveLimit
+                from zarrdali.io.flow import AdaptiveLimit
 
                 loader.backend.source.limit = AdaptiveLimit(fixed, adaptive=False)
             check_batches(loader, store, variables)

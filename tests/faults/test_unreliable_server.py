@@ -39,7 +39,7 @@ def test_a_hung_connection_costs_seconds_not_minutes(remote_store):
         stats = loader.backend.stats()
     assert http.faults.hang["/sharded/c/1/"] == 0, "the hung request was made"
     assert stats["timeouts"] == 1 and stats["retries"] >= 1
-    from zarrdali.backends.flow import RequestPolicy
+    from zarrdali.io.flow import RequestPolicy
 
     assert bound_s == RequestPolicy().min_stall_s, "a bound of a few seconds, not 30"
 

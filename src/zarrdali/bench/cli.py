@@ -4,55 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 
-DEFAULT_DATA_DIR = Path(os.environ.get("ZARRDALI_DATA", "sample-data"))
-
-# Defaults of the options a --config file may also set; flags given override both.
-DEFAULTS: dict[str, object] = {
-    "store": None,
-    "data_dir": str(DEFAULT_DATA_DIR),
-    "device": None,
-    "loaders": None,
-    "variables": None,
-    "input_steps": 4,
-    "target_steps": 2,
-    "tile": [128, 128],
-    "batch_size": [8, 64],
-    "samples": 512,
-    "batches": None,
-    "epochs": 3,
-    "warmup": None,
-    "threads": None,
-    "seed": 0,
-    "step_ms": 0.0,
-    "cold": False,
-    "storage_options": None,
-    "out": "bench-out",
-    "all": False,
-    "workload": "tiles",  # or "whole-field" (bench/wholefield.py: its own defaults)
-    "placement": "both",  # "grid", "chunk-grid" or "both" (see bench/spec.py)
-}
-
-
-def load_config(path: str | Path) -> dict:
-    """Options from a TOML file (keys as the flags, ``-`` or ``_``); unknown keys are errors."""
-    import tomllib
-
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
-    values = {key.replace("-", "_"): value for key, value in raw.items()}
-    unknown = sorted(set(values) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}"
-        )
-    if isinstance(values.get("tile"), str) and values["tile"].lower() == "none":
-        values["tile"] = None  # TOML has no null: tile = "none" asks for the whole field
-    return values
+from zarrdali.bench.options import DEFAULT_DATA_DIR, DEFAULTS, load_config
 
 
 def resolve(args: argparse.Namespace) -> dict:
@@ -65,7 +21,7 @@ def resolve(args: argparse.Namespace) -> dict:
 
 
 def _ensure_sample_data(directory: Path) -> list[tuple[str, str]]:
-    from ..sample_data import PLAIN, SHARDED, sample_data_exists, write_sample_data
+    from zarrdali.sample_data import PLAIN, SHARDED, sample_data_exists, write_sample_data
 
     if not sample_data_exists(directory):
         print(f"writing the sample data to {directory} (once)", file=sys.stderr)
@@ -97,7 +53,7 @@ def bench_targets(
     "both", every store on the grid and, where the store's chunks divide the
     tile, on the chunk grid too (without the slow torch DataLoader row unless
     the loaders were named: its ratio is on the grid rows)."""
-    from .main import BASELINE_LOADER, BenchTarget
+    from zarrdali.bench.main import BASELINE_LOADER, BenchTarget
 
     if placement != "both":
         label = "" if placement == "grid" else ", chunk-grid tiles"
@@ -117,7 +73,7 @@ def tiles_whole_chunks(path: str, spec) -> bool:
     variable of the store (False for a remote store or whole fields: not asked)."""
     if spec.tile is None or "://" in path:
         return False
-    from ..store import open_group
+    from zarrdali.store.open import open_group
 
     try:
         group, _ = open_group(path, spec.storage_options)
@@ -128,9 +84,9 @@ def tiles_whole_chunks(path: str, spec) -> bool:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ..remote import redact_argv
-    from .main import DEFAULT_LOADERS, LOADERS, run_bench
-    from .spec import BenchSpec
+    from zarrdali.bench.main import DEFAULT_LOADERS, LOADERS, run_bench
+    from zarrdali.bench.spec import BenchSpec
+    from zarrdali.io.remote import redact_argv
 
     missing = missing_requirements()
     if missing:
@@ -147,7 +103,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"zarrdali bench: error: {err}", file=sys.stderr)
         return 2
     if o["workload"] == "whole-field":
-        from .wholefield import cmd_whole_field
+        from zarrdali.bench.wholefield import cmd_whole_field
 
         return cmd_whole_field(args)
     if o["store"] and "://" in str(o["store"]):  # a URL: Path() would fold its "//"
@@ -165,7 +121,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ]
     variables = o["variables"]
     if not variables:
-        from ..store import open_group
+        from zarrdali.store.open import open_group
 
         group, _ = open_group(stores[0][1], o["storage_options"])
         variables = [name for name, arr in group.arrays() if arr.ndim >= 3]
@@ -206,7 +162,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_host(args: argparse.Namespace) -> int:
-    from .host import run_host_bench
+    from zarrdali.bench.host import run_host_bench
 
     if args.store:
         stores = [(Path(args.store).name, args.store)]

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..batchplan import plan_batch
-from ..loader import ZarrLoader
+from zarrdali.batch.plan import plan_batch
+from zarrdali.loader import ZarrLoader
 
 
 @dataclass
@@ -66,7 +66,7 @@ class HostTimes:
 def _gpu_describer(loader: ZarrLoader) -> Callable | None:
     """The GPU path's host description of a batch, if it can be computed here (numpy only)."""
     try:
-        from ..backends.gpu.plan import describe_batch
+        from zarrdali.gpu.describe import describe_batch
     except ImportError:
         return None
 
@@ -191,7 +191,7 @@ def run_host_bench(
 ) -> dict:
     """Time every store, write ``host.json`` and ``host.md`` to ``out``; returns the payload."""
     results = [time_host(path, variables, **kw) for _, path in stores]
-    from .report import _git_commit
+    from zarrdali.bench.report import _git_commit
 
     payload = {
         "command": shlex.join(["zarrdali", *sys.argv[1:]]),

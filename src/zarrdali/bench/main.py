@@ -11,9 +11,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..sample_data import STATIC
-from .measure import child_pids
-from .report import (
+from zarrdali.bench.measure import RunResult, child_pids
+from zarrdali.bench.report import (
     BASELINE,
     header_text,
     markdown_table,
@@ -24,9 +23,8 @@ from .report import (
     system_info,
     write_json,
 )
-from .runners import (
+from zarrdali.bench.runners import (
     Runner,
-    RunResult,
     Skipped,
     decode_ceiling_runner,
     file_ceiling_runner,
@@ -35,9 +33,10 @@ from .runners import (
     zarr_gpu_runner,
     zarrdali_runner,
 )
-from .spec import BenchSpec
-from .tensorstore_peer import tensorstore_runner
-from .zarr_peers import fused_runner, zarrs_runner
+from zarrdali.bench.spec import BenchSpec
+from zarrdali.bench.tensorstore_peer import tensorstore_runner
+from zarrdali.bench.zarr_peers import fused_runner, zarrs_runner
+from zarrdali.sample_data import STATIC
 
 log = logging.getLogger(__name__)
 

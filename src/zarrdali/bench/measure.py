@@ -14,12 +14,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from .runners import RunResult
-    from .spec import BenchSpec
+    pass
+    from zarrdali.bench.spec import BenchSpec
 
 T = TypeVar("T")
 
@@ -263,3 +264,30 @@ def time_epoch(
         result.peak_gpu_bytes = max(result.peak_gpu_bytes or 0, gpu)
     if mem.gpu_peak is not None:
         result.peak_gpu_used_bytes = max(result.peak_gpu_used_bytes or 0, mem.gpu_peak)
+
+
+@dataclass
+class RunResult:
+    name: str
+    epoch_seconds: list[float] = field(default_factory=list)
+    samples_per_epoch: int = 0
+    decoded_bytes_per_epoch: int = 0  # bytes of chunks decoded (0: not applicable)
+    note: str = ""
+    status: str = "ok"  # "ok", "failed" or "skipped"
+    error: str = ""  # why it failed or was skipped
+    first_batch_seconds: list[float] = field(default_factory=list)
+    wait_seconds: list[float] = field(default_factory=list)  # consumer waiting in next()
+    cpu_seconds: list[float] = field(default_factory=list)  # process + children, timed part
+    peak_rss_bytes: int = 0  # process + children, whole epochs
+    peak_gpu_bytes: int | None = None  # torch's + CuPy's pools; None: no GPU used
+    uses_gpu: bool = False  # sample the device's memory in use while it runs
+    peak_gpu_used_bytes: int | None = None  # device memory in use (all holders), sampled
+    cache: str = "warm"  # "cold" when --cold could drop the store's pages
+    own_pids: set[int] = field(default_factory=set)  # worker processes this loader started
+    foreign_pids: frozenset[int] = frozenset()  # other loaders' workers, left out of figures
+
+    def samples_per_s(self) -> list[float]:
+        return [self.samples_per_epoch / s for s in self.epoch_seconds]
+
+    def decoded_gb_per_s(self) -> list[float]:
+        return [self.decoded_bytes_per_epoch / s / 1e9 for s in self.epoch_seconds]

@@ -10,7 +10,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from .runners import RunResult
+from zarrdali.bench.measure import RunResult
 
 
 def _version(dist: str) -> str | None:
@@ -50,7 +50,7 @@ def _gds_status(gpu: str) -> str:
     if gpu == "none":
         return "off (no GPU)"
     try:
-        from ..backends.gpu import kvikio_io_mode
+        from zarrdali.gpu import kvikio_io_mode
 
         mode = kvikio_io_mode()
     except Exception as err:  # not installed, or no cuFile driver
@@ -60,7 +60,7 @@ def _gds_status(gpu: str) -> str:
 
 def system_info() -> dict:
     """What the numbers were measured on (never probes a GPU unless one is asked for)."""
-    from ..backends.gpu import gpu_description
+    from zarrdali.gpu import gpu_description
 
     versions = {
         d: _version(d)

@@ -16,47 +16,18 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import numpy as np
 
-from ..backends.cpu import partial_decode_prefixes
-from ..backends.zstdctx import ZstdContexts
-from ..batchplan import plan_batch
-from ..loader import ZarrLoader
-from ..store import ArrayLayout
-from .measure import PeakMemory, cpu_seconds, time_epoch
-from .spec import BenchSpec
-
-
-@dataclass
-class RunResult:
-    name: str
-    epoch_seconds: list[float] = field(default_factory=list)
-    samples_per_epoch: int = 0
-    decoded_bytes_per_epoch: int = 0  # bytes of chunks decoded (0: not applicable)
-    note: str = ""
-    status: str = "ok"  # "ok", "failed" or "skipped"
-    error: str = ""  # why it failed or was skipped
-    first_batch_seconds: list[float] = field(default_factory=list)
-    wait_seconds: list[float] = field(default_factory=list)  # consumer waiting in next()
-    cpu_seconds: list[float] = field(default_factory=list)  # process + children, timed part
-    peak_rss_bytes: int = 0  # process + children, whole epochs
-    peak_gpu_bytes: int | None = None  # torch's + CuPy's pools; None: no GPU used
-    uses_gpu: bool = False  # sample the device's memory in use while it runs
-    peak_gpu_used_bytes: int | None = None  # device memory in use (all holders), sampled
-    cache: str = "warm"  # "cold" when --cold could drop the store's pages
-    own_pids: set[int] = field(default_factory=set)  # worker processes this loader started
-    foreign_pids: frozenset[int] = frozenset()  # other loaders' workers, left out of figures
-
-    def samples_per_s(self) -> list[float]:
-        return [self.samples_per_epoch / s for s in self.epoch_seconds]
-
-    def decoded_gb_per_s(self) -> list[float]:
-        return [self.decoded_bytes_per_epoch / s / 1e9 for s in self.epoch_seconds]
-
+from zarrdali.batch.plan import plan_batch
+from zarrdali.batch.zstdctx import ZstdContexts
+from zarrdali.bench.measure import PeakMemory, RunResult, cpu_seconds, time_epoch
+from zarrdali.bench.spec import BenchSpec
+from zarrdali.cpu.backend import partial_decode_prefixes
+from zarrdali.loader import ZarrLoader
+from zarrdali.store.open import ArrayLayout
 
 Runner = Iterator[None]
 
@@ -160,8 +131,8 @@ def _decoded_nbytes(loader: ZarrLoader, batches: Sequence[np.ndarray]) -> tuple[
 
 def _zarrdali_loader(spec: BenchSpec, device: str, **kw) -> ZarrLoader:
     if device == "cuda":
-        from ..backends.gpu import missing_gpu_requirements
-        from ..errors import BackendUnavailableError
+        from zarrdali.errors import BackendUnavailableError
+        from zarrdali.gpu import missing_gpu_requirements
 
         missing = missing_gpu_requirements()
         if missing:
@@ -174,7 +145,7 @@ def _zarrdali_loader(spec: BenchSpec, device: str, **kw) -> ZarrLoader:
 
 
 def _require_static(spec: BenchSpec, static: Sequence[str]) -> None:
-    from ..store import open_group
+    from zarrdali.store.open import open_group
 
     group, name = open_group(spec.store, spec.storage_options)
     missing = [v for v in static if v not in group]

@@ -71,7 +71,7 @@ class BenchSpec:
 
     def to_json(self) -> dict:
         """The spec as written to bench.json: storage options redacted."""
-        from ..remote import redact_options, redact_url
+        from zarrdali.io.remote import redact_options, redact_url
 
         out = asdict(self)
         out["store"] = redact_url(out["store"])

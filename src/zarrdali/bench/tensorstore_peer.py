@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .measure import time_epoch
-from .runners import Runner, RunResult, Skipped, _tile_hw, compare_views, epoch_batches
-from .spec import BenchSpec
+from zarrdali.bench.measure import RunResult, time_epoch
+from zarrdali.bench.runners import Runner, Skipped, _tile_hw, compare_views, epoch_batches
+from zarrdali.bench.spec import BenchSpec
 
 
 def open_arrays(spec: BenchSpec, threads: int):

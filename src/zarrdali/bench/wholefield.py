@@ -30,8 +30,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..sample_wb2 import WB2_STORE, WB2SampleSpec, wb2_sample_exists, write_wb2_sample
-from .spec import BenchSpec
+from zarrdali.bench.spec import BenchSpec
+from zarrdali.sample_wb2 import WB2_STORE, WB2SampleSpec, wb2_sample_exists, write_wb2_sample
 
 WORKLOAD = "whole-field"
 # Rows of this workload (names of bench.main.LOADERS), the first two compared with the rest.
@@ -149,8 +149,8 @@ def run_whole_field(
 
     import zarr
 
-    from .main import run_bench
-    from .report import header_text
+    from zarrdali.bench.main import run_bench
+    from zarrdali.bench.report import header_text
 
     group = zarr.open_group(store, mode="r")
     if not variables:
@@ -195,9 +195,9 @@ def run_whole_field(
 
 def cmd_whole_field(args: argparse.Namespace) -> int:
     """``zarrdali bench --workload whole-field``: its defaults, then --config, then flags."""
-    from ..remote import redact_argv
-    from .cli import DEFAULTS as TILE_DEFAULTS
-    from .cli import load_config
+    from zarrdali.bench.options import DEFAULTS as TILE_DEFAULTS
+    from zarrdali.bench.options import load_config
+    from zarrdali.io.remote import redact_argv
 
     o = {**TILE_DEFAULTS, **DEFAULTS}
     try:

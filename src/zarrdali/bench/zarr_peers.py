@@ -27,10 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from .measure import time_epoch
-from .runners import (
+from zarrdali.bench.measure import RunResult, time_epoch
+from zarrdali.bench.runners import (
     Runner,
-    RunResult,
     Skipped,
     StoreMismatch,
     _decoded_nbytes,
@@ -38,7 +37,7 @@ from .runners import (
     compare_views,
     epoch_batches,
 )
-from .spec import BenchSpec
+from zarrdali.bench.spec import BenchSpec
 
 FUSED_PIPELINE = "zarr.core.codec_pipeline.FusedCodecPipeline"
 ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
@@ -71,7 +70,7 @@ def _store_target(spec: BenchSpec) -> Any:
     """What zarr opens: the path, or for a URL a zarr Store made as zarrdali makes it."""
     if not spec.remote:
         return spec.store
-    from ..remote import zarr_store_for
+    from zarrdali.io.remote import zarr_store_for
 
     return zarr_store_for(spec.store, spec.storage_options)
 

@@ -1,5 +1,5 @@
 """CF attributes in preparation: what xarray decodes, and how it must be written
-(xarray's decoding, the oracle; the loader's own is :mod:`zarrdali.cf`).
+(xarray's decoding, the oracle; the loader's own is :mod:`zarrdali.store.cf`).
 
 ``prepare`` copies stored values and lets xarray's Zarr writer carry the CF
 attributes (``scale_factor``, ``add_offset``, ``_FillValue``, ``missing_value``,

@@ -25,7 +25,7 @@ def _rename(items: list[str]) -> dict[str, str]:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare
+    from zarrdali.prep.prepare import prepare
 
     path = prepare(
         args.src,
@@ -55,7 +55,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from .stats import compute_stats
+    from zarrdali.prep.stats import compute_stats
 
     stats = compute_stats(
         args.store,
@@ -70,9 +70,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from .index import build_index
-    from .sampling import SamplingSpec, as_ints, parse_per_bin
-    from .tiling import TilingSpec
+    from zarrdali.prep.index import build_index
+    from zarrdali.prep.sampling import SamplingSpec, as_ints, parse_per_bin
+    from zarrdali.prep.tiling import TilingSpec
 
     tiling = TilingSpec(
         n_frames=args.window,

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import ConfigError
-from ..store import load_layouts, open_group
-from .dataset_ids import dataset_id_of
-from .sample_index import write_index
-from .sampling import SamplingSpec, sampling_table
-from .tiling import TilingSpec, tiling_table
+from zarrdali.errors import ConfigError
+from zarrdali.prep.dataset_ids import dataset_id_of
+from zarrdali.prep.sample_index import write_index
+from zarrdali.prep.sampling import SamplingSpec, sampling_table
+from zarrdali.prep.tiling import TilingSpec, tiling_table
+from zarrdali.store.open import load_layouts, open_group
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError
+from zarrdali.errors import ConfigError
 
 DEFAULT_TILE = (128, 128)
 

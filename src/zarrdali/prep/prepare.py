@@ -39,11 +39,11 @@ import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
-from .. import remote
-from ..errors import ConfigError, StoreNotFoundError, VariableNotFoundError, ZarrDaliError
-from ._dask import connect
-from .cf_attributes import decode_variable, drop_nonconforming_fills, zarr_fill_value
-from .layout import Layout, field_step_bytes, plan_layout
+from zarrdali.errors import ConfigError, StoreNotFoundError, VariableNotFoundError, ZarrDaliError
+from zarrdali.io import remote
+from zarrdali.prep._dask import connect
+from zarrdali.prep.cf_attributes import decode_variable, drop_nonconforming_fills, zarr_fill_value
+from zarrdali.prep.layout import Layout, field_step_bytes, plan_layout
 
 log = logging.getLogger(__name__)
 

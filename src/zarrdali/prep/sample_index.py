@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError, StoreNotFoundError
-from ..plan import SampleSpec, SampleTable
-from ..store import ArrayLayout
+from zarrdali.errors import ConfigError, StoreNotFoundError
+from zarrdali.sampling.epochs import SampleSpec, SampleTable
+from zarrdali.store.open import ArrayLayout
 
 _META_KEY = b"zarrdali"
 _SUFFIXES = (".parquet", ".csv")

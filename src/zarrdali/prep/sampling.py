@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError
+from zarrdali.errors import ConfigError
 
 
 @dataclass(frozen=True)

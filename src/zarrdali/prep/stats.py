@@ -27,10 +27,10 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ..errors import ConfigError, MetadataError, StoreNotFoundError, VariableNotFoundError
-from ..store import open_group
-from ._dask import progress
-from .cf_attributes import decode_variable, zarr_cf_attrs
+from zarrdali.errors import ConfigError, MetadataError, StoreNotFoundError, VariableNotFoundError
+from zarrdali.prep._dask import progress
+from zarrdali.prep.cf_attributes import decode_variable, zarr_cf_attrs
+from zarrdali.store.open import open_group
 
 # Blocks smaller than this are merged along time: fewer, larger dask tasks.
 _TARGET_BLOCK_BYTES = 32 * 2**20

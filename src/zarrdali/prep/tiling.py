@@ -17,9 +17,9 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError
-from ..plan import tile_origins
-from ._dask import progress
+from zarrdali.errors import ConfigError
+from zarrdali.prep._dask import progress
+from zarrdali.sampling.epochs import tile_origins
 
 AGGREGATES = ("mean", "sum", "max")
 _TARGET_BLOCK_BYTES = 64 * 2**20

@@ -1,0 +1,1 @@
+"""The CPU path: backend, worker processes, the batch ring, the feed."""

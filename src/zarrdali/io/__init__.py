@@ -1,0 +1,1 @@
+"""Bytes: local files, object stores, the request engine, the disk cache."""

@@ -1,0 +1,1 @@
+"""Which samples an epoch serves, in which order, on which rank; resume."""
