@@ -27,6 +27,7 @@ import os
 import shlex
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 
 import zarrdali.cpu.epoch as loader_module
 from zarrdali.bench.main import LOADERS, run_bench
@@ -108,6 +109,12 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--placement", default="chunk-grid", choices=["grid", "chunk-grid"])
     p.add_argument("--peers", nargs="+", default=["file-ceiling", "tensorstore"])
+    p.add_argument(
+        "--whole-field",
+        action="store_true",
+        help="the whole-field workload instead (zarrdali bench --workload whole-field: every "
+        "variable, 2+1 steps, tile None, 4 warm-up batches); use --batch-size 1 2 4 --samples 24",
+    )
     p.add_argument("--out", default="bench-out/small-batches")
     args = p.parse_args()
     LOADERS["zarrdali-cpu-before"] = (BEFORE, before_runner)
@@ -118,10 +125,21 @@ def main() -> int:
         epochs=args.epochs,
         placement=args.placement,
     )
-    specs = [base.at_batch_size(b, args.samples, None, None) for b in args.batch_size]
+    warmup = None
+    if args.whole_field:
+        import zarr
+
+        group = zarr.open_group(args.store, mode="r")
+        names = tuple(sorted(v for v, arr in group.arrays() if arr.ndim >= 3))
+        base = replace(base, variables=names, input_steps=2, target_steps=1, tile=None)
+        warmup = 4
+    specs = [base.at_batch_size(b, args.samples, None, warmup) for b in args.batch_size]
     load_before = os.getloadavg()
     label = os.path.basename(os.path.normpath(args.store))
-    label += ", chunk-grid tiles" if args.placement == "chunk-grid" else ""
+    if args.whole_field:
+        label += ", whole fields"
+    elif args.placement == "chunk-grid":
+        label += ", chunk-grid tiles"
     command = shlex.join(["python", *sys.argv])
     payload = run_bench([(label, args.store)], specs, loaders, args.out, command=command)
     load_after = os.getloadavg()
