@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import zarrdali
-import zarrdali.cpu.reader as epoch_reader
+import zarrdali.batch.load as batch_load
 from storefactory import VarSpec
 
 
@@ -13,13 +13,13 @@ def test_batches_are_planned_in_background_threads_ahead_of_the_consumer(make_st
     store = make_store(VarSpec("a", shape=(24, 21, 33), chunks=(1, 8, 8), shards=(4, 16, 16)))
     planned: list[tuple[str, int]] = []  # (thread, batches the consumer had when planned)
     served = [0]
-    real = epoch_reader.plan_batch
+    real = batch_load.plan_batch
 
     def recording(*args, **kwargs):
         planned.append((threading.current_thread().name, served[0]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(epoch_reader, "plan_batch", recording)
+    monkeypatch.setattr(batch_load, "plan_batch", recording)
     loader = zarrdali.ZarrLoader(
         store,
         ["a"],
