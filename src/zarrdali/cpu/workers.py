@@ -189,7 +189,8 @@ class WorkerPool:
     epoch's producer for :class:`~zarrdali.cpu.feed.HostFeed` (a
     :class:`PoolEpoch`): ``start(k, slot, n)`` cuts batch ``k`` (its samples:
     ``samples_of(k)``) into ``parts_per_batch`` time-ordered parts
-    (:func:`time_ordered_parts`) and sends each to the least loaded worker;
+    (:func:`time_ordered_parts`) and sends each to the least loaded worker
+    (with one part per batch, the whole batch goes without rows);
     ``wait(k)`` returns once every part is in, re-raises a worker's error with
     its type (its traceback as the cause), and raises :class:`WorkerDiedError`
     as soon as any worker is gone (the pool is then ended: :attr:`closed`).
