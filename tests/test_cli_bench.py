@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import runpy
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -303,3 +304,37 @@ def test_training_example_runs(sample_dir, monkeypatch, capsys):
     runpy.run_path(str(example), run_name="__main__")
     out = capsys.readouterr().out
     assert "done: 3 steps" in out and "loss" in out
+
+
+def test_bench_adds_chunk_grid_tiles_where_the_chunks_divide_the_tile(tmp_path):
+    """``--placement both`` (the default): every store on the loader's grid, and
+    the stores whose inner chunks divide the tile on the chunk grid too, without
+    the slow torch DataLoader row unless loaders were named. Those samples are
+    all whole chunks: every origin a multiple of the chunk, no edge tiles."""
+    from zarrdali.bench.cli import bench_targets
+    from zarrdali.bench.runners import epoch_batches
+    from zarrdali.bench.spec import BenchSpec
+
+    spec = SampleDataSpec(n_time=12, n_lat=37, n_lon=72, variables=("u10", "v10"))
+    plain, sharded = write_sample_data(tmp_path, replace(spec, inner_chunk=(8, 8)), progress=False)
+    stores = [("plain", str(plain)), ("sharded", str(sharded))]
+    base = BenchSpec(store=str(sharded), variables=("u10", "v10"), tile=(16, 16))
+    loaders = ["zarrdali-cpu", "file-ceiling", "torch-xarray"]
+    targets = bench_targets(stores, "both", loaders, base)
+    assert [(t.label, t.placement, t.loaders) for t in targets] == [
+        ("plain", "grid", None),
+        ("sharded", "grid", None),
+        ("sharded, chunk-grid tiles", "chunk-grid", ("zarrdali-cpu", "file-ceiling")),
+    ]
+    named = bench_targets(stores, "both", loaders, base, explicit=True)
+    assert named[-1].loaders == tuple(loaders)
+    only = bench_targets(stores, "chunk-grid", loaders, base)
+    assert [(t.label, t.placement) for t in only] == [
+        ("plain, chunk-grid tiles", "chunk-grid"),
+        ("sharded, chunk-grid tiles", "chunk-grid"),
+    ]
+    on_grid = np.concatenate(epoch_batches(replace(base, placement="grid", batches=40), 0))
+    on_chunks = np.concatenate(epoch_batches(replace(base, placement="chunk-grid", batches=40), 0))
+    assert (on_grid[:, 1:] % 8).any()  # edge tiles, off the chunk grid
+    assert not (on_chunks[:, 1:] % 8).any()
+    assert set(on_chunks[:, 1].tolist()) == {0, 16} and on_chunks[:, 2].max() == 48

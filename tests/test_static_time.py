@@ -149,12 +149,13 @@ def test_static_tiles_and_times_equal_the_oracle(make_store, sharded, augment):
     assert len(seen) == (8 if augment else 1)
 
 
-def test_static_and_time_from_worker_processes(make_store):
+@pytest.mark.parametrize("batch_size", [5, 32])  # whole batches per worker; two parts
+def test_static_and_time_from_worker_processes(make_store, batch_size):
     store = make_era_store(make_store, sharded=True)
     kw = dict(
         input_steps=2,
         target_steps=1,
-        batch_size=5,
+        batch_size=batch_size,
         augment=("flip", "rot90"),
         static=["oro", "lsm"],
         workers=2,

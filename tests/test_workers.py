@@ -28,9 +28,10 @@ def store(make_store):
     return make_store(*VARS)
 
 
-def test_workers_serve_the_same_batches_as_threads(store):
-    with_workers = loader_for(store, ["a", "b"], workers=2, batch_size=16)
-    in_process = loader_for(store, ["a", "b"], workers=0, batch_size=16)
+@pytest.mark.parametrize("batch_size", [16, 32])  # whole batches per worker; two parts
+def test_workers_serve_the_same_batches_as_threads(store, batch_size):
+    with_workers = loader_for(store, ["a", "b"], workers=2, batch_size=batch_size)
+    in_process = loader_for(store, ["a", "b"], workers=0, batch_size=batch_size)
     got = run_epochs(with_workers, [0, 3])
     want = run_epochs(in_process, [0, 3])
     oracle = Oracle(store, ["a", "b"])
@@ -230,3 +231,22 @@ def test_time_ordered_parts_of_a_batch_assemble_it_as_loaded_whole(store):
     for w, p in zip(whole, parted, strict=True):
         np.testing.assert_array_equal(w, p)
     loader.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 16])
+@pytest.mark.parametrize("batch_size", [1, 8, 15, 16, 32, 64, 256])
+def test_small_batches_go_whole_to_a_worker_with_more_loaded_ahead(workers, batch_size):
+    """A part costs its worker a plan and a locate and the training process a
+    wake-up: a batch is cut into parts of at least MIN_PART_SAMPLES samples (a
+    smaller one goes whole to one worker), and enough batches are loaded ahead
+    that every worker has about two parts in flight."""
+    from zarrdali.cpu.epoch import MIN_PART_SAMPLES, batches_ahead, parts_per_batch
+
+    ahead = batches_ahead(2, batch_size, workers)
+    parts = parts_per_batch(workers, ahead, batch_size)
+    assert 2 <= ahead <= 64 and 1 <= parts <= workers
+    if parts > 1:
+        assert batch_size // parts >= MIN_PART_SAMPLES
+    if batch_size < 2 * MIN_PART_SAMPLES:
+        assert parts == 1
+    assert (ahead + 1) * parts >= min(2 * workers, 65)  # two parts per worker in flight

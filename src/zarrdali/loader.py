@@ -218,8 +218,9 @@ class ZarrLoader:
             path with ``workers=0``, the GPU path's host reads). Default: one
             per core. Worker processes read with one thread each.
         prefetch: Batches loaded ahead of the one the training loop holds,
-            >= 1. The CPU path loads more for small batches on many workers (at
-            least 8 samples per worker in flight); its buffers hold about
+            >= 1. The CPU path loads more where batches are small (a batch
+            too small to give each worker 16 samples goes whole to one worker,
+            and every worker gets about two in flight); its buffers hold about
             ``batch_size * (prefetch + 2)`` samples.
         workers: Worker processes of the CPU path, reading, decoding and
             assembling batches into shared memory. Default: one per core this

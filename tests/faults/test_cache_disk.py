@@ -51,7 +51,9 @@ def test_a_full_disk_stops_the_cache_not_the_loader(remote_store, tmp_path):
             stats, warned = _epoch(url, remote_store, cache)
             assert len(warned) == 1, warned
             assert str(cache) in warned[0] and "ENOSPC" in warned[0], warned[0]
-            assert stats["cache_bytes_written"] > 0 and stats["cache_write_errors"] == 1
+            # Writes already under way when the disk fills fail too (seen: 2 under load);
+            # after them the cache writes no more, and says so once.
+            assert stats["cache_bytes_written"] > 0 and 1 <= stats["cache_write_errors"] <= 4
             assert not _leftovers(cache), "no half-written entry stays"
             # Another loader: what fitted is read from the cache, the rest from the store.
             http.requests.clear()

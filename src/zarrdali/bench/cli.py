@@ -41,6 +41,48 @@ def missing_requirements() -> list[str]:
     return [name for name in REQUIRED if find_spec(name) is None]
 
 
+def bench_targets(
+    stores: list[tuple[str, str]],
+    placement: str,
+    loaders: list[str],
+    spec,
+    *,
+    explicit: bool = False,
+) -> list:
+    """What to run, as ``BenchTarget`` s: every store at ``placement``; with
+    "both", every store on the grid and, where the store's chunks divide the
+    tile, on the chunk grid too (without the slow torch DataLoader row unless
+    the loaders were named: its ratio is on the grid rows)."""
+    from zarrdali.bench.main import BASELINE_LOADER, BenchTarget
+
+    if placement != "both":
+        label = "" if placement == "grid" else ", chunk-grid tiles"
+        return [BenchTarget(f"{name}{label}", path, placement) for name, path in stores]
+    targets = [BenchTarget(name, path, "grid") for name, path in stores]
+    grid_loaders = tuple(n for n in loaders if explicit or n != BASELINE_LOADER)
+    for name, path in stores:
+        if tiles_whole_chunks(path, spec):
+            targets.append(
+                BenchTarget(f"{name}, chunk-grid tiles", path, "chunk-grid", grid_loaders)
+            )
+    return targets
+
+
+def tiles_whole_chunks(path: str, spec) -> bool:
+    """Whether tiles on the grid of ``spec.tile`` are whole (inner) chunks of every
+    variable of the store (False for a remote store or whole fields: not asked)."""
+    if spec.tile is None or "://" in path:
+        return False
+    from zarrdali.store.open import open_group
+
+    try:
+        group, _ = open_group(path, spec.storage_options)
+        chunks = [group[name].chunks[-2:] for name in spec.variables]
+    except Exception:  # the bench itself reports what is wrong with the store
+        return False
+    return all(t % c == 0 for shape in chunks for t, c in zip(spec.tile, shape, strict=True))
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from zarrdali.bench.main import DEFAULT_LOADERS, LOADERS, run_bench
     from zarrdali.bench.spec import BenchSpec
@@ -101,7 +143,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     specs = [base.at_batch_size(b, o["samples"], o["batches"], o["warmup"]) for b in sizes]
     argv = getattr(args, "argv", sys.argv[1:])
     command = shlex.join(["zarrdali", *redact_argv(argv)])  # no secret written
-    payload = run_bench(stores, specs, loaders, o["out"], progress=not args.quiet, command=command)
+    targets = bench_targets(stores, o["placement"], loaders, base, explicit=bool(o["loaders"]))
+    payload = run_bench(targets, specs, loaders, o["out"], progress=not args.quiet, command=command)
     print(payload["table"].split("\n\n- ", 1)[0])  # the verdict follows, printed below
     if o["all"] or o["loaders"]:  # every ratio the project's goals are stated in
         for name, value in payload["ratios"].items():
@@ -280,6 +323,15 @@ def register(sub) -> None:
         choices=["tiles", "whole-field"],
         help="tiles (default) or whole-field: whole fields with every level, batch 1-4, "
         "on a WeatherBench2-layout store (written into --data-dir on first use)",
+    )
+    p.add_argument(
+        "--placement",
+        choices=["grid", "chunk-grid", "both"],
+        help="where tiles lie: grid (the loader's default grid, with tiles flush with "
+        "the far edges), chunk-grid (only tiles that are whole inner chunks, as a "
+        "tiling index gives them on a store chunked like the tile), or both (default: "
+        "grid on every store, plus chunk-grid rows without the torch DataLoader on "
+        "each store whose chunks divide the tile)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench)

@@ -6,7 +6,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -92,6 +92,21 @@ LOADERS: dict[str, tuple[str, Callable[[BenchSpec, RunResult], Runner]]] = {
     "zarr-async-fused": ("zarr-python async, fused pipeline", fused_runner),
     "zarr-zarrs": ("zarr-python + zarrs, async", zarrs_runner),
 }
+
+
+BASELINE_LOADER = "torch-xarray"
+
+
+@dataclass(frozen=True)
+class BenchTarget:
+    """A store as the benchmark runs it: its label in the table, where it is, where
+    tiles lie on it (``BenchSpec.placement``), and the loaders run on it (None:
+    all of the run's)."""
+
+    label: str
+    path: str
+    placement: str | None = None  # None: the spec's
+    loaders: tuple[str, ...] | None = None
 
 
 # What a bare `zarrdali bench` runs: the rows that answer a user's question. Is
@@ -253,6 +268,7 @@ def _bench_store(label: str, path: str, spec: BenchSpec, loaders: Sequence[str],
             "store_label": label,
             "store": path,
             "batch_size": spec.batch_size,
+            "placement": spec.placement,
             "loader": name,
             "summary": summarize(results[name]),
         }
@@ -261,7 +277,7 @@ def _bench_store(label: str, path: str, spec: BenchSpec, loaders: Sequence[str],
 
 
 def run_bench(
-    stores: Sequence[tuple[str, str]],
+    stores: Sequence[tuple[str, str] | BenchTarget],
     spec: BenchSpec | Sequence[BenchSpec],
     loaders: Sequence[str],
     out_dir: str | Path,
@@ -269,8 +285,9 @@ def run_bench(
     progress: bool = True,
     command: str | None = None,
 ) -> dict:
-    """Benchmark ``loaders`` on each ``(label, path)`` store at each spec (one per
-    batch size); write JSON, table and plots.
+    """Benchmark ``loaders`` on each ``(label, path)`` store (or
+    :class:`BenchTarget`) at each spec (one per batch size); write JSON, table
+    and plots.
 
     ``command`` (the command line that ran it) is recorded with the results.
     """
@@ -283,11 +300,15 @@ def run_bench(
     info = system_info()
     started = time.monotonic()
     rows = []
-    total = len(stores) * len(specs) * len(loaders) * specs[0].epochs
+    targets = [t if isinstance(t, BenchTarget) else BenchTarget(*t) for t in stores]
+    runs = [[n for n in loaders if t.loaders is None or n in t.loaders] for t in targets]
+    total = sum(map(len, runs)) * len(specs) * specs[0].epochs
     with tqdm(total=total, desc="bench", disable=not progress) as bar:
-        for label, path in stores:
+        for target, names in zip(targets, runs, strict=True):
             for one in specs:
-                rows += _bench_store(label, path, replace(one, store=path), loaders, bar)
+                placement = target.placement or one.placement
+                spec = replace(one, store=target.path, placement=placement)
+                rows += _bench_store(target.label, target.path, spec, names, bar)
     step_ms = specs[0].step_ms
     payload = {
         "command": command,

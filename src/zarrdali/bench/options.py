@@ -34,6 +34,7 @@ DEFAULTS: dict[str, object] = {
     "out": "bench-out",
     "all": False,
     "workload": "tiles",  # or "whole-field" (bench/wholefield.py: its own defaults)
+    "placement": "both",  # "grid", "chunk-grid" or "both" (see bench/spec.py)
 }
 
 

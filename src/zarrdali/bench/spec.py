@@ -13,6 +13,12 @@ class BenchSpec:
     input_steps: int = 4
     target_steps: int = 2
     tile: tuple[int, int] | None = (128, 128)
+    # Where tiles lie: "grid" is the loader's default grid, with a row and a column
+    # of tiles flush with the far edges (off the chunk grid where the field is not
+    # a multiple of the tile); "chunk-grid" leaves those out, so every tile is
+    # whole inner chunks of a store chunked like the tile (a tiling index's
+    # placement on such a store): nothing for partial decoding to skip.
+    placement: str = "grid"
     batch_size: int = 8
     batches: int = 40  # batches timed per epoch (after warm-up)
     epochs: int = 3  # repeats; median and spread are reported over these
@@ -56,6 +62,7 @@ class BenchSpec:
             input_steps=self.input_steps,
             target_steps=self.target_steps,
             tile=self.tile,
+            cover_edges=self.placement != "chunk-grid",
             batch_size=self.batch_size,
             shuffle=True,
             seed=self.seed,

@@ -122,10 +122,10 @@ class EpochReader:
         frames = load_frames(backend, layouts, self.spec, self.candidates.tile_hw, samples)
         return frames, samples
 
-    def load_part(self, k: int, rows: np.ndarray, outs: Sequence[np.ndarray]) -> None:
-        """Samples ``rows`` of batch ``start + k`` into their rows of ``outs`` (the
-        batch's arrays in its ring slot: frames, then static tiles), finished as
-        ``finishing`` says."""
+    def load_part(self, k: int, rows: np.ndarray | None, outs: Sequence[np.ndarray]) -> None:
+        """Samples ``rows`` (None: all) of batch ``start + k`` into their rows of
+        ``outs`` (the batch's arrays in its ring slot: frames, then static
+        tiles), finished as ``finishing`` says."""
         layouts, plan, backend = self._ready()
         j = self.start + k
         samples = plan.batch(j)
@@ -136,7 +136,7 @@ class EpochReader:
             layouts,
             self.spec,
             tile_hw,
-            samples[rows],
+            samples if rows is None else samples[rows],
             outs,
             finish,
             rows=rows,

@@ -90,7 +90,7 @@ class WorkerJob:
     """What each worker gets when it starts: a reader (it opens the store and a
     backend once; each epoch's message rebuilds its plan) and the ring's layout."""
 
-    reader: Any  # an EpochReader: begin(**epoch), load_part(k, rows, outs), close()
+    reader: Any  # an EpochReader: begin(**epoch), load_part(k, rows or None, outs), close()
     layout: SlotLayout
     n_slots: int
 
@@ -189,7 +189,8 @@ class WorkerPool:
     epoch's producer for :class:`~zarrdali.cpu.feed.HostFeed` (a
     :class:`PoolEpoch`): ``start(k, slot, n)`` cuts batch ``k`` (its samples:
     ``samples_of(k)``) into ``parts_per_batch`` time-ordered parts
-    (:func:`time_ordered_parts`) and sends each to the least loaded worker;
+    (:func:`time_ordered_parts`) and sends each to the least loaded worker
+    (with one part per batch, the whole batch goes without rows);
     ``wait(k)`` returns once every part is in, re-raises a worker's error with
     its type (its traceback as the cause), and raises :class:`WorkerDiedError`
     as soon as any worker is gone (the pool is then ended: :attr:`closed`).
@@ -321,7 +322,10 @@ class WorkerPool:
     # -- producer (through PoolEpoch) ----------------------------------------
     def _start(self, gen: int, k: int, slot: int, n: int) -> None:
         self._check(gen)
-        parts = time_ordered_parts(self._samples_of(k), self.parts_per_batch)
+        if self.parts_per_batch == 1:  # the whole batch to one worker: no rows to send
+            parts: list[np.ndarray | None] = [None]
+        else:
+            parts = list(time_ordered_parts(self._samples_of(k), self.parts_per_batch))
         self._pending[k] = len(parts)
         for rows in parts:
             i = min(range(len(self._procs)), key=self._queued.__getitem__)
