@@ -3,8 +3,9 @@ batch size and against the number of channels, on tiles and on whole fields.
 
 Four sweeps, each point a fresh process (so memory is that point's alone):
 
-- tiles, batch size: 4+2 frames of 128 x 128 tiles (on the chunk grid, the
-  loader's default placement) of the 4 surface variables, batches of 8 to 256;
+- tiles, batch size: 4+2 frames of 128 x 128 tiles (the loader's default
+  grid: on the 128 x 128 chunk grid but for the edge row and column) of the 4
+  surface variables, batches of 8 to 256;
 - tiles, channels: the same at batch 32, with 4 to 69 channels (the surface
   variables, then 13 pressure levels of one more variable at a time);
 - whole fields, batch size: 2+1 frames of whole 121 x 240 fields of the 4
