@@ -167,7 +167,7 @@ class AdaptiveLimit:
     # lengthen: a Python server's threads taking turns at its GIL, a client decoding
     # on every core. Against a local S3 server (benchmarks/remote_bench.py) the old
     # rule stopped at 8: 0.94 and 0.81 of a plain client's bytes/s at 5 and 20 ms per
-    # request; 32: 0.90-1.03 and 0.93-0.96 (benchmarks/results/remote-cpu-2core).
+    # request; 32: 0.90-1.03 and 0.93-0.98 (benchmarks/results/remote-cpu-2core).
     # A store that cannot take 32 says so by signs of load (dropped connections,
     # throttling, errors that grow with the limit): those halve it as before.
     slow_start_floor = 32
