@@ -18,6 +18,13 @@ sharded store, and for each delay measures on the reference sample spec
   fetched, all at once (``--max-in-flight`` at a time), no decoding: what the
   server delivers.
 
+The server runs on its own core (``--server-cores``, the last cores of the
+machine) and both clients on the others, as a remote store's server is
+elsewhere: on a 2-core machine a client that decodes would otherwise take the
+CPU time of the (CPU-bound, one Python process) server, and the comparison
+would measure decoding rather than requests. Each row also reports the CPU
+time its process and the server spent per MB received.
+
 Prints a table and writes ``remote.json`` and ``remote.md`` to ``--out``.
 
     python benchmarks/remote_bench.py --out benchmarks/results/remote-cpu-2core
@@ -44,6 +51,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,7 +71,30 @@ VARIABLES = ["t2m", "u10", "v10", "msl"]
 SPEC = dict(input_steps=4, target_steps=2, tile=(128, 128), batch_size=8, shuffle=True)
 
 
-def zarrdali_run(url, opts, args, workers: int) -> dict:
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) of this process, all threads, or of process ``pid``."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ms_per_mb(before: tuple[float, float], server_pid: int | None, nbytes: int) -> dict:
+    """CPU milliseconds per MB received since ``before`` (this process, the server)."""
+    mb = max(nbytes, 1) / 1e6
+    out = {"client_cpu_ms_per_mb": 1000 * (cpu_seconds() - before[0]) / mb}
+    if server_pid is not None:
+        out["server_cpu_ms_per_mb"] = 1000 * (cpu_seconds(server_pid) - before[1]) / mb
+    return out
+
+
+def cpu_now(server_pid: int | None) -> tuple[float, float]:
+    return cpu_seconds(), (cpu_seconds(server_pid) if server_pid is not None else 0.0)
+
+
+def zarrdali_run(url, opts, args, workers: int, server_pid: int | None = None) -> dict:
     """Samples/s of ZarrLoader over ``args.batches`` batches after ``args.warmup``."""
     loader = zarrdali.ZarrLoader(
         url,
@@ -79,15 +110,18 @@ def zarrdali_run(url, opts, args, workers: int) -> dict:
     for _ in range(args.warmup):
         next(it)
     bytes0 = loader.backend.stats().get("bytes", 0)  # fetched in this process (workers=0)
+    cpu0 = cpu_now(server_pid)
     t0 = time.perf_counter()
     n = 0
     for _ in range(args.batches):
         n += len(next(it)["index"])
     seconds = time.perf_counter() - t0
     stats = loader.backend.stats()
+    cpu = cpu_ms_per_mb(cpu0, server_pid, stats.get("bytes", 0) - bytes0)
     it.close()
     loader.close()
     return {
+        **cpu,
         "samples_per_s": n / seconds,
         "seconds": seconds,
         "samples": n,
@@ -197,7 +231,7 @@ def xarray_run(url, opts, args) -> dict:
     return {"samples_per_s": len(samples) / seconds, "seconds": seconds, "samples": len(samples)}
 
 
-def raw_client_run(server, ranges, args) -> dict:
+def raw_client_run(server, ranges, args, server_pid: int | None = None) -> dict:
     """obstore fetching ``ranges`` [(key, start, end)] concurrently: what the server delivers."""
     import obstore
     from obstore.store import S3Store
@@ -223,10 +257,12 @@ def raw_client_run(server, ranges, args) -> dict:
         return sum(await asyncio.gather(*(one(*r) for r in ranges)))
 
     asyncio.run(fetch_all())  # warm the connections
+    cpu0 = cpu_now(server_pid)
     t0 = time.perf_counter()
     nbytes = asyncio.run(fetch_all())
     seconds = time.perf_counter() - t0
     return {
+        **cpu_ms_per_mb(cpu0, server_pid, nbytes),
         "mb_per_s": nbytes / seconds / 1e6,
         "requests_per_s": len(ranges) / seconds,
         "seconds": seconds,
@@ -398,6 +434,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-in-flight", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="zarrdali's worker processes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--server-cores",
+        type=int,
+        default=1,
+        help="cores (the machine's last) the S3 server runs on, the clients on the others; "
+        "0: no pinning",
+    )
+    p.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="zarrdali and the plain client only (no fallback, xarray or GPU rows)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench-out/remote"))
     p.add_argument("--faults", action="store_true", help="what failures cost (see above)")
     p.add_argument("--fail-rate", type=float, default=1 / 3)
@@ -432,7 +480,12 @@ def main(argv: list[str] | None = None) -> int:
         write_sample_data(args.data_dir, SampleDataSpec(n_time=args.n_time), progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
-    with RemoteS3Server() as server:
+    cores = sorted(os.sched_getaffinity(0))
+    server_cpus = None
+    if 0 < args.server_cores < len(cores):
+        server_cpus = set(cores[-args.server_cores :])
+        os.sched_setaffinity(0, set(cores[: -args.server_cores]))  # before any thread starts
+    with RemoteS3Server(cpus=server_cpus) as server:
         upload(server.endpoint, BUCKET, args.data_dir / SHARDED, SHARDED)
         url, opts = f"s3://{BUCKET}/{SHARDED}", server.storage_options()
         for delay in args.delays_ms:
@@ -440,16 +493,21 @@ def main(argv: list[str] | None = None) -> int:
             runs, raws = [], []
             for _ in range(args.repeats):  # interleaved: the machine's drift hits both alike
                 server.configure(clear_log=True)
-                runs.append(zarrdali_run(url, opts, args, args.workers))
+                runs.append(zarrdali_run(url, opts, args, args.workers, server.pid))
                 ranges = ranged_gets(server)
-                raws.append(raw_client_run(server, ranges, args))
+                raws.append(raw_client_run(server, ranges, args, server.pid))
             fast = runs[-1]
             raw = dict(raws[-1])
             raw["mb_per_s"] = median_row(raws, "mb_per_s")["median"]
             raw["requests_per_s"] = median_row(raws, "requests_per_s")["median"]
-            fallback = fallback_run(url, opts, args)
-            xr_row = xarray_run(url, opts, args)
-            gpu_rows = {read: gpu_run(url, opts, args, read) for read in GPU_READS}
+            for key in ("client_cpu_ms_per_mb", "server_cpu_ms_per_mb"):
+                raw[key] = median_row(raws, key)["median"]
+            skipped = {"samples_per_s": float("nan"), "status": "skipped (--no-peers)"}
+            fallback = skipped if args.no_peers else fallback_run(url, opts, args)
+            xr_row = skipped if args.no_peers else xarray_run(url, opts, args)
+            gpu_rows = {}
+            if not args.no_peers:
+                gpu_rows = {read: gpu_run(url, opts, args, read) for read in GPU_READS}
             z = median_row(runs, "samples_per_s")
             z_mb = median_row(runs, "network_mb_per_s")["median"]
             row = {
@@ -460,7 +518,13 @@ def main(argv: list[str] | None = None) -> int:
                     "requests_last_run": fast["source"].get("requests"),
                     "bytes_last_run": fast["source"].get("bytes"),
                     "peak_in_flight": fast["source"].get("peak_in_flight"),
+                    "in_flight_limit_last_run": fast["source"].get("in_flight_limit"),
                     "max_in_flight": args.max_in_flight,
+                    "client_cpu_ms_per_mb": median_row(runs, "client_cpu_ms_per_mb")["median"],
+                    "server_cpu_ms_per_mb": median_row(runs, "server_cpu_ms_per_mb")["median"],
+                    "runs": [
+                        {k: r[k] for k in ("samples_per_s", "network_mb_per_s")} for r in runs
+                    ],
                 },
                 "zarrdali_gpu": gpu_rows,
                 "zarr_python_fallback": fallback,
@@ -484,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         "commit": commit,
         "versions": versions(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "server_cpus": sorted(server_cpus) if server_cpus else None,
+        "load_average_after": os.getloadavg(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "results": results,
     }
@@ -496,37 +562,49 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| delay/request | loader | samples/s median (min–max) | network MB/s |",
-        "|---|---|---|---|",
+        "| delay/request | loader | samples/s median (min–max) | network MB/s | "
+        "CPU ms per MB: client, server |",
+        "|---|---|---|---|---|",
     ]
     for r in results:
         z = r["zarrdali"]["samples_per_s"]
         d = f"{r['delay_ms']:g} ms"
+        zd = r["zarrdali"]
         lines.append(
-            f"| {d} | zarrdali (fast path; peak {r['zarrdali']['peak_in_flight']} in flight) | "
+            f"| {d} | zarrdali (fast path; peak {zd['peak_in_flight']} in flight) | "
             f"{z['median']:.1f} ({z['min']:.1f}–{z['max']:.1f}) | "
-            f"{r['zarrdali']['network_mb_per_s']:.1f} |"
+            f"{zd['network_mb_per_s']:.1f} | {_cpu(zd)} |"
         )
         for read, g in r.get("zarrdali_gpu", {}).items():
             what = f"{g['samples_per_s']:.1f}" if g["status"] == "ok" else f"skipped: {g['reason']}"
-            lines.append(f"| {d} | zarrdali device=cuda, read={read} (load_batch) | {what} | – |")
+            lines.append(
+                f"| {d} | zarrdali device=cuda, read={read} (load_batch) | {what} | – | – |"
+            )
         lines.append(
-            f"| {d} | zarr-python fallback | {r['zarr_python_fallback']['samples_per_s']:.2f} | – |"
+            f"| {d} | zarr-python fallback | "
+            f"{r['zarr_python_fallback']['samples_per_s']:.2f} | – | – |"
         )
         lines.append(
             f"| {d} | xarray sample by sample | "
-            f"{r['xarray_sample_by_sample']['samples_per_s']:.2f} | – |"
+            f"{r['xarray_sample_by_sample']['samples_per_s']:.2f} | – | – |"
         )
         raw = r["plain_range_get_client"]
         lines.append(
             f"| {d} | plain range-GET client (same ranges, no decode) | – | "
-            f"{raw['mb_per_s']:.1f} ({raw['requests_per_s']:.0f} requests/s) |"
+            f"{raw['mb_per_s']:.1f} ({raw['requests_per_s']:.0f} requests/s) | {_cpu(raw)} |"
         )
     lines.append("")
     for r in results:
         ratios = ", ".join(f"{k}: {v:.2f}x" for k, v in r["ratios"].items())
         lines.append(f"- {r['delay_ms']:g} ms: {ratios}")
     return "\n".join(lines)
+
+
+def _cpu(row: dict) -> str:
+    """CPU ms per MB of a row's client and of the server, or – where not measured."""
+    if "client_cpu_ms_per_mb" not in row:
+        return "–"
+    return f"{row['client_cpu_ms_per_mb']:.2f}, {row.get('server_cpu_ms_per_mb', float('nan')):.2f}"
 
 
 def _commit() -> str | None:

@@ -91,14 +91,34 @@ def test_grows_to_the_maximum_where_latency_does_not_grow():
 
 def test_stops_growing_where_throughput_stops_growing():
     """A server that answers 6 requests at a time: latency grows past 6 in flight,
-    throughput does not. The limit stops near 6; it tries more only rarely (each
-    try that does not pay doubles the wait before the next)."""
+    throughput does not. Slow start does not trust latency below
+    ``slow_start_floor`` (32) in flight and doubles to there; past it the limit
+    stops: it tries more only rarely (each try that does not pay doubles the wait
+    before the next). Where the floor is lower (4), it stops near 6."""
+    limit = AdaptiveLimit(128)
+    seen = run_rounds(limit, lambda n: 0.01 * max(1.0, n / 6), 1000)
+    assert seen[:3] == [8, 16, 32] and seen[3:60] == [32] * 57, seen[:60]
+    grown = [k for k, (a, b) in enumerate(itertools.pairwise(seen)) if b > a]
+    gaps = np.diff(grown[2:])
+    assert len(grown) <= 7 and (gaps[1:] >= 1.8 * gaps[:-1]).all(), grown
+    assert max(seen) <= 80, seen  # 4 rare tries of a quarter more in 1000 rounds
+
     limit = AdaptiveLimit(64)
+    limit.slow_start_floor = 4
     seen = run_rounds(limit, lambda n: 0.01 * max(1.0, n / 6), 1000)
     grown = [k for k, (a, b) in enumerate(itertools.pairwise(seen)) if b > a]
     gaps = np.diff(grown[1:])
     assert len(grown) <= 6 and (gaps[1:] >= 1.8 * gaps[:-1]).all(), grown
     assert min(seen[20:]) >= 6 and max(seen) <= 24, seen
+
+
+def test_slow_start_does_not_stop_on_latency_below_its_floor():
+    """Latency that grows 50% each doubling while throughput still grows (a GIL-bound
+    server's threads, a client decoding on every core): slow start goes on to 32
+    in flight; the old rule (stop where latency grows 25%) stopped at 8."""
+    limit = AdaptiveLimit(64)
+    seen = run_rounds(limit, lambda n: 0.01 * 1.5 ** np.log2(max(n, 4) / 4), 6)
+    assert seen[:3] == [8, 16, 32], seen
 
 
 def test_congestion_halves_once_per_round():

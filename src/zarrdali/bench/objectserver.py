@@ -201,16 +201,20 @@ class S3Server:
 
 class RemoteS3Server:
     """An :class:`S3Server` running in another process (for benchmarks: the server
-    then does not share this process's GIL)."""
+    then does not share this process's GIL). ``cpus``: the cores it may run on
+    (all its threads; default: any)."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, cpus: set[int] | None = None) -> None:
         import subprocess
 
+        pin = None if cpus is None else partial(os.sched_setaffinity, 0, cpus)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "zarrdali.bench.objectserver", "--port", str(port)],
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=pin,
         )
+        self.pid = self._proc.pid
         line = self._proc.stdout.readline()  # "port N"
         if not line.startswith("port "):
             self._proc.kill()

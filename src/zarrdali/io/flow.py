@@ -4,7 +4,8 @@ has stalled, how long one may take in all.
 * :class:`AdaptiveLimit`: the number of requests in flight adapts to what the
   store sustains. It starts at a few and, round by round (a round: as many
   requests as the limit, sent and answered at that limit while it held others
-  back), doubles while the median latency stays flat (slow start), then grows
+  back), doubles while the median latency stays flat (slow start; up to 32 in
+  flight whatever the latency, unless throughput falls), then grows
   by a quarter while throughput grows (Little's law: the limit over the median
   latency, times the share of requests answered), up to ``max_in_flight``.
   Signs of load halve it at once: a throttling answer (429, 503 SlowDown), a
@@ -160,6 +161,16 @@ class AdaptiveLimit:
     worse = 0.8  # throughput this much lower: more in flight hurt, go back
     min_round = 16  # requests (at least) a measurement is the median of
     queueing = 1.25  # slow start ends where the median latency grows this much
+    # ... but not below this many in flight (doubling stops there only where
+    # throughput fell or signs of load came): latency that grows with a few requests
+    # in flight comes as often from CPU as from a queue more requests would only
+    # lengthen: a Python server's threads taking turns at its GIL, a client decoding
+    # on every core. Against a local S3 server (benchmarks/remote_bench.py) the old
+    # rule stopped at 8: 0.94 and 0.81 of a plain client's bytes/s at 5 and 20 ms per
+    # request; 32: 0.90-1.03 and 0.93-0.98 (benchmarks/results/remote-cpu-2core).
+    # A store that cannot take 32 says so by signs of load (dropped connections,
+    # throttling, errors that grow with the limit): those halve it as before.
+    slow_start_floor = 32
     probe_rounds = 64
     max_probe_rounds = 1024
     noisy = 0.1  # a failure share above this, with nothing to compare: step down to tell
@@ -309,7 +320,8 @@ class AdaptiveLimit:
         if self._failures_grew(failed, n, fresh):
             return
         before = None if self._came_from is None else self._rate.get(self._came_from)
-        if self.slow_start and self._came_from in self._latency:
+        floor = self.slow_start and self.limit < self.slow_start_floor
+        if self.slow_start and not floor and self._came_from in self._latency:
             # Latency rising: requests queue at the server; grow gently from here
             # (doubling into a server's cliff costs dropped connections).
             self.slow_start = latency < self.queueing * self._latency[self._came_from]
@@ -323,7 +335,7 @@ class AdaptiveLimit:
                 self._stop_at(self.limit)
                 self._set(self._came_from, came_from=None)
                 return
-            if rate < (1 + self.gain * grew) * before:
+            if rate < (1 + self.gain * grew) * before and not floor:
                 # It did not pay (or too little to tell): stay, grow again later.
                 self.slow_start = False
                 self._stop_at(self.limit + max(1, self.limit // 4))
