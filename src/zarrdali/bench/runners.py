@@ -302,7 +302,7 @@ def decode_ceiling_runner(
     (``Codec.decode(chunk)``, a new buffer per chunk), which is what code
     decoding with numcodecs usually does. ``zstd_contexts=True`` decodes zstd
     chunks as zarrdali[cpu] does, through numcodecs' libzstd with one reused
-    context per thread (see ``backends/zstdctx.py``): the loader's ratio to it
+    context per thread (see ``batch/zstdctx.py``): the loader's ratio to it
     is its overhead alone, with the gain of the reused contexts taken out.
     """
     contexts, loader, threads = _ceiling_setup(spec, zstd_contexts)

@@ -369,7 +369,7 @@ __device__ __forceinline__ float zd_value(const unsigned char* p, const int code
 }
 
 // The gather of zarrdali_gather, finishing each element as the CPU path does
-// (backends/finish.py): cast to float (CF-unpacked: zd_value), (x - mean[c]) /
+// (batch/finish.py): cast to float (CF-unpacked: zd_value), (x - mean[c]) /
 // std[c] in float when `normalize`, an invalid value (zd_invalid) replaced by
 // `nan_fill` when `fill_missing` (NaN for CF decoding), and when `write_mask`
 // mask = 1 where valid, 0 where not. A missing chunk holds the fill value

@@ -105,7 +105,7 @@ def open_obstore(url: str, storage_options: Mapping[str, Any] | None):
 
 
 # The client of chunk requests does not retry: zarrdali's engine does (and counts
-# it), bounding each attempt by what the store usually takes (backends/flow.py).
+# it), bounding each attempt by what the store usually takes (io/flow.py).
 NO_RETRY: dict[str, Any] = {
     **DEFAULT_RETRY,
     "max_retries": 0,
