@@ -363,15 +363,6 @@ def versions() -> dict:
     return out
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=Path("bench-data/scaling"))
@@ -406,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         (args.report.parent / "scaling.md").write_text(markdown(rows) + "\n")
         plot(rows, args.report.parent / "scaling.png")
         return 0
-    commit = _commit()
+    from zarrdali.bench.report import _git_commit
+
+    commit = _git_commit()  # the checkout zarrdali is imported from
     stores = ensure_stores(args.data_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
