@@ -250,3 +250,40 @@ def test_small_batches_go_whole_to_a_worker_with_more_loaded_ahead(workers, batc
     if batch_size < 2 * MIN_PART_SAMPLES:
         assert parts == 1
     assert (ahead + 1) * parts >= min(2 * workers, 65)  # two parts per worker in flight
+
+
+def test_batches_loaded_ahead_for_busy_workers_fit_in_memory():
+    """The batches loaded beyond ``prefetch`` to keep workers busy never take more
+    than half the machine's memory: whole fields on a 16-core machine with 8 GiB
+    load ``prefetch`` ahead, not the 31 a small tile would get; tiles keep theirs."""
+    from zarrdali.cpu.epoch import batches_ahead
+
+    gib = 1 << 30
+    assert batches_ahead(2, 1, 16) == 31  # small batches, many workers: deep ring
+    assert batches_ahead(2, 1, 16, slot_nbytes=12 << 20, memory=8 * gib) == 31
+    # an 860 MB whole-field sample: 4 GiB hold 4 slots, 2 of them the user's
+    assert batches_ahead(2, 1, 16, slot_nbytes=860_000_000, memory=8 * gib) == 2
+    assert batches_ahead(2, 1, 16, slot_nbytes=860_000_000, memory=16 * gib) == 7
+    # never fewer than prefetch (the constructor refuses what prefetch + 2 cannot hold)
+    assert batches_ahead(3, 1, 16, slot_nbytes=4 * gib, memory=8 * gib) == 3
+    assert batches_ahead(5, 64, 2, slot_nbytes=4 * gib, memory=8 * gib) == 5
+
+
+def test_ring_of_a_loader_with_workers_is_bounded_by_memory(store, monkeypatch):
+    """The ring a loader with worker processes makes holds prefetch + 2 slots where
+    the extra look-ahead would not fit, and still serves the oracle's batches."""
+    import zarrdali.cpu.epoch as cpu_epoch
+
+    free = loader_for(store, ["a", "b"], workers=2, batch_size=1, prefetch=2)
+    next(iter(free))
+    assert free._resources.ring.n_slots == 3 + 2  # 3 ahead: two parts per worker
+    slot = free._resources.ring.layout.nbytes
+    free.close()
+
+    monkeypatch.setattr(cpu_epoch, "available_memory", lambda: 2 * 4 * slot)
+    tight = loader_for(store, ["a", "b"], workers=2, batch_size=1, prefetch=2)
+    got = run_epochs(tight, [1])[1]
+    assert tight._resources.ring.n_slots == 2 + 2
+    tight.close()
+    assert len(got) == len(tight)
+    check_batches(got, Oracle(store, ["a", "b"]), input_steps=2, target_steps=1, tile=(8, 8))

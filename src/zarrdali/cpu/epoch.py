@@ -24,6 +24,7 @@ from zarrdali.cpu.ring import BatchRing
 from zarrdali.errors import ConfigError, ProcessContextError
 from zarrdali.io.remote import is_picklable
 from zarrdali.sampling.times import FrameTimes
+from zarrdali.store.metadata import available_memory
 
 
 def usable_cores() -> int:
@@ -54,13 +55,31 @@ def max_parts(batch_size: int, workers: int) -> int:
     return max(1, min(workers, batch_size // MIN_PART_SAMPLES))
 
 
-def batches_ahead(prefetch: int, batch_size: int, workers: int) -> int:
+def batches_ahead(
+    prefetch: int,
+    batch_size: int,
+    workers: int,
+    slot_nbytes: int = 0,
+    memory: int | None = None,
+) -> int:
     """Batches the CPU path loads ahead of the one handed out: ``prefetch``, or
     more where batches are cut into fewer parts than twice the workers, so
     that every worker has about two parts in flight, the next one queued while
     it loads one (no more than 64 batches ahead). Memory is then
-    ``batch_size * (ahead + 2)`` samples."""
-    return max(prefetch, min(64, -(-2 * workers // max_parts(batch_size, workers)) - 1))
+    ``batch_size * (ahead + 2)`` samples.
+
+    The batches beyond ``prefetch`` only keep workers busy, so they are never
+    more than fit, with the two the user may hold, in half of ``memory``
+    (default: this machine's) at ``slot_nbytes`` a batch: whole fields on a
+    many-core machine load ``prefetch`` ahead rather than a ring of dozens of
+    fields. (The constructor refuses batches whose ``prefetch + 2`` do not fit.)
+    """
+    wanted = max(prefetch, min(64, -(-2 * workers // max_parts(batch_size, workers)) - 1))
+    if slot_nbytes <= 0 or wanted == prefetch:
+        return wanted
+    memory = available_memory() if memory is None else memory
+    fits = (memory // 2) // slot_nbytes - 2
+    return max(prefetch, min(wanted, fits))
 
 
 def parts_per_batch(workers: int, ahead: int, batch_size: int) -> int:
@@ -132,7 +151,9 @@ def open_host_epoch(backend: Any, request: EpochRequest, run: EpochRun) -> None:
         request.packing,
     )
     layout = host_layout(request)
-    ahead = batches_ahead(request.prefetch, request.batch_size, request.workers)
+    ahead = batches_ahead(
+        request.prefetch, request.batch_size, request.workers, layout.slots.nbytes
+    )
     res = request.resources
     if res.ring is None:  # the batches in flight, and two the user may hold
         res.ring = BatchRing(
