@@ -303,18 +303,10 @@ class NvcompCApi:
         except (OSError, ImportError, AttributeError) as err:
             raise CApiUnavailableError(f"cannot load libnvcomp: {err}") from err
         self._fns: dict[str, Any] = {}
+        wanted = {name: types for a in DECOMPRESS_OPTS for name, types in prototypes(a).items()}
+        wanted.update(CRC32_PROTOTYPES)
         missing = []
-        for algorithm in DECOMPRESS_OPTS:
-            for name, argtypes in prototypes(algorithm).items():
-                try:
-                    fn = self.lib[name]
-                except AttributeError:
-                    missing.append(name)
-                    continue
-                fn.argtypes = argtypes
-                fn.restype = ctypes.c_int
-                self._fns[name] = fn
-        for name, argtypes in CRC32_PROTOTYPES.items():
+        for name, argtypes in wanted.items():
             try:
                 fn = self.lib[name]
             except AttributeError:
